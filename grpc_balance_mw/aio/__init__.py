@@ -1,0 +1,1 @@
+"""The ``grpc.aio`` adapters, with the same names as their sync counterparts."""

@@ -1,0 +1,197 @@
+"""Server side, asyncio (``grpc.aio.server``): the same names as :mod:`grpc_balance_mw.server`.
+
+Usage::
+
+    server = grpc.aio.server(
+        interceptors=[PodIdentityInterceptor(PodIdentity.from_env())],
+        options=connection_age_options(max_age_s=30),
+    )
+    health = await add_health(server)
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from grpc_balance_mw._stamping import StampedStatus, handler_kind, rebuild_handler
+from grpc_balance_mw.identity import PodIdentity, merge_identity
+
+_log = logging.getLogger(__name__)
+
+__all__ = ["PodHealth", "PodIdentityInterceptor", "add_health"]
+
+
+class _StampingContext:
+    """A ``grpc.aio.ServicerContext`` that adds the pod identity to the metadata that goes out.
+
+    Same policy as the sync one: initial metadata as late as possible (the handler's own
+    ``send_initial_metadata``, the first ``write``/yielded message, or the handler's end),
+    trailing metadata set up front.
+    """
+
+    def __init__(
+        self, context: grpc.aio.ServicerContext, stamp: tuple[tuple[str, str], ...]
+    ) -> None:
+        self._context = context
+        self._stamp = stamp
+        self._initial_sent = False
+        context.set_trailing_metadata(stamp)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def send_initial_metadata(self, initial_metadata: Any) -> None:
+        self._initial_sent = True
+        await self._context.send_initial_metadata(merge_identity(initial_metadata, self._stamp))
+
+    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
+        self._context.set_trailing_metadata(merge_identity(trailing_metadata, self._stamp))
+
+    async def write(self, message: Any) -> None:
+        await self.flush()
+        await self._context.write(message)
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> None:
+        await self.flush()
+        await self._context.abort(code, details, merge_identity(trailing_metadata, self._stamp))
+
+    async def abort_with_status(self, status: grpc.Status) -> None:
+        await self.flush()
+        result = self._context.abort_with_status(StampedStatus.of(status, self._stamp))
+        if inspect.isawaitable(result):
+            await result
+
+    async def flush(self) -> None:
+        """Send the identity as initial metadata unless something already went out."""
+        if self._initial_sent:
+            return
+        self._initial_sent = True
+        try:
+            await self._context.send_initial_metadata(self._stamp)
+        except (grpc.aio.UsageError, grpc.RpcError, ValueError) as exc:
+            # Cancelled, or already finished: the trailers still carry the identity.
+            _log.debug("could not send the pod identity as initial metadata: %s", exc)
+
+
+async def _maybe_await(result: Any) -> Any:
+    return await result if inspect.isawaitable(result) else result
+
+
+def _unary_response(behavior: Callable[..., Any], stamp: Any) -> Callable[..., Awaitable[Any]]:
+    async def stamped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        ctx = _StampingContext(context, stamp)
+        try:
+            return await _maybe_await(behavior(request, ctx))
+        finally:
+            await ctx.flush()
+
+    return stamped
+
+
+def _stream_response(behavior: Callable[..., Any], stamp: Any) -> Callable[..., Any]:
+    if not inspect.isasyncgenfunction(behavior):
+        # A coroutine that writes with ``context.write()`` (or a sync handler): the context's
+        # ``write`` flushes the identity first.
+        return _unary_response(behavior, stamp)
+
+    async def stamped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        ctx = _StampingContext(context, stamp)
+        responses = behavior(request, ctx)
+        try:
+            async for response in responses:
+                await ctx.flush()
+                yield response
+        finally:
+            await ctx.flush()
+            await responses.aclose()
+
+    return stamped
+
+
+class PodIdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Stamps the serving pod's identity on every response, all four call kinds.
+
+    See :class:`grpc_balance_mw.server.PodIdentityInterceptor`; handlers may be async
+    generators or coroutines that ``await context.write()``.
+    """
+
+    def __init__(self, identity: PodIdentity | None = None) -> None:
+        self.identity = identity if identity is not None else PodIdentity.from_env()
+        self._stamp = self.identity.to_metadata()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        kind = handler_kind(handler)
+        inner = getattr(handler, kind)
+        wrap = _stream_response if handler.response_streaming else _unary_response
+        return rebuild_handler(handler, kind, wrap(inner, self._stamp))
+
+
+class PodHealth:
+    """The standard ``grpc.health.v1`` service of one aio server."""
+
+    def __init__(self, servicer: HealthServicer, services: tuple[str, ...]) -> None:
+        self.servicer = servicer
+        self.services = services
+        self._serving = False
+        self._shutting_down = False
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report every registered service (and the server as a whole, ``""``) as (not) serving."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        self._serving = serving
+        for service in ("", *self.services):
+            await self.servicer.set(service, status)
+
+    async def enter_graceful_shutdown(self) -> None:
+        """Permanently report NOT_SERVING, so clients and DNS stop sending new work."""
+        self._shutting_down = True
+        await self.servicer.enter_graceful_shutdown()
+
+    @property
+    def serving(self) -> bool:
+        """What the health service reports now (False from the start of a graceful shutdown)."""
+        return self._serving and not self.shutting_down
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down
+
+
+async def add_health(server: grpc.aio.Server, services: tuple[str, ...] = ()) -> PodHealth:
+    """Serve ``grpc.health.v1.Health`` on ``server`` and flip it to NOT_SERVING on ``stop()``.
+
+    See :func:`grpc_balance_mw.server.add_health`; ``await server.stop(grace)`` reports
+    NOT_SERVING before the graceful stop begins.
+    """
+    servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    pod_health = PodHealth(servicer, tuple(services))
+    await pod_health.set_serving(True)
+    stop = server.stop
+
+    async def stop_after_flip(grace: float | None) -> None:
+        await pod_health.enter_graceful_shutdown()
+        await stop(grace)
+
+    server.stop = stop_after_flip
+    return pod_health

@@ -1,0 +1,90 @@
+"""A charge-points pod: ``python -m grpc_balance_mw.demo.pod --pod-name cp-0 --bind 127.0.0.1:0``.
+
+It is what the local test cluster starts, one process per pod. It prints ``READY <port>`` on
+stdout once it is serving, and stops gracefully on SIGTERM (health goes NOT_SERVING first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import grpc
+
+from grpc_balance_mw.aio.server import PodIdentityInterceptor, add_health
+from grpc_balance_mw.connection_age import connection_age_options
+from grpc_balance_mw.demo.servicer import SERVICE_NAME, ChargePointsServicer, PodAdminServicer
+from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc, pod_admin_pb2_grpc
+from grpc_balance_mw.identity import PodIdentity
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--pod-name", default=None, help="default: $POD_NAME, then $HOSTNAME")
+    parser.add_argument("--pod-ip", default=None, help="default: $POD_IP")
+    parser.add_argument("--namespace", default=None, help="default: $POD_NAMESPACE")
+    parser.add_argument("--bind", default="127.0.0.1:0", help="host:port; port 0 picks one")
+    parser.add_argument("--service-time-ms", type=float, default=0.0)
+    parser.add_argument("--max-concurrent", type=int, default=0, help="0: unlimited")
+    parser.add_argument("--overflow", choices=("queue", "reject"), default="queue")
+    parser.add_argument("--opaque-key", default=None, help="stamp a keyed hash, not the name")
+    parser.add_argument("--max-connection-age-s", type=float, default=None)
+    parser.add_argument("--max-connection-age-grace-s", type=float, default=10.0)
+    parser.add_argument("--shutdown-grace-s", type=float, default=2.0)
+    return parser.parse_args(argv)
+
+
+def identity_from(args: argparse.Namespace) -> PodIdentity:
+    env = dict(os.environ)
+    for key, value in (
+        ("POD_NAME", args.pod_name),
+        ("POD_IP", args.pod_ip),
+        ("POD_NAMESPACE", args.namespace),
+    ):
+        if value is not None:
+            env[key] = value
+    return PodIdentity.from_env(env, opaque_key=args.opaque_key)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    identity = identity_from(args)
+    options = []
+    if args.max_connection_age_s:
+        options = connection_age_options(args.max_connection_age_s, args.max_connection_age_grace_s)
+    server = grpc.aio.server(interceptors=[PodIdentityInterceptor(identity)], options=options)
+    charge_points = ChargePointsServicer(
+        identity.name,
+        service_time_s=args.service_time_ms / 1000,
+        max_concurrent=args.max_concurrent,
+        overflow=args.overflow,
+    )
+    charge_points_pb2_grpc.add_ChargePointsServicer_to_server(charge_points, server)
+    health = await add_health(server, services=(SERVICE_NAME,))
+    pod_admin_pb2_grpc.add_PodAdminServicer_to_server(
+        PodAdminServicer(charge_points, health), server
+    )
+    port = server.add_insecure_port(args.bind)
+    if port == 0:
+        raise SystemExit(f"could not bind {args.bind}")
+    await server.start()
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    print(f"READY {port}", flush=True)
+    await stopping.wait()
+    await server.stop(args.shutdown_grace_s)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    asyncio.run(serve(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

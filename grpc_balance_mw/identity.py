@@ -1,0 +1,188 @@
+"""Pod identity: which headers a serving pod stamps, and how both sides build and read them.
+
+The header names below are the one place both halves agree on: the server middleware writes them
+and the client interceptors read them. Pure code, no gRPC I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from grpc_balance_mw.errors import ConfigurationError, MalformedPodHeader
+
+#: The serving pod's name (or its opaque id in opaque mode). Always present when stamped.
+POD_HEADER = "x-balance-pod"
+#: The serving pod's IP; never sent in opaque mode.
+POD_IP_HEADER = "x-balance-pod-ip"
+#: The serving pod's namespace; never sent in opaque mode.
+POD_NAMESPACE_HEADER = "x-balance-pod-namespace"
+IDENTITY_HEADERS = (POD_HEADER, POD_IP_HEADER, POD_NAMESPACE_HEADER)
+
+#: A Kubernetes object name is a DNS subdomain: at most 253 characters.
+MAX_VALUE_LENGTH = 253
+#: Environment variable the opaque mode reads its key from when none is given.
+OPAQUE_KEY_ENV = "GRPC_BALANCE_POD_KEY"
+_OPAQUE_PREFIX = "pod-"
+
+Metadata = Iterable[tuple[str, str | bytes]]
+
+
+def check_value(header: str, value: object) -> str:
+    """Return ``value`` if it can be sent as the ``header`` metadata value, else raise.
+
+    gRPC ASCII metadata values are printable ASCII (0x20-0x7E); an identity also may not be empty
+    or have blanks at either end, so that a value always compares equal to itself once parsed.
+    """
+    if not isinstance(value, str):
+        raise MalformedPodHeader(header, value, f"expected str, got {type(value).__name__}")
+    if not value:
+        raise MalformedPodHeader(header, value, "empty")
+    if len(value) > MAX_VALUE_LENGTH:
+        raise MalformedPodHeader(header, value, f"longer than {MAX_VALUE_LENGTH} characters")
+    if value != value.strip():
+        raise MalformedPodHeader(header, value, "leading or trailing whitespace")
+    bad = next((c for c in value if not 0x20 <= ord(c) <= 0x7E), None)
+    if bad is not None:
+        raise MalformedPodHeader(header, value, f"character {bad!r} is not printable ASCII")
+    return value
+
+
+@dataclass(frozen=True)
+class PodIdentity:
+    """Who a serving pod says it is.
+
+    Attributes:
+        name: the pod name, or in opaque mode a stable keyed hash of namespace/name.
+        ip: the pod IP, when known and not opaque.
+        namespace: the pod namespace, when known and not opaque.
+        opaque: whether ``name`` is a keyed hash rather than the real pod name.
+    """
+
+    name: str
+    ip: str | None = None
+    namespace: str | None = None
+    opaque: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            check_value(POD_HEADER, self.name)
+            if self.ip is not None:
+                check_value(POD_IP_HEADER, self.ip)
+                ipaddress.ip_address(self.ip)
+            if self.namespace is not None:
+                check_value(POD_NAMESPACE_HEADER, self.namespace)
+        except ValueError as exc:  # MalformedPodHeader, or ipaddress's ValueError
+            raise ConfigurationError(f"invalid pod identity: {exc}") from exc
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        opaque_key: str | bytes | None = None,
+    ) -> PodIdentity:
+        """Read the identity the Kubernetes downward API puts in the environment.
+
+        ``POD_NAME`` (``HOSTNAME`` as a fallback: it is the pod name unless the pod sets
+        ``hostname``), ``POD_IP`` and ``POD_NAMESPACE``. With ``opaque_key`` (or the
+        ``GRPC_BALANCE_POD_KEY`` variable set to a non-empty key) the result is opaque.
+
+        Raises:
+            ConfigurationError: no name can be found, or a value is not valid metadata.
+        """
+        env = os.environ if environ is None else environ
+        name = env.get("POD_NAME") or env.get("HOSTNAME")
+        if not name:
+            raise ConfigurationError(
+                "no pod identity: set POD_NAME from the downward API "
+                "(env: - name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}), "
+                "or HOSTNAME, or pass a PodIdentity explicitly"
+            )
+        identity = cls(
+            name=name,
+            ip=env.get("POD_IP") or None,
+            namespace=env.get("POD_NAMESPACE") or None,
+        )
+        key = opaque_key if opaque_key is not None else env.get(OPAQUE_KEY_ENV) or None
+        return identity.to_opaque(key) if key is not None else identity
+
+    def to_opaque(self, key: str | bytes) -> PodIdentity:
+        """Return the identity as a stable keyed hash that reveals neither name, IP nor namespace.
+
+        The same key and the same namespace/name give the same id on every restart and replica
+        of the server, so clients can still tell pods apart and count them.
+        """
+        if self.opaque:
+            return self
+        raw_key = key.encode() if isinstance(key, str) else key
+        if not raw_key:
+            raise ConfigurationError("opaque pod identity needs a non-empty key")
+        digest = hmac.new(raw_key, f"{self.namespace or ''}/{self.name}".encode(), hashlib.sha256)
+        return PodIdentity(name=_OPAQUE_PREFIX + digest.hexdigest()[:16], opaque=True)
+
+    def to_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata pairs a server stamps on its responses."""
+        pairs = [(POD_HEADER, self.name)]
+        if self.ip is not None:
+            pairs.append((POD_IP_HEADER, self.ip))
+        if self.namespace is not None:
+            pairs.append((POD_NAMESPACE_HEADER, self.namespace))
+        return tuple(pairs)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def merge_identity(
+    metadata: Metadata | None, stamp: tuple[tuple[str, str], ...]
+) -> tuple[tuple[str, str | bytes], ...]:
+    """Add the identity pairs to ``metadata``, replacing any identity headers already there.
+
+    The identity is authoritative: a handler cannot spoof another pod's name by setting the header.
+    """
+    kept = tuple((k, v) for k, v in metadata or () if k.lower() not in IDENTITY_HEADERS)
+    return kept + stamp
+
+
+def pod_from_metadata(metadata: Metadata | None) -> PodIdentity | None:
+    """Read the serving pod from response metadata.
+
+    Returns:
+        The identity, or ``None`` when the response carries no pod header (a server without the
+        middleware, or a proxy that answered by itself).
+
+    Raises:
+        MalformedPodHeader: the header is there but is not a valid identity (not ASCII, empty,
+            repeated with different values, an IP that does not parse).
+    """
+    values: dict[str, str | bytes] = {}
+    for key, value in metadata or ():
+        lowered = key.lower()
+        if lowered not in IDENTITY_HEADERS:
+            continue
+        if lowered in values and values[lowered] != value:
+            raise MalformedPodHeader(
+                lowered, value, f"repeated with another value {values[lowered]!r}"
+            )
+        values[lowered] = value
+    if POD_HEADER not in values:
+        return None
+    name = check_value(POD_HEADER, values[POD_HEADER])
+    ip = values.get(POD_IP_HEADER)
+    namespace = values.get(POD_NAMESPACE_HEADER)
+    if ip is not None:
+        ip = check_value(POD_IP_HEADER, ip)
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError as exc:
+            raise MalformedPodHeader(POD_IP_HEADER, ip, "not an IP address") from exc
+    if namespace is not None:
+        namespace = check_value(POD_NAMESPACE_HEADER, namespace)
+    return PodIdentity(
+        name=name, ip=ip, namespace=namespace, opaque=name.startswith(_OPAQUE_PREFIX) and ip is None
+    )

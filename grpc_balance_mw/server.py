@@ -1,0 +1,193 @@
+"""Server side, sync (``grpc.server``): stamp the pod identity, wire health, drain on shutdown.
+
+Usage::
+
+    identity = PodIdentity.from_env()
+    server = grpc.server(
+        ThreadPoolExecutor(16),
+        interceptors=[PodIdentityInterceptor(identity)],
+        options=connection_age_options(max_age_s=30),
+    )
+    health = add_health(server)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from grpc_balance_mw._stamping import StampedStatus, handler_kind, rebuild_handler
+from grpc_balance_mw.identity import PodIdentity, merge_identity
+
+_log = logging.getLogger(__name__)
+
+__all__ = ["PodHealth", "PodIdentityInterceptor", "add_health"]
+
+
+class _StampingContext:
+    """A ``grpc.ServicerContext`` that adds the pod identity to whatever metadata goes out.
+
+    Initial metadata is sent at the latest possible moment (the handler's own
+    ``send_initial_metadata``, the first streamed message, or the handler's end) so a handler that
+    sends its own initial metadata still can; trailing metadata is set up front so every status,
+    including aborts and exceptions, carries the identity.
+    """
+
+    def __init__(self, context: grpc.ServicerContext, stamp: tuple[tuple[str, str], ...]) -> None:
+        self._context = context
+        self._stamp = stamp
+        self._initial_sent = False
+        context.set_trailing_metadata(stamp)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def send_initial_metadata(self, initial_metadata: Any) -> None:
+        self._initial_sent = True
+        self._context.send_initial_metadata(merge_identity(initial_metadata, self._stamp))
+
+    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
+        self._context.set_trailing_metadata(merge_identity(trailing_metadata, self._stamp))
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.flush()
+        self._context.abort(code, details)
+
+    def abort_with_status(self, status: grpc.Status) -> None:
+        self.flush()
+        self._context.abort_with_status(StampedStatus.of(status, self._stamp))
+
+    def flush(self) -> None:
+        """Send the identity as initial metadata unless something already went out."""
+        if self._initial_sent:
+            return
+        self._initial_sent = True
+        try:
+            self._context.send_initial_metadata(self._stamp)
+        except (ValueError, grpc.RpcError) as exc:
+            # The call was cancelled, or grpc already sent headers itself: the trailers still
+            # carry the identity, and the handler's own outcome must win.
+            _log.debug("could not send the pod identity as initial metadata: %s", exc)
+
+
+def _unary_response(behavior: Callable[..., Any], stamp: Any) -> Callable[..., Any]:
+    def stamped(request: Any, context: grpc.ServicerContext) -> Any:
+        ctx = _StampingContext(context, stamp)
+        try:
+            return behavior(request, ctx)
+        finally:
+            ctx.flush()
+
+    return stamped
+
+
+def _stream_response(behavior: Callable[..., Any], stamp: Any) -> Callable[..., Any]:
+    def stamped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        ctx = _StampingContext(context, stamp)
+        responses = behavior(request, ctx)
+        try:
+            for response in responses if responses is not None else ():
+                ctx.flush()
+                yield response
+        finally:
+            ctx.flush()
+            close = getattr(responses, "close", None)
+            if close is not None:
+                close()
+
+    return stamped
+
+
+class PodIdentityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Stamps the serving pod's identity on every response, all four call kinds.
+
+    The identity goes into the initial metadata (a streaming client learns it with the first
+    message) and the trailing metadata (so errors, aborts and exceptions carry it too).
+
+    Args:
+        identity: who this pod is; default :meth:`PodIdentity.from_env` (downward API), so a
+            missing ``POD_NAME``/``HOSTNAME`` fails here, at start-up, not on each call.
+    """
+
+    def __init__(self, identity: PodIdentity | None = None) -> None:
+        self.identity = identity if identity is not None else PodIdentity.from_env()
+        self._stamp = self.identity.to_metadata()
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        kind = handler_kind(handler)
+        inner = getattr(handler, kind)
+        wrap = _stream_response if handler.response_streaming else _unary_response
+        return rebuild_handler(handler, kind, wrap(inner, self._stamp))
+
+
+class PodHealth:
+    """The standard ``grpc.health.v1`` service of one server, flipped to NOT_SERVING on shutdown."""
+
+    def __init__(self, servicer: health.HealthServicer, services: tuple[str, ...]) -> None:
+        self.servicer = servicer
+        self.services = services
+        self._serving = False
+        self._shutting_down = threading.Event()
+
+    def set_serving(self, serving: bool) -> None:
+        """Report every registered service (and the server as a whole, ``""``) as (not) serving."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        self._serving = serving
+        for service in ("", *self.services):
+            self.servicer.set(service, status)
+
+    def enter_graceful_shutdown(self) -> None:
+        """Permanently report NOT_SERVING, so clients and DNS stop sending new work."""
+        self._shutting_down.set()
+        self.servicer.enter_graceful_shutdown()
+
+    @property
+    def serving(self) -> bool:
+        """What the health service reports now (False from the start of a graceful shutdown)."""
+        return self._serving and not self.shutting_down
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down.is_set()
+
+
+def add_health(server: grpc.Server, services: tuple[str, ...] = ()) -> PodHealth:
+    """Serve ``grpc.health.v1.Health`` on ``server`` and flip it to NOT_SERVING on ``stop()``.
+
+    ``server.stop`` is wrapped so that the health status turns NOT_SERVING first, then the
+    server's own graceful stop begins: health-checking clients see the pod leave before its
+    connections close. With the :class:`PodIdentityInterceptor` installed, health responses carry
+    the pod identity too, which is how a client learns which pod a new connection reached.
+
+    Args:
+        server: a ``grpc.server``, before ``start()``.
+        services: fully qualified service names to report besides the server as a whole.
+    """
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    pod_health = PodHealth(servicer, tuple(services))
+    pod_health.set_serving(True)
+    stop = server.stop
+
+    def stop_after_flip(grace: float | None) -> threading.Event:
+        pod_health.enter_graceful_shutdown()
+        return stop(grace)  # type: ignore[no-any-return]
+
+    server.stop = stop_after_flip
+    return pod_health
