@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Any
 
 import grpc
 
@@ -35,6 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-connection-age-s", type=float, default=None)
     parser.add_argument("--max-connection-age-grace-s", type=float, default=10.0)
     parser.add_argument("--shutdown-grace-s", type=float, default=2.0)
+    parser.add_argument(
+        "--stop-on-stdin-eof",
+        action="store_true",
+        help="stop when stdin closes: the harness that started the pod is gone",
+    )
     return parser.parse_args(argv)
 
 
@@ -52,9 +58,13 @@ def identity_from(args: argparse.Namespace) -> PodIdentity:
 
 async def serve(args: argparse.Namespace) -> None:
     identity = identity_from(args)
-    options = []
+    # Without SO_REUSEPORT a second pod on the same IP and port fails to bind instead of
+    # silently sharing the port, which the local cluster relies on to find a free target port.
+    options: list[tuple[str, Any]] = [("grpc.so_reuseport", 0)]
     if args.max_connection_age_s:
-        options = connection_age_options(args.max_connection_age_s, args.max_connection_age_grace_s)
+        options += connection_age_options(
+            args.max_connection_age_s, args.max_connection_age_grace_s
+        )
     server = grpc.aio.server(interceptors=[PodIdentityInterceptor(identity)], options=options)
     charge_points = ChargePointsServicer(
         identity.name,
@@ -76,6 +86,11 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    if args.stop_on_stdin_eof:
+        watcher = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(watcher), sys.stdin)
+        stdin_closed = asyncio.create_task(watcher.read())
+        stdin_closed.add_done_callback(lambda _: stopping.set())
     print(f"READY {port}", flush=True)
     await stopping.wait()
     await server.stop(args.shutdown_grace_s)

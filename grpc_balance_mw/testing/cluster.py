@@ -1,0 +1,380 @@
+"""The local cluster: pods, an L4 Service, a cluster DNS and an L7 proxy, on this machine.
+
+Usage::
+
+    with LocalCluster(pods=3, service="haproxy", dns="dnsmasq") as cluster:
+        channel = grpc.insecure_channel(cluster.service_target)
+        ...
+        assert cluster.served() == {"charge-points-0": 100, ...}
+
+Every part is a real process started by the harness and stopped by :meth:`LocalCluster.stop`.
+The cluster is its own Endpoints controller: a pod is an endpoint while it is alive and its
+health is SERVING, and each harness action (scale, kill, restart, set_serving) has been applied
+to the Service, the DNS and the L7 proxy by the time it returns.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+from grpc_balance_mw.demo.v1 import pod_admin_pb2 as admin_pb
+from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.testing.dns_server import EmbeddedDNS
+from grpc_balance_mw.testing.dnsmasq import DnsmasqDNS, dnsmasq_path
+from grpc_balance_mw.testing.endpoints import Endpoint, Frontend
+from grpc_balance_mw.testing.haproxy import HAProxyL7, HAProxyService, haproxy_path
+from grpc_balance_mw.testing.pods import Overflow, Pod, PodSettings
+from grpc_balance_mw.testing.process import ClusterError
+from grpc_balance_mw.testing.userspace_proxy import UserspaceService
+
+__all__ = ["DNSKind", "L7Kind", "LocalCluster", "ServiceKind", "missing_components"]
+
+ServiceKind = Literal["userspace", "haproxy", "iptables"]
+DNSKind = Literal["embedded", "dnsmasq"]
+L7Kind = Literal["haproxy"]
+_MAX_PODS = 250  # one loopback /24 per cluster, .1 to .250
+_PORT_ATTEMPTS = 4
+
+
+def missing_components(
+    service: ServiceKind = "userspace", dns: DNSKind | None = None, l7: L7Kind | None = None
+) -> list[str]:
+    """What this machine lacks for such a cluster, as readable reasons (empty: nothing)."""
+    missing = []
+    if (service == "haproxy" or l7 == "haproxy") and haproxy_path() is None:
+        missing.append("haproxy is not installed (Debian package: haproxy)")
+    if dns == "dnsmasq" and dnsmasq_path() is None:
+        missing.append("dnsmasq is not installed (Debian package: dnsmasq-base)")
+    if service == "iptables":
+        missing.append("service='iptables' is not wired into LocalCluster yet")
+    return missing
+
+
+class LocalCluster:
+    """A Kubernetes-like cluster on loopback for one Service of charge-points pods.
+
+    Args:
+        pods: how many pods to start with.
+        service: the L4 ClusterIP Service: ``userspace`` (embedded proxy, the default),
+            ``haproxy`` (``mode tcp``, ``balance random``) or ``iptables`` (kube-proxy chains).
+        dns: the cluster DNS for the headless Service, or None for none.
+        l7: the L7 proxy standing in for an Envoy sidecar, or None for none.
+        l7_balance: its per-call algorithm.
+        service_time_ms: how long each pod takes per call.
+        max_concurrent: each pod's capacity (0: unlimited).
+        overflow: beyond capacity, ``queue`` or ``reject`` (RESOURCE_EXHAUSTED).
+        session_affinity: ``ClientIP`` pins a client to one pod (iptables backend only).
+        namespace: the Kubernetes namespace the pods report.
+        name: the Service name; pods are ``<name>-0``, ``<name>-1``, ...
+        dns_ttl_s: the TTL of the DNS answers.
+    """
+
+    def __init__(
+        self,
+        pods: int = 3,
+        *,
+        service: ServiceKind = "userspace",
+        dns: DNSKind | None = "embedded",
+        l7: L7Kind | None = None,
+        l7_balance: Literal["leastconn", "roundrobin"] = "leastconn",
+        service_time_ms: float = 0.0,
+        max_concurrent: int = 0,
+        overflow: Overflow = "queue",
+        session_affinity: Literal["ClientIP"] | None = None,
+        namespace: str = "ev",
+        name: str = "charge-points",
+        dns_ttl_s: int = 1,
+    ) -> None:
+        if not 0 <= pods <= _MAX_PODS:
+            raise ConfigurationError(f"pods must be between 0 and {_MAX_PODS}, got {pods}")
+        if service not in ("userspace", "haproxy", "iptables"):
+            raise ConfigurationError(f"unknown service implementation {service!r}")
+        if dns not in (None, "embedded", "dnsmasq"):
+            raise ConfigurationError(f"unknown dns implementation {dns!r}")
+        if l7 not in (None, "haproxy"):
+            raise ConfigurationError(f"unknown l7 proxy {l7!r}")
+        if session_affinity not in (None, "ClientIP"):
+            raise ConfigurationError("session_affinity must be None or 'ClientIP'")
+        if session_affinity and service != "iptables":
+            raise ConfigurationError("session_affinity='ClientIP' needs service='iptables'")
+        if service == "iptables":
+            raise ConfigurationError(
+                "service='iptables' is not available yet: the netns/kube_proxy backend is not "
+                "wired into LocalCluster; use 'userspace' or 'haproxy'"
+            )
+        self.name = name
+        self.namespace = namespace
+        self.service_kind = service
+        self.dns_kind = dns
+        self.l7_kind = l7
+        self.l7_balance = l7_balance
+        self.session_affinity = session_affinity
+        self.dns_ttl_s = dns_ttl_s
+        self.settings = PodSettings(service_time_ms, max_concurrent, overflow)
+        self.pods: list[Pod] = []
+        self.target_port = 0
+        self._initial_pods = pods
+        self._subnet = f"127.0.{random.randint(2, 254)}"
+        self._next_ordinal = 0
+        self._dir: Path | None = None
+        self._service: Frontend | None = None
+        self._dns: Frontend | None = None
+        self._l7: Frontend | None = None
+        self._published: list[Endpoint] | None = None
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        ready = sum(pod.ready for pod in self.pods)
+        parts = [f"{len(self.pods)} pods ({ready} ready)", f"service={self.service_kind}"]
+        if self.dns_kind:
+            parts.append(f"dns={self.dns_kind}")
+        if self.l7_kind:
+            parts.append(f"l7={self.l7_kind}")
+        state = "running" if self.running else "stopped"
+        return f"<LocalCluster {self.name}.{self.namespace} {state}: {', '.join(parts)}>"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._dir is not None
+
+    def start(self) -> LocalCluster:
+        """Start the pods, then the Service, DNS and L7 proxy in front of them."""
+        with self._lock:
+            if self.running:
+                raise ClusterError("the cluster is already running")
+            self._dir = Path(tempfile.mkdtemp(prefix=f"grpc-balance-{self.name}-"))
+            try:
+                self._start_pods(self._initial_pods)
+                ready = self.endpoints()
+                self._service = self._make_service(self._dir)
+                self._service.start(ready)
+                if self.dns_kind is not None:
+                    self._dns = self._make_dns(self._dir)
+                    self._dns.start(ready)
+                if self.l7_kind is not None:
+                    self._l7 = HAProxyL7(
+                        self._dir, balance=self.l7_balance, avoid_port=self.target_port
+                    )
+                    self._l7.start(ready)
+                self._published = ready
+            except BaseException:
+                self.stop()
+                raise
+            return self
+
+    def stop(self) -> None:
+        """Stop every process and remove the temp dir; idempotent, safe after a failed start."""
+        with self._lock:
+            for frontend in (self._l7, self._dns, self._service):
+                if frontend is not None:
+                    frontend.stop()
+            self._l7 = self._dns = self._service = None
+            for pod in self.pods:
+                pod.terminate()
+            for pod in self.pods:
+                pod.stop()
+            self.pods = []
+            self._published = None
+            if self._dir is not None:
+                shutil.rmtree(self._dir, ignore_errors=True)
+                self._dir = None
+
+    # -- where clients connect ---------------------------------------------------------------
+
+    @property
+    def service_target(self) -> str:
+        """The L4 Service, ``host:port`` (ClusterIP:servicePort, reachable from this host)."""
+        return self._frontend(self._service, "service").address
+
+    @property
+    def fqdn(self) -> str:
+        """The headless Service's DNS name."""
+        return f"{self.name}.{self.namespace}.svc.cluster.local"
+
+    @property
+    def dns_address(self) -> str:
+        return self._frontend(self._dns, "dns").address
+
+    @property
+    def headless_target(self) -> str:
+        """A gRPC target that resolves the headless Service through the cluster DNS."""
+        return f"dns://{self.dns_address}/{self.fqdn}:{self.target_port}"
+
+    @property
+    def l7_target(self) -> str:
+        """The L7 proxy, ``host:port``."""
+        return self._frontend(self._l7, "l7").address
+
+    # -- ground truth ------------------------------------------------------------------------
+
+    def pod(self, name: str) -> Pod:
+        for pod in self.pods:
+            if pod.name == name:
+                return pod
+        raise ClusterError(f"no pod {name!r}; pods: {[pod.name for pod in self.pods]}")
+
+    def endpoints(self) -> list[Endpoint]:
+        """The ready endpoints now: pods alive and SERVING."""
+        return [pod.endpoint for pod in self.pods if pod.ready]
+
+    def stats(self) -> dict[str, admin_pb.PodStats]:
+        """Each live pod's full ``PodAdmin.GetStats`` snapshot."""
+        return {pod.name: pod.stats() for pod in self.pods if pod.alive}
+
+    def served(self) -> dict[str, int]:
+        """Calls each live pod received, by its own count (dead pods took theirs along)."""
+        return {name: stats.total_calls for name, stats in self.stats().items()}
+
+    def reset_counts(self) -> None:
+        for pod in self.pods:
+            if pod.alive:
+                pod.stats(reset=True)
+
+    # -- what happens to pods ------------------------------------------------------------------
+
+    def scale(self, replicas: int) -> None:
+        """Add pods (new names, new IPs) or remove the newest ones, like a Deployment."""
+        if not 0 <= replicas <= _MAX_PODS:
+            raise ConfigurationError(f"replicas must be between 0 and {_MAX_PODS}")
+        with self._lock:
+            self._require_running()
+            if replicas > len(self.pods):
+                self._start_pods(replicas - len(self.pods))
+            else:
+                leaving = self.pods[replicas:]
+                self.pods = self.pods[:replicas]
+                self.refresh()  # out of the endpoints first, then terminated, as Kubernetes does
+                for pod in leaving:
+                    pod.terminate()
+                for pod in leaving:
+                    pod.stop()
+            self.refresh()
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one pod; out of the Service, DNS and L7 proxy when this returns."""
+        with self._lock:
+            self.pod(name).kill()
+            self.refresh()
+
+    def restart(self, name: str) -> None:
+        """Start a pod again on the same IP and port (stopping it first if it still runs)."""
+        with self._lock:
+            pod = self.pod(name)
+            if pod.alive:
+                pod.stop()
+                self.refresh()
+            pod.start()
+            self.refresh()
+
+    def set_serving(self, name: str, serving: bool) -> None:
+        """Flip a pod's health; a NOT_SERVING pod leaves the endpoints but keeps running."""
+        with self._lock:
+            self.pod(name).set_serving(serving)
+            self.refresh()
+
+    def configure(
+        self, name: str, *, service_time_ms: float | None = None, max_concurrent: int | None = None
+    ) -> None:
+        """Change one pod's service time or capacity while it runs."""
+        self.pod(name).configure(service_time_ms=service_time_ms, max_concurrent=max_concurrent)
+
+    def refresh(self) -> None:
+        """Push the ready endpoints to every frontend if they changed (e.g. a pod crashed)."""
+        with self._lock:
+            ready = self.endpoints()
+            if ready == self._published:
+                return
+            for frontend in (self._service, self._dns, self._l7):
+                if frontend is not None:
+                    frontend.update(ready)
+            self._published = ready
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _start_pods(self, count: int) -> None:
+        assert self._dir is not None
+        new = [self._new_pod() for _ in range(count)]
+        if not new:
+            return
+        if self.target_port == 0:
+            # The first pod picks the shared target port; the others bind the same port on
+            # their own IPs. If one of those is taken there, draw a new port for all.
+            for attempt in range(_PORT_ATTEMPTS):
+                first = new[0]
+                first.port = 0
+                first.start()
+                self.target_port = first.port
+                try:
+                    self._launch_all(new[1:])
+                    break
+                except ClusterError:
+                    for pod in new:
+                        pod.stop()
+                    self.target_port = 0
+                    if attempt == _PORT_ATTEMPTS - 1:
+                        raise
+        else:
+            self._launch_all(new)
+        self.pods.extend(new)
+
+    def _launch_all(self, pods: list[Pod]) -> None:
+        for pod in pods:
+            pod.port = self.target_port
+            pod.launch()
+        for pod in pods:
+            pod.wait_ready()
+
+    def _new_pod(self) -> Pod:
+        assert self._dir is not None
+        ordinal = self._next_ordinal
+        if ordinal >= _MAX_PODS:
+            raise ClusterError(f"this cluster has used up its {_MAX_PODS} pod IPs")
+        self._next_ordinal += 1
+        return Pod(
+            f"{self.name}-{ordinal}",
+            f"{self._subnet}.{ordinal + 1}",
+            self.target_port,
+            namespace=self.namespace,
+            settings=self.settings,
+            log_dir=self._dir,
+        )
+
+    def _make_service(self, log_dir: Path) -> Frontend:
+        if self.service_kind == "haproxy":
+            return HAProxyService(log_dir, avoid_port=self.target_port)
+        return UserspaceService(log_dir, avoid_port=self.target_port)
+
+    def _make_dns(self, log_dir: Path) -> Frontend:
+        if self.dns_kind == "dnsmasq":
+            return DnsmasqDNS(log_dir, name=self.fqdn, ttl_s=self.dns_ttl_s)
+        return EmbeddedDNS(log_dir, name=self.fqdn, ttl_s=self.dns_ttl_s)
+
+    def _frontend(self, frontend: Frontend | None, what: str) -> Frontend:
+        if frontend is None:
+            if not self.running:
+                raise ClusterError("the cluster is not running")
+            raise ClusterError(f"this cluster was started without {what}")
+        return frontend
+
+    def _require_running(self) -> None:
+        if not self.running:
+            raise ClusterError("the cluster is not running")
