@@ -1,0 +1,79 @@
+"""The affinity detector's thresholds and windows, with the reasoning behind each default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from grpc_balance_mw.errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class AffinityConfig:
+    """How one target's calls are judged. Every default is chosen so a healthy spread never alarms.
+
+    Attributes:
+        window_calls: the window holds at most this many calls. 200 calls over 3 pods puts each
+            pod's share of a fair spread within a few points of 1/3, far below the skew line.
+        window_s: and only calls from the last this many seconds, so an old pinning that a
+            reconnect fixed stops counting within a minute.
+        min_samples: no state is decided on fewer identified calls than this; 20 calls all on one
+            pod out of 3 happen by chance with probability (1/3)**19, about 1e-9.
+        stream_unit_s: a stream weighs ``max(1, duration / stream_unit_s)`` calls, so one stream
+            held open for minutes on one pod counts for what it really costs that pod.
+        pinned_enter_share: pinned when the top pod has at least this share of the window and two
+            or more pods are known; 0.95 tolerates a few calls that reached another pod during a
+            reconnect.
+        pinned_exit_share: and stays pinned until the share falls below this (hysteresis).
+        skew_enter_excess: skewed when the top share is at least
+            ``fair + skew_enter_excess * (1 - fair)`` with ``fair = 1 / known pods``: 0.67 for 3
+            pods, 0.75 for 2, 0.55 for 10 -- halfway from a fair share to pinned.
+        skew_exit_excess: the same formula for leaving skewed (0.53 for 3 pods).
+        dwell_calls: a new state is taken only after this many calls in a row agree with it, so
+            one unlucky stretch does not flap the state (and its alarm) back and forth.
+        l7_enter_share: L7-balanced when at least this share of the window carried an L7 proxy's
+            response headers (Envoy's ``server: envoy``, ``x-envoy-upstream-service-time``).
+        known_pods_ttl_s: a pod seen in a call or by the probe counts as known for this long after
+            it was last seen; ten minutes outlives the window so a pinned channel still remembers
+            the pods that a probe found, without keeping long-gone pods forever.
+        expected_pods: the pod count the operator expects (e.g. the Deployment's replicas), if
+            known; with it, a single channel's pinning is recognised without any probe.
+    """
+
+    window_calls: int = 200
+    window_s: float = 60.0
+    min_samples: int = 20
+    stream_unit_s: float = 1.0
+    pinned_enter_share: float = 0.95
+    pinned_exit_share: float = 0.80
+    skew_enter_excess: float = 0.5
+    skew_exit_excess: float = 0.3
+    dwell_calls: int = 10
+    l7_enter_share: float = 0.5
+    known_pods_ttl_s: float = 600.0
+    expected_pods: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.window_calls >= 1, "window_calls must be >= 1"),
+            (self.window_s > 0, "window_s must be > 0"),
+            (1 <= self.min_samples <= self.window_calls, "min_samples must be in 1..window_calls"),
+            (self.stream_unit_s > 0, "stream_unit_s must be > 0"),
+            (
+                0 < self.pinned_exit_share <= self.pinned_enter_share <= 1,
+                "need 0 < pinned_exit_share <= pinned_enter_share <= 1",
+            ),
+            (
+                0 < self.skew_exit_excess <= self.skew_enter_excess < 1,
+                "need 0 < skew_exit_excess <= skew_enter_excess < 1",
+            ),
+            (self.dwell_calls >= 1, "dwell_calls must be >= 1"),
+            (0 < self.l7_enter_share <= 1, "l7_enter_share must be in (0, 1]"),
+            (self.known_pods_ttl_s > 0, "known_pods_ttl_s must be > 0"),
+            (
+                self.expected_pods is None or self.expected_pods >= 1,
+                "expected_pods must be >= 1 or None",
+            ),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ConfigurationError(f"AffinityConfig: {message}")

@@ -1,0 +1,203 @@
+"""The affinity detector: one per target, fed one call at a time, judged with hysteresis."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from grpc_balance_mw.affinity.config import AffinityConfig
+from grpc_balance_mw.affinity.state import AffinitySnapshot, AffinityState, PodShare, Transition
+from grpc_balance_mw.affinity.window import PodWindow
+
+Clock = Callable[[], float]
+#: Stale known pods are looked for at most this often, to keep ``record`` O(1) in the pod count.
+_PRUNE_EVERY_S = 1.0
+
+
+class AffinityDetector:
+    """Judges how one target's calls spread over its pods.
+
+    Thread-safe: ``record`` is called from gRPC callback threads and event loops at once; all
+    bookkeeping changes under one lock, held for O(pods) work per call.
+
+    Args:
+        target: the channel target, for snapshots and alarms.
+        config: thresholds and windows.
+        clock: monotonic seconds; injected so tests never sleep.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        config: AffinityConfig | None = None,
+        *,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.target = target
+        self.config = config if config is not None else AffinityConfig()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._window = PodWindow(self.config.window_calls, self.config.window_s)
+        self._state = AffinityState.UNVERIFIED
+        self._pending: AffinityState | None = None
+        self._pending_calls = 0
+        self._expected = self.config.expected_pods
+        self._known: dict[str, float] = {}  # pod -> last seen
+        self._sources: dict[str, set[str]] = {}
+        self._dns_pods = 0
+        self._malformed = 0
+        self._top_share = 0.0
+        self._next_prune = 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"<AffinityDetector {self.target} {self._state.value}: "
+            f"{len(self._window)} calls, top share {self._top_share:.2f}, "
+            f"{self._known_count()} known pods>"
+        )
+
+    @property
+    def state(self) -> AffinityState:
+        return self._state
+
+    @property
+    def top_share(self) -> float:
+        """The top pod's share at the last recorded call (read without the lock, for gauges)."""
+        return self._top_share
+
+    @property
+    def expected_pods(self) -> int | None:
+        return self._expected
+
+    @expected_pods.setter
+    def expected_pods(self, count: int | None) -> None:
+        with self._lock:
+            self._expected = count
+
+    def add_known_pods(self, pods: Iterable[str], source: str, *, now: float | None = None) -> None:
+        """Pods known to exist from ``source`` (e.g. ``"probe"``); judged from the next call on."""
+        at = self._clock() if now is None else now
+        with self._lock:
+            for pod in pods:
+                self._known[pod] = at
+                self._sources.setdefault(pod, set()).add(source)
+
+    def set_dns_answer(self, addresses: Iterable[str]) -> None:
+        """The addresses a headless Service's DNS name resolved to: one per ready pod."""
+        with self._lock:
+            self._dns_pods = len(set(addresses))
+
+    def record(
+        self,
+        pod: str | None,
+        *,
+        duration_s: float = 0.0,
+        stream: bool = False,
+        l7: bool = False,
+        malformed: bool = False,
+        now: float | None = None,
+    ) -> Transition | None:
+        """Count one finished call.
+
+        Args:
+            pod: the pod that served it, or None when the response named none.
+            duration_s: how long the call lasted; weighs streams.
+            stream: whether it was a streaming call (weighted by duration).
+            l7: whether the response carried an L7 proxy's headers.
+            malformed: the pod header was there but invalid (``pod`` is then None).
+            now: the clock reading; default the injected clock.
+
+        Returns:
+            The state change this call caused, if any.
+        """
+        at = self._clock() if now is None else now
+        weight = 1.0
+        if stream and duration_s > self.config.stream_unit_s:
+            weight = duration_s / self.config.stream_unit_s
+        with self._lock:
+            if malformed:
+                self._malformed += 1
+            if pod is not None:
+                if pod not in self._known:
+                    self._sources.setdefault(pod, set()).add("calls")
+                self._known[pod] = at
+            self._window.add(pod, weight, l7, at)
+            return self._judge(at)
+
+    def _known_count(self) -> int:
+        return max(len(self._known), self._expected or 0, self._dns_pods)
+
+    def _forget_stale_pods(self, now: float) -> None:
+        horizon = now - self.config.known_pods_ttl_s
+        for pod in [p for p, seen in self._known.items() if seen < horizon]:
+            del self._known[pod]
+            self._sources.pop(pod, None)
+
+    def _candidate(self) -> AffinityState | None:
+        """The state the window argues for now, or None when it is too small to argue."""
+        cfg, window, current = self.config, self._window, self._state
+        if len(window) >= cfg.min_samples and window.l7_calls >= cfg.l7_enter_share * len(window):
+            return AffinityState.L7_BALANCED
+        if window.identified_calls < cfg.min_samples:
+            return None
+        _, top_share = window.top()
+        self._top_share = top_share
+        known = self._known_count()
+        if known <= 1:
+            return AffinityState.UNVERIFIED
+        fair = 1.0 / known
+        pinned_line = (
+            cfg.pinned_exit_share if current is AffinityState.PINNED else cfg.pinned_enter_share
+        )
+        if top_share >= pinned_line:
+            return AffinityState.PINNED
+        excess = cfg.skew_exit_excess if current.is_alarm else cfg.skew_enter_excess
+        if top_share >= fair + excess * (1.0 - fair):
+            return AffinityState.SKEWED
+        return AffinityState.BALANCED
+
+    def _judge(self, now: float) -> Transition | None:
+        if now >= self._next_prune:
+            self._next_prune = now + _PRUNE_EVERY_S
+            self._forget_stale_pods(now)
+        candidate = self._candidate()
+        if candidate is None or candidate is self._state:
+            self._pending, self._pending_calls = None, 0
+            return None
+        if candidate is self._pending:
+            self._pending_calls += 1
+        else:
+            self._pending, self._pending_calls = candidate, 1
+        if self._pending_calls < self.config.dwell_calls:
+            return None
+        previous, self._state = self._state, candidate
+        self._pending, self._pending_calls = None, 0
+        return Transition(self.target, previous, candidate, self._snapshot(now))
+
+    def snapshot(self, *, now: float | None = None) -> AffinitySnapshot:
+        """The numbers behind the current state."""
+        at = self._clock() if now is None else now
+        with self._lock:
+            self._window.evict(at)
+            return self._snapshot(at)
+
+    def _snapshot(self, now: float) -> AffinitySnapshot:
+        window = self._window
+        top_pod, top_share = window.top()
+        total = len(window)
+        return AffinitySnapshot(
+            target=self.target,
+            state=self._state,
+            calls=total,
+            unknown_calls=window.calls.get(None, 0),
+            malformed_calls=self._malformed,
+            pods={pod: PodShare(c, w, s) for pod, (c, w, s) in window.shares().items()},
+            top_pod=top_pod,
+            top_share=top_share,
+            known_pods=tuple(sorted(self._known)),
+            known_count=self._known_count(),
+            expected_pods=self._expected,
+            dns_pods=self._dns_pods,
+            l7_share=window.l7_calls / total if total else 0.0,
+        )

@@ -1,0 +1,212 @@
+"""What the sync and aio interceptors share: reading the pod from metadata and feeding the detector.
+
+The adapters only know how to get metadata out of their kind of call; everything else happens
+here, once, so the two cannot drift. No gRPC I/O: metadata comes in as ``(key, value)`` pairs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any, NamedTuple, Protocol
+
+from grpc_balance_mw.affinity.detector import AffinityDetector, Clock
+from grpc_balance_mw.affinity.state import Transition
+from grpc_balance_mw.errors import MalformedPodHeader
+from grpc_balance_mw.identity import IDENTITY_HEADERS, pod_from_metadata
+
+#: Response headers by which Envoy shows it balanced the call itself (per request, at L7).
+ENVOY_TIME_HEADER = "x-envoy-upstream-service-time"
+_WATCHED = frozenset((*IDENTITY_HEADERS, ENVOY_TIME_HEADER, "server"))
+#: Distinct header combinations remembered; a server that varies them per call cannot grow memory.
+_READINGS_CACHED = 1024
+
+UNARY_UNARY = "unary_unary"
+CALL_KINDS = (UNARY_UNARY, "unary_stream", "stream_unary", "stream_stream")
+
+
+class PodReading(NamedTuple):
+    """What one metadata block says about the serving pod."""
+
+    pod: str | None
+    l7: bool
+    malformed: bool
+
+
+_NOTHING = PodReading(None, False, False)
+
+
+class PodReader:
+    """Reads pod identities from metadata, parsing each distinct header combination once."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[tuple[str, Any], ...], PodReading] = {}
+
+    def read(self, metadata: Iterable[tuple[str, Any]] | None) -> PodReading:
+        found: list[tuple[str, Any]] | None = None
+        for item in metadata or ():
+            if item[0] in _WATCHED:
+                if found is None:
+                    found = []
+                found.append((item[0], item[1]))
+        if found is None:
+            return _NOTHING
+        key = tuple(found)
+        reading = self._cache.get(key)
+        if reading is None:
+            reading = self._parse(key)
+            if len(self._cache) >= _READINGS_CACHED:
+                self._cache.clear()
+            self._cache[key] = reading
+        return reading
+
+    @staticmethod
+    def _parse(pairs: tuple[tuple[str, Any], ...]) -> PodReading:
+        l7 = any(
+            key == ENVOY_TIME_HEADER or (key == "server" and value in ("envoy", b"envoy"))
+            for key, value in pairs
+        )
+        try:
+            identity = pod_from_metadata(pairs)
+        except MalformedPodHeader:
+            return PodReading(None, l7, True)
+        return PodReading(identity.name if identity is not None else None, l7, False)
+
+
+def merge_readings(first: PodReading, second: PodReading) -> PodReading:
+    """Initial metadata's reading, completed by the trailing metadata's."""
+    if first.pod is not None:
+        return first._replace(l7=first.l7 or second.l7)
+    return PodReading(second.pod, first.l7 or second.l7, first.malformed or second.malformed)
+
+
+class MethodName(NamedTuple):
+    full: str
+    service: str
+    method: str
+
+
+def parse_method(raw: str | bytes) -> MethodName:
+    """``/pkg.Service/Method`` (str, or bytes as grpc.aio gives it) split into its parts."""
+    full = raw.decode() if isinstance(raw, bytes) else raw
+    service, _, method = full.lstrip("/").rpartition("/")
+    return MethodName(full, service, method)
+
+
+class CallTelemetry(Protocol):
+    """What the observer tells telemetry; implementations must never raise."""
+
+    def watch(self, observer: CallObserver) -> None: ...
+
+    def call_started(self, call: ObservedCall) -> None: ...
+
+    def pod_seen(self, call: ObservedCall) -> None: ...
+
+    def call_finished(
+        self, call: ObservedCall, code: int | None, transition: Transition | None
+    ) -> None: ...
+
+
+class ProbeTrigger(Protocol):
+    """Something that may look for more pods now; must return at once and never raise."""
+
+    def maybe_probe(self, now: float) -> None: ...
+
+
+class ObservedCall:
+    """One call on its way: when it began, and what is known about its pod so far."""
+
+    __slots__ = ("kind", "method", "observer", "reading", "span", "started", "telemetry_state")
+
+    def __init__(self, observer: CallObserver, method: MethodName, kind: str, now: float) -> None:
+        self.observer = observer
+        self.method = method
+        self.kind = kind
+        self.started = now
+        self.reading: PodReading | None = None
+        self.span: Any = None
+        self.telemetry_state: Any = None
+
+    @property
+    def pod(self) -> str | None:
+        return self.reading.pod if self.reading is not None else None
+
+    def saw_initial_metadata(self, metadata: Iterable[tuple[str, Any]] | None) -> None:
+        """The response headers arrived: learn the pod now, before the call ends."""
+        observer = self.observer
+        self.reading = observer.reader.read(metadata)
+        if self.reading.pod is not None and observer.telemetry is not None:
+            observer.telemetry.pod_seen(self)
+
+    def finish(
+        self,
+        initial: Iterable[tuple[str, Any]] | None,
+        trailing: Iterable[tuple[str, Any]] | None,
+        code: int | None,
+    ) -> Transition | None:
+        """The call ended (``code`` is its status code's number, None if unknown): count it."""
+        observer = self.observer
+        reading = self.reading
+        if reading is None:
+            reading = observer.reader.read(initial)
+        if reading.pod is None:
+            reading = merge_readings(reading, observer.reader.read(trailing))
+        self.reading = reading
+        now = observer.clock()
+        transition = observer.detector.record(
+            reading.pod,
+            duration_s=now - self.started,
+            stream=self.kind != UNARY_UNARY,
+            l7=reading.l7,
+            malformed=reading.malformed,
+            now=now,
+        )
+        if observer.telemetry is not None:
+            observer.telemetry.call_finished(self, code, transition)
+        if observer.probe is not None:
+            observer.probe.maybe_probe(now)
+        return transition
+
+
+class CallObserver:
+    """Watches the calls of one channel (one lane) to one target.
+
+    Args:
+        detector: the target's detector (shared with other channels to the same target).
+        telemetry: spans, metrics and alarms, or None for detection only.
+        probe: looks for pods the calls cannot see, or None.
+        lane: names the connection in telemetry.
+        clock: monotonic seconds, the same clock as the detector's.
+    """
+
+    def __init__(
+        self,
+        detector: AffinityDetector,
+        *,
+        telemetry: CallTelemetry | None = None,
+        probe: ProbeTrigger | None = None,
+        lane: str | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.detector = detector
+        self.target = detector.target
+        self.telemetry = telemetry
+        self.probe = probe
+        self.lane = lane
+        self.clock = clock
+        self.reader = PodReader()
+        self._methods: dict[str | bytes, MethodName] = {}
+        if telemetry is not None:
+            telemetry.watch(self)
+
+    def __repr__(self) -> str:
+        return f"<CallObserver {self.target} lane={self.lane} {self.detector.state.value}>"
+
+    def begin(self, raw_method: str | bytes, kind: str) -> ObservedCall:
+        method = self._methods.get(raw_method)
+        if method is None:
+            method = self._methods[raw_method] = parse_method(raw_method)
+        call = ObservedCall(self, method, kind, self.clock())
+        if self.telemetry is not None:
+            self.telemetry.call_started(call)
+        return call

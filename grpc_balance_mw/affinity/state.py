@@ -1,0 +1,81 @@
+"""What the detector concludes about a target, and the numbers behind it."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+class AffinityState(enum.Enum):
+    """How a target's calls are spread over its pods."""
+
+    #: Calls spread over the known pods about evenly.
+    BALANCED = "balanced"
+    #: One pod (or none) seen, and nothing says others exist; also the state before enough calls.
+    UNVERIFIED = "unverified"
+    #: One pod's share is well above its fair share.
+    SKEWED = "skewed"
+    #: All or nearly all calls on one pod while two or more pods are known.
+    PINNED = "pinned"
+    #: An L7 proxy (Envoy) in front balances per request; the client cannot and need not.
+    L7_BALANCED = "l7-balanced"
+
+    @property
+    def is_alarm(self) -> bool:
+        return self in (AffinityState.SKEWED, AffinityState.PINNED)
+
+
+@dataclass(frozen=True)
+class PodShare:
+    """One pod's part of the window: calls, stream-weighted calls, and share of the weight."""
+
+    calls: int
+    weight: float
+    share: float
+
+
+@dataclass(frozen=True)
+class AffinitySnapshot:
+    """The numbers behind a target's state at one moment.
+
+    Attributes:
+        target: the channel target the detector watches.
+        state: the current state.
+        calls: calls in the window, identified or not.
+        unknown_calls: calls in the window whose response named no pod (or a malformed one).
+        malformed_calls: calls ever recorded with a malformed pod header.
+        pods: per identified pod in the window, its calls, weight and share.
+        top_pod: the pod with the largest share, if any call was identified.
+        top_share: that pod's share of the identified weight (0.0 when none).
+        known_pods: pods known to exist (seen in calls or by the probe, within the TTL).
+        known_count: how many pods the detector believes exist: the largest of the known pods,
+            the expected count, and the DNS answer's size.
+        expected_pods: the configured expected count, if any.
+        dns_pods: how many addresses the last DNS answer held (0 when none was given).
+        l7_share: share of the window's calls that carried L7 proxy headers.
+    """
+
+    target: str
+    state: AffinityState
+    calls: int
+    unknown_calls: int
+    malformed_calls: int
+    pods: Mapping[str, PodShare]
+    top_pod: str | None
+    top_share: float
+    known_pods: tuple[str, ...]
+    known_count: int
+    expected_pods: int | None
+    dns_pods: int
+    l7_share: float
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A state change, with the snapshot taken when it happened."""
+
+    target: str
+    previous: AffinityState
+    current: AffinityState
+    snapshot: AffinitySnapshot

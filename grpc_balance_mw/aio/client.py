@@ -1,0 +1,160 @@
+"""Observing client interceptors for ``grpc.aio`` channels: see which pod served each call.
+
+Usage::
+
+    channel = grpc.aio.insecure_channel(
+        "charge-points.ev.svc:50051",
+        interceptors=affinity_interceptors("charge-points.ev.svc:50051", expected_pods=3),
+    )
+
+``grpc.aio`` registers an interceptor object under only the first call kind it implements, so
+:class:`AffinityInterceptor` hands out four objects, one per kind, that share one observer.
+Unary calls are observed inside the interceptor once they complete (as the caller awaits them
+anyway); streams are observed by a task of their own, so a streaming caller never waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+
+from grpc_balance_mw.affinity.config import AffinityConfig
+from grpc_balance_mw.affinity.detector import AffinityDetector
+from grpc_balance_mw.affinity.observer import CallObserver, CallTelemetry, ObservedCall
+from grpc_balance_mw.affinity.registry import AffinityRegistry
+from grpc_balance_mw.client import build_observer
+from grpc_balance_mw.probe import PodProbe
+
+__all__ = ["AffinityInterceptor", "affinity_interceptors"]
+
+_CANCELLED = grpc.StatusCode.CANCELLED.value[0]
+
+
+async def _observe(call: Any, observed: ObservedCall) -> None:
+    """Follow one call: its pod when the headers arrive, its status when it ends."""
+    try:
+        initial = await call.initial_metadata()
+        observed.saw_initial_metadata(initial)
+        code = await call.code()
+        trailing = await call.trailing_metadata()
+    except asyncio.CancelledError:
+        observed.finish(None, None, _CANCELLED)
+        raise
+    observed.finish(initial, trailing, code.value[0] if code is not None else None)
+
+
+class _KindInterceptor:
+    def __init__(self, owner: AffinityInterceptor) -> None:
+        self._owner = owner
+        self._observer = owner.observer
+
+
+class _UnaryUnary(_KindInterceptor, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        observed = self._observer.begin(client_call_details.method, "unary_unary")
+        call = await continuation(client_call_details, request)
+        # The caller awaits this call's end anyway; observing it here ends the telemetry before
+        # an outer interceptor (opentelemetry-instrumentation-grpc) ends its span.
+        await _observe(call, observed)
+        return call
+
+
+class _UnaryStream(_KindInterceptor, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        observed = self._observer.begin(client_call_details.method, "unary_stream")
+        call = await continuation(client_call_details, request)
+        self._owner.follow(call, observed)
+        return call
+
+
+class _StreamUnary(_KindInterceptor, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
+    async def intercept_stream_unary(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        observed = self._observer.begin(client_call_details.method, "stream_unary")
+        call = await continuation(client_call_details, request_iterator)
+        # Not awaited here: a caller that writes with call.write() needs the call back first.
+        self._owner.follow(call, observed)
+        return call
+
+
+class _StreamStream(_KindInterceptor, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+    async def intercept_stream_stream(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        observed = self._observer.begin(client_call_details.method, "stream_stream")
+        call = await continuation(client_call_details, request_iterator)
+        self._owner.follow(call, observed)
+        return call
+
+
+class AffinityInterceptor:
+    """Observes all four call kinds on a ``grpc.aio`` channel; pass :attr:`interceptors`.
+
+    Args:
+        target: the channel's target string; the detector is per target, the probe dials it.
+        config: thresholds and windows; the first config given for a target wins.
+        expected_pods: how many pods the target should have, if known.
+        telemetry: an ``AffinityTelemetry`` for spans, metrics and alarms; None: detection only.
+        probe: True for a :class:`PodProbe` with defaults, or a configured one (it runs on a
+            thread of its own, off the event loop).
+        registry: where the target's detector lives; default the process-wide registry.
+        lane: the connection's name in telemetry; default ``lane-N``.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        config: AffinityConfig | None = None,
+        expected_pods: int | None = None,
+        telemetry: CallTelemetry | None = None,
+        probe: PodProbe | bool = False,
+        registry: AffinityRegistry | None = None,
+        lane: str | None = None,
+    ) -> None:
+        self.observer: CallObserver = build_observer(
+            target,
+            config=config,
+            expected_pods=expected_pods,
+            telemetry=telemetry,
+            probe=probe,
+            registry=registry,
+            lane=lane,
+        )
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.interceptors: list[grpc.aio.ClientInterceptor] = [
+            _UnaryUnary(self),
+            _UnaryStream(self),
+            _StreamUnary(self),
+            _StreamStream(self),
+        ]
+
+    def __repr__(self) -> str:
+        return f"<aio.AffinityInterceptor {self.observer!r}, {len(self._tasks)} streams followed>"
+
+    @property
+    def detector(self) -> AffinityDetector:
+        return self.observer.detector
+
+    def follow(self, call: Any, observed: ObservedCall) -> None:
+        """Observe a stream in a task of its own (kept referenced until it ends)."""
+        task = asyncio.get_running_loop().create_task(_observe(call, observed))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def settle(self) -> None:
+        """Wait until every followed stream has been observed to its end (for tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def affinity_interceptors(target: str, **kwargs: Any) -> list[grpc.aio.ClientInterceptor]:
+    """The four interceptors to pass as ``grpc.aio.*_channel(..., interceptors=...)``."""
+    return AffinityInterceptor(target, **kwargs).interceptors
