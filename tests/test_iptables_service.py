@@ -9,7 +9,9 @@ inside a cluster would get. The host's own iptables rules are never touched.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -232,3 +234,30 @@ def test_stop_removes_the_namespace_and_every_process() -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_privilege_check_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    check = privileged.__wrapped__  # uncached: this test changes what it sees
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert check() == "network namespaces and iptables need root"
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    real_which = shutil.which
+    monkeypatch.setattr(
+        shutil, "which", lambda tool: None if tool == "iptables-restore" else real_which(tool)
+    )
+    assert check() == "iptables-restore is not installed"
+
+
+def test_a_bridge_refuses_when_nothing_listens_and_exits_with_its_parent(
+    netns: NetworkNamespace,
+) -> None:
+    bridge = netns.bridge("127.0.9.9:9")  # nothing listens there inside the namespace
+    with socket.create_connection(("127.0.0.1", bridge.port), timeout=TIMEOUT_S) as conn:
+        conn.settimeout(TIMEOUT_S)
+        with pytest.raises(ConnectionResetError):
+            conn.recv(1)
+    (process,) = [p for p in netns.processes() if p.pid == bridge.pid]
+    assert process.stdin is not None
+    process.stdin.close()  # what the kernel does when the test process dies
+    assert process.wait(timeout=TIMEOUT_S) == 0
+    bridge.close()

@@ -74,7 +74,11 @@ class NetworkNamespace:
 
     Args:
         service_cidr: routed to ``lo`` with source 127.0.0.1, so a ClusterIP in it is a local
-            destination that kube-proxy's OUTPUT DNAT can rewrite to a pod on 127.x.
+            destination that kube-proxy's OUTPUT DNAT can rewrite to a pod on 127.x. No
+            ``route_localnet`` is needed: the packets are local and never arrive from outside.
+
+    Processes started some other way (``exec_prefix`` in another launcher) must be stopped by
+    whoever started them before :meth:`close`, or they keep the namespace alive unnamed.
     """
 
     def __init__(self, service_cidr: str = SERVICE_CIDR) -> None:
@@ -250,6 +254,11 @@ class Bridge:
     def target(self) -> str:
         """Where host code connects: ``127.0.0.1:PORT``."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        """The forwarder's pid."""
+        return self._process.pid
 
     @property
     def alive(self) -> bool:
