@@ -1,0 +1,201 @@
+"""The affinity core without sockets: window, states, hysteresis, known pods, metadata reading."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from grpc_balance_mw.affinity import (
+    AffinityConfig,
+    AffinityDetector,
+    AffinityRegistry,
+    AffinityState,
+    PodReader,
+)
+from grpc_balance_mw.affinity.window import PodWindow
+from grpc_balance_mw.errors import ConfigurationError
+
+B, U, S, P, L7 = (
+    AffinityState.BALANCED,
+    AffinityState.UNVERIFIED,
+    AffinityState.SKEWED,
+    AffinityState.PINNED,
+    AffinityState.L7_BALANCED,
+)
+CFG = AffinityConfig(window_calls=100, window_s=60, min_samples=20, dwell_calls=5)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def feed(detector: AffinityDetector, pods: list[str | None], **kw: object) -> list[AffinityState]:
+    """Record the pods in order; return the states entered."""
+    entered = []
+    for pod in pods:
+        transition = detector.record(pod, **kw)  # type: ignore[arg-type]
+        if transition is not None:
+            assert transition.previous is not transition.current
+            entered.append(transition.current)
+    return entered
+
+
+def spread(names: str, calls: int) -> list[str | None]:
+    return [name for name, _ in zip(itertools.cycle(names), range(calls))]
+
+
+def test_window_bounded_by_count_and_age() -> None:
+    window = PodWindow(max_calls=3, max_age_s=10)
+    for i, pod in enumerate(["a", "b", "a", "a"]):
+        window.add(pod, 1.0, False, now=float(i))
+    assert len(window) == 3 and window.calls == {"b": 1, "a": 2}
+    window.add(None, 1.0, True, now=12.5)  # evicts everything older than 2.5
+    assert window.calls == {"a": 1, None: 1} and window.l7_calls == 1
+    assert window.top() == ("a", 1.0) and window.identified_calls == 1
+
+
+def test_streams_weigh_by_duration() -> None:
+    detector = AffinityDetector("t", CFG)
+    detector.record("a", duration_s=30.0, stream=True)
+    detector.record("b", duration_s=30.0, stream=False)  # a unary call weighs 1 however slow
+    detector.record("b", duration_s=0.2, stream=True)  # a short stream weighs 1
+    pods = detector.snapshot().pods
+    assert (pods["a"].calls, pods["a"].weight) == (1, 30.0)
+    assert (pods["b"].calls, pods["b"].weight) == (2, 2.0)
+    assert pods["a"].share == pytest.approx(30 / 32)
+
+
+def test_one_pod_and_nothing_else_known_is_unverified() -> None:
+    detector = AffinityDetector("t", CFG)
+    assert feed(detector, spread("a", 200)) == []
+    assert detector.state is U
+
+
+@pytest.mark.parametrize("source", ["expected", "probe", "dns"])
+def test_one_pod_of_several_known_is_pinned_within_bounded_calls(source: str) -> None:
+    detector = AffinityDetector("t", CFG)
+    if source == "expected":
+        detector.expected_pods = 3
+    elif source == "probe":
+        detector.add_known_pods(["a", "b", "c"], "probe")
+    else:
+        detector.set_dns_answer(["10.0.0.1", "10.0.0.2", "10.0.0.3"])
+    calls = spread("a", CFG.min_samples + CFG.dwell_calls - 1)
+    assert feed(detector, calls) == [P]
+    assert detector.snapshot().known_count == 3
+
+
+def test_even_spread_is_balanced_and_never_alarms() -> None:
+    detector = AffinityDetector("t", CFG)
+    assert feed(detector, spread("abc", 5000)) == [B]
+
+
+def test_skew_enters_and_leaves_with_hysteresis() -> None:
+    detector = AffinityDetector("t", CFG)
+    feed(detector, spread("abc", 100))
+    # 3 pods: skewed at >= 0.67, leaves below 0.53
+    assert feed(detector, spread("aaaaaaaabc", 100)) == [S]  # a: 80 %
+    assert feed(detector, spread("aaabc", 100)) == []  # a: 60 %, still above the exit line
+    assert feed(detector, spread("abc", 100)) == [B]
+    assert detector.state is B
+
+
+def test_pinned_exit_needs_share_below_exit_line() -> None:
+    detector = AffinityDetector("t", CFG)
+    detector.expected_pods = 2
+    assert feed(detector, spread("a", 40)) == [P]
+    assert feed(detector, spread("aaaaaaaaab", 100)) == []  # 90 %: above the 0.80 exit line
+    assert feed(detector, spread("ab", 100))[-1] is B
+
+
+@pytest.mark.parametrize(("run", "entered"), [(10, []), (13, [S, B])])
+def test_dwell_ignores_a_short_stretch(run: int, entered: list[AffinityState]) -> None:
+    cfg = AffinityConfig(window_calls=20, window_s=60, min_samples=20, dwell_calls=5)
+    detector = AffinityDetector("s", cfg)
+    assert feed(detector, spread("ab", 40)) == [B]
+    # a run of 10 calls on one pod argues for "skewed" for one call, 13 for longer than the dwell
+    assert feed(detector, ["a"] * run + spread("ba", 40)) == entered
+
+
+def test_state_changes_only_after_the_dwell() -> None:
+    detector = AffinityDetector("t", CFG)
+    detector.expected_pods = 2
+    assert feed(detector, spread("a", CFG.min_samples + CFG.dwell_calls - 2)) == []
+    assert feed(detector, ["a"]) == [P]
+
+
+def test_l7_headers_mark_the_target_l7_balanced() -> None:
+    detector = AffinityDetector("t", CFG)
+    assert feed(detector, spread("a", 100), l7=True) == [L7]
+
+
+def test_unknown_pods_do_not_decide_and_are_counted() -> None:
+    detector = AffinityDetector("t", CFG)
+    detector.expected_pods = 3
+    assert feed(detector, [None] * 100) == []
+    detector.record(None, malformed=True)
+    snapshot = detector.snapshot()
+    assert (snapshot.unknown_calls, snapshot.malformed_calls, snapshot.top_pod) == (100, 1, None)
+
+
+def test_window_and_known_pods_expire_by_time() -> None:
+    clock = FakeClock()
+    cfg = AffinityConfig(window_s=10, known_pods_ttl_s=100, min_samples=20, dwell_calls=5)
+    detector = AffinityDetector("t", cfg, clock=clock)
+    feed(detector, spread("abc", 60))
+    assert detector.state is B
+    clock.now += 50  # the window is empty again, the pods are still known
+    assert detector.snapshot().calls == 0
+    assert feed(detector, spread("a", 30)) == [P]
+    clock.now += 200  # b and c were not seen for longer than the TTL
+    detector.record("a")
+    assert detector.snapshot().known_pods == ("a",)
+
+
+def test_snapshot_and_repr_show_the_numbers() -> None:
+    detector = AffinityDetector("svc:1", CFG)
+    feed(detector, spread("aaab", 30))
+    snapshot = detector.snapshot()
+    assert snapshot.pods["a"].calls == 23 and snapshot.top_share == pytest.approx(23 / 30)
+    assert snapshot.known_pods == ("a", "b") and snapshot.state is S
+    assert repr(detector).startswith("<AffinityDetector svc:1 skewed: 30 calls")
+
+
+def test_registry_gives_one_detector_per_target() -> None:
+    registry = AffinityRegistry()
+    assert registry.detector("a:1") is registry.detector("a:1", CFG)
+    assert registry.detector("b:1") is not registry.detector("a:1")
+    assert set(registry.snapshots()) == {"a:1", "b:1"}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"window_calls": 0}, {"min_samples": 500}, {"pinned_exit_share": 0.99}, {"expected_pods": 0}],
+)
+def test_config_rejects_nonsense(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigurationError):
+        AffinityConfig(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("metadata", "pod", "l7", "malformed"),
+    [
+        ([("x-balance-pod", "p-1"), ("other", "x")], "p-1", False, False),
+        ([("server", "envoy"), ("x-balance-pod", "p-1")], "p-1", True, False),
+        ([("x-envoy-upstream-service-time", "3")], None, True, False),
+        ([("x-balance-pod", "bad\u00e9")], None, False, True),
+        ([("x-balance-pod", "a"), ("x-balance-pod", "b")], None, False, True),
+        ([], None, False, False),
+        (None, None, False, False),
+    ],
+)
+def test_reader(metadata: object, pod: str | None, l7: bool, malformed: bool) -> None:
+    reader = PodReader()
+    for _ in range(2):  # the second read comes from the cache
+        reading = reader.read(metadata)  # type: ignore[arg-type]
+        assert (reading.pod, reading.l7, reading.malformed) == (pod, l7, malformed)
