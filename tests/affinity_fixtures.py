@@ -1,0 +1,75 @@
+"""Shared by the affinity tests: pods that stamp odd headers, and one-call runners."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from calls import Seen, call_aio, call_sync
+
+from grpc_balance_mw import server as sync_server
+from grpc_balance_mw.aio import client as aio_client
+from grpc_balance_mw.client import AffinityInterceptor
+from grpc_balance_mw.demo.servicer import SyncChargePointsServicer
+from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
+from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
+from grpc_balance_mw.identity import PodIdentity
+
+ENVOY_HEADERS = (("server", "envoy"), ("x-envoy-upstream-service-time", "2"))
+
+
+class _HeaderServicer(SyncChargePointsServicer):
+    """Sends ``headers`` as initial metadata on GetChargePoint."""
+
+    def __init__(self, pod_name: str, headers: Sequence[tuple[str, str]]) -> None:
+        super().__init__(pod_name)
+        self.headers = tuple(headers)
+
+    def GetChargePoint(self, request: Any, context: grpc.ServicerContext) -> pb.ChargePoint:
+        context.send_initial_metadata(self.headers)
+        return super().GetChargePoint(request, context)
+
+
+class HeaderPod:
+    """A sync pod on loopback that stamps ``headers``, with or without the identity middleware."""
+
+    def __init__(
+        self, headers: Sequence[tuple[str, str]] = (), identity: PodIdentity | None = None
+    ) -> None:
+        interceptors = [sync_server.PodIdentityInterceptor(identity)] if identity else []
+        self.server = grpc.server(ThreadPoolExecutor(4), interceptors=interceptors)
+        pb_grpc.add_ChargePointsServicer_to_server(
+            _HeaderServicer(identity.name if identity else "anonymous", headers), self.server
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.target = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.stop(None).wait()
+
+
+async def call_twice(
+    mode: str, target: str, kind: str, fail: int, **interceptor_kwargs: Any
+) -> tuple[Seen, Seen, Any]:
+    """A call on a bare channel and one through the interceptors; both, and the interceptor."""
+    if mode == "sync":
+
+        def run() -> tuple[Seen, Seen, Any]:
+            interceptor = AffinityInterceptor(target, **interceptor_kwargs)
+            with grpc.insecure_channel(target) as bare:
+                seen_bare = call_sync(bare, kind, fail)
+                seen = call_sync(grpc.intercept_channel(bare, interceptor), kind, fail)
+            return seen_bare, seen, interceptor
+
+        return await asyncio.to_thread(run)
+    interceptor = aio_client.AffinityInterceptor(target, **interceptor_kwargs)
+    async with grpc.aio.insecure_channel(target) as bare:
+        seen_bare = await call_aio(bare, kind, fail)
+    async with grpc.aio.insecure_channel(target, interceptors=interceptor.interceptors) as channel:
+        seen = await call_aio(channel, kind, fail)
+        await interceptor.settle()
+    return seen_bare, seen, interceptor
