@@ -21,6 +21,8 @@ from grpc_balance_mw.identity import PodIdentity
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+pytest_plugins = ["grpc_balance_mw.testing.pytest_plugin"]
+
 IDENTITY = PodIdentity(name="charge-points-7d9f-abcde", ip="10.244.1.7", namespace="ev")
 
 

@@ -153,6 +153,11 @@ class LocalCluster:
         self.stop()
 
     @property
+    def workdir(self) -> Path | None:
+        """The temp dir with every part's config and log (removed by :meth:`stop`)."""
+        return self._dir
+
+    @property
     def running(self) -> bool:
         return self._dir is not None
 
