@@ -204,6 +204,31 @@ def test_session_affinity_needs_the_iptables_backend() -> None:
         LocalCluster(service="userspace", session_affinity="ClientIP")
 
 
+def test_the_iptables_backend_takes_no_dns_or_l7_proxy() -> None:
+    assert LocalCluster(service="iptables").dns_kind is None
+    with pytest.raises(ConfigurationError, match="dns=None"):
+        LocalCluster(service="iptables", dns="embedded")
+    with pytest.raises(ConfigurationError, match="l7=None"):
+        LocalCluster(service="iptables", l7="haproxy")
+
+
+def test_iptables_pods_are_driven_inside_their_namespace(local_cluster_factory: Factory) -> None:
+    cluster = local_cluster_factory(pods=2, service="iptables")
+    USED_ADDRESSES.append(cluster.service_target)
+    cluster.set_serving("charge-points-0", False)
+    for _ in range(10):
+        get(cluster.service_target)
+    assert cluster.served() == {"charge-points-0": 0, "charge-points-1": 10}
+
+    cluster.kill("charge-points-1")
+    cluster.set_serving("charge-points-0", True)
+    cluster.restart("charge-points-1")
+    cluster.reset_counts()
+    for _ in range(20):
+        get(cluster.service_target)
+    assert sum(cluster.served().values()) == 20
+
+
 def test_unknown_implementations_are_refused() -> None:
     with pytest.raises(ConfigurationError, match="service"):
         LocalCluster(service="ipvs")  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ ROUND_ROBIN = (
     ("grpc.lb_policy_name", "round_robin"),
     ("grpc.dns_min_time_between_resolutions_ms", 100),
 )
-L4 = ["userspace", "haproxy"]
+L4 = ["userspace", "haproxy", "iptables"]
 DNS = ["embedded", "dnsmasq"]
 
 
@@ -148,6 +148,17 @@ def test_a_killed_pod_drops_out_of_the_service(service_cluster: LocalCluster) ->
     assert sorted(served) == ["charge-points-0", "charge-points-2"]
     assert sum(served.values()) == 60
     assert all(served.values()), served
+
+
+def test_client_ip_affinity_keeps_even_fresh_connections_on_one_pod(
+    local_cluster_factory: Factory,
+) -> None:
+    cluster = local_cluster_factory(pods=3, service="iptables", session_affinity="ClientIP")
+
+    on_fresh_channels(cluster.service_target, channels=30)
+
+    served = pods_with_calls(cluster)
+    assert list(served.values()) == [60], served  # every connection comes from 127.0.0.1
 
 
 def test_headless_dns_with_round_robin_spreads_evenly(dns_cluster: LocalCluster) -> None:

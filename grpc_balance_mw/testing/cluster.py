@@ -29,6 +29,8 @@ from grpc_balance_mw.testing.dns_server import EmbeddedDNS
 from grpc_balance_mw.testing.dnsmasq import DnsmasqDNS, dnsmasq_path
 from grpc_balance_mw.testing.endpoints import Endpoint, Frontend
 from grpc_balance_mw.testing.haproxy import HAProxyL7, HAProxyService, haproxy_path
+from grpc_balance_mw.testing.kube_proxy import IptablesService
+from grpc_balance_mw.testing.netns import Bridge, NetworkNamespace, privileged
 from grpc_balance_mw.testing.pods import Overflow, Pod, PodSettings
 from grpc_balance_mw.testing.process import ClusterError
 from grpc_balance_mw.testing.userspace_proxy import UserspaceService
@@ -37,9 +39,12 @@ __all__ = ["DNSKind", "L7Kind", "LocalCluster", "ServiceKind", "missing_componen
 
 ServiceKind = Literal["userspace", "haproxy", "iptables"]
 DNSKind = Literal["embedded", "dnsmasq"]
+AUTO: Literal["auto"] = "auto"
 L7Kind = Literal["haproxy"]
 _MAX_PODS = 250  # one loopback /24 per cluster, .1 to .250
 _PORT_ATTEMPTS = 4
+#: The iptables backend's ClusterIP and Service port (the pods' target port is another).
+CLUSTER_IP, SERVICE_PORT = "10.96.0.10", 80
 
 
 def missing_components(
@@ -52,7 +57,9 @@ def missing_components(
     if dns == "dnsmasq" and dnsmasq_path() is None:
         missing.append("dnsmasq is not installed (Debian package: dnsmasq-base)")
     if service == "iptables":
-        missing.append("service='iptables' is not wired into LocalCluster yet")
+        reason = privileged()
+        if reason is not None:
+            missing.append(reason)
     return missing
 
 
@@ -62,9 +69,12 @@ class LocalCluster:
     Args:
         pods: how many pods to start with.
         service: the L4 ClusterIP Service: ``userspace`` (embedded proxy, the default),
-            ``haproxy`` (``mode tcp``, ``balance random``) or ``iptables`` (kube-proxy chains).
-        dns: the cluster DNS for the headless Service, or None for none.
-        l7: the L7 proxy standing in for an Envoy sidecar, or None for none.
+            ``haproxy`` (``mode tcp``, ``balance random``) or ``iptables`` (kube-proxy's chains
+            in a network namespace that the pods run in; needs root).
+        dns: the cluster DNS for the headless Service, or None for none. ``auto``: embedded,
+            except with ``iptables``, whose pod IPs the host cannot reach, so none.
+        l7: the L7 proxy standing in for an Envoy sidecar, or None for none (not with
+            ``iptables``, for the same reason).
         l7_balance: its per-call algorithm.
         service_time_ms: how long each pod takes per call.
         max_concurrent: each pod's capacity (0: unlimited).
@@ -80,7 +90,7 @@ class LocalCluster:
         pods: int = 3,
         *,
         service: ServiceKind = "userspace",
-        dns: DNSKind | None = "embedded",
+        dns: DNSKind | Literal["auto"] | None = AUTO,
         l7: L7Kind | None = None,
         l7_balance: Literal["leastconn", "roundrobin"] = "leastconn",
         service_time_ms: float = 0.0,
@@ -95,6 +105,8 @@ class LocalCluster:
             raise ConfigurationError(f"pods must be between 0 and {_MAX_PODS}, got {pods}")
         if service not in ("userspace", "haproxy", "iptables"):
             raise ConfigurationError(f"unknown service implementation {service!r}")
+        if dns == AUTO:
+            dns = None if service == "iptables" else "embedded"
         if dns not in (None, "embedded", "dnsmasq"):
             raise ConfigurationError(f"unknown dns implementation {dns!r}")
         if l7 not in (None, "haproxy"):
@@ -103,15 +115,15 @@ class LocalCluster:
             raise ConfigurationError("session_affinity must be None or 'ClientIP'")
         if session_affinity and service != "iptables":
             raise ConfigurationError("session_affinity='ClientIP' needs service='iptables'")
-        if service == "iptables":
+        if service == "iptables" and (dns is not None or l7 is not None):
             raise ConfigurationError(
-                "service='iptables' is not available yet: the netns/kube_proxy backend is not "
-                "wired into LocalCluster; use 'userspace' or 'haproxy'"
+                "service='iptables' runs the pods in a network namespace the host has no route "
+                "into, so it takes neither a cluster DNS nor an L7 proxy: pass dns=None, l7=None"
             )
         self.name = name
         self.namespace = namespace
         self.service_kind = service
-        self.dns_kind = dns
+        self.dns_kind: DNSKind | None = dns
         self.l7_kind = l7
         self.l7_balance = l7_balance
         self.session_affinity = session_affinity
@@ -127,6 +139,8 @@ class LocalCluster:
         self._dns: Frontend | None = None
         self._l7: Frontend | None = None
         self._published: list[Endpoint] | None = None
+        self._netns: NetworkNamespace | None = None
+        self._admin_bridges: dict[str, Bridge] = {}
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
@@ -168,6 +182,8 @@ class LocalCluster:
                 raise ClusterError("the cluster is already running")
             self._dir = Path(tempfile.mkdtemp(prefix=f"grpc-balance-{self.name}-"))
             try:
+                if self.service_kind == "iptables":
+                    self._netns = NetworkNamespace()
                 self._start_pods(self._initial_pods)
                 ready = self.endpoints()
                 self._service = self._make_service(self._dir)
@@ -198,6 +214,12 @@ class LocalCluster:
             for pod in self.pods:
                 pod.stop()
             self.pods = []
+            for bridge in self._admin_bridges.values():
+                bridge.close()
+            self._admin_bridges = {}
+            if self._netns is not None:
+                self._netns.close()
+                self._netns = None
             self._published = None
             if self._dir is not None:
                 shutil.rmtree(self._dir, ignore_errors=True)
@@ -272,6 +294,9 @@ class LocalCluster:
                     pod.terminate()
                 for pod in leaving:
                     pod.stop()
+                    bridge = self._admin_bridges.pop(pod.name, None)
+                    if bridge is not None:
+                        bridge.close()
             self.refresh()
 
     def kill(self, name: str) -> None:
@@ -340,6 +365,11 @@ class LocalCluster:
         else:
             self._launch_all(new)
         self.pods.extend(new)
+        if self._netns is not None:
+            for pod in new:
+                bridge = self._netns.bridge(pod.address)
+                self._admin_bridges[pod.name] = bridge
+                pod.admin_address = bridge.target
 
     def _launch_all(self, pods: list[Pod]) -> None:
         for pod in pods:
@@ -361,9 +391,19 @@ class LocalCluster:
             namespace=self.namespace,
             settings=self.settings,
             log_dir=self._dir,
+            launcher=self._netns.exec_prefix if self._netns is not None else (),
         )
 
     def _make_service(self, log_dir: Path) -> Frontend:
+        if self._netns is not None:
+            return IptablesService(
+                self._netns,
+                name=self.name,
+                namespace=self.namespace,
+                cluster_ip=CLUSTER_IP,
+                port=SERVICE_PORT,
+                session_affinity=self.session_affinity,
+            )
         if self.service_kind == "haproxy":
             return HAProxyService(log_dir, avoid_port=self.target_port)
         return UserspaceService(log_dir, avoid_port=self.target_port)

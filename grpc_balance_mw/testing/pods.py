@@ -76,6 +76,9 @@ class Pod:
         self.serving = False
         self._log_dir = log_dir
         self._launcher = list(launcher)
+        #: Where the harness reaches the pod's admin service, when not at :attr:`address` (a pod
+        #: inside a network namespace is reached through a bridge).
+        self.admin_address: str | None = None
         self._process: ChildProcess | None = None
         self._admin_channel: grpc.Channel | None = None
 
@@ -194,7 +197,7 @@ class Pod:
         if self._admin_channel is None:
             # Its own connection: never shares one with the channels under test.
             self._admin_channel = grpc.insecure_channel(
-                self.address, options=[("grpc.use_local_subchannel_pool", 1)]
+                self.admin_address or self.address, options=[("grpc.use_local_subchannel_pool", 1)]
             )
         return admin_grpc.PodAdminStub(self._admin_channel)
 
