@@ -1,0 +1,237 @@
+"""Affinity detection against the local cluster: pinned through an L4 Service, quiet when balanced.
+
+The "done when" of the detector: one channel through the L4 Service to 3 pods raises the pinned
+alarm within a bounded number of calls (with a known pod count, or with the probe), sync and aio,
+unary and streaming; headless + round_robin and the L7 proxy raise no alarm over a long run; a pod
+killed mid-run is handled without errors in the interceptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from calls import CALL_KINDS, call_aio, call_sync
+from conftest import require
+
+from grpc_balance_mw.affinity import (
+    AffinityConfig,
+    AffinityDetector,
+    AffinityRegistry,
+    AffinityState,
+    Transition,
+)
+from grpc_balance_mw.aio import client as aio_client
+from grpc_balance_mw.client import AffinityInterceptor
+from grpc_balance_mw.probe import PodProbe
+from grpc_balance_mw.telemetry import AffinityTelemetry
+from grpc_balance_mw.testing import LocalCluster, missing_components
+
+pytestmark = pytest.mark.cluster
+
+DEFAULTS = AffinityConfig()
+#: With the pod count known, the alarm comes after exactly this many calls on one pod.
+PINNED_AFTER = DEFAULTS.min_samples + DEFAULTS.dwell_calls - 1
+ROUND_ROBIN = [
+    ("grpc.lb_policy_name", "round_robin"),
+    ("grpc.dns_min_time_between_resolutions_ms", 1000),
+]
+LONG_RUN = 1500
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    missing = missing_components("userspace", "embedded", "haproxy")
+    require(not missing, "; ".join(missing))
+    with LocalCluster(pods=3, service="userspace", dns="embedded", l7="haproxy") as running:
+        yield running
+
+
+Stop = Callable[[AffinityDetector], bool]
+
+
+def _pinned(detector: AffinityDetector) -> bool:
+    return detector.state is AffinityState.PINNED
+
+
+async def drive(
+    mode: str,
+    target: str,
+    kind: str,
+    calls: int,
+    stop: Stop | None = None,
+    options: list[tuple[str, Any]] | None = None,
+    **interceptor_kwargs: Any,
+) -> tuple[int, AffinityDetector, list[grpc.StatusCode]]:
+    """Make up to ``calls`` calls on one channel; stop early once ``stop(detector)`` holds.
+
+    Returns how many calls were made, the detector and every call's status code.
+    """
+    codes: list[grpc.StatusCode] = []
+    if mode == "sync":
+
+        def run() -> tuple[int, AffinityDetector, list[grpc.StatusCode]]:
+            interceptor = AffinityInterceptor(target, **interceptor_kwargs)
+            with grpc.insecure_channel(target, options=options) as channel:
+                intercepted = grpc.intercept_channel(channel, interceptor)
+                for _ in range(calls):
+                    codes.append(call_sync(intercepted, kind).code)
+                    if stop is not None and stop(interceptor.detector):
+                        break
+            return len(codes), interceptor.detector, codes
+
+        return await asyncio.to_thread(run)
+    interceptor = aio_client.AffinityInterceptor(target, **interceptor_kwargs)
+    async with grpc.aio.insecure_channel(
+        target, options=options, interceptors=interceptor.interceptors
+    ) as channel:
+        for _ in range(calls):
+            codes.append((await call_aio(channel, kind)).code)
+            await interceptor.settle()
+            if stop is not None and stop(interceptor.detector):
+                break
+    return len(codes), interceptor.detector, codes
+
+
+@pytest.mark.parametrize("kind", CALL_KINDS)
+@pytest.mark.parametrize("mode", ["sync", "aio"])
+async def test_l4_service_with_known_pod_count_is_pinned(
+    cluster: LocalCluster, mode: str, kind: str
+) -> None:
+    made, detector, codes = await drive(
+        mode,
+        cluster.service_target,
+        kind,
+        calls=5 * PINNED_AFTER,
+        stop=_pinned,
+        registry=AffinityRegistry(),
+        expected_pods=3,
+    )
+    assert set(codes) == {grpc.StatusCode.OK}
+    assert detector.state is AffinityState.PINNED and made == PINNED_AFTER
+    snapshot = detector.snapshot()
+    assert snapshot.top_share == 1.0 and len(snapshot.pods) == 1
+
+
+@pytest.mark.parametrize("kind", ["unary_unary", "stream_stream"])
+@pytest.mark.parametrize("mode", ["sync", "aio"])
+async def test_l4_service_with_the_probe_is_pinned(
+    cluster: LocalCluster, mode: str, kind: str
+) -> None:
+    registry = AffinityRegistry()
+    target = cluster.service_target
+    probe = PodProbe(target, registry.detector(target), interval_s=0.02, connections=3)
+    made, detector, codes = await drive(
+        mode, target, kind, calls=2000, stop=_pinned, registry=registry, probe=probe
+    )
+    probe.join(5)
+    assert set(codes) == {grpc.StatusCode.OK}
+    snapshot = detector.snapshot()
+    assert detector.state is AffinityState.PINNED, snapshot
+    print(f"{mode} {kind}: pinned after {made} calls, {probe.rounds} probe rounds, {snapshot}")
+    assert set(snapshot.known_pods) <= {pod.name for pod in cluster.pods}
+    assert len(snapshot.known_pods) >= 2 and len(snapshot.pods) == 1
+
+
+def test_the_pinned_pod_is_the_one_that_served(cluster: LocalCluster) -> None:
+    cluster.reset_counts()
+    interceptor = AffinityInterceptor(
+        cluster.service_target, registry=AffinityRegistry(), expected_pods=3
+    )
+    with grpc.insecure_channel(cluster.service_target) as channel:
+        intercepted = grpc.intercept_channel(channel, interceptor)
+        for _ in range(60):
+            call_sync(intercepted, "unary_unary")
+    served = {pod: count for pod, count in cluster.served().items() if count}
+    snapshot = interceptor.detector.snapshot()
+    assert served == {snapshot.top_pod: 60}
+    assert snapshot.state is AffinityState.PINNED
+
+
+class AlarmLog:
+    def __init__(self) -> None:
+        self.transitions: list[Transition] = []
+
+    def __call__(self, transition: Transition) -> None:
+        self.transitions.append(transition)
+
+    @property
+    def false_alarms(self) -> int:
+        return sum(t.current.is_alarm for t in self.transitions)
+
+
+@pytest.mark.parametrize("mode", ["sync", "aio"])
+@pytest.mark.parametrize("route", ["headless", "l7"])
+async def test_balanced_routes_raise_no_alarm_over_a_long_run(
+    cluster: LocalCluster, mode: str, route: str
+) -> None:
+    target = cluster.headless_target if route == "headless" else cluster.l7_target
+    options = ROUND_ROBIN if route == "headless" else None
+    alarms = AlarmLog()
+    registry = AffinityRegistry()
+    probe = PodProbe(target, registry.detector(target), interval_s=0.05, connections=2)
+    states: list[AffinityState] = []
+
+    def keep_state(detector: AffinityDetector) -> bool:
+        states.append(detector.state)
+        return False
+
+    made, detector, codes = await drive(
+        mode,
+        target,
+        "unary_unary",
+        calls=LONG_RUN,
+        stop=keep_state,
+        options=options,
+        registry=registry,
+        expected_pods=3,
+        probe=probe,
+        telemetry=AffinityTelemetry(spans=False, metrics=False, on_alarm=alarms),
+    )
+    probe.join(5)
+    snapshot = detector.snapshot()
+    print(f"{route} {mode}: {made} calls, false alarms {alarms.false_alarms}, {snapshot}")
+    assert set(codes) == {grpc.StatusCode.OK}
+    assert alarms.false_alarms == 0 and not any(state.is_alarm for state in states)
+    assert detector.state is AffinityState.BALANCED
+    assert len(snapshot.pods) == 3 and snapshot.top_share < 0.5
+
+
+def test_a_pod_killed_mid_run_is_handled() -> None:
+    missing = missing_components("userspace")
+    require(not missing, "; ".join(missing))
+    alarms = AlarmLog()
+    with LocalCluster(pods=3, service="userspace", dns=None) as cluster:
+        interceptor = AffinityInterceptor(
+            cluster.service_target,
+            registry=AffinityRegistry(),
+            expected_pods=3,
+            telemetry=AffinityTelemetry(spans=False, metrics=False, on_alarm=alarms),
+        )
+        codes: list[grpc.StatusCode] = []
+        with grpc.insecure_channel(cluster.service_target) as channel:
+            intercepted = grpc.intercept_channel(channel, interceptor)
+            for _ in range(40):
+                codes.append(call_sync(intercepted, "unary_unary").code)
+            first = interceptor.detector.snapshot().top_pod
+            assert first is not None
+            cluster.kill(first)
+            deadline = time.monotonic() + 20
+            for _ in range(2000):  # bounded in count and in time
+                codes.append(call_sync(intercepted, "unary_unary", timeout=2).code)
+                if set(interceptor.detector.snapshot().pods) - {first}:
+                    break
+                if time.monotonic() > deadline:
+                    break
+                if codes[-1] is not grpc.StatusCode.OK:
+                    time.sleep(0.01)
+    snapshot = interceptor.detector.snapshot()
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+    assert set(snapshot.pods) - {first}, snapshot
+    failed = sum(code is not grpc.StatusCode.OK for code in codes)
+    assert snapshot.unknown_calls == failed
+    assert [t.current for t in alarms.transitions][:1] == [AffinityState.PINNED]
