@@ -15,7 +15,8 @@ from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
 from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.identity import pod_from_metadata
-from grpc_balance_mw.testing import ClusterError, LocalCluster
+from grpc_balance_mw.testing import ClusterError, LocalCluster, missing_components
+from grpc_balance_mw.testing import cluster as cluster_module
 from grpc_balance_mw.testing.dns_message import (
     NOERROR,
     NXDOMAIN,
@@ -24,6 +25,7 @@ from grpc_balance_mw.testing.dns_message import (
     parse_answer,
     query,
 )
+from grpc_balance_mw.testing.pytest_plugin import require_components
 
 Factory = Callable[..., LocalCluster]
 FRESH = [("grpc.use_local_subchannel_pool", 1)]
@@ -234,6 +236,22 @@ def test_unknown_implementations_are_refused() -> None:
         LocalCluster(service="ipvs")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="dns"):
         LocalCluster(dns="coredns")  # type: ignore[arg-type]
+
+
+def test_a_missing_component_skips_locally_and_fails_under_ci(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cluster_module, "haproxy_path", lambda: None)
+    assert missing_components(service="haproxy") == [
+        "haproxy is not installed (Debian package: haproxy)"
+    ]
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="haproxy is not installed"):
+        require_components(service="userspace", l7="haproxy")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="missing in CI"):
+        require_components(service="haproxy")
+    require_components(service="userspace", dns="embedded")  # nothing to install
 
 
 def test_targets_of_a_stopped_cluster_say_so() -> None:

@@ -48,7 +48,9 @@ CLUSTER_IP, SERVICE_PORT = "10.96.0.10", 80
 
 
 def missing_components(
-    service: ServiceKind = "userspace", dns: DNSKind | None = None, l7: L7Kind | None = None
+    service: ServiceKind = "userspace",
+    dns: DNSKind | Literal["auto"] | None = None,
+    l7: L7Kind | None = None,
 ) -> list[str]:
     """What this machine lacks for such a cluster, as readable reasons (empty: nothing)."""
     missing = []
