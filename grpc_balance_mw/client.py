@@ -65,6 +65,13 @@ def _code(call: Any) -> int | None:
 
 
 def _finish_unary(observed: ObservedCall) -> Callable[[Any], None]:
+    if observed.observer.telemetry is None:
+        # Detection only needs the pod: trailers are read only if the headers named none.
+        def detect(call: Any) -> None:
+            observed.finish(call.initial_metadata(), call.trailing_metadata, None)
+
+        return detect
+
     def done(call: Any) -> None:
         observed.finish(call.initial_metadata(), call.trailing_metadata(), _code(call))
 

@@ -7,7 +7,7 @@ here, once, so the two cannot drift. No gRPC I/O: metadata comes in as ``(key, v
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Protocol
 
 from grpc_balance_mw.affinity.detector import AffinityDetector, Clock
@@ -21,6 +21,7 @@ _WATCHED = frozenset((*IDENTITY_HEADERS, ENVOY_TIME_HEADER, "server"))
 #: Distinct header combinations remembered; a server that varies them per call cannot grow memory.
 _READINGS_CACHED = 1024
 
+Metadata = Iterable[tuple[str, Any]]
 UNARY_UNARY = "unary_unary"
 CALL_KINDS = (UNARY_UNARY, "unary_stream", "stream_unary", "stream_stream")
 
@@ -140,16 +141,25 @@ class ObservedCall:
 
     def finish(
         self,
-        initial: Iterable[tuple[str, Any]] | None,
-        trailing: Iterable[tuple[str, Any]] | None,
+        initial: Metadata | None,
+        trailing: Metadata | Callable[[], Metadata | None] | None,
         code: int | None,
     ) -> Transition | None:
-        """The call ended (``code`` is its status code's number, None if unknown): count it."""
+        """The call ended: count it.
+
+        Args:
+            initial: the response's initial metadata (ignored if already seen).
+            trailing: its trailing metadata, or a function that reads it, called only when the
+                initial metadata named no pod (saves a read on the hot path).
+            code: the status code's number, None if unknown.
+        """
         observer = self.observer
         reading = self.reading
         if reading is None:
             reading = observer.reader.read(initial)
-        if reading.pod is None:
+        if reading.pod is None and trailing is not None:
+            if callable(trailing):
+                trailing = trailing()
             reading = merge_readings(reading, observer.reader.read(trailing))
         self.reading = reading
         now = observer.clock()

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import NamedTuple
 
-
-class _Sample(NamedTuple):
-    at: float
-    pod: str | None
-    weight: float
-    l7: bool
+#: One call: (at, pod, weight, l7). A plain tuple: building it is on every call's path.
+_Sample = tuple[float, str | None, float, bool]
 
 
 class PodWindow:
@@ -32,33 +27,35 @@ class PodWindow:
         return len(self._samples)
 
     def add(self, pod: str | None, weight: float, l7: bool, now: float) -> None:
-        self._samples.append(_Sample(now, pod, weight, l7))
+        samples = self._samples
+        samples.append((now, pod, weight, l7))
         self.calls[pod] = self.calls.get(pod, 0) + 1
         self.weights[pod] = self.weights.get(pod, 0.0) + weight
         if l7:
             self.l7_calls += 1
-        if len(self._samples) > self.max_calls:
+        if len(samples) > self.max_calls:
             self._drop_oldest()
-        self.evict(now)
+        if samples[0][0] < now - self.max_age_s:
+            self.evict(now)
 
     def evict(self, now: float) -> None:
         """Forget calls older than the window."""
         horizon = now - self.max_age_s
         samples = self._samples
-        while samples and samples[0].at < horizon:
+        while samples and samples[0][0] < horizon:
             self._drop_oldest()
 
     def _drop_oldest(self) -> None:
-        sample = self._samples.popleft()
-        left = self.calls[sample.pod] - 1
+        _, pod, weight, l7 = self._samples.popleft()
+        left = self.calls[pod] - 1
         if left:
-            self.calls[sample.pod] = left
+            self.calls[pod] = left
             # max() guards against float drift; the entry goes when its last call goes.
-            self.weights[sample.pod] = max(self.weights[sample.pod] - sample.weight, 0.0)
+            self.weights[pod] = max(self.weights[pod] - weight, 0.0)
         else:
-            del self.calls[sample.pod]
-            del self.weights[sample.pod]
-        if sample.l7:
+            del self.calls[pod]
+            del self.weights[pod]
+        if l7:
             self.l7_calls -= 1
 
     @property
