@@ -1,48 +1,181 @@
-"""``python -m grpc_balance_mw.demo``: the demo job.
+"""``python -m grpc_balance_mw.demo``: the problem and its fixes, on the embedded local cluster.
 
-For now it starts one charge-points pod with the server middleware, makes one call of each kind
-and prints which pod the response headers name. The cluster demo (pinning through a Service,
-detection and the fixes) replaces it as those capabilities land.
+`omni` calls `charge-points` (3 pods) the way most clients do, through one channel to a ClusterIP
+Service, then through a headless Service with ``round_robin``, then through an L7 proxy standing in
+for Envoy. Each run shows what the pods themselves counted (the ground truth) next to what the
+affinity interceptor concluded from the response headers, and the alarm it raised in tracing.
+Finally a surge: pods with a small capacity, hit through one pinned channel and through the fix.
 """
 
 from __future__ import annotations
 
-import asyncio
+import argparse
+import io
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import grpc
 
-from grpc_balance_mw.aio.server import PodIdentityInterceptor, add_health
-from grpc_balance_mw.demo.servicer import SERVICE_NAME, ChargePointsServicer, meter_values
+from grpc_balance_mw.affinity import AffinityRegistry, Transition
+from grpc_balance_mw.client import AffinityInterceptor
 from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
 from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
-from grpc_balance_mw.identity import PodIdentity, pod_from_metadata
+from grpc_balance_mw.telemetry import AffinityTelemetry
+from grpc_balance_mw.testing import L7Kind, LocalCluster, missing_components
+
+ROUND_ROBIN = [
+    ("grpc.lb_policy_name", "round_robin"),
+    ("grpc.dns_min_time_between_resolutions_ms", 1000),
+]
 
 
-async def main() -> None:
-    identity = PodIdentity("charge-points-0", "127.0.0.1", "ev")
-    server = grpc.aio.server(interceptors=[PodIdentityInterceptor(identity)])
-    pb_grpc.add_ChargePointsServicer_to_server(ChargePointsServicer(identity.name), server)
-    await add_health(server, services=(SERVICE_NAME,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+@dataclass
+class Run:
+    """What one scenario produced."""
+
+    title: str
+    served: dict[str, int]
+    state: str
+    top_share: float
+    alarms: list[str] = field(default_factory=list)
+    spans: int = 0
+    spans_with_pod: int = 0
+    codes: dict[str, int] = field(default_factory=dict)
+
+
+def _tracing() -> tuple[object | None, Callable[[], list[dict[str, object]]]]:
+    """An SDK tracer provider with an in-memory exporter, when the SDK is installed."""
+    try:
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    except ImportError:
+        return None, list
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, lambda: [dict(s.attributes or {}) for s in exporter.get_finished_spans()]
+
+
+def run_scenario(
+    cluster: LocalCluster, title: str, target: str, options: list[tuple[str, object]], calls: int
+) -> Run:
+    cluster.reset_counts()
+    provider, finished_spans = _tracing()
+    alarms: list[str] = []
+
+    def on_alarm(transition: Transition) -> None:
+        alarms.append(
+            f"{transition.previous.value} -> {transition.current.value} after "
+            f"{transition.snapshot.calls} calls (top share {transition.snapshot.top_share:.0%})"
+        )
+
+    telemetry = AffinityTelemetry(tracer_provider=provider, on_alarm=on_alarm)  # type: ignore[arg-type]
+    interceptor = AffinityInterceptor(
+        target, expected_pods=len(cluster.pods), telemetry=telemetry, registry=AffinityRegistry()
+    )
+    codes: dict[str, int] = {}
+    with grpc.insecure_channel(target, options=options) as channel:
+        stub = pb_grpc.ChargePointsStub(grpc.intercept_channel(channel, interceptor))
+        for i in range(calls):
+            try:
+                stub.GetChargePoint(pb.GetChargePointRequest(id=f"cp-{i}"), timeout=5)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as err:
+                code = err.code()
+            codes[code.name] = codes.get(code.name, 0) + 1
+    snapshot = interceptor.detector.snapshot()
+    spans = finished_spans()
+    return Run(
+        title=title,
+        served=cluster.served(),
+        state=snapshot.state.value,
+        top_share=snapshot.top_share,
+        alarms=alarms,
+        spans=len(spans),
+        spans_with_pod=sum(1 for s in spans if "grpc_balance_mw.pod" in s),
+        codes=codes,
+    )
+
+
+def surge(
+    cluster: LocalCluster, target: str, options: list[tuple[str, object]], calls: int
+) -> dict[str, int]:
+    """``calls`` concurrent calls on one channel; how many the pods refused (RESOURCE_EXHAUSTED)."""
+    cluster.reset_counts()
+    outcomes: dict[str, int] = {}
+    with grpc.insecure_channel(target, options=options) as channel:
         stub = pb_grpc.ChargePointsStub(channel)
-        calls = {
-            "GetChargePoint (unary)": stub.GetChargePoint(pb.GetChargePointRequest(id="cp-1")),
-            "WatchStatus (server stream)": stub.WatchStatus(pb.WatchStatusRequest(updates=2)),
-            "UploadMeterValues (client stream)": stub.UploadMeterValues(meter_values(3)),
-            "Session (bidi)": stub.Session(iter([pb.SessionMessage(command="start")])),
-        }
-        for name, call in calls.items():
-            if hasattr(call, "__aiter__"):
-                [_ async for _ in call]
-            else:
-                await call
-            pod = pod_from_metadata(await call.initial_metadata())
-            code = await call.code()
-            print(f"omni -> charge-points {name:34} served by {pod!s:16} {code.name}")
-    await server.stop(None)
+        stub.GetChargePoint(pb.GetChargePointRequest(id="warm-up"), timeout=5, wait_for_ready=True)
+        futures = [
+            stub.GetChargePoint.future(pb.GetChargePointRequest(id=f"cp-{i}"), timeout=10)
+            for i in range(calls)
+        ]
+        for future in futures:
+            try:
+                future.result()
+                name = "OK"
+            except grpc.RpcError as err:
+                name = err.code().name
+            outcomes[name] = outcomes.get(name, 0) + 1
+    return outcomes
+
+
+def print_run(run: Run) -> None:
+    total = sum(run.served.values()) or 1
+    print(f"\n== {run.title}")
+    for pod, count in sorted(run.served.items()):
+        bar = "#" * round(40 * count / total)
+        print(f"   {pod:18} {count:5d}  {bar}")
+    print(f"   detector: {run.state} (top pod share {run.top_share:.0%})")
+    for change in run.alarms:
+        print(f"   state:    {change}")
+    if run.spans:
+        print(f"   tracing:  {run.spans} CLIENT spans, {run.spans_with_pod} tagged with the pod")
+    if set(run.codes) != {"OK"}:
+        print(f"   status codes: {run.codes}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=300, help="calls per scenario")
+    parser.add_argument("--service", choices=("userspace", "haproxy"), default="userspace")
+    args = parser.parse_args(argv)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)  # keep prints and the logged warning in order
+    l7: L7Kind | None = "haproxy" if not missing_components(l7="haproxy") else None
+    with LocalCluster(pods=3, service=args.service, dns="embedded", l7=l7) as cluster:
+        print(f"local cluster: {cluster!r}")
+        scenarios = [
+            ("omni -> ClusterIP Service, one channel", cluster.service_target, []),
+            ("fix: headless Service + dns:/// + round_robin", cluster.headless_target, ROUND_ROBIN),
+        ]
+        if l7 is not None:
+            scenarios.append(("an L7 proxy in front (Envoy stand-in)", cluster.l7_target, []))
+        else:
+            print("(haproxy not installed: the L7 scenario is left out)")
+        for title, target, options in scenarios:
+            print_run(run_scenario(cluster, title, target, options, args.calls))
+
+    print("\n== a surge: 60 concurrent calls of 50 ms, pods of capacity 8 that refuse the rest")
+    with LocalCluster(
+        pods=3,
+        service=args.service,
+        dns="embedded",
+        service_time_ms=50,
+        max_concurrent=8,
+        overflow="reject",
+    ) as cluster:
+        for title, target, options in (
+            ("one channel through the Service", cluster.service_target, []),
+            ("headless + round_robin", cluster.headless_target, ROUND_ROBIN),
+        ):
+            outcomes = surge(cluster, target, options, calls=60)
+            print(f"   {title:34} {outcomes}")
+            print(f"   {'':34} calls received per pod: {cluster.served()}")
+    return 0
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    sys.exit(main())
