@@ -5,6 +5,7 @@ Spread is measured by the pods' own counts (``cluster.served()``), never by the 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,10 +58,12 @@ def warm_up(cluster: LocalCluster, channel: grpc.Channel) -> None:
     """Call until round_robin has a connection to every ready pod, then zero the counts."""
     ready = {endpoint.name for endpoint in cluster.endpoints()}
     seen: set[str | None] = set()
-    for _ in range(200):
+    # round_robin only picks READY subchannels, and a channel reusing subchannels from gRPC's
+    # global pool may have some still reconnecting: bound by time, not by a count of calls.
+    deadline = time.monotonic() + 10
+    while not ready <= seen and time.monotonic() < deadline:
         seen.add(get(channel))
-        if ready <= seen:
-            break
+        time.sleep(0.002)
     assert ready <= seen, f"round_robin reached only {seen} of {ready}"
     cluster.reset_counts()
 
