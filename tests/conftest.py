@@ -79,3 +79,8 @@ async def aio_pod() -> AsyncIterator[AioPod]:
     pod = await AioPod().start()
     yield pod
     await pod.server.stop(None)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The leak check runs last, after every test that starts processes or namespaces."""
+    items.sort(key=lambda item: item.path.name == "test_cluster_teardown.py")  # stable sort

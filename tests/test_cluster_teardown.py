@@ -1,4 +1,4 @@
-"""After the cluster tests (this file sorts after them): nothing they started is left running."""
+"""After every other test (conftest.py orders this file last): nothing they started is left running."""
 
 from __future__ import annotations
 
