@@ -42,8 +42,22 @@ class PodReader:
 
     def __init__(self) -> None:
         self._cache: dict[tuple[tuple[str, Any], ...], PodReading] = {}
+        #: Readings by whole metadata tuple as gRPC hands it over: a pod stamps the same
+        #: headers on every response, so one dict lookup (``by_metadata.get``) usually reads it.
+        self.by_metadata: dict[tuple[tuple[str, Any], ...], PodReading] = {}
 
     def read(self, metadata: Iterable[tuple[str, Any]] | None) -> PodReading:
+        if type(metadata) is tuple:
+            reading = self.by_metadata.get(metadata)
+            if reading is None:
+                reading = self._read(metadata)
+                if len(self.by_metadata) >= _READINGS_CACHED:
+                    self.by_metadata.clear()
+                self.by_metadata[metadata] = reading
+            return reading
+        return self._read(metadata)
+
+    def _read(self, metadata: Iterable[tuple[str, Any]] | None) -> PodReading:
         found: list[tuple[str, Any]] | None = None
         for item in metadata or ():
             if item[0] in _WATCHED:
@@ -152,16 +166,19 @@ class ObservedCall:
             trailing: its trailing metadata, or a function that reads it, called only when the
                 initial metadata named no pod (saves a read on the hot path).
             code: the status code's number, None if unknown.
+
+        Returns:
+            The state change this call caused; always None without telemetry, where the call
+            is judged later (see ``AffinityDetector.count``).
         """
         observer = self.observer
-        reading = self.reading
-        if reading is None:
-            reading = observer.reader.read(initial)
-        if reading.pod is None and trailing is not None:
-            if callable(trailing):
-                trailing = trailing()
-            reading = merge_readings(reading, observer.reader.read(trailing))
-        self.reading = reading
+        telemetry = observer.telemetry
+        if telemetry is None:
+            self.reading = observer.count(
+                self.started, self.kind != UNARY_UNARY, initial, trailing, self.reading
+            )
+            return None
+        reading = self.reading = observer.read_pod(initial, trailing, self.reading)
         now = observer.clock()
         transition = observer.detector.record(
             reading.pod,
@@ -171,8 +188,7 @@ class ObservedCall:
             malformed=reading.malformed,
             now=now,
         )
-        if observer.telemetry is not None:
-            observer.telemetry.call_finished(self, code, transition)
+        telemetry.call_finished(self, code, transition)
         if observer.probe is not None:
             observer.probe.maybe_probe(now)
         return transition
@@ -211,6 +227,46 @@ class CallObserver:
 
     def __repr__(self) -> str:
         return f"<CallObserver {self.target} lane={self.lane} {self.detector.state.value}>"
+
+    def read_pod(
+        self,
+        initial: Metadata | None,
+        trailing: Metadata | Callable[[], Metadata | None] | None,
+        seen: PodReading | None = None,
+    ) -> PodReading:
+        """What a finished call's metadata says (see ``ObservedCall.finish``; ``seen``: what
+        its initial metadata said, if already read)."""
+        reader = self.reader
+        reading = reader.read(initial) if seen is None else seen
+        if reading.pod is None and trailing is not None:
+            if callable(trailing):
+                trailing = trailing()
+            reading = merge_readings(reading, reader.read(trailing))
+        return reading
+
+    def count(
+        self,
+        started: float,
+        stream: bool,
+        initial: Metadata | None,
+        trailing: Metadata | Callable[[], Metadata | None] | None,
+        seen: PodReading | None = None,
+    ) -> PodReading:
+        """Detection only (no telemetry): count a call that began at ``started`` and ended now.
+
+        The lean way in for adapters on the hot path: no :class:`ObservedCall`, and the
+        detector judges the call later, without its lock (``AffinityDetector.count``).
+        """
+        reading = seen
+        if reading is None and type(initial) is tuple:
+            reading = self.reader.by_metadata.get(initial)  # the usual case, inlined
+        if reading is None or reading.pod is None:
+            reading = self.read_pod(initial, trailing, reading)
+        now = self.clock()
+        self.detector.count(reading.pod, now - started, stream, reading.l7, reading.malformed, now)
+        if self.probe is not None:
+            self.probe.maybe_probe(now)
+        return reading
 
     def begin(self, raw_method: str | bytes, kind: str) -> ObservedCall:
         method = self._methods.get(raw_method)
