@@ -1,0 +1,520 @@
+"""An observing ``grpc.Channel`` (sync): see which pod served each call, without an interceptor.
+
+Usage::
+
+    channel = observe_channel(
+        grpc.insecure_channel("charge-points.ev.svc:50051"),
+        "charge-points.ev.svc:50051",
+        expected_pods=3,
+    )
+    stub = ChargePointsStub(channel)
+    ...
+    channel.detector.snapshot()
+
+It feeds the same :class:`CallObserver` as :class:`~grpc_balance_mw.client.AffinityInterceptor`
+but wraps the inner channel's multicallables directly: ``grpc.intercept_channel`` wraps every
+call in a client-call-details object, a continuation closure and an outcome future, which alone
+costs about 8 % of a warm unary call on loopback (see ``python -m
+grpc_balance_mw.bench.interceptors``). Stubs and ``grpc.intercept_channel`` accept it as they
+accept any channel; put opentelemetry-instrumentation-grpc's interceptor outside it so its span is
+enriched rather than a second one made. Sync only: ``grpc.aio`` channels are observed through
+:mod:`grpc_balance_mw.aio.client`'s interceptors.
+
+This module also holds what the sync interceptor shares with the channel: building the observer,
+finishing a unary call and the observed response stream.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+
+import grpc
+
+from grpc_balance_mw.affinity.config import AffinityConfig
+from grpc_balance_mw.affinity.detector import AffinityDetector
+from grpc_balance_mw.affinity.observer import CallObserver, CallTelemetry, ObservedCall
+from grpc_balance_mw.affinity.registry import AffinityRegistry, default_registry
+from grpc_balance_mw.probe import PodProbe
+
+__all__ = ["ObservedChannel", "ObservedStream", "build_observer", "finish_call", "observe_channel"]
+
+_lanes = itertools.count()
+
+
+def build_observer(
+    target: str,
+    *,
+    config: AffinityConfig | None,
+    expected_pods: int | None,
+    telemetry: CallTelemetry | None,
+    probe: PodProbe | bool,
+    registry: AffinityRegistry | None,
+    lane: str | None,
+) -> CallObserver:
+    """The shared core behind one set of interceptors (sync or aio) or one observed channel."""
+    detector = (registry if registry is not None else default_registry).detector(target, config)
+    if expected_pods is not None:
+        detector.expected_pods = expected_pods
+    pod_probe = PodProbe(target, detector) if probe is True else probe or None
+    return CallObserver(
+        detector,
+        telemetry=telemetry,
+        probe=pod_probe,
+        lane=lane if lane is not None else f"lane-{next(_lanes)}",
+    )
+
+
+def _code(call: Any) -> int | None:
+    code = call.code()
+    return code.value[0] if code is not None else None
+
+
+def _initial_metadata(call: Any) -> Any:
+    """``call.initial_metadata()`` of a call that has ended.
+
+    grpcio's public method takes the call's condition and builds a closure to wait on it, which
+    is a measurable part of the 3 % budget of a warm unary call; once the call has ended (as
+    after a successful ``with_call``) the metadata is final and can be read off its state. Any
+    other kind of call, or a grpcio without that state, goes through the public method.
+    """
+    metadata = getattr(getattr(call, "_state", None), "initial_metadata", None)
+    return metadata if metadata is not None else call.initial_metadata()
+
+
+def finish_call(observed: ObservedCall, call: Any) -> None:
+    """Count a finished unary-response call; ``call`` is its ``grpc.Call``, or None if the call
+    failed before it was one (e.g. the request did not serialize): no pod, no status."""
+    if call is None:
+        observed.finish(None, None, None)
+    elif observed.observer.telemetry is None:
+        # Detection only needs the pod: trailers are read only if the headers named none.
+        observed.finish(_initial_metadata(call), call.trailing_metadata, None)
+    else:
+        observed.finish(_initial_metadata(call), call.trailing_metadata(), _code(call))
+
+
+def _as_call(error: grpc.RpcError) -> Any:
+    """A failed call's RpcError is its ``grpc.Call``; one raised by other code may not be."""
+    return error if isinstance(error, grpc.Call) else None
+
+
+class ObservedStream(grpc.Call, grpc.Future):  # type: ignore[misc]
+    """A response stream that tells the observer its pod at the first message and its end.
+
+    The end is seen in the caller's thread (``StopIteration`` or the error) so telemetry is done
+    before an outer interceptor ends its span; a done-callback covers streams that are cancelled
+    or dropped before the end. Whichever comes first finishes the call, once.
+    """
+
+    def __init__(self, call: Any, observed: ObservedCall) -> None:
+        self._call = call
+        self._observed = observed
+        self._first = True
+        self._finished = False
+        self._lock = threading.Lock()
+        call.add_done_callback(self._done)
+
+    def _finish(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+            call = self._call
+            self._observed.finish(call.initial_metadata(), call.trailing_metadata(), _code(call))
+
+    def _done(self, _call: Any) -> None:
+        self._finish()
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            response = next(self._call)
+        except (StopIteration, grpc.RpcError):
+            self._finish()
+            raise
+        if self._first:
+            self._first = False
+            self._observed.saw_initial_metadata(self._call.initial_metadata())
+        return response
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+    def initial_metadata(self) -> Any:
+        return self._call.initial_metadata()
+
+    def trailing_metadata(self) -> Any:
+        return self._call.trailing_metadata()
+
+    def code(self) -> Any:
+        return self._call.code()
+
+    def details(self) -> Any:
+        return self._call.details()
+
+    def is_active(self) -> Any:
+        return self._call.is_active()
+
+    def time_remaining(self) -> Any:
+        return self._call.time_remaining()
+
+    def cancel(self) -> Any:
+        return self._call.cancel()
+
+    def add_callback(self, callback: Any) -> Any:
+        return self._call.add_callback(callback)
+
+    def cancelled(self) -> Any:
+        return self._call.cancelled()
+
+    def running(self) -> Any:
+        return self._call.running()
+
+    def done(self) -> Any:
+        return self._call.done()
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._call.result(timeout)
+
+    def exception(self, timeout: float | None = None) -> Any:
+        return self._call.exception(timeout)
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        return self._call.traceback(timeout)
+
+    def add_done_callback(self, fn: Any) -> None:
+        self._call.add_done_callback(lambda _call: fn(self))
+
+
+class _Observed:
+    """One method of the observed channel: the inner multicallable and the observer."""
+
+    __slots__ = ("_inner", "_kind", "_method", "_observer", "_stream")
+
+    def __init__(self, inner: Any, observer: CallObserver, method: str | bytes, kind: str) -> None:
+        self._inner = inner
+        self._observer = observer
+        self._method = method
+        self._kind = kind
+        self._stream = kind != "unary_unary"
+
+
+class _UnaryResponse(_Observed):
+    """``__call__``, ``with_call`` and ``future`` of unary-unary and stream-unary methods."""
+
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        # The inner with_call, not __call__: the response metadata is on the call it returns.
+        response, _call = self.with_call(
+            request, timeout, metadata, credentials, wait_for_ready, compression
+        )
+        return response
+
+    def with_call(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> tuple[Any, grpc.Call]:
+        observed = self._observer.begin(self._method, self._kind)
+        call: Any = None
+        try:
+            response, call = self._inner.with_call(
+                request, timeout, metadata, credentials, wait_for_ready, compression
+            )
+        except grpc.RpcError as error:
+            call = _as_call(error)
+            raise
+        finally:
+            finish_call(observed, call)
+        return response, call
+
+    def future(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        observed = self._observer.begin(self._method, self._kind)
+        try:
+            future = self._inner.future(
+                request, timeout, metadata, credentials, wait_for_ready, compression
+            )
+        except grpc.RpcError as error:
+            finish_call(observed, _as_call(error))
+            raise
+        except BaseException:  # end what begin() started (its span), then re-raise unchanged
+            finish_call(observed, None)
+            raise
+        future.add_done_callback(partial(finish_call, observed))
+        return future
+
+
+class _CountedUnaryResponse(_UnaryResponse):
+    """Detection only (no telemetry): the plain ``__call__``, the hot path, counts the call
+    straight into the observer, without an :class:`ObservedCall` or a wrapping frame."""
+
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        observer = self._observer
+        started = observer.clock()
+        try:
+            response, call = self._inner.with_call(
+                request, timeout, metadata, credentials, wait_for_ready, compression
+            )
+        except grpc.RpcError as error:
+            failed = _as_call(error)
+            if failed is None:
+                observer.count(started, self._stream, None, None)
+            else:
+                observer.count(
+                    started, self._stream, failed.initial_metadata(), failed.trailing_metadata
+                )
+            raise
+        except BaseException:  # count it as the interceptor does, then re-raise unchanged
+            observer.count(started, self._stream, None, None)
+            raise
+        observer.count(started, self._stream, _initial_metadata(call), call.trailing_metadata)
+        return response
+
+
+class _StreamResponse(_Observed):
+    """``__call__`` of unary-stream and stream-stream methods."""
+
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> ObservedStream:
+        observed = self._observer.begin(self._method, self._kind)
+        try:
+            call = self._inner(request, timeout, metadata, credentials, wait_for_ready, compression)
+        except BaseException:  # end what begin() started (its span), then re-raise unchanged
+            finish_call(observed, None)
+            raise
+        return ObservedStream(call, observed)
+
+
+class _UnaryUnary(_UnaryResponse, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
+    __slots__ = ()
+
+
+class _CountedUnaryUnary(_CountedUnaryResponse, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
+    __slots__ = ()
+
+
+class _StreamUnary(_UnaryResponse, grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
+    __slots__ = ()
+
+
+class _CountedStreamUnary(_CountedUnaryResponse, grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
+    __slots__ = ()
+
+
+class _UnaryStream(_StreamResponse, grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
+    __slots__ = ()
+
+
+class _StreamStream(_StreamResponse, grpc.StreamStreamMultiCallable):  # type: ignore[misc]
+    __slots__ = ()
+
+
+def _accepts_registered_method(channel: grpc.Channel) -> bool:
+    """Whether ``channel.unary_unary`` takes grpcio's private ``_registered_method`` flag."""
+    try:
+        parameters = inspect.signature(channel.unary_unary).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.name == "_registered_method" or p.kind is inspect.Parameter.VAR_KEYWORD
+        for p in parameters
+    )
+
+
+class ObservedChannel(grpc.Channel):  # type: ignore[misc]
+    """A channel that observes every call it makes through another channel; sync only.
+
+    Args:
+        channel: the channel that makes the calls; closed with this one.
+        observer: what the calls are reported to (see :func:`build_observer`).
+    """
+
+    def __init__(self, channel: grpc.Channel, observer: CallObserver) -> None:
+        self._channel = channel
+        self.observer = observer
+        self._registered_method = _accepts_registered_method(channel)
+
+    def __repr__(self) -> str:
+        return f"<ObservedChannel {self.observer!r}>"
+
+    @property
+    def detector(self) -> AffinityDetector:
+        return self.observer.detector
+
+    def _inner(
+        self,
+        make: Callable[..., Any],
+        method: str,
+        request_serializer: Any,
+        response_deserializer: Any,
+        registered: bool | None,
+    ) -> Any:
+        # Generated stubs pass _registered_method=True; channels that predate it (or wrappers
+        # that do not forward it) must be called without it.
+        if registered and self._registered_method:
+            return make(method, request_serializer, response_deserializer, _registered_method=True)
+        return make(method, request_serializer, response_deserializer)
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.UnaryUnaryMultiCallable:
+        inner = self._inner(
+            self._channel.unary_unary,
+            method,
+            request_serializer,
+            response_deserializer,
+            _registered_method,
+        )
+        kind = _UnaryUnary if self.observer.telemetry is not None else _CountedUnaryUnary
+        return kind(inner, self.observer, method, "unary_unary")
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.UnaryStreamMultiCallable:
+        inner = self._inner(
+            self._channel.unary_stream,
+            method,
+            request_serializer,
+            response_deserializer,
+            _registered_method,
+        )
+        return _UnaryStream(inner, self.observer, method, "unary_stream")
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.StreamUnaryMultiCallable:
+        inner = self._inner(
+            self._channel.stream_unary,
+            method,
+            request_serializer,
+            response_deserializer,
+            _registered_method,
+        )
+        kind = _StreamUnary if self.observer.telemetry is not None else _CountedStreamUnary
+        return kind(inner, self.observer, method, "stream_unary")
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.StreamStreamMultiCallable:
+        inner = self._inner(
+            self._channel.stream_stream,
+            method,
+            request_serializer,
+            response_deserializer,
+            _registered_method,
+        )
+        return _StreamStream(inner, self.observer, method, "stream_stream")
+
+    def subscribe(self, callback: Callable[..., Any], try_to_connect: bool = False) -> None:
+        self._channel.subscribe(callback, try_to_connect=try_to_connect)
+
+    def unsubscribe(self, callback: Callable[..., Any]) -> None:
+        self._channel.unsubscribe(callback)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ObservedChannel:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def observe_channel(
+    channel: grpc.Channel,
+    target: str,
+    *,
+    config: AffinityConfig | None = None,
+    expected_pods: int | None = None,
+    telemetry: CallTelemetry | None = None,
+    probe: PodProbe | bool = False,
+    registry: AffinityRegistry | None = None,
+    lane: str | None = None,
+) -> ObservedChannel:
+    """Wrap ``channel`` so every call feeds ``target``'s affinity detector; sync channels only.
+
+    Args:
+        channel: a sync ``grpc.Channel`` (or an intercepted one); closed with the wrapper.
+        target: the channel's target string (a channel cannot be asked for it); the detector is
+            per target, the probe dials it.
+        config: thresholds and windows; the first config given for a target wins.
+        expected_pods: how many pods the target should have, if known.
+        telemetry: an ``AffinityTelemetry`` for spans, metrics and alarms; None: detection only.
+        probe: True for a :class:`PodProbe` with defaults, or a configured one.
+        registry: where the target's detector lives; default the process-wide registry.
+        lane: the connection's name in telemetry; default ``lane-N``.
+    """
+    observer = build_observer(
+        target,
+        config=config,
+        expected_pods=expected_pods,
+        telemetry=telemetry,
+        probe=probe,
+        registry=registry,
+        lane=lane,
+    )
+    return ObservedChannel(channel, observer)
