@@ -33,6 +33,7 @@ from grpc_balance_mw.affinity.registry import AffinityRegistry
 from grpc_balance_mw.observed_channel import (
     ObservedChannel,
     ObservedStream,
+    as_call,
     build_observer,
     finish_call,
     observe_channel,
@@ -97,13 +98,22 @@ class AffinityInterceptor(
 
     def _unary_response(self, continuation: Any, details: Any, request: Any, kind: str) -> Any:
         observed = self.observer.begin(details.method, kind)
-        outcome = continuation(details, request)
+        try:
+            outcome = continuation(details, request)
+        except BaseException as error:  # e.g. the request did not serialize: end what begin()
+            finish_call(observed, as_call(error))  # started (its span), then re-raise as is
+            raise
         outcome.add_done_callback(partial(finish_call, observed))
         return outcome
 
     def _stream_response(self, continuation: Any, details: Any, request: Any, kind: str) -> Any:
         observed = self.observer.begin(details.method, kind)
-        return ObservedStream(continuation(details, request), observed)
+        try:
+            call = continuation(details, request)
+        except BaseException as error:  # as above
+            finish_call(observed, as_call(error))
+            raise
+        return ObservedStream(call, observed)
 
     def intercept_unary_unary(
         self, continuation: Any, client_call_details: Any, request: Any

@@ -12,13 +12,31 @@ from calls import Seen, call_aio, call_sync
 
 from grpc_balance_mw import server as sync_server
 from grpc_balance_mw.aio import client as aio_client
-from grpc_balance_mw.client import AffinityInterceptor
+from grpc_balance_mw.client import AffinityInterceptor, observe_channel
 from grpc_balance_mw.demo.servicer import SyncChargePointsServicer
 from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
 from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
 from grpc_balance_mw.identity import PodIdentity
 
 ENVOY_HEADERS = (("server", "envoy"), ("x-envoy-upstream-service-time", "2"))
+#: The two ways to observe a sync channel: ``grpc.intercept_channel`` with AffinityInterceptor,
+#: or the ObservedChannel wrapper from ``observe_channel``.
+SYNC_WRAPPERS = ("interceptor", "channel")
+#: Every way to observe a channel: the sync interceptor, the sync wrapper, the aio interceptors.
+MODES = ("sync", "channel", "aio")
+
+
+def observe_sync(channel: grpc.Channel, target: str, wrapper: str, **kwargs: Any) -> Any:
+    """``channel`` observed by ``wrapper`` (see SYNC_WRAPPERS, or a mode); it has ``.detector``.
+
+    Returns:
+        (the observed channel, the object that has the detector)
+    """
+    if wrapper == "channel":
+        observed = observe_channel(channel, target, **kwargs)
+        return observed, observed
+    interceptor = AffinityInterceptor(target, **kwargs)
+    return grpc.intercept_channel(channel, interceptor), interceptor
 
 
 class _HeaderServicer(SyncChargePointsServicer):
@@ -55,15 +73,19 @@ class HeaderPod:
 async def call_twice(
     mode: str, target: str, kind: str, fail: int, **interceptor_kwargs: Any
 ) -> tuple[Seen, Seen, Any]:
-    """A call on a bare channel and one through the interceptors; both, and the interceptor."""
-    if mode == "sync":
+    """A call on a bare channel and one observed the ``mode`` way (see MODES).
+
+    Returns:
+        What each call saw, and the interceptor or observed channel (it has ``.detector``).
+    """
+    if mode in SYNC_WRAPPERS or mode == "sync":
 
         def run() -> tuple[Seen, Seen, Any]:
-            interceptor = AffinityInterceptor(target, **interceptor_kwargs)
             with grpc.insecure_channel(target) as bare:
+                observed, watcher = observe_sync(bare, target, mode, **interceptor_kwargs)
                 seen_bare = call_sync(bare, kind, fail)
-                seen = call_sync(grpc.intercept_channel(bare, interceptor), kind, fail)
-            return seen_bare, seen, interceptor
+                seen = call_sync(observed, kind, fail)
+            return seen_bare, seen, watcher
 
         return await asyncio.to_thread(run)
     interceptor = aio_client.AffinityInterceptor(target, **interceptor_kwargs)

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+from affinity_fixtures import MODES, SYNC_WRAPPERS, observe_sync
 from calls import CALL_KINDS, call_aio, call_sync
 from conftest import require
 
@@ -67,22 +68,22 @@ async def drive(
     options: list[tuple[str, Any]] | None = None,
     **interceptor_kwargs: Any,
 ) -> tuple[int, AffinityDetector, list[grpc.StatusCode]]:
-    """Make up to ``calls`` calls on one channel; stop early once ``stop(detector)`` holds.
+    """Make up to ``calls`` calls on one channel observed the ``mode`` way (see MODES); stop
+    early once ``stop(detector)`` holds.
 
     Returns how many calls were made, the detector and every call's status code.
     """
     codes: list[grpc.StatusCode] = []
-    if mode == "sync":
+    if mode != "aio":
 
         def run() -> tuple[int, AffinityDetector, list[grpc.StatusCode]]:
-            interceptor = AffinityInterceptor(target, **interceptor_kwargs)
             with grpc.insecure_channel(target, options=options) as channel:
-                intercepted = grpc.intercept_channel(channel, interceptor)
+                observed, watcher = observe_sync(channel, target, mode, **interceptor_kwargs)
                 for _ in range(calls):
-                    codes.append(call_sync(intercepted, kind).code)
-                    if stop is not None and stop(interceptor.detector):
+                    codes.append(call_sync(observed, kind).code)
+                    if stop is not None and stop(watcher.detector):
                         break
-            return len(codes), interceptor.detector, codes
+            return len(codes), watcher.detector, codes
 
         return await asyncio.to_thread(run)
     interceptor = aio_client.AffinityInterceptor(target, **interceptor_kwargs)
@@ -98,7 +99,7 @@ async def drive(
 
 
 @pytest.mark.parametrize("kind", CALL_KINDS)
-@pytest.mark.parametrize("mode", ["sync", "aio"])
+@pytest.mark.parametrize("mode", MODES)
 async def test_l4_service_with_known_pod_count_is_pinned(
     cluster: LocalCluster, mode: str, kind: str
 ) -> None:
@@ -137,19 +138,29 @@ async def test_l4_service_with_the_probe_is_pinned(
     assert len(snapshot.known_pods) >= 2 and len(snapshot.pods) == 1
 
 
-def test_the_pinned_pod_is_the_one_that_served(cluster: LocalCluster) -> None:
+@pytest.mark.parametrize("wrapper", SYNC_WRAPPERS)
+def test_the_pinned_pod_is_the_one_that_served_and_the_alarm_says_so(
+    cluster: LocalCluster, wrapper: str
+) -> None:
     cluster.reset_counts()
-    interceptor = AffinityInterceptor(
-        cluster.service_target, registry=AffinityRegistry(), expected_pods=3
-    )
+    alarms = AlarmLog()
     with grpc.insecure_channel(cluster.service_target) as channel:
-        intercepted = grpc.intercept_channel(channel, interceptor)
+        observed, watcher = observe_sync(
+            channel,
+            cluster.service_target,
+            wrapper,
+            registry=AffinityRegistry(),
+            expected_pods=3,
+            telemetry=AffinityTelemetry(spans=False, metrics=False, on_alarm=alarms),
+        )
         for _ in range(60):
-            call_sync(intercepted, "unary_unary")
+            call_sync(observed, "unary_unary")
     served = {pod: count for pod, count in cluster.served().items() if count}
-    snapshot = interceptor.detector.snapshot()
+    snapshot = watcher.detector.snapshot()
     assert served == {snapshot.top_pod: 60}
     assert snapshot.state is AffinityState.PINNED
+    (alarm,) = alarms.transitions
+    assert alarm.current is AffinityState.PINNED and alarm.snapshot.top_pod == snapshot.top_pod
 
 
 class AlarmLog:

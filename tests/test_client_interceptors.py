@@ -1,30 +1,37 @@
-"""The observing interceptors, sync and aio, all four call kinds, against real loopback servers."""
+"""The observers, all four call kinds, against real loopback servers: the sync interceptor, the
+sync channel wrapper (``observe_channel``) and the aio interceptors."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 import pytest
-from affinity_fixtures import ENVOY_HEADERS, HeaderPod, call_twice
-from calls import ABORT, CALL_KINDS, OK, RAISE
+from affinity_fixtures import (
+    ENVOY_HEADERS,
+    MODES,
+    SYNC_WRAPPERS,
+    HeaderPod,
+    call_twice,
+    observe_sync,
+)
+from calls import ABORT, CALL_KINDS, OK, RAISE, call_sync
 from conftest import IDENTITY, AioPod, SyncPod
 
 from grpc_balance_mw.affinity import AffinityRegistry, AffinityState
 from grpc_balance_mw.aio import client as aio_client
-from grpc_balance_mw.client import AffinityInterceptor, affinity_interceptors
+from grpc_balance_mw.client import AffinityInterceptor, ObservedChannel, observe_channel
 from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
 from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
-
-MODES = ("sync", "aio")
 
 
 @pytest.fixture(params=MODES)
 async def pod(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, str]]:
-    if request.param == "sync":
+    if request.param != "aio":
         sync_pod = SyncPod()
-        yield "sync", sync_pod.target
+        yield request.param, sync_pod.target
         sync_pod.server.stop(None).wait()
     else:
         aio_pod = await AioPod().start()
@@ -92,12 +99,27 @@ async def test_envoy_headers_mark_the_target_l7_balanced(mode: str) -> None:
     assert snapshot.state is AffinityState.L7_BALANCED
 
 
-def test_sync_future_and_cancelled_stream(sync_pod: SyncPod) -> None:
-    interceptor = affinity_interceptors(sync_pod.target, registry=AffinityRegistry())
+def _settled(detector: Any, calls: int) -> Any:
+    # a future's done-callback may run on grpc's thread just after result() returns
+    for _ in range(100):
+        if detector.snapshot().calls == calls:
+            break
+        time.sleep(0.01)
+    return detector.snapshot()
+
+
+@pytest.mark.parametrize("wrapper", SYNC_WRAPPERS)
+def test_sync_future_and_cancelled_stream(sync_pod: SyncPod, wrapper: str) -> None:
     with grpc.insecure_channel(sync_pod.target) as bare:
-        stub = pb_grpc.ChargePointsStub(grpc.intercept_channel(bare, *interceptor))
+        observed, watcher = observe_sync(
+            bare, sync_pod.target, wrapper, registry=AffinityRegistry()
+        )
+        stub = pb_grpc.ChargePointsStub(observed)
         future = stub.GetChargePoint.future(pb.GetChargePointRequest(id="cp-1"), timeout=10)
         assert future.result().served_by == IDENTITY.name
+        meters = [pb.MeterValue(energy_wh=1.0), pb.MeterValue(energy_wh=2.0)]
+        upload = stub.UploadMeterValues.future(iter(meters), timeout=10)
+        assert upload.result().count == 2
         stream = stub.WatchStatus(
             pb.WatchStatusRequest(id="cp-1", updates=1000, interval_ms=5), timeout=10
         )
@@ -106,14 +128,139 @@ def test_sync_future_and_cancelled_stream(sync_pod: SyncPod) -> None:
         with pytest.raises(grpc.RpcError) as raised:
             list(stream)
         assert raised.value.code() is grpc.StatusCode.CANCELLED
-    detector = interceptor[0].detector
-    # the done-callback of the future may run on grpc's thread just after result() returns
-    for _ in range(100):
-        if detector.snapshot().calls == 2:
-            break
-        time.sleep(0.01)
-    snapshot = detector.snapshot()
-    assert snapshot.calls == 2 and snapshot.pods[IDENTITY.name].calls == 2
+    snapshot = _settled(watcher.detector, 3)
+    assert snapshot.calls == 3 and snapshot.pods[IDENTITY.name].calls == 3
+
+
+def _call_plainly(channel: grpc.Channel, kind: str, fail: int) -> tuple[Any, Any]:
+    """``method(request)`` without with_call: the response, or what the RpcError says."""
+    stub = pb_grpc.ChargePointsStub(channel)
+    try:
+        if kind == "unary_unary":
+            return stub.GetChargePoint(
+                pb.GetChargePointRequest(id="cp-1", fail_with_code=fail), timeout=10
+            ), None
+        meters = [pb.MeterValue(energy_wh=1.0), pb.MeterValue(energy_wh=2.0, fail_with_code=fail)]
+        return stub.UploadMeterValues(iter(meters), timeout=10), None
+    except grpc.RpcError as error:
+        return None, (error.code(), error.details(), dict(error.trailing_metadata() or ()))
+
+
+@pytest.mark.parametrize("fail", [OK, ABORT, RAISE], ids=["ok", "abort", "raise"])
+@pytest.mark.parametrize("kind", ["unary_unary", "stream_unary"])
+@pytest.mark.parametrize("wrapper", SYNC_WRAPPERS)
+def test_a_plain_call_is_recorded_and_unchanged(
+    sync_pod: SyncPod, wrapper: str, kind: str, fail: int
+) -> None:
+    # the plain __call__ of unary responses is the channel wrapper's own, leaner, path
+    with grpc.insecure_channel(sync_pod.target) as bare:
+        observed, watcher = observe_sync(
+            bare, sync_pod.target, wrapper, registry=AffinityRegistry()
+        )
+        assert _call_plainly(observed, kind, fail) == _call_plainly(bare, kind, fail)
+    snapshot = watcher.detector.snapshot()
+    assert snapshot.calls == 1 and set(snapshot.pods) == {IDENTITY.name}
+
+
+NOT_SERIALIZED = (grpc.StatusCode.INTERNAL, "Exception serializing request!")
+
+
+@pytest.mark.parametrize("call", ["plain", "with_call", "future"])
+@pytest.mark.parametrize("wrapper", SYNC_WRAPPERS)
+def test_a_request_that_does_not_serialize_fails_alike_and_counts_as_unknown(
+    sync_pod: SyncPod, wrapper: str, call: str
+) -> None:
+    def fail(channel: grpc.Channel) -> tuple[Any, str]:
+        method = pb_grpc.ChargePointsStub(channel).GetChargePoint
+        invoke: Callable[..., Any] = {
+            "plain": method,
+            "with_call": method.with_call,
+            "future": lambda *a, **kw: method.future(*a, **kw).result(),
+        }[call]
+        with pytest.raises(grpc.RpcError) as raised:
+            invoke("not a request", timeout=10)
+        return raised.value.code(), raised.value.details()
+
+    with grpc.insecure_channel(sync_pod.target) as bare:
+        observed, watcher = observe_sync(
+            bare, sync_pod.target, wrapper, registry=AffinityRegistry()
+        )
+        assert fail(observed) == fail(bare) == NOT_SERIALIZED
+    snapshot = _settled(watcher.detector, 1)
+    assert (snapshot.calls, snapshot.unknown_calls) == (1, 1)
+
+
+class _NoopInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(details, request)
+
+
+def test_the_observed_channel_is_a_channel_that_interceptors_accept(sync_pod: SyncPod) -> None:
+    states: list[grpc.ChannelConnectivity] = []
+    with observe_channel(
+        grpc.insecure_channel(sync_pod.target),
+        sync_pod.target,
+        registry=AffinityRegistry(),
+        lane="l0",
+    ) as observed:
+        assert isinstance(observed, (grpc.Channel, ObservedChannel))
+        assert "lane=l0" in repr(observed)
+        observed.subscribe(states.append, try_to_connect=True)
+        intercepted = grpc.intercept_channel(observed, _NoopInterceptor())
+        for kind in CALL_KINDS:
+            assert call_sync(intercepted, kind).code is grpc.StatusCode.OK
+        observed.unsubscribe(states.append)
+    assert states  # delegated to the inner channel, which reports its state at once
+    assert observed.detector.snapshot().pods[IDENTITY.name].calls == 4
+    with pytest.raises(ValueError, match="closed channel"):  # closed with the wrapper
+        pb_grpc.ChargePointsStub(observed).GetChargePoint(pb.GetChargePointRequest(id="cp-1"))
+
+
+class _PreRegistrationChannel(grpc.Channel):  # type: ignore[misc]
+    """A channel whose methods predate grpcio's private ``_registered_method`` argument."""
+
+    def __init__(self, inner: grpc.Channel) -> None:
+        self.inner = inner
+
+    def unary_unary(
+        self, method: str, request_serializer: Any = None, response_deserializer: Any = None
+    ) -> Any:
+        return self.inner.unary_unary(method, request_serializer, response_deserializer)
+
+    def unary_stream(
+        self, method: str, request_serializer: Any = None, response_deserializer: Any = None
+    ) -> Any:
+        return self.inner.unary_stream(method, request_serializer, response_deserializer)
+
+    def stream_unary(
+        self, method: str, request_serializer: Any = None, response_deserializer: Any = None
+    ) -> Any:
+        return self.inner.stream_unary(method, request_serializer, response_deserializer)
+
+    def stream_stream(
+        self, method: str, request_serializer: Any = None, response_deserializer: Any = None
+    ) -> Any:
+        return self.inner.stream_stream(method, request_serializer, response_deserializer)
+
+    def subscribe(self, callback: Any, try_to_connect: bool = False) -> None:
+        self.inner.subscribe(callback, try_to_connect)
+
+    def unsubscribe(self, callback: Any) -> None:
+        self.inner.unsubscribe(callback)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_generated_stubs_work_over_a_channel_without_registered_methods(sync_pod: SyncPod) -> None:
+    # generated stubs pass _registered_method=True; this inner channel would reject it
+    with observe_channel(
+        _PreRegistrationChannel(grpc.insecure_channel(sync_pod.target)),
+        sync_pod.target,
+        registry=AffinityRegistry(),
+    ) as observed:
+        assert {call_sync(observed, kind).code for kind in CALL_KINDS} == {grpc.StatusCode.OK}
+    assert observed.detector.snapshot().pods[IDENTITY.name].calls == 4
 
 
 async def test_aio_cancelled_stream(aio_pod: AioPod) -> None:

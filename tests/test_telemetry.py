@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
-from affinity_fixtures import call_twice
+from affinity_fixtures import MODES, SYNC_WRAPPERS, call_twice, observe_sync
 from calls import ABORT, CALL_KINDS, OK, call_aio, call_sync
 from conftest import IDENTITY, AioPod, SyncPod
 from opentelemetry import trace
@@ -35,7 +35,7 @@ from grpc_balance_mw.affinity import (
     Transition,
 )
 from grpc_balance_mw.aio import client as aio_client
-from grpc_balance_mw.client import AffinityInterceptor
+from grpc_balance_mw.client import observe_channel
 from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
 from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
 from grpc_balance_mw.telemetry import (
@@ -79,7 +79,7 @@ def only_span(exporter: InMemorySpanExporter) -> ReadableSpan:
 
 @pytest.mark.parametrize("fail", [OK, ABORT], ids=["ok", "abort"])
 @pytest.mark.parametrize("kind", CALL_KINDS)
-@pytest.mark.parametrize("mode", ["sync", "aio"])
+@pytest.mark.parametrize("mode", MODES)
 async def test_one_client_span_per_call_with_the_pod(
     mode: str,
     kind: str,
@@ -87,7 +87,7 @@ async def test_one_client_span_per_call_with_the_pod(
     tracer_provider: TracerProvider,
     exporter: InMemorySpanExporter,
 ) -> None:
-    pod = SyncPod() if mode == "sync" else await AioPod().start()
+    pod = await AioPod().start() if mode == "aio" else SyncPod()
     telemetry = AffinityTelemetry(tracer_provider=tracer_provider, metrics=False)
     try:
         _, seen, _ = await call_twice(
@@ -121,23 +121,46 @@ async def test_one_client_span_per_call_with_the_pod(
 
 
 @pytest.mark.parametrize("fail", [OK, ABORT], ids=["ok", "abort"])
+def test_a_plain_call_through_the_channel_wrapper_has_its_span(
+    fail: int, sync_pod: SyncPod, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    telemetry = AffinityTelemetry(tracer_provider=tracer_provider, metrics=False)
+    with observe_channel(
+        grpc.insecure_channel(sync_pod.target),
+        sync_pod.target,
+        registry=AffinityRegistry(),
+        telemetry=telemetry,
+    ) as channel:
+        request = pb.GetChargePointRequest(id="cp-1", fail_with_code=fail)
+        with contextlib.suppress(grpc.RpcError):
+            pb_grpc.ChargePointsStub(channel).GetChargePoint(request, timeout=10)
+    attributes = dict(only_span(exporter).attributes or {})
+    assert attributes[ATTR_POD] == IDENTITY.name
+    assert attributes["rpc.grpc.status_code"] == fail
+
+
+@pytest.mark.parametrize("fail", [OK, ABORT], ids=["ok", "abort"])
 @pytest.mark.parametrize("kind", CALL_KINDS)
+@pytest.mark.parametrize("wrapper", SYNC_WRAPPERS)
 def test_sync_enriches_the_instrumentation_span_instead_of_a_second(
+    wrapper: str,
     kind: str,
     fail: int,
     sync_pod: SyncPod,
     tracer_provider: TracerProvider,
     exporter: InMemorySpanExporter,
 ) -> None:
-    ours = AffinityInterceptor(
-        sync_pod.target,
-        registry=AffinityRegistry(),
-        telemetry=AffinityTelemetry(tracer_provider=tracer_provider, metrics=False),
-    )
     theirs = client_interceptor(tracer_provider=tracer_provider)
     with grpc.insecure_channel(sync_pod.target) as channel:
+        ours, _ = observe_sync(
+            channel,
+            sync_pod.target,
+            wrapper,
+            registry=AffinityRegistry(),
+            telemetry=AffinityTelemetry(tracer_provider=tracer_provider, metrics=False),
+        )
         # theirs outside, ours inside: its span is current when ours sees the call
-        intercepted = grpcext.intercept_channel(grpc.intercept_channel(channel, ours), theirs)
+        intercepted = grpcext.intercept_channel(ours, theirs)
         if kind == "unary_stream":
             # the instrumentation returns a bare generator for these, with no call methods
             request = pb.WatchStatusRequest(id="cp-1", updates=3, fail_with_code=fail)
@@ -170,19 +193,25 @@ async def test_aio_enriches_the_instrumentation_span_instead_of_a_second(
     assert (span.attributes or {})[ATTR_POD] == IDENTITY.name
 
 
+@pytest.mark.parametrize("wrapper", SYNC_WRAPPERS)
 def test_no_second_span_when_the_instrumentor_wraps_channels(
-    sync_pod: SyncPod, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+    wrapper: str,
+    sync_pod: SyncPod,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
 ) -> None:
     instrumentor = GrpcInstrumentorClient()
     instrumentor.instrument()
     try:
         channel = grpc.insecure_channel(sync_pod.target)  # wrapped by the instrumentor
-        ours = AffinityInterceptor(
+        observed, ours = observe_sync(
+            channel,
             sync_pod.target,
+            wrapper,
             registry=AffinityRegistry(),
             telemetry=AffinityTelemetry(tracer_provider=tracer_provider, metrics=False),
         )
-        seen = call_sync(grpc.intercept_channel(channel, ours), "unary_unary")
+        seen = call_sync(observed, "unary_unary")
         channel.close()
     finally:
         instrumentor.uninstrument()
@@ -193,7 +222,9 @@ def test_no_second_span_when_the_instrumentor_wraps_channels(
     assert ours.detector.snapshot().pods[IDENTITY.name].calls == 1
 
 
+@pytest.mark.parametrize("wrapper", SYNC_WRAPPERS)
 def test_alarm_event_once_per_state_change_and_state_on_later_spans(
+    wrapper: str,
     sync_pod: SyncPod,
     tracer_provider: TracerProvider,
     exporter: InMemorySpanExporter,
@@ -203,18 +234,19 @@ def test_alarm_event_once_per_state_change_and_state_on_later_spans(
     telemetry = AffinityTelemetry(
         tracer_provider=tracer_provider, metrics=False, on_alarm=alarms.append
     )
-    interceptor = AffinityInterceptor(
-        sync_pod.target,
-        config=FAST,
-        expected_pods=3,
-        registry=AffinityRegistry(),
-        telemetry=telemetry,
-    )
     caplog.set_level(logging.WARNING, logger="grpc_balance_mw.telemetry")
     with grpc.insecure_channel(sync_pod.target) as channel:
-        intercepted = grpc.intercept_channel(channel, interceptor)
+        observed, _ = observe_sync(
+            channel,
+            sync_pod.target,
+            wrapper,
+            config=FAST,
+            expected_pods=3,
+            registry=AffinityRegistry(),
+            telemetry=telemetry,
+        )
         for _ in range(30):
-            call_sync(intercepted, "unary_unary")
+            call_sync(observed, "unary_unary")
     spans = exporter.get_finished_spans()
     with_event = [i for i, span in enumerate(spans) if span.events]
     assert with_event == [FAST.min_samples + FAST.dwell_calls - 2]
@@ -281,23 +313,29 @@ class _BrokenProvider(trace.TracerProvider):
         return _BrokenTracer()
 
 
-def test_broken_telemetry_and_callback_never_reach_the_call(sync_pod: SyncPod) -> None:
+@pytest.mark.parametrize("wrapper", SYNC_WRAPPERS)
+def test_broken_telemetry_and_callback_never_reach_the_call(
+    wrapper: str, sync_pod: SyncPod
+) -> None:
     def on_alarm(transition: Transition) -> None:
         raise RuntimeError("user hook on fire")
 
     telemetry = AffinityTelemetry(tracer_provider=_BrokenProvider(), on_alarm=on_alarm)
-    interceptor = AffinityInterceptor(
-        sync_pod.target,
-        config=FAST,
-        expected_pods=2,
-        registry=AffinityRegistry(),
-        telemetry=telemetry,
-    )
     with grpc.insecure_channel(sync_pod.target) as channel:
-        intercepted = grpc.intercept_channel(channel, interceptor)
-        codes = {call_sync(intercepted, kind).code for kind in CALL_KINDS * 5}
+        observed, watcher = observe_sync(
+            channel,
+            sync_pod.target,
+            wrapper,
+            config=FAST,
+            expected_pods=2,
+            registry=AffinityRegistry(),
+            telemetry=telemetry,
+        )
+        codes = {call_sync(observed, kind).code for kind in CALL_KINDS * 5}
+        stub = pb_grpc.ChargePointsStub(observed)
+        stub.GetChargePoint(pb.GetChargePointRequest(id="cp-1"), timeout=10)
     assert codes == {grpc.StatusCode.OK}
-    assert interceptor.detector.state is AffinityState.PINNED
+    assert watcher.detector.state is AffinityState.PINNED
 
 
 def test_warning_is_rate_limited_per_target(caplog: pytest.LogCaptureFixture) -> None:
