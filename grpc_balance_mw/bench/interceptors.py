@@ -3,19 +3,24 @@
 ``python -m grpc_balance_mw.bench.interceptors [--rounds 10] [--calls 500]``
 
 One sync pod runs in a separate process (so the server does not share the client's GIL); the
-client makes warm unary calls over one connection through four channel variants, interleaved in
+client makes warm unary calls over one connection through seven channel variants, interleaved in
 rounds so drift in the machine's speed hits them all alike:
 
 * ``bare``: the plain channel;
 * ``noop-interceptor``: ``grpc.intercept_channel`` with an interceptor that does nothing, to
   tell grpcio's own interceptor machinery from what the observation adds on top of it;
 * ``detection``: :class:`AffinityInterceptor` without telemetry;
-* ``detection+spans``: with :class:`AffinityTelemetry` making a CLIENT span per call;
+* ``detection-channel``: the same observation through :func:`observe_channel`, a channel wrapper
+  that skips grpcio's interceptor machinery;
+* ``detection+spans``: :class:`AffinityInterceptor` with :class:`AffinityTelemetry` making a
+  CLIENT span per call;
+* ``detection+spans-channel``: the same through :func:`observe_channel`;
 * ``otel-grpc``: opentelemetry-instrumentation-grpc's client interceptor alone.
 
 Both span variants use the same SDK tracer provider with a span processor that drops the spans,
 so what is measured is making the spans, not exporting them. Targets: detection adds at most 3 %
-to the median; detection+spans costs no more than otel-grpc.
+to the median; detection+spans costs no more than otel-grpc. The table ends with one verdict line
+per target and way of observing.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
 from grpc_balance_mw.affinity import AffinityRegistry
-from grpc_balance_mw.client import AffinityInterceptor
+from grpc_balance_mw.client import AffinityInterceptor, observe_channel
 from grpc_balance_mw.demo.servicer import SyncChargePointsServicer
 from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
 from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
@@ -44,6 +49,13 @@ from grpc_balance_mw.server import PodIdentityInterceptor
 from grpc_balance_mw.telemetry import AffinityTelemetry
 
 Call = Callable[[], object]
+#: (variant, baseline, target on the ratio of medians, how the ratio is shown)
+TARGETS = (
+    ("detection", "bare", 1.03, "percent"),
+    ("detection-channel", "bare", 1.03, "percent"),
+    ("detection+spans", "otel-grpc", 1.00, "ratio"),
+    ("detection+spans-channel", "otel-grpc", 1.00, "ratio"),
+)
 
 
 class _Noop(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
@@ -82,13 +94,21 @@ def _variants(channel: grpc.Channel, target: str) -> dict[str, Call]:
         )
         return grpc.intercept_channel(channel, interceptor)
 
+    def observed(telemetry: AffinityTelemetry | None = None) -> grpc.Channel:
+        return observe_channel(
+            channel, target, registry=AffinityRegistry(), expected_pods=3, telemetry=telemetry
+        )
+
+    def spans() -> AffinityTelemetry:
+        return AffinityTelemetry(tracer_provider=provider, metrics=False)
+
     channels: dict[str, Any] = {
         "bare": channel,
         "noop-interceptor": grpc.intercept_channel(channel, _Noop()),
         "detection": detection(),
-        "detection+spans": detection(
-            telemetry=AffinityTelemetry(tracer_provider=provider, metrics=False)
-        ),
+        "detection-channel": observed(),
+        "detection+spans": detection(telemetry=spans()),
+        "detection+spans-channel": observed(telemetry=spans()),
         "otel-grpc": grpcext.intercept_channel(  # type: ignore[no-untyped-call]
             channel,
             client_interceptor(tracer_provider=provider),  # type: ignore[no-untyped-call]
@@ -128,18 +148,51 @@ def measure(target: str, rounds: int, calls: int, warmup: int) -> dict[str, list
     return samples
 
 
-def report(samples: dict[str, list[float]]) -> str:
+def _round_ratios(values: list[float], baseline: list[float], calls: int) -> list[float]:
+    """The ratio of medians in each round (the variants ran back to back within a round)."""
+    return sorted(
+        statistics.median(values[i : i + calls]) / statistics.median(baseline[i : i + calls])
+        for i in range(0, min(len(values), len(baseline)), calls)
+    )
+
+
+def verdicts(samples: dict[str, list[float]], calls: int) -> list[str]:
+    """One line per target: the variant's median against its baseline's, whether it is met, and
+    the middle half of the per-round ratios (how much one run's verdict can be trusted)."""
+    lines = []
+    for name, baseline, limit, shown in TARGETS:
+        if name not in samples or baseline not in samples:
+            continue
+        ratio = statistics.median(samples[name]) / statistics.median(samples[baseline])
+        per_round = _round_ratios(samples[name], samples[baseline], calls)
+        low, high = _percentile(per_round, 0.25), _percentile(per_round, 0.75)
+        if shown == "percent":
+            figures = f"{(ratio - 1) * 100:+.1f}% (target <= {(limit - 1) * 100:.0f}%)"
+            spread = f"{(low - 1) * 100:+.1f}%..{(high - 1) * 100:+.1f}%"
+        else:
+            figures = f"{ratio:.3f}x (target <= {limit:.2f}x)"
+            spread = f"{low:.3f}x..{high:.3f}x"
+        met = "met" if ratio <= limit else "MISSED"
+        lines.append(f"{name} vs {baseline}: {figures} {met}; per round {spread}")
+    return lines
+
+
+def report(samples: dict[str, list[float]], calls: int) -> str:
+    """The table of medians and p99s against ``bare``, then the verdicts."""
     bare = statistics.median(samples["bare"])
     bare_p99 = _percentile(sorted(samples["bare"]), 0.99)
-    lines = [f"{'variant':<17}{'calls':>7}{'median us':>11}{'p99 us':>10}{'median':>9}{'p99':>8}"]
+    width = max(len(name) for name in samples) + 2
+    lines = [
+        f"{'variant':<{width}}{'calls':>7}{'median us':>11}{'p99 us':>10}{'median':>9}{'p99':>8}"
+    ]
     for name, values in samples.items():
         ordered = sorted(values)
         median, p99 = statistics.median(ordered), _percentile(ordered, 0.99)
         lines.append(
-            f"{name:<17}{len(ordered):>7}{median:>11.1f}{p99:>10.1f}"
+            f"{name:<{width}}{len(ordered):>7}{median:>11.1f}{p99:>10.1f}"
             f"{median / bare:>8.3f}x{p99 / bare_p99:>7.3f}x"
         )
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *verdicts(samples, calls)])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -174,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"warm unary calls to {target}, {args.rounds} rounds x {args.calls} calls, {took:.1f} s"
         )
-        print(report(samples))
+        print(report(samples, args.calls))
     finally:
         if pod.stdin is not None:
             pod.stdin.close()
