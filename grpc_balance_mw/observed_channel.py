@@ -20,6 +20,9 @@ accept any channel; put opentelemetry-instrumentation-grpc's interceptor outside
 enriched rather than a second one made. Sync only: ``grpc.aio`` channels are observed through
 :mod:`grpc_balance_mw.aio.client`'s interceptors.
 
+Without telemetry, the plain ``__call__`` of unary-response methods (the common call) counts the
+call straight into the observer (``CallObserver.count``) without an ``ObservedCall``.
+
 This module also holds what the sync interceptor shares with the channel: building the observer,
 finishing a unary call and the observed response stream.
 """
@@ -205,8 +208,6 @@ class ObservedStream(grpc.Call, grpc.Future):  # type: ignore[misc]
 class _Observed:
     """One method of the observed channel: the inner multicallable and the observer."""
 
-    __slots__ = ("_inner", "_kind", "_method", "_observer", "_stream")
-
     def __init__(self, inner: Any, observer: CallObserver, method: str | bytes, kind: str) -> None:
         self._inner = inner
         self._observer = observer
@@ -217,8 +218,6 @@ class _Observed:
 
 class _UnaryResponse(_Observed):
     """``__call__``, ``with_call`` and ``future`` of unary-unary and stream-unary methods."""
-
-    __slots__ = ()
 
     def __call__(
         self,
@@ -291,8 +290,6 @@ class _CountedUnaryResponse(_UnaryResponse):
     """Detection only (no telemetry): the plain ``__call__``, the hot path, counts the call
     straight into the observer, without an :class:`ObservedCall` or a wrapping frame."""
 
-    __slots__ = ()
-
     def __call__(
         self,
         request: Any,
@@ -329,8 +326,6 @@ class _CountedUnaryResponse(_UnaryResponse):
 class _StreamResponse(_Observed):
     """``__call__`` of unary-stream and stream-stream methods."""
 
-    __slots__ = ()
-
     def __call__(
         self,
         request: Any,
@@ -350,27 +345,40 @@ class _StreamResponse(_Observed):
 
 
 class _UnaryUnary(_UnaryResponse, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
-    __slots__ = ()
+    pass
 
 
 class _CountedUnaryUnary(_CountedUnaryResponse, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
-    __slots__ = ()
+    pass
 
 
 class _StreamUnary(_UnaryResponse, grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
-    __slots__ = ()
+    pass
 
 
 class _CountedStreamUnary(_CountedUnaryResponse, grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
-    __slots__ = ()
+    pass
 
 
 class _UnaryStream(_StreamResponse, grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
-    __slots__ = ()
+    pass
 
 
 class _StreamStream(_StreamResponse, grpc.StreamStreamMultiCallable):  # type: ignore[misc]
-    __slots__ = ()
+    pass
+
+
+#: The multicallable of each call kind; without telemetry, unary responses have a leaner one.
+_TRACED: dict[str, type[_Observed]] = {
+    "unary_unary": _UnaryUnary,
+    "unary_stream": _UnaryStream,
+    "stream_unary": _StreamUnary,
+    "stream_stream": _StreamStream,
+}
+_COUNTED: dict[str, type[_Observed]] = {
+    "unary_unary": _CountedUnaryUnary,
+    "stream_unary": _CountedStreamUnary,
+}
 
 
 def _accepts_registered_method(channel: grpc.Channel) -> bool:
@@ -405,19 +413,23 @@ class ObservedChannel(grpc.Channel):  # type: ignore[misc]
     def detector(self) -> AffinityDetector:
         return self.observer.detector
 
-    def _inner(
+    def _observed(
         self,
-        make: Callable[..., Any],
+        kind: str,
         method: str,
         request_serializer: Any,
         response_deserializer: Any,
         registered: bool | None,
     ) -> Any:
+        make = getattr(self._channel, kind)
         # Generated stubs pass _registered_method=True; channels that predate it (or wrappers
         # that do not forward it) must be called without it.
         if registered and self._registered_method:
-            return make(method, request_serializer, response_deserializer, _registered_method=True)
-        return make(method, request_serializer, response_deserializer)
+            inner = make(method, request_serializer, response_deserializer, _registered_method=True)
+        else:
+            inner = make(method, request_serializer, response_deserializer)
+        counted = self.observer.telemetry is None and kind in _COUNTED
+        return (_COUNTED if counted else _TRACED)[kind](inner, self.observer, method, kind)
 
     def unary_unary(
         self,
@@ -426,15 +438,9 @@ class ObservedChannel(grpc.Channel):  # type: ignore[misc]
         response_deserializer: Any = None,
         _registered_method: bool | None = False,
     ) -> grpc.UnaryUnaryMultiCallable:
-        inner = self._inner(
-            self._channel.unary_unary,
-            method,
-            request_serializer,
-            response_deserializer,
-            _registered_method,
+        return self._observed(
+            "unary_unary", method, request_serializer, response_deserializer, _registered_method
         )
-        kind = _UnaryUnary if self.observer.telemetry is not None else _CountedUnaryUnary
-        return kind(inner, self.observer, method, "unary_unary")
 
     def unary_stream(
         self,
@@ -443,14 +449,9 @@ class ObservedChannel(grpc.Channel):  # type: ignore[misc]
         response_deserializer: Any = None,
         _registered_method: bool | None = False,
     ) -> grpc.UnaryStreamMultiCallable:
-        inner = self._inner(
-            self._channel.unary_stream,
-            method,
-            request_serializer,
-            response_deserializer,
-            _registered_method,
+        return self._observed(
+            "unary_stream", method, request_serializer, response_deserializer, _registered_method
         )
-        return _UnaryStream(inner, self.observer, method, "unary_stream")
 
     def stream_unary(
         self,
@@ -459,15 +460,9 @@ class ObservedChannel(grpc.Channel):  # type: ignore[misc]
         response_deserializer: Any = None,
         _registered_method: bool | None = False,
     ) -> grpc.StreamUnaryMultiCallable:
-        inner = self._inner(
-            self._channel.stream_unary,
-            method,
-            request_serializer,
-            response_deserializer,
-            _registered_method,
+        return self._observed(
+            "stream_unary", method, request_serializer, response_deserializer, _registered_method
         )
-        kind = _StreamUnary if self.observer.telemetry is not None else _CountedStreamUnary
-        return kind(inner, self.observer, method, "stream_unary")
 
     def stream_stream(
         self,
@@ -476,14 +471,9 @@ class ObservedChannel(grpc.Channel):  # type: ignore[misc]
         response_deserializer: Any = None,
         _registered_method: bool | None = False,
     ) -> grpc.StreamStreamMultiCallable:
-        inner = self._inner(
-            self._channel.stream_stream,
-            method,
-            request_serializer,
-            response_deserializer,
-            _registered_method,
+        return self._observed(
+            "stream_stream", method, request_serializer, response_deserializer, _registered_method
         )
-        return _StreamStream(inner, self.observer, method, "stream_stream")
 
     def subscribe(self, callback: Callable[..., Any], try_to_connect: bool = False) -> None:
         self._channel.subscribe(callback, try_to_connect=try_to_connect)
