@@ -1,4 +1,4 @@
-"""After every other test (conftest.py orders this file last): nothing they started is left running."""
+"""After every other test (conftest.py runs this file last): nothing they started is left."""
 
 from __future__ import annotations
 
