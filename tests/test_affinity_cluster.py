@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
-from affinity_fixtures import MODES, SYNC_WRAPPERS, observe_sync
+from affinity_fixtures import MODES, NO_WARMUP, SYNC_WRAPPERS, observe_sync
 from calls import CALL_KINDS, call_aio, call_sync
 from conftest import require
 
@@ -109,7 +109,7 @@ async def test_l4_service_with_known_pod_count_is_pinned(
         kind,
         calls=5 * PINNED_AFTER,
         stop=_pinned,
-        registry=AffinityRegistry(),
+        registry=AffinityRegistry(NO_WARMUP),
         expected_pods=3,
     )
     assert set(codes) == {grpc.StatusCode.OK}
@@ -123,7 +123,7 @@ async def test_l4_service_with_known_pod_count_is_pinned(
 async def test_l4_service_with_the_probe_is_pinned(
     cluster: LocalCluster, mode: str, kind: str
 ) -> None:
-    registry = AffinityRegistry()
+    registry = AffinityRegistry(NO_WARMUP)
     target = cluster.service_target
     probe = PodProbe(target, registry.detector(target), interval_s=0.02, connections=3)
     made, detector, codes = await drive(
@@ -149,7 +149,7 @@ def test_the_pinned_pod_is_the_one_that_served_and_the_alarm_says_so(
             channel,
             cluster.service_target,
             wrapper,
-            registry=AffinityRegistry(),
+            registry=AffinityRegistry(NO_WARMUP),
             expected_pods=3,
             telemetry=AffinityTelemetry(spans=False, metrics=False, on_alarm=alarms),
         )
@@ -183,19 +183,19 @@ async def test_balanced_routes_raise_no_alarm_over_a_long_run(
     target = cluster.headless_target if route == "headless" else cluster.l7_target
     options = ROUND_ROBIN if route == "headless" else None
     alarms = AlarmLog()
-    registry = AffinityRegistry()
+    registry = AffinityRegistry()  # the defaults, warm-up included: a fresh channel's start
     probe = PodProbe(target, registry.detector(target), interval_s=0.05, connections=2)
     states: list[AffinityState] = []
 
     def keep_state(detector: AffinityDetector) -> bool:
         states.append(detector.state)
-        return False
+        return len(states) - detector.snapshot().warmup_calls >= LONG_RUN  # judged calls
 
     made, detector, codes = await drive(
         mode,
         target,
         "unary_unary",
-        calls=LONG_RUN,
+        calls=4 * LONG_RUN,  # a bound: warm-up (1 s) plus LONG_RUN judged calls end it first
         stop=keep_state,
         options=options,
         registry=registry,
@@ -207,6 +207,7 @@ async def test_balanced_routes_raise_no_alarm_over_a_long_run(
     snapshot = detector.snapshot()
     print(f"{route} {mode}: {made} calls, false alarms {alarms.false_alarms}, {snapshot}")
     assert set(codes) == {grpc.StatusCode.OK}
+    assert made - snapshot.warmup_calls >= LONG_RUN
     assert alarms.false_alarms == 0 and not any(state.is_alarm for state in states)
     assert detector.state is AffinityState.BALANCED
     assert len(snapshot.pods) == 3 and snapshot.top_share < 0.5
@@ -219,7 +220,7 @@ def test_a_pod_killed_mid_run_is_handled() -> None:
     with LocalCluster(pods=3, service="userspace", dns=None) as cluster:
         interceptor = AffinityInterceptor(
             cluster.service_target,
-            registry=AffinityRegistry(),
+            registry=AffinityRegistry(NO_WARMUP),
             expected_pods=3,
             telemetry=AffinityTelemetry(spans=False, metrics=False, on_alarm=alarms),
         )

@@ -199,3 +199,53 @@ def test_reader(metadata: object, pod: str | None, l7: bool, malformed: bool) ->
     for _ in range(2):  # the second read comes from the cache
         reading = reader.read(metadata)  # type: ignore[arg-type]
         assert (reading.pod, reading.l7, reading.malformed) == (pod, l7, malformed)
+
+
+def test_warming_calls_teach_pods_but_stay_out_of_the_window() -> None:
+    detector = AffinityDetector("t", CFG)
+    detector.expected_pods = 3
+    # round_robin's start: every call on the first subchannel that connected.
+    assert feed(detector, ["a"] * 50, warming=True, now=0.0) == []
+    snapshot = detector.snapshot(now=0.0)
+    assert snapshot.calls == 0 and snapshot.warmup_calls == 50 and snapshot.known_pods == ("a",)
+    assert detector.state is U
+    assert feed(detector, spread("abc", 60), now=1.0) == [B]  # judged on the spread alone
+
+
+def test_a_lane_warms_up_from_its_first_call_then_counts() -> None:
+    from grpc_balance_mw.affinity import CallObserver
+
+    clock = FakeClock()
+    detector = AffinityDetector("t", AffinityConfig(warmup_s=1.0), clock=clock)
+    observer = CallObserver(detector, clock=clock)
+    headers = (("x-balance-pod", "a"),)
+    clock.now += 30  # the channel idles before its first call: warm-up starts at that call
+    for _ in range(5):
+        observer.count(clock.now, False, headers, None)
+        clock.now += 0.3
+    snapshot = detector.snapshot()
+    assert (snapshot.warmup_calls, snapshot.calls) == (4, 1)  # 0.0, 0.3, 0.6, 0.9 | 1.2
+    other = CallObserver(detector, clock=clock)  # a new lane warms up on its own
+    other.count(clock.now, False, headers, None)
+    assert detector.snapshot().warmup_calls == 5
+    with pytest.raises(ConfigurationError):
+        AffinityConfig(warmup_s=-1)
+
+
+def test_count_judges_later_but_alike_to_record() -> None:
+    import random
+
+    config = AffinityConfig(min_samples=5, dwell_calls=2, window_calls=50)
+    recorded, counted = AffinityDetector("svc:1", config), AffinityDetector("svc:1", config)
+    recorded.expected_pods = counted.expected_pods = 3
+    rng = random.Random(4)
+    states = []
+    for i in range(500):
+        pod = rng.choice(["a"] * (8 if (i // 100) % 2 else 1) + ["b", "c", None])
+        duration, stream, now = rng.random(), rng.random() < 0.3, i * 0.01
+        recorded.record(pod, duration_s=duration, stream=stream, now=now)
+        counted.count(pod, duration, stream, False, False, now)
+        if i % 7 == 0:
+            states.append((recorded.state, counted.state))
+    assert all(r is c for r, c in states) and len({r for r, _ in states}) > 1
+    assert recorded.snapshot(now=5.0) == counted.snapshot(now=5.0)

@@ -12,6 +12,7 @@ import pytest
 from affinity_fixtures import (
     ENVOY_HEADERS,
     MODES,
+    NO_WARMUP,
     SYNC_WRAPPERS,
     HeaderPod,
     call_twice,
@@ -46,7 +47,7 @@ async def test_records_the_pod_and_changes_nothing(
 ) -> None:
     mode, target = pod
     bare, seen, interceptor = await call_twice(
-        mode, target, kind, fail, registry=AffinityRegistry()
+        mode, target, kind, fail, registry=AffinityRegistry(NO_WARMUP)
     )
     assert (seen.code, seen.responses) == (bare.code, bare.responses)
     assert (seen.initial, seen.trailing) == (bare.initial, bare.trailing)
@@ -60,7 +61,7 @@ async def test_a_server_without_identity_counts_as_unknown(mode: str) -> None:
     plain = HeaderPod()
     try:
         _, seen, interceptor = await call_twice(
-            mode, plain.target, "unary_unary", OK, registry=AffinityRegistry()
+            mode, plain.target, "unary_unary", OK, registry=AffinityRegistry(NO_WARMUP)
         )
     finally:
         plain.stop()
@@ -74,7 +75,7 @@ async def test_a_malformed_pod_header_is_unknown_and_counted(mode: str) -> None:
     liar = HeaderPod(headers=[("x-balance-pod", "pod-a"), ("x-balance-pod", "pod-b")])
     try:
         _, seen, interceptor = await call_twice(
-            mode, liar.target, "unary_unary", OK, registry=AffinityRegistry()
+            mode, liar.target, "unary_unary", OK, registry=AffinityRegistry(NO_WARMUP)
         )
     finally:
         liar.stop()
@@ -86,7 +87,7 @@ async def test_a_malformed_pod_header_is_unknown_and_counted(mode: str) -> None:
 @pytest.mark.parametrize("mode", MODES)
 async def test_envoy_headers_mark_the_target_l7_balanced(mode: str) -> None:
     envoy = HeaderPod(headers=ENVOY_HEADERS, identity=IDENTITY)
-    registry = AffinityRegistry()
+    registry = AffinityRegistry(NO_WARMUP)
     try:
         for _ in range(30):  # min_samples + dwell_calls
             _, _, interceptor = await call_twice(
@@ -112,7 +113,7 @@ def _settled(detector: Any, calls: int) -> Any:
 def test_sync_future_and_cancelled_stream(sync_pod: SyncPod, wrapper: str) -> None:
     with grpc.insecure_channel(sync_pod.target) as bare:
         observed, watcher = observe_sync(
-            bare, sync_pod.target, wrapper, registry=AffinityRegistry()
+            bare, sync_pod.target, wrapper, registry=AffinityRegistry(NO_WARMUP)
         )
         stub = pb_grpc.ChargePointsStub(observed)
         future = stub.GetChargePoint.future(pb.GetChargePointRequest(id="cp-1"), timeout=10)
@@ -155,7 +156,7 @@ def test_a_plain_call_is_recorded_and_unchanged(
     # the plain __call__ of unary responses is the channel wrapper's own, leaner, path
     with grpc.insecure_channel(sync_pod.target) as bare:
         observed, watcher = observe_sync(
-            bare, sync_pod.target, wrapper, registry=AffinityRegistry()
+            bare, sync_pod.target, wrapper, registry=AffinityRegistry(NO_WARMUP)
         )
         assert _call_plainly(observed, kind, fail) == _call_plainly(bare, kind, fail)
     snapshot = watcher.detector.snapshot()
@@ -170,6 +171,7 @@ NOT_SERIALIZED = (grpc.StatusCode.INTERNAL, "Exception serializing request!")
 def test_a_request_that_does_not_serialize_fails_alike_and_counts_as_unknown(
     sync_pod: SyncPod, wrapper: str, call: str
 ) -> None:
+
     def fail(channel: grpc.Channel) -> tuple[Any, str]:
         method = pb_grpc.ChargePointsStub(channel).GetChargePoint
         invoke: Callable[..., Any] = {
@@ -183,7 +185,7 @@ def test_a_request_that_does_not_serialize_fails_alike_and_counts_as_unknown(
 
     with grpc.insecure_channel(sync_pod.target) as bare:
         observed, watcher = observe_sync(
-            bare, sync_pod.target, wrapper, registry=AffinityRegistry()
+            bare, sync_pod.target, wrapper, registry=AffinityRegistry(NO_WARMUP)
         )
         assert fail(observed) == fail(bare) == NOT_SERIALIZED
     snapshot = _settled(watcher.detector, 1)
@@ -200,7 +202,7 @@ def test_the_observed_channel_is_a_channel_that_interceptors_accept(sync_pod: Sy
     with observe_channel(
         grpc.insecure_channel(sync_pod.target),
         sync_pod.target,
-        registry=AffinityRegistry(),
+        registry=AffinityRegistry(NO_WARMUP),
         lane="l0",
     ) as observed:
         assert isinstance(observed, (grpc.Channel, ObservedChannel))
@@ -257,14 +259,16 @@ def test_generated_stubs_work_over_a_channel_without_registered_methods(sync_pod
     with observe_channel(
         _PreRegistrationChannel(grpc.insecure_channel(sync_pod.target)),
         sync_pod.target,
-        registry=AffinityRegistry(),
+        registry=AffinityRegistry(NO_WARMUP),
     ) as observed:
         assert {call_sync(observed, kind).code for kind in CALL_KINDS} == {grpc.StatusCode.OK}
     assert observed.detector.snapshot().pods[IDENTITY.name].calls == 4
 
 
 async def test_aio_cancelled_stream(aio_pod: AioPod) -> None:
-    interceptor = aio_client.AffinityInterceptor(aio_pod.target, registry=AffinityRegistry())
+    interceptor = aio_client.AffinityInterceptor(
+        aio_pod.target, registry=AffinityRegistry(NO_WARMUP)
+    )
     assert len(interceptor.interceptors) == 4
     async with grpc.aio.insecure_channel(
         aio_pod.target, interceptors=interceptor.interceptors
@@ -280,7 +284,9 @@ async def test_aio_cancelled_stream(aio_pod: AioPod) -> None:
 
 
 def test_sync_interceptor_is_one_object_for_all_kinds() -> None:
-    interceptor = AffinityInterceptor("127.0.0.1:1", registry=AffinityRegistry(), lane="l0")
+    interceptor = AffinityInterceptor(
+        "127.0.0.1:1", registry=AffinityRegistry(NO_WARMUP), lane="l0"
+    )
     for kind in (
         grpc.UnaryUnaryClientInterceptor,
         grpc.UnaryStreamClientInterceptor,

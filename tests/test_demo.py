@@ -16,7 +16,7 @@ pytestmark = pytest.mark.cluster
 def test_demo_shows_pinning_then_the_fix() -> None:
     require(not missing_components(l7="haproxy"), "haproxy is not installed")
     done = subprocess.run(
-        [sys.executable, "-m", "grpc_balance_mw.demo", "--calls", "60"],
+        [sys.executable, "-m", "grpc_balance_mw.demo", "--calls", "300", "--rate", "250"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -25,8 +25,8 @@ def test_demo_shows_pinning_then_the_fix() -> None:
     assert done.returncode == 0, done.stderr
     sections = done.stdout.split("\n== ")
     service, headless, l7, surge = sections[1:5]
-    assert "detector: pinned" in service and " 60  " in service
+    assert "detector: pinned" in service and " 300  " in service
     assert "detector: balanced" in headless and "detector: balanced" in l7
-    assert "60 CLIENT spans, 60 tagged with the pod" in service
+    assert "300 CLIENT spans, 300 tagged with the pod" in service
     assert "RESOURCE_EXHAUSTED" in surge
     assert "are pinned" in done.stderr  # the rate-limited warning says what to do

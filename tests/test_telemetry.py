@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
-from affinity_fixtures import MODES, SYNC_WRAPPERS, call_twice, observe_sync
+from affinity_fixtures import MODES, NO_WARMUP, SYNC_WRAPPERS, call_twice, observe_sync
 from calls import ABORT, CALL_KINDS, OK, call_aio, call_sync
 from conftest import IDENTITY, AioPod, SyncPod
 from opentelemetry import trace
@@ -49,7 +49,7 @@ from grpc_balance_mw.telemetry import (
     server_address,
 )
 
-FAST = AffinityConfig(min_samples=5, dwell_calls=2)
+FAST = AffinityConfig(min_samples=5, dwell_calls=2, warmup_s=0)
 METHODS = {
     "unary_unary": "GetChargePoint",
     "unary_stream": "WatchStatus",
@@ -95,7 +95,7 @@ async def test_one_client_span_per_call_with_the_pod(
             pod.target,
             kind,
             fail,
-            registry=AffinityRegistry(),
+            registry=AffinityRegistry(NO_WARMUP),
             telemetry=telemetry,
             lane="l1",
         )
@@ -128,7 +128,7 @@ def test_a_plain_call_through_the_channel_wrapper_has_its_span(
     with observe_channel(
         grpc.insecure_channel(sync_pod.target),
         sync_pod.target,
-        registry=AffinityRegistry(),
+        registry=AffinityRegistry(NO_WARMUP),
         telemetry=telemetry,
     ) as channel:
         request = pb.GetChargePointRequest(id="cp-1", fail_with_code=fail)
@@ -156,7 +156,7 @@ def test_sync_enriches_the_instrumentation_span_instead_of_a_second(
             channel,
             sync_pod.target,
             wrapper,
-            registry=AffinityRegistry(),
+            registry=AffinityRegistry(NO_WARMUP),
             telemetry=AffinityTelemetry(tracer_provider=tracer_provider, metrics=False),
         )
         # theirs outside, ours inside: its span is current when ours sees the call
@@ -180,7 +180,7 @@ async def test_aio_enriches_the_instrumentation_span_instead_of_a_second(
 ) -> None:
     ours = aio_client.AffinityInterceptor(
         aio_pod.target,
-        registry=AffinityRegistry(),
+        registry=AffinityRegistry(NO_WARMUP),
         telemetry=AffinityTelemetry(tracer_provider=tracer_provider, metrics=False),
     )
     theirs = aio_client_interceptors(tracer_provider=tracer_provider)
@@ -208,7 +208,7 @@ def test_no_second_span_when_the_instrumentor_wraps_channels(
             channel,
             sync_pod.target,
             wrapper,
-            registry=AffinityRegistry(),
+            registry=AffinityRegistry(NO_WARMUP),
             telemetry=AffinityTelemetry(tracer_provider=tracer_provider, metrics=False),
         )
         seen = call_sync(observed, "unary_unary")
@@ -242,7 +242,7 @@ def test_alarm_event_once_per_state_change_and_state_on_later_spans(
             wrapper,
             config=FAST,
             expected_pods=3,
-            registry=AffinityRegistry(),
+            registry=AffinityRegistry(NO_WARMUP),
             telemetry=telemetry,
         )
         for _ in range(30):
@@ -328,7 +328,7 @@ def test_broken_telemetry_and_callback_never_reach_the_call(
             wrapper,
             config=FAST,
             expected_pods=2,
-            registry=AffinityRegistry(),
+            registry=AffinityRegistry(NO_WARMUP),
             telemetry=telemetry,
         )
         codes = {call_sync(observed, kind).code for kind in CALL_KINDS * 5}
@@ -342,7 +342,7 @@ def test_warning_is_rate_limited_per_target(caplog: pytest.LogCaptureFixture) ->
     clock = [0.0]
     telemetry = AffinityTelemetry(spans=False, metrics=False, clock=lambda: clock[0])
     detector = AffinityDetector(
-        "svc:1", AffinityConfig(window_calls=10, min_samples=5, dwell_calls=2)
+        "svc:1", AffinityConfig(window_calls=10, min_samples=5, dwell_calls=2, warmup_s=0)
     )
     detector.expected_pods = 2
     observer = CallObserver(detector, telemetry=telemetry)

@@ -16,8 +16,8 @@ Clock = Callable[[], float]
 _PRUNE_EVERY_S = 1.0
 #: Calls counted with ``count`` are judged at the latest once this many wait.
 JUDGE_EVERY_CALLS = 32
-#: One counted call waiting to be judged: (pod, duration_s, stream, l7, malformed, at).
-_Counted = tuple[str | None, float, bool, bool, bool, float]
+#: One counted call waiting to be judged: (pod, duration_s, stream, l7, malformed, at, warming).
+_Counted = tuple[str | None, float, bool, bool, bool, float, bool]
 
 
 class AffinityDetector:
@@ -57,6 +57,7 @@ class AffinityDetector:
         self._sources: dict[str, set[str]] = {}
         self._dns_pods = 0
         self._malformed = 0
+        self._warmup_calls = 0
         self._top_share = 0.0
         self._next_prune = 0.0
         self._counted: deque[_Counted] = deque()
@@ -114,6 +115,7 @@ class AffinityDetector:
         l7: bool = False,
         malformed: bool = False,
         now: float | None = None,
+        warming: bool = False,
     ) -> Transition | None:
         """Count one finished call.
 
@@ -124,6 +126,8 @@ class AffinityDetector:
             l7: whether the response carried an L7 proxy's headers.
             malformed: the pod header was there but invalid (``pod`` is then None).
             now: the clock reading; default the injected clock.
+            warming: the call came in its channel's warm-up (``AffinityConfig.warmup_s``): it
+                teaches the known pods but is left out of the window.
 
         Returns:
             The state change this call caused, if any.
@@ -131,7 +135,7 @@ class AffinityDetector:
         at = self._clock() if now is None else now
         with self._lock:
             earlier = self._judge_counted()
-            return self._add(pod, duration_s, stream, l7, malformed, at) or earlier
+            return self._add(pod, duration_s, stream, l7, malformed, at, warming) or earlier
 
     def count(
         self,
@@ -141,6 +145,7 @@ class AffinityDetector:
         l7: bool,
         malformed: bool,
         now: float,
+        warming: bool = False,
     ) -> None:
         """Count one finished call like ``record``, but judge it later and without the lock.
 
@@ -148,7 +153,7 @@ class AffinityDetector:
         next ``record`` instead (if no later transition supersedes it).
         """
         counted = self._counted
-        counted.append((pod, duration_s, stream, l7, malformed, now))
+        counted.append((pod, duration_s, stream, l7, malformed, now, warming))
         if len(counted) >= JUDGE_EVERY_CALLS:
             with self._lock:
                 self._judge_counted()
@@ -169,17 +174,27 @@ class AffinityDetector:
         return last
 
     def _add(
-        self, pod: str | None, duration_s: float, stream: bool, l7: bool, malformed: bool, at: float
+        self,
+        pod: str | None,
+        duration_s: float,
+        stream: bool,
+        l7: bool,
+        malformed: bool,
+        at: float,
+        warming: bool = False,
     ) -> Transition | None:
-        weight = 1.0
-        if stream and duration_s > self.config.stream_unit_s:
-            weight = duration_s / self.config.stream_unit_s
         if malformed:
             self._malformed += 1
         if pod is not None:
             if pod not in self._known:
                 self._sources.setdefault(pod, set()).add("calls")
             self._known[pod] = at
+        if warming:
+            self._warmup_calls += 1
+            return None
+        weight = 1.0
+        if stream and duration_s > self.config.stream_unit_s:
+            weight = duration_s / self.config.stream_unit_s
         self._window.add(pod, weight, l7, at)
         return self._judge(at)
 
@@ -259,4 +274,5 @@ class AffinityDetector:
             expected_pods=self._expected,
             dns_pods=self._dns_pods,
             l7_share=window.l7_calls / total if total else 0.0,
+            warmup_calls=self._warmup_calls,
         )

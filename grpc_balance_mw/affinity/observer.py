@@ -187,6 +187,7 @@ class ObservedCall:
             l7=reading.l7,
             malformed=reading.malformed,
             now=now,
+            warming=observer.warming(self.started, now),
         )
         telemetry.call_finished(self, code, transition)
         if observer.probe is not None:
@@ -221,12 +222,20 @@ class CallObserver:
         self.lane = lane
         self.clock = clock
         self.reader = PodReader()
+        #: When this lane's warm-up ends (``AffinityConfig.warmup_s`` after its first call).
+        self.warm_until: float | None = None
         self._methods: dict[str | bytes, MethodName] = {}
         if telemetry is not None:
             telemetry.watch(self)
 
     def __repr__(self) -> str:
         return f"<CallObserver {self.target} lane={self.lane} {self.detector.state.value}>"
+
+    def warming(self, started: float, now: float) -> bool:
+        """Whether a call that began at ``started`` and ended ``now`` falls in the warm-up."""
+        if self.warm_until is None:
+            self.warm_until = started + self.detector.config.warmup_s
+        return now < self.warm_until
 
     def read_pod(
         self,
@@ -263,7 +272,11 @@ class CallObserver:
         if reading is None or reading.pod is None:
             reading = self.read_pod(initial, trailing, reading)
         now = self.clock()
-        self.detector.count(reading.pod, now - started, stream, reading.l7, reading.malformed, now)
+        warm_until = self.warm_until
+        warming = now < warm_until if warm_until is not None else self.warming(started, now)
+        self.detector.count(
+            reading.pod, now - started, stream, reading.l7, reading.malformed, now, warming
+        )
         if self.probe is not None:
             self.probe.maybe_probe(now)
         return reading

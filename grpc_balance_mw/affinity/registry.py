@@ -11,9 +11,14 @@ from grpc_balance_mw.affinity.state import AffinitySnapshot
 
 
 class AffinityRegistry:
-    """Detectors keyed by target; the first caller's config wins for a target."""
+    """Detectors keyed by target; the first caller's config wins for a target.
 
-    def __init__(self) -> None:
+    Args:
+        config: the config of detectors made without one (default: ``AffinityConfig()``).
+    """
+
+    def __init__(self, config: AffinityConfig | None = None) -> None:
+        self.config = config
         self._lock = threading.Lock()
         self._detectors: dict[str, AffinityDetector] = {}
 
@@ -32,7 +37,9 @@ class AffinityRegistry:
         with self._lock:
             found = self._detectors.get(target)
             if found is None:
-                found = self._detectors[target] = AffinityDetector(target, config)
+                found = self._detectors[target] = AffinityDetector(
+                    target, config if config is not None else self.config
+                )
             return found
 
     def snapshots(self) -> dict[str, AffinitySnapshot]:

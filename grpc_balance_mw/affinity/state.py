@@ -54,6 +54,8 @@ class AffinitySnapshot:
         expected_pods: the configured expected count, if any.
         dns_pods: how many addresses the last DNS answer held (0 when none was given).
         l7_share: share of the window's calls that carried L7 proxy headers.
+        warmup_calls: calls ever left out of the window because they came in a channel's
+            warm-up (``AffinityConfig.warmup_s``).
     """
 
     target: str
@@ -69,6 +71,7 @@ class AffinitySnapshot:
     expected_pods: int | None
     dns_pods: int
     l7_share: float
+    warmup_calls: int = 0
 
 
 @dataclass(frozen=True)

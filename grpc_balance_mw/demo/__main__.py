@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -59,7 +60,12 @@ def _tracing() -> tuple[object | None, Callable[[], list[dict[str, object]]]]:
 
 
 def run_scenario(
-    cluster: LocalCluster, title: str, target: str, options: list[tuple[str, object]], calls: int
+    cluster: LocalCluster,
+    title: str,
+    target: str,
+    options: list[tuple[str, object]],
+    calls: int,
+    rate: float,
 ) -> Run:
     cluster.reset_counts()
     provider, finished_spans = _tracing()
@@ -68,7 +74,7 @@ def run_scenario(
     def on_alarm(transition: Transition) -> None:
         alarms.append(
             f"{transition.previous.value} -> {transition.current.value} after "
-            f"{transition.snapshot.calls} calls (top share {transition.snapshot.top_share:.0%})"
+            f"{transition.snapshot.calls} judged calls (top share {transition.snapshot.top_share:.0%})"
         )
 
     telemetry = AffinityTelemetry(tracer_provider=provider, on_alarm=on_alarm)  # type: ignore[arg-type]
@@ -78,7 +84,9 @@ def run_scenario(
     codes: dict[str, int] = {}
     with grpc.insecure_channel(target, options=options) as channel:
         stub = pb_grpc.ChargePointsStub(grpc.intercept_channel(channel, interceptor))
+        start = time.monotonic()
         for i in range(calls):
+            time.sleep(max(0.0, start + i / rate - time.monotonic()))  # omni's steady request rate
             try:
                 stub.GetChargePoint(pb.GetChargePointRequest(id=f"cp-{i}"), timeout=5)
                 code = grpc.StatusCode.OK
@@ -124,11 +132,10 @@ def surge(
 
 def print_run(run: Run) -> None:
     total = sum(run.served.values()) or 1
-    print(f"\n== {run.title}")
     for pod, count in sorted(run.served.items()):
         bar = "#" * round(40 * count / total)
         print(f"   {pod:18} {count:5d}  {bar}")
-    print(f"   detector: {run.state} (top pod share {run.top_share:.0%})")
+    print(f"   detector: {run.state} (top pod share {run.top_share:.0%}, first second not judged)")
     for change in run.alarms:
         print(f"   state:    {change}")
     if run.spans:
@@ -139,7 +146,10 @@ def print_run(run: Run) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=300, help="calls per scenario")
+    parser.add_argument("--calls", type=int, default=600, help="calls per scenario")
+    parser.add_argument(
+        "--rate", type=float, default=300.0, help="calls per second (the detector's warm-up is 1 s)"
+    )
     parser.add_argument("--service", choices=("userspace", "haproxy"), default="userspace")
     args = parser.parse_args(argv)
     if isinstance(sys.stdout, io.TextIOWrapper):
@@ -156,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("(haproxy not installed: the L7 scenario is left out)")
         for title, target, options in scenarios:
-            print_run(run_scenario(cluster, title, target, options, args.calls))
+            print(f"\n== {title}")
+            print_run(run_scenario(cluster, title, target, options, args.calls, args.rate))
 
     print("\n== a surge: 60 concurrent calls of 50 ms, pods of capacity 8 that refuse the rest")
     with LocalCluster(
