@@ -39,7 +39,7 @@ import grpc
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
-from grpc_balance_mw.affinity import AffinityRegistry
+from grpc_balance_mw.affinity import AffinityConfig, AffinityRegistry
 from grpc_balance_mw.client import AffinityInterceptor, observe_channel
 from grpc_balance_mw.demo.servicer import SyncChargePointsServicer
 from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
@@ -81,6 +81,10 @@ def serve() -> None:
     server.stop(None)
 
 
+#: Measure the steady state: every call judged from the first (no warm-up).
+STEADY = AffinityConfig(warmup_s=0)
+
+
 def _variants(channel: grpc.Channel, target: str) -> dict[str, Call]:
     from opentelemetry.instrumentation.grpc import client_interceptor, grpcext
 
@@ -90,13 +94,13 @@ def _variants(channel: grpc.Channel, target: str) -> dict[str, Call]:
 
     def detection(telemetry: AffinityTelemetry | None = None) -> grpc.Channel:
         interceptor = AffinityInterceptor(
-            target, registry=AffinityRegistry(), expected_pods=3, telemetry=telemetry
+            target, registry=AffinityRegistry(STEADY), expected_pods=3, telemetry=telemetry
         )
         return grpc.intercept_channel(channel, interceptor)
 
     def observed(telemetry: AffinityTelemetry | None = None) -> grpc.Channel:
         return observe_channel(
-            channel, target, registry=AffinityRegistry(), expected_pods=3, telemetry=telemetry
+            channel, target, registry=AffinityRegistry(STEADY), expected_pods=3, telemetry=telemetry
         )
 
     def spans() -> AffinityTelemetry:
