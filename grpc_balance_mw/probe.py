@@ -7,6 +7,10 @@ subchannel pool, so it does not reuse the channel's connection), makes one
 stamp health responses too. Each new connection through an L4 Service lands on a pod of the
 balancer's choosing, so a few probes over time find the pods that exist.
 
+For a headless target (``dns:`` with ``round_robin``) each round also resolves the name the way
+the channel does and hands the answer to the detector (``set_dns_answer``): one A record per
+ready pod is the best count of the pods that exist.
+
 It runs on a daemon thread, at most once every ``interval_s``, never on the call path, and never
 raises: a failed probe only means nothing new was learned.
 """
@@ -23,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.errors import ConfigurationError, MalformedPodHeader
+from grpc_balance_mw.headless import parse_dns_target, resolve_addresses
 from grpc_balance_mw.identity import pod_from_metadata
 
 _log = logging.getLogger(__name__)
@@ -66,6 +71,7 @@ class PodProbe:
         self.timeout_s = timeout_s
         self._credentials = credentials
         self._options = (*options, LOCAL_POOL_OPTION)
+        self._dns_target = parse_dns_target(target)
         self._lock = threading.Lock()
         self._next_at = 0.0
         self._running: threading.Thread | None = None
@@ -96,6 +102,10 @@ class PodProbe:
 
     def _round(self) -> None:
         try:
+            if self._dns_target is not None:
+                addresses = resolve_addresses(self._dns_target, self.timeout_s)
+                if addresses is not None:  # no answer is not "no pods"
+                    self.detector.set_dns_answer(addresses)
             pods = self.probe_once()
             if pods:
                 self.detector.add_known_pods(pods, "probe")

@@ -72,9 +72,10 @@ def run_scenario(
     alarms: list[str] = []
 
     def on_alarm(transition: Transition) -> None:
+        snapshot = transition.snapshot
         alarms.append(
             f"{transition.previous.value} -> {transition.current.value} after "
-            f"{transition.snapshot.calls} judged calls (top share {transition.snapshot.top_share:.0%})"
+            f"{snapshot.calls} judged calls (top share {snapshot.top_share:.0%})"
         )
 
     telemetry = AffinityTelemetry(tracer_provider=provider, on_alarm=on_alarm)  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
-from grpc_balance_mw.testing.dns_message import answer
+from grpc_balance_mw.dns_message import answer
 from grpc_balance_mw.testing.endpoints import Endpoint
 from grpc_balance_mw.testing.process import ChildProcess, python_module
 

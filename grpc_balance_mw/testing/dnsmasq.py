@@ -15,7 +15,7 @@ import signal
 from collections.abc import Sequence
 from pathlib import Path
 
-from grpc_balance_mw.testing.dns_message import lookup_a
+from grpc_balance_mw.dns_message import lookup_a
 from grpc_balance_mw.testing.endpoints import Endpoint
 from grpc_balance_mw.testing.process import ChildProcess, ClusterError, reserve_port, wait_until
 

@@ -1,6 +1,7 @@
 """Just enough of the DNS wire format (RFC 1035) for a cluster DNS: A records, one question.
 
-Pure functions, no sockets: the embedded server and the harness's own lookups share them.
+Pure functions (and one UDP lookup): the probe reads headless answers with them, and the local
+cluster's embedded DNS server answers with them.
 """
 
 from __future__ import annotations
