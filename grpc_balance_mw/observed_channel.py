@@ -42,6 +42,7 @@ from grpc_balance_mw.affinity.config import AffinityConfig
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.observer import CallObserver, CallTelemetry, ObservedCall
 from grpc_balance_mw.affinity.registry import AffinityRegistry, default_registry
+from grpc_balance_mw.instrumentation import ObservedCore, instrumentation_parts
 from grpc_balance_mw.probe import PodProbe
 
 __all__ = [
@@ -404,7 +405,18 @@ class ObservedChannel(grpc.Channel):  # type: ignore[misc]
     def __init__(self, channel: grpc.Channel, observer: CallObserver) -> None:
         self._channel = channel
         self.observer = observer
-        self._registered_method = _accepts_registered_method(channel)
+        self._front: grpc.Channel | None = None
+        instrumented = instrumentation_parts(channel)
+        if instrumented is not None:
+            # opentelemetry-instrumentation-grpc's GrpcInstrumentorClient wraps each channel when
+            # it is made, so its span would sit outside this wrapper, out of reach. Observe the
+            # channel it wraps and put its interceptor back outside: its span is then current
+            # while the call runs here, and gets the pod instead of a second span being made.
+            raw, interceptor, intercept = instrumented
+            self._channel = raw
+            self._front = intercept(ObservedCore(self), interceptor)
+        self._registered_method = _accepts_registered_method(self._channel)
+        self._front_registered = self._front is not None and _accepts_registered_method(self._front)
 
     def __repr__(self) -> str:
         return f"<ObservedChannel {self.observer!r}>"
@@ -414,6 +426,23 @@ class ObservedChannel(grpc.Channel):  # type: ignore[misc]
         return self.observer.detector
 
     def _observed(
+        self,
+        kind: str,
+        method: str,
+        request_serializer: Any,
+        response_deserializer: Any,
+        registered: bool | None,
+    ) -> Any:
+        if self._front is not None:
+            front = getattr(self._front, kind)
+            if registered and self._front_registered:
+                return front(method, request_serializer, response_deserializer, True)
+            return front(method, request_serializer, response_deserializer)
+        return self._observed_core(
+            kind, method, request_serializer, response_deserializer, registered
+        )
+
+    def _observed_core(
         self,
         kind: str,
         method: str,

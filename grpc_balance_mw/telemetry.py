@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -27,6 +26,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from grpc_balance_mw.affinity.detector import Clock
 from grpc_balance_mw.affinity.observer import CallObserver, ObservedCall
 from grpc_balance_mw.affinity.state import Transition
+from grpc_balance_mw.instrumentation import instrumentor_active
 
 _log = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ METRIC_TOP_SHARE = "grpc_balance_mw.affinity.top_share"
 #: The pod value of calls whose response named no pod, and of pods beyond the cap.
 UNKNOWN_POD = "unknown"
 OTHER_POD = "other"
-_INSTRUMENTATION_MODULE = "opentelemetry.instrumentation.grpc"
 
 AlarmCallback = Callable[[Transition], None]
 
@@ -65,13 +64,6 @@ def server_address(target: str) -> tuple[str, int | None]:
         return target, None
     port = match.group("port")
     return match.group("v6") or match.group("host"), int(port) if port else None
-
-
-def _instrumentor_active() -> bool:
-    """Whether ``GrpcInstrumentorClient`` is instrumenting (without importing it if unused)."""
-    module = sys.modules.get(_INSTRUMENTATION_MODULE)
-    instrumentor = getattr(getattr(module, "GrpcInstrumentorClient", None), "_instance", None)
-    return bool(getattr(instrumentor, "is_instrumented_by_opentelemetry", False))
 
 
 class AffinityTelemetry:
@@ -140,7 +132,7 @@ class AffinityTelemetry:
             current = trace.get_current_span()
             if current.is_recording() and self._is_grpc_client_span(current, call):
                 call.span, call.telemetry_state = current, False
-            elif self._tracer is not None and not _instrumentor_active():
+            elif self._tracer is not None and not instrumentor_active():
                 call.span = self._tracer.start_span(
                     f"{call.method.service}/{call.method.method}",
                     kind=SpanKind.CLIENT,

@@ -193,33 +193,88 @@ async def test_aio_enriches_the_instrumentation_span_instead_of_a_second(
     assert (span.attributes or {})[ATTR_POD] == IDENTITY.name
 
 
+@contextlib.contextmanager
+def global_tracer_provider(provider: TracerProvider) -> Iterator[None]:
+    """Make ``provider`` the global one for a while (``GrpcInstrumentorClient`` ignores the
+    provider it is given and uses the global one); the globals are reset as OTel's own test
+    utilities reset them, since the API lets a process set them only once."""
+    from opentelemetry.util._once import Once
+
+    def reset() -> None:
+        trace._TRACER_PROVIDER_SET_ONCE = Once()  # type: ignore[attr-defined]
+        trace._TRACER_PROVIDER = None  # type: ignore[attr-defined]
+
+    reset()
+    trace.set_tracer_provider(provider)
+    try:
+        yield
+    finally:
+        reset()
+
+
 @pytest.mark.parametrize("wrapper", SYNC_WRAPPERS)
-def test_no_second_span_when_the_instrumentor_wraps_channels(
+def test_one_span_when_the_instrumentor_wraps_channels(
     wrapper: str,
     sync_pod: SyncPod,
     tracer_provider: TracerProvider,
     exporter: InMemorySpanExporter,
 ) -> None:
     instrumentor = GrpcInstrumentorClient()
-    instrumentor.instrument()
-    try:
-        channel = grpc.insecure_channel(sync_pod.target)  # wrapped by the instrumentor
-        observed, ours = observe_sync(
-            channel,
-            sync_pod.target,
-            wrapper,
-            registry=AffinityRegistry(NO_WARMUP),
-            telemetry=AffinityTelemetry(tracer_provider=tracer_provider, metrics=False),
-        )
-        seen = call_sync(observed, "unary_unary")
-        channel.close()
-    finally:
-        instrumentor.uninstrument()
+    with global_tracer_provider(tracer_provider):
+        instrumentor.instrument()
+        try:
+            channel = grpc.insecure_channel(sync_pod.target)  # wrapped by the instrumentor
+            observed, ours = observe_sync(
+                channel,
+                sync_pod.target,
+                wrapper,
+                registry=AffinityRegistry(NO_WARMUP),
+                telemetry=AffinityTelemetry(tracer_provider=tracer_provider, metrics=False),
+            )
+            seen = call_sync(observed, "unary_unary")
+            channel.close()
+        finally:
+            instrumentor.uninstrument()
     assert seen.code is grpc.StatusCode.OK
-    # The instrumentor's span goes to the global provider (it ignores the one given); ours, the
-    # outer interceptor, cannot enrich it and so must not start a second one.
-    assert exporter.get_finished_spans() == ()
     assert ours.detector.snapshot().pods[IDENTITY.name].calls == 1
+    span = only_span(exporter)  # the instrumentor's: never a second one of ours
+    assert span.instrumentation_scope is not None
+    assert span.instrumentation_scope.name == "opentelemetry.instrumentation.grpc"
+    if wrapper == "channel":
+        # observe_channel moves the instrumentor's interceptor outside itself: enriched.
+        assert (span.attributes or {})[ATTR_POD] == IDENTITY.name
+    else:
+        # grpc.intercept_channel puts ours outside the instrumentor's: its span has ended by the
+        # time ours learns the pod, so it cannot be enriched (README: use observe_channel).
+        assert ATTR_POD not in (span.attributes or {})
+
+
+async def test_aio_instrumentor_span_is_enriched(
+    aio_pod: AioPod, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient
+
+    instrumentor = GrpcAioInstrumentorClient()
+    ours = aio_client.AffinityInterceptor(
+        aio_pod.target,
+        registry=AffinityRegistry(NO_WARMUP),
+        telemetry=AffinityTelemetry(tracer_provider=tracer_provider, metrics=False),
+    )
+    with global_tracer_provider(tracer_provider):
+        instrumentor.instrument(tracer_provider=tracer_provider)
+        try:
+            # The instrumentor puts its interceptors before the ones given: outside ours.
+            async with grpc.aio.insecure_channel(
+                aio_pod.target, interceptors=ours.interceptors
+            ) as channel:
+                seen = await call_aio(channel, "unary_unary")
+        finally:
+            instrumentor.uninstrument()
+    assert seen.code is grpc.StatusCode.OK
+    span = only_span(exporter)
+    assert span.instrumentation_scope is not None
+    assert span.instrumentation_scope.name == "opentelemetry.instrumentation.grpc"
+    assert (span.attributes or {})[ATTR_POD] == IDENTITY.name
 
 
 @pytest.mark.parametrize("wrapper", SYNC_WRAPPERS)
