@@ -229,3 +229,18 @@ def test_a_killed_pod_drops_out_of_the_l7_proxy(local_cluster_factory: Factory) 
             get(channel)  # every call succeeds: HAProxy no longer picks the dead pod
 
     assert cluster.served() == {"charge-points-0": 30, "charge-points-2": 30}
+
+
+def test_headless_port_gotcha(local_cluster_factory: Factory) -> None:
+    """A headless name resolves to pod IPs, so the Service port there reaches nothing."""
+    cluster = local_cluster_factory(pods=2, dns="embedded")
+    service_port = int(cluster.service_target.rsplit(":", 1)[1])
+    assert service_port != cluster.target_port
+    wrong = f"dns://{cluster.dns_address}/{cluster.fqdn}:{service_port}"
+    with grpc.insecure_channel(wrong, list(ROUND_ROBIN)) as channel:
+        stub = pb_grpc.ChargePointsStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GetChargePoint(pb.GetChargePointRequest(id="cp-1"), timeout=5)
+    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+    with grpc.insecure_channel(cluster.headless_target, list(ROUND_ROBIN)) as channel:
+        assert get(channel) in {pod.name for pod in cluster.pods}  # the target port works
