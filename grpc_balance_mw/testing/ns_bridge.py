@@ -78,12 +78,26 @@ async def serve(listen_fd: int, host: str, port: int) -> None:
 
     loop.add_reader(sys.stdin.fileno(), parent_gone)
     listener = socket.socket(fileno=listen_fd)
-    server = await asyncio.start_server(
-        lambda r, w: _forward(r, w, host, port), sock=listener, limit=_CHUNK
-    )
+    forwarding: set[asyncio.Task[None]] = set()
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        forwarding.add(task)
+        try:
+            await _forward(reader, writer, host, port)
+        finally:
+            forwarding.discard(task)
+
+    server = await asyncio.start_server(forward, sock=listener, limit=_CHUNK)
     print("READY", flush=True)
     async with server:
         await stopping.wait()
+        # End open connections here, while the loop runs, rather than leave them to be
+        # destroyed pending when it closes.
+        for task in list(forwarding):
+            task.cancel()
+        await asyncio.gather(*forwarding, return_exceptions=True)
 
 
 def main(argv: list[str] | None = None) -> None:
