@@ -18,7 +18,7 @@ from typing import cast
 
 from grpc_balance_mw.dns_message import answer
 from grpc_balance_mw.testing.endpoints import Endpoint
-from grpc_balance_mw.testing.process import ChildProcess, python_module
+from grpc_balance_mw.testing.process import ChildProcess, ProcessFrontend, python_module
 
 __all__ = ["EmbeddedDNS"]
 
@@ -78,7 +78,7 @@ async def _serve(host: str, ttl_s: int) -> None:
     udp.close()
 
 
-class EmbeddedDNS:
+class EmbeddedDNS(ProcessFrontend):
     """The default cluster DNS: one A record per ready pod under ``name``, a short TTL.
 
     Args:
@@ -91,10 +91,9 @@ class EmbeddedDNS:
     def __init__(
         self, log_dir: Path, *, name: str, ttl_s: int = 1, host: str = "127.0.0.1"
     ) -> None:
+        super().__init__(host)
         self.name = name
-        self._host = host
-        self._port = 0
-        self._process = ChildProcess(
+        self._process = self._child = ChildProcess(
             python_module(__name__, "--listen", host, "--ttl", str(ttl_s)),
             name="dns-embedded",
             log_dir=log_dir,
@@ -104,24 +103,13 @@ class EmbeddedDNS:
     def __repr__(self) -> str:
         return f"<EmbeddedDNS {self.name} at {self.address}>"
 
-    @property
-    def address(self) -> str:
-        return f"{self._host}:{self._port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid
-
     def start(self, endpoints: Sequence[Endpoint]) -> None:
-        self._process.start()
-        self._port = self._process.wait_ready()
+        self._child.start()
+        self._port = self._child.wait_ready()
         self.update(endpoints)
 
     def update(self, endpoints: Sequence[Endpoint]) -> None:
-        self._process.request(" ".join(["RECORDS", self.name, *(e.ip for e in endpoints)]))
-
-    def stop(self) -> None:
-        self._process.stop(grace_s=1.0)
+        self._child.request(" ".join(["RECORDS", self.name, *(e.ip for e in endpoints)]))
 
 
 def main(argv: list[str] | None = None) -> None:

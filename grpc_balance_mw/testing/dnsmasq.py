@@ -17,7 +17,13 @@ from pathlib import Path
 
 from grpc_balance_mw.dns_message import lookup_a
 from grpc_balance_mw.testing.endpoints import Endpoint
-from grpc_balance_mw.testing.process import ChildProcess, ClusterError, reserve_port, wait_until
+from grpc_balance_mw.testing.process import (
+    ChildProcess,
+    ClusterError,
+    ProcessFrontend,
+    reserve_port,
+    wait_until,
+)
 
 __all__ = ["DnsmasqDNS", "dnsmasq_path"]
 
@@ -27,7 +33,7 @@ def dnsmasq_path() -> str | None:
     return shutil.which("dnsmasq") or shutil.which("dnsmasq", path="/usr/sbin:/sbin")
 
 
-class DnsmasqDNS:
+class DnsmasqDNS(ProcessFrontend):
     """dnsmasq as the cluster DNS; same contract as :class:`EmbeddedDNS`.
 
     Args:
@@ -40,24 +46,14 @@ class DnsmasqDNS:
     def __init__(
         self, log_dir: Path, *, name: str, ttl_s: int = 1, host: str = "127.0.0.1"
     ) -> None:
+        super().__init__(host)
         self.name = name
-        self._host = host
-        self._port = 0
         self._ttl_s = ttl_s
         self._log_dir = log_dir
         self._hosts = log_dir / "dnsmasq.hosts"
-        self._process: ChildProcess | None = None
 
     def __repr__(self) -> str:
         return f"<DnsmasqDNS {self.name} at {self.address}>"
-
-    @property
-    def address(self) -> str:
-        return f"{self._host}:{self._port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
 
     def start(self, endpoints: Sequence[Endpoint]) -> None:
         binary = dnsmasq_path()
@@ -84,10 +80,6 @@ class DnsmasqDNS:
         self._write_hosts(endpoints)
         self._process.send_signal(signal.SIGHUP)  # re-reads --addn-hosts
         self._wait_for(endpoints)
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.stop(grace_s=1.0)
 
     def _argv(self, binary: str) -> list[str]:
         # Run as whoever we are, so it can read the hosts file in our private temp dir.

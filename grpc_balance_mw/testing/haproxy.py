@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Literal
 
 from grpc_balance_mw.testing.endpoints import Endpoint
-from grpc_balance_mw.testing.process import ChildProcess, ClusterError, reserve_port, wait_until
+from grpc_balance_mw.testing.process import (
+    ChildProcess,
+    ClusterError,
+    ProcessFrontend,
+    reserve_port,
+    wait_until,
+)
 
 __all__ = ["HAProxy", "HAProxyL7", "HAProxyService", "haproxy_path"]
 
@@ -29,7 +35,7 @@ def haproxy_path() -> str | None:
     return shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")
 
 
-class HAProxy:
+class HAProxy(ProcessFrontend):
     """One HAProxy process with one frontend and one backend of ``slots`` servers.
 
     Args:
@@ -51,28 +57,18 @@ class HAProxy:
         avoid_port: int = 0,
         host: str = "127.0.0.1",
     ) -> None:
+        super().__init__(host)
         self.mode = mode
         self.balance = balance
         self._slots: list[Endpoint | None] = [None] * slots
         self._avoid = avoid_port
-        self._host = host
-        self._port = 0
         self._dir = log_dir
         self._name = f"haproxy-{'service' if mode == 'tcp' else 'l7'}"
         self._socket = log_dir / f"{self._name}.sock"
-        self._process: ChildProcess | None = None
 
     def __repr__(self) -> str:
         active = sum(slot is not None for slot in self._slots)
         return f"<HAProxy mode={self.mode} balance={self.balance} {self.address} {active} ready>"
-
-    @property
-    def address(self) -> str:
-        return f"{self._host}:{self._port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
 
     def start(self, endpoints: Sequence[Endpoint]) -> None:
         binary = haproxy_path()
@@ -126,10 +122,6 @@ class HAProxy:
         for command in commands:
             self._admin(command)
         wait_until(f"{self._name} to see {sorted(wanted)} UP", self._all_up, timeout=10.0)
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.stop(grace_s=1.0)
 
     def render_config(self) -> str:
         bind_proto = " proto h2" if self.mode == "http" else ""

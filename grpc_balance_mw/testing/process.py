@@ -192,6 +192,32 @@ class ChildProcess:
         return self._popen
 
 
+class ProcessFrontend:
+    """What a Service, DNS server or L7 proxy that runs as one child process shares.
+
+    Subclasses start ``_process`` and set ``_port`` in ``start()``.
+    """
+
+    _process: ChildProcess | None
+
+    def __init__(self, host: str) -> None:
+        self._host = host
+        self._port = 0
+        self._process = None
+
+    @property
+    def address(self) -> str:
+        return f"{self._host}:{self._port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.stop(grace_s=1.0)
+
+
 def python_module(module: str, *args: str) -> list[str]:
     """The argv that runs ``python -m module args`` with this interpreter."""
     return [sys.executable, "-m", module, *args]

@@ -19,7 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from grpc_balance_mw.testing.endpoints import Endpoint
-from grpc_balance_mw.testing.process import ChildProcess, ClusterError, python_module
+from grpc_balance_mw.testing.process import (
+    ChildProcess,
+    ClusterError,
+    ProcessFrontend,
+    python_module,
+)
 
 __all__ = ["UserspaceService"]
 
@@ -86,7 +91,7 @@ async def _serve(listen: str) -> None:
     server.close()  # stdin closed: the harness is gone
 
 
-class UserspaceService:
+class UserspaceService(ProcessFrontend):
     """The default L4 Service: needs nothing installed and no root.
 
     Args:
@@ -96,10 +101,9 @@ class UserspaceService:
     """
 
     def __init__(self, log_dir: Path, *, avoid_port: int = 0, host: str = "127.0.0.1") -> None:
-        self._host = host
+        super().__init__(host)
         self._avoid = avoid_port
-        self._port = 0
-        self._process = ChildProcess(
+        self._process = self._child = ChildProcess(
             python_module(__name__, "--listen", f"{host}:0"),
             name="service-userspace",
             log_dir=log_dir,
@@ -109,30 +113,19 @@ class UserspaceService:
     def __repr__(self) -> str:
         return f"<UserspaceService {self.address} {self._process!r}>"
 
-    @property
-    def address(self) -> str:
-        return f"{self._host}:{self._port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid
-
     def start(self, endpoints: Sequence[Endpoint]) -> None:
         for _ in range(5):
-            self._process.start()
-            self._port = self._process.wait_ready()
+            self._child.start()
+            self._port = self._child.wait_ready()
             if self._port != self._avoid:
                 break
-            self._process.stop()
+            self._child.stop()
         else:
             raise ClusterError(f"no Service port different from the target port {self._avoid}")
         self.update(endpoints)
 
     def update(self, endpoints: Sequence[Endpoint]) -> None:
-        self._process.request(" ".join(["ENDPOINTS", *(e.address for e in endpoints)]))
-
-    def stop(self) -> None:
-        self._process.stop(grace_s=1.0)
+        self._child.request(" ".join(["ENDPOINTS", *(e.address for e in endpoints)]))
 
 
 def main(argv: list[str] | None = None) -> None:
