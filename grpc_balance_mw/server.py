@@ -19,8 +19,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 
+from grpc_balance_mw._health import HealthReport
 from grpc_balance_mw._stamping import StampedStatus, handler_kind, rebuild_handler
 from grpc_balance_mw.identity import PodIdentity, merge_identity
 
@@ -132,39 +133,22 @@ class PodIdentityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         return rebuild_handler(handler, kind, wrap(inner, self._stamp))
 
 
-class PodHealth:
+class PodHealth(HealthReport):
     """The standard ``grpc.health.v1`` service of one server, flipped to NOT_SERVING on shutdown."""
 
     def __init__(self, servicer: health.HealthServicer, services: tuple[str, ...]) -> None:
+        super().__init__(services)
         self.servicer = servicer
-        self.services = services
-        self._serving = False
-        self._shutting_down = threading.Event()
 
     def set_serving(self, serving: bool) -> None:
         """Report every registered service (and the server as a whole, ``""``) as (not) serving."""
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        self._serving = serving
-        for service in ("", *self.services):
+        for service, status in self._statuses(serving):
             self.servicer.set(service, status)
 
     def enter_graceful_shutdown(self) -> None:
         """Permanently report NOT_SERVING, so clients and DNS stop sending new work."""
-        self._shutting_down.set()
+        self._shutting_down = True
         self.servicer.enter_graceful_shutdown()
-
-    @property
-    def serving(self) -> bool:
-        """What the health service reports now (False from the start of a graceful shutdown)."""
-        return self._serving and not self.shutting_down
-
-    @property
-    def shutting_down(self) -> bool:
-        return self._shutting_down.is_set()
 
 
 def add_health(server: grpc.Server, services: tuple[str, ...] = ()) -> PodHealth:
