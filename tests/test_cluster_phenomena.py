@@ -63,7 +63,6 @@ def warm_up(cluster: LocalCluster, channel: grpc.Channel) -> None:
     deadline = time.monotonic() + 10
     while not ready <= seen and time.monotonic() < deadline:
         seen.add(get(channel))
-        time.sleep(0.002)
     assert ready <= seen, f"round_robin reached only {seen} of {ready}"
     cluster.reset_counts()
 
