@@ -41,7 +41,7 @@ class PodProbe:
 
     Args:
         target: the same target string the channel uses.
-        detector: where the pods found go (``add_known_pods(..., source="probe")``).
+        detector: where the pods found go (``add_known_pods``).
         interval_s: at most one probe round per this many seconds.
         connections: new connections per round; each may reach another pod.
         timeout_s: deadline of each health check.
@@ -108,7 +108,7 @@ class PodProbe:
                     self.detector.set_dns_answer(addresses)
             pods = self.probe_once()
             if pods:
-                self.detector.add_known_pods(pods, "probe")
+                self.detector.add_known_pods(pods)
         except Exception:  # a background thread: nothing above it would ever see the error
             _log.exception("pod probe of %s failed", self.target)
         finally:

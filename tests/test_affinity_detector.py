@@ -82,7 +82,7 @@ def test_one_pod_of_several_known_is_pinned_within_bounded_calls(source: str) ->
     if source == "expected":
         detector.expected_pods = 3
     elif source == "probe":
-        detector.add_known_pods(["a", "b", "c"], "probe")
+        detector.add_known_pods(["a", "b", "c"])
     else:
         detector.set_dns_answer(["10.0.0.1", "10.0.0.2", "10.0.0.3"])
     calls = spread("a", CFG.min_samples + CFG.dwell_calls - 1)

@@ -54,7 +54,6 @@ class AffinityDetector:
         self._pending_calls = 0
         self._expected = self.config.expected_pods
         self._known: dict[str, float] = {}  # pod -> last seen
-        self._sources: dict[str, set[str]] = {}
         self._dns_pods = 0
         self._malformed = 0
         self._warmup_calls = 0
@@ -91,14 +90,13 @@ class AffinityDetector:
             self._judge_counted()
             self._expected = count
 
-    def add_known_pods(self, pods: Iterable[str], source: str, *, now: float | None = None) -> None:
-        """Pods known to exist from ``source`` (e.g. ``"probe"``); judged from the next call on."""
+    def add_known_pods(self, pods: Iterable[str], *, now: float | None = None) -> None:
+        """Pods known to exist from outside the calls (the probe); judged from the next call on."""
         at = self._clock() if now is None else now
         with self._lock:
             self._judge_counted()
             for pod in pods:
                 self._known[pod] = at
-                self._sources.setdefault(pod, set()).add(source)
 
     def set_dns_answer(self, addresses: Iterable[str]) -> None:
         """The addresses a headless Service's DNS name resolved to: one per ready pod."""
@@ -186,8 +184,6 @@ class AffinityDetector:
         if malformed:
             self._malformed += 1
         if pod is not None:
-            if pod not in self._known:
-                self._sources.setdefault(pod, set()).add("calls")
             self._known[pod] = at
         if warming:
             self._warmup_calls += 1
@@ -205,7 +201,6 @@ class AffinityDetector:
         horizon = now - self.config.known_pods_ttl_s
         for pod in [p for p, seen in self._known.items() if seen < horizon]:
             del self._known[pod]
-            self._sources.pop(pod, None)
 
     def _candidate(self) -> AffinityState | None:
         """The state the window argues for now, or None when it is too small to argue."""

@@ -110,10 +110,8 @@ class ChargePointsServicer(pb_grpc.ChargePointsServicer):
 
     @staticmethod
     async def _fail_if_asked(code: int, context: grpc.aio.ServicerContext) -> None:
-        if code < 0:
-            raise RuntimeError("handler raised on request (fail_with_code < 0)")
-        if code:
-            status = _status_code(code)
+        status = _asked_failure(code)
+        if status is not None:
             await context.abort(status, f"failed on request with {status.name}")
 
     async def GetChargePoint(
@@ -225,6 +223,13 @@ class PodAdminServicer(admin_grpc.PodAdminServicer):
         return self._snapshot()
 
 
+def _asked_failure(code: int) -> grpc.StatusCode | None:
+    """The status a request's ``fail_with_code`` asks for; a negative one makes the handler raise."""
+    if code < 0:
+        raise RuntimeError("handler raised on request (fail_with_code < 0)")
+    return _status_code(code) if code else None
+
+
 def _status_code(code: int) -> grpc.StatusCode:
     for status in grpc.StatusCode:
         if status.value[0] == code:
@@ -234,13 +239,6 @@ def _status_code(code: int) -> grpc.StatusCode:
 
 def _status_for(charge_point_id: str) -> Any:
     return _STATUSES[sum(charge_point_id.encode()) % len(_STATUSES)]
-
-
-def meter_values(count: int, *, fail_at: int | None = None) -> Iterator[pb.MeterValue]:
-    """A client-side request stream for ``UploadMeterValues`` (demo and tests)."""
-    for i in range(count):
-        code = grpc.StatusCode.INVALID_ARGUMENT.value[0] if i == fail_at else 0
-        yield pb.MeterValue(charge_point_id="cp-1", energy_wh=10.0 * (i + 1), fail_with_code=code)
 
 
 class SyncChargePointsServicer(pb_grpc.ChargePointsServicer):
@@ -258,10 +256,8 @@ class SyncChargePointsServicer(pb_grpc.ChargePointsServicer):
 
     @staticmethod
     def _fail_if_asked(code: int, context: grpc.ServicerContext) -> None:
-        if code < 0:
-            raise RuntimeError("handler raised on request (fail_with_code < 0)")
-        if code:
-            status = _status_code(code)
+        status = _asked_failure(code)
+        if status is not None:
             context.abort(status, f"failed on request with {status.name}")
 
     def GetChargePoint(
