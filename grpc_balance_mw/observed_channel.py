@@ -230,18 +230,9 @@ class _UnaryResponse(_Observed):
         compression: Any = None,
     ) -> Any:
         # The inner with_call, not __call__: the response metadata is on the call it returns.
-        # (with_call's body again rather than a call to it: one frame less on every call.)
-        observed = self._observer.begin(self._method, self._kind)
-        call: Any = None
-        try:
-            response, call = self._inner.with_call(
-                request, timeout, metadata, credentials, wait_for_ready, compression
-            )
-        except grpc.RpcError as error:
-            call = as_call(error)
-            raise
-        finally:
-            finish_call(observed, call)
+        response, _call = self.with_call(
+            request, timeout, metadata, credentials, wait_for_ready, compression
+        )
         return response
 
     def with_call(
@@ -315,12 +306,7 @@ class _CountedUnaryResponse(_UnaryResponse):
                     started, self._stream, failed.initial_metadata(), failed.trailing_metadata
                 )
             raise
-        # _initial_metadata(call), inlined: a frame is a measurable share of the budget here
-        state = getattr(call, "_state", None)
-        initial = getattr(state, "initial_metadata", None)
-        if initial is None:
-            initial = call.initial_metadata()
-        observer.count(started, self._stream, initial, call.trailing_metadata)
+        observer.count(started, self._stream, _initial_metadata(call), call.trailing_metadata)
         return response
 
 
