@@ -224,7 +224,7 @@ class PodAdminServicer(admin_grpc.PodAdminServicer):
 
 
 def _asked_failure(code: int) -> grpc.StatusCode | None:
-    """The status a request's ``fail_with_code`` asks for; a negative one makes the handler raise."""
+    """The status ``fail_with_code`` asks for; a negative code makes the handler raise."""
     if code < 0:
         raise RuntimeError("handler raised on request (fail_with_code < 0)")
     return _status_code(code) if code else None
