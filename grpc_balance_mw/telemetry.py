@@ -200,12 +200,16 @@ class AffinityTelemetry:
         if span is None:
             return
         owned = call.telemetry_state is True
-        span.set_attribute(ATTR_POD, call.pod if call.pod is not None else UNKNOWN_POD)
+        # One set_attributes: each set_attribute call takes the span's lock again.
+        attributes: dict[str, Any] = {ATTR_POD: call.pod if call.pod is not None else UNKNOWN_POD}
         if not owned and call.observer.lane is not None:
-            span.set_attribute(ATTR_LANE, call.observer.lane)
+            attributes[ATTR_LANE] = call.observer.lane
         state = call.observer.detector.state
         if state.is_alarm:
-            span.set_attribute(ATTR_STATE, state.value)
+            attributes[ATTR_STATE] = state.value
+        if owned and code is not None:
+            attributes["rpc.grpc.status_code"] = code
+        span.set_attributes(attributes)
         if transition is not None:
             snapshot = transition.snapshot
             span.add_event(
@@ -221,10 +225,8 @@ class AffinityTelemetry:
             )
         if not owned:
             return
-        if code is not None:
-            span.set_attribute("rpc.grpc.status_code", code)
-            if code != 0:
-                span.set_status(Status(StatusCode.ERROR))
+        if code is not None and code != 0:
+            span.set_status(Status(StatusCode.ERROR))
         span.end()
 
     # metrics
