@@ -1,0 +1,289 @@
+"""An observing ``grpc.aio.Channel``: see which pod served each call, without interceptors.
+
+It feeds the same :class:`CallObserver` as the sync channel wrapper. Each call is the inner
+channel's own call object, returned as it is; the wrapper only adds a done-callback that reads
+the call's final metadata and status off its finished state, on the event loop, without a task
+or an await. grpc.aio's interceptor machinery, by contrast, wraps every call in an intercepted
+call and a task of its own.
+
+A channel made with interceptors (opentelemetry-instrumentation-grpc's aio instrumentor adds
+its own) is observed by interceptors appended after them instead, so their span is current while
+the pod is read and gets enriched rather than a second span made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import grpc
+
+from grpc_balance_mw.affinity.detector import AffinityDetector
+from grpc_balance_mw.affinity.observer import CallObserver, ObservedCall
+
+__all__ = ["ObservedChannel"]
+
+_CANCELLED = grpc.StatusCode.CANCELLED.value[0]
+_INTERCEPTOR_LISTS = (
+    "_unary_unary_interceptors",
+    "_unary_stream_interceptors",
+    "_stream_unary_interceptors",
+    "_stream_stream_interceptors",
+)
+
+
+def _final_state(call: Any) -> tuple[Any, Any, int | None] | None:
+    """(initial metadata, trailing metadata, status code) of a finished aio call, read off its
+    core call without awaiting; None if this grpcio keeps them elsewhere."""
+    core = getattr(call, "_cython_call", None)
+    status = getattr(core, "_status", None)
+    if status is None:
+        return None
+    return getattr(core, "_initial_metadata", None), status.trailing_metadata(), status.code()
+
+
+async def _await_final_state(call: Any, observed: ObservedCall | None, counted: Any) -> None:
+    """The slow way for calls whose state cannot be read directly (another grpcio's layout)."""
+    try:
+        initial = await call.initial_metadata()
+        code = await call.code()
+        trailing = await call.trailing_metadata()
+    except asyncio.CancelledError:
+        initial, trailing, code = None, None, grpc.StatusCode.CANCELLED
+    number = code.value[0] if code is not None else None
+    if observed is not None:
+        observed.finish(initial, trailing, number)
+    else:
+        counted(initial, trailing)
+
+
+class _Observed:
+    """One method of the observed channel: the inner multicallable and the observer."""
+
+    def __init__(self, inner: Any, observer: CallObserver, method: str | bytes, kind: str) -> None:
+        self._inner = inner
+        self._observer = observer
+        self._method = method
+        self._kind = kind
+        self._stream = kind != "unary_unary"
+
+    def __call__(
+        self,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        observer = self._observer
+        if observer.telemetry is None:
+            started = observer.clock()
+            call = self._inner(
+                request,
+                timeout=timeout,
+                metadata=metadata,
+                credentials=credentials,
+                wait_for_ready=wait_for_ready,
+                compression=compression,
+            )
+            call.add_done_callback(partial(self._counted, started))
+            return call
+        observed = observer.begin(self._method, self._kind)
+        try:
+            call = self._inner(
+                request,
+                timeout=timeout,
+                metadata=metadata,
+                credentials=credentials,
+                wait_for_ready=wait_for_ready,
+                compression=compression,
+            )
+        except BaseException:  # e.g. a bad argument: end what begin() started, re-raise as is
+            observed.finish(None, None, None)
+            raise
+        call.add_done_callback(partial(self._finished, observed))
+        return call
+
+    def _counted(self, started: float, call: Any) -> None:
+        state = _final_state(call)
+        count: Callable[[Any, Any], Any] = partial(self._observer.count, started, self._stream)
+        if state is None:
+            _follow(call, None, count)
+        else:
+            count(state[0], state[1])
+
+    def _finished(self, observed: ObservedCall, call: Any) -> None:
+        state = _final_state(call)
+        if state is None:
+            _follow(call, observed, None)
+        else:
+            observed.finish(*state)
+
+
+_followers: set[asyncio.Task[None]] = set()
+
+
+def _follow(call: Any, observed: ObservedCall | None, counted: Any) -> None:
+    task = asyncio.get_running_loop().create_task(_await_final_state(call, observed, counted))
+    _followers.add(task)
+    task.add_done_callback(_followers.discard)
+
+
+class _UnaryUnary(_Observed, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
+    pass
+
+
+class _UnaryStream(_Observed, grpc.aio.UnaryStreamMultiCallable):  # type: ignore[misc]
+    pass
+
+
+class _StreamUnary(_Observed, grpc.aio.StreamUnaryMultiCallable):  # type: ignore[misc]
+    pass
+
+
+class _StreamStream(_Observed, grpc.aio.StreamStreamMultiCallable):  # type: ignore[misc]
+    pass
+
+
+_KINDS: dict[str, type[_Observed]] = {
+    "unary_unary": _UnaryUnary,
+    "unary_stream": _UnaryStream,
+    "stream_unary": _StreamUnary,
+    "stream_stream": _StreamStream,
+}
+
+
+def has_interceptors(channel: Any) -> bool:
+    """Whether an aio channel was made with client interceptors."""
+    return any(getattr(channel, name, None) for name in _INTERCEPTOR_LISTS)
+
+
+def append_interceptors(channel: Any, interceptors: list[Any]) -> bool:
+    """Put ``interceptors`` after the ones ``channel`` was made with; False if it has no lists.
+
+    grpc.aio reads a channel's interceptor lists when a method's multicallable is made, and
+    registers an object under the first kind it implements, so each per-kind object goes to the
+    list of its kind.
+    """
+    if not all(isinstance(getattr(channel, name, None), list) for name in _INTERCEPTOR_LISTS):
+        return False
+    kinds = (
+        grpc.aio.UnaryUnaryClientInterceptor,
+        grpc.aio.UnaryStreamClientInterceptor,
+        grpc.aio.StreamUnaryClientInterceptor,
+        grpc.aio.StreamStreamClientInterceptor,
+    )
+    for interceptor in interceptors:
+        for kind, name in zip(kinds, _INTERCEPTOR_LISTS, strict=True):
+            if isinstance(interceptor, kind):
+                getattr(channel, name).append(interceptor)
+                break
+    return True
+
+
+class ObservedChannel(grpc.aio.Channel):  # type: ignore[misc]
+    """A ``grpc.aio`` channel that observes every call it makes through another one.
+
+    Args:
+        channel: the ``grpc.aio.Channel`` that makes the calls; closed with this one.
+        observer: what the calls are reported to.
+        intercepted: the calls are already observed by interceptors on ``channel`` (see
+            :func:`append_interceptors`): pass calls through untouched.
+    """
+
+    def __init__(
+        self, channel: grpc.aio.Channel, observer: CallObserver, *, intercepted: bool = False
+    ) -> None:
+        self._channel = channel
+        self.observer = observer
+        self._intercepted = intercepted
+
+    def __repr__(self) -> str:
+        return f"<aio.ObservedChannel {self.observer!r}>"
+
+    @property
+    def detector(self) -> AffinityDetector:
+        return self.observer.detector
+
+    def _observed(
+        self,
+        kind: str,
+        method: str,
+        request_serializer: Any,
+        response_deserializer: Any,
+        registered: bool | None,
+    ) -> Any:
+        make = getattr(self._channel, kind)
+        if registered:
+            inner = make(method, request_serializer, response_deserializer, _registered_method=True)
+        else:
+            inner = make(method, request_serializer, response_deserializer)
+        if self._intercepted:
+            return inner
+        return _KINDS[kind](inner, self.observer, method, kind)
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        return self._observed(
+            "unary_unary", method, request_serializer, response_deserializer, _registered_method
+        )
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        return self._observed(
+            "unary_stream", method, request_serializer, response_deserializer, _registered_method
+        )
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        return self._observed(
+            "stream_unary", method, request_serializer, response_deserializer, _registered_method
+        )
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        return self._observed(
+            "stream_stream", method, request_serializer, response_deserializer, _registered_method
+        )
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self._channel.get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self._channel.wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self._channel.channel_ready()
+
+    async def close(self, grace: float | None = None) -> None:
+        await self._channel.close(grace)
+
+    async def __aenter__(self) -> ObservedChannel:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()

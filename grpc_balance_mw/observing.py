@@ -1,0 +1,106 @@
+"""What every way of observing a channel shares: its options, its observer, its target.
+
+Sync and aio adapters both build their :class:`CallObserver` here, from one
+:class:`ObserveOptions`, so the keyword list lives in one place and the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+from typing import Any
+
+from grpc_balance_mw.affinity.config import AffinityConfig
+from grpc_balance_mw.affinity.observer import CallObserver, CallTelemetry
+from grpc_balance_mw.affinity.registry import AffinityRegistry, default_registry
+from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.probe import PodProbe
+
+__all__ = ["ObserveOptions", "build_observer", "channel_target"]
+
+_lanes = itertools.count()
+
+
+@dataclass(frozen=True)
+class ObserveOptions:
+    """How a channel's calls are observed. Every field has a default that needs no set-up.
+
+    Attributes:
+        expected_pods: how many pods the target should have (e.g. the Deployment's replicas),
+            if known: with it, one channel's pinning is recognised from its first calls.
+        telemetry: an ``AffinityTelemetry`` for spans, metrics and alarms; None: detection only.
+        probe: True for a :class:`PodProbe` with defaults (a fresh connection and a health check
+            now and then, to find pods the channel cannot see), or a configured one.
+        config: thresholds and windows; the first config given for a target wins.
+        registry: where the target's detector lives; default the process-wide registry.
+        lane: the connection's name in telemetry; default ``lane-N``.
+    """
+
+    expected_pods: int | None = None
+    telemetry: CallTelemetry | None = None
+    probe: PodProbe | bool = False
+    config: AffinityConfig | None = None
+    registry: AffinityRegistry | None = None
+    lane: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.expected_pods is not None and (
+            isinstance(self.expected_pods, bool)
+            or not isinstance(self.expected_pods, int)
+            or self.expected_pods < 1
+        ):
+            raise ConfigurationError(
+                f"ObserveOptions: expected_pods must be an int >= 1 or None, "
+                f"not {self.expected_pods!r}"
+            )
+
+    def but(self, **changes: Any) -> ObserveOptions:
+        """A copy with some fields changed (e.g. ``options.but(lane="lane-2")``)."""
+        return replace(self, **changes)
+
+
+def build_observer(target: str, options: ObserveOptions | None = None) -> CallObserver:
+    """The shared core behind one observed channel or one set of interceptors (sync or aio)."""
+    options = options if options is not None else ObserveOptions()
+    registry = options.registry if options.registry is not None else default_registry
+    detector = registry.detector(target, options.config)
+    if options.expected_pods is not None:
+        detector.expected_pods = options.expected_pods
+    probe = options.probe
+    pod_probe = PodProbe(target, detector) if probe is True else probe or None
+    return CallObserver(
+        detector,
+        telemetry=options.telemetry,
+        probe=pod_probe,
+        lane=options.lane if options.lane is not None else f"lane-{next(_lanes)}",
+    )
+
+
+def channel_target(channel: Any) -> str | None:
+    """The target string a grpcio channel (sync or aio, intercepted or not) was made with.
+
+    grpcio exposes no public accessor; its channels keep a core channel whose ``target()`` gives
+    the string back. Wrappers (``grpc.intercept_channel``, opentelemetry-instrumentation-grpc,
+    this package's own) keep the channel they wrap as ``_channel``, so the chain is followed a
+    few steps. None when no step has it: the caller must then be told the target.
+    """
+    seen = channel
+    for _ in range(8):
+        if type(seen).__module__ == "grpc._channel":
+            # The sync channel keeps the string as given; its core has it canonicalised
+            # ("host:port" becomes "dns:///host:port"), which would be another detector's key.
+            given = getattr(seen, "_target", None)
+            if isinstance(given, str):
+                return given
+        core = getattr(seen, "_channel", None)
+        if core is None:
+            return None
+        target = getattr(core, "target", None)
+        if target is not None and type(core).__module__.startswith("grpc._cython"):
+            # cygrpc.Channel has a target() method; cygrpc.AioChannel a target attribute.
+            value = target() if callable(target) else target
+            if isinstance(value, bytes):
+                return value.decode("utf-8", "replace")
+            return value if isinstance(value, str) else None
+        seen = core
+    return None

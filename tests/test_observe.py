@@ -1,0 +1,106 @@
+"""``observe()``, the one way in, sync and aio: the target learned from the channel, every call
+kind observed without changing it, calls that end before any header, instrumented channels."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from calls import ABORT, CALL_KINDS, OK, RAISE, call_aio
+from conftest import IDENTITY, AioPod
+
+from grpc_balance_mw.affinity import AffinityConfig, AffinityRegistry
+from grpc_balance_mw.aio.observed_channel import ObservedChannel as AioObservedChannel
+from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.observing import ObserveOptions, build_observer, channel_target
+
+NO_WARMUP = AffinityConfig(warmup_s=0)
+
+
+class _Passthrough(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    def intercept_unary_unary(
+        self, continuation: object, details: object, request: object
+    ) -> object:
+        return continuation(details, request)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    "target", ["127.0.0.1:5", "dns:///charge-points.ev.svc:50051", "ipv4:127.0.0.1:7,127.0.0.2:7"]
+)
+async def test_the_target_is_read_back_from_sync_and_aio_channels(target: str) -> None:
+    sync = grpc.insecure_channel(target)
+    try:
+        assert channel_target(sync) == target
+        assert channel_target(grpc.intercept_channel(sync, _Passthrough())) == target
+    finally:
+        sync.close()
+    aio = grpc.aio.insecure_channel(target)
+    try:
+        assert channel_target(aio) == target
+    finally:
+        await aio.close()
+
+
+def test_an_object_that_is_no_grpc_channel_has_no_target() -> None:
+    class Lookalike:
+        _channel = "not a core channel"
+
+    assert channel_target(Lookalike()) is None
+    assert channel_target(object()) is None
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5, "3"])
+def test_options_reject_a_bad_pod_count(bad: object) -> None:
+    with pytest.raises(ConfigurationError, match="expected_pods"):
+        ObserveOptions(expected_pods=bad)  # type: ignore[arg-type]
+
+
+def test_options_but_changes_one_field() -> None:
+    options = ObserveOptions(expected_pods=3)
+    assert options.but(lane="lane-a") == ObserveOptions(expected_pods=3, lane="lane-a")
+
+
+def _aio_observed(target: str, registry: AffinityRegistry) -> AioObservedChannel:
+    observer = build_observer(target, ObserveOptions(registry=registry))
+    return AioObservedChannel(grpc.aio.insecure_channel(target), observer)
+
+
+@pytest.mark.parametrize("fail", [OK, ABORT, RAISE], ids=["ok", "abort", "raise"])
+@pytest.mark.parametrize("kind", CALL_KINDS)
+async def test_aio_wrapper_counts_each_call_kind_and_changes_nothing(
+    aio_pod: AioPod, kind: str, fail: int
+) -> None:
+    async with grpc.aio.insecure_channel(aio_pod.target) as bare:
+        expected = await call_aio(bare, kind, fail)
+    async with _aio_observed(aio_pod.target, AffinityRegistry(NO_WARMUP)) as channel:
+        seen = await call_aio(channel, kind, fail)
+        snapshot = channel.detector.snapshot()
+    assert (seen.code, seen.responses) == (expected.code, expected.responses)
+    assert (seen.initial, seen.trailing) == (expected.initial, expected.trailing)
+    assert snapshot.calls == 1 and set(snapshot.pods) == {IDENTITY.name}
+
+
+@pytest.mark.parametrize("kind", CALL_KINDS)
+async def test_aio_wrapper_returns_a_missing_method_status_in_time(
+    aio_pod: AioPod, kind: str
+) -> None:
+    async with _aio_observed(aio_pod.target, AffinityRegistry(NO_WARMUP)) as channel:
+        make = getattr(channel, kind)("/nowhere.Service/Missing")
+        request = iter([b""]) if kind.startswith("stream") else b""
+        for _ in range(2):  # and the channel still works afterwards
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                call = make(request, timeout=2)
+                if kind.endswith("unary"):
+                    await asyncio.wait_for(call, 5)
+                else:
+                    await asyncio.wait_for(_drain(call), 5)
+            assert raised.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        snapshot = channel.detector.snapshot()
+    # The server named itself in the trailers of the UNIMPLEMENTED status: the call still counts.
+    assert snapshot.calls == 2
+
+
+async def _drain(call: object) -> None:
+    async for _ in call:  # type: ignore[attr-defined]
+        pass
