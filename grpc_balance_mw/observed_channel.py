@@ -132,7 +132,7 @@ def finish_call(
     if call is None:
         observed.finish(None, None, None)
     elif observed.observer.telemetry is None:
-        # Detection only needs the pod: trailers are read only if the headers named none.
+        # Detection only needs the pod: no status code.
         observed.finish(headers(call), call.trailing_metadata, None)
     else:
         observed.finish(headers(call), call.trailing_metadata(), _code(call))

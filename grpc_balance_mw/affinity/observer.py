@@ -89,10 +89,19 @@ class PodReader:
 
 
 def merge_readings(first: PodReading, second: PodReading) -> PodReading:
-    """Initial metadata's reading, completed by the trailing metadata's."""
-    if first.pod is not None:
-        return first._replace(l7=first.l7 or second.l7)
-    return PodReading(second.pod, first.l7 or second.l7, first.malformed or second.malformed)
+    """Initial metadata's reading, completed by the trailing metadata's.
+
+    Headers and trailers that name different pods, or trailers whose identity is malformed
+    next to headers that name a pod, make the call malformed (no pod): as with a header
+    repeated with different values, a response that contradicts itself names no one.
+    """
+    if second is first or second is _NOTHING:
+        return first
+    if first.pod is None:
+        return PodReading(second.pod, first.l7 or second.l7, first.malformed or second.malformed)
+    if second.malformed or (second.pod is not None and second.pod != first.pod):
+        return PodReading(None, first.l7 or second.l7, True)
+    return first if first.l7 or not second.l7 else first._replace(l7=True)
 
 
 class MethodName(NamedTuple):
@@ -163,8 +172,8 @@ class ObservedCall:
 
         Args:
             initial: the response's initial metadata (ignored if already seen).
-            trailing: its trailing metadata, or a function that reads it, called only when the
-                initial metadata named no pod (saves a read on the hot path).
+            trailing: its trailing metadata, or a function that reads it (see
+                :meth:`CallObserver.read_pod`).
             code: the status code's number, None if unknown.
 
         Returns:
@@ -243,11 +252,12 @@ class CallObserver:
         trailing: Metadata | Callable[[], Metadata | None] | None,
         seen: PodReading | None = None,
     ) -> PodReading:
-        """What a finished call's metadata says (see ``ObservedCall.finish``; ``seen``: what
-        its initial metadata said, if already read)."""
+        """What a finished call's metadata says (``seen``: what its initial metadata said, if
+        already read). The trailers are read too, so that headers and trailers naming
+        different pods are caught (see :func:`merge_readings`)."""
         reader = self.reader
         reading = reader.read(initial) if seen is None else seen
-        if reading.pod is None and trailing is not None:
+        if trailing is not None:
             if callable(trailing):
                 trailing = trailing()
             reading = merge_readings(reading, reader.read(trailing))
@@ -266,11 +276,7 @@ class CallObserver:
         The lean way in for adapters on the hot path: no :class:`ObservedCall`, and the
         detector judges the call later, without its lock (``AffinityDetector.count``).
         """
-        reading = seen
-        if reading is None and type(initial) is tuple:
-            reading = self.reader.by_metadata.get(initial)  # the usual case, inlined
-        if reading is None or reading.pod is None:
-            reading = self.read_pod(initial, trailing, reading)
+        reading = self.read_pod(initial, trailing, seen)
         now = self.clock()
         warm_until = self.warm_until
         warming = now < warm_until if warm_until is not None else self.warming(started, now)

@@ -38,6 +38,11 @@ class PodWindow:
         if samples[0][0] < now - self.max_age_s:
             self.evict(now)
 
+    def ages_out(self, now: float) -> bool:
+        """Whether the oldest call is older than the window (cheap: one comparison)."""
+        samples = self._samples
+        return bool(samples) and samples[0][0] < now - self.max_age_s
+
     def evict(self, now: float) -> None:
         """Forget calls older than the window."""
         horizon = now - self.max_age_s
