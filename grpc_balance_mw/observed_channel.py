@@ -78,6 +78,7 @@ def build_observer(
         telemetry=telemetry,
         probe=pod_probe,
         lane=lane if lane is not None else f"lane-{next(_lanes)}",
+        owns_probe=probe is True,
     )
 
 
@@ -534,6 +535,8 @@ class ObservedChannel(grpc.Channel):  # type: ignore[misc]
         self._channel.unsubscribe(callback)
 
     def close(self) -> None:
+        """Close the inner channel and stop the probe made for this channel (``probe=True``)."""
+        self.observer.close()
         self._channel.close()
 
     def __enter__(self) -> ObservedChannel:
@@ -563,7 +566,8 @@ def observe_channel(
         config: thresholds and windows; the first config given for a target wins.
         expected_pods: how many pods the target should have, if known.
         telemetry: an ``AffinityTelemetry`` for spans, metrics and alarms; None: detection only.
-        probe: True for a :class:`PodProbe` with defaults, or a configured one.
+        probe: True for a :class:`PodProbe` with defaults, stopped when the channel is closed;
+            or a configured one, which is yours to ``stop()``.
         registry: where the target's detector lives; default the process-wide registry.
         lane: the connection's name in telemetry; default ``lane-N``.
     """

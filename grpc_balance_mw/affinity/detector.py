@@ -7,6 +7,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
+from grpc_balance_mw.affinity import forking
 from grpc_balance_mw.affinity.config import AffinityConfig
 from grpc_balance_mw.affinity.state import AffinitySnapshot, AffinityState, PodShare, Transition
 from grpc_balance_mw.affinity.window import PodWindow
@@ -67,6 +68,11 @@ class AffinityDetector:
         self._counted: deque[_Counted] = deque()
         #: A stale transition found by a reader (not a call), for the next record or expire.
         self._unreported: Transition | None = None
+        forking.track(self)
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: a fresh lock (the parent's may have been held by another thread)."""
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         self._catch_up()

@@ -136,6 +136,8 @@ class ProbeTrigger(Protocol):
 
     def maybe_probe(self, now: float) -> None: ...
 
+    def stop(self) -> None: ...
+
 
 class ObservedCall:
     """One call on its way: when it began, and what is known about its pod so far."""
@@ -213,6 +215,8 @@ class CallObserver:
         probe: looks for pods the calls cannot see, or None.
         lane: names the connection in telemetry.
         clock: monotonic seconds, the same clock as the detector's.
+        owns_probe: whether :meth:`close` stops the probe (one made for this observer); a
+            probe passed in by the user is theirs to stop.
     """
 
     def __init__(
@@ -223,6 +227,7 @@ class CallObserver:
         probe: ProbeTrigger | None = None,
         lane: str | None = None,
         clock: Clock = time.monotonic,
+        owns_probe: bool = False,
     ) -> None:
         self.detector = detector
         self.target = detector.target
@@ -234,11 +239,20 @@ class CallObserver:
         #: When this lane's warm-up ends (``AffinityConfig.warmup_s`` after its first call).
         self.warm_until: float | None = None
         self._methods: dict[str | bytes, MethodName] = {}
+        self._owns_probe = owns_probe
+        #: Owned by ``telemetry``: what it keeps per observer (e.g. span attributes per method)
+        #: lives and dies with the observer, so it never outlives a dropped channel.
+        self.telemetry_cache: dict[Any, Any] = {}
         if telemetry is not None:
             telemetry.watch(self)
 
     def __repr__(self) -> str:
         return f"<CallObserver {self.target} lane={self.lane} {self.detector.state.value}>"
+
+    def close(self) -> None:
+        """The channel is closed: stop the probe made for it, and a round in flight."""
+        if self.probe is not None and self._owns_probe:
+            self.probe.stop()
 
     def warming(self, started: float, now: float) -> bool:
         """Whether a call that began at ``started`` and ended ``now`` falls in the warm-up."""
@@ -290,6 +304,8 @@ class CallObserver:
     def begin(self, raw_method: str | bytes, kind: str) -> ObservedCall:
         method = self._methods.get(raw_method)
         if method is None:
+            if len(self._methods) >= _READINGS_CACHED:  # a generic client may name any method
+                self._methods.clear()
             method = self._methods[raw_method] = parse_method(raw_method)
         call = ObservedCall(self, method, kind, self.clock())
         if self.telemetry is not None:

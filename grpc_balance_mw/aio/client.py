@@ -144,6 +144,11 @@ class AffinityInterceptor:
     def detector(self) -> AffinityDetector:
         return self.observer.detector
 
+    def close(self) -> None:
+        """Stop the probe made for this interceptor (``probe=True``); closing the channel does
+        not reach an interceptor, so call this when the channel is closed."""
+        self.observer.close()
+
     def follow(self, call: Any, observed: ObservedCall) -> None:
         """Observe a stream in a task of its own (kept referenced until it ends)."""
         task = asyncio.get_running_loop().create_task(_observe(call, observed))
