@@ -138,7 +138,7 @@ def _reading(pod: str | None, malformed: bool = False) -> PodReading:
         (_reading(None), _reading("b"), _reading("b")),
         (_reading("a"), _reading("b"), _reading(None, True)),  # they contradict: malformed
         (_reading("a"), _reading(None, True), _reading(None, True)),
-        (_reading(None, True), _reading("b"), _reading("b", True)),
+        (_reading(None, True), _reading("b"), _reading(None, True)),
     ],
 )
 def test_headers_and_trailers_that_disagree_are_malformed(

@@ -91,17 +91,21 @@ class PodReader:
 def merge_readings(first: PodReading, second: PodReading) -> PodReading:
     """Initial metadata's reading, completed by the trailing metadata's.
 
-    Headers and trailers that name different pods, or trailers whose identity is malformed
-    next to headers that name a pod, make the call malformed (no pod): as with a header
-    repeated with different values, a response that contradicts itself names no one.
+    A response names no pod and is malformed when either block's identity is malformed, or
+    when headers and trailers name different pods: as with a header repeated with different
+    values, a response that contradicts itself names no one. So a reading with a pod is never
+    malformed.
     """
     if second is first or second is _NOTHING:
         return first
+    l7 = first.l7 or second.l7
+    if first.malformed or second.malformed:
+        return PodReading(None, l7, True)
     if first.pod is None:
-        return PodReading(second.pod, first.l7 or second.l7, first.malformed or second.malformed)
-    if second.malformed or (second.pod is not None and second.pod != first.pod):
-        return PodReading(None, first.l7 or second.l7, True)
-    return first if first.l7 or not second.l7 else first._replace(l7=True)
+        return PodReading(second.pod, l7, False)
+    if second.pod is not None and second.pod != first.pod:
+        return PodReading(None, l7, True)
+    return first if first.l7 == l7 else first._replace(l7=l7)
 
 
 class MethodName(NamedTuple):
