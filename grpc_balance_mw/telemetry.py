@@ -50,6 +50,8 @@ AlarmCallback = Callable[[Transition], None]
 #: Where the telemetry keeps its per-target state in ``CallObserver.telemetry_cache`` (the
 #: rest of that cache is span attributes by method, whose names start with "/").
 _TARGET_KEY = "target"
+#: The on_alarm thread ends after this long without an alarm.
+_ALARM_THREAD_IDLE_S = 10.0
 #: Span attribute sets kept per observer (one per method called through it).
 _MAX_CACHED_METHODS = 256
 
@@ -137,7 +139,11 @@ class _AlarmWorker:
         while True:
             with self._wake:
                 while not self._queue:
-                    self._wake.wait()
+                    # An idle thread ends, so a dropped telemetry leaves none behind; the next
+                    # alarm starts another.
+                    if not self._wake.wait(_ALARM_THREAD_IDLE_S) and not self._queue:
+                        self._thread = None
+                        return
                 transition = self._queue.popleft()
                 self._busy = True
             try:

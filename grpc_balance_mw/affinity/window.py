@@ -39,9 +39,12 @@ class PodWindow:
             self.evict(now)
 
     def ages_out(self, now: float) -> bool:
-        """Whether the oldest call is older than the window (cheap: one comparison)."""
-        samples = self._samples
-        return bool(samples) and samples[0][0] < now - self.max_age_s
+        """Whether the oldest call is older than the window (cheap: one comparison). Safe
+        without the detector's lock: a window emptied meanwhile has nothing to age out."""
+        try:
+            return self._samples[0][0] < now - self.max_age_s
+        except IndexError:
+            return False
 
     def evict(self, now: float) -> None:
         """Forget calls older than the window."""
