@@ -12,7 +12,8 @@ the channel does and hands the answer to the detector (``set_dns_answer``): one 
 ready pod is the best count of the pods that exist.
 
 It runs on a daemon thread, at most once every ``interval_s``, never on the call path, and never
-raises: a failed probe only means nothing new was learned.
+raises: a failed probe only means nothing new was learned. :meth:`PodProbe.stop` (``close``) ends
+it: a round in flight has its health-check channel closed, so it ends at once.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from grpc_balance_mw.affinity import forking
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.errors import ConfigurationError, MalformedPodHeader
 from grpc_balance_mw.headless import parse_dns_target, resolve_addresses
@@ -75,18 +77,39 @@ class PodProbe:
         self._lock = threading.Lock()
         self._next_at = 0.0
         self._running: threading.Thread | None = None
+        self._dialing: grpc.Channel | None = None
+        self.stopped = False
         self.rounds = 0
         self.failures = 0
+        forking.track(self)
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: a fresh lock; the parent's round thread does not exist here."""
+        self._lock = threading.Lock()
+        self._running = None
+        self._dialing = None
 
     def __repr__(self) -> str:
-        return f"<PodProbe {self.target} every {self.interval_s}s: {self.rounds} rounds>"
+        stopped = ", stopped" if self.stopped else ""
+        return f"<PodProbe {self.target} every {self.interval_s}s: {self.rounds} rounds{stopped}>"
+
+    def stop(self) -> None:
+        """Probe no more; a round in flight ends at once (its channel is closed)."""
+        with self._lock:
+            self.stopped = True
+            self._next_at = float("inf")
+            dialing, self._dialing = self._dialing, None
+        if dialing is not None:
+            dialing.close()  # cancels the health check in flight
+
+    close = stop
 
     def maybe_probe(self, now: float) -> None:
         """Start a probe round in the background if one is due and none is running."""
         if now < self._next_at:  # the common case, without the lock
             return
         with self._lock:
-            if now < self._next_at or self._running is not None:
+            if now < self._next_at or self._running is not None or self.stopped:
                 return
             self._next_at = now + self.interval_s
             self._running = threading.Thread(
@@ -104,13 +127,14 @@ class PodProbe:
         try:
             if self._dns_target is not None:
                 addresses = resolve_addresses(self._dns_target, self.timeout_s)
-                if addresses is not None:  # no answer is not "no pods"
+                if addresses is not None and not self.stopped:  # no answer is not "no pods"
                     self.detector.set_dns_answer(addresses)
             pods = self.probe_once()
-            if pods:
+            if pods and not self.stopped:
                 self.detector.add_known_pods(pods)
         except Exception:  # a background thread: nothing above it would ever see the error
-            _log.exception("pod probe of %s failed", self.target)
+            if not self.stopped:  # stop() closing the channel under a round is no failure
+                _log.exception("pod probe of %s failed", self.target)
         finally:
             with self._lock:
                 self._running = None
@@ -120,6 +144,8 @@ class PodProbe:
         """Dial ``connections`` new connections and return the pods that answered."""
         pods: list[str] = []
         for _ in range(self.connections):
+            if self.stopped:
+                break
             pod = self._dial()
             if pod is not None:
                 pods.append(pod)
@@ -131,6 +157,11 @@ class PodProbe:
             if self._credentials is not None
             else grpc.insecure_channel(self.target, options=self._options)
         )
+        with self._lock:
+            if self.stopped:
+                channel.close()
+                return None
+            self._dialing = channel  # for stop() to close
         try:
             check = health_pb2_grpc.HealthStub(channel).Check
             _, call = check.with_call(health_pb2.HealthCheckRequest(), timeout=self.timeout_s)
@@ -148,5 +179,8 @@ class PodProbe:
             self.failures += 1
             return None
         finally:
+            with self._lock:
+                if self._dialing is channel:
+                    self._dialing = None
             channel.close()
         return identity.name if identity is not None else None

@@ -7,6 +7,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
+from grpc_balance_mw.affinity import forking
 from grpc_balance_mw.affinity.config import AffinityConfig
 from grpc_balance_mw.affinity.state import AffinitySnapshot, AffinityState, PodShare, Transition
 from grpc_balance_mw.affinity.window import PodWindow
@@ -16,6 +17,9 @@ Clock = Callable[[], float]
 _PRUNE_EVERY_S = 1.0
 #: Calls counted with ``count`` are judged at the latest once this many wait.
 JUDGE_EVERY_CALLS = 32
+#: The most one stream weighs, in calls (``AffinityConfig.stream_unit_s`` each): about eleven
+#: days of 1 s units, so a duration that is infinite (or absurd) cannot make shares NaN.
+MAX_STREAM_WEIGHT = 1e6
 #: One counted call waiting to be judged: (pod, duration_s, stream, l7, malformed, at, warming).
 _Counted = tuple[str | None, float, bool, bool, bool, float, bool]
 
@@ -54,12 +58,21 @@ class AffinityDetector:
         self._pending_calls = 0
         self._expected = self.config.expected_pods
         self._known: dict[str, float] = {}  # pod -> last seen
+        self._max_known = self.config.max_known_pods
+        self._known_dropped = 0
         self._dns_pods = 0
         self._malformed = 0
         self._warmup_calls = 0
         self._top_share = 0.0
         self._next_prune = 0.0
         self._counted: deque[_Counted] = deque()
+        #: A stale transition found by a reader (not a call), for the next record or expire.
+        self._unreported: Transition | None = None
+        forking.track(self)
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: a fresh lock (the parent's may have been held by another thread)."""
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         self._catch_up()
@@ -76,9 +89,25 @@ class AffinityDetector:
 
     @property
     def top_share(self) -> float:
-        """The top pod's share at the last judged call (for gauges)."""
+        """The top pod's share at the last judged call (for gauges); 0.0 while unverified for
+        want of calls, and once the window went stale."""
         self._catch_up()
         return self._top_share
+
+    def expire(self, *, now: float | None = None) -> Transition | None:
+        """Forget calls older than the window; a window left without any call that named a pod
+        (or carried L7 headers) returns the target to ``UNVERIFIED``.
+
+        Readers (``state``, ``top_share``, ``snapshot``) do this too; ``expire`` also returns
+        the transition, once, for someone to report it (the telemetry's gauge callback, which
+        runs even when no call does). ``record`` returns one that no one reported yet.
+        """
+        at = self._clock() if now is None else now
+        with self._lock:
+            self._judge_counted()
+            self._expire(at)
+            unreported, self._unreported = self._unreported, None
+            return unreported
 
     @property
     def expected_pods(self) -> int | None:
@@ -97,6 +126,8 @@ class AffinityDetector:
             self._judge_counted()
             for pod in pods:
                 self._known[pod] = at
+                if len(self._known) > self._max_known:
+                    self._make_room(pod, at)
 
     def set_dns_answer(self, addresses: Iterable[str]) -> None:
         """The addresses a headless Service's DNS name resolved to: one per ready pod."""
@@ -133,7 +164,11 @@ class AffinityDetector:
         at = self._clock() if now is None else now
         with self._lock:
             earlier = self._judge_counted()
-            return self._add(pod, duration_s, stream, l7, malformed, at, warming) or earlier
+            own = self._add(pod, duration_s, stream, l7, malformed, at, warming)
+            if own is None and earlier is None and self._unreported is not None:
+                earlier = self._unreported
+            self._unreported = None
+            return own or earlier
 
     def count(
         self,
@@ -157,9 +192,29 @@ class AffinityDetector:
                 self._judge_counted()
 
     def _catch_up(self) -> None:
-        if self._counted:
+        if self._counted or self._window.ages_out(self._clock()):
             with self._lock:
                 self._judge_counted()
+                self._expire(self._clock())
+
+    def _expire(self, now: float) -> None:
+        """Evict aged-out calls; the lock is held. A stale transition waits in ``_unreported``."""
+        self._window.evict(now)
+        stale = self._go_stale(now)
+        if stale is not None:
+            self._unreported = stale
+
+    def _go_stale(self, now: float) -> Transition | None:
+        """Back to UNVERIFIED if no call in the window names a pod or carries L7 headers."""
+        window = self._window
+        if self._state is AffinityState.UNVERIFIED or window.identified_calls or window.l7_calls:
+            return None
+        previous, self._state = self._state, AffinityState.UNVERIFIED
+        self._pending, self._pending_calls = None, 0
+        self._top_share = 0.0
+        return Transition(
+            self.target, previous, AffinityState.UNVERIFIED, self._snapshot(now), stale=True
+        )
 
     def _judge_counted(self) -> Transition | None:
         """Judge the calls that ``count`` queued, oldest first; the lock is held."""
@@ -169,6 +224,8 @@ class AffinityDetector:
             transition = self._add(*counted.popleft())
             if transition is not None:
                 last = transition
+        if last is not None and last.stale:  # judged by no one's call: keep it for a reporter
+            self._unreported = last
         return last
 
     def _add(
@@ -184,15 +241,23 @@ class AffinityDetector:
         if malformed:
             self._malformed += 1
         if pod is not None:
-            self._known[pod] = at
+            known = self._known
+            known[pod] = at
+            if len(known) > self._max_known:
+                self._make_room(pod, at)
+        window = self._window
+        stale = None
+        if window.ages_out(at):  # a pause longer than the window: judge the silence first
+            window.evict(at)
+            stale = self._go_stale(at)
         if warming:
             self._warmup_calls += 1
-            return None
+            return stale
         weight = 1.0
-        if stream and duration_s > self.config.stream_unit_s:
-            weight = duration_s / self.config.stream_unit_s
-        self._window.add(pod, weight, l7, at)
-        return self._judge(at)
+        if stream and duration_s > self.config.stream_unit_s:  # False for NaN
+            weight = min(duration_s / self.config.stream_unit_s, MAX_STREAM_WEIGHT)
+        window.add(pod, weight, l7, at)
+        return self._judge(at) or stale
 
     def _known_count(self) -> int:
         return max(len(self._known), self._expected or 0, self._dns_pods)
@@ -201,6 +266,20 @@ class AffinityDetector:
         horizon = now - self.config.known_pods_ttl_s
         for pod in [p for p, seen in self._known.items() if seen < horizon]:
             del self._known[pod]
+
+    def _make_room(self, newest: str, now: float) -> None:
+        """More than ``max_known_pods`` are known: forget the stale ones, and if that is not
+        enough, the half seen longest ago (``newest``, just seen, stays). Dropping half at once
+        keeps the sort's cost O(log n) per pod learned however many a server makes up."""
+        self._forget_stale_pods(now)
+        known = self._known
+        if len(known) <= self._max_known:
+            return
+        keep = max(self._max_known // 2, 1)
+        kept = dict(sorted(known.items(), key=lambda item: item[1], reverse=True)[:keep])
+        kept[newest] = now
+        self._known = kept
+        self._known_dropped += len(known) - len(kept)
 
     def _candidate(self) -> AffinityState | None:
         """The state the window argues for now, or None when it is too small to argue."""
@@ -229,6 +308,9 @@ class AffinityDetector:
         if now >= self._next_prune:
             self._next_prune = now + _PRUNE_EVERY_S
             self._forget_stale_pods(now)
+        stale = self._go_stale(now)  # calls go on, but none names a pod any more
+        if stale is not None:
+            return stale
         candidate = self._candidate()
         if candidate is None or candidate is self._state:
             self._pending, self._pending_calls = None, 0
@@ -248,7 +330,7 @@ class AffinityDetector:
         at = self._clock() if now is None else now
         with self._lock:
             self._judge_counted()
-            self._window.evict(at)
+            self._expire(at)
             return self._snapshot(at)
 
     def _snapshot(self, now: float) -> AffinitySnapshot:
@@ -270,4 +352,5 @@ class AffinityDetector:
             dns_pods=self._dns_pods,
             l7_share=window.l7_calls / total if total else 0.0,
             warmup_calls=self._warmup_calls,
+            known_pods_dropped=self._known_dropped,
         )

@@ -12,7 +12,8 @@ class AffinityState(enum.Enum):
 
     #: Calls spread over the known pods about evenly.
     BALANCED = "balanced"
-    #: One pod (or none) seen, and nothing says others exist; also the state before enough calls.
+    #: One pod (or none) seen, and nothing says others exist; also the state before enough calls,
+    #: and the state a target returns to when no recent call named a pod (a stale window).
     UNVERIFIED = "unverified"
     #: One pod's share is well above its fair share.
     SKEWED = "skewed"
@@ -56,6 +57,9 @@ class AffinitySnapshot:
         l7_share: share of the window's calls that carried L7 proxy headers.
         warmup_calls: calls ever left out of the window because they came in a channel's
             warm-up (``AffinityConfig.warmup_s``).
+        known_pods_dropped: pods ever forgotten because more than
+            ``AffinityConfig.max_known_pods`` were known at once (a server that names a new pod
+            on every call); 0 when the bound was never hit.
     """
 
     target: str
@@ -72,13 +76,21 @@ class AffinitySnapshot:
     dns_pods: int
     l7_share: float
     warmup_calls: int = 0
+    known_pods_dropped: int = 0
 
 
 @dataclass(frozen=True)
 class Transition:
-    """A state change, with the snapshot taken when it happened."""
+    """A state change, with the snapshot taken when it happened.
+
+    Attributes:
+        stale: the change is a return to ``UNVERIFIED`` because no call in the window named a
+            pod any more (calls stopped and aged out, or stopped being identified), not a
+            judgement of calls.
+    """
 
     target: str
     previous: AffinityState
     current: AffinityState
     snapshot: AffinitySnapshot
+    stale: bool = False
