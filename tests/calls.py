@@ -8,8 +8,8 @@ from typing import Any
 
 import grpc
 
-from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
 CALL_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 OK, ABORT, RAISE = 0, grpc.StatusCode.FAILED_PRECONDITION.value[0], -1

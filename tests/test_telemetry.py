@@ -36,8 +36,6 @@ from grpc_balance_mw.affinity import (
 )
 from grpc_balance_mw.aio import client as aio_client
 from grpc_balance_mw.client import observe_channel
-from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
 from grpc_balance_mw.telemetry import (
     ATTR_LANE,
     ATTR_POD,
@@ -48,6 +46,8 @@ from grpc_balance_mw.telemetry import (
     AffinityTelemetry,
     server_address,
 )
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
 FAST = AffinityConfig(min_samples=5, dwell_calls=2, warmup_s=0)
 METHODS = {
