@@ -81,7 +81,8 @@ async def call_aio(
         pass
     return Seen(
         await call.code(),
-        dict(await call.initial_metadata() or ()),
-        dict(await call.trailing_metadata() or ()),
+        # dict() of the pairs: grpcio < 1.63's aio Metadata.keys() yields pairs, not keys
+        dict(tuple(await call.initial_metadata() or ())),
+        dict(tuple(await call.trailing_metadata() or ())),
         responses,
     )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Iterator
+from importlib import metadata
 from typing import Any
 
 import grpc
@@ -56,6 +58,12 @@ METHODS = {
     "stream_unary": "UploadMeterValues",
     "stream_stream": "Session",
 }
+
+#: opentelemetry-instrumentation-grpc's (major, minor): the floors run tests an old one.
+_OTEL_GRPC = tuple(
+    int(part)
+    for part in re.findall(r"\d+", metadata.version("opentelemetry-instrumentation-grpc"))[:2]
+)
 
 
 @pytest.fixture
@@ -150,6 +158,8 @@ def test_sync_enriches_the_instrumentation_span_instead_of_a_second(
     tracer_provider: TracerProvider,
     exporter: InMemorySpanExporter,
 ) -> None:
+    if kind == "stream_stream" and _OTEL_GRPC < (0, 62):
+        pytest.skip("otel-grpc < 0.62b0 turns a sync bidi call into a bare generator (their #1180)")
     theirs = client_interceptor(tracer_provider=tracer_provider)
     with grpc.insecure_channel(sync_pod.target) as channel:
         ours, _ = observe_sync(
