@@ -1,22 +1,30 @@
 #!/usr/bin/env bash
-# Prove the declared floors (CI runs this after the main suite, from scripts/test.sh).
+# Prove the declared dependency floors; scripts/test.sh runs this after the main suite.
 #
-# 1. A client that pins the oldest grpcio and protobuf this package declares (grpcio 1.62,
-#    protobuf 4.21/4.25) installs it: `pip install .` resolves without upgrading either, and
-#    pulls in only the core dependencies.
-# 2. With every direct dependency at its declared floor, the tests that need no local cluster
-#    pass (the cluster's own tests run in the main suite on the newest versions).
+# 1. A production client that pins grpcio 1.62 and protobuf 4.25 installs the package: pip
+#    resolves without touching either, adds only the core dependencies, and the channel wrapper
+#    and the server middleware work there (scripts/smoke_client.py).
+# 2. With every direct dependency at its declared floor (the oldest grpcio, protobuf,
+#    OpenTelemetry, pytest... that pyproject.toml allows), the tests that need no local cluster
+#    pass. The cluster's own tests run in the main suite, on the newest versions.
 # 3. The checked-in stubs are byte for byte what the pinned grpcio-tools makes.
+#
+# Needs PyPI (or the pip cache). CLIENT_GRPCIO / CLIENT_PROTOBUF choose step 1's pins.
 set -euo pipefail
+started=$SECONDS
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PYTHON="${PYTHON:-python3}"
+CLIENT_GRPCIO="${CLIENT_GRPCIO:-1.62.3}"
+CLIENT_PROTOBUF="${CLIENT_PROTOBUF:-4.25.8}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/grpc-balance-floors.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
-say() { echo "test_floors: $*" >&2; }
-started=$SECONDS
+say() { echo "test_floors: [$((SECONDS - started)) s] $*" >&2; }
+pip_quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location .* is ignored" || true; } >&2; }
 
-# Every direct dependency at its floor: `name>=X` in pyproject becomes `name==X`.
+
+# Every direct dependency at its floor: `name>=X` in pyproject.toml becomes `name==X`; where
+# extras name one package twice, the higher floor wins.
 "$PYTHON" - "$WORK/floors.txt" <<'PY'
 import re, sys, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
@@ -30,47 +38,49 @@ for requirement in requirements:
     match = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9][^,;\s]*)", requirement.strip())
     if match is None:
         sys.exit(f"test_floors: no plain floor in {requirement!r}")
-    floors[match[1].lower()] = match[2]
+    name, version = match[1].lower(), match[2]
+    key = lambda v: [int(p) if p.isdigit() else p for p in re.split(r"[.a-z]+", v) if p]
+    if name not in floors or key(version) > key(floors[name]):
+        floors[name] = version
 open(sys.argv[1], "w").write("".join(f"{n}=={v}\n" for n, v in sorted(floors.items())))
 PY
-GRPCIO="$(grep '^grpcio==' "$WORK/floors.txt")"
-PROTOBUF="$(grep '^protobuf==' "$WORK/floors.txt")"
-say "floors: $(tr '\n' ' ' <"$WORK/floors.txt")"
+say "declared floors: $(tr '\n' ' ' <"$WORK/floors.txt")"
 
-say "1/3 a client with $GRPCIO and $PROTOBUF installs the package"
-"$PYTHON" -m venv "$WORK/venv"
-PY="$WORK/venv/bin/python"
-"$PY" -m pip install -q "$GRPCIO" "$PROTOBUF"
+say "1/3 a client pinned to grpcio==$CLIENT_GRPCIO protobuf==$CLIENT_PROTOBUF: pip install ."
+"$PYTHON" -m venv "$WORK/client"
+PY="$WORK/client/bin/python"
+pip_quiet "$PY" -m pip install -q "grpcio==$CLIENT_GRPCIO" "protobuf==$CLIENT_PROTOBUF"
 "$PY" -m pip freeze --all | sort >"$WORK/before.txt"
-# The client's own pins, as its requirements or lock file holds them.
-printf '%s\n%s\n' "$GRPCIO" "$PROTOBUF" >"$WORK/client-pins.txt"
-"$PY" -m pip install -q --no-cache-dir "$ROOT" -c "$WORK/client-pins.txt"
+# The client's pins, as its requirements or lock file holds them. (Without them pip takes the
+# newest grpcio-health-checking, which requires the newest grpcio, and upgrades grpcio.)
+printf 'grpcio==%s\nprotobuf==%s\n' "$CLIENT_GRPCIO" "$CLIENT_PROTOBUF" >"$WORK/client-pins.txt"
+pip_quiet "$PY" -m pip install -q "$ROOT" -c "$WORK/client-pins.txt"
 "$PY" -m pip freeze --all | sort >"$WORK/after.txt"
-for pin in "$GRPCIO" "$PROTOBUF"; do
-    grep -qix "$pin" "$WORK/after.txt" || { say "FAILED: $pin was changed"; exit 1; }
+for pin in "grpcio==$CLIENT_GRPCIO" "protobuf==$CLIENT_PROTOBUF"; do
+    grep -qix "$pin" "$WORK/after.txt" || { say "FAILED: pip changed $pin"; exit 1; }
 done
-# What `pip install .` added: the package, its core dependencies and theirs, nothing else.
-added="$(comm -13 "$WORK/before.txt" "$WORK/after.txt" | sed 's/[=@ ].*//' | tr 'A-Z_' 'a-z-' | sort | tr '\n' ' ')"
+added="$(comm -13 "$WORK/before.txt" "$WORK/after.txt" | sed 's/[=@ ].*//' | tr 'A-Z_' 'a-z-' |
+    sort | tr '\n' ' ')"
 say "pip install . added: $added"
-expected=" grpc-balance-mw grpcio-health-checking opentelemetry-api tenacity "
-# opentelemetry-api's own dependencies, whichever its version declares
-allowed="$expected deprecated wrapt importlib-metadata zipp typing-extensions setuptools "
+# The core dependencies and what they depend on (opentelemetry-api's vary with its version).
+allowed=" grpc-balance-mw grpcio-health-checking opentelemetry-api tenacity deprecated wrapt "
+allowed+=" importlib-metadata zipp typing-extensions setuptools "
 for dist in $added; do
     [[ "$allowed" == *" $dist "* ]] || { say "FAILED: pip install . pulled in $dist"; exit 1; }
 done
-"$PY" - <<'PY'
-import grpc, google.protobuf
-from grpc_balance_mw.client import observe_channel
-from grpc_balance_mw.server import PodIdentityInterceptor, add_health
-print(f"test_floors: imports fine on grpcio {grpc.__version__}, protobuf {google.protobuf.__version__}")
-PY
+"$PY" scripts/smoke_client.py
 
 say "2/3 every direct dependency at its floor: the tests that need no cluster"
-"$PY" -m pip install -q "$ROOT[test]" -c "$WORK/floors.txt"
-"$PY" -m pip freeze | grep -iE '^(grpcio|grpcio-health-checking|protobuf|opentelemetry-[a-z-]+|tenacity|pytest[a-z-]*)==' | tr '\n' ' ' >&2
-echo >&2
-"$PY" -m pytest -q -p no:cacheprovider -m "not cluster" tests
+"$PYTHON" -m venv "$WORK/floors"
+PY="$WORK/floors/bin/python"
+pip_quiet "$PY" -m pip install -q "$(grep '^grpcio==' "$WORK/floors.txt")" \
+    "$(grep '^protobuf==' "$WORK/floors.txt")"
+pip_quiet "$PY" -m pip install -q "$ROOT[test]" -c "$WORK/floors.txt"
+say "installed: $("$PY" -m pip freeze | grep -iE '^(grpcio|protobuf|opentelemetry|tenacity|pytest)' |
+    tr '\n' ' ')"
+(cd "$WORK" && "$PY" -m pytest -q -p no:cacheprovider -m "not cluster" "$ROOT/tests" \
+    --rootdir "$ROOT" -c "$ROOT/pyproject.toml")
 
-say "3/3 the stubs are what grpcio-tools $("$PYTHON" -c 'import sys; sys.path.insert(0, "scripts"); import generate_protos as g; print(g.GRPCIO_TOOLS)') makes"
+say "3/3 the checked-in stubs are what the pinned grpcio-tools makes"
 "$PYTHON" scripts/generate_protos.py --check
 say "floors proven in $((SECONDS - started)) s"

@@ -206,33 +206,33 @@ def run(args: argparse.Namespace) -> int:
     # the bench pod is one pod of "3": the pinned warning would be right, and noise here
     logging.getLogger("grpc_balance_mw").setLevel(logging.ERROR)
     progress("starting the pod process")
-    pod = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "grpc_balance_mw.cli.overhead"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-    )
-    try:
-        assert pod.stdout is not None
-        line = pod.stdout.readline().split()
-        if line[:1] != ["READY"]:
-            raise ClusterError(f"the pod process did not start: {line}")
-        target = f"127.0.0.1:{line[1]}"
-        started = time.monotonic()
-        samples = measure(target, args.rounds, args.calls, args.warmup)
-        took = time.monotonic() - started
-        print(
-            f"warm unary calls to {target}, {args.rounds} rounds x {args.calls} calls, {took:.1f} s"
-        )
-        print(report(samples, args.calls))
-    finally:
-        if pod.stdin is not None:
-            pod.stdin.close()
+    ) as pod:
         try:
-            pod.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pod.kill()
-            pod.wait()
+            assert pod.stdout is not None
+            line = pod.stdout.readline().split()
+            if line[:1] != ["READY"]:
+                raise ClusterError(f"the pod process did not start: {line}")
+            target = f"127.0.0.1:{line[1]}"
+            started = time.monotonic()
+            samples = measure(target, args.rounds, args.calls, args.warmup)
+            took = time.monotonic() - started
+            print(
+                f"warm unary calls to {target}, {args.rounds} rounds x {args.calls} calls, "
+                f"{took:.1f} s"
+            )
+            print(report(samples, args.calls))
+        finally:
+            if pod.stdin is not None:
+                pod.stdin.close()  # the pod stops when its stdin closes
+            try:
+                pod.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pod.kill()
     return 0
 
 
