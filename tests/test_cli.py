@@ -60,6 +60,8 @@ def test_help_lists_the_subcommands_from_the_console_script_module() -> None:
     done = run("--help")
     assert done.returncode == 0, done.stderr
     assert "demo" in done.stdout and "overhead" in done.stdout
+    version = run("--version")
+    assert version.returncode == 0 and version.stdout.startswith("grpc-balance 0.")
 
 
 def test_a_configuration_error_is_one_line_and_exit_1(

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from grpc_balance_mw import __version__
 from grpc_balance_mw.cli.arguments import bounded_float, bounded_int
 from grpc_balance_mw.errors import BalanceError
 
@@ -40,6 +41,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="grpc-balance", description="Client-side gRPC balancing: tools.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
