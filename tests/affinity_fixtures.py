@@ -14,10 +14,10 @@ from grpc_balance_mw import server as sync_server
 from grpc_balance_mw.affinity import AffinityConfig
 from grpc_balance_mw.aio import client as aio_client
 from grpc_balance_mw.client import AffinityInterceptor, observe_channel
-from grpc_balance_mw.demo.servicer import SyncChargePointsServicer
-from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
 from grpc_balance_mw.identity import PodIdentity
+from grpc_balance_mw.testing.charge_points.servicer import SyncChargePointsServicer
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
 #: For tests that count calls from the first one: no warm-up (``AffinityConfig.warmup_s``).
 NO_WARMUP = AffinityConfig(warmup_s=0)

@@ -24,8 +24,8 @@ from conftest import IDENTITY, AioPod, SyncPod
 from grpc_balance_mw.affinity import AffinityRegistry, AffinityState
 from grpc_balance_mw.aio import client as aio_client
 from grpc_balance_mw.client import AffinityInterceptor, ObservedChannel, observe_channel
-from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
 
 @pytest.fixture(params=MODES)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Iterator
+from importlib import metadata
 from typing import Any
 
 import grpc
@@ -36,8 +38,6 @@ from grpc_balance_mw.affinity import (
 )
 from grpc_balance_mw.aio import client as aio_client
 from grpc_balance_mw.client import observe_channel
-from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
 from grpc_balance_mw.telemetry import (
     ATTR_LANE,
     ATTR_POD,
@@ -48,6 +48,8 @@ from grpc_balance_mw.telemetry import (
     AffinityTelemetry,
     server_address,
 )
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
 FAST = AffinityConfig(min_samples=5, dwell_calls=2, warmup_s=0)
 METHODS = {
@@ -56,6 +58,12 @@ METHODS = {
     "stream_unary": "UploadMeterValues",
     "stream_stream": "Session",
 }
+
+#: opentelemetry-instrumentation-grpc's (major, minor): the floors run tests an old one.
+_OTEL_GRPC = tuple(
+    int(part)
+    for part in re.findall(r"\d+", metadata.version("opentelemetry-instrumentation-grpc"))[:2]
+)
 
 
 @pytest.fixture
@@ -150,6 +158,8 @@ def test_sync_enriches_the_instrumentation_span_instead_of_a_second(
     tracer_provider: TracerProvider,
     exporter: InMemorySpanExporter,
 ) -> None:
+    if kind == "stream_stream" and _OTEL_GRPC < (0, 62):
+        pytest.skip("otel-grpc < 0.62b0 turns a sync bidi call into a bare generator (their #1180)")
     theirs = client_interceptor(tracer_provider=tracer_provider)
     with grpc.insecure_channel(sync_pod.target) as channel:
         ours, _ = observe_sync(

@@ -378,49 +378,6 @@ def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
     )
 
 
-def add_arguments(parser: argparse.ArgumentParser, bounded_int: Any, bounded_float: Any) -> None:
-    parser.add_argument("target", help="host:port, or dns:[//dns-server/]host:port")
-    parser.add_argument(
-        "--samples",
-        type=bounded_int(1, 200),
-        default=12,
-        help="fresh connections to sample (1..200)",
-    )
-    parser.add_argument(
-        "--checks", type=bounded_int(2, 20), default=4, help="health checks per connection (2..20)"
-    )
-    parser.add_argument(
-        "--timeout",
-        type=bounded_float(0.05, 60.0),
-        default=2.0,
-        help="seconds per DNS query, dial and check",
-    )
-    parser.add_argument(
-        "--max-seconds",
-        type=bounded_float(1.0, 600.0),
-        default=20.0,
-        help="stop sampling after this long",
-    )
-    parser.add_argument(
-        "--lb-policy",
-        choices=("pick_first", "round_robin"),
-        default="pick_first",
-        help="the load-balancing policy your client uses",
-    )
-    parser.add_argument(
-        "--expected-pods",
-        type=bounded_int(1, 10_000),
-        default=None,
-        help="the replicas the Deployment has, if known",
-    )
-    parser.add_argument("--tls", action="store_true", help="TLS with the system's roots")
-    parser.add_argument("--ca-cert", help="PEM file of the roots to trust")
-    parser.add_argument("--client-cert", help="PEM client certificate (mutual TLS)")
-    parser.add_argument("--client-key", help="PEM client key (mutual TLS)")
-    parser.add_argument("--server-name", help="the name to check the server's certificate for")
-    parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
-
-
 def render(findings: Findings, verdict: Verdict) -> str:
     lines = [f"target:     {findings.target}"]
     if findings.addresses is not None:
