@@ -117,9 +117,12 @@ class _Closer:
 class _Lease:
     """One call's connection: closed once, however many ends of the call report it."""
 
-    def __init__(self, owner: DialPerRequestChannel, channel: grpc.Channel) -> None:
+    def __init__(
+        self, owner: DialPerRequestChannel, channel: grpc.Channel, predialled: bool
+    ) -> None:
         self.owner = owner
         self.channel = channel
+        self.predialled = predialled
         self._lock = threading.Lock()
         self._released = False
 
@@ -130,7 +133,7 @@ class _Lease:
                 return
             self._released = True
         self.channel.close()
-        self.owner.count_closed()
+        self.owner.count_closed(self.predialled)
 
     def release_later(self, _call: object = None) -> None:
         """For done-callbacks: hand the close to the channel's closer thread."""
@@ -161,13 +164,22 @@ def connect(channel: grpc.Channel, timeout_s: float) -> bool:
 
 
 class _Predialler:
-    """Keeps up to ``count`` connected channels ready, dialled by one background thread."""
+    """Keeps up to ``count`` connected channels ready, dialled by one background thread.
 
-    def __init__(self, owner: DialPerRequestChannel, count: int, timeout_s: float) -> None:
+    A connection taken by a call is replaced when that call ends, or ``defer_s`` after it was
+    taken if the call lasts longer: dialling while the call runs would compete with it for the
+    GIL and the CPU, putting part of the handshake back on the call's critical path.
+    """
+
+    def __init__(
+        self, owner: DialPerRequestChannel, count: int, timeout_s: float, defer_s: float
+    ) -> None:
         self._owner = owner
         self._count = count
         self._timeout_s = timeout_s
+        self._defer_s = defer_s
         self._ready: deque[grpc.Channel] = deque()
+        self._owed: deque[float] = deque([0.0] * count)  # when each missing one is to be dialled
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(
@@ -180,28 +192,40 @@ class _Predialler:
             return len(self._ready)
 
     def take(self) -> grpc.Channel | None:
-        """A connected channel if one is ready (the thread then dials its replacement)."""
+        """A connected channel if one is ready; its replacement is owed."""
         with self._cond:
             if not self._ready:
                 return None
-            channel = self._ready.popleft()
-            self._cond.notify_all()
-            return channel
+            self._owed.append(time.monotonic() + self._defer_s)
+            return self._ready.popleft()
+
+    def call_ended(self) -> None:
+        """A predialled connection's call ended: dial the earliest owed replacement now."""
+        with self._cond:
+            if self._owed:
+                self._owed[0] = 0.0
+                self._cond.notify_all()
+
+    def _next_due(self) -> bool:
+        """Wait until a dial is due (True) or the predialler is closed (False)."""
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                if self._owed and self._owed[0] <= now:
+                    self._owed.popleft()
+                    return True
+                self._cond.wait(self._owed[0] - now if self._owed else None)
+            return False
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._closed or len(self._ready) < self._count)
-                if self._closed:
-                    return
+        while self._next_due():
             channel = self._owner.dial()
             if not connect(channel, self._timeout_s):
                 channel.close()
                 self._owner.count_closed()
                 self._owner.count_predial_failure()
                 with self._cond:
-                    if self._cond.wait_for(lambda: self._closed, timeout=_PREDIAL_RETRY_S):
-                        return
+                    self._owed.appendleft(time.monotonic() + _PREDIAL_RETRY_S)
                 continue
             with self._cond:
                 if not self._closed:
@@ -456,6 +480,8 @@ class DialPerRequestChannel(grpc.Channel):  # type: ignore[misc]
         retry: which calls are retried and how; default: none.
         predial: connections to keep dialled ahead of need (0: dial in the call).
         dial_timeout_s: how long a predial may take to connect.
+        refill_defer_s: how long after a predialled connection is taken its replacement is
+            dialled if the call has not ended by then (it is dialled when the call ends).
         observe: feed the target's affinity detector (and telemetry) with every call's pod.
         telemetry, config, expected_pods, registry: as for
             :func:`~grpc_balance_mw.observed_channel.observe_channel`.
@@ -472,6 +498,7 @@ class DialPerRequestChannel(grpc.Channel):  # type: ignore[misc]
         retry: RetryPolicy = NO_RETRY,
         predial: int = 0,
         dial_timeout_s: float = 5.0,
+        refill_defer_s: float = 0.005,
         observe: bool = True,
         telemetry: CallTelemetry | None = None,
         config: AffinityConfig | None = None,
@@ -505,7 +532,9 @@ class DialPerRequestChannel(grpc.Channel):  # type: ignore[misc]
                 registry=registry,
                 lane="dial-per-request",
             )
-        self._predialler = _Predialler(self, predial, dial_timeout_s) if predial else None
+        self._predialler = (
+            _Predialler(self, predial, dial_timeout_s, refill_defer_s) if predial else None
+        )
 
     def __repr__(self) -> str:
         s = self.stats
@@ -532,15 +561,16 @@ class DialPerRequestChannel(grpc.Channel):  # type: ignore[misc]
             raise ValueError("Cannot invoke RPC on closed channel!")
         channel = self._predialler.take() if self._predialler is not None else None
         if channel is None:
-            channel = self.dial()
-        else:
-            with self._lock:
-                self.stats.predialled += 1
-        return _Lease(self, _observed(channel, self.observer))
+            return _Lease(self, _observed(self.dial(), self.observer), predialled=False)
+        with self._lock:
+            self.stats.predialled += 1
+        return _Lease(self, _observed(channel, self.observer), predialled=True)
 
-    def count_closed(self) -> None:
+    def count_closed(self, predialled: bool = False) -> None:
         with self._lock:
             self.stats.closed += 1
+        if predialled and self._predialler is not None:
+            self._predialler.call_ended()
 
     def count_predial_failure(self) -> None:
         with self._lock:
