@@ -51,9 +51,12 @@ _PREDIAL_RETRY_S = 0.5
 class _Lease:
     """One call's connection; closed once, however many ends of the call report it."""
 
-    def __init__(self, owner: DialPerRequestChannel, channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self, owner: DialPerRequestChannel, channel: grpc.aio.Channel, predialled: bool
+    ) -> None:
         self.owner = owner
         self.channel = channel
+        self.predialled = predialled
         self._released = False
 
     async def release(self) -> None:
@@ -62,6 +65,8 @@ class _Lease:
         self._released = True
         await self.channel.close()
         self.owner.stats["closed"] += 1
+        if self.predialled:
+            self.owner.call_ended()
 
     def release_soon(self, _call: object = None) -> None:
         """For done-callbacks: close in a task of the channel's (kept until it ends)."""
@@ -70,16 +75,22 @@ class _Lease:
 
 
 class _Predialler:
-    """Keeps up to ``count`` connected channels ready, dialled by one task."""
+    """Keeps up to ``count`` connected channels ready, dialled by one task; a taken one is
+    replaced when its call ends, or ``defer_s`` after it was taken (as in the sync adapter:
+    dialling beside the call slows the call)."""
 
-    def __init__(self, owner: DialPerRequestChannel, count: int, timeout_s: float) -> None:
+    def __init__(
+        self, owner: DialPerRequestChannel, count: int, timeout_s: float, defer_s: float
+    ) -> None:
         self._owner = owner
-        self._count = count
         self._timeout_s = timeout_s
+        self._defer_s = defer_s
         self._ready: deque[grpc.aio.Channel] = deque()
-        self._wanted = asyncio.Event()
-        self._wanted.set()
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._owed: deque[float] = deque([0.0] * count)  # when each missing one is to be dialled
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run())
 
     def ready(self) -> int:
         return len(self._ready)
@@ -87,15 +98,30 @@ class _Predialler:
     def take(self) -> grpc.aio.Channel | None:
         if not self._ready:
             return None
-        self._wanted.set()
+        self._owed.append(self._loop.time() + self._defer_s)
+        self._wake.set()
         return self._ready.popleft()
 
+    def call_ended(self) -> None:
+        if self._owed:
+            self._owed[0] = 0.0
+            self._wake.set()
+
+    async def _due(self) -> bool:
+        """Wait until a dial is due (True) or the predialler is closed (False)."""
+        while not self._closed:
+            now = self._loop.time()
+            if self._owed and self._owed[0] <= now:
+                self._owed.popleft()
+                return True
+            self._wake.clear()
+            timeout = self._owed[0] - now if self._owed else None
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+        return False
+
     async def _run(self) -> None:
-        while True:
-            await self._wanted.wait()
-            if len(self._ready) >= self._count:
-                self._wanted.clear()
-                continue
+        while await self._due():
             channel = self._owner.dial()
             try:
                 await asyncio.wait_for(channel.channel_ready(), self._timeout_s)
@@ -103,7 +129,7 @@ class _Predialler:
                 await channel.close()
                 self._owner.stats["closed"] += 1
                 self._owner.stats["predial_failures"] += 1
-                await asyncio.sleep(_PREDIAL_RETRY_S)
+                self._owed.appendleft(self._loop.time() + _PREDIAL_RETRY_S)
                 continue
             except asyncio.CancelledError:
                 await channel.close()
@@ -112,9 +138,15 @@ class _Predialler:
             self._ready.append(channel)
 
     async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        self._closed = True
+        self._wake.set()
+        # asyncio.wait_for can swallow a cancellation that races its inner future's result
+        # (CPython gh-86296 before 3.12): cancel until the task has really ended.
+        while not self._task.done():
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=0.1)
+        if not self._task.cancelled():
+            self._task.exception()  # retrieved, so asyncio does not log it as never retrieved
         while self._ready:
             await self._ready.popleft().close()
             self._owner.stats["closed"] += 1
@@ -326,6 +358,7 @@ class DialPerRequestChannel(grpc.aio.Channel):  # type: ignore[misc]
         retry: RetryPolicy = NO_RETRY,
         predial: int = 0,
         dial_timeout_s: float = 5.0,
+        refill_defer_s: float = 0.005,
         observe: bool = True,
         telemetry: CallTelemetry | None = None,
         config: AffinityConfig | None = None,
@@ -346,6 +379,7 @@ class DialPerRequestChannel(grpc.aio.Channel):  # type: ignore[misc]
         self._compression = compression
         self._predial = predial
         self._dial_timeout_s = dial_timeout_s
+        self._refill_defer_s = refill_defer_s
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
         warn_if_native_retry(self._options, target)
@@ -378,7 +412,9 @@ class DialPerRequestChannel(grpc.aio.Channel):  # type: ignore[misc]
 
     def _start_predial(self) -> None:
         if self._predial and self._predialler is None and not self._closed:
-            self._predialler = _Predialler(self, self._predial, self._dial_timeout_s)
+            self._predialler = _Predialler(
+                self, self._predial, self._dial_timeout_s, self._refill_defer_s
+            )
 
     def spawn(self, work: Awaitable[Any]) -> None:
         """Run ``work`` in a task kept referenced until it ends."""
@@ -406,10 +442,13 @@ class DialPerRequestChannel(grpc.aio.Channel):  # type: ignore[misc]
         self._start_predial()
         channel = self._predialler.take() if self._predialler is not None else None
         if channel is None:
-            channel = self.dial()
-        else:
-            self.stats["predialled"] += 1
-        return _Lease(self, channel)
+            return _Lease(self, self.dial(), predialled=False)
+        self.stats["predialled"] += 1
+        return _Lease(self, channel, predialled=True)
+
+    def call_ended(self) -> None:
+        if self._predialler is not None:
+            self._predialler.call_ended()
 
     def ready(self) -> int:
         """Predialled connections connected and waiting for a call."""
