@@ -182,6 +182,7 @@ class _Predialler:
         self._owed: deque[float] = deque([0.0] * count)  # when each missing one is to be dialled
         self._cond = threading.Condition()
         self._closed = False
+        self._dialling: grpc.Channel | None = None  # closed by close() to cut a slow dial short
         self._thread = threading.Thread(
             target=self._run, name=f"grpc-balance-predial-{owner.target}", daemon=True
         )
@@ -220,7 +221,16 @@ class _Predialler:
     def _run(self) -> None:
         while self._next_due():
             channel = self._owner.dial()
-            if not connect(channel, self._timeout_s):
+            with self._cond:
+                if self._closed:
+                    channel.close()
+                    self._owner.count_closed()
+                    return
+                self._dialling = channel
+            connected = connect(channel, self._timeout_s)
+            with self._cond:
+                self._dialling = None
+            if not connected:
                 channel.close()
                 self._owner.count_closed()
                 self._owner.count_predial_failure()
@@ -239,7 +249,10 @@ class _Predialler:
         with self._cond:
             self._closed = True
             ready, self._ready = list(self._ready), deque()
+            dialling = self._dialling
             self._cond.notify_all()
+        if dialling is not None:
+            dialling.close()  # its health check ends CANCELLED; the thread then closes it (again)
         for channel in ready:
             channel.close()
             self._owner.count_closed()

@@ -385,7 +385,7 @@ class RetryPolicy:
 
 NO_RETRY = RetryPolicy(max_attempts=1, budget=None)
 
-_warned: set[str] = set()
+_warned: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
 
 
@@ -398,7 +398,7 @@ def _option(options: Iterable[tuple[str, Any]] | None, name: str) -> Any:
 
 
 def warn_if_native_retry(options: Iterable[tuple[str, Any]] | None, target: str = "") -> bool:
-    """Warn (once per service config) if the channel options enable gRPC's own retries.
+    """Warn (once per target and service config) if the channel options enable gRPC's retries.
 
     A ``retryPolicy`` or ``hedgingPolicy`` in the ``grpc.service_config`` option makes gRPC core
     retry inside each attempt of ours: up to ``maxAttempts`` x our ``max_attempts`` sends, and
@@ -428,8 +428,8 @@ def warn_if_native_retry(options: Iterable[tuple[str, Any]] | None, target: str 
     if not policies:
         return False
     with _warned_lock:
-        first = config not in _warned
-        _warned.add(config)
+        first = (target, config) not in _warned
+        _warned.add((target, config))
     if first:
         _log.warning(
             "channel to %s has a native gRPC %s in its grpc.service_config: gRPC core retries "

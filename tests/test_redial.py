@@ -4,6 +4,8 @@ retries only where marked, the deadline across attempts, the retry budget, predi
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import shutil
 import threading
@@ -148,6 +150,62 @@ def test_predialled_connections_serve_the_calls(driver: Driver, pod: PeerPod) ->
     assert wait_until(lambda: driver.stats(channel)[2] == driver.stats(channel)[0], driver)
 
 
+def test_a_cancelled_stream_closes_its_connection(driver: Driver, pod: PeerPod) -> None:
+    channel = driver.channel(pod.target)
+    stub = pb_grpc.ChargePointsStub(channel)
+    request = pb.WatchStatusRequest(id="cp-1", updates=1000, interval_ms=20)
+    if driver.loop is None:
+        call = stub.WatchStatus(request, timeout=30)
+        next(call)
+        call.cancel()
+    else:
+
+        async def cancel() -> None:
+            call = stub.WatchStatus(request, timeout=30)
+            await call.read()
+            call.cancel()
+
+        driver.run(cancel())
+    assert wait_until(lambda: driver.stats(channel)[2] == 1, driver)
+    driver.close(channel)
+
+
+def test_a_sync_future_runs_on_its_own_connection(pod: PeerPod) -> None:
+    driver = Driver("sync")
+    channel = driver.channel(pod.target, predial=1)
+    stub = pb_grpc.ChargePointsStub(channel)
+    futures = [stub.GetChargePoint.future(get_request(), timeout=10) for _ in range(3)]
+    assert [f.result().served_by for f in futures] == ["redial-pod"] * 3
+    assert len(pod.peers()) == 3
+    assert wait_until(lambda: driver.stats(channel)[2] == 3)  # closed off grpcio's thread
+    driver.close(channel)
+
+
+def test_a_native_retry_policy_in_the_options_is_warned_about(
+    driver: Driver, pod: PeerPod, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = {
+        "methodConfig": [
+            {
+                "name": [{"service": "chargepoints.v1.ChargePoints", "method": "Get"}],
+                "retryPolicy": {
+                    "maxAttempts": 2,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+    options = [("grpc.service_config", json.dumps(config))]
+    with caplog.at_level(logging.WARNING, logger="grpc_balance_mw.retry"):
+        channel = driver.channel(pod.target, options=options, retry=policy())
+    assert any("retryPolicy" in r.getMessage() for r in caplog.records)
+    assert driver.call(channel).code is OK
+    driver.close(channel)
+
+
 def test_a_closed_channel_refuses_calls(driver: Driver, pod: PeerPod) -> None:
     channel = driver.channel(pod.target)
     driver.close(channel)
@@ -229,7 +287,8 @@ def test_a_killed_pod_costs_no_retryable_call(
     driver: Driver, local_cluster: LocalCluster, retryable: bool
 ) -> None:
     marked = policy(methods={GET} if retryable else (), max_attempts=5)
-    channel = driver.channel(local_cluster.service_target, retry=marked)
+    # predialled connections too: those on the killed pod go stale while they wait
+    channel = driver.channel(local_cluster.service_target, retry=marked, predial=3)
     calls, kill_at = 150, 40
     codes = _load(driver, channel, local_cluster, calls, kill_at)
     driver.close(channel)
