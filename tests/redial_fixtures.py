@@ -201,10 +201,13 @@ class Certificates:
     ca: bytes
     key: bytes
     chain: bytes
+    client_key: bytes
+    client_chain: bytes
 
 
 def make_certificates(directory: Path) -> Certificates:
-    """A CA and a server certificate for localhost / 127.0.0.1, signed by it (openssl CLI)."""
+    """A CA, a server certificate for localhost / 127.0.0.1 and a client certificate, both
+    signed by the CA (openssl CLI)."""
 
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
@@ -217,8 +220,14 @@ def make_certificates(directory: Path) -> Certificates:
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
             "-CAcreateserial", "-out", "server.pem", "-days", "2",
             "-extfile", "san.ext")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out",
+            "client.csr", "-subj", "/CN=omni")  # fmt: skip
+    openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "client.pem", "-days", "2")  # fmt: skip
     return Certificates(
         ca=(directory / "ca.pem").read_bytes(),
         key=(directory / "server.key").read_bytes(),
         chain=(directory / "server.pem").read_bytes(),
+        client_key=(directory / "client.key").read_bytes(),
+        client_chain=(directory / "client.pem").read_bytes(),
     )

@@ -251,26 +251,33 @@ async def _other_tasks() -> list[asyncio.Task[Any]]:
     return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
 
 
-def test_tls_on_every_dial_never_plaintext(driver: Driver, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
+def test_tls_on_every_dial_never_plaintext(driver: Driver, tmp_path: Path, mutual: bool) -> None:
     require(shutil.which("openssl") is not None, "openssl CLI not installed")
     certs = make_certificates(tmp_path)
-    pod = PeerPod(grpc.ssl_server_credentials([(certs.key, certs.chain)]))
+    pod = PeerPod(
+        grpc.ssl_server_credentials(
+            [(certs.key, certs.chain)],
+            root_certificates=certs.ca if mutual else None,
+            require_client_auth=mutual,
+        )
+    )
     try:
         pod.servicer.unavailable = 1
-        credentials = grpc.ssl_channel_credentials(root_certificates=certs.ca)
+        client = (certs.client_key, certs.client_chain) if mutual else (None, None)
+        credentials = grpc.ssl_channel_credentials(certs.ca, *client)
         channel = driver.channel(pod.target, credentials, predial=1, retry=policy())
         assert [driver.call(channel).code for _ in range(3)] == [OK] * 3
         attempts = pod.servicer.of(GET)
         assert len(attempts) == 4 and len(pod.peers()) == 4  # a retry, each on a new dial
         assert {tuple(a.security) for a in attempts} == {(b"ssl",)}
         driver.close(channel)
-        # the server name is checked on every dial: a wrong one fails, it is not bypassed
-        wrong = driver.channel(
-            pod.target,
-            credentials,
-            options=[("grpc.ssl_target_name_override", "other.example")],
-            retry=policy(),
-        )
+        # every dial is checked: a wrong server name, or no client certificate where the server
+        # requires one, fails; nothing falls back to something weaker
+        refused = [("grpc.ssl_target_name_override", "other.example")]
+        if mutual:
+            credentials, refused = grpc.ssl_channel_credentials(certs.ca), []
+        wrong = driver.channel(pod.target, credentials, options=refused, retry=policy())
         assert driver.call(wrong, timeout=5).code is UNAVAILABLE
         assert len(pod.servicer.of(GET)) == 4
         driver.close(wrong)
