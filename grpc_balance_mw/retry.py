@@ -314,7 +314,7 @@ class RetryPolicy:
     """
 
     methods: MethodSelector | Callable[[str], bool] | Iterable[str] = ()
-    codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE})
+    codes: Collection[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE})
     max_attempts: int = 3
     backoff: wait_base = field(default_factory=wait_full_jitter)
     budget: RetryBudget | None = field(default_factory=RetryBudget)
@@ -376,7 +376,7 @@ class RetryPolicy:
         if self.budget is not None:
             stops = [*stops, stop_when_budget_spent(self.budget)]  # last: charged only if retried
         return {
-            "retry": retry_if_code(self.codes),
+            "retry": retry_if_code(self.codes),  # a frozenset since __post_init__
             "wait": self.backoff,
             "stop": stop_any(*stops),
             "reraise": True,
