@@ -24,9 +24,10 @@ Rules:
   the methods marked idempotent and the codes marked retryable, each attempt on a new
   connection, within the call's ``timeout`` (each attempt gets what is left), and while the retry
   budget allows. Other calls are sent once and fail with their own status.
-- Sent once, never retried: ``future()`` calls, calls with a response stream (a message may
-  already have reached the caller), and calls with a request stream unless the request is a list
-  or tuple (an iterator is used up by the first attempt).
+- A response stream is retried only until its first message arrives: after that, a message
+  has reached the caller and sending the call again would repeat it.
+- Sent once, never retried: ``future()`` calls, and calls with a request stream unless the
+  request is a list or tuple (an iterator is used up by the first attempt).
 - Predial: one background thread keeps the connections ready; each is connected by a
   ``grpc.health.v1`` check (a pod answering NOT_SERVING is not used) and replaced when the call
   that took it ends, not while that call runs (dialling beside it slowed it by about 40 %).
@@ -339,6 +340,51 @@ class _Closing(grpc.Call, grpc.Future):  # type: ignore[misc]
         self._call.add_done_callback(lambda _call: fn(self))
 
 
+class _RetryingStream(_Closing):
+    """A response stream sent again, on a new connection, when it fails before its first
+    message (nothing has reached the caller yet); after that, a failure is the caller's.
+
+    The first attempt starts at once, as grpcio's calls do; the retries happen in the first
+    ``next()``. The call's methods answer for the current attempt.
+    """
+
+    def __init__(
+        self,
+        start: Callable[[], tuple[Any, _Lease]],
+        policy: RetryPolicy,
+        deadline: Deadline,
+        sleep: Callable[[float], None],
+    ) -> None:
+        call, lease = start()
+        super().__init__(call, lease)
+        self._start = start
+        self._policy = policy
+        self._deadline = deadline
+        self._sleep = sleep
+        self._committed = False
+
+    def __next__(self) -> Any:
+        if self._committed:
+            return super().__next__()
+        first = True
+
+        def attempt() -> Any:
+            nonlocal first
+            if not first:
+                self._call, self._lease = self._start()
+                self._call.add_done_callback(self._lease.release_later)
+            first = False
+            return _Closing.__next__(self)  # releases the attempt's connection if it fails
+
+        retrying = tenacity.Retrying(
+            sleep=self._sleep, **self._policy.tenacity_kwargs(self._deadline)
+        )
+        try:
+            return retrying(attempt)
+        finally:
+            self._committed = True
+
+
 class _Method:
     """One method of the channel; each call (each attempt) on a connection of its own."""
 
@@ -448,7 +494,8 @@ class _UnaryResponse(_Method):
 
 
 class _StreamResponse(_Method):
-    """``__call__`` of unary-stream and stream-stream methods: sent once."""
+    """``__call__`` of unary-stream and stream-stream methods: retried only until the first
+    response message."""
 
     def __call__(
         self,
@@ -460,16 +507,29 @@ class _StreamResponse(_Method):
         compression: Any = None,
     ) -> _Closing:
         owner = self._owner
-        owner.retry.record_call()
-        lease = owner.connection()
-        try:
-            call = self._on(lease)(
-                self._request(request), timeout, metadata, credentials, wait_for_ready, compression
-            )
-        except BaseException:
-            lease.release()
-            raise
-        return _Closing(call, lease)
+        policy = owner.retry
+        policy.record_call()
+        deadline = Deadline(timeout)
+
+        def start() -> tuple[Any, _Lease]:
+            lease = owner.connection()
+            try:
+                call = self._on(lease)(
+                    self._request(request),
+                    deadline.remaining(),
+                    metadata,
+                    credentials,
+                    wait_for_ready,
+                    compression,
+                )
+            except BaseException:
+                lease.release()
+                raise
+            return call, lease
+
+        if policy.retryable(self._method, request, streaming=self._stream_request):
+            return _RetryingStream(start, policy, deadline, owner.sleep)
+        return _Closing(*start())
 
 
 class _UnaryUnary(_UnaryResponse, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]

@@ -26,6 +26,7 @@ from grpc_balance_mw.identity import PodIdentity
 
 GET = f"/{SERVICE_NAME}/GetChargePoint"
 UPLOAD = f"/{SERVICE_NAME}/UploadMeterValues"
+WATCH = f"/{SERVICE_NAME}/WatchStatus"
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 
@@ -45,6 +46,7 @@ class PeerServicer(SyncChargePointsServicer):
         super().__init__("redial-pod")
         self.attempts: list[Attempt] = []
         self.unavailable = 0
+        self.unavailable_streams = 0  # WatchStatus calls to fail before their first message
         self._lock = threading.Lock()
 
     def _record(self, method: str, context: grpc.ServicerContext) -> None:
@@ -68,7 +70,12 @@ class PeerServicer(SyncChargePointsServicer):
         return super().GetChargePoint(request, context)
 
     def WatchStatus(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        self._record(f"/{SERVICE_NAME}/WatchStatus", context)
+        self._record(WATCH, context)
+        with self._lock:
+            fail = self.unavailable_streams > 0
+            self.unavailable_streams -= fail
+        if fail:
+            context.abort(UNAVAILABLE, "scripted outage")
         yield from super().WatchStatus(request, context)
 
     def UploadMeterValues(self, request_iterator: Any, context: grpc.ServicerContext) -> Any:
@@ -125,10 +132,12 @@ class Driver:
 
         return self.run(make())
 
-    def call(self, channel: Any, kind: str = "unary_unary", timeout: float = 10) -> Seen:
+    def call(
+        self, channel: Any, kind: str = "unary_unary", timeout: float = 10, fail: int = 0
+    ) -> Seen:
         if self.loop is None:
-            return call_sync(channel, kind, timeout=timeout)
-        return self.run(call_aio(channel, kind, timeout=timeout))  # type: ignore[no-any-return]
+            return call_sync(channel, kind, fail, timeout)
+        return self.run(call_aio(channel, kind, fail, timeout))  # type: ignore[no-any-return]
 
     def upload(self, channel: Any, request: Any, timeout: float = 10) -> grpc.StatusCode:
         """UploadMeterValues with the request as given (a list, or an iterator)."""

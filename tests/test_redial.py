@@ -22,6 +22,7 @@ from redial_fixtures import (
     GET,
     UNAVAILABLE,
     UPLOAD,
+    WATCH,
     Driver,
     PeerPod,
     get_request,
@@ -104,6 +105,23 @@ def test_request_streams_are_retried_only_when_replayable(driver: Driver, pod: P
     assert driver.upload(channel, iter(failing)) is UNAVAILABLE
     assert len(pod.servicer.of(UPLOAD)) == 4  # an iterator is used up: sent once
     assert driver.upload(channel, [pb.MeterValue(energy_wh=2.0)] * 2) is OK
+    driver.close(channel)
+
+
+def test_a_response_stream_is_retried_only_before_its_first_message(
+    driver: Driver, pod: PeerPod
+) -> None:
+    pod.servicer.unavailable_streams = 2
+    channel = driver.channel(pod.target, retry=policy(methods={WATCH}, max_attempts=3))
+    seen = driver.call(channel, "unary_stream")
+    assert (seen.code, len(seen.responses)) == (OK, 3)
+    assert len(pod.servicer.of(WATCH)) == 3 and len(pod.peers(WATCH)) == 3
+    # failing after its messages reached the caller: that status, and sent once
+    # (calls.call_aio drops the messages of a stream that fails, so they are not compared)
+    seen = driver.call(channel, "unary_stream", fail=UNAVAILABLE.value[0])
+    assert seen.code is UNAVAILABLE
+    assert len(pod.servicer.of(WATCH)) == 4
+    assert wait_until(lambda: driver.stats(channel)[2] == driver.stats(channel)[0], driver)
     driver.close(channel)
 
 

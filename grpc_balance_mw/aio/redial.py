@@ -19,9 +19,10 @@ Differences from the sync adapter:
 - Calls are observed by the affinity core through
   :class:`~grpc_balance_mw.aio.client.AffinityInterceptor`'s interceptors, one set per channel
   shared by every connection it dials.
-- A retried call runs its attempts in a task; ``code()``, ``details()`` and the metadata are the
-  last attempt's. A call sent once is the fresh connection's own call, wrapped so that the
-  connection closes when the call is done.
+- A retried unary-response call runs its attempts in a task; ``code()``, ``details()`` and the
+  metadata are the last attempt's. A retried response stream retries in its first ``read()``
+  (or the first step of ``async for``), until its first message. A call sent once is the
+  fresh connection's own call, wrapped so that the connection closes when the call is done.
 """
 
 from __future__ import annotations
@@ -185,6 +186,72 @@ class _SingleCall:
         return getattr(self._call, name)
 
 
+class _RetryingStream:
+    """A response stream sent again, on a new connection, when it fails before its first
+    message (nothing has reached the caller yet); after that, a failure is the caller's. The
+    first attempt starts at once; the retries happen in the first ``read()``."""
+
+    def __init__(
+        self,
+        start: Callable[[], tuple[Any, _Lease]],
+        policy: RetryPolicy,
+        deadline: Deadline,
+        sleep: Callable[[float], Awaitable[None]],
+    ) -> None:
+        self._start = start
+        self._policy = policy
+        self._deadline = deadline
+        self._sleep = sleep
+        self._committed = False
+        self._call, self._lease = start()
+        self._call.add_done_callback(self._lease.release_soon)
+
+    async def _read_once(self) -> Any:
+        try:
+            response = await self._call.read()
+        except grpc.aio.AioRpcError:
+            await self._lease.release()
+            raise
+        if response is grpc.aio.EOF:
+            await self._lease.release()
+        return response
+
+    async def read(self) -> Any:
+        if self._committed:
+            return await self._read_once()
+        first = True
+
+        async def attempt() -> Any:
+            nonlocal first
+            if not first:
+                self._call, self._lease = self._start()
+                self._call.add_done_callback(self._lease.release_soon)
+            first = False
+            return await self._read_once()
+
+        retrying = tenacity.AsyncRetrying(
+            sleep=self._sleep, **self._policy.tenacity_kwargs(self._deadline)
+        )
+        try:
+            return await retrying(attempt)
+        finally:
+            self._committed = True
+
+    async def _responses(self) -> AsyncIterator[Any]:
+        try:
+            while (response := await self.read()) is not grpc.aio.EOF:
+                yield response
+        finally:
+            await self._lease.release()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._responses()
+
+    def __getattr__(self, name: str) -> Any:
+        # write, done_writing, code, details, metadata, cancel, done, ...: the attempt's own.
+        return getattr(self._call, name)
+
+
 class _RetryingCall:
     """A retried unary-response call: its attempts run in a task, each on a new connection."""
 
@@ -297,17 +364,21 @@ class _Method:
             "compression": compression,
         }
         streaming = self._kind.startswith("stream")
-        unary_response = self._kind.endswith("unary")
-        if not (unary_response and policy.retryable(self._method, request, streaming=streaming)):
+        retryable = policy.retryable(self._method, request, streaming=streaming)
+        deadline = Deadline(timeout)
+
+        def start() -> tuple[Any, _Lease]:
             lease = owner.connection()
             try:
-                call = self._start(lease, request, timeout, kwargs)
+                return self._start(lease, request, deadline.remaining(), kwargs), lease
             except BaseException:
                 lease.release_soon()
                 raise
-            return _SingleCall(call, lease)
 
-        deadline = Deadline(timeout)
+        if not retryable:
+            return _SingleCall(*start())
+        if not self._kind.endswith("unary"):
+            return _RetryingStream(start, policy, deadline, owner.sleep)
 
         async def run(holder: _RetryingCall) -> Any:
             async def attempt() -> Any:
