@@ -1,6 +1,6 @@
 """What dial-per-request costs: warm unary latency, plain channel vs a connection per call.
 
-``python scripts/bench_redial.py [--rounds 10] [--calls 200] [--gap-ms 2] [--service]``
+``python scripts/bench_redial.py [--rounds 10] [--calls 200] [--gap-ms 2] [--service] [--aio]``
 
 Pods run as processes of the embedded local cluster (so servers do not share the client's GIL);
 the client makes unary calls through three channels, interleaved in rounds so drift in the
@@ -21,6 +21,7 @@ straight to one pod, and prints how each channel's calls spread over them.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import statistics
 import time
@@ -29,6 +30,7 @@ from typing import Any
 
 import grpc
 
+from grpc_balance_mw.aio.redial import DialPerRequestChannel as AioDialPerRequestChannel
 from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
 from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
 from grpc_balance_mw.redial import DialPerRequestChannel
@@ -93,6 +95,43 @@ def run_bench(
             channel.close()
 
 
+async def run_bench_aio(
+    target: str, rounds: int, calls: int, *, gap_s: float = 0.002, predial: int = 2
+) -> dict[str, Any]:
+    """The same three strategies through ``grpc.aio`` channels (no spread)."""
+    plain = grpc.aio.insecure_channel(target)
+    redial = AioDialPerRequestChannel(target, observe=False)
+    predialled = AioDialPerRequestChannel(target, observe=False, predial=predial)
+    channels: dict[str, Any] = {
+        "plain": plain,
+        "dial-per-request": redial,
+        "dial-per-request-predial": predialled,
+    }
+    stubs = {name: pb_grpc.ChargePointsStub(channel) for name, channel in channels.items()}
+    request = pb.GetChargePointRequest(id="cp-1")
+    samples: dict[str, list[float]] = {name: [] for name in STRATEGIES}
+    clock: Callable[[], float] = time.perf_counter
+    try:
+        for stub in stubs.values():
+            for _ in range(20):
+                await stub.GetChargePoint(request, timeout=5)
+        for _ in range(rounds):
+            for name in STRATEGIES:
+                call = stubs[name].GetChargePoint
+                out = samples[name]
+                for _ in range(calls):
+                    if gap_s:
+                        await asyncio.sleep(gap_s)
+                    started = clock()
+                    await call(request, timeout=5)
+                    out.append((clock() - started) * 1000)
+        share = predialled.stats["predialled"] / max(predialled.stats["dialled"], 1)
+        return {"samples": samples, "predialled_share": share, "spread": {}}
+    finally:
+        for channel in channels.values():
+            await channel.close()
+
+
 def report(result: dict[str, Any]) -> str:
     samples: dict[str, list[float]] = result["samples"]
     plain = statistics.median(samples["plain"])
@@ -118,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gap-ms", type=float, default=2.0, help="pause between calls")
     parser.add_argument("--predial", type=int, default=2)
     parser.add_argument("--service", action="store_true", help="through the L4 Service, 3 pods")
+    parser.add_argument("--aio", action="store_true", help="grpc.aio channels instead of sync")
     args = parser.parse_args(argv)
     if not (0 < args.rounds <= 100 and 0 < args.calls <= 5_000 and 0 <= args.gap_ms <= 100):
         parser.error("keep it bounded: --rounds 1..100, --calls 1..5000, --gap-ms 0..100")
@@ -125,17 +165,25 @@ def main(argv: list[str] | None = None) -> None:
     with LocalCluster(pods=3 if args.service else 1, dns=None) as cluster:
         target = cluster.service_target if args.service else cluster.pods[0].address
         started = time.monotonic()
-        result = run_bench(
-            target,
-            args.rounds,
-            args.calls,
-            gap_s=args.gap_ms / 1000,
-            predial=args.predial,
-            cluster=cluster if args.service else None,
-        )
+        if args.aio:
+            result = asyncio.run(
+                run_bench_aio(
+                    target, args.rounds, args.calls, gap_s=args.gap_ms / 1000, predial=args.predial
+                )
+            )
+        else:
+            result = run_bench(
+                target,
+                args.rounds,
+                args.calls,
+                gap_s=args.gap_ms / 1000,
+                predial=args.predial,
+                cluster=cluster if args.service else None,
+            )
         took = time.monotonic() - started
     print(
-        f"unary calls to {target}, {args.rounds} rounds x {args.calls} calls, "
+        f"{'aio' if args.aio else 'sync'} unary calls to {target}, "
+        f"{args.rounds} rounds x {args.calls} calls, "
         f"gap {args.gap_ms:g} ms, {took:.1f} s"
     )
     print(report(result))
