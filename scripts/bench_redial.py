@@ -31,10 +31,10 @@ from typing import Any
 import grpc
 
 from grpc_balance_mw.aio.redial import DialPerRequestChannel as AioDialPerRequestChannel
-from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
 from grpc_balance_mw.redial import DialPerRequestChannel
 from grpc_balance_mw.testing import LocalCluster
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
 STRATEGIES = ("plain", "dial-per-request", "dial-per-request-predial")
 

@@ -19,10 +19,10 @@ from calls import Seen, call_aio, call_sync
 from grpc_balance_mw import redial
 from grpc_balance_mw import server as sync_server
 from grpc_balance_mw.aio import redial as aio_redial
-from grpc_balance_mw.demo.servicer import SERVICE_NAME, SyncChargePointsServicer
-from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
 from grpc_balance_mw.identity import PodIdentity
+from grpc_balance_mw.testing.charge_points.servicer import SERVICE_NAME, SyncChargePointsServicer
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
 GET = f"/{SERVICE_NAME}/GetChargePoint"
 UPLOAD = f"/{SERVICE_NAME}/UploadMeterValues"

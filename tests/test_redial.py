@@ -31,10 +31,10 @@ from redial_fixtures import (
 )
 
 from grpc_balance_mw.affinity.registry import AffinityRegistry
-from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
 from grpc_balance_mw.retry import RetryBudget, RetryPolicy, wait_full_jitter
 from grpc_balance_mw.testing import LocalCluster
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
 OK = grpc.StatusCode.OK
 FAST = wait_full_jitter(0.001, 2.0, 0.005)
