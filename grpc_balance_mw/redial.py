@@ -53,11 +53,10 @@ import grpc
 import tenacity
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from grpc_balance_mw.affinity.config import AffinityConfig
-from grpc_balance_mw.affinity.observer import CallObserver, CallTelemetry
-from grpc_balance_mw.affinity.registry import AffinityRegistry
+from grpc_balance_mw.affinity.observer import CallObserver
 from grpc_balance_mw.errors import ConfigurationError
-from grpc_balance_mw.observed_channel import ObservedChannel, build_observer
+from grpc_balance_mw.observed_channel import ObservedChannel
+from grpc_balance_mw.observing import ObserveOptions, build_observer
 from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, warn_if_native_retry
 
 __all__ = ["DialPerRequestChannel", "RedialStats", "dial_per_request_channel"]
@@ -562,9 +561,8 @@ class DialPerRequestChannel(grpc.Channel):  # type: ignore[misc]
         dial_timeout_s: how long a predial may take to connect.
         refill_defer_s: how long after a predialled connection is taken its replacement is
             dialled if the call has not ended by then (it is dialled when the call ends).
-        observe: feed the target's affinity detector (and telemetry) with every call's pod.
-        telemetry, config, expected_pods, registry: as for
-            :func:`~grpc_balance_mw.observed_channel.observe_channel`.
+        observe: feed the target's affinity detector (and telemetry) with every call's pod:
+            True with the default :class:`ObserveOptions`, or the options to use; False: not.
         sleep: how retries sleep (tests inject one).
     """
 
@@ -579,11 +577,7 @@ class DialPerRequestChannel(grpc.Channel):  # type: ignore[misc]
         predial: int = 0,
         dial_timeout_s: float = 5.0,
         refill_defer_s: float = 0.005,
-        observe: bool = True,
-        telemetry: CallTelemetry | None = None,
-        config: AffinityConfig | None = None,
-        expected_pods: int | None = None,
-        registry: AffinityRegistry | None = None,
+        observe: ObserveOptions | bool = True,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if predial < 0:
@@ -602,15 +596,11 @@ class DialPerRequestChannel(grpc.Channel):  # type: ignore[misc]
         self.closer = _Closer(f"grpc-balance-close-{target}")
         warn_if_native_retry(self._options, target)
         self.observer: CallObserver | None = None
-        if observe:
+        if observe is not False:
+            chosen = observe if isinstance(observe, ObserveOptions) else ObserveOptions()
+            # No probe: every call is a fresh connection, a probe of its own.
             self.observer = build_observer(
-                target,
-                config=config,
-                expected_pods=expected_pods,
-                telemetry=telemetry,
-                probe=False,
-                registry=registry,
-                lane="dial-per-request",
+                target, chosen.but(probe=False, lane=chosen.lane or "dial-per-request")
             )
         self._predialler = (
             _Predialler(self, predial, dial_timeout_s, refill_defer_s) if predial else None

@@ -54,3 +54,28 @@ def test_the_harness_does_not_import_the_tools() -> None:
 @pytest.mark.parametrize("name", ["demo", "bench"])
 def test_the_old_tool_packages_are_gone(name: str) -> None:
     assert not (PACKAGE / name).exists()
+
+
+#: The sync adapters; the asyncio ones share the pure core and ``observing`` with them instead.
+SYNC_ADAPTERS = (
+    "grpc_balance_mw.client",
+    "grpc_balance_mw.observed_channel",
+    "grpc_balance_mw.observed_calls",
+    "grpc_balance_mw.redial",
+    "grpc_balance_mw.channel",
+    "grpc_balance_mw.headless_channel",
+    "grpc_balance_mw.server",
+)
+#: The pure core: no gRPC, no OpenTelemetry, no sockets.
+PURE = ("affinity", "pool")
+
+
+def test_aio_does_not_import_the_sync_adapters() -> None:
+    assert importing(modules_under("aio"), SYNC_ADAPTERS) == []
+
+
+@pytest.mark.parametrize("part", PURE)
+def test_the_pure_core_imports_no_grpc_and_no_opentelemetry(part: str) -> None:
+    if not (PACKAGE / part).exists():
+        pytest.skip(f"no {part} package yet")
+    assert importing(modules_under(part), ("grpc", "opentelemetry", "grpc_health")) == []

@@ -31,6 +31,7 @@ from redial_fixtures import (
 )
 
 from grpc_balance_mw.affinity.registry import AffinityRegistry
+from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.retry import RetryBudget, RetryPolicy, wait_full_jitter
 from grpc_balance_mw.testing import LocalCluster
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
@@ -65,7 +66,7 @@ def test_every_call_is_on_a_new_connection_closed_after_it(
     driver: Driver, pod: PeerPod, kind: str
 ) -> None:
     registry = AffinityRegistry()
-    channel = driver.channel(pod.target, registry=registry)
+    channel = driver.channel(pod.target, observe=ObserveOptions(registry=registry))
     seen = [driver.call(channel, kind) for _ in range(3)]
     assert [s.code for s in seen] == [OK] * 3
     method = next(a.method for a in pod.servicer.attempts)

@@ -37,7 +37,8 @@ from grpc_balance_mw.affinity import (
     Transition,
 )
 from grpc_balance_mw.aio import client as aio_client
-from grpc_balance_mw.client import observe_channel
+from grpc_balance_mw.observed_channel import observe
+from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.telemetry import (
     ATTR_LANE,
     ATTR_POD,
@@ -133,11 +134,10 @@ def test_a_plain_call_through_the_channel_wrapper_has_its_span(
     fail: int, sync_pod: SyncPod, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
     telemetry = AffinityTelemetry(tracer_provider=tracer_provider, metrics=False)
-    with observe_channel(
+    with observe(
         grpc.insecure_channel(sync_pod.target),
-        sync_pod.target,
-        registry=AffinityRegistry(NO_WARMUP),
-        telemetry=telemetry,
+        ObserveOptions(registry=AffinityRegistry(NO_WARMUP), telemetry=telemetry),
+        target=sync_pod.target,
     ) as channel:
         request = pb.GetChargePointRequest(id="cp-1", fail_with_code=fail)
         with contextlib.suppress(grpc.RpcError):
@@ -188,10 +188,12 @@ def test_sync_enriches_the_instrumentation_span_instead_of_a_second(
 async def test_aio_enriches_the_instrumentation_span_instead_of_a_second(
     kind: str, aio_pod: AioPod, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
-    ours = aio_client.AffinityInterceptor(
+    ours = aio_client.AffinityInterceptors(
         aio_pod.target,
-        registry=AffinityRegistry(NO_WARMUP),
-        telemetry=AffinityTelemetry(tracer_provider=tracer_provider, metrics=False),
+        ObserveOptions(
+            registry=AffinityRegistry(NO_WARMUP),
+            telemetry=AffinityTelemetry(tracer_provider=tracer_provider, metrics=False),
+        ),
     )
     theirs = aio_client_interceptors(tracer_provider=tracer_provider)
     async with grpc.aio.insecure_channel(
@@ -265,10 +267,12 @@ async def test_aio_instrumentor_span_is_enriched(
     from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient
 
     instrumentor = GrpcAioInstrumentorClient()
-    ours = aio_client.AffinityInterceptor(
+    ours = aio_client.AffinityInterceptors(
         aio_pod.target,
-        registry=AffinityRegistry(NO_WARMUP),
-        telemetry=AffinityTelemetry(tracer_provider=tracer_provider, metrics=False),
+        ObserveOptions(
+            registry=AffinityRegistry(NO_WARMUP),
+            telemetry=AffinityTelemetry(tracer_provider=tracer_provider, metrics=False),
+        ),
     )
     with global_tracer_provider(tracer_provider):
         instrumentor.instrument(tracer_provider=tracer_provider)

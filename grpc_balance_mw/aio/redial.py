@@ -17,7 +17,7 @@ Differences from the sync adapter:
   ready on ``channel_ready()`` (no health check: through the observing interceptors a health check
   would be counted as a call of the pod).
 - Calls are observed by the affinity core through
-  :class:`~grpc_balance_mw.aio.client.AffinityInterceptor`'s interceptors, one set per channel
+  :class:`~grpc_balance_mw.aio.client.AffinityInterceptors`'s interceptors, one set per channel
   shared by every connection it dials.
 - A retried unary-response call runs its attempts in a task; ``code()``, ``details()`` and the
   metadata are the last attempt's. A retried response stream retries in its first ``read()``
@@ -36,11 +36,9 @@ from typing import Any
 import grpc
 import tenacity
 
-from grpc_balance_mw.affinity.config import AffinityConfig
-from grpc_balance_mw.affinity.observer import CallTelemetry
-from grpc_balance_mw.affinity.registry import AffinityRegistry
-from grpc_balance_mw.aio.client import AffinityInterceptor
+from grpc_balance_mw.aio.client import AffinityInterceptors
 from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, warn_if_native_retry
 
 __all__ = ["DialPerRequestChannel", "dial_per_request_channel"]
@@ -430,11 +428,7 @@ class DialPerRequestChannel(grpc.aio.Channel):  # type: ignore[misc]
         predial: int = 0,
         dial_timeout_s: float = 5.0,
         refill_defer_s: float = 0.005,
-        observe: bool = True,
-        telemetry: CallTelemetry | None = None,
-        config: AffinityConfig | None = None,
-        expected_pods: int | None = None,
-        registry: AffinityRegistry | None = None,
+        observe: ObserveOptions | bool = True,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if predial < 0:
@@ -454,16 +448,12 @@ class DialPerRequestChannel(grpc.aio.Channel):  # type: ignore[misc]
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
         warn_if_native_retry(self._options, target)
-        self.affinity: AffinityInterceptor | None = None
+        self.affinity: AffinityInterceptors | None = None
         chain: list[grpc.aio.ClientInterceptor] = []
-        if observe:
-            self.affinity = AffinityInterceptor(
-                target,
-                config=config,
-                expected_pods=expected_pods,
-                telemetry=telemetry,
-                registry=registry,
-                lane="dial-per-request",
+        if observe is not False:
+            chosen = observe if isinstance(observe, ObserveOptions) else ObserveOptions()
+            self.affinity = AffinityInterceptors(
+                target, chosen.but(probe=False, lane=chosen.lane or "dial-per-request")
             )
             chain.extend(self.affinity.interceptors)
         chain.extend(interceptors or ())

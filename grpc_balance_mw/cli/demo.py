@@ -22,6 +22,7 @@ from grpc_balance_mw.affinity import AffinityRegistry, Transition
 from grpc_balance_mw.cli.arguments import progress
 from grpc_balance_mw.client import AffinityInterceptor
 from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.telemetry import AffinityTelemetry
 from grpc_balance_mw.testing import L7Kind, LocalCluster, missing_components
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
@@ -82,7 +83,10 @@ def run_scenario(
 
     telemetry = AffinityTelemetry(tracer_provider=provider, on_alarm=on_alarm)  # type: ignore[arg-type]
     interceptor = AffinityInterceptor(
-        target, expected_pods=len(cluster.pods), telemetry=telemetry, registry=AffinityRegistry()
+        target,
+        ObserveOptions(
+            expected_pods=len(cluster.pods), telemetry=telemetry, registry=AffinityRegistry()
+        ),
     )
     codes: dict[str, int] = {}
     with grpc.insecure_channel(target, options=options) as channel:

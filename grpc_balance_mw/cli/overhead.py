@@ -9,12 +9,12 @@ rounds so drift in the machine's speed hits them all alike:
 * ``bare``: the plain channel;
 * ``noop-interceptor``: ``grpc.intercept_channel`` with an interceptor that does nothing, to
   tell grpcio's own interceptor machinery from what the observation adds on top of it;
-* ``detection``: :class:`AffinityInterceptor` without telemetry;
-* ``detection-channel``: the same observation through :func:`observe_channel`, a channel wrapper
+* ``detection``: :func:`affinity_interceptors` without telemetry;
+* ``detection-channel``: the same observation through :func:`observe`, a channel wrapper
   that skips grpcio's interceptor machinery;
-* ``detection+spans``: :class:`AffinityInterceptor` with :class:`AffinityTelemetry` making a
+* ``detection+spans``: :func:`affinity_interceptors` with :class:`AffinityTelemetry` making a
   CLIENT span per call;
-* ``detection+spans-channel``: the same through :func:`observe_channel`;
+* ``detection+spans-channel``: the same through :func:`observe`;
 * ``otel-grpc``: opentelemetry-instrumentation-grpc's client interceptor alone.
 
 Both span variants use the same SDK tracer provider with a span processor that drops the spans,
@@ -41,8 +41,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 
 from grpc_balance_mw.affinity import AffinityConfig, AffinityRegistry
 from grpc_balance_mw.cli.arguments import progress
-from grpc_balance_mw.client import AffinityInterceptor, observe_channel
+from grpc_balance_mw.client import affinity_interceptors
 from grpc_balance_mw.identity import PodIdentity
+from grpc_balance_mw.observed_channel import observe
+from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.server import PodIdentityInterceptor
 from grpc_balance_mw.telemetry import AffinityTelemetry
 from grpc_balance_mw.testing import ClusterError
@@ -95,15 +97,16 @@ def _variants(channel: grpc.Channel, target: str) -> dict[str, Call]:
     request = pb.GetChargePointRequest(id="cp-1")
 
     def detection(telemetry: AffinityTelemetry | None = None) -> grpc.Channel:
-        interceptor = AffinityInterceptor(
-            target, registry=AffinityRegistry(STEADY), expected_pods=3, telemetry=telemetry
+        options = ObserveOptions(
+            registry=AffinityRegistry(STEADY), expected_pods=3, telemetry=telemetry
         )
-        return grpc.intercept_channel(channel, interceptor)
+        return grpc.intercept_channel(channel, *affinity_interceptors(target, options))
 
     def observed(telemetry: AffinityTelemetry | None = None) -> grpc.Channel:
-        return observe_channel(
-            channel, target, registry=AffinityRegistry(STEADY), expected_pods=3, telemetry=telemetry
+        options = ObserveOptions(
+            registry=AffinityRegistry(STEADY), expected_pods=3, telemetry=telemetry
         )
+        return observe(channel, options)
 
     def spans() -> AffinityTelemetry:
         return AffinityTelemetry(tracer_provider=provider, metrics=False)
