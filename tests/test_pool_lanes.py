@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -177,8 +178,9 @@ def test_session_affinity_is_recognised_and_redialling_stops() -> None:
         now += 0.5
     assert lanes.dials == dials
     # The recheck scout (every 30 s) that reaches another pod ends it.
+    anywhere = scripted(itertools.cycle(["pod-2", "pod-0", "pod-1"]))
     for _ in range(40):
-        run(lanes, scripted(["pod-2"]), now=now)
+        run(lanes, anywhere, now=now)
         now += 0.5
     assert lanes.stuck is None and "pod-2" in active_pods(lanes)
 

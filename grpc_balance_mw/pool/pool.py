@@ -293,11 +293,20 @@ class LanePool:
         with self._lock:
             lane.in_flight -= 1
             if unavailable:
-                lane.unavailable += 1
-                if lane.state is LaneState.ACTIVE:
-                    self._drain(lane, self.clock(), "unavailable")
-                    if lane.pod is not None:
-                        self._pod_down(lane.pod, self.clock())
+                self._failed(lane)
+
+    def lane_failed(self, lane: Lane) -> None:
+        """A call on ``lane`` failed with UNAVAILABLE, learnt after :meth:`release`."""
+        with self._lock:
+            self._failed(lane)
+
+    def _failed(self, lane: Lane) -> None:
+        lane.unavailable += 1
+        if lane.state is LaneState.ACTIVE:
+            now = self.clock()
+            self._drain(lane, now, "unavailable")
+            if lane.pod is not None:
+                self._pod_down(lane.pod, now)
 
     def _fallback(self) -> list[Lane]:
         if self.closed:
@@ -451,6 +460,7 @@ class LanePool:
 
     def _set_stuck(self, stuck: Stuck) -> None:
         self.stuck = self._new_stuck = stuck
+        self._next_scout = stuck.since + self.config.stuck_recheck_s
 
     def _first_check(self, lane: Lane, result: CheckResult, now: float) -> None:
         if not result.reachable or not result.serving:
@@ -463,6 +473,7 @@ class LanePool:
             return
         self._backoff = 0.0
         pod = lane.pod = result.pod
+        unseen = pod is not None and pod not in self._seen
         if pod is not None:
             self._reached(pod, now)
             self._note_dial(pod, now)
@@ -470,7 +481,9 @@ class LanePool:
         covered = self._covered(without=replaced.id if replaced is not None else None)
         fresh = pod is None or pod not in covered
         if lane.purpose is LanePurpose.SCOUT:
-            self._scouted(lane, fresh, now)
+            if self._scouted(lane, fresh, now) and unseen:
+                # A pod never seen before: likely a scale-up with more new pods; look again now.
+                self._next_scout = now
             return
         looking = self.stuck is None and lane.attempt < self.config.redials
         uncovered = self._known() > len(covered) or len(covered) < self._wanted()
@@ -483,19 +496,21 @@ class LanePool:
         if replaced is not None and replaced.state is LaneState.ACTIVE:
             self._drain(replaced, now, replaced.reason.removeprefix("rotating: ") or "rotated")
 
-    def _scouted(self, lane: Lane, fresh: bool, now: float) -> None:
+    def _scouted(self, lane: Lane, fresh: bool, now: float) -> bool:
+        """Keep a scout that reached a pod no lane covers; returns whether it was kept."""
         if not fresh or lane.pod is None:
             self._retire(lane, now, "scout found no new pod")
-            return
+            return False
         if len(self._available) < self._wanted():
             self._activate(lane, now)
-            return
+            return True
         doubled = self._doubled()
         if doubled is None:
             self._retire(lane, now, "no lane to spare for a new pod")
-            return
+            return False
         self._activate(lane, now)
         self._drain(doubled, now, f"pod {doubled.pod} doubled, {lane.pod} was not covered")
+        return True
 
     def _doubled(self) -> Lane | None:
         """The newest active lane whose pod another active lane covers too."""
