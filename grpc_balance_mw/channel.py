@@ -49,6 +49,7 @@ from grpc_balance_mw.pool import (
     Stuck,
 )
 from grpc_balance_mw.pool.health import read_check
+from grpc_balance_mw.pool.pool import pool_for_channel
 
 __all__ = ["BalancedChannel", "ChannelFactory", "balanced_channel", "channel_factory"]
 
@@ -598,14 +599,15 @@ def balanced_channel(
     """
     if factory is not None and (credentials is not None or options):
         raise ConfigurationError("pass either a factory or credentials/options, not both")
-    if pool_config is None:
-        pool_config = PoolConfig(
-            min_lanes=lanes,
-            max_lanes=max(lanes, max_lanes),
-            follow_pods=follow_pods,
-            expected_pods=expected_pods,
-        )
-    pool = LanePool(pool_config, picker=picker, rotation=rotation)
+    pool = pool_for_channel(
+        lanes=lanes,
+        max_lanes=max_lanes,
+        follow_pods=follow_pods,
+        expected_pods=expected_pods,
+        pool_config=pool_config,
+        picker=picker,
+        rotation=rotation,
+    )
     return BalancedChannel(
         factory if factory is not None else channel_factory(target, credentials, options),
         target,

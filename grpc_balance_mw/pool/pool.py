@@ -48,6 +48,7 @@ __all__ = [
     "Signals",
     "Stuck",
     "default_rotation",
+    "pool_for_channel",
 ]
 
 Clock = Callable[[], float]
@@ -586,3 +587,25 @@ class LanePool:
         self._checked_at.pop(lane.id, None)
         self.lanes.remove(lane)
         self._to_close.append(lane)
+
+
+def pool_for_channel(
+    *,
+    lanes: int,
+    max_lanes: int,
+    follow_pods: bool,
+    expected_pods: int | None,
+    pool_config: PoolConfig | None,
+    picker: Picker | None,
+    rotation: Rotation | None,
+) -> LanePool:
+    """The pool behind ``balanced_channel()`` / ``aio_balanced_channel()``: ``pool_config`` if
+    given, else one made from the channel's few common arguments."""
+    if pool_config is None:
+        pool_config = PoolConfig(
+            min_lanes=lanes,
+            max_lanes=max(lanes, max_lanes),
+            follow_pods=follow_pods,
+            expected_pods=expected_pods,
+        )
+    return LanePool(pool_config, picker=picker, rotation=rotation)
