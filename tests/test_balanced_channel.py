@@ -10,18 +10,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 import pytest
 from calls import CALL_KINDS, call_aio, call_sync
-from conftest import require
+from conftest import IDENTITY, require
 
+from grpc_balance_mw import server as sync_server
 from grpc_balance_mw.aio.channel import aio_balanced_channel
 from grpc_balance_mw.channel import balanced_channel
+from grpc_balance_mw.demo.servicer import SERVICE_NAME, SyncChargePointsServicer
 from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
 from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
 from grpc_balance_mw.pool import PoolConfig, rotate_after_age, rotate_after_calls
@@ -300,3 +305,51 @@ def test_stubs_futures_and_intercept_channel_take_it_as_it_is(cluster: LocalClus
         assert repr(channel).startswith(f"<BalancedChannel {cluster.service_target} <LanePool ")
     with pytest.raises(ValueError, match="closed"):
         stub.GetChargePoint(pb.GetChargePointRequest(id="x"))
+
+
+@pytest.fixture(scope="module")
+def tls_pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, bytes]]:
+    """A pod that only speaks TLS (a plaintext redial would fail), and its certificate."""
+    require(shutil.which("openssl") is not None, "openssl is not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server = grpc.server(
+        ThreadPoolExecutor(8), interceptors=[sync_server.PodIdentityInterceptor(IDENTITY)]
+    )
+    pb_grpc.add_ChargePointsServicer_to_server(SyncChargePointsServicer(IDENTITY.name), server)
+    sync_server.add_health(server, services=(SERVICE_NAME,))
+    credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    yield f"127.0.0.1:{port}", cert.read_bytes()
+    server.stop(None).wait()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tls_credentials_are_used_for_every_redial(tls_pod: tuple[str, bytes], mode: str) -> None:
+    target, cert = tls_pod
+
+    async def body(channel: Any, calls: Calls) -> None:
+        deadline = time.monotonic() + 10
+        while channel.pool.rotations < 10 and time.monotonic() < deadline:
+            assert set(await calls.many(20)) == {grpc.StatusCode.OK}
+        assert channel.pool.rotations >= 10, channel
+        # Replacements were activated: their health check (over TLS) named the pod.
+        active = [lane for lane in channel.pool.lanes if lane.is_available()]
+        assert active and all(lane.id > 6 and lane.pod == IDENTITY.name for lane in active)
+
+    run(
+        mode,
+        target,
+        body,
+        credentials=grpc.ssl_channel_credentials(root_certificates=cert),
+        options=[("grpc.ssl_target_name_override", "localhost")],
+        rotation=rotate_after_calls(5),
+        pool_config=PoolConfig(min_lanes=2, scout_interval_s=None),
+    )
