@@ -127,6 +127,30 @@ def test_an_unavailable_call_takes_its_lane_out_at_once_and_a_new_one_is_dialled
     assert active_pods(lanes) == ["pod-0", "pod-2", "pod-3"]
 
 
+def test_a_lane_that_fails_while_rotating_is_not_replaced_twice_for_long() -> None:
+    clock = FakeClock()
+    lanes = LanePool(
+        PoolConfig(expected_pods=3, scout_interval_s=None),
+        rotation=rotate_after_age(30, jitter=0),
+        clock=clock,
+        rng=random.Random(0),
+    )
+    settle(lanes, scripted(["pod-0", "pod-1", "pod-2"]))
+    clock.advance(30)
+    plan = lanes.plan()  # three replacements are dialled...
+    failing = lanes.acquire()
+    lanes.release(failing, unavailable=True)  # ...and one old lane fails meanwhile,
+    fill = lanes.plan().dial  # so a lane to fill its place is dialled too
+    assert [lane.purpose.value for lane in fill] == ["fill"]
+    pods = {lane.id: lane.pod for lane in lanes.lanes}
+    for lane in [*plan.dial, *fill]:  # replacements reach their lanes' pods, the fill too
+        lane.connection = object()
+        lanes.checked(lane, CheckResult(True, pods.get(lane.replaces) or failing.pod))
+    settle(lanes, scripted([]))
+    # The failed lane's replacement and the lane filling its place both came: one is surplus.
+    assert len(active_pods(lanes)) == 3 and len(set(active_pods(lanes))) == 3, lanes
+
+
 def test_scouts_find_pods_added_by_a_scale_up() -> None:
     clock = FakeClock()
     rng = random.Random(7)

@@ -336,6 +336,7 @@ class LanePool:
             self._check_l7(now)
             self._rotate(now, plan)
             self._fill(now, plan)
+            self._shrink(now)
             self._scout(now, plan)
             self._finish_drains(now)
             for lane in plan.dial:
@@ -425,6 +426,15 @@ class LanePool:
         )
         for _ in range(missing):
             plan.dial.append(self._new_lane(now, LanePurpose.FILL))
+
+    def _shrink(self, now: float) -> None:
+        """Drain lanes beyond the wanted number (e.g. a lane replaced twice: its rotation and its
+        failure each brought one), doubled pods first, once nothing is being dialled."""
+        if self._pending():
+            return
+        while len(self._available) > self._wanted():
+            victim = self._doubled() or min(self._available, key=lambda lane: lane.id)
+            self._drain(victim, now, "surplus")
 
     def _scout(self, now: float, plan: Plan) -> None:
         interval = self.config.scout_interval_s
