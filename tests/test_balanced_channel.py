@@ -22,14 +22,19 @@ import grpc
 import pytest
 from calls import CALL_KINDS, call_aio, call_sync
 from conftest import IDENTITY, require
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from grpc_balance_mw import server as sync_server
+from grpc_balance_mw.affinity import AffinityRegistry
 from grpc_balance_mw.aio.channel import aio_balanced_channel
 from grpc_balance_mw.channel import balanced_channel
 from grpc_balance_mw.demo.servicer import SERVICE_NAME, SyncChargePointsServicer
 from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
 from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
 from grpc_balance_mw.pool import PoolConfig, rotate_after_age, rotate_after_calls
+from grpc_balance_mw.telemetry import AffinityTelemetry
 from grpc_balance_mw.testing import LocalCluster, missing_components
 
 pytestmark = pytest.mark.cluster
@@ -366,3 +371,38 @@ def test_aio_connectivity_methods_answer_for_a_lane(cluster: LocalCluster) -> No
             pb_grpc.ChargePointsStub(channel).GetChargePoint(pb.GetChargePointRequest(id="x"))
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_spans_carry_the_pod_and_lane_and_health_checks_make_none(
+    cluster: LocalCluster, mode: str
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = AffinityTelemetry(tracer_provider=provider, metrics=False)
+    lanes: dict[str, str | None] = {}
+
+    async def body(channel: Any, calls: Calls) -> None:
+        assert await until(lambda: len(covered(channel)) == 3), channel
+        await asyncio.sleep(0.6)  # a scout or two made their health checks
+        for kind in ("unary_unary", "unary_stream"):
+            assert set(await calls.many(20, kind)) == {grpc.StatusCode.OK}
+        lanes.update({lane.name: lane.pod for lane in channel.pool.lanes})
+
+    run(
+        mode,
+        cluster.service_target,
+        body,
+        telemetry=telemetry,
+        registry=AffinityRegistry(),
+        pool_config=PoolConfig(expected_pods=3, health_interval_s=0.2),
+    )
+    provider.shutdown()
+    spans = exporter.get_finished_spans()
+    assert len(spans) == 40, sorted({span.name for span in spans})
+    for span in spans:
+        attributes = dict(span.attributes or {})
+        assert span.name.startswith("chargepoints.v1.ChargePoints/")
+        lane = attributes["grpc_balance_mw.lane"]
+        assert isinstance(lane, str) and lanes[lane] == attributes["grpc_balance_mw.pod"]

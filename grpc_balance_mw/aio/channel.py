@@ -59,6 +59,8 @@ LOCAL_POOL_OPTION = ("grpc.use_local_subchannel_pool", 1)
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _BURST_ROUNDS = 16
+#: The health check's method name as grpc.aio hands it to interceptors (bytes), and as str.
+_HEALTH_CHECK = (b"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Check")
 
 
 def channel_factory(
@@ -96,6 +98,24 @@ def _status_code(call: Any) -> int | None:
     except grpc.RpcError:  # the interceptors' task ended with the call's error
         return None
     return code
+
+
+class _PastHealthChecks(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Lets the lane's own health checks past the observing interceptor: they are the channel's
+    housekeeping (every few seconds per lane, and every scout), not the user's calls, and would
+    otherwise be spans and detector samples."""
+
+    def __init__(self, observing: grpc.aio.UnaryUnaryClientInterceptor) -> None:
+        self._observing = observing
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        if client_call_details.method in _HEALTH_CHECK:
+            return await continuation(client_call_details, request)
+        return await self._observing.intercept_unary_unary(
+            continuation, client_call_details, request
+        )
 
 
 class _LaneConnection:
@@ -294,7 +314,7 @@ class AioBalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
         """The one place a lane's calls are observed."""
         if not self._observe:
             return ()
-        return affinity_interceptors(
+        observing = affinity_interceptors(
             self.target,
             config=self._config,
             expected_pods=self._expected_pods,
@@ -302,6 +322,12 @@ class AioBalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
             registry=self._registry,
             lane=lane.name,
         )
+        return [
+            _PastHealthChecks(interceptor)
+            if isinstance(interceptor, grpc.aio.UnaryUnaryClientInterceptor)
+            else interceptor
+            for interceptor in observing
+        ]
 
     def _signals(self) -> Signals:
         if not self._observe:
