@@ -362,8 +362,12 @@ def test_tls_credentials_are_used_for_every_redial(tls_pod: tuple[str, bytes], m
 
 
 def test_aio_connectivity_methods_answer_for_a_lane(cluster: LocalCluster) -> None:
+    # Made outside a running loop, as a module-level channel is: the first use opens the lanes
+    # in the loop that uses them (grpc.aio channels belong to one loop).
+    made_early = aio_balanced_channel(cluster.service_target)
+
     async def main() -> None:
-        async with aio_balanced_channel(cluster.service_target) as channel:
+        async with made_early as channel:
             await asyncio.wait_for(channel.channel_ready(), 10)
             assert channel.get_state() is grpc.ChannelConnectivity.READY
             assert repr(channel).startswith("<AioBalancedChannel ")

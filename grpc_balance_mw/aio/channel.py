@@ -268,9 +268,10 @@ class AioBalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
         self._followers: set[asyncio.Task[None]] = set()
         self._closed = False
         self._first: Plan | None = self.pool.plan(signals=self._signals())
-        for lane in self._first.dial:
-            self._open(lane)
-        with contextlib.suppress(RuntimeError):  # no running loop: the first call starts it
+        # grpc.aio channels belong to the loop they are made in: without a running loop here,
+        # the lanes are opened (and the task started) by the first call.
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop()
             self.start()
 
     def __repr__(self) -> str:
@@ -285,7 +286,10 @@ class AioBalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
         """Start the maintenance task on the running loop (once)."""
         if self._task is None and not self._closed:
             first, self._first = self._first, None
-            self._task = asyncio.get_running_loop().create_task(
+            loop = asyncio.get_running_loop()
+            for lane in first.dial if first is not None else ():
+                self._open(lane)  # lazily, as grpc.aio channels connect: calls can start now
+            self._task = loop.create_task(
                 self._maintain(first), name=f"balanced-channel {self.target}"
             )
 
@@ -389,6 +393,7 @@ class AioBalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
         await asyncio.gather(*channels)
 
     def _any_channel(self) -> grpc.aio.Channel:
+        self.start()
         lane = self.pool.acquire()
         self.pool.release(lane)
         connection: _LaneConnection = lane.connection
