@@ -262,6 +262,32 @@ def test_a_killed_pod_loses_its_lane_and_calls_carry_on(
     )
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_pod_gone_not_serving_is_rotated_away_from_without_a_failed_call(
+    local_cluster_factory: Factory, mode: str
+) -> None:
+    cluster = local_cluster_factory(pods=3, dns=None)
+
+    async def body(channel: Any, calls: Calls) -> None:
+        assert await until(lambda: len(covered(channel)) == 3), channel
+        cluster.set_serving("charge-points-1", False)  # out of the Service, still running
+        codes: list[grpc.StatusCode] = []
+        while "charge-points-1" in covered(channel) and len(codes) < 2000:
+            codes += await calls.many(10)
+        assert set(codes) <= {grpc.StatusCode.OK}
+        assert covered(channel) == {"charge-points-0", "charge-points-2"}, channel
+        cluster.reset_counts()
+        assert set(await calls.many(30)) == {grpc.StatusCode.OK}
+        assert cluster.served()["charge-points-1"] == 0
+
+    run(
+        mode,
+        cluster.service_target,
+        body,
+        pool_config=PoolConfig(expected_pods=3, health_interval_s=0.5),
+    )
+
+
 def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
