@@ -457,6 +457,8 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
             self._close_lane(lane)
         if plan.stuck is not None:
             _log.warning("balanced channel %s: %s", self.target, plan.stuck.message)
+        for lane in plan.drain:
+            _log.debug("balanced channel %s: %r drains", self.target, lane)
         checks: list[tuple[Lane, Any]] = []
         for lane in (*plan.dial, *plan.check):
             if self._stop.is_set():

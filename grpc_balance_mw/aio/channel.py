@@ -361,6 +361,8 @@ class AioBalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
         await self._close_lanes(plan.close)
         if plan.stuck is not None:
             _log.warning("balanced channel %s: %s", self.target, plan.stuck.message)
+        for lane in plan.drain:
+            _log.debug("balanced channel %s: %r drains", self.target, lane)
         lanes = [*plan.dial, *plan.check]
         for lane in lanes:
             if lane.connection is None:
