@@ -31,12 +31,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from grpc_balance_mw.affinity.config import AffinityConfig
 from grpc_balance_mw.affinity.detector import AffinityDetector
-from grpc_balance_mw.affinity.observer import CallTelemetry
-from grpc_balance_mw.affinity.registry import AffinityRegistry, default_registry
+from grpc_balance_mw.affinity.registry import default_registry
 from grpc_balance_mw.errors import ConfigurationError
-from grpc_balance_mw.observed_channel import observe_channel
+from grpc_balance_mw.observed_channel import ObservedChannel
+from grpc_balance_mw.observing import ObserveOptions, build_observer
 from grpc_balance_mw.pool import (
     CheckResult,
     Lane,
@@ -350,12 +349,10 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
         factory: makes one lane's channel from options (the lane adds its own).
         target: the target string, for the affinity detector, spans and logs.
         pool: the lanes' bookkeeping (its config, picker and rotation).
-        observe: wrap each lane with the observing channel, so spans carry pod and lane and the
-            target's affinity detector (whose alarm is a rotation trigger) is fed.
-        config: the detector's thresholds (the first config given for a target wins).
-        expected_pods: how many pods the target should have, if known.
-        telemetry: an ``AffinityTelemetry`` for spans, metrics and alarms; None: detection only.
-        registry: where the target's detector lives; default the process-wide registry.
+        observe: observe each lane, so spans carry pod and lane and the target's affinity
+            detector (whose alarm is a rotation trigger) is fed: True with the default
+            :class:`ObserveOptions`, or the options to use (their ``probe`` is not used: the
+            pool's scouts look for pods); False: not observed.
         check_timeout_s: deadline of each health check that names a lane's pod.
         tick_s: how often the maintenance thread plans (rotations, scouts, drains).
     """
@@ -366,25 +363,22 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
         target: str,
         *,
         pool: LanePool | None = None,
-        observe: bool = True,
-        config: AffinityConfig | None = None,
-        expected_pods: int | None = None,
-        telemetry: CallTelemetry | None = None,
-        registry: AffinityRegistry | None = None,
+        observe: ObserveOptions | bool = True,
         check_timeout_s: float = 1.0,
         tick_s: float = 0.25,
     ) -> None:
         if check_timeout_s <= 0 or tick_s <= 0:
             raise ConfigurationError("check_timeout_s and tick_s must be > 0")
         self.target = target
+        self._observe = observe is not False
+        self._options = observe if isinstance(observe, ObserveOptions) else ObserveOptions()
+        expected_pods = self._options.expected_pods
         self.pool = pool if pool is not None else LanePool(PoolConfig(expected_pods=expected_pods))
         self._factory = factory
-        self._observe = observe
-        self._config = config
-        self._expected_pods = expected_pods
-        self._telemetry = telemetry
-        self._registry = registry if registry is not None else default_registry
-        self.detector: AffinityDetector = self._registry.detector(target, config)
+        registry = self._options.registry
+        self.detector: AffinityDetector = (
+            registry if registry is not None else default_registry
+        ).detector(target, self._options.config)
         if expected_pods is not None:
             self.detector.expected_pods = expected_pods
         self._check_timeout_s = check_timeout_s
@@ -419,15 +413,8 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
         """The one place a lane's channel is observed."""
         if not self._observe:
             return raw
-        return observe_channel(
-            raw,
-            self.target,
-            config=self._config,
-            expected_pods=self._expected_pods,
-            telemetry=self._telemetry,
-            registry=self._registry,
-            lane=lane.name,
-        )
+        options = self._options.but(lane=lane.name, probe=False)
+        return ObservedChannel(raw, build_observer(self.target, options))
 
     def _signals(self) -> Signals:
         if not self._observe:
@@ -569,11 +556,7 @@ def balanced_channel(
     picker: Picker | None = None,
     rotation: Rotation | None = None,
     pool_config: PoolConfig | None = None,
-    expected_pods: int | None = None,
-    telemetry: CallTelemetry | None = None,
-    config: AffinityConfig | None = None,
-    registry: AffinityRegistry | None = None,
-    observe: bool = True,
+    observe: ObserveOptions | bool = True,
     factory: ChannelFactory | None = None,
 ) -> BalancedChannel:
     """A balanced channel to ``target``, made as ``grpc.secure_channel`` (with ``credentials``)
@@ -591,12 +574,10 @@ def balanced_channel(
         rotation: when lanes are replaced; default every 60 s +/- 20 %, on the affinity alarm
             and when a lane's pod goes away (:func:`~grpc_balance_mw.pool.default_rotation`).
         pool_config: every other setting of the pool (overrides ``lanes``, ``max_lanes``,
-            ``follow_pods`` and ``expected_pods`` there).
-        expected_pods: how many pods the target should have, if known.
-        telemetry: an ``AffinityTelemetry`` for spans (with pod and lane), metrics and alarms.
-        config: the affinity detector's thresholds.
-        registry: where the target's detector lives; default the process-wide registry.
-        observe: observe each lane's calls (spans, the detector); False: calls go straight out.
+            ``follow_pods`` and the expected pods there).
+        observe: observe each lane's calls (spans with pod and lane, the affinity detector):
+            True with the default :class:`ObserveOptions`, or the options to use (e.g.
+            ``ObserveOptions(expected_pods=3, telemetry=AffinityTelemetry())``); False: not.
         factory: makes each lane's channel instead of ``credentials`` and ``options``.
     """
     if factory is not None and (credentials is not None or options):
@@ -605,7 +586,7 @@ def balanced_channel(
         lanes=lanes,
         max_lanes=max_lanes,
         follow_pods=follow_pods,
-        expected_pods=expected_pods,
+        expected_pods=observe.expected_pods if isinstance(observe, ObserveOptions) else None,
         pool_config=pool_config,
         picker=picker,
         rotation=rotation,
@@ -615,8 +596,4 @@ def balanced_channel(
         target,
         pool=pool,
         observe=observe,
-        config=config,
-        expected_pods=expected_pods,
-        telemetry=telemetry,
-        registry=registry,
     )

@@ -28,14 +28,15 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from grpc_balance_mw import server as sync_server
 from grpc_balance_mw.affinity import AffinityRegistry
-from grpc_balance_mw.aio.channel import aio_balanced_channel
+from grpc_balance_mw.aio.channel import balanced_channel as aio_balanced_channel
 from grpc_balance_mw.channel import balanced_channel
-from grpc_balance_mw.demo.servicer import SERVICE_NAME, SyncChargePointsServicer
-from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
+from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.pool import PoolConfig, rotate_after_age, rotate_after_calls
 from grpc_balance_mw.telemetry import AffinityTelemetry
 from grpc_balance_mw.testing import LocalCluster, missing_components
+from grpc_balance_mw.testing.charge_points.servicer import SERVICE_NAME, SyncChargePointsServicer
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.cluster
 
@@ -120,7 +121,7 @@ def test_every_call_kind_works_and_spreads_over_the_pods(
         assert all(served.values()), served
         assert sum(served.values()) == 60
 
-    run(mode, cluster.service_target, body, expected_pods=3)
+    run(mode, cluster.service_target, body, observe=ObserveOptions(expected_pods=3))
 
 
 @pytest.mark.parametrize("service", ["userspace", "haproxy", "iptables"])
@@ -232,7 +233,7 @@ def test_client_ip_session_affinity_is_recognised_and_redialling_stops(
         assert "stuck (session-affinity)" in repr(channel)
 
     with caplog.at_level(logging.WARNING):
-        run(mode, cluster.service_target, body, expected_pods=3)
+        run(mode, cluster.service_target, body, observe=ObserveOptions(expected_pods=3))
     assert "sessionAffinity: ClientIP" in caplog.text
     assert list(cluster.served().values()).count(0) == 2  # it really is pinned
 
@@ -327,7 +328,9 @@ def test_stubs_futures_and_intercept_channel_take_it_as_it_is(cluster: LocalClus
             return continuation(details, request)
 
     tag = Tag()
-    with balanced_channel(cluster.service_target, expected_pods=3) as channel:
+    with balanced_channel(
+        cluster.service_target, observe=ObserveOptions(expected_pods=3)
+    ) as channel:
         grpc.channel_ready_future(channel).result(timeout=10)  # subscribe / unsubscribe
         stub = pb_grpc.ChargePointsStub(grpc.intercept_channel(channel, tag))
         futures = [stub.GetChargePoint.future(pb.GetChargePointRequest(id="x")) for _ in range(20)]
@@ -396,7 +399,7 @@ def test_aio_connectivity_methods_answer_for_a_lane(cluster: LocalCluster) -> No
         async with made_early as channel:
             await asyncio.wait_for(channel.channel_ready(), 10)
             assert channel.get_state() is grpc.ChannelConnectivity.READY
-            assert repr(channel).startswith("<AioBalancedChannel ")
+            assert repr(channel).startswith("<BalancedChannel ")
         with pytest.raises(ValueError, match="closed"):
             pb_grpc.ChargePointsStub(channel).GetChargePoint(pb.GetChargePointRequest(id="x"))
 
@@ -424,8 +427,7 @@ def test_spans_carry_the_pod_and_lane_and_health_checks_make_none(
         mode,
         cluster.service_target,
         body,
-        telemetry=telemetry,
-        registry=AffinityRegistry(),
+        observe=ObserveOptions(telemetry=telemetry, registry=AffinityRegistry()),
         pool_config=PoolConfig(expected_pods=3, health_interval_s=0.2),
     )
     provider.shutdown()

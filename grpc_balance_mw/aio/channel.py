@@ -2,7 +2,7 @@
 
 Usage (inside a running event loop)::
 
-    channel = aio_balanced_channel("charge-points.ev.svc.cluster.local:50051")
+    channel = balanced_channel("charge-points.ev.svc.cluster.local:50051")
     stub = ChargePointsStub(channel)          # wherever a grpc.aio.Channel goes
     ...
     await channel.close()
@@ -26,12 +26,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from grpc_balance_mw.affinity.config import AffinityConfig
 from grpc_balance_mw.affinity.detector import AffinityDetector
-from grpc_balance_mw.affinity.observer import CallTelemetry
-from grpc_balance_mw.affinity.registry import AffinityRegistry, default_registry
+from grpc_balance_mw.affinity.registry import default_registry
 from grpc_balance_mw.aio.client import affinity_interceptors
 from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.pool import (
     CheckResult,
     Lane,
@@ -46,7 +45,7 @@ from grpc_balance_mw.pool import (
 from grpc_balance_mw.pool.health import read_check
 from grpc_balance_mw.pool.pool import pool_for_channel
 
-__all__ = ["AioBalancedChannel", "AioChannelFactory", "aio_balanced_channel", "channel_factory"]
+__all__ = ["AioChannelFactory", "BalancedChannel", "balanced_channel", "channel_factory"]
 
 _log = logging.getLogger(__name__)
 
@@ -132,7 +131,7 @@ class _Balanced:
 
     def __init__(
         self,
-        owner: AioBalancedChannel,
+        owner: BalancedChannel,
         kind: str,
         method: str,
         request_serializer: Any,
@@ -227,10 +226,10 @@ class _StreamStream(_StreamRequest, grpc.aio.StreamStreamMultiCallable):  # type
     pass
 
 
-class AioBalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
+class BalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
     """A ``grpc.aio.Channel`` that spreads calls over lanes to distinct pods.
 
-    Made by :func:`aio_balanced_channel`; this constructor takes a channel factory. The
+    Made by :func:`balanced_channel`; this constructor takes a channel factory. The
     arguments are those of :class:`grpc_balance_mw.channel.BalancedChannel`. Its maintenance
     task starts with the first call, or here if an event loop is running.
     """
@@ -241,25 +240,22 @@ class AioBalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
         target: str,
         *,
         pool: LanePool | None = None,
-        observe: bool = True,
-        config: AffinityConfig | None = None,
-        expected_pods: int | None = None,
-        telemetry: CallTelemetry | None = None,
-        registry: AffinityRegistry | None = None,
+        observe: ObserveOptions | bool = True,
         check_timeout_s: float = 1.0,
         tick_s: float = 0.25,
     ) -> None:
         if check_timeout_s <= 0 or tick_s <= 0:
             raise ConfigurationError("check_timeout_s and tick_s must be > 0")
         self.target = target
+        self._observe = observe is not False
+        self._options = observe if isinstance(observe, ObserveOptions) else ObserveOptions()
+        expected_pods = self._options.expected_pods
         self.pool = pool if pool is not None else LanePool(PoolConfig(expected_pods=expected_pods))
         self._factory = factory
-        self._observe = observe
-        self._config = config
-        self._expected_pods = expected_pods
-        self._telemetry = telemetry
-        self._registry = registry if registry is not None else default_registry
-        self.detector: AffinityDetector = self._registry.detector(target, config)
+        registry = self._options.registry
+        self.detector: AffinityDetector = (
+            registry if registry is not None else default_registry
+        ).detector(target, self._options.config)
         if expected_pods is not None:
             self.detector.expected_pods = expected_pods
         self._check_timeout_s = check_timeout_s
@@ -275,7 +271,7 @@ class AioBalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
             self.start()
 
     def __repr__(self) -> str:
-        return f"<AioBalancedChannel {self.target} {self.pool!r}>"
+        return f"<BalancedChannel {self.target} {self.pool!r}>"
 
     @property
     def stuck(self) -> Stuck | None:
@@ -319,12 +315,7 @@ class AioBalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
         if not self._observe:
             return ()
         observing = affinity_interceptors(
-            self.target,
-            config=self._config,
-            expected_pods=self._expected_pods,
-            telemetry=self._telemetry,
-            registry=self._registry,
-            lane=lane.name,
+            self.target, self._options.but(lane=lane.name, probe=False)
         )
         return [
             _PastHealthChecks(interceptor)
@@ -472,14 +463,14 @@ class AioBalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
             follower.cancel()
         await self._close_lanes(self.pool.close(), grace)
 
-    async def __aenter__(self) -> AioBalancedChannel:
+    async def __aenter__(self) -> BalancedChannel:
         return self
 
     async def __aexit__(self, *_exc: object) -> None:
         await self.close()
 
 
-def aio_balanced_channel(
+def balanced_channel(
     target: str,
     credentials: grpc.ChannelCredentials | None = None,
     options: Options | None = None,
@@ -490,13 +481,9 @@ def aio_balanced_channel(
     picker: Picker | None = None,
     rotation: Rotation | None = None,
     pool_config: PoolConfig | None = None,
-    expected_pods: int | None = None,
-    telemetry: CallTelemetry | None = None,
-    config: AffinityConfig | None = None,
-    registry: AffinityRegistry | None = None,
-    observe: bool = True,
+    observe: ObserveOptions | bool = True,
     factory: AioChannelFactory | None = None,
-) -> AioBalancedChannel:
+) -> BalancedChannel:
     """A balanced ``grpc.aio`` channel to ``target``, made as ``grpc.aio.secure_channel`` (with
     ``credentials``) or ``grpc.aio.insecure_channel`` would make one; the arguments are those
     of :func:`grpc_balance_mw.channel.balanced_channel` (``factory`` also takes the lane's
@@ -507,18 +494,14 @@ def aio_balanced_channel(
         lanes=lanes,
         max_lanes=max_lanes,
         follow_pods=follow_pods,
-        expected_pods=expected_pods,
+        expected_pods=observe.expected_pods if isinstance(observe, ObserveOptions) else None,
         pool_config=pool_config,
         picker=picker,
         rotation=rotation,
     )
-    return AioBalancedChannel(
+    return BalancedChannel(
         factory if factory is not None else channel_factory(target, credentials, options),
         target,
         pool=pool,
         observe=observe,
-        config=config,
-        expected_pods=expected_pods,
-        telemetry=telemetry,
-        registry=registry,
     )
