@@ -29,11 +29,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.registry import default_registry
 from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.health_check import SERVING, check_method
 from grpc_balance_mw.observed_channel import ObservedChannel
 from grpc_balance_mw.observing import ObserveOptions, build_observer
 from grpc_balance_mw.pool import (
@@ -61,7 +61,6 @@ ChannelFactory = Callable[[Options], grpc.Channel]
 #: gives each lane a connection of its own.
 LOCAL_POOL_OPTION = ("grpc.use_local_subchannel_pool", 1)
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
-_SERVING = health_pb2.HealthCheckResponse.SERVING
 #: Maintenance rounds that run back to back while lanes are being redialled.
 _BURST_ROUNDS = 16
 
@@ -91,7 +90,7 @@ def check_result(future: Any) -> CheckResult:
     except grpc.RpcError as error:
         return read_check(error.code().name, False, None, error.trailing_metadata())
     return read_check(
-        "OK", response.status == _SERVING, future.initial_metadata(), future.trailing_metadata()
+        "OK", response == SERVING, future.initial_metadata(), future.trailing_metadata()
     )
 
 
@@ -103,7 +102,7 @@ class _LaneConnection:
     def __init__(self, raw: grpc.Channel, channel: grpc.Channel) -> None:
         self.raw = raw
         self.channel = channel
-        self.check = health_pb2_grpc.HealthStub(raw).Check
+        self.check = check_method(raw)
         self.callables: dict[Any, Any] = {}
 
 
@@ -453,9 +452,7 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
             if lane.connection is None:
                 self._open(lane)
             connection: _LaneConnection = lane.connection
-            future = connection.check.future(
-                health_pb2.HealthCheckRequest(), timeout=self._check_timeout_s
-            )
+            future = connection.check.future("", timeout=self._check_timeout_s)
             checks.append((lane, future))
         for lane, future in checks:
             self.pool.checked(lane, check_result(future))

@@ -51,10 +51,10 @@ from typing import Any
 
 import grpc
 import tenacity
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from grpc_balance_mw.affinity.observer import CallObserver
 from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.health_check import NOT_SERVING, check_method
 from grpc_balance_mw.observed_channel import ObservedChannel
 from grpc_balance_mw.observing import ObserveOptions, build_observer
 from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, warn_if_native_retry
@@ -158,16 +158,15 @@ def connect(channel: grpc.Channel, timeout_s: float) -> bool:
     Not ``grpc.channel_ready_future``: its connectivity-polling thread can leave
     ``channel.close()`` waiting (grpcio, "we'd rather not poll", grpc/grpc#3064); a call does not.
     """
-    check = health_pb2_grpc.HealthStub(channel).Check
     try:
-        response = check(health_pb2.HealthCheckRequest(), timeout=timeout_s, wait_for_ready=True)
+        status = check_method(channel)("", timeout=timeout_s, wait_for_ready=True)
     except grpc.RpcError as error:
         return error.code() not in (
             grpc.StatusCode.UNAVAILABLE,
             grpc.StatusCode.DEADLINE_EXCEEDED,
             grpc.StatusCode.CANCELLED,
         )
-    return bool(response.status != health_pb2.HealthCheckResponse.NOT_SERVING)
+    return bool(status != NOT_SERVING)
 
 
 class _Predialler:

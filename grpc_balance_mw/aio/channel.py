@@ -24,12 +24,12 @@ from functools import partial
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.registry import default_registry
 from grpc_balance_mw.aio.client import affinity_interceptors
 from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.health_check import SERVING, check_method
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.pool import (
     CheckResult,
@@ -56,7 +56,6 @@ AioChannelFactory = Callable[[Options, Interceptors], grpc.aio.Channel]
 #: gRPC core shares one connection between channels with the same target and arguments.
 LOCAL_POOL_OPTION = ("grpc.use_local_subchannel_pool", 1)
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
-_SERVING = health_pb2.HealthCheckResponse.SERVING
 _BURST_ROUNDS = 16
 #: The health check's method name as grpc.aio hands it to interceptors (bytes), and as str.
 _HEALTH_CHECK = (b"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Check")
@@ -122,7 +121,7 @@ class _LaneConnection:
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self.channel = channel
-        self.check = health_pb2_grpc.HealthStub(channel).Check
+        self.check = check_method(channel)
         self.callables: dict[Any, Any] = {}
 
 
@@ -364,14 +363,14 @@ class BalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
 
     async def _check(self, lane: Lane) -> CheckResult:
         connection: _LaneConnection = lane.connection
-        call = connection.check(health_pb2.HealthCheckRequest(), timeout=self._check_timeout_s)
+        call = connection.check("", timeout=self._check_timeout_s)
         try:
             response = await call
         except grpc.aio.AioRpcError as error:
             return read_check(error.code().name, False, None, error.trailing_metadata())
         return read_check(
             "OK",
-            response.status == _SERVING,
+            response == SERVING,
             await call.initial_metadata(),
             await call.trailing_metadata(),
         )

@@ -23,7 +23,7 @@ from grpc_balance_mw.errors import BalanceError
 __all__ = ["build_parser", "main"]
 
 #: The extra that brings what each subcommand imports beyond the core install.
-EXTRAS = {"demo": "demo", "overhead": "bench", "doctor": "server"}
+EXTRAS = {"demo": "demo", "overhead": "bench", "doctor": "cli"}
 #: Top-level packages a subcommand may lack on a plain install, and their distributions.
 _OPTIONAL = {
     "opentelemetry.sdk": "opentelemetry-sdk",

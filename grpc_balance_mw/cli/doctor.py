@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from grpc_balance_mw.errors import ConfigurationError, MalformedPodHeader
 from grpc_balance_mw.headless import (
@@ -39,6 +38,7 @@ from grpc_balance_mw.headless import (
     parse_dns_target,
     resolve_addresses,
 )
+from grpc_balance_mw.health_check import check_method
 from grpc_balance_mw.identity import pod_from_metadata
 
 __all__ = ["Findings", "Verdict", "diagnose", "judge", "run"]
@@ -301,12 +301,10 @@ def _sample(target: str, options: DoctorOptions, findings: Findings) -> Connecti
     connection = Connection()
     channel = _channel(target, options)
     try:
-        check = health_pb2_grpc.HealthStub(channel).Check
+        check = check_method(channel)
         for _ in range(options.checks_per_connection):
             try:
-                _, call = check.with_call(
-                    health_pb2.HealthCheckRequest(), timeout=options.timeout_s, wait_for_ready=True
-                )
+                _, call = check.with_call("", timeout=options.timeout_s, wait_for_ready=True)
                 initial, trailing = call.initial_metadata(), call.trailing_metadata()
             except grpc.RpcError as err:
                 initial, trailing = (), err.trailing_metadata()
