@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
+import tenacity
 
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.registry import default_registry
@@ -49,6 +51,7 @@ from grpc_balance_mw.pool import (
 )
 from grpc_balance_mw.pool.health import read_check
 from grpc_balance_mw.pool.pool import pool_for_channel
+from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, warn_if_native_retry
 
 __all__ = ["BalancedChannel", "ChannelFactory", "balanced_channel", "channel_factory"]
 
@@ -106,25 +109,38 @@ class _LaneConnection:
         self.callables: dict[Any, Any] = {}
 
 
+class _Ticket:
+    """One call's hold on its lane: given back once, however many ends of the call report it."""
+
+    __slots__ = ("_lock", "lane", "pool")
+
+    def __init__(self, pool: LanePool, lane: Lane) -> None:
+        self.pool = pool
+        self.lane: Lane | None = lane
+        self._lock = threading.Lock()
+
+    def release(self, unavailable: bool) -> None:
+        with self._lock:
+            lane, self.lane = self.lane, None
+        if lane is not None:
+            self.pool.release(lane, unavailable=unavailable)
+
+    def done(self, call: Any) -> None:
+        """A done-callback: the call has ended, so ``code()`` does not wait."""
+        self.release(call.code() is _UNAVAILABLE)
+
+
 class _LaneStream(grpc.Call, grpc.Future):  # type: ignore[misc]
     """A response stream that gives its lane back when it ends, is cancelled, or is done."""
 
-    def __init__(self, call: Any, pool: LanePool, lane: Lane) -> None:
-        self._call = call
+    def __init__(self, call: Any, lane: Lane, pool: LanePool) -> None:
         self._pool = pool
-        self._lane: Lane | None = lane
-        self._lock = threading.Lock()
-        call.add_done_callback(self._done)
+        self._bind(call, lane)
 
-    def _release(self, unavailable: bool) -> None:
-        with self._lock:
-            lane, self._lane = self._lane, None
-        if lane is not None:
-            self._pool.release(lane, unavailable=unavailable)
-
-    def _done(self, call: Any) -> None:
-        # Called once the call has ended: code() does not wait.
-        self._release(call.code() is _UNAVAILABLE)
+    def _bind(self, call: Any, lane: Lane) -> None:
+        self._call = call
+        self._ticket = _Ticket(self._pool, lane)
+        call.add_done_callback(self._ticket.done)
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -133,10 +149,10 @@ class _LaneStream(grpc.Call, grpc.Future):  # type: ignore[misc]
         try:
             return next(self._call)
         except StopIteration:
-            self._release(False)
+            self._ticket.release(False)
             raise
         except grpc.RpcError as error:
-            self._release(isinstance(error, grpc.Call) and error.code() is _UNAVAILABLE)
+            self._ticket.release(_failed_unavailable(error))
             raise
 
     def __getattr__(self, name: str) -> Any:
@@ -192,6 +208,47 @@ def _failed_unavailable(error: BaseException) -> bool:
     return isinstance(error, grpc.Call) and error.code() is _UNAVAILABLE
 
 
+class _RetryingLaneStream(_LaneStream):
+    """A response stream sent again, on another lane, when it fails before its first message
+    (nothing has reached the caller yet); after that, a failure is the caller's. The first
+    attempt starts at once, as grpcio's calls do; the retries happen in the first ``next()``."""
+
+    def __init__(
+        self,
+        start: Callable[[float | None], tuple[Any, Lane]],
+        pool: LanePool,
+        policy: RetryPolicy,
+        deadline: Deadline,
+        sleep: Callable[[float], None],
+    ) -> None:
+        super().__init__(*start(deadline.remaining()), pool=pool)
+        self._start = start
+        self._policy = policy
+        self._deadline = deadline
+        self._sleep = sleep
+        self._committed = False
+
+    def __next__(self) -> Any:
+        if self._committed:
+            return super().__next__()
+        first = True
+
+        def attempt() -> Any:
+            nonlocal first
+            if not first:
+                self._bind(*self._start(self._deadline.remaining()))
+            first = False
+            return _LaneStream.__next__(self)  # gives the attempt's lane back if it fails
+
+        retrying = tenacity.Retrying(
+            sleep=self._sleep, **self._policy.tenacity_kwargs(self._deadline)
+        )
+        try:
+            return retrying(attempt)
+        finally:
+            self._committed = True
+
+
 class _Balanced:
     """One method of the balanced channel: per call, a lane and that lane's multicallable."""
 
@@ -205,11 +262,26 @@ class _Balanced:
         registered: bool | None,
     ) -> None:
         self._pool = owner.pool
+        self._retry = owner.retry
+        self._sleep = owner.sleep
         self._kind = kind
         self._method = method
         self._serializer = request_serializer
         self._deserializer = response_deserializer
         self._registered = registered
+        self._stream_request = kind.startswith("stream")
+
+    def _request(self, request: Any) -> Any:
+        # grpcio calls next() on a request stream: a list or tuple (replayable, so retryable)
+        # becomes a fresh iterator for each attempt.
+        if self._stream_request and isinstance(request, (list, tuple)):
+            return iter(request)
+        return request
+
+    def _retryable(self, request: Any) -> bool:
+        """Count the call into the retry budget; whether it may be sent again."""
+        self._retry.record_call()
+        return self._retry.retryable(self._method, request, streaming=self._stream_request)
 
     def _inner(self, lane: Lane) -> Any:
         connection: _LaneConnection = lane.connection
@@ -229,6 +301,28 @@ class _Balanced:
 
 
 class _UnaryResponse(_Balanced):
+    def _attempt(self, how: str, request: Any, timeout: float | None, rest: tuple[Any, ...]) -> Any:
+        """One attempt on one lane (``how``: ``__call__`` or ``with_call``)."""
+        pool = self._pool
+        lane = pool.acquire()
+        unavailable = False
+        try:
+            return getattr(self._inner(lane), how)(self._request(request), timeout, *rest)
+        except grpc.RpcError as error:
+            unavailable = _failed_unavailable(error)
+            raise
+        finally:
+            pool.release(lane, unavailable=unavailable)
+
+    def _invoke(self, how: str, request: Any, timeout: float | None, rest: tuple[Any, ...]) -> Any:
+        if not self._retryable(request):
+            return self._attempt(how, request, timeout, rest)
+        # A failed attempt's lane takes no more calls (its pod went away): the next attempt
+        # goes to another lane, within what is left of the call's deadline.
+        deadline = Deadline(timeout)
+        retrying = tenacity.Retrying(sleep=self._sleep, **self._retry.tenacity_kwargs(deadline))
+        return retrying(lambda: self._attempt(how, request, deadline.remaining(), rest))
+
     def __call__(
         self,
         request: Any,
@@ -238,18 +332,8 @@ class _UnaryResponse(_Balanced):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        pool = self._pool
-        lane = pool.acquire()
-        unavailable = False
-        try:
-            return self._inner(lane)(
-                request, timeout, metadata, credentials, wait_for_ready, compression
-            )
-        except grpc.RpcError as error:
-            unavailable = _failed_unavailable(error)
-            raise
-        finally:
-            pool.release(lane, unavailable=unavailable)
+        rest = (metadata, credentials, wait_for_ready, compression)
+        return self._invoke("__call__", request, timeout, rest)
 
     def with_call(
         self,
@@ -260,18 +344,8 @@ class _UnaryResponse(_Balanced):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> tuple[Any, grpc.Call]:
-        pool = self._pool
-        lane = pool.acquire()
-        unavailable = False
-        try:
-            return self._inner(lane).with_call(  # type: ignore[no-any-return]
-                request, timeout, metadata, credentials, wait_for_ready, compression
-            )
-        except grpc.RpcError as error:
-            unavailable = _failed_unavailable(error)
-            raise
-        finally:
-            pool.release(lane, unavailable=unavailable)
+        rest = (metadata, credentials, wait_for_ready, compression)
+        return self._invoke("with_call", request, timeout, rest)  # type: ignore[no-any-return]
 
     def future(
         self,
@@ -282,21 +356,19 @@ class _UnaryResponse(_Balanced):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
+        """Sent once, never retried (as in the dial-per-request channel)."""
+        self._retry.record_call()
         pool = self._pool
         lane = pool.acquire()
         try:
             future = self._inner(lane).future(
-                request, timeout, metadata, credentials, wait_for_ready, compression
-            )
+                self._request(request), timeout, metadata, credentials, wait_for_ready,
+                compression,
+            )  # fmt: skip
         except BaseException:  # the call never started: give the lane back, re-raise as is
             pool.release(lane)
             raise
-
-        def release(done: Any) -> None:
-            # A done-callback, on grpcio's thread: the call has ended, so code() does not wait.
-            pool.release(lane, unavailable=done.code() is _UNAVAILABLE)
-
-        future.add_done_callback(release)
+        future.add_done_callback(_Ticket(pool, lane).done)
         return future
 
 
@@ -311,15 +383,22 @@ class _StreamResponse(_Balanced):
         compression: Any = None,
     ) -> _LaneStream:
         pool = self._pool
-        lane = pool.acquire()
-        try:
-            call = self._inner(lane)(
-                request, timeout, metadata, credentials, wait_for_ready, compression
-            )
-        except BaseException:  # the call never started: give the lane back, re-raise as is
-            pool.release(lane)
-            raise
-        return _LaneStream(call, pool, lane)
+
+        def start(remaining: float | None) -> tuple[Any, Lane]:
+            lane = pool.acquire()
+            try:
+                call = self._inner(lane)(
+                    self._request(request), remaining, metadata, credentials, wait_for_ready,
+                    compression,
+                )  # fmt: skip
+            except BaseException:  # the call never started: give the lane back, re-raise as is
+                pool.release(lane)
+                raise
+            return call, lane
+
+        if self._retryable(request):
+            return _RetryingLaneStream(start, pool, self._retry, Deadline(timeout), self._sleep)
+        return _LaneStream(*start(timeout), pool=pool)
 
 
 class _UnaryUnary(_UnaryResponse, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
@@ -354,6 +433,10 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
             pool's scouts look for pods); False: not observed.
         check_timeout_s: deadline of each health check that names a lane's pod.
         tick_s: how often the maintenance thread plans (rotations, scouts, drains).
+        retry: which calls are sent again, on another lane, when an attempt fails (e.g. its
+            pod was killed): the same :class:`~grpc_balance_mw.retry.RetryPolicy` as the
+            dial-per-request channel's; default: none.
+        sleep: how retries sleep (tests inject one).
     """
 
     def __init__(
@@ -365,10 +448,14 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
         observe: ObserveOptions | bool = True,
         check_timeout_s: float = 1.0,
         tick_s: float = 0.25,
+        retry: RetryPolicy = NO_RETRY,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if check_timeout_s <= 0 or tick_s <= 0:
             raise ConfigurationError("check_timeout_s and tick_s must be > 0")
         self.target = target
+        self.retry = retry
+        self.sleep = sleep
         self._observe = observe is not False
         self._options = observe if isinstance(observe, ObserveOptions) else ObserveOptions()
         expected_pods = self._options.expected_pods
@@ -555,6 +642,7 @@ def balanced_channel(
     pool_config: PoolConfig | None = None,
     observe: ObserveOptions | bool = True,
     factory: ChannelFactory | None = None,
+    retry: RetryPolicy = NO_RETRY,
 ) -> BalancedChannel:
     """A balanced channel to ``target``, made as ``grpc.secure_channel`` (with ``credentials``)
     or ``grpc.insecure_channel`` (without) would make one channel.
@@ -576,9 +664,15 @@ def balanced_channel(
             True with the default :class:`ObserveOptions`, or the options to use (e.g.
             ``ObserveOptions(expected_pods=3, telemetry=AffinityTelemetry())``); False: not.
         factory: makes each lane's channel instead of ``credentials`` and ``options``.
+        retry: which calls are sent again on another lane when an attempt fails (the methods
+            marked idempotent, UNAVAILABLE by default: a SIGKILLed pod then costs no call),
+            within the call's deadline and the retry budget; default: none. ``future()`` calls
+            are sent once; a response stream is retried only before its first message.
     """
     if factory is not None and (credentials is not None or options):
         raise ConfigurationError("pass either a factory or credentials/options, not both")
+    if retry.max_attempts > 1:
+        warn_if_native_retry(options, target)
     pool = pool_for_channel(
         lanes=lanes,
         max_lanes=max_lanes,
@@ -593,4 +687,5 @@ def balanced_channel(
         target,
         pool=pool,
         observe=observe,
+        retry=retry,
     )

@@ -19,15 +19,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
 import grpc
+import tenacity
 
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.registry import default_registry
 from grpc_balance_mw.aio.client import affinity_interceptors
+from grpc_balance_mw.aio.redial import RetryingCall
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.health_check import SERVING, check_method
 from grpc_balance_mw.observing import ObserveOptions
@@ -44,6 +46,7 @@ from grpc_balance_mw.pool import (
 )
 from grpc_balance_mw.pool.health import read_check
 from grpc_balance_mw.pool.pool import pool_for_channel
+from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, warn_if_native_retry
 
 __all__ = ["AioChannelFactory", "BalancedChannel", "balanced_channel", "channel_factory"]
 
@@ -155,17 +158,110 @@ class _Balanced:
             connection.callables[self] = inner
         return inner
 
-    def _call(self, request: Any, **kwargs: Any) -> Any:
-        self._owner.start()
+    def _attempt(self, request: Any, kwargs: dict[str, Any]) -> tuple[Any, Lane]:
+        """One call on one lane; the lane is given back by the call's done-callback."""
         pool = self._pool
         lane = pool.acquire()
         try:
+            if self._kind.startswith("stream") and isinstance(request, (list, tuple)):
+                request = iter(request)  # replayable: a fresh iterator for each attempt
             call = self._inner(lane)(request, **kwargs)
         except BaseException:  # the call never started: give the lane back, re-raise as is
             pool.release(lane)
             raise
         call.add_done_callback(partial(self._owner.released, lane))
-        return call
+        return call, lane
+
+    def _call(self, request: Any, **kwargs: Any) -> Any:
+        owner = self._owner
+        owner.start()
+        policy = owner.retry
+        policy.record_call()
+        streaming = self._kind.startswith("stream")
+        if not policy.retryable(self._method, request, streaming=streaming):
+            return self._attempt(request, kwargs)[0]
+        deadline = Deadline(kwargs.pop("timeout", None))
+
+        def start() -> tuple[Any, Lane]:
+            return self._attempt(request, {**kwargs, "timeout": deadline.remaining()})
+
+        if not self._kind.endswith("unary"):
+            return _RetryingLaneStream(start, self._pool, policy, deadline, owner.sleep)
+
+        async def run(holder: RetryingCall) -> Any:
+            async def attempt() -> Any:
+                holder.last, lane = start()
+                try:
+                    return await holder.last
+                except grpc.aio.AioRpcError as error:
+                    if error.code() is grpc.StatusCode.UNAVAILABLE:
+                        # Now, not in the done-callback (it may not have run yet): the next
+                        # attempt must not pick the same lane.
+                        self._pool.lane_failed(lane)
+                    raise
+
+            retrying = tenacity.AsyncRetrying(sleep=owner.sleep, **policy.tenacity_kwargs(deadline))
+            return await retrying(attempt)
+
+        return RetryingCall(run)
+
+
+class _RetryingLaneStream:
+    """A response stream sent again, on another lane, when it fails before its first message;
+    after that, a failure is the caller's. The first attempt starts at once; the retries
+    happen in the first ``read()`` (or the first step of ``async for``)."""
+
+    def __init__(
+        self,
+        start: Callable[[], tuple[Any, Lane]],
+        pool: LanePool,
+        policy: RetryPolicy,
+        deadline: Deadline,
+        sleep: Callable[[float], Awaitable[None]],
+    ) -> None:
+        self._start = start
+        self._pool = pool
+        self._policy = policy
+        self._deadline = deadline
+        self._sleep = sleep
+        self._committed = False
+        self._call, self._lane = start()
+
+    async def read(self) -> Any:
+        if self._committed:
+            return await self._call.read()
+        first = True
+
+        async def attempt() -> Any:
+            nonlocal first
+            if not first:
+                self._call, self._lane = self._start()
+            first = False
+            try:
+                return await self._call.read()
+            except grpc.aio.AioRpcError as error:
+                if error.code() is grpc.StatusCode.UNAVAILABLE:
+                    self._pool.lane_failed(self._lane)
+                raise
+
+        retrying = tenacity.AsyncRetrying(
+            sleep=self._sleep, **self._policy.tenacity_kwargs(self._deadline)
+        )
+        try:
+            return await retrying(attempt)
+        finally:
+            self._committed = True
+
+    async def _responses(self) -> AsyncIterator[Any]:
+        while (response := await self.read()) is not grpc.aio.EOF:
+            yield response
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._responses()
+
+    def __getattr__(self, name: str) -> Any:
+        # write, done_writing, code, details, metadata, cancel, done, ...: the attempt's own.
+        return getattr(self._call, name)
 
 
 class _UnaryRequest(_Balanced):
@@ -242,10 +338,14 @@ class BalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
         observe: ObserveOptions | bool = True,
         check_timeout_s: float = 1.0,
         tick_s: float = 0.25,
+        retry: RetryPolicy = NO_RETRY,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if check_timeout_s <= 0 or tick_s <= 0:
             raise ConfigurationError("check_timeout_s and tick_s must be > 0")
         self.target = target
+        self.retry = retry
+        self.sleep = sleep
         self._observe = observe is not False
         self._options = observe if isinstance(observe, ObserveOptions) else ObserveOptions()
         expected_pods = self._options.expected_pods
@@ -482,6 +582,7 @@ def balanced_channel(
     pool_config: PoolConfig | None = None,
     observe: ObserveOptions | bool = True,
     factory: AioChannelFactory | None = None,
+    retry: RetryPolicy = NO_RETRY,
 ) -> BalancedChannel:
     """A balanced ``grpc.aio`` channel to ``target``, made as ``grpc.aio.secure_channel`` (with
     ``credentials``) or ``grpc.aio.insecure_channel`` would make one; the arguments are those
@@ -489,6 +590,8 @@ def balanced_channel(
     interceptors)."""
     if factory is not None and (credentials is not None or options):
         raise ConfigurationError("pass either a factory or credentials/options, not both")
+    if retry.max_attempts > 1:
+        warn_if_native_retry(options, target)
     pool = pool_for_channel(
         lanes=lanes,
         max_lanes=max_lanes,
@@ -503,4 +606,5 @@ def balanced_channel(
         target,
         pool=pool,
         observe=observe,
+        retry=retry,
     )

@@ -41,7 +41,7 @@ from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, warn_if_native_retry
 
-__all__ = ["DialPerRequestChannel", "dial_per_request_channel"]
+__all__ = ["DialPerRequestChannel", "RetryingCall", "dial_per_request_channel"]
 
 FRESH_CONNECTION = ("grpc.use_local_subchannel_pool", 1)  # see grpc_balance_mw.redial
 _PREDIAL_RETRY_S = 0.5
@@ -250,10 +250,12 @@ class _RetryingStream:
         return getattr(self._call, name)
 
 
-class _RetryingCall:
-    """A retried unary-response call: its attempts run in a task, each on a new connection."""
+class RetryingCall:
+    """A retried unary-response call: its attempts run in a task, each on a new connection (or,
+    in the balanced channel, another lane); ``code()``, ``details()`` and the metadata are the
+    last attempt's."""
 
-    def __init__(self, run: Callable[[_RetryingCall], Coroutine[Any, Any, Any]]) -> None:
+    def __init__(self, run: Callable[[RetryingCall], Coroutine[Any, Any, Any]]) -> None:
         self.last: Any = None  # the current (last) attempt's call
         self._callbacks: list[Callable[[Any], None]] = []
         self._task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(run(self))
@@ -378,7 +380,7 @@ class _Method:
         if not self._kind.endswith("unary"):
             return _RetryingStream(start, policy, deadline, owner.sleep)
 
-        async def run(holder: _RetryingCall) -> Any:
+        async def run(holder: RetryingCall) -> Any:
             async def attempt() -> Any:
                 lease = owner.connection()
                 try:
@@ -390,7 +392,7 @@ class _Method:
             retrying = tenacity.AsyncRetrying(sleep=owner.sleep, **policy.tenacity_kwargs(deadline))
             return await retrying(attempt)
 
-        return _RetryingCall(run)
+        return RetryingCall(run)
 
 
 class _UnaryUnary(_Method, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]

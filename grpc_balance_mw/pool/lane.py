@@ -50,6 +50,7 @@ class Lane:
         calls: calls it has taken.
         in_flight: calls (and open streams) on it now.
         unavailable: its calls that failed with UNAVAILABLE (its pod killed or gone).
+        unanswered: its health checks in a row that got no answer (its pod hangs).
         reason: why it drains or closed, for logs and ``__repr__``.
         connection: what the adapter keeps for it (its channel); the pool never touches it.
     """
@@ -71,6 +72,7 @@ class Lane:
         "replaces",
         "rotate_at",
         "state",
+        "unanswered",
         "unavailable",
     )
 
@@ -97,6 +99,7 @@ class Lane:
         self.calls = 0
         self.in_flight = 0
         self.unavailable = 0
+        self.unanswered = 0
         self.last_picked = 0
         self.reason = ""
         self.connection: Any = None

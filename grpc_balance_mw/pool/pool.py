@@ -54,7 +54,11 @@ __all__ = [
 Clock = Callable[[], float]
 #: Reasons that mean a lane is broken, not merely due: these still rotate while stuck.
 _BROKEN = frozenset({"unavailable", "pod down"})
-_MAX_BACKOFF_S = 5.0
+#: Failed dials back off up to this. Low, because it is also how long after an outage ends (the
+#: Service restarted, every pod briefly gone) the first new lane can be active again: with 5 s,
+#: calls kept failing for up to 5 s after the Service was back. A failed dial costs one
+#: refused connection.
+_MAX_BACKOFF_S = 1.0
 
 
 class PoolClosed(BalanceError, ValueError):
@@ -90,6 +94,11 @@ class PoolConfig:
             known means Service sessionAffinity (16: with 2 random pods that happens by chance
             once in 32,768 runs of 16 dials).
         stuck_recheck_s: while stuck, one scout this often checks whether that is still so.
+        unanswered_checks: an active lane whose health checks go unanswered this many times in
+            a row (its pod accepts connections but hangs: stopped, deadlocked, out of threads) is
+            drained and replaced (2: one lost check during a reconnect is forgiven). Its calls
+            end at their own deadlines; the picker sends it few meanwhile, as their calls stay
+            in flight.
     """
 
     min_lanes: int = 3
@@ -103,14 +112,17 @@ class PoolConfig:
     pod_ttl_s: float = 30.0
     affinity_dials: int = 16
     stuck_recheck_s: float = 30.0
+    unanswered_checks: int = 2
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_lanes <= self.max_lanes:
             raise ConfigurationError(
                 f"need 1 <= min_lanes <= max_lanes, got {self.min_lanes} and {self.max_lanes}"
             )
-        if self.redials < 0 or self.affinity_dials < 2:
-            raise ConfigurationError("need redials >= 0 and affinity_dials >= 2")
+        if self.redials < 0 or self.affinity_dials < 2 or self.unanswered_checks < 1:
+            raise ConfigurationError(
+                "need redials >= 0, affinity_dials >= 2 and unanswered_checks >= 1"
+            )
         if self.drain_grace_s < 0 or self.health_interval_s <= 0 or self.pod_ttl_s <= 0:
             raise ConfigurationError("need drain_grace_s >= 0, health_interval_s, pod_ttl_s > 0")
         if self.scout_interval_s is not None and self.scout_interval_s <= 0:
@@ -450,7 +462,16 @@ class LanePool:
         plan.dial.append(self._new_lane(now, LanePurpose.SCOUT))
 
     def _finish_drains(self, now: float) -> None:
+        # While no lane is active (every pod unreachable a moment, the Service restarting),
+        # the newest draining lane stays open: calls fall back on it (its connection redials
+        # by itself) instead of finding no lane at all.
+        keep = None
+        if not self._available:
+            draining = [lane for lane in self.lanes if lane.is_draining()]
+            keep = max(draining, key=lambda lane: lane.id) if draining else None
         for lane in list(self.lanes):
+            if lane is keep:
+                continue
             if lane.is_draining() and (
                 lane.is_idle() or lane.drain_expired(now, self.config.drain_grace_s)
             ):
@@ -531,7 +552,15 @@ class LanePool:
 
     def _recheck(self, lane: Lane, result: CheckResult, now: float) -> None:
         if not result.reachable:
-            return  # a lost health check alone is not a lost pod; failed calls say that
+            # One lost check is not a lost pod (a reconnect); several in a row are a pod that
+            # hangs, which no call will report as UNAVAILABLE: its calls only time out.
+            lane.unanswered += 1
+            if lane.unanswered >= self.config.unanswered_checks:
+                self._drain(lane, now, "unresponsive")
+                if lane.pod is not None:
+                    self._pod_down(lane.pod, now)
+            return
+        lane.unanswered = 0
         if not result.serving:
             if result.pod is not None:
                 self._pod_down(result.pod, now)

@@ -1,0 +1,199 @@
+"""What the fault and load tests share: channels of either remedy in either mode, a bounded
+concurrent load that can trigger a fault part-way, and outages of the cluster's Service and DNS
+on their own ports (the harness has no restart-in-place for them)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from calls import call_aio, call_sync
+
+from grpc_balance_mw import redial
+from grpc_balance_mw.aio import redial as aio_redial
+from grpc_balance_mw.aio.channel import balanced_channel as aio_balanced_channel
+from grpc_balance_mw.channel import balanced_channel
+from grpc_balance_mw.retry import RetryBudget, RetryPolicy, wait_full_jitter
+from grpc_balance_mw.testing import LocalCluster
+from grpc_balance_mw.testing.charge_points.servicer import SERVICE_NAME
+from grpc_balance_mw.testing.dnsmasq import dnsmasq_path
+from grpc_balance_mw.testing.process import ChildProcess, python_module
+
+MODES = ("sync", "aio")
+REMEDIES = ("balanced", "dial-per-request")
+GET = f"/{SERVICE_NAME}/GetChargePoint"
+WATCH = f"/{SERVICE_NAME}/WatchStatus"
+OK = grpc.StatusCode.OK
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+
+
+def retry_policy(
+    retryable: bool, *, attempts: int = 5, backoff_s: float = 0.01, reserve_per_s: float = 10.0
+) -> RetryPolicy:
+    """GetChargePoint and WatchStatus marked idempotent (or nothing), a budget of its own."""
+    return RetryPolicy(
+        methods={GET, WATCH} if retryable else (),
+        max_attempts=attempts,
+        backoff=wait_full_jitter(backoff_s / 10, 2.0, backoff_s),
+        budget=RetryBudget(min_per_s=reserve_per_s),
+    )
+
+
+def open_channel(mode: str, remedy: str, target: str, **kwargs: Any) -> Any:
+    """A channel of ``remedy`` in ``mode`` (aio: call inside the loop that uses it)."""
+    if remedy == "balanced":
+        make: Any = balanced_channel if mode == "sync" else aio_balanced_channel
+    else:
+        make = (
+            redial.dial_per_request_channel
+            if mode == "sync"
+            else aio_redial.dial_per_request_channel
+        )
+    return make(target, **kwargs)
+
+
+async def close_channel(mode: str, channel: Any) -> None:
+    if mode == "sync":
+        await asyncio.to_thread(channel.close)
+    else:
+        await channel.close()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One call as its caller saw it."""
+
+    code: grpc.StatusCode
+    messages: int
+    seconds: float
+
+
+async def load(
+    mode: str,
+    channel: Any,
+    kind: str,
+    calls: int,
+    concurrency: int,
+    *,
+    timeout: float = 10.0,
+    fault_at: int | None = None,
+    fault: Callable[[], None] | None = None,
+) -> list[Outcome]:
+    """``calls`` calls of ``kind``, ``concurrency`` at a time (threads in sync, tasks in aio);
+    ``fault()`` runs (in a thread) once ``fault_at`` calls have ended, while the rest are in
+    flight or still to come."""
+    finished = 0
+    lock = threading.Lock()
+
+    def ended() -> bool:
+        nonlocal finished
+        with lock:
+            finished += 1
+            return finished == fault_at
+
+    if mode == "sync":
+
+        def one(_: int) -> Outcome:
+            started = time.monotonic()
+            seen = call_sync(channel, kind, timeout=timeout)
+            outcome = Outcome(seen.code, len(seen.responses), time.monotonic() - started)
+            if ended() and fault is not None:
+                fault()
+            return outcome
+
+        def all_calls() -> list[Outcome]:
+            with ThreadPoolExecutor(concurrency) as pool:
+                return list(pool.map(one, range(calls)))
+
+        return await asyncio.to_thread(all_calls)
+
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one_aio() -> Outcome:
+        async with gate:
+            started = time.monotonic()
+            seen = await call_aio(channel, kind, timeout=timeout)
+            outcome = Outcome(seen.code, len(seen.responses), time.monotonic() - started)
+        if ended() and fault is not None:
+            await asyncio.to_thread(fault)
+        return outcome
+
+    return list(await asyncio.gather(*(one_aio() for _ in range(calls))))
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def covered(channel: Any) -> set[str]:
+    return {lane.pod for lane in channel.pool.lanes if lane.is_available() and lane.pod}
+
+
+# -- outages of the cluster's parts, on their own ports ----------------------------------------
+
+
+# The harness has no restart in place for its Service and DNS: these reach into its frontends.
+
+
+def restart_userspace_service(cluster: LocalCluster, down_s: float) -> None:
+    """Stop the embedded L4 Service (every connection through it is cut), keep it down for
+    ``down_s``, start it again on the same ``host:port`` with the same endpoints."""
+    service = cluster._service
+    host, port = service.address.rsplit(":", 1)
+    service._child.stop(grace_s=0.0)
+    time.sleep(down_s)
+    child = ChildProcess(
+        python_module("grpc_balance_mw.testing.userspace_proxy", "--listen", f"{host}:{port}"),
+        name="service-userspace-restarted",
+        log_dir=cluster.workdir,
+        control=True,
+    )
+    service._process = service._child = child
+    child.start()
+    assert child.wait_ready() == int(port)
+    service.update(cluster.endpoints())
+
+
+@contextlib.contextmanager
+def dns_down(cluster: LocalCluster) -> Iterator[None]:
+    """dnsmasq stopped while inside, then started again on the same port with the same records."""
+    dns = cluster._dns
+    dns._process.stop(grace_s=0.0)
+    try:
+        yield
+    finally:
+        binary = dnsmasq_path()
+        assert binary is not None
+        dns._process = ChildProcess(
+            dns._argv(binary),
+            name="dns-dnsmasq-restarted",
+            log_dir=cluster.workdir,
+        ).start()
+        dns._wait_for(cluster.endpoints())
+
+
+@contextlib.contextmanager
+def hung(cluster: LocalCluster, name: str) -> Iterator[None]:
+    """The pod frozen with SIGSTOP: the kernel still accepts its connections, nothing answers.
+    SIGCONT when leaving (before anything asks it for its counts)."""
+    pid = cluster.pod(name).pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
