@@ -400,13 +400,15 @@ def test_warning_is_rate_limited_per_target(caplog: pytest.LogCaptureFixture) ->
         "svc:1", AffinityConfig(window_calls=10, min_samples=5, dwell_calls=2, warmup_s=0)
     )
     detector.expected_pods = 2
-    observer = CallObserver(detector, telemetry=telemetry)
     caplog.set_level(logging.WARNING, logger="grpc_balance_mw.telemetry")
+    # A channel per stretch: one pinned, one balanced per request, and so on.
     for pods in ["a" * 8, "ab" * 8, "a" * 16, "ab" * 8]:
+        observer = CallObserver(detector, telemetry=telemetry)
         for pod in pods:
             _finish(observer, pod)
     assert len(caplog.records) == 1  # pinned twice within the interval
     clock[0] = 1000.0
+    observer = CallObserver(detector, telemetry=telemetry)
     for pod in "a" * 16:
         _finish(observer, pod)
     assert len(caplog.records) == 2

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Protocol
 
 from grpc_balance_mw.affinity.detector import AffinityDetector, Clock
+from grpc_balance_mw.affinity.lanes import Lane
 from grpc_balance_mw.affinity.state import Transition
 from grpc_balance_mw.errors import MalformedPodHeader
 from grpc_balance_mw.identity import IDENTITY_HEADERS, pod_from_metadata
@@ -187,7 +188,7 @@ class ObservedCall:
             l7=reading.l7,
             malformed=reading.malformed,
             now=now,
-            warming=observer.warming(self.started, now),
+            lane=observer.lane_evidence,
         )
         telemetry.call_finished(self, code, transition)
         if observer.probe is not None:
@@ -222,20 +223,14 @@ class CallObserver:
         self.lane = lane
         self.clock = clock
         self.reader = PodReader()
-        #: When this lane's warm-up ends (``AffinityConfig.warmup_s`` after its first call).
-        self.warm_until: float | None = None
+        #: What this lane's calls showed, in order (fed by the detector, under its lock).
+        self.lane_evidence = Lane(lane)
         self._methods: dict[str | bytes, MethodName] = {}
         if telemetry is not None:
             telemetry.watch(self)
 
     def __repr__(self) -> str:
         return f"<CallObserver {self.target} lane={self.lane} {self.detector.state.value}>"
-
-    def warming(self, started: float, now: float) -> bool:
-        """Whether a call that began at ``started`` and ended ``now`` falls in the warm-up."""
-        if self.warm_until is None:
-            self.warm_until = started + self.detector.config.warmup_s
-        return now < self.warm_until
 
     def read_pod(
         self,
@@ -272,10 +267,15 @@ class CallObserver:
         if reading is None or reading.pod is None:
             reading = self.read_pod(initial, trailing, reading)
         now = self.clock()
-        warm_until = self.warm_until
-        warming = now < warm_until if warm_until is not None else self.warming(started, now)
         self.detector.count(
-            reading.pod, now - started, stream, reading.l7, reading.malformed, now, warming
+            reading.pod,
+            now - started,
+            stream,
+            reading.l7,
+            reading.malformed,
+            now,
+            False,
+            self.lane_evidence,
         )
         if self.probe is not None:
             self.probe.maybe_probe(now)
