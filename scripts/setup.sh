@@ -6,7 +6,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 missing=()
-for tool in haproxy:haproxy dnsmasq:dnsmasq-base iptables:iptables ip:iproute2; do
+for tool in haproxy:haproxy dnsmasq:dnsmasq-base nginx:nginx-light iptables:iptables ip:iproute2; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool##*:}")
 done
 if ((${#missing[@]})); then

@@ -31,6 +31,7 @@ from grpc_balance_mw.testing.endpoints import Endpoint, Frontend
 from grpc_balance_mw.testing.haproxy import HAProxyL7, HAProxyService, haproxy_path
 from grpc_balance_mw.testing.kube_proxy import IptablesService
 from grpc_balance_mw.testing.netns import Bridge, NetworkNamespace, privileged
+from grpc_balance_mw.testing.nginx import NginxL7, nginx_path
 from grpc_balance_mw.testing.pods import Overflow, Pod, PodSettings
 from grpc_balance_mw.testing.process import ClusterError
 from grpc_balance_mw.testing.userspace_proxy import UserspaceService
@@ -40,7 +41,7 @@ __all__ = ["DNSKind", "L7Kind", "LocalCluster", "ServiceKind", "missing_componen
 ServiceKind = Literal["userspace", "haproxy", "iptables"]
 DNSKind = Literal["embedded", "dnsmasq"]
 AUTO: Literal["auto"] = "auto"
-L7Kind = Literal["haproxy"]
+L7Kind = Literal["haproxy", "nginx"]
 _MAX_PODS = 250  # one loopback /24 per cluster, .1 to .250
 _PORT_ATTEMPTS = 4
 #: The iptables backend's ClusterIP and Service port (the pods' target port is another).
@@ -56,6 +57,8 @@ def missing_components(
     missing = []
     if (service == "haproxy" or l7 == "haproxy") and haproxy_path() is None:
         missing.append("haproxy is not installed (Debian package: haproxy)")
+    if l7 == "nginx" and nginx_path() is None:
+        missing.append("nginx is not installed (Debian package: nginx-light)")
     if dns == "dnsmasq" and dnsmasq_path() is None:
         missing.append("dnsmasq is not installed (Debian package: dnsmasq-base)")
     if service == "iptables":
@@ -75,7 +78,8 @@ class LocalCluster:
             in a network namespace that the pods run in; needs root).
         dns: the cluster DNS for the headless Service, or None for none. ``auto``: embedded,
             except with ``iptables``, whose pod IPs the host cannot reach, so none.
-        l7: the L7 proxy standing in for an Envoy sidecar, or None for none (not with
+        l7: the L7 proxy standing in for an Envoy sidecar: ``haproxy`` (``mode http``, h2) or
+            ``nginx`` (``grpc_pass``); None for none (not with
             ``iptables``, for the same reason).
         l7_balance: its per-call algorithm.
         service_time_ms: how long each pod takes per call.
@@ -111,7 +115,7 @@ class LocalCluster:
             dns = None if service == "iptables" else "embedded"
         if dns not in (None, "embedded", "dnsmasq"):
             raise ConfigurationError(f"unknown dns implementation {dns!r}")
-        if l7 not in (None, "haproxy"):
+        if l7 not in (None, "haproxy", "nginx"):
             raise ConfigurationError(f"unknown l7 proxy {l7!r}")
         if session_affinity not in (None, "ClientIP"):
             raise ConfigurationError("session_affinity must be None or 'ClientIP'")
@@ -194,9 +198,7 @@ class LocalCluster:
                     self._dns = self._make_dns(self._dir)
                     self._dns.start(ready)
                 if self.l7_kind is not None:
-                    self._l7 = HAProxyL7(
-                        self._dir, balance=self.l7_balance, avoid_port=self.target_port
-                    )
+                    self._l7 = self._make_l7(self._dir)
                     self._l7.start(ready)
                 self._published = ready
             except BaseException:
@@ -409,6 +411,15 @@ class LocalCluster:
         if self.service_kind == "haproxy":
             return HAProxyService(log_dir, avoid_port=self.target_port)
         return UserspaceService(log_dir, avoid_port=self.target_port)
+
+    def _make_l7(self, log_dir: Path) -> Frontend:
+        if self.l7_kind == "nginx":
+            return NginxL7(
+                log_dir,
+                balance="least_conn" if self.l7_balance == "leastconn" else "round_robin",
+                avoid_port=self.target_port,
+            )
+        return HAProxyL7(log_dir, balance=self.l7_balance, avoid_port=self.target_port)
 
     def _make_dns(self, log_dir: Path) -> Frontend:
         if self.dns_kind == "dnsmasq":

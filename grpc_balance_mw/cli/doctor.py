@@ -1,0 +1,482 @@
+"""``grpc-balance doctor TARGET``: what balances this target's calls, what does not, and the fix.
+
+It looks the way a client would, bounded in count and time:
+
+1. resolves the target and reports its addresses (one: a ClusterIP or a single pod; several: a
+   headless Service, whose pods a client reaches only with ``round_robin``);
+2. dials each address on the target's port (the headless port gotcha: the Service port on a
+   headless name reaches nothing);
+3. samples fresh connections (each its own, through whatever is in front) with a
+   ``grpc.health.v1`` check, and reads the pod each reached from the identity header the server
+   stamps; several checks per connection tell per-request balancing (an L7 proxy: the pod changes
+   on one connection) from per-connection balancing (kube-proxy: a pod per connection);
+4. judges: a per-connection Service (one channel pins to one pod), every fresh connection on one
+   pod while more exist (Service ``sessionAffinity: ClientIP``), a headless target under
+   ``pick_first``, per-request balancing (nothing to do), a server that stamps no identity.
+
+The verdict comes with the fix, as YAML or code. Exit code 0: nothing wrong; 1: something is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from grpc_balance_mw.errors import ConfigurationError, MalformedPodHeader
+from grpc_balance_mw.headless import (
+    DnsTarget,
+    normalize_target,
+    parse_dns_target,
+    resolve_addresses,
+)
+from grpc_balance_mw.identity import pod_from_metadata
+
+__all__ = ["Findings", "Verdict", "diagnose", "judge", "run"]
+
+LOCAL_POOL = ("grpc.use_local_subchannel_pool", 1)
+#: Chance that n fresh connections all land on one of k pods at random is k * (1/k)**n; below
+#: this, "they all landed on one pod" is not luck.
+_NOT_LUCK = 0.01
+
+
+@dataclass
+class Connection:
+    """One fresh connection: the pods its checks were answered by, in order."""
+
+    pods: list[str | None] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def switched(self) -> bool:
+        named = [pod for pod in self.pods if pod is not None]
+        return len(set(named)) > 1
+
+
+@dataclass
+class Findings:
+    """What the doctor saw; ``judge`` turns it into a verdict."""
+
+    target: str
+    lb_policy: str
+    addresses: list[str] | None = None
+    dns_error: str | None = None
+    unreachable: list[str] = field(default_factory=list)
+    connections: list[Connection] = field(default_factory=list)
+    unstamped: int = 0
+    expected_pods: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def pods(self) -> list[str]:
+        seen: list[str] = []
+        for connection in self.connections:
+            for pod in connection.pods:
+                if pod is not None and pod not in seen:
+                    seen.append(pod)
+        return seen
+
+    @property
+    def answered(self) -> list[Connection]:
+        return [c for c in self.connections if c.error is None and c.pods]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The diagnosis: a short code, whether it is a problem, what it means, and the fix."""
+
+    code: str
+    problem: bool
+    summary: str
+    fix: str = ""
+
+
+def judge(findings: Findings) -> Verdict:
+    """The verdict the findings support (pure: tested without sockets)."""
+    if findings.dns_error is not None:
+        return Verdict(
+            "dns-failure",
+            True,
+            f"the name did not resolve: {findings.dns_error}",
+            "Check the Service name and namespace (NAME.NAMESPACE.svc.cluster.local) and that "
+            "the cluster DNS answers from where the client runs.",
+        )
+    addresses = findings.addresses or []
+    if addresses and len(findings.unreachable) == len(addresses):
+        return Verdict(
+            "port-unreachable",
+            True,
+            f"nothing answers on the target's port at {', '.join(findings.unreachable)}",
+            _PORT_FIX if len(addresses) > 1 else "Check the port and that the pods are ready.",
+        )
+    answered = findings.answered
+    if not answered:
+        errors = sorted({c.error for c in findings.connections if c.error})
+        return Verdict(
+            "unreachable",
+            True,
+            "no fresh connection got a health answer"
+            + (f" ({'; '.join(errors)})" if errors else ""),
+            "Serve grpc.health.v1 on the pods (grpc_balance_mw.server.add_health) and check the "
+            "target, port and TLS settings.",
+        )
+    if not findings.pods:
+        return Verdict(
+            "no-identity",
+            True,
+            "the server answers but does not say which pod it is, so no client can tell how "
+            "calls spread",
+            _IDENTITY_FIX,
+        )
+    pods = findings.pods
+    if any(connection.switched for connection in answered):
+        if len(addresses) > 1 and findings.lb_policy == "round_robin":
+            return Verdict(
+                "headless-round-robin",
+                False,
+                f"round_robin over {len(addresses)} pod addresses: calls spread per request over "
+                f"{len(pods)} pods",
+                _ROTATION_NOTE,
+            )
+        return Verdict(
+            "per-request",
+            False,
+            f"the pod changes from call to call on one connection: something in front balances "
+            f"per request (an L7 proxy or mesh sidecar); {len(pods)} pods seen",
+            "Nothing to do on the client: per-request balancing already spreads one channel's "
+            "calls. Keep it (Envoy LEAST_REQUEST with maxRequestsPerConnection, as in "
+            "examples/kubernetes/istio-destinationrule.yaml).",
+        )
+    if len(addresses) > 1:
+        return Verdict(
+            "headless-pick-first",
+            True,
+            f"{len(addresses)} pod addresses (a headless Service), but {findings.lb_policy} "
+            "sends all of a channel's calls to one of them",
+            _HEADLESS_FIX,
+        )
+    known = max(len(pods), findings.expected_pods or 0)
+    if len(pods) == 1:
+        n = len(answered)
+        if known > 1 and known * (1 / known) ** n < _NOT_LUCK:
+            return Verdict(
+                "session-affinity",
+                True,
+                f"{n} fresh connections all reached {pods[0]} while {known} pods exist: the "
+                "Service pins each client to one pod (sessionAffinity: ClientIP)",
+                _AFFINITY_FIX,
+            )
+        return Verdict(
+            "one-pod",
+            False,
+            f"{n} fresh connections all reached {pods[0]}: one pod serves this Service (or the "
+            "Service pins clients: pass --expected-pods to tell)",
+            "If the Deployment has more replicas, look for sessionAffinity: ClientIP on the "
+            "Service.",
+        )
+    return Verdict(
+        "per-connection",
+        True,
+        f"one address (a ClusterIP) and {len(pods)} pods, one per connection: kube-proxy "
+        "balances connections, so each channel sends all its calls to one pod",
+        _CLUSTERIP_FIX,
+    )
+
+
+_PORT_FIX = """\
+A headless Service maps no ports: dial the pods' containerPort (the Service's targetPort),
+e.g. dns:///charge-points-headless.ev.svc.cluster.local:50051, not the Service port."""
+
+_IDENTITY_FIX = """\
+Stamp the pod identity on the server (and give it the downward-API env, see
+examples/kubernetes/deployment.yaml):
+
+    from grpc_balance_mw import PodIdentity
+    from grpc_balance_mw.server import PodIdentityInterceptor, add_health
+    server = grpc.server(pool, interceptors=[PodIdentityInterceptor(PodIdentity.from_env())])
+    add_health(server)"""
+
+_HEADLESS_FIX = """\
+Use round_robin with health checking on the headless name (all four parts in one call):
+
+    from grpc_balance_mw.headless_channel import headless_channel
+    channel = headless_channel("charge-points-headless.ev.svc.cluster.local:50051")"""
+
+_ROTATION_NOTE = """\
+Pods added later get no calls until a connection drops (gRPC re-resolves DNS only then): set
+connection_age_options() on the server, or use the balanced channel."""
+
+_AFFINITY_FIX = """\
+Remove the Service's session affinity (no client-side fix can reach other pods through it):
+
+    spec:
+      sessionAffinity: None"""
+
+_CLUSTERIP_FIX = """\
+Either spread calls over several connections from the client (no cluster change):
+
+    from grpc_balance_mw import balanced_channel
+    channel = balanced_channel("charge-points.ev.svc.cluster.local:80")
+
+or add a headless Service (examples/kubernetes/service-headless.yaml) and dial it with
+round_robin:
+
+    from grpc_balance_mw.headless_channel import headless_channel
+    channel = headless_channel("charge-points-headless.ev.svc.cluster.local:50051")"""
+
+
+# -- looking --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DoctorOptions:
+    """How hard to look: every loop is bounded in count and in time."""
+
+    samples: int = 12
+    checks_per_connection: int = 4
+    timeout_s: float = 2.0
+    max_seconds: float = 20.0
+    lb_policy: str = "pick_first"
+    expected_pods: int | None = None
+    credentials: grpc.ChannelCredentials | None = None
+    channel_options: tuple[tuple[str, Any], ...] = ()
+
+
+def _parse(target: str) -> DnsTarget:
+    """The host, port and DNS server of a target; ConfigurationError for one the doctor cannot
+    read (the doctor resolves names itself, so only names and addresses with a port)."""
+    try:
+        parsed = parse_dns_target(normalize_target(target))
+    except ConfigurationError:
+        parsed = None
+    if parsed is None:
+        raise ConfigurationError(
+            f"cannot read the target {target!r}: use host:port or dns:[//dns-server/]host:port"
+        )
+    return parsed
+
+
+def _resolve(parsed: DnsTarget, timeout_s: float) -> tuple[list[str] | None, str | None]:
+    """(addresses, None), or (None, why not)."""
+    try:
+        return [str(ipaddress.ip_address(parsed.host))], None
+    except ValueError:
+        pass
+    addresses = resolve_addresses(parsed, timeout_s)
+    if addresses is None:
+        where = f" from {parsed.authority}" if parsed.authority else ""
+        return None, f"no answer for {parsed.host}{where}"
+    if not addresses:
+        return None, f"{parsed.host} does not exist (NXDOMAIN)"
+    return addresses, None
+
+
+def _port_answers(address: str, port: int, timeout_s: float) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _channel(target: str, options: DoctorOptions) -> grpc.Channel:
+    channel_options = [*options.channel_options, LOCAL_POOL]
+    if options.lb_policy != "pick_first":
+        channel_options.append(("grpc.lb_policy_name", options.lb_policy))
+    if options.credentials is not None:
+        return grpc.secure_channel(target, options.credentials, options=channel_options)
+    return grpc.insecure_channel(target, options=channel_options)
+
+
+def _sample(target: str, options: DoctorOptions, findings: Findings) -> Connection:
+    connection = Connection()
+    channel = _channel(target, options)
+    try:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        for _ in range(options.checks_per_connection):
+            try:
+                _, call = check.with_call(
+                    health_pb2.HealthCheckRequest(), timeout=options.timeout_s, wait_for_ready=True
+                )
+                initial, trailing = call.initial_metadata(), call.trailing_metadata()
+            except grpc.RpcError as err:
+                initial, trailing = (), err.trailing_metadata()
+                if err.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
+                    connection.error = f"{err.code().name}: {err.details()}"
+                    return connection
+            try:
+                identity = pod_from_metadata(initial) or pod_from_metadata(trailing)
+            except MalformedPodHeader as err:
+                connection.error = str(err)
+                return connection
+            if identity is None:
+                findings.unstamped += 1
+            connection.pods.append(identity.name if identity is not None else None)
+    finally:
+        channel.close()
+    return connection
+
+
+def diagnose(
+    target: str, options: DoctorOptions, progress: Callable[[str], None] = lambda _: None
+) -> Findings:
+    """Look at ``target`` the way a client would; see the module docstring."""
+    started = time.monotonic()
+    deadline = started + options.max_seconds
+    findings = Findings(target, options.lb_policy, expected_pods=options.expected_pods)
+    parsed = _parse(target)
+    progress(f"resolving {parsed.host}")
+    addresses, error = _resolve(parsed, options.timeout_s)
+    findings.addresses, findings.dns_error = addresses, error
+    if addresses is None:
+        findings.seconds = time.monotonic() - started
+        return findings
+    port = parsed.port
+    for address in addresses[:16]:
+        progress(f"dialling {address}:{port}")
+        if not _port_answers(address, port, min(options.timeout_s, 1.0)):
+            findings.unreachable.append(address)
+    if len(findings.unreachable) < len(addresses):
+        for index in range(options.samples):
+            if time.monotonic() > deadline:
+                break
+            progress(f"fresh connection {index + 1}/{options.samples}")
+            findings.connections.append(_sample(target, options, findings))
+    findings.seconds = time.monotonic() - started
+    return findings
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    if not (args.tls or args.ca_cert or args.client_cert):
+        return None
+    if bool(args.client_cert) != bool(args.client_key):
+        raise ConfigurationError("--client-cert and --client-key go together")
+
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as file:
+                return file.read()
+        except OSError as err:
+            raise ConfigurationError(f"cannot read {path}: {err.strerror}") from None
+
+    return grpc.ssl_channel_credentials(
+        read(args.ca_cert), read(args.client_key), read(args.client_cert)
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser, bounded_int: Any, bounded_float: Any) -> None:
+    parser.add_argument("target", help="host:port, or dns:[//dns-server/]host:port")
+    parser.add_argument(
+        "--samples",
+        type=bounded_int(1, 200),
+        default=12,
+        help="fresh connections to sample (1..200)",
+    )
+    parser.add_argument(
+        "--checks", type=bounded_int(2, 20), default=4, help="health checks per connection (2..20)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=bounded_float(0.05, 60.0),
+        default=2.0,
+        help="seconds per DNS query, dial and check",
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=bounded_float(1.0, 600.0),
+        default=20.0,
+        help="stop sampling after this long",
+    )
+    parser.add_argument(
+        "--lb-policy",
+        choices=("pick_first", "round_robin"),
+        default="pick_first",
+        help="the load-balancing policy your client uses",
+    )
+    parser.add_argument(
+        "--expected-pods",
+        type=bounded_int(1, 10_000),
+        default=None,
+        help="the replicas the Deployment has, if known",
+    )
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's roots")
+    parser.add_argument("--ca-cert", help="PEM file of the roots to trust")
+    parser.add_argument("--client-cert", help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--client-key", help="PEM client key (mutual TLS)")
+    parser.add_argument("--server-name", help="the name to check the server's certificate for")
+    parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
+
+
+def render(findings: Findings, verdict: Verdict) -> str:
+    lines = [f"target:     {findings.target}"]
+    if findings.addresses is not None:
+        lines.append(f"addresses:  {', '.join(findings.addresses)}")
+    if findings.unreachable:
+        lines.append(f"no answer:  {', '.join(findings.unreachable)}")
+    answered = findings.answered
+    if findings.connections:
+        lines.append(
+            f"sampled:    {len(findings.connections)} fresh connections, {len(answered)} answered "
+            f"({findings.lb_policy}), in {findings.seconds:.1f} s"
+        )
+    if findings.pods:
+        lines.append(f"pods seen:  {', '.join(findings.pods)}")
+        switched = sum(c.switched for c in answered)
+        lines.append(
+            f"per conn.:  {switched} of {len(answered)} connections changed pod between checks"
+        )
+    marker = "PROBLEM" if verdict.problem else "OK"
+    lines += ["", f"verdict:    {marker} {verdict.code}: {verdict.summary}"]
+    if verdict.fix:
+        lines += ["", "fix:", *(f"  {line}" for line in verdict.fix.splitlines())]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = DoctorOptions(
+        samples=args.samples,
+        checks_per_connection=args.checks,
+        timeout_s=args.timeout,
+        max_seconds=args.max_seconds,
+        lb_policy=args.lb_policy,
+        expected_pods=args.expected_pods,
+        credentials=_credentials(args),
+        channel_options=(("grpc.ssl_target_name_override", args.server_name),)
+        if args.server_name
+        else (),
+    )
+
+    def progress(message: str) -> None:
+        print(f"doctor: {message}", file=sys.stderr, flush=True)
+
+    findings = diagnose(args.target, options, progress)
+    verdict = judge(findings)
+    if args.json:
+        document = {
+            "target": findings.target,
+            "verdict": asdict(verdict),
+            "addresses": findings.addresses,
+            "dns_error": findings.dns_error,
+            "unreachable": findings.unreachable,
+            "pods": findings.pods,
+            "connections": [asdict(c) for c in findings.connections],
+            "seconds": round(findings.seconds, 3),
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        print(render(findings, verdict))
+    return 1 if verdict.problem else 0
