@@ -1,18 +1,24 @@
-"""The pod probe: open a new connection to the target, ask its health, read which pod answered.
+"""The pod probe: open new connections to the target, ask their health, read which pod answered.
 
 A channel pinned to one pod never sees the others, so its calls alone cannot tell "pinned" from
-"there is only one pod". The probe dials the same target on a connection of its own (a local
+"there is only one pod". The probe dials the same target on connections of its own (a local
 subchannel pool, so it does not reuse the channel's connection), makes one
-``grpc.health.v1.Health/Check``, and reads ``x-balance-pod``: servers with the identity middleware
-stamp health responses too. Each new connection through an L4 Service lands on a pod of the
-balancer's choosing, so a few probes over time find the pods that exist.
+``grpc.health.v1.Health/Check`` on each, and reads ``x-balance-pod``: servers with the identity
+middleware stamp health responses too. Each new connection through an L4 Service lands on a pod
+of the balancer's choosing, so a round of a few finds the pods that exist, and where they landed
+is connection evidence for the detector: fresh connections that all land on one pod while more
+pods are known are the mark of ``sessionAffinity: ClientIP``, which the probe names in the log.
 
-For a headless target (``dns:`` with ``round_robin``) each round also resolves the name the way
-the channel does and hands the answer to the detector (``set_dns_answer``): one A record per
-ready pod is the best count of the pods that exist.
+For a name (``dns:`` target, or a host name) each round also resolves it the way the channel
+does and hands the answer to the detector (``set_dns_answer``): one address means a ClusterIP
+Service (judged from the first call), several a headless Service. A headless Service's addresses
+are then each dialed directly, so every ready pod is known by name within one round: a pod added
+by a scale-up, and a pod gone from the answer, are learned at once (``pod_added``, ``pod_gone``).
 
-It runs on a daemon thread, at most once every ``interval_s``, never on the call path, and never
-raises: a failed probe only means nothing new was learned.
+Cost: one round is ``connections`` (default 3) TCP + HTTP/2 handshakes and health checks, or
+one per address of a headless answer (at most ``max_addresses``), about 2 ms each on loopback;
+at most one round per ``interval_s`` (default 30 s). It runs on a daemon thread, never on the
+call path, and never raises: a failed probe only means nothing new was learned.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from grpc_balance_mw.affinity.advice import Cause
 from grpc_balance_mw.affinity.detector import AffinityDetector
+from grpc_balance_mw.affinity.targets import literal_addresses
 from grpc_balance_mw.errors import ConfigurationError, MalformedPodHeader
-from grpc_balance_mw.headless import parse_dns_target, resolve_addresses
+from grpc_balance_mw.headless import DnsTarget, parse_dns_target, resolve_addresses
 from grpc_balance_mw.identity import pod_from_metadata
 
 _log = logging.getLogger(__name__)
@@ -43,7 +51,10 @@ class PodProbe:
         target: the same target string the channel uses.
         detector: where the pods found go (``add_known_pods``).
         interval_s: at most one probe round per this many seconds.
-        connections: new connections per round; each may reach another pod.
+        connections: new connections through the target per round; each may reach another pod.
+            Three find all of 3 pods in one round 22% of the time, and at least two of them 78%;
+            they also name ClientIP affinity within four rounds (10 connections on one pod).
+        max_addresses: at most this many addresses of a headless answer are dialed per round.
         timeout_s: deadline of each health check.
         credentials: channel credentials for a TLS target; None for plaintext.
         options: extra channel options (e.g. the authority the target needs).
@@ -55,23 +66,27 @@ class PodProbe:
         detector: AffinityDetector,
         *,
         interval_s: float = 30.0,
-        connections: int = 1,
+        connections: int = 3,
+        max_addresses: int = 32,
         timeout_s: float = 2.0,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        if interval_s <= 0 or connections < 1 or timeout_s <= 0:
+        if interval_s <= 0 or connections < 1 or max_addresses < 1 or timeout_s <= 0:
             raise ConfigurationError(
-                "PodProbe needs interval_s > 0, connections >= 1 and timeout_s > 0"
+                "PodProbe needs interval_s > 0, connections >= 1, max_addresses >= 1 and "
+                "timeout_s > 0"
             )
         self.target = target
         self.detector = detector
         self.interval_s = interval_s
         self.connections = connections
+        self.max_addresses = max_addresses
         self.timeout_s = timeout_s
         self._credentials = credentials
         self._options = (*options, LOCAL_POOL_OPTION)
-        self._dns_target = parse_dns_target(target)
+        self._dns_target = _name_of(target)
+        self._named_affinity = False
         self._lock = threading.Lock()
         self._next_at = 0.0
         self._running: threading.Thread | None = None
@@ -102,13 +117,11 @@ class PodProbe:
 
     def _round(self) -> None:
         try:
-            if self._dns_target is not None:
-                addresses = resolve_addresses(self._dns_target, self.timeout_s)
-                if addresses is not None:  # no answer is not "no pods"
-                    self.detector.set_dns_answer(addresses)
-            pods = self.probe_once()
-            if pods:
-                self.detector.add_known_pods(pods)
+            if self._dns_target is None or not self._round_by_name(self._dns_target):
+                pods = self.probe_once()
+                if pods:
+                    self.detector.add_known_pods(pods)
+                    self._name_affinity()
         except Exception:  # a background thread: nothing above it would ever see the error
             _log.exception("pod probe of %s failed", self.target)
         finally:
@@ -116,20 +129,61 @@ class PodProbe:
                 self._running = None
                 self.rounds += 1
 
+    def _round_by_name(self, name: DnsTarget) -> bool:
+        """Resolve the name; dial each address of a headless answer. False: dial the target."""
+        addresses = resolve_addresses(name, self.timeout_s)
+        if addresses is None:  # no answer is not "no pods"
+            return False
+        self.detector.set_dns_answer(addresses)
+        if len(addresses) <= 1:  # a ClusterIP Service's name: fresh connections through it
+            return False
+        dialed = addresses[: self.max_addresses]
+        pods = [self._dial(_address_target(address, name.port)) for address in dialed]
+        found = [pod for pod in pods if pod is not None]
+        if found:
+            self.detector.add_known_pods(found, fresh=False)
+        if len(found) == len(addresses):  # every ready pod answered: the rest are gone
+            gone = set(self.detector.snapshot().known_pods) - set(found)
+            if gone:
+                self.detector.forget_pods(sorted(gone))
+        return True
+
+    def _name_affinity(self) -> None:
+        """Say once in the log when fresh connections all land on one pod (ClientIP)."""
+        if self._named_affinity:
+            return
+        snapshot = self.detector.snapshot()
+        if snapshot.cause == Cause.SAME_POD_EVERY_CONNECTION.value:
+            self._named_affinity = True
+            _log.warning(
+                "grpc_balance_mw: every fresh connection to %s (%d, the probe's included) "
+                "landed on pod %s while %d pods are known: %s",
+                self.target,
+                snapshot.connections,
+                next(iter(snapshot.connection_pods)),
+                snapshot.known_count,
+                snapshot.advice,
+            )
+
     def probe_once(self) -> list[str]:
         """Dial ``connections`` new connections and return the pods that answered."""
         pods: list[str] = []
         for _ in range(self.connections):
-            pod = self._dial()
+            pod = self._dial(self.target)
             if pod is not None:
                 pods.append(pod)
         return pods
 
-    def _dial(self) -> str | None:
+    def _dial(self, target: str) -> str | None:
+        options = self._options
+        if target != self.target and self._dns_target is not None:
+            # One pod's address: the authority (and TLS name) stays the Service's name.
+            authority = f"{self._dns_target.host}:{self._dns_target.port}"
+            options = (*options, ("grpc.default_authority", authority))
         channel = (
-            grpc.secure_channel(self.target, self._credentials, options=self._options)
+            grpc.secure_channel(target, self._credentials, options=options)
             if self._credentials is not None
-            else grpc.insecure_channel(self.target, options=self._options)
+            else grpc.insecure_channel(target, options=options)
         )
         try:
             check = health_pb2_grpc.HealthStub(channel).Check
@@ -150,3 +204,19 @@ class PodProbe:
         finally:
             channel.close()
         return identity.name if identity is not None else None
+
+
+def _name_of(target: str) -> DnsTarget | None:
+    """The name a target resolves, or None for addresses (IP literals, ``ipv4:``, ``unix:``)."""
+    if literal_addresses(target) is not None:
+        return None
+    if target.startswith("dns:"):
+        return parse_dns_target(target)
+    scheme = target.partition(":")[0]
+    if scheme in ("xds", "google-c2p", "unix", "unix-abstract", "vsock", "ipv4", "ipv6"):
+        return None
+    return parse_dns_target(f"dns:///{target}")
+
+
+def _address_target(address: str, port: int) -> str:
+    return f"ipv6:[{address}]:{port}" if ":" in address else f"ipv4:{address}:{port}"

@@ -25,7 +25,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from grpc_balance_mw.affinity.detector import Clock
 from grpc_balance_mw.affinity.observer import CallObserver, ObservedCall
-from grpc_balance_mw.affinity.state import Transition
+from grpc_balance_mw.affinity.state import PodEvent, Transition
 from grpc_balance_mw.instrumentation import instrumentor_active
 
 _log = logging.getLogger(__name__)
@@ -36,6 +36,10 @@ ATTR_LANE = "grpc_balance_mw.lane"
 ATTR_TARGET = "grpc_balance_mw.target"
 ATTR_STATE = "grpc_balance_mw.affinity.state"
 EVENT_STATE_CHANGE = "grpc_balance_mw.affinity.state_change"
+#: Span events when a pod becomes known or stops being known (``PodEvent.kind`` appended).
+EVENT_POD_PREFIX = "grpc_balance_mw.affinity."
+ATTR_CAUSE = "grpc_balance_mw.affinity.cause"
+ATTR_ADVICE = "grpc_balance_mw.affinity.advice"
 METRIC_CALLS = "grpc_balance_mw.client.calls"
 METRIC_TOP_SHARE = "grpc_balance_mw.affinity.top_share"
 #: The pod value of calls whose response named no pod, and of pods beyond the cap.
@@ -43,6 +47,8 @@ UNKNOWN_POD = "unknown"
 OTHER_POD = "other"
 
 AlarmCallback = Callable[[Transition], None]
+#: Metric attribute sets kept for reuse; pods beyond ``max_pod_values`` share ``other``'s.
+_MAX_ATTRIBUTE_SETS = 4096
 
 _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:]+))(?::(?P<port>\d+))?$")
 
@@ -105,6 +111,8 @@ class AffinityTelemetry:
         self._pod_values: dict[str, set[str]] = {}
         self._warned_at: dict[str, float] = {}
         self._span_attributes: dict[tuple[int, str], dict[str, Any]] = {}
+        #: Metric attribute sets, built once per (target, pod, service, code) and reused.
+        self._count_attributes: dict[tuple[str, str | None, str, int | None], Any] = {}
         self._calls: Any = None
         if metrics:
             meter = otel_metrics.get_meter(SCOPE, __version__, meter_provider)
@@ -152,6 +160,8 @@ class AffinityTelemetry:
     def call_finished(
         self, call: ObservedCall, code: int | None, transition: Transition | None
     ) -> None:
+        if call.observer.detector.pod_events:
+            self._pod_events(call)  # before the span ends
         try:
             self._finish_span(call, code, transition)
         except Exception:  # telemetry must never fail the call
@@ -163,6 +173,33 @@ class AffinityTelemetry:
             _log.debug("could not count the call", exc_info=True)
         if transition is not None:
             self._alarm(transition)
+
+    def _pod_events(self, call: ObservedCall) -> None:
+        """Pods that became known or went away: an event on this call's span, a log line."""
+        try:
+            events = call.observer.detector.take_pod_events()
+        except Exception:  # telemetry must never fail the call
+            _log.debug("could not read the pod events", exc_info=True)
+            return
+        for event in events:
+            self._pod_event(call.span, event)
+
+    def _pod_event(self, span: Any, event: PodEvent) -> None:
+        try:
+            _log.info(
+                "grpc_balance_mw: %s %s of %s (from %s)",
+                event.kind,
+                event.pod,
+                event.target,
+                event.source,
+            )
+            if span is not None:
+                span.add_event(
+                    EVENT_POD_PREFIX + event.kind,
+                    {ATTR_POD: event.pod, ATTR_TARGET: event.target, "source": event.source},
+                )
+        except Exception:  # telemetry must never fail the call
+            _log.debug("could not report the pod event", exc_info=True)
 
     # spans
 
@@ -212,17 +249,21 @@ class AffinityTelemetry:
         span.set_attributes(attributes)
         if transition is not None:
             snapshot = transition.snapshot
-            span.add_event(
-                EVENT_STATE_CHANGE,
-                {
-                    "grpc_balance_mw.affinity.previous": transition.previous.value,
-                    ATTR_STATE: transition.current.value,
-                    "grpc_balance_mw.affinity.top_pod": snapshot.top_pod or UNKNOWN_POD,
-                    "grpc_balance_mw.affinity.top_share": snapshot.top_share,
-                    "grpc_balance_mw.affinity.known_pods": snapshot.known_count,
-                    ATTR_TARGET: transition.target,
-                },
-            )
+            event: dict[str, Any] = {
+                "grpc_balance_mw.affinity.previous": transition.previous.value,
+                ATTR_STATE: transition.current.value,
+                "grpc_balance_mw.affinity.top_pod": snapshot.top_pod or UNKNOWN_POD,
+                "grpc_balance_mw.affinity.top_share": snapshot.top_share,
+                "grpc_balance_mw.affinity.known_pods": snapshot.known_count,
+                "grpc_balance_mw.affinity.connections": snapshot.connections,
+                "grpc_balance_mw.affinity.lanes": snapshot.lanes,
+                ATTR_TARGET: transition.target,
+            }
+            if snapshot.cause is not None:
+                event[ATTR_CAUSE] = snapshot.cause
+            if snapshot.advice is not None:
+                event[ATTR_ADVICE] = snapshot.advice
+            span.add_event(EVENT_STATE_CHANGE, event)
         if not owned:
             return
         if code is not None and code != 0:
@@ -247,13 +288,19 @@ class AffinityTelemetry:
 
     def _count(self, call: ObservedCall, code: int | None) -> None:
         target = call.observer.target
-        attributes: dict[str, Any] = {
-            ATTR_TARGET: target,
-            ATTR_POD: self._pod_value(target, call.pod),
-            "rpc.service": call.method.service,
-        }
-        if code is not None:
-            attributes["rpc.grpc.status_code"] = code
+        key = (target, call.pod, call.method.service, code)
+        attributes = self._count_attributes.get(key)
+        if attributes is None:
+            attributes = {
+                ATTR_TARGET: target,
+                ATTR_POD: self._pod_value(target, call.pod),
+                "rpc.service": call.method.service,
+            }
+            if code is not None:
+                attributes["rpc.grpc.status_code"] = code
+            if len(self._count_attributes) >= _MAX_ATTRIBUTE_SETS:
+                self._count_attributes.clear()
+            self._count_attributes[key] = attributes
         self._calls.add(1, attributes)
 
     def _observe_top_share(self, _options: Any) -> Iterable[otel_metrics.Observation]:
@@ -294,12 +341,15 @@ class AffinityTelemetry:
         snapshot = transition.snapshot
         _log.warning(
             "grpc_balance_mw: calls to %s are %s: %.0f%% of recent calls went to pod %s, "
-            "%d pods are known. A Kubernetes ClusterIP Service balances connections, not calls: "
-            "spread calls over several connections (a balanced channel), use a headless Service "
-            "with round_robin, or set max_connection_age on the server.",
+            "%d pods are known (%s); %d connection(s) seen on %d lane(s). Cause: %s. Fix: %s.",
             transition.target,
             transition.current.value,
             snapshot.top_share * 100,
             snapshot.top_pod,
             snapshot.known_count,
+            ", ".join(f"{n} from {source}" for source, n in snapshot.known_from.items() if n),
+            snapshot.connections,
+            snapshot.lanes,
+            snapshot.cause or "unknown",
+            snapshot.advice or "spread the calls over several connections",
         )

@@ -39,9 +39,11 @@ from grpc_balance_mw.client import observe_channel
 from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
 from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
 from grpc_balance_mw.telemetry import (
+    ATTR_CAUSE,
     ATTR_LANE,
     ATTR_POD,
     ATTR_STATE,
+    EVENT_POD_PREFIX,
     EVENT_STATE_CHANGE,
     METRIC_CALLS,
     METRIC_TOP_SHARE,
@@ -303,10 +305,15 @@ def test_alarm_event_once_per_state_change_and_state_on_later_spans(
         for _ in range(30):
             call_sync(observed, "unary_unary")
     spans = exporter.get_finished_spans()
-    with_event = [i for i, span in enumerate(spans) if span.events]
+    with_event = [
+        i for i, span in enumerate(spans) if any(e.name == EVENT_STATE_CHANGE for e in span.events)
+    ]
     assert with_event == [FAST.min_samples + FAST.dwell_calls - 2]
-    event = spans[with_event[0]].events[0]
-    assert event.name == EVENT_STATE_CHANGE
+    (event,) = [e for e in spans[with_event[0]].events if e.name == EVENT_STATE_CHANGE]
+    assert (event.attributes or {})[ATTR_CAUSE] == "single_connection"
+    # The first call's span marks its pod as newly known.
+    (added,) = spans[0].events
+    assert added.name == EVENT_POD_PREFIX + "pod_added"
     assert (event.attributes or {})[ATTR_STATE] == "pinned"
     assert all((s.attributes or {}).get(ATTR_STATE) == "pinned" for s in spans[with_event[0] :])
     assert not any(ATTR_STATE in (s.attributes or {}) for s in spans[: with_event[0]])
