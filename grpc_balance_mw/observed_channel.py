@@ -43,7 +43,7 @@ from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.observer import CallObserver, CallTelemetry, ObservedCall
 from grpc_balance_mw.affinity.registry import AffinityRegistry, default_registry
 from grpc_balance_mw.instrumentation import ObservedCore, instrumentation_parts
-from grpc_balance_mw.probe import PodProbe
+from grpc_balance_mw.probe import PodProbe, resolve_in_background
 
 __all__ = [
     "ObservedChannel",
@@ -72,6 +72,7 @@ def build_observer(
     if expected_pods is not None:
         detector.expected_pods = expected_pods
     pod_probe = PodProbe(target, detector) if probe is True else probe or None
+    resolve_in_background(detector)
     return CallObserver(
         detector,
         telemetry=telemetry,

@@ -206,6 +206,32 @@ class PodProbe:
         return identity.name if identity is not None else None
 
 
+def resolve_in_background(detector: AffinityDetector, timeout_s: float = 2.0) -> bool:
+    """Resolve a name target once per detector, on a daemon thread, off the call path.
+
+    The answer's size decides how the target's lanes warm up and how pods switching between
+    calls read (see ``AffinityConfig.warmup_s``); without it, a name keeps the time-based
+    warm-up. Returns whether a resolution was started.
+    """
+    if detector.addresses is not None or detector.resolution_started:
+        return False
+    name = _name_of(detector.target)
+    detector.resolution_started = True
+    if name is None:
+        return False
+
+    def resolve() -> None:
+        try:
+            addresses = resolve_addresses(name, timeout_s)
+            if addresses:
+                detector.set_dns_answer(addresses)
+        except Exception:  # a background thread: nothing above it would ever see the error
+            _log.debug("could not resolve %s", detector.target, exc_info=True)
+
+    threading.Thread(target=resolve, name=f"resolve {detector.target}", daemon=True).start()
+    return True
+
+
 def _name_of(target: str) -> DnsTarget | None:
     """The name a target resolves, or None for addresses (IP literals, ``ipv4:``, ``unix:``)."""
     if literal_addresses(target) is not None:

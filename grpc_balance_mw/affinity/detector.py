@@ -83,6 +83,8 @@ class AffinityDetector:
         self._lanes: dict[Lane, None] = {}
         self._literal_addresses = literal_addresses(target)
         self._dns_answered = False
+        #: Set by whoever starts resolving the target's name (once per detector).
+        self.resolution_started = False
         self._from_probe: set[str] = set()
         self._skew_verdict = (-1, 0, False)  # (connections.version, known pods, significant)
         #: Pod events not yet taken (``take_pod_events``); telemetry drains it per call.
