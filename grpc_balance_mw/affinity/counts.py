@@ -37,7 +37,11 @@ class TopCounter(Generic[K]):
         new = old + amount
         counts[key] = new
         if old:
-            self._release(old)
+            left = holders[old] - 1
+            if left:
+                holders[old] = left
+            else:
+                del holders[old]
         holders[new] = holders.get(new, 0) + 1
         if new > self.top:
             self.top = new
@@ -47,7 +51,11 @@ class TopCounter(Generic[K]):
         counts, holders = self.counts, self._holders
         old = counts[key]
         new = old - amount
-        self._release(old)
+        left = holders[old] - 1
+        if left:
+            holders[old] = left
+        else:
+            del holders[old]
         if new > 0:
             counts[key] = new
             holders[new] = holders.get(new, 0) + 1
@@ -59,13 +67,6 @@ class TopCounter(Generic[K]):
             while top > 0 and top not in holders:
                 top -= 1
             self.top = top
-
-    def _release(self, count: int) -> None:
-        left = self._holders[count] - 1
-        if left:
-            self._holders[count] = left
-        else:
-            del self._holders[count]
 
     def top_key(self) -> K | None:
         """A key holding the largest count (O(keys): for snapshots, not for every call)."""

@@ -20,7 +20,7 @@ from grpc_balance_mw.identity import IDENTITY_HEADERS, pod_from_metadata
 ENVOY_TIME_HEADER = "x-envoy-upstream-service-time"
 _WATCHED = frozenset((*IDENTITY_HEADERS, ENVOY_TIME_HEADER, "server"))
 #: Distinct header combinations remembered; a server that varies them per call cannot grow memory.
-_READINGS_CACHED = 1024
+_READINGS_CACHED = 4096
 
 Metadata = Iterable[tuple[str, Any]]
 UNARY_UNARY = "unary_unary"
