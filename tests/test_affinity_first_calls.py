@@ -166,8 +166,7 @@ class Load:
         self._stop = threading.Event()
         self._deadline = time.monotonic() + limit_s
         self._threads = [
-            threading.Thread(target=self._run, args=(target,), daemon=True)
-            for _ in range(channels)
+            threading.Thread(target=self._run, args=(target,), daemon=True) for _ in range(channels)
         ]
 
     def _run(self, target: str) -> None:
