@@ -203,16 +203,31 @@ def test_the_probe_s_fresh_connections_name_client_ip_affinity() -> None:
 
 
 def test_rotation_that_stays_skewed_is_named() -> None:
-    detector = AffinityDetector(CLUSTER_IP, AffinityConfig(window_calls=400))
+    """Reconnects every 20 calls, but most land on pod a again (a reconnect to the same pod
+    shows no switch: the calls, weighed over many connections, tell)."""
+    detector = AffinityDetector(CLUSTER_IP, AffinityConfig(window_calls=1000))
     detector.expected_pods = 3
-    calls = Calls(detector)
-    lane = Lane()
-    for pod in itertools.islice(itertools.cycle("aaab"), 40):  # a reconnect every 30 calls
-        calls.run(lane, pod * 30)
+    calls, lane = Calls(detector), Lane()
+    for pod in itertools.islice(itertools.cycle("aaaaabac"), 120):
+        calls.run(lane, pod * 20)
     snapshot = detector.snapshot(now=calls.now)
     assert lane.rotated and not lane.per_request
-    assert snapshot.state in (S, P) and snapshot.cause == "rotation_skewed"
-    assert "max_connection_age" in (snapshot.advice or "")
+    assert [state for _, state in calls.entered] == [P, S] and snapshot.state is S
+    assert snapshot.cause == "rotation_skewed" and "max_connection_age" in (snapshot.advice or "")
+
+
+def test_rotation_that_spreads_connections_raises_nothing_at_a_high_call_rate() -> None:
+    """max_connection_age at 1,000 calls/s: each connection lives longer than the window."""
+    detector = AffinityDetector(CLUSTER_IP)
+    detector.expected_pods = 3
+    calls, lane, rng = Calls(detector), Lane(), random.Random(5)
+    for pod in "abc":  # the first reconnects, each to another pod
+        calls.run(lane, pod * 500)
+    for _ in range(30):  # then a reconnect every 500 calls, each to a pod kube-proxy picks
+        calls.run(lane, rng.choice("abc") * 500)
+    # Pinned while one connection carried every call; balanced once connections rotate.
+    assert [state for _, state in calls.entered] == [P, B]
+    assert lane.epochs > 10 and detector.snapshot(now=calls.now).rotated_lanes == 1
 
 
 def test_one_pod_and_nothing_more_known_stays_unverified() -> None:

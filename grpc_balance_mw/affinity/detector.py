@@ -340,6 +340,13 @@ class AffinityDetector:
         pinned_line = (
             cfg.pinned_exit_share if current is AffinityState.PINNED else cfg.pinned_enter_share
         )
+        rotated_at = lane.rotated_at if lane is not None else None
+        if (
+            lane is not None
+            and rotated_at is not None
+            and lane.last_at - rotated_at <= cfg.window_s
+        ):
+            return self._by_connections(lane, known, pinned_line)
         if top_share >= pinned_line:
             if current is AffinityState.PINNED or self._pinned_evidence(lane, known):
                 return AffinityState.PINNED
@@ -352,9 +359,50 @@ class AffinityDetector:
             return None  # as uneven as a random placement of so few connections is
         return AffinityState.BALANCED
 
+    def _by_connections(self, lane: Lane, known: int, pinned_line: float) -> AffinityState | None:
+        """A rotating lane: argue from its connections, not from a window of calls that may all
+        ride one of them.
+
+        When the window spans several of the lane's connections (at least four of its mean
+        length), the calls weigh each connection by its load, and a reconnect to the same pod,
+        which no pod switch reveals, still counts; the number of connections, for the chance
+        test, is estimated from the mean length. Otherwise the connections themselves count.
+        """
+        window = self._window
+        mean_length = lane.calls / lane.epochs
+        calls = len(window)
+        if calls >= 4 * mean_length:
+            count = round(calls / mean_length)
+            share = window.top_share
+            top = round(share * count)
+        else:
+            connections = self._connections
+            count, top = len(connections), connections.top
+            share = top / count if count else 0.0
+        if count < 2:
+            return None
+        fair = 1.0 / known
+        cfg = self.config
+        excess = cfg.skew_exit_excess if self._state.is_alarm else cfg.skew_enter_excess
+        if share >= fair + excess * (1.0 - fair):
+            if top_count_chance(top, count, known) > cfg.chance_alpha:
+                return None
+            return AffinityState.PINNED if share >= pinned_line else AffinityState.SKEWED
+        return AffinityState.BALANCED if count >= known else None
+
     def _pinned_evidence(self, lane: Lane | None, known: int) -> bool:
-        """One lane long on one pod, or recent connections crowding one pod beyond chance."""
-        if lane is not None and not lane.per_request and lane.run >= self.config.min_samples:
+        """One lane long on one pod, or recent connections crowding one pod beyond chance.
+
+        A lane whose connection was replaced within the window is not evidence on its own: at a
+        high call rate, 200 calls fit inside one connection's life even when rotation spreads
+        the connections well; its connections are judged instead.
+        """
+        if (
+            lane is not None
+            and not lane.per_request
+            and lane.run >= self.config.min_samples
+            and (lane.rotated_at is None or lane.last_at - lane.rotated_at > self.config.window_s)
+        ):
             return True
         return self._skew_evidence(known)
 

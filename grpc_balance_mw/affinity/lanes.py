@@ -62,6 +62,7 @@ class Lane:
         "per_request",
         "pod",
         "pods",
+        "rotated_at",
         "run",
         "switches",
         "warm",
@@ -80,6 +81,8 @@ class Lane:
         self.first_at: float | None = None
         self.last_at = 0.0
         self.per_request = False
+        #: When the lane's connection was last replaced (None: never).
+        self.rotated_at: float | None = None
         #: Set once the warm-up ended; the lane's calls are judged from then on.
         self.warm = False
         self._recent = 0  # one bit per identified call, 1 where it switched pods
@@ -116,6 +119,7 @@ class Lane:
         if self.per_request:
             return LaneStep.SWITCHED
         self.epochs += 1
+        self.rotated_at = at
         return LaneStep.ROTATED
 
     def _remember(self, pod: str) -> None:
