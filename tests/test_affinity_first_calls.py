@@ -322,3 +322,14 @@ def test_a_pod_added_by_a_scale_up_is_known_within_one_probe_round(
     print(f"scale-up: {new} known {learned_s:.2f}s later (interval 0.5 s), {snapshot}")
     assert new in snapshot.known_pods and snapshot.dns_pods == 4
     assert any(f"pod_added {new}" in r.getMessage() for r in caplog.records)
+
+
+def test_any_l7_proxy_is_recognised_by_its_pod_switches(local_cluster_factory: Factory) -> None:
+    """nginx grpc_pass (HAProxy is above): no Envoy headers, the pods switching between calls
+    on one connection tell."""
+    cluster = local_cluster_factory(pods=3, dns=None, l7="nginx")
+    alarms, registry = Alarms(), AffinityRegistry()
+    _, detector = run_sync(cluster.l7_target, _options(registry, alarms), 60)
+    snapshot = detector.snapshot()
+    assert detector.state is AffinityState.L7_BALANCED and alarms.raised == [], snapshot
+    assert snapshot.l7_share == 0.0 and snapshot.per_request_lanes == 1
