@@ -31,6 +31,7 @@ JUDGE_EVERY_CALLS = 32
 _Counted = tuple[str | None, float, bool, bool, bool, float, bool, Lane | None]
 #: Lanes remembered at once (the oldest are forgotten first), and pod events kept unread.
 _MAX_LANES = 4096
+_FIRST, _ROTATED = LaneStep.FIRST, LaneStep.ROTATED
 _MAX_POD_EVENTS = 64
 
 
@@ -263,9 +264,10 @@ class AffinityDetector:
             self._malformed += 1
         flags = L7_HEADERS if l7 else 0
         if pod is not None:
-            if pod not in self._known:
+            known = self._known
+            if pod not in known:
                 self._pod_event("pod_added", pod, "calls", at)
-            self._known[pod] = at
+            known[pod] = at
             if lane is None:
                 self._connections.add(pod, at)
         if lane is not None:
@@ -276,13 +278,13 @@ class AffinityDetector:
                     del lanes[next(iter(lanes))]
             if pod is not None:
                 step = lane.see(pod, at)
-                if step is LaneStep.FIRST or step is LaneStep.ROTATED:
+                if step is _FIRST or step is _ROTATED:
                     self._connections.add(pod, at)
             else:
                 lane.last_at = at
             if lane.per_request:
                 flags |= PER_REQUEST
-            if lane.warming(at, self.config.warmup_s, self._pods_to_see()):
+            if not lane.warm and lane.warming(at, self.config.warmup_s, self._pods_to_see()):
                 warming = True
         if warming:
             self._warmup_calls += 1

@@ -99,17 +99,19 @@ class Lane:
         self.calls += 1
         self.last_at = at
         previous = self.pod
+        if pod == previous:  # the usual case first: a connection keeps its pod
+            self.run += 1
+            recent = self._recent
+            if recent:
+                recent = self._recent = (recent << 1) & _LEAVE_MASK
+                if not recent:
+                    self.per_request = False
+            return _SAME
         if previous is None:
             self.first_at = at
             self.pod, self.run, self.epochs = pod, 1, 1
             self._remember(pod)
             return LaneStep.FIRST
-        if pod == previous:
-            self.run += 1
-            self._recent = (self._recent << 1) & _LEAVE_MASK
-            if self.per_request and not self._recent:
-                self.per_request = False
-            return LaneStep.SAME
         self.switches += 1
         self.pod, self.run = pod, 1
         self._remember(pod)
@@ -153,3 +155,6 @@ class Lane:
             self.warm = True
             return False
         return True
+
+
+_SAME = LaneStep.SAME
