@@ -88,6 +88,7 @@ class AffinityDetector:
         self.resolution_started = False
         self._from_probe: set[str] = set()
         self._skew_verdict = (-1, 0, False)  # (connections.version, known pods, significant)
+        self._chances: dict[tuple[int, int, int], float] = {}
         #: Pod events not yet taken (``take_pod_events``); telemetry drains it per call.
         self.pod_events: deque[PodEvent] = deque(maxlen=_MAX_POD_EVENTS)
 
@@ -387,10 +388,21 @@ class AffinityDetector:
         cfg = self.config
         excess = cfg.skew_exit_excess if self._state.is_alarm else cfg.skew_enter_excess
         if share >= fair + excess * (1.0 - fair):
-            if top_count_chance(top, count, known) > cfg.chance_alpha:
+            if self._chance(top, count, known) > cfg.chance_alpha:
                 return None
             return AffinityState.PINNED if share >= pinned_line else AffinityState.SKEWED
         return AffinityState.BALANCED if count >= known else None
+
+    def _chance(self, top: int, count: int, known: int) -> float:
+        """``top_count_chance``, remembered: the same figures come back call after call."""
+        memo = self._chances
+        key = (top, count, known)
+        chance = memo.get(key)
+        if chance is None:
+            if len(memo) >= 1024:
+                memo.clear()
+            chance = memo[key] = top_count_chance(top, count, known)
+        return chance
 
     def _pinned_evidence(self, lane: Lane | None, known: int) -> bool:
         """One lane long on one pod, or recent connections crowding one pod beyond chance.
