@@ -12,6 +12,7 @@ span (its interceptor runs outside this one), that span is enriched and no secon
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import threading
@@ -72,6 +73,23 @@ def server_address(target: str) -> tuple[str, int | None]:
     return match.group("v6") or match.group("host"), int(port) if port else None
 
 
+class _CallCount:
+    """Calls with one set of metric attributes: ticked per call, read by the metric reader."""
+
+    __slots__ = ("_reads", "attributes", "ticks")
+
+    def __init__(self, attributes: dict[str, Any]) -> None:
+        self.attributes = attributes
+        self.ticks = itertools.count()
+        self._reads = 0
+
+    def read(self) -> int:
+        """Calls so far (each read takes one tick of its own, subtracted here)."""
+        ticked = next(self.ticks) - self._reads
+        self._reads += 1
+        return ticked
+
+
 class AffinityTelemetry:
     """Spans, alarm events, metrics, a rate-limited warning and a callback for affinity.
 
@@ -111,13 +129,20 @@ class AffinityTelemetry:
         self._pod_values: dict[str, set[str]] = {}
         self._warned_at: dict[str, float] = {}
         self._span_attributes: dict[tuple[int, str], dict[str, Any]] = {}
-        #: Metric attribute sets, built once per (target, pod, service, code) and reused.
-        self._count_attributes: dict[tuple[str, str | None, str, int | None], Any] = {}
-        self._calls: Any = None
+        #: Call counts per (target, pod, service, code) as calls name them, and per attribute
+        #: set as the metric reports them (pods beyond the cap share ``other``'s).
+        self._call_counts: dict[tuple[str, str | None, str, int | None], _CallCount] = {}
+        self._counts_by_attributes: dict[tuple[str, str, str, int | None], _CallCount] = {}
+        self._calls = metrics
         if metrics:
             meter = otel_metrics.get_meter(SCOPE, __version__, meter_provider)
-            self._calls = meter.create_counter(
-                METRIC_CALLS, unit="{call}", description="Client calls by the pod that served them"
+            # An observable counter that reads counts kept here: a call costs one tick of an
+            # itertools.count, not the SDK's attribute hashing and aggregation per call.
+            meter.create_observable_counter(
+                METRIC_CALLS,
+                callbacks=[self._observe_calls],
+                unit="{call}",
+                description="Client calls by the pod that served them",
             )
             meter.create_observable_gauge(
                 METRIC_TOP_SHARE,
@@ -167,7 +192,7 @@ class AffinityTelemetry:
         except Exception:  # telemetry must never fail the call
             _log.debug("could not finish the call's span", exc_info=True)
         try:
-            if self._calls is not None:
+            if self._calls:
                 self._count(call, code)
         except Exception:  # telemetry must never fail the call
             _log.debug("could not count the call", exc_info=True)
@@ -287,21 +312,35 @@ class AffinityTelemetry:
         return pod
 
     def _count(self, call: ObservedCall, code: int | None) -> None:
-        target = call.observer.target
-        key = (target, call.pod, call.method.service, code)
-        attributes = self._count_attributes.get(key)
-        if attributes is None:
-            attributes = {
-                ATTR_TARGET: target,
-                ATTR_POD: self._pod_value(target, call.pod),
-                "rpc.service": call.method.service,
-            }
-            if code is not None:
-                attributes["rpc.grpc.status_code"] = code
-            if len(self._count_attributes) >= _MAX_ATTRIBUTE_SETS:
-                self._count_attributes.clear()
-            self._count_attributes[key] = attributes
-        self._calls.add(1, attributes)
+        key = (call.observer.target, call.pod, call.method.service, code)
+        count = self._call_counts.get(key)
+        if count is None:
+            count = self._new_count(key)
+        next(count.ticks)  # atomic under the GIL: no lock on the call path
+
+    def _new_count(self, key: tuple[str, str | None, str, int | None]) -> _CallCount:
+        target, pod, service, code = key
+        value = (target, self._pod_value(target, pod), service, code)
+        with self._lock:
+            count = self._counts_by_attributes.get(value)
+            if count is None:
+                attributes: dict[str, Any] = {
+                    ATTR_TARGET: target,
+                    ATTR_POD: value[1],
+                    "rpc.service": service,
+                }
+                if code is not None:
+                    attributes["rpc.grpc.status_code"] = code
+                count = self._counts_by_attributes[value] = _CallCount(attributes)
+            if len(self._call_counts) >= _MAX_ATTRIBUTE_SETS:
+                self._call_counts.clear()  # only the shortcut: the counts stay
+            self._call_counts[key] = count
+        return count
+
+    def _observe_calls(self, _options: Any) -> Iterable[otel_metrics.Observation]:
+        with self._lock:
+            counts = list(self._counts_by_attributes.values())
+            return [otel_metrics.Observation(count.read(), count.attributes) for count in counts]
 
     def _observe_top_share(self, _options: Any) -> Iterable[otel_metrics.Observation]:
         with self._lock:
