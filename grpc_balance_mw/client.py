@@ -2,12 +2,12 @@
 
 Usage::
 
+    interceptor = AffinityInterceptor("charge-points.ev.svc:50051", expected_pods=3)
     channel = grpc.intercept_channel(
-        grpc.insecure_channel("charge-points.ev.svc:50051"),
-        AffinityInterceptor("charge-points.ev.svc:50051", expected_pods=3),
+        grpc.insecure_channel("charge-points.ev.svc:50051"), interceptor
     )
     ...
-    AffinityInterceptor.detector.snapshot()
+    interceptor.detector.snapshot()
 
 The interceptor changes nothing about a call: it reads the response metadata after the fact (a
 done-callback for unary responses, the first message and the end of the stream for streams) and
@@ -63,7 +63,8 @@ class AffinityInterceptor(
         config: thresholds and windows; the first config given for a target wins.
         expected_pods: how many pods the target should have, if known.
         telemetry: an ``AffinityTelemetry`` for spans, metrics and alarms; None: detection only.
-        probe: True for a :class:`PodProbe` with defaults, or a configured one.
+        probe: True for a :class:`PodProbe` with defaults (stopped by :meth:`close`), or a
+            configured one, which is yours to ``stop()``.
         registry: where the target's detector lives; default the process-wide registry.
         lane: the connection's name in telemetry; default ``lane-N``.
     """
@@ -95,6 +96,11 @@ class AffinityInterceptor(
     @property
     def detector(self) -> AffinityDetector:
         return self.observer.detector
+
+    def close(self) -> None:
+        """Stop the probe made for this interceptor (``probe=True``); closing the channel does
+        not reach an interceptor, so call this when the channel is closed."""
+        self.observer.close()
 
     def _unary_response(self, continuation: Any, details: Any, request: Any, kind: str) -> Any:
         observed = self.observer.begin(details.method, kind)

@@ -51,6 +51,7 @@ __all__ = [
     "as_call",
     "build_observer",
     "finish_call",
+    "headers_now",
     "observe_channel",
 ]
 
@@ -78,6 +79,7 @@ def build_observer(
         telemetry=telemetry,
         probe=pod_probe,
         lane=lane if lane is not None else f"lane-{next(_lanes)}",
+        owns_probe=probe is True,
     )
 
 
@@ -87,27 +89,55 @@ def _code(call: Any) -> int | None:
 
 
 def _initial_metadata(call: Any) -> Any:
-    """``call.initial_metadata()`` of a call that has ended.
+    """``call.initial_metadata()`` of a call that has ended, read in the caller's thread.
 
     grpcio's public method takes the call's condition and builds a closure to wait on it, which
     is a measurable part of the 3 % budget of a warm unary call; once the call has ended (as
     after a successful ``with_call``) the metadata is final and can be read off its state. Any
-    other kind of call, or a grpcio without that state, goes through the public method.
+    other kind of call, or a grpcio without that state, goes through the public method, which may
+    wait: never call this from a done-callback (see :func:`headers_now`).
     """
     metadata = getattr(getattr(call, "_state", None), "initial_metadata", None)
     return metadata if metadata is not None else call.initial_metadata()
 
 
-def finish_call(observed: ObservedCall, call: Any) -> None:
+def headers_now(call: Any) -> Any:
+    """The initial metadata a call has received so far, without waiting; None if none yet.
+
+    For done-callbacks. grpcio runs them on the channel's own event thread, and its
+    ``initial_metadata()`` waits for an event that only that thread delivers: a stream that ends
+    before any response header (UNIMPLEMENTED, a killed pod, a trailers-only abort) would block
+    that thread past the call's deadline and wedge every later call on the channel. A call that
+    ended without headers had a trailers-only response, so the pod, if any, is in its trailers.
+    The state is found on grpcio's calls, through interceptor outcomes (``_call``) and through
+    :class:`ObservedStream`; any other kind of call answers None rather than risk the wait.
+    """
+    for _ in range(4):
+        state = getattr(call, "_state", None)
+        if state is not None:
+            return getattr(state, "initial_metadata", None)
+        call = getattr(call, "_call", None)
+        if call is None:
+            break
+    return None
+
+
+def finish_call(
+    observed: ObservedCall, call: Any, *, headers: Callable[[Any], Any] = headers_now
+) -> None:
     """Count a finished unary-response call; ``call`` is its ``grpc.Call``, or None if the call
-    failed before it was one (e.g. the request did not serialize): no pod, no status."""
+    failed before it was one (e.g. the request did not serialize): no pod, no status.
+
+    Safe as a done-callback: by default it never waits on the call (see :func:`headers_now`);
+    the caller's thread may pass ``headers=_initial_metadata`` once the call has ended.
+    """
     if call is None:
         observed.finish(None, None, None)
     elif observed.observer.telemetry is None:
-        # Detection only needs the pod: trailers are read only if the headers named none.
-        observed.finish(_initial_metadata(call), call.trailing_metadata, None)
+        # Detection only needs the pod: no status code.
+        observed.finish(headers(call), call.trailing_metadata, None)
     else:
-        observed.finish(_initial_metadata(call), call.trailing_metadata(), _code(call))
+        observed.finish(headers(call), call.trailing_metadata(), _code(call))
 
 
 def as_call(error: BaseException) -> Any:
@@ -133,16 +163,20 @@ class ObservedStream(grpc.Call, grpc.Future):  # type: ignore[misc]
         self._lock = threading.Lock()
         call.add_done_callback(self._done)
 
-    def _finish(self) -> None:
+    def _claim(self) -> bool:
+        """Whether this caller is the one to finish the call (the lock is never held while
+        reading the call, so grpc's thread never waits behind a caller that waits on it)."""
         with self._lock:
             if self._finished:
-                return
+                return False
             self._finished = True
-            call = self._call
-            self._observed.finish(call.initial_metadata(), call.trailing_metadata(), _code(call))
+            return True
 
     def _done(self, _call: Any) -> None:
-        self._finish()
+        # On grpc's channel thread: read what the call has, never wait (see headers_now).
+        if self._claim():
+            call = self._call
+            self._observed.finish(headers_now(call), call.trailing_metadata(), _code(call))
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -151,7 +185,11 @@ class ObservedStream(grpc.Call, grpc.Future):  # type: ignore[misc]
         try:
             response = next(self._call)
         except (StopIteration, grpc.RpcError):
-            self._finish()
+            if self._claim():  # the caller's thread: waiting for the headers is safe here
+                call = self._call
+                self._observed.finish(
+                    _initial_metadata(call), call.trailing_metadata(), _code(call)
+                )
             raise
         if self._first:
             self._first = False
@@ -254,8 +292,8 @@ class _UnaryResponse(_Observed):
         except grpc.RpcError as error:
             call = as_call(error)
             raise
-        finally:
-            finish_call(observed, call)
+        finally:  # the call has ended: its headers are final, or are read in this thread
+            finish_call(observed, call, headers=_initial_metadata)
         return response, call
 
     def future(
@@ -304,7 +342,7 @@ class _CountedUnaryResponse(_UnaryResponse):
                 observer.count(started, self._stream, None, None)
             else:
                 observer.count(
-                    started, self._stream, failed.initial_metadata(), failed.trailing_metadata
+                    started, self._stream, _initial_metadata(failed), failed.trailing_metadata
                 )
             raise
         observer.count(started, self._stream, _initial_metadata(call), call.trailing_metadata)
@@ -510,6 +548,8 @@ class ObservedChannel(grpc.Channel):  # type: ignore[misc]
         self._channel.unsubscribe(callback)
 
     def close(self) -> None:
+        """Close the inner channel and stop the probe made for this channel (``probe=True``)."""
+        self.observer.close()
         self._channel.close()
 
     def __enter__(self) -> ObservedChannel:
@@ -539,7 +579,8 @@ def observe_channel(
         config: thresholds and windows; the first config given for a target wins.
         expected_pods: how many pods the target should have, if known.
         telemetry: an ``AffinityTelemetry`` for spans, metrics and alarms; None: detection only.
-        probe: True for a :class:`PodProbe` with defaults, or a configured one.
+        probe: True for a :class:`PodProbe` with defaults, stopped when the channel is closed;
+            or a configured one, which is yours to ``stop()``.
         registry: where the target's detector lives; default the process-wide registry.
         lane: the connection's name in telemetry; default ``lane-N``.
     """

@@ -74,6 +74,7 @@ def build_observer(target: str, options: ObserveOptions | None = None) -> CallOb
         telemetry=options.telemetry,
         probe=pod_probe,
         lane=options.lane if options.lane is not None else f"lane-{next(_lanes)}",
+        owns_probe=probe is True,
     )
 
 

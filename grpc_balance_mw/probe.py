@@ -19,18 +19,23 @@ Cost: one round is ``connections`` (default 3) TCP + HTTP/2 handshakes and healt
 one per address of a headless answer (at most ``max_addresses``), about 2 ms each on loopback;
 at most one round per ``interval_s`` (default 30 s). It runs on a daemon thread, never on the
 call path, and never raises: a failed probe only means nothing new was learned.
+:meth:`PodProbe.stop` (``close``) ends it: a round in flight has its health-check channel
+closed, so it ends at once.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import weakref
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from grpc_balance_mw.affinity import forking
 from grpc_balance_mw.affinity.advice import Cause
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.targets import literal_addresses
@@ -90,18 +95,39 @@ class PodProbe:
         self._lock = threading.Lock()
         self._next_at = 0.0
         self._running: threading.Thread | None = None
+        self._dialing: grpc.Channel | None = None
+        self.stopped = False
         self.rounds = 0
         self.failures = 0
+        forking.track(self)
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: a fresh lock; the parent's round thread does not exist here."""
+        self._lock = threading.Lock()
+        self._running = None
+        self._dialing = None
 
     def __repr__(self) -> str:
-        return f"<PodProbe {self.target} every {self.interval_s}s: {self.rounds} rounds>"
+        stopped = ", stopped" if self.stopped else ""
+        return f"<PodProbe {self.target} every {self.interval_s}s: {self.rounds} rounds{stopped}>"
+
+    def stop(self) -> None:
+        """Probe no more; a round in flight ends at once (its channel is closed)."""
+        with self._lock:
+            self.stopped = True
+            self._next_at = float("inf")
+            dialing, self._dialing = self._dialing, None
+        if dialing is not None:
+            dialing.close()  # cancels the health check in flight
+
+    close = stop
 
     def maybe_probe(self, now: float) -> None:
         """Start a probe round in the background if one is due and none is running."""
         if now < self._next_at:  # the common case, without the lock
             return
         with self._lock:
-            if now < self._next_at or self._running is not None:
+            if now < self._next_at or self._running is not None or self.stopped:
                 return
             self._next_at = now + self.interval_s
             self._running = threading.Thread(
@@ -119,11 +145,12 @@ class PodProbe:
         try:
             if self._dns_target is None or not self._round_by_name(self._dns_target):
                 pods = self.probe_once()
-                if pods:
+                if pods and not self.stopped:
                     self.detector.add_known_pods(pods)
                     self._name_affinity()
         except Exception:  # a background thread: nothing above it would ever see the error
-            _log.exception("pod probe of %s failed", self.target)
+            if not self.stopped:  # stop() closing the channel under a round is no failure
+                _log.exception("pod probe of %s failed", self.target)
         finally:
             with self._lock:
                 self._running = None
@@ -132,7 +159,7 @@ class PodProbe:
     def _round_by_name(self, name: DnsTarget) -> bool:
         """Resolve the name; dial each address of a headless answer. False: dial the target."""
         addresses = resolve_addresses(name, self.timeout_s)
-        if addresses is None:  # no answer is not "no pods"
+        if addresses is None or self.stopped:  # no answer is not "no pods"
             return False
         self.detector.set_dns_answer(addresses)
         if len(addresses) <= 1:  # a ClusterIP Service's name: fresh connections through it
@@ -140,6 +167,8 @@ class PodProbe:
         dialed = addresses[: self.max_addresses]
         pods = [self._dial(_address_target(address, name.port)) for address in dialed]
         found = [pod for pod in pods if pod is not None]
+        if self.stopped:
+            return True
         if found:
             self.detector.add_known_pods(found, fresh=False)
         if len(found) == len(addresses):  # every ready pod answered: the rest are gone
@@ -169,6 +198,8 @@ class PodProbe:
         """Dial ``connections`` new connections and return the pods that answered."""
         pods: list[str] = []
         for _ in range(self.connections):
+            if self.stopped:
+                break
             pod = self._dial(self.target)
             if pod is not None:
                 pods.append(pod)
@@ -185,6 +216,11 @@ class PodProbe:
             if self._credentials is not None
             else grpc.insecure_channel(target, options=options)
         )
+        with self._lock:
+            if self.stopped:
+                channel.close()
+                return None
+            self._dialing = channel  # for stop() to close
         try:
             check = health_pb2_grpc.HealthStub(channel).Check
             _, call = check.with_call(health_pb2.HealthCheckRequest(), timeout=self.timeout_s)
@@ -202,34 +238,79 @@ class PodProbe:
             self.failures += 1
             return None
         finally:
+            with self._lock:
+                if self._dialing is channel:
+                    self._dialing = None
             channel.close()
         return identity.name if identity is not None else None
 
 
+class _Resolver:
+    """Resolves targets' names one at a time on one daemon thread, which ends when idle.
+
+    Bounded: at most ``_MAX_PENDING`` names wait (more are skipped: they keep the time-based
+    warm-up), and a detector is held only weakly while it waits, so a channel closed meanwhile
+    lets its detector go.
+    """
+
+    def __init__(self) -> None:
+        self.reset_after_fork()
+        forking.track(self)
+
+    def reset_after_fork(self) -> None:
+        self._wake = threading.Condition(threading.Lock())
+        self._pending: deque[tuple[weakref.ref[AffinityDetector], DnsTarget, float]] = deque()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, detector: AffinityDetector, name: DnsTarget, timeout_s: float) -> bool:
+        with self._wake:
+            if len(self._pending) >= _MAX_PENDING:
+                return False
+            self._pending.append((weakref.ref(detector), name, timeout_s))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="grpc_balance_mw resolver", daemon=True
+                )
+                self._thread.start()
+            self._wake.notify()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending:
+                    if not self._wake.wait(_RESOLVER_IDLE_S) and not self._pending:
+                        self._thread = None
+                        return
+                ref, name, timeout_s = self._pending.popleft()
+            if ref() is None:
+                continue
+            try:
+                addresses = resolve_addresses(name, timeout_s)
+                detector = ref()
+                if addresses and detector is not None:
+                    detector.set_dns_answer(addresses)
+            except Exception:  # a background thread: nothing above it would ever see the error
+                _log.debug("could not resolve %s", name.host, exc_info=True)
+
+
+_MAX_PENDING = 64
+_RESOLVER_IDLE_S = 5.0
+_resolver = _Resolver()
+
+
 def resolve_in_background(detector: AffinityDetector, timeout_s: float = 2.0) -> bool:
-    """Resolve a name target once per detector, on a daemon thread, off the call path.
+    """Resolve a name target once per detector, off the call path (one shared thread).
 
     The answer's size decides how the target's lanes warm up and how pods switching between
     calls read (see ``AffinityConfig.warmup_s``); without it, a name keeps the time-based
-    warm-up. Returns whether a resolution was started.
+    warm-up. Returns whether a resolution was queued.
     """
     if detector.addresses is not None or detector.resolution_started:
         return False
-    name = _name_of(detector.target)
     detector.resolution_started = True
-    if name is None:
-        return False
-
-    def resolve() -> None:
-        try:
-            addresses = resolve_addresses(name, timeout_s)
-            if addresses:
-                detector.set_dns_answer(addresses)
-        except Exception:  # a background thread: nothing above it would ever see the error
-            _log.debug("could not resolve %s", detector.target, exc_info=True)
-
-    threading.Thread(target=resolve, name=f"resolve {detector.target}", daemon=True).start()
-    return True
+    name = _name_of(detector.target)
+    return name is not None and _resolver.submit(detector, name, timeout_s)
 
 
 def _name_of(target: str) -> DnsTarget | None:

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import re
 import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -24,9 +27,10 @@ from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from grpc_balance_mw.affinity.detector import Clock
+from grpc_balance_mw.affinity import forking
+from grpc_balance_mw.affinity.detector import AffinityDetector, Clock
 from grpc_balance_mw.affinity.observer import CallObserver, ObservedCall
-from grpc_balance_mw.affinity.state import PodEvent, Transition
+from grpc_balance_mw.affinity.state import Transition
 from grpc_balance_mw.instrumentation import instrumentor_active
 
 _log = logging.getLogger(__name__)
@@ -48,8 +52,18 @@ UNKNOWN_POD = "unknown"
 OTHER_POD = "other"
 
 AlarmCallback = Callable[[Transition], None]
-#: Metric attribute sets kept for reuse; pods beyond ``max_pod_values`` share ``other``'s.
-_MAX_ATTRIBUTE_SETS = 4096
+#: Where the telemetry keeps its per-target state in ``CallObserver.telemetry_cache`` (the
+#: rest of that cache is span attributes by method, whose names start with "/").
+_TARGET_KEY = "target"
+#: The on_alarm thread ends after this long without an alarm.
+_ALARM_THREAD_IDLE_S = 10.0
+#: Pod event log lines per target per ``alarm_interval_s`` at most.
+_POD_LOGS = 8
+#: Span attribute sets kept per observer (one per method called through it).
+_MAX_CACHED_METHODS = 256
+#: Shortcuts from a call's (pod, service, code) to its metric count, per target; pods beyond
+#: ``max_pod_values`` share ``other``'s count, so the counts themselves stay bounded.
+_MAX_COUNT_KEYS = 4096
 
 _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:]+))(?::(?P<port>\d+))?$")
 
@@ -90,6 +104,101 @@ class _CallCount:
         return ticked
 
 
+class _TargetState:
+    """What the telemetry keeps per target; held by the target's observers, so it goes with
+    them (the telemetry itself only holds it weakly)."""
+
+    __slots__ = (
+        "__weakref__",
+        "alarmed_at",
+        "call_counts",
+        "counts_by_attributes",
+        "detector",
+        "logged_at",
+        "pod_logged_at",
+        "pod_logs",
+        "pod_values",
+        "target",
+        "warned_at",
+    )
+
+    def __init__(self, target: str, detector: AffinityDetector) -> None:
+        self.target = target
+        self.detector = detector
+        self.pod_values: set[str] = set()
+        #: Call counts by (pod, service, code) as calls name them, and by the metric's
+        #: attribute values (pods beyond the cap share ``other``'s count).
+        self.call_counts: dict[tuple[str | None, str, int | None], _CallCount] = {}
+        self.counts_by_attributes: dict[tuple[str, str, int | None], _CallCount] = {}
+        self.warned_at = -math.inf
+        self.logged_at = -math.inf
+        self.pod_logged_at = -math.inf
+        self.pod_logs = 0
+        self.alarmed_at = -math.inf
+
+
+class _AlarmWorker:
+    """Runs the user's ``on_alarm`` on one background thread, off every call's path.
+
+    The queue is bounded: when it is full (a callback slower than the alarms), new alarms are
+    dropped and counted. Whatever the callback raises, ``BaseException`` included, is logged and
+    the thread goes on.
+    """
+
+    def __init__(self, callback: AlarmCallback, max_pending: int) -> None:
+        self._callback = callback
+        self._max_pending = max_pending
+        self.reset_after_fork()
+        self.dropped = 0
+        self.delivered = 0
+
+    def reset_after_fork(self) -> None:
+        """Fresh lock and queue; the parent's thread does not exist in a forked child."""
+        self._wake = threading.Condition(threading.Lock())
+        self._queue: deque[Transition] = deque()
+        self._thread: threading.Thread | None = None
+        self._busy = False
+
+    def submit(self, transition: Transition) -> None:
+        with self._wake:
+            if len(self._queue) >= self._max_pending:
+                self.dropped += 1
+                return
+            self._queue.append(transition)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="grpc_balance_mw on_alarm", daemon=True
+                )
+                self._thread.start()
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue:
+                    # An idle thread ends, so a dropped telemetry leaves none behind; the next
+                    # alarm starts another.
+                    if not self._wake.wait(_ALARM_THREAD_IDLE_S) and not self._queue:
+                        self._thread = None
+                        return
+                transition = self._queue.popleft()
+                self._busy = True
+            try:
+                self._callback(transition)
+            except BaseException:  # the user's hook: its errors, even SystemExit, are its own
+                _log.exception("on_alarm callback raised for %s", transition.target)
+            finally:
+                with self._wake:
+                    self._busy = False
+                    self.delivered += 1
+                    self._wake.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued alarm was delivered; False if ``timeout`` passed first."""
+        with self._wake:
+            return self._wake.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+
 class AffinityTelemetry:
     """Spans, alarm events, metrics, a rate-limited warning and a callback for affinity.
 
@@ -98,11 +207,21 @@ class AffinityTelemetry:
         meter_provider: the SDK's meter provider; default the global one.
         spans: make (or enrich) a CLIENT span per call.
         metrics: count calls by pod and report each target's top share.
-        on_alarm: called with every state change of a watched target; its errors are logged.
+        on_alarm: called with state changes of a watched target, on a background thread of its
+            own (never on a call's path), at most once per target per ``alarm_interval_s``; its
+            errors are logged.
         warn_interval_s: at most one warning per target per this many seconds.
+        alarm_interval_s: at most one ``on_alarm`` call and one INFO log per target per this
+            many seconds; a server that makes the state flap cannot flood either. The changes
+            in between are counted in :attr:`alarms_suppressed`; the state itself is always on
+            the detector and on later spans.
+        max_pending_alarms: ``on_alarm`` calls waiting for the background thread at most;
+            more are dropped and counted in :attr:`alarms_dropped`.
         max_pod_values: distinct pod values per target in metrics; the rest count as ``other``
             so a server that stamps random names cannot blow up metric cardinality.
-        clock: monotonic seconds, for the warning's rate limit.
+        clock: monotonic seconds, for the rate limits.
+
+    Building it never raises: a provider that fails leaves spans or metrics off, logged.
     """
 
     def __init__(
@@ -114,51 +233,95 @@ class AffinityTelemetry:
         metrics: bool = True,
         on_alarm: AlarmCallback | None = None,
         warn_interval_s: float = 300.0,
+        alarm_interval_s: float = 5.0,
+        max_pending_alarms: int = 100,
         max_pod_values: int = 64,
         clock: Clock = time.monotonic,
     ) -> None:
         from grpc_balance_mw import __version__
 
-        self._tracer = trace.get_tracer(SCOPE, __version__, tracer_provider) if spans else None
+        self._tracer: trace.Tracer | None = None
+        if spans:
+            try:
+                self._tracer = trace.get_tracer(SCOPE, __version__, tracer_provider)
+            except Exception:  # telemetry must never fail the application
+                _log.warning("grpc_balance_mw: no spans, the tracer provider failed", exc_info=True)
         self._on_alarm = on_alarm
+        self._alarms = _AlarmWorker(on_alarm, max(max_pending_alarms, 1)) if on_alarm else None
         self._warn_interval_s = warn_interval_s
+        self._alarm_interval_s = alarm_interval_s
         self._max_pod_values = max_pod_values
         self._clock = clock
         self._lock = threading.Lock()
-        self._observers: dict[str, CallObserver] = {}
-        self._pod_values: dict[str, set[str]] = {}
-        self._warned_at: dict[str, float] = {}
-        self._span_attributes: dict[tuple[int, str], dict[str, Any]] = {}
-        #: Call counts per (target, pod, service, code) as calls name them, and per attribute
-        #: set as the metric reports them (pods beyond the cap share ``other``'s).
-        self._call_counts: dict[tuple[str, str | None, str, int | None], _CallCount] = {}
-        self._counts_by_attributes: dict[tuple[str, str, str, int | None], _CallCount] = {}
-        self._calls = metrics
+        self._targets: weakref.WeakValueDictionary[str, _TargetState] = (
+            weakref.WeakValueDictionary()
+        )
+        #: State changes not passed to ``on_alarm`` (nor logged at INFO) for the rate limit.
+        self.alarms_suppressed = 0
+        #: Pod events put on spans but left out of the log for its rate limit.
+        self.pod_events_unlogged = 0
+        self._calls = False
         if metrics:
-            meter = otel_metrics.get_meter(SCOPE, __version__, meter_provider)
-            # An observable counter that reads counts kept here: a call costs one tick of an
-            # itertools.count, not the SDK's attribute hashing and aggregation per call.
-            meter.create_observable_counter(
-                METRIC_CALLS,
-                callbacks=[self._observe_calls],
-                unit="{call}",
-                description="Client calls by the pod that served them",
-            )
-            meter.create_observable_gauge(
-                METRIC_TOP_SHARE,
-                callbacks=[self._observe_top_share],
-                unit="1",
-                description="Share of the target's recent calls served by its busiest pod",
-            )
+            try:
+                meter = otel_metrics.get_meter(SCOPE, __version__, meter_provider)
+                # An observable counter that reads counts kept here: a call costs one tick of
+                # an itertools.count, not the SDK hashing a fresh attribute dict per call.
+                meter.create_observable_counter(
+                    METRIC_CALLS,
+                    callbacks=[self._observe_calls],
+                    unit="{call}",
+                    description="Client calls by the pod that served them",
+                )
+                meter.create_observable_gauge(
+                    METRIC_TOP_SHARE,
+                    callbacks=[self._observe_top_share],
+                    unit="1",
+                    description="Share of the target's recent calls served by its busiest pod "
+                    "(0 while nothing recent named a pod)",
+                )
+                self._calls = True
+            except Exception:  # telemetry must never fail the application
+                _log.warning(
+                    "grpc_balance_mw: no metrics, the meter provider failed", exc_info=True
+                )
+        forking.track(self)
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: a fresh lock, and an alarm thread started anew when needed."""
+        self._lock = threading.Lock()
+        if self._alarms is not None:
+            self._alarms.reset_after_fork()
 
     def __repr__(self) -> str:
-        return f"<AffinityTelemetry watching {len(self._observers)} targets>"
+        return f"<AffinityTelemetry watching {len(self._targets)} targets>"
+
+    @property
+    def alarms_dropped(self) -> int:
+        """``on_alarm`` calls dropped because the queue was full."""
+        return self._alarms.dropped if self._alarms is not None else 0
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until ``on_alarm`` has been called for every queued alarm (tests, shutdown)."""
+        return self._alarms.flush(timeout) if self._alarms is not None else True
+
+    def _target(self, observer: CallObserver) -> _TargetState:
+        state: _TargetState | None = observer.telemetry_cache.get(_TARGET_KEY)
+        if state is None:
+            with self._lock:
+                state = self._targets.get(observer.target)
+                if state is None:
+                    state = _TargetState(observer.target, observer.detector)
+                    self._targets[observer.target] = state
+            observer.telemetry_cache[_TARGET_KEY] = state
+        return state
 
     # CallTelemetry
 
     def watch(self, observer: CallObserver) -> None:
-        with self._lock:
-            self._observers.setdefault(observer.target, observer)
+        try:
+            self._target(observer)
+        except Exception:  # telemetry must never fail the channel
+            _log.debug("could not watch the observer", exc_info=True)
 
     def call_started(self, call: ObservedCall) -> None:
         try:
@@ -197,34 +360,40 @@ class AffinityTelemetry:
         except Exception:  # telemetry must never fail the call
             _log.debug("could not count the call", exc_info=True)
         if transition is not None:
-            self._alarm(transition)
+            try:
+                self._alarm(self._target(call.observer), transition)
+            except Exception:  # telemetry must never fail the call
+                _log.debug("could not raise the affinity alarm", exc_info=True)
 
     def _pod_events(self, call: ObservedCall) -> None:
-        """Pods that became known or went away: an event on this call's span, a log line."""
+        """Pods that became known or went away: an event each on this call's span, and a log
+        line, at most ``_POD_LOGS`` per target per ``alarm_interval_s`` (a server that makes up
+        a pod name per call cannot flood the log; the rest are counted in
+        ``pod_events_unlogged``)."""
         try:
             events = call.observer.detector.take_pod_events()
-        except Exception:  # telemetry must never fail the call
-            _log.debug("could not read the pod events", exc_info=True)
-            return
-        for event in events:
-            self._pod_event(call.span, event)
-
-    def _pod_event(self, span: Any, event: PodEvent) -> None:
-        try:
-            _log.info(
-                "grpc_balance_mw: %s %s of %s (from %s)",
-                event.kind,
-                event.pod,
-                event.target,
-                event.source,
-            )
+            span = call.span
             if span is not None:
-                span.add_event(
-                    EVENT_POD_PREFIX + event.kind,
-                    {ATTR_POD: event.pod, ATTR_TARGET: event.target, "source": event.source},
-                )
+                for event in events:
+                    span.add_event(
+                        EVENT_POD_PREFIX + event.kind,
+                        {ATTR_POD: event.pod, ATTR_TARGET: event.target, "source": event.source},
+                    )
+            state = self._target(call.observer)
+            now = self._clock()
+            if now - state.pod_logged_at >= self._alarm_interval_s:
+                state.pod_logged_at, state.pod_logs = now, 0
+            if state.pod_logs >= _POD_LOGS:
+                self.pod_events_unlogged += len(events)
+                return
+            state.pod_logs += 1
+            _log.info(
+                "grpc_balance_mw: %s: %s",
+                call.observer.target,
+                ", ".join(f"{e.kind} {e.pod} (from {e.source})" for e in events),
+            )
         except Exception:  # telemetry must never fail the call
-            _log.debug("could not report the pod event", exc_info=True)
+            _log.debug("could not report the pod events", exc_info=True)
 
     # spans
 
@@ -237,10 +406,17 @@ class AffinityTelemetry:
             call.method.full.lstrip("/"),
         )
 
-    def _start_attributes(self, call: ObservedCall) -> dict[str, Any]:
-        key = (id(call.observer), call.method.full)
-        attributes = self._span_attributes.get(key)
+    @staticmethod
+    def _start_attributes(call: ObservedCall) -> dict[str, Any]:
+        # Kept on the observer: they name its lane and target, and go with it.
+        cache = call.observer.telemetry_cache
+        attributes: dict[str, Any] | None = cache.get(call.method.full)
         if attributes is None:
+            if len(cache) > _MAX_CACHED_METHODS:  # a generic client may name any method
+                target = cache.get(_TARGET_KEY)
+                cache.clear()
+                if target is not None:
+                    cache[_TARGET_KEY] = target
             address, port = server_address(call.observer.target)
             attributes = {
                 "rpc.system": "grpc",
@@ -252,7 +428,7 @@ class AffinityTelemetry:
                 attributes["server.port"] = port
             if call.observer.lane is not None:
                 attributes[ATTR_LANE] = call.observer.lane
-            self._span_attributes[key] = attributes
+            cache[call.method.full] = attributes
         return attributes
 
     def _finish_span(
@@ -297,12 +473,10 @@ class AffinityTelemetry:
 
     # metrics
 
-    def _pod_value(self, target: str, pod: str | None) -> str:
+    def _pod_value(self, state: _TargetState, pod: str | None) -> str:
         if pod is None:
             return UNKNOWN_POD
-        seen = self._pod_values.get(target)
-        if seen is None:
-            seen = self._pod_values.setdefault(target, set())
+        seen = state.pod_values
         if pod in seen:
             return pod
         with self._lock:
@@ -312,71 +486,90 @@ class AffinityTelemetry:
         return pod
 
     def _count(self, call: ObservedCall, code: int | None) -> None:
-        key = (call.observer.target, call.pod, call.method.service, code)
-        count = self._call_counts.get(key)
+        state = self._target(call.observer)
+        key = (call.pod, call.method.service, code)
+        count = state.call_counts.get(key)
         if count is None:
-            count = self._new_count(key)
+            count = self._new_count(state, key)
         next(count.ticks)  # atomic under the GIL: no lock on the call path
 
-    def _new_count(self, key: tuple[str, str | None, str, int | None]) -> _CallCount:
-        target, pod, service, code = key
-        value = (target, self._pod_value(target, pod), service, code)
+    def _new_count(
+        self, state: _TargetState, key: tuple[str | None, str, int | None]
+    ) -> _CallCount:
+        pod, service, code = key
+        value = (self._pod_value(state, pod), service, code)
         with self._lock:
-            count = self._counts_by_attributes.get(value)
+            count = state.counts_by_attributes.get(value)
             if count is None:
                 attributes: dict[str, Any] = {
-                    ATTR_TARGET: target,
-                    ATTR_POD: value[1],
+                    ATTR_TARGET: state.target,
+                    ATTR_POD: value[0],
                     "rpc.service": service,
                 }
                 if code is not None:
                     attributes["rpc.grpc.status_code"] = code
-                count = self._counts_by_attributes[value] = _CallCount(attributes)
-            if len(self._call_counts) >= _MAX_ATTRIBUTE_SETS:
-                self._call_counts.clear()  # only the shortcut: the counts stay
-            self._call_counts[key] = count
+                count = state.counts_by_attributes[value] = _CallCount(attributes)
+            if len(state.call_counts) >= _MAX_COUNT_KEYS:
+                state.call_counts.clear()  # only the shortcut: the counts stay
+            state.call_counts[key] = count
         return count
 
     def _observe_calls(self, _options: Any) -> Iterable[otel_metrics.Observation]:
         with self._lock:
-            counts = list(self._counts_by_attributes.values())
+            counts = [
+                count
+                for state in list(self._targets.values())
+                for count in state.counts_by_attributes.values()
+            ]
             return [otel_metrics.Observation(count.read(), count.attributes) for count in counts]
 
     def _observe_top_share(self, _options: Any) -> Iterable[otel_metrics.Observation]:
         with self._lock:
-            observers = list(self._observers.values())
-        return [
-            otel_metrics.Observation(observer.detector.top_share, {ATTR_TARGET: observer.target})
-            for observer in observers
-        ]
+            states = list(self._targets.values())
+        observations = []
+        for state in states:
+            try:
+                # The metric reader calls this even when no call is made: the one place that
+                # sees a window go stale after the calls stopped, and says so.
+                stale = state.detector.expire()
+                if stale is not None:
+                    self._alarm(state, stale)
+                observations.append(
+                    otel_metrics.Observation(state.detector.top_share, {ATTR_TARGET: state.target})
+                )
+            except Exception:  # telemetry must never fail the reader
+                _log.debug("could not observe %s", state.target, exc_info=True)
+        return observations
 
     # alarms
 
-    def _alarm(self, transition: Transition) -> None:
+    def _alarm(self, state: _TargetState, transition: Transition) -> None:
+        now = self._clock()
+        due = now - state.alarmed_at >= self._alarm_interval_s
         try:
             if transition.current.is_alarm:
-                self._warn(transition)
-            else:
+                self._warn(state, transition, now)
+            elif due:
                 _log.info(
-                    "grpc_balance_mw: calls to %s are %s now (were %s)",
+                    "grpc_balance_mw: calls to %s are %s now (were %s)%s",
                     transition.target,
                     transition.current.value,
                     transition.previous.value,
+                    ": no recent call named a pod" if transition.stale else "",
                 )
         except Exception:  # logging must never fail the call
             _log.debug("could not log the affinity alarm", exc_info=True)
-        if self._on_alarm is not None:
-            try:
-                self._on_alarm(transition)
-            except Exception:  # the user's hook: its errors are its own
-                _log.exception("on_alarm callback raised for %s", transition.target)
-
-    def _warn(self, transition: Transition) -> None:
-        now = self._clock()
-        last = self._warned_at.get(transition.target)
-        if last is not None and now - last < self._warn_interval_s:
+        if not due:
+            self.alarms_suppressed += 1
             return
-        self._warned_at[transition.target] = now
+        state.alarmed_at = now
+        if self._alarms is not None:
+            self._alarms.submit(transition)
+
+    def _warn(self, state: _TargetState, transition: Transition, now: float) -> None:
+        if now - state.warned_at < self._warn_interval_s:
+            return
+        state.warned_at = now
         snapshot = transition.snapshot
         _log.warning(
             "grpc_balance_mw: calls to %s are %s: %.0f%% of recent calls went to pod %s, "

@@ -154,9 +154,10 @@ def test_window_and_known_pods_expire_by_time() -> None:
     detector = AffinityDetector("t", cfg, clock=clock)
     feed(detector, spread("abc", 60))
     assert detector.state is B
-    clock.now += 50  # the window is empty again, the pods are still known
+    clock.now += 50  # the window is empty again (stale: unverified), the pods are still known
     assert detector.snapshot().calls == 0
-    assert feed(detector, spread("a", 30)) == [P]
+    assert detector.state is U
+    assert feed(detector, spread("a", 30)) == [U, P]  # the stale change, reported by a call
     clock.now += 200  # b and c were not seen for longer than the TTL
     detector.record("a")
     assert detector.snapshot().known_pods == ("a",)
@@ -241,13 +242,16 @@ def test_count_judges_later_but_alike_to_record() -> None:
     import random
 
     config = AffinityConfig(min_samples=5, dwell_calls=2, window_calls=50)
-    recorded, counted = AffinityDetector("svc:1", config), AffinityDetector("svc:1", config)
+    clock = FakeClock()
+    recorded = AffinityDetector("svc:1", config, clock=clock)
+    counted = AffinityDetector("svc:1", config, clock=clock)
     recorded.expected_pods = counted.expected_pods = 3
     rng = random.Random(4)
     states = []
     for i in range(500):
         pod = rng.choice(["a"] * (8 if (i // 100) % 2 else 1) + ["b", "c", None])
         duration, stream, now = rng.random(), rng.random() < 0.3, i * 0.01
+        clock.now = now
         recorded.record(pod, duration_s=duration, stream=stream, now=now)
         counted.count(pod, duration, stream, False, False, now)
         if i % 7 == 0:

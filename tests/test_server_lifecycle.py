@@ -78,7 +78,7 @@ def test_opaque_identity_is_stable_across_restarts_and_hides_the_name() -> None:
     real = PodIdentity("charge-points-0", "10.244.0.5", "ev")
     seen = []
     for _restart in range(2):
-        pod = SyncPod(real.to_opaque("cluster-key"))
+        pod = SyncPod(real.to_opaque("cluster-key-0123456789"))
         with grpc.insecure_channel(pod.target) as channel:
             seen.append(call_sync(channel, "unary_unary"))
         pod.server.stop(None).wait()
@@ -91,7 +91,7 @@ def test_opaque_identity_is_stable_across_restarts_and_hides_the_name() -> None:
 
 
 async def test_aio_opaque_identity_matches_sync() -> None:
-    opaque = PodIdentity("charge-points-0").to_opaque("cluster-key")
+    opaque = PodIdentity("charge-points-0").to_opaque("cluster-key-0123456789")
     pod = await AioPod(opaque).start()
     async with grpc.aio.insecure_channel(pod.target) as channel:
         seen = await call_aio(channel, "unary_stream")

@@ -317,6 +317,7 @@ def test_alarm_event_once_per_state_change_and_state_on_later_spans(
     assert (event.attributes or {})[ATTR_STATE] == "pinned"
     assert all((s.attributes or {}).get(ATTR_STATE) == "pinned" for s in spans[with_event[0] :])
     assert not any(ATTR_STATE in (s.attributes or {}) for s in spans[: with_event[0]])
+    assert telemetry.flush(10)  # on_alarm runs on a thread of its own
     assert [(a.previous, a.current) for a in alarms] == [
         (AffinityState.UNVERIFIED, AffinityState.PINNED)
     ]

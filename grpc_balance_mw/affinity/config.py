@@ -35,6 +35,13 @@ class AffinityConfig:
         known_pods_ttl_s: a pod seen in a call or by the probe counts as known for this long after
             it was last seen; ten minutes outlives the window so a pinned channel still remembers
             the pods that a probe found, without keeping long-gone pods forever.
+        max_known_pods: at most this many pods are known at once. A server that names a new pod
+            on every call would otherwise grow the known pods (and the client's memory) for
+            ``known_pods_ttl_s``; past the bound, the pods seen longest ago are forgotten (half
+            of them at once, so the cost per call stays O(1)) and the snapshot counts them in
+            ``known_pods_dropped``. 256 is above ``window_calls`` (every pod in a window can be
+            known) and above any Deployment this package has been pointed at; with more pods
+            than that a fair share is below 0.4 % anyway.
         expected_pods: the pod count the operator expects (e.g. the Deployment's replicas), if
             known; with it, a single channel's pinning is recognised without any probe.
         warmup_s: the longest a channel's (lane's) warm-up lasts, from its first call; warm-up
@@ -64,6 +71,7 @@ class AffinityConfig:
     dwell_calls: int = 10
     l7_enter_share: float = 0.5
     known_pods_ttl_s: float = 600.0
+    max_known_pods: int = 256
     expected_pods: int | None = None
     warmup_s: float = 1.0
     chance_alpha: float = 1e-4
@@ -85,6 +93,7 @@ class AffinityConfig:
             (self.dwell_calls >= 1, "dwell_calls must be >= 1"),
             (0 < self.l7_enter_share <= 1, "l7_enter_share must be in (0, 1]"),
             (self.known_pods_ttl_s > 0, "known_pods_ttl_s must be > 0"),
+            (self.max_known_pods >= 2, "max_known_pods must be >= 2 (pinned needs two pods)"),
             (self.warmup_s >= 0, "warmup_s must be >= 0"),
             (0 < self.chance_alpha < 1, "chance_alpha must be in (0, 1)"),
             (

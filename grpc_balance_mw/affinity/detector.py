@@ -7,6 +7,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
+from grpc_balance_mw.affinity import forking
 from grpc_balance_mw.affinity.advice import advice, alarm_cause
 from grpc_balance_mw.affinity.config import AffinityConfig
 from grpc_balance_mw.affinity.evidence import ConnectionWindow, top_count_chance
@@ -26,6 +27,9 @@ Clock = Callable[[], float]
 _PRUNE_EVERY_S = 1.0
 #: Calls counted with ``count`` are judged at the latest once this many wait.
 JUDGE_EVERY_CALLS = 32
+#: The most one stream weighs, in calls (``AffinityConfig.stream_unit_s`` each): about eleven
+#: days of 1 s units, so a duration that is infinite (or absurd) cannot make shares NaN.
+MAX_STREAM_WEIGHT = 1e6
 #: One counted call waiting to be judged:
 #: (pod, duration_s, stream, l7, malformed, at, warming, lane).
 _Counted = tuple[str | None, float, bool, bool, bool, float, bool, Lane | None]
@@ -74,6 +78,8 @@ class AffinityDetector:
         self._pending_calls = 0
         self._expected = self.config.expected_pods
         self._known: dict[str, float] = {}  # pod -> last seen
+        self._max_known = self.config.max_known_pods
+        self._known_dropped = 0
         self._dns_pods = 0
         self._malformed = 0
         self._warmup_calls = 0
@@ -91,6 +97,13 @@ class AffinityDetector:
         self._chances: dict[tuple[int, int, int], float] = {}
         #: Pod events not yet taken (``take_pod_events``); telemetry drains it per call.
         self.pod_events: deque[PodEvent] = deque(maxlen=_MAX_POD_EVENTS)
+        #: A stale transition found by a reader (not a call), for the next record or expire.
+        self._unreported: Transition | None = None
+        forking.track(self)
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: a fresh lock (the parent's may have been held by another thread)."""
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         self._catch_up()
@@ -107,9 +120,25 @@ class AffinityDetector:
 
     @property
     def top_share(self) -> float:
-        """The top pod's share at the last judged call (for gauges)."""
+        """The top pod's share at the last judged call (for gauges); 0.0 while unverified for
+        want of calls, and once the window went stale."""
         self._catch_up()
         return self._top_share
+
+    def expire(self, *, now: float | None = None) -> Transition | None:
+        """Forget calls older than the window; a window left without any call that named a pod
+        (or carried L7 headers) returns the target to ``UNVERIFIED``.
+
+        Readers (``state``, ``top_share``, ``snapshot``) do this too; ``expire`` also returns
+        the transition, once, for someone to report it (the telemetry's gauge callback, which
+        runs even when no call does). ``record`` returns one that no one reported yet.
+        """
+        at = self._clock() if now is None else now
+        with self._lock:
+            self._judge_counted()
+            self._expire(at)
+            unreported, self._unreported = self._unreported, None
+            return unreported
 
     @property
     def expected_pods(self) -> int | None:
@@ -141,6 +170,8 @@ class AffinityDetector:
                     self._from_probe.add(pod)
                     self._pod_event("pod_added", pod, "probe", at)
                 self._known[pod] = at
+                if len(self._known) > self._max_known:
+                    self._make_room(pod, at)
                 if fresh:
                     self._connections.add(pod, at, probe=True)
 
@@ -211,7 +242,11 @@ class AffinityDetector:
         at = self._clock() if now is None else now
         with self._lock:
             earlier = self._judge_counted()
-            return self._add(pod, duration_s, stream, l7, malformed, at, warming, lane) or earlier
+            own = self._add(pod, duration_s, stream, l7, malformed, at, warming, lane)
+            if own is None and earlier is None and self._unreported is not None:
+                earlier = self._unreported
+            self._unreported = None
+            return own or earlier
 
     def count(
         self,
@@ -236,9 +271,29 @@ class AffinityDetector:
                 self._judge_counted()
 
     def _catch_up(self) -> None:
-        if self._counted:
+        if self._counted or self._window.ages_out(self._clock()):
             with self._lock:
                 self._judge_counted()
+                self._expire(self._clock())
+
+    def _expire(self, now: float) -> None:
+        """Evict aged-out calls; the lock is held. A stale transition waits in ``_unreported``."""
+        self._window.evict(now)
+        stale = self._go_stale(now)
+        if stale is not None:
+            self._unreported = stale
+
+    def _go_stale(self, now: float) -> Transition | None:
+        """Back to UNVERIFIED if no call in the window names a pod or carries L7 headers."""
+        window = self._window
+        if self._state is AffinityState.UNVERIFIED or window.identified_calls or window.l7_calls:
+            return None
+        previous, self._state = self._state, AffinityState.UNVERIFIED
+        self._pending, self._pending_calls = None, 0
+        self._top_share = 0.0
+        return Transition(
+            self.target, previous, AffinityState.UNVERIFIED, self._snapshot(now), stale=True
+        )
 
     def _judge_counted(self) -> Transition | None:
         """Judge the calls that ``count`` queued, oldest first; the lock is held."""
@@ -248,6 +303,8 @@ class AffinityDetector:
             transition = self._add(*counted.popleft())
             if transition is not None:
                 last = transition
+        if last is not None and last.stale:  # judged by no one's call: keep it for a reporter
+            self._unreported = last
         return last
 
     def _add(
@@ -269,6 +326,8 @@ class AffinityDetector:
             if pod not in known:
                 self._pod_event("pod_added", pod, "calls", at)
             known[pod] = at
+            if len(known) > self._max_known:
+                self._make_room(pod, at)
             if lane is None:
                 self._connections.add(pod, at)
         if lane is not None:
@@ -287,14 +346,19 @@ class AffinityDetector:
                 flags |= PER_REQUEST
             if not lane.warm and lane.warming(at, self.config.warmup_s, self._pods_to_see()):
                 warming = True
+        window = self._window
+        stale = None
+        if window.ages_out(at):  # a pause longer than the window: judge the silence first
+            window.evict(at)
+            stale = self._go_stale(at)
         if warming:
             self._warmup_calls += 1
-            return None
+            return stale
         weight = 1
-        if stream and duration_s > self.config.stream_unit_s:
-            weight = round(duration_s / self.config.stream_unit_s)
-        self._window.add(pod, weight, flags, at)
-        return self._judge(at, lane)
+        if stream and duration_s > self.config.stream_unit_s:  # False for NaN
+            weight = round(min(duration_s / self.config.stream_unit_s, MAX_STREAM_WEIGHT))
+        window.add(pod, weight, flags, at)
+        return self._judge(at, lane) or stale
 
     def _pods_to_see(self) -> int | None:
         """How many pods a lane must see to end its warm-up (see ``Lane.warming``)."""
@@ -320,6 +384,21 @@ class AffinityDetector:
         horizon = now - self.config.window_s
         for lane in [lane for lane in self._lanes if lane.last_at < horizon]:
             del self._lanes[lane]
+
+    def _make_room(self, newest: str, now: float) -> None:
+        """More than ``max_known_pods`` are known: forget the stale ones, and if that is not
+        enough, the half seen longest ago (``newest``, just seen, stays). Dropping half at once
+        keeps the sort's cost O(log n) per pod learned however many a server makes up."""
+        self._forget_stale_pods(now)
+        known = self._known
+        if len(known) <= self._max_known:
+            return
+        keep = max(self._max_known // 2, 1)
+        kept = dict(sorted(known.items(), key=lambda item: item[1], reverse=True)[:keep])
+        kept[newest] = now
+        self._known = kept
+        self._known_dropped += len(known) - len(kept)
+        self._from_probe &= kept.keys()
 
     def _candidate(self, lane: Lane | None) -> AffinityState | None:
         """The state the evidence argues for now, or None when it is too little to argue."""
@@ -435,6 +514,9 @@ class AffinityDetector:
         if now >= self._next_prune:
             self._next_prune = now + _PRUNE_EVERY_S
             self._forget_stale_pods(now)
+        stale = self._go_stale(now)  # calls go on, but none names a pod any more
+        if stale is not None:
+            return stale
         candidate = self._candidate(lane)
         if candidate is None or candidate is self._state:
             self._pending, self._pending_calls = None, 0
@@ -454,7 +536,7 @@ class AffinityDetector:
         at = self._clock() if now is None else now
         with self._lock:
             self._judge_counted()
-            self._window.evict(at)
+            self._expire(at)
             return self._snapshot(at)
 
     def _snapshot(self, now: float) -> AffinitySnapshot:
@@ -509,4 +591,5 @@ class AffinityDetector:
             },
             cause=cause.value if cause is not None else None,
             advice=advice(cause) if cause is not None else None,
+            known_pods_dropped=self._known_dropped,
         )

@@ -20,7 +20,9 @@ from grpc_balance_mw.identity import IDENTITY_HEADERS, pod_from_metadata
 ENVOY_TIME_HEADER = "x-envoy-upstream-service-time"
 _WATCHED = frozenset((*IDENTITY_HEADERS, ENVOY_TIME_HEADER, "server"))
 #: Distinct header combinations remembered; a server that varies them per call cannot grow memory.
-_READINGS_CACHED = 4096
+#: 4,096 keeps every pod of a 3,000-pod Deployment read from the cache (at 1,024 each call of
+#: such a spread parsed its headers again: 17 us instead of 3.8 per call).
+READINGS_CACHED = 4096
 
 Metadata = Iterable[tuple[str, Any]]
 UNARY_UNARY = "unary_unary"
@@ -52,7 +54,7 @@ class PodReader:
             reading = self.by_metadata.get(metadata)
             if reading is None:
                 reading = self._read(metadata)
-                if len(self.by_metadata) >= _READINGS_CACHED:
+                if len(self.by_metadata) >= READINGS_CACHED:
                     self.by_metadata.clear()
                 self.by_metadata[metadata] = reading
             return reading
@@ -71,7 +73,7 @@ class PodReader:
         reading = self._cache.get(key)
         if reading is None:
             reading = self._parse(key)
-            if len(self._cache) >= _READINGS_CACHED:
+            if len(self._cache) >= READINGS_CACHED:
                 self._cache.clear()
             self._cache[key] = reading
         return reading
@@ -90,10 +92,23 @@ class PodReader:
 
 
 def merge_readings(first: PodReading, second: PodReading) -> PodReading:
-    """Initial metadata's reading, completed by the trailing metadata's."""
-    if first.pod is not None:
-        return first._replace(l7=first.l7 or second.l7)
-    return PodReading(second.pod, first.l7 or second.l7, first.malformed or second.malformed)
+    """Initial metadata's reading, completed by the trailing metadata's.
+
+    A response names no pod and is malformed when either block's identity is malformed, or
+    when headers and trailers name different pods: as with a header repeated with different
+    values, a response that contradicts itself names no one. So a reading with a pod is never
+    malformed.
+    """
+    if second is first or second is _NOTHING:
+        return first
+    l7 = first.l7 or second.l7
+    if first.malformed or second.malformed:
+        return PodReading(None, l7, True)
+    if first.pod is None:
+        return PodReading(second.pod, l7, False)
+    if second.pod is not None and second.pod != first.pod:
+        return PodReading(None, l7, True)
+    return first if first.l7 == l7 else first._replace(l7=l7)
 
 
 class MethodName(NamedTuple):
@@ -127,6 +142,8 @@ class ProbeTrigger(Protocol):
     """Something that may look for more pods now; must return at once and never raise."""
 
     def maybe_probe(self, now: float) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 class ObservedCall:
@@ -164,8 +181,8 @@ class ObservedCall:
 
         Args:
             initial: the response's initial metadata (ignored if already seen).
-            trailing: its trailing metadata, or a function that reads it, called only when the
-                initial metadata named no pod (saves a read on the hot path).
+            trailing: its trailing metadata, or a function that reads it (see
+                :meth:`CallObserver.read_pod`).
             code: the status code's number, None if unknown.
 
         Returns:
@@ -205,6 +222,8 @@ class CallObserver:
         probe: looks for pods the calls cannot see, or None.
         lane: names the connection in telemetry.
         clock: monotonic seconds, the same clock as the detector's.
+        owns_probe: whether :meth:`close` stops the probe (one made for this observer); a
+            probe passed in by the user is theirs to stop.
     """
 
     def __init__(
@@ -215,6 +234,7 @@ class CallObserver:
         probe: ProbeTrigger | None = None,
         lane: str | None = None,
         clock: Clock = time.monotonic,
+        owns_probe: bool = False,
     ) -> None:
         self.detector = detector
         self.target = detector.target
@@ -226,11 +246,20 @@ class CallObserver:
         #: What this lane's calls showed, in order (fed by the detector, under its lock).
         self.lane_evidence = Lane(lane)
         self._methods: dict[str | bytes, MethodName] = {}
+        self._owns_probe = owns_probe
+        #: Owned by ``telemetry``: what it keeps per observer (e.g. span attributes per method)
+        #: lives and dies with the observer, so it never outlives a dropped channel.
+        self.telemetry_cache: dict[Any, Any] = {}
         if telemetry is not None:
             telemetry.watch(self)
 
     def __repr__(self) -> str:
         return f"<CallObserver {self.target} lane={self.lane} {self.detector.state.value}>"
+
+    def close(self) -> None:
+        """The channel is closed: stop the probe made for it, and a round in flight."""
+        if self.probe is not None and self._owns_probe:
+            self.probe.stop()
 
     def read_pod(
         self,
@@ -238,11 +267,12 @@ class CallObserver:
         trailing: Metadata | Callable[[], Metadata | None] | None,
         seen: PodReading | None = None,
     ) -> PodReading:
-        """What a finished call's metadata says (see ``ObservedCall.finish``; ``seen``: what
-        its initial metadata said, if already read)."""
+        """What a finished call's metadata says (``seen``: what its initial metadata said, if
+        already read). The trailers are read too, so that headers and trailers naming
+        different pods are caught (see :func:`merge_readings`)."""
         reader = self.reader
         reading = reader.read(initial) if seen is None else seen
-        if reading.pod is None and trailing is not None:
+        if trailing is not None:
             if callable(trailing):
                 trailing = trailing()
             reading = merge_readings(reading, reader.read(trailing))
@@ -261,11 +291,7 @@ class CallObserver:
         The lean way in for adapters on the hot path: no :class:`ObservedCall`, and the
         detector judges the call later, without its lock (``AffinityDetector.count``).
         """
-        reading = seen
-        if reading is None and type(initial) is tuple:
-            reading = self.reader.by_metadata.get(initial)  # the usual case, inlined
-        if reading is None or reading.pod is None:
-            reading = self.read_pod(initial, trailing, reading)
+        reading = self.read_pod(initial, trailing, seen)
         now = self.clock()
         self.detector.count(
             reading.pod,
@@ -284,6 +310,8 @@ class CallObserver:
     def begin(self, raw_method: str | bytes, kind: str) -> ObservedCall:
         method = self._methods.get(raw_method)
         if method is None:
+            if len(self._methods) >= READINGS_CACHED:  # a generic client may name any method
+                self._methods.clear()
             method = self._methods[raw_method] = parse_method(raw_method)
         call = ObservedCall(self, method, kind, self.clock())
         if self.telemetry is not None:

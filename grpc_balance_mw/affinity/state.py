@@ -12,7 +12,8 @@ class AffinityState(enum.Enum):
 
     #: Calls spread over the known pods about evenly.
     BALANCED = "balanced"
-    #: One pod (or none) seen and nothing says others exist, or too little seen to judge.
+    #: One pod (or none) seen and nothing says others exist, or too little seen to judge; also
+    #: the state a target returns to when no recent call named a pod (a stale window).
     UNVERIFIED = "unverified"
     #: One pod's share is well above its fair share.
     SKEWED = "skewed"
@@ -57,6 +58,9 @@ class AffinitySnapshot:
         l7_share: share of the window's calls that carried L7 proxy headers.
         warmup_calls: calls ever left out of the window because they came in a channel's
             warm-up (``AffinityConfig.warmup_s``).
+        known_pods_dropped: pods ever forgotten because more than
+            ``AffinityConfig.max_known_pods`` were known at once (a server that names a new pod
+            on every call); 0 when the bound was never hit.
         connections: recent connection samples: each lane's connection, each reconnect, each of
             the probe's dials (calls recorded without a lane count one each).
         connection_pods: per pod, how many of those connections landed on it.
@@ -88,6 +92,7 @@ class AffinitySnapshot:
     dns_pods: int
     l7_share: float
     warmup_calls: int = 0
+    known_pods_dropped: int = 0
     connections: int = 0
     connection_pods: Mapping[str, int] = field(default_factory=dict)
     probe_connections: int = 0
@@ -103,12 +108,19 @@ class AffinitySnapshot:
 
 @dataclass(frozen=True)
 class Transition:
-    """A state change, with the snapshot taken when it happened."""
+    """A state change, with the snapshot taken when it happened.
+
+    Attributes:
+        stale: the change is a return to ``UNVERIFIED`` because no call in the window named a
+            pod any more (calls stopped and aged out, or stopped being identified), not a
+            judgement of calls.
+    """
 
     target: str
     previous: AffinityState
     current: AffinityState
     snapshot: AffinitySnapshot
+    stale: bool = False
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,14 @@ class PodWindow:
         if samples[0][0] < now - self.max_age_s:
             self.evict(now)
 
+    def ages_out(self, now: float) -> bool:
+        """Whether the oldest call is older than the window (cheap: one comparison). Safe
+        without the detector's lock: a window emptied meanwhile has nothing to age out."""
+        try:
+            return self._samples[0][0] < now - self.max_age_s
+        except IndexError:
+            return False
+
     def evict(self, now: float) -> None:
         """Forget calls older than the window."""
         horizon = now - self.max_age_s

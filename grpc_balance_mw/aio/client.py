@@ -38,8 +38,8 @@ async def _observe(call: Any, observed: ObservedCall) -> None:
         initial = await call.initial_metadata()
         observed.saw_initial_metadata(initial)
         code = await call.code()
-        # Trailers only matter when the headers named no pod (as in the sync adapters).
-        trailing = await call.trailing_metadata() if observed.pod is None else None
+        # Read even when the headers named a pod: trailers naming another make it malformed.
+        trailing = await call.trailing_metadata()
     except asyncio.CancelledError:
         observed.finish(None, None, _CANCELLED)
         raise
@@ -143,6 +143,11 @@ class AffinityInterceptor:
     @property
     def detector(self) -> AffinityDetector:
         return self.observer.detector
+
+    def close(self) -> None:
+        """Stop the probe made for this interceptor (``probe=True``); closing the channel does
+        not reach an interceptor, so call this when the channel is closed."""
+        self.observer.close()
 
     def follow(self, call: Any, observed: ObservedCall) -> None:
         """Observe a stream in a task of its own (kept referenced until it ends)."""

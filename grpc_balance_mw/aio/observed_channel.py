@@ -280,6 +280,8 @@ class ObservedChannel(grpc.aio.Channel):  # type: ignore[misc]
         await self._channel.channel_ready()
 
     async def close(self, grace: float | None = None) -> None:
+        """Close the inner channel and stop the probe made for this channel (``probe=True``)."""
+        self.observer.close()
         await self._channel.close(grace)
 
     async def __aenter__(self) -> ObservedChannel:

@@ -1,0 +1,112 @@
+"""Per-target objects live as long as their channels, and a closed channel stops its probe."""
+
+from __future__ import annotations
+
+import gc
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from grpc_balance_mw.affinity import AffinityRegistry, default_registry
+from grpc_balance_mw.aio import client as aio_client
+from grpc_balance_mw.client import AffinityInterceptor, observe_channel
+from grpc_balance_mw.probe import PodProbe
+from grpc_balance_mw.telemetry import AffinityTelemetry
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_the_default_registry_and_telemetry_let_go_of_closed_channels() -> None:
+    telemetry = AffinityTelemetry(spans=False, metrics=False)
+    before = len(default_registry)
+    for i in range(300):
+        target = f"lifetime-{i}.invalid:1"
+        with observe_channel(grpc.insecure_channel(target), target, telemetry=telemetry):
+            pass
+    gc.collect()
+    # Only the keep_recent targets used last stay, for channels made per call to share.
+    assert len(default_registry) <= before + default_registry.keep_recent
+    assert repr(telemetry) == "<AffinityTelemetry watching 0 targets>"
+
+
+def test_a_live_channel_keeps_its_detector_and_new_channels_share_it() -> None:
+    registry = AffinityRegistry(keep_recent=2)
+    kept = observe_channel(grpc.insecure_channel("a.invalid:1"), "a.invalid:1", registry=registry)
+    for i in range(20):
+        registry.detector(f"other-{i}.invalid:1")
+    gc.collect()
+    assert registry.detector("a.invalid:1") is kept.detector
+    assert len(registry) <= 3
+    kept.close()
+
+
+class BlackHole:
+    """Accepts connections and never answers: a health check waits out its whole deadline."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.target = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connected = threading.Event()
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+            self.connected.set()
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+@pytest.fixture
+def black_hole() -> Iterator[BlackHole]:
+    hole = BlackHole()
+    yield hole
+    hole.close()
+
+
+@pytest.mark.parametrize("owner", ["channel", "interceptor", "aio-interceptor"])
+def test_closing_ends_a_probe_round_in_flight(black_hole: BlackHole, owner: str) -> None:
+    probe_timeout_s = 30.0
+    registry = AffinityRegistry()
+    target = black_hole.target
+    if owner == "channel":
+        observed: Any = observe_channel(
+            grpc.insecure_channel(target), target, probe=True, registry=registry
+        )
+    elif owner == "interceptor":
+        observed = AffinityInterceptor(target, probe=True, registry=registry)
+    else:
+        observed = aio_client.AffinityInterceptor(target, probe=True, registry=registry)
+    probe = observed.observer.probe
+    assert isinstance(probe, PodProbe)
+    probe.timeout_s = probe_timeout_s
+    probe.maybe_probe(now=probe.interval_s)
+    assert black_hole.connected.wait(10)  # the round is in flight, waiting on the black hole
+    observed.close()
+    probe.join(10)  # a third of the health check's own deadline
+    assert probe.rounds == 1 and probe.stopped
+    probe.maybe_probe(now=1e9)  # and no round starts again
+    assert probe.rounds == 1 and "stopped" in repr(probe)
+
+
+def test_a_probe_passed_in_is_the_callers_to_stop(black_hole: BlackHole) -> None:
+    registry = AffinityRegistry()
+    probe = PodProbe(black_hole.target, registry.detector(black_hole.target))
+    observe_channel(
+        grpc.insecure_channel(black_hole.target), black_hole.target, probe=probe, registry=registry
+    ).close()
+    assert not probe.stopped
+    probe.stop()
+    assert probe.stopped
