@@ -255,3 +255,21 @@ def test_pod_events_mark_pods_added_and_gone() -> None:
 def test_advice_never_names_a_missing_feature(cause: Cause) -> None:
     text = advice(cause)
     assert "balanced channel" not in text or "grpc_balance_mw.balanced_channel" in text
+
+
+def test_pod_events_reach_the_log_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    """A server that names a new pod per call cannot flood the log with pod_added lines."""
+    import logging
+
+    from grpc_balance_mw.affinity import CallObserver
+    from grpc_balance_mw.telemetry import AffinityTelemetry
+
+    clock = [0.0]
+    telemetry = AffinityTelemetry(spans=False, metrics=False, clock=lambda: clock[0])
+    observer = CallObserver(AffinityDetector(CLUSTER_IP), telemetry=telemetry)
+    caplog.set_level(logging.INFO, logger="grpc_balance_mw.telemetry")
+    for i in range(100):
+        observer.begin("/svc.S/M", "unary_unary").finish([("x-balance-pod", f"p-{i}")], None, 0)
+    lines = [r.getMessage() for r in caplog.records if "pod_added" in r.getMessage()]
+    assert len(lines) == 8 and "pod_added p-0 (from calls)" in lines[0]
+    assert telemetry.pod_events_unlogged == 92
