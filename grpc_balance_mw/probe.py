@@ -130,10 +130,13 @@ class PodProbe:
             if now < self._next_at or self._running is not None or self.stopped:
                 return
             self._next_at = now + self.interval_s
-            self._running = threading.Thread(
+            running = threading.Thread(
                 target=self._round, name=f"pod-probe {self.target}", daemon=True
             )
-            self._running.start()
+            # Started before it is published: ``join`` reads ``_running`` without the lock, and
+            # joining a thread not yet started raises. The round's end waits for this lock.
+            running.start()
+            self._running = running
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for a running round (for tests and shutdown)."""
