@@ -293,6 +293,7 @@ class _Resolver:
                 detector = ref()
                 if addresses and detector is not None:
                     detector.set_dns_answer(addresses)
+                del detector  # not held while the thread waits for the next name
             except Exception:  # a background thread: nothing above it would ever see the error
                 _log.debug("could not resolve %s", name.host, exc_info=True)
 
