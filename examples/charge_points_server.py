@@ -20,9 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from grpc_balance_mw import PodIdentity, connection_age_options
-from grpc_balance_mw.demo.servicer import SERVICE_NAME, SyncChargePointsServicer
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc
 from grpc_balance_mw.server import PodIdentityInterceptor, add_health
+from grpc_balance_mw.testing.charge_points.servicer import SERVICE_NAME, SyncChargePointsServicer
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from grpc_health.v1 import health_pb2
+from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.health_check import NOT_SERVING, SERVING
 
 
 class HealthReport:
@@ -16,11 +17,7 @@ class HealthReport:
     def _statuses(self, serving: bool) -> list[tuple[str, int]]:
         """Record ``serving`` and return the (service, status) pairs to set, ``""`` first."""
         self._serving = serving
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        status = SERVING if serving else NOT_SERVING
         return [(service, status) for service in ("", *self.services)]
 
     @property
@@ -31,3 +28,19 @@ class HealthReport:
     @property
     def shutting_down(self) -> bool:
         return self._shutting_down
+
+
+def require_health_checking() -> None:
+    """Raise a clear error when grpcio-health-checking (the ``server`` extra) is missing.
+
+    It is not a core dependency: grpcio-health-checking N requires grpcio >= N, so declaring it
+    would upgrade the grpcio an application pinned. Clients need none of it.
+    """
+    try:
+        import grpc_health.v1.health  # noqa: F401
+    except ImportError:
+        raise ConfigurationError(
+            "add_health() serves grpc.health.v1 with grpcio-health-checking, which is not "
+            "installed: pip install 'grpc_balance_mw[server]' (or grpcio-health-checking "
+            "matching your grpcio)"
+        ) from None

@@ -1,13 +1,11 @@
-"""Observing client interceptors, sync (``grpc.intercept_channel``): see which pod served each call.
+"""The interceptor form (sync), for those who compose interceptors with ``grpc.intercept_channel``.
 
 Usage::
 
-    interceptor = AffinityInterceptor("charge-points.ev.svc:50051", expected_pods=3)
     channel = grpc.intercept_channel(
-        grpc.insecure_channel("charge-points.ev.svc:50051"), interceptor
+        grpc.insecure_channel("charge-points.ev.svc:50051"),
+        *affinity_interceptors("charge-points.ev.svc:50051", ObserveOptions(expected_pods=3)),
     )
-    ...
-    interceptor.detector.snapshot()
 
 The interceptor changes nothing about a call: it reads the response metadata after the fact (a
 done-callback for unary responses, the first message and the end of the stream for streams) and
@@ -15,8 +13,9 @@ never waits for anything the caller is not already waiting for. With
 opentelemetry-instrumentation-grpc's interceptor, put this one after it (inside) so its span is
 enriched rather than a second one made.
 
-grpcio's interceptor machinery itself costs about 8 % of a warm unary call; :func:`observe_channel`
-(re-exported here) observes the same way as a channel wrapper, without that machinery.
+grpcio's interceptor machinery itself costs about 8 % of a warm unary call; ``observe(channel)``
+(:mod:`grpc_balance_mw.observed_channel`) observes the same way without it, and learns the target
+from the channel: prefer it unless you compose interceptors.
 """
 
 from __future__ import annotations
@@ -26,27 +25,11 @@ from typing import Any
 
 import grpc
 
-from grpc_balance_mw.affinity.config import AffinityConfig
 from grpc_balance_mw.affinity.detector import AffinityDetector
-from grpc_balance_mw.affinity.observer import CallTelemetry
-from grpc_balance_mw.affinity.registry import AffinityRegistry
-from grpc_balance_mw.observed_channel import (
-    ObservedChannel,
-    ObservedStream,
-    as_call,
-    build_observer,
-    finish_call,
-    observe_channel,
-)
-from grpc_balance_mw.probe import PodProbe
+from grpc_balance_mw.observed_calls import ObservedStream, as_call, finish_call
+from grpc_balance_mw.observing import ObserveOptions, build_observer
 
-__all__ = [
-    "AffinityInterceptor",
-    "ObservedChannel",
-    "affinity_interceptors",
-    "build_observer",
-    "observe_channel",
-]
+__all__ = ["AffinityInterceptor", "affinity_interceptors"]
 
 
 class AffinityInterceptor(
@@ -55,40 +38,17 @@ class AffinityInterceptor(
     grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
     grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
 ):
-    """Observes all four call kinds on a sync channel and feeds the target's affinity detector.
+    """One interceptor for all four call kinds of a sync channel; see :func:`affinity_interceptors`.
 
     Args:
         target: the channel's target string (an interceptor cannot ask the channel for it); the
             detector is per target, the probe dials it.
-        config: thresholds and windows; the first config given for a target wins.
-        expected_pods: how many pods the target should have, if known.
-        telemetry: an ``AffinityTelemetry`` for spans, metrics and alarms; None: detection only.
-        probe: True for a :class:`PodProbe` with defaults (stopped by :meth:`close`), or a
-            configured one, which is yours to ``stop()``.
-        registry: where the target's detector lives; default the process-wide registry.
-        lane: the connection's name in telemetry; default ``lane-N``.
+        options: what to observe with; a probe made for it (``probe=True``) is stopped by
+            :meth:`close`.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        config: AffinityConfig | None = None,
-        expected_pods: int | None = None,
-        telemetry: CallTelemetry | None = None,
-        probe: PodProbe | bool = False,
-        registry: AffinityRegistry | None = None,
-        lane: str | None = None,
-    ) -> None:
-        self.observer = build_observer(
-            target,
-            config=config,
-            expected_pods=expected_pods,
-            telemetry=telemetry,
-            probe=probe,
-            registry=registry,
-            lane=lane,
-        )
+    def __init__(self, target: str, options: ObserveOptions | None = None) -> None:
+        self.observer = build_observer(target, options)
 
     def __repr__(self) -> str:
         return f"<AffinityInterceptor {self.observer!r}>"
@@ -146,6 +106,9 @@ class AffinityInterceptor(
         )
 
 
-def affinity_interceptors(target: str, **kwargs: Any) -> list[AffinityInterceptor]:
-    """The interceptors to pass to ``grpc.intercept_channel(channel, *...)``; see the class."""
-    return [AffinityInterceptor(target, **kwargs)]
+def affinity_interceptors(
+    target: str, options: ObserveOptions | None = None
+) -> list[AffinityInterceptor]:
+    """The interceptors to pass to ``grpc.intercept_channel(channel, *...)``: one for a sync
+    channel (``grpc_balance_mw.aio.affinity_interceptors`` gives the four aio needs)."""
+    return [AffinityInterceptor(target, options)]

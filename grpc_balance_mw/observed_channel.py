@@ -1,248 +1,42 @@
-"""An observing ``grpc.Channel`` (sync): see which pod served each call, without an interceptor.
+"""The way in (sync): ``observe(channel)`` sees which pod served each call, without interceptors.
 
 Usage::
 
-    channel = observe_channel(
-        grpc.insecure_channel("charge-points.ev.svc:50051"),
-        "charge-points.ev.svc:50051",
-        expected_pods=3,
-    )
+    channel = observe(grpc.insecure_channel("charge-points.ev.svc:50051"),
+                      ObserveOptions(expected_pods=3, telemetry=AffinityTelemetry()))
     stub = ChargePointsStub(channel)
     ...
     channel.detector.snapshot()
 
-It feeds the same :class:`CallObserver` as :class:`~grpc_balance_mw.client.AffinityInterceptor`
-but wraps the inner channel's multicallables directly: ``grpc.intercept_channel`` wraps every
-call in a client-call-details object, a continuation closure and an outcome future, which alone
-costs about 8 % of a warm unary call on loopback (see ``python -m
-grpc_balance_mw.bench.interceptors``). Stubs and ``grpc.intercept_channel`` accept it as they
-accept any channel; put opentelemetry-instrumentation-grpc's interceptor outside it so its span is
-enriched rather than a second one made. Sync only: ``grpc.aio`` channels are observed through
-:mod:`grpc_balance_mw.aio.client`'s interceptors.
+:class:`ObservedChannel` feeds the same :class:`CallObserver` as the interceptor form
+(:func:`grpc_balance_mw.client.affinity_interceptors`) but wraps the inner channel's
+multicallables directly: ``grpc.intercept_channel`` wraps every call in a client-call-details
+object, a continuation closure and an outcome future, which alone costs about 8 % of a warm unary
+call on loopback (``grpc-balance overhead``). Stubs and ``grpc.intercept_channel`` accept it as
+they accept any channel. opentelemetry-instrumentation-grpc's interceptor, when the
+instrumentor put it on the channel, is moved back outside this wrapper so its span gets the pod.
 
 Without telemetry, the plain ``__call__`` of unary-response methods (the common call) counts the
 call straight into the observer (``CallObserver.count``) without an ``ObservedCall``.
-
-This module also holds what the sync interceptor shares with the channel: building the observer,
-finishing a unary call and the observed response stream.
 """
 
 from __future__ import annotations
 
 import inspect
-import itertools
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import grpc
 
-from grpc_balance_mw.affinity.config import AffinityConfig
 from grpc_balance_mw.affinity.detector import AffinityDetector
-from grpc_balance_mw.affinity.observer import CallObserver, CallTelemetry, ObservedCall
-from grpc_balance_mw.affinity.registry import AffinityRegistry, default_registry
+from grpc_balance_mw.affinity.observer import CallObserver
+from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.instrumentation import ObservedCore, instrumentation_parts
-from grpc_balance_mw.probe import PodProbe, resolve_in_background
+from grpc_balance_mw.observed_calls import ObservedStream, as_call, final_headers, finish_call
+from grpc_balance_mw.observing import ObserveOptions, build_observer, channel_target
 
-__all__ = [
-    "ObservedChannel",
-    "ObservedStream",
-    "as_call",
-    "build_observer",
-    "finish_call",
-    "headers_now",
-    "observe_channel",
-]
-
-_lanes = itertools.count()
-
-
-def build_observer(
-    target: str,
-    *,
-    config: AffinityConfig | None,
-    expected_pods: int | None,
-    telemetry: CallTelemetry | None,
-    probe: PodProbe | bool,
-    registry: AffinityRegistry | None,
-    lane: str | None,
-) -> CallObserver:
-    """The shared core behind one set of interceptors (sync or aio) or one observed channel."""
-    detector = (registry if registry is not None else default_registry).detector(target, config)
-    if expected_pods is not None:
-        detector.expected_pods = expected_pods
-    pod_probe = PodProbe(target, detector) if probe is True else probe or None
-    resolve_in_background(detector)
-    return CallObserver(
-        detector,
-        telemetry=telemetry,
-        probe=pod_probe,
-        lane=lane if lane is not None else f"lane-{next(_lanes)}",
-        owns_probe=probe is True,
-    )
-
-
-def _code(call: Any) -> int | None:
-    code = call.code()
-    return code.value[0] if code is not None else None
-
-
-def _initial_metadata(call: Any) -> Any:
-    """``call.initial_metadata()`` of a call that has ended, read in the caller's thread.
-
-    grpcio's public method takes the call's condition and builds a closure to wait on it, which
-    is a measurable part of the 3 % budget of a warm unary call; once the call has ended (as
-    after a successful ``with_call``) the metadata is final and can be read off its state. Any
-    other kind of call, or a grpcio without that state, goes through the public method, which may
-    wait: never call this from a done-callback (see :func:`headers_now`).
-    """
-    metadata = getattr(getattr(call, "_state", None), "initial_metadata", None)
-    return metadata if metadata is not None else call.initial_metadata()
-
-
-def headers_now(call: Any) -> Any:
-    """The initial metadata a call has received so far, without waiting; None if none yet.
-
-    For done-callbacks. grpcio runs them on the channel's own event thread, and its
-    ``initial_metadata()`` waits for an event that only that thread delivers: a stream that ends
-    before any response header (UNIMPLEMENTED, a killed pod, a trailers-only abort) would block
-    that thread past the call's deadline and wedge every later call on the channel. A call that
-    ended without headers had a trailers-only response, so the pod, if any, is in its trailers.
-    The state is found on grpcio's calls, through interceptor outcomes (``_call``) and through
-    :class:`ObservedStream`; any other kind of call answers None rather than risk the wait.
-    """
-    for _ in range(4):
-        state = getattr(call, "_state", None)
-        if state is not None:
-            return getattr(state, "initial_metadata", None)
-        call = getattr(call, "_call", None)
-        if call is None:
-            break
-    return None
-
-
-def finish_call(
-    observed: ObservedCall, call: Any, *, headers: Callable[[Any], Any] = headers_now
-) -> None:
-    """Count a finished unary-response call; ``call`` is its ``grpc.Call``, or None if the call
-    failed before it was one (e.g. the request did not serialize): no pod, no status.
-
-    Safe as a done-callback: by default it never waits on the call (see :func:`headers_now`);
-    the caller's thread may pass ``headers=_initial_metadata`` once the call has ended.
-    """
-    if call is None:
-        observed.finish(None, None, None)
-    elif observed.observer.telemetry is None:
-        # Detection only needs the pod: no status code.
-        observed.finish(headers(call), call.trailing_metadata, None)
-    else:
-        observed.finish(headers(call), call.trailing_metadata(), _code(call))
-
-
-def as_call(error: BaseException) -> Any:
-    """The call an error raised by a call stands for: a failed call's RpcError is its
-    ``grpc.Call``; anything else (e.g. a request that did not serialize) is None for
-    :func:`finish_call`."""
-    return error if isinstance(error, grpc.Call) else None
-
-
-class ObservedStream(grpc.Call, grpc.Future):  # type: ignore[misc]
-    """A response stream that tells the observer its pod at the first message and its end.
-
-    The end is seen in the caller's thread (``StopIteration`` or the error) so telemetry is done
-    before an outer interceptor ends its span; a done-callback covers streams that are cancelled
-    or dropped before the end. Whichever comes first finishes the call, once.
-    """
-
-    def __init__(self, call: Any, observed: ObservedCall) -> None:
-        self._call = call
-        self._observed = observed
-        self._first = True
-        self._finished = False
-        self._lock = threading.Lock()
-        call.add_done_callback(self._done)
-
-    def _claim(self) -> bool:
-        """Whether this caller is the one to finish the call (the lock is never held while
-        reading the call, so grpc's thread never waits behind a caller that waits on it)."""
-        with self._lock:
-            if self._finished:
-                return False
-            self._finished = True
-            return True
-
-    def _done(self, _call: Any) -> None:
-        # On grpc's channel thread: read what the call has, never wait (see headers_now).
-        if self._claim():
-            call = self._call
-            self._observed.finish(headers_now(call), call.trailing_metadata(), _code(call))
-
-    def __iter__(self) -> Iterator[Any]:
-        return self
-
-    def __next__(self) -> Any:
-        try:
-            response = next(self._call)
-        except (StopIteration, grpc.RpcError):
-            if self._claim():  # the caller's thread: waiting for the headers is safe here
-                call = self._call
-                self._observed.finish(
-                    _initial_metadata(call), call.trailing_metadata(), _code(call)
-                )
-            raise
-        if self._first:
-            self._first = False
-            self._observed.saw_initial_metadata(self._call.initial_metadata())
-        return response
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._call, name)
-
-    def initial_metadata(self) -> Any:
-        return self._call.initial_metadata()
-
-    def trailing_metadata(self) -> Any:
-        return self._call.trailing_metadata()
-
-    def code(self) -> Any:
-        return self._call.code()
-
-    def details(self) -> Any:
-        return self._call.details()
-
-    def is_active(self) -> Any:
-        return self._call.is_active()
-
-    def time_remaining(self) -> Any:
-        return self._call.time_remaining()
-
-    def cancel(self) -> Any:
-        return self._call.cancel()
-
-    def add_callback(self, callback: Any) -> Any:
-        return self._call.add_callback(callback)
-
-    def cancelled(self) -> Any:
-        return self._call.cancelled()
-
-    def running(self) -> Any:
-        return self._call.running()
-
-    def done(self) -> Any:
-        return self._call.done()
-
-    def result(self, timeout: float | None = None) -> Any:
-        return self._call.result(timeout)
-
-    def exception(self, timeout: float | None = None) -> Any:
-        return self._call.exception(timeout)
-
-    def traceback(self, timeout: float | None = None) -> Any:
-        return self._call.traceback(timeout)
-
-    def add_done_callback(self, fn: Any) -> None:
-        self._call.add_done_callback(lambda _call: fn(self))
+__all__ = ["ObservedChannel", "observe"]
 
 
 class _Observed:
@@ -293,7 +87,7 @@ class _UnaryResponse(_Observed):
             call = as_call(error)
             raise
         finally:  # the call has ended: its headers are final, or are read in this thread
-            finish_call(observed, call, headers=_initial_metadata)
+            finish_call(observed, call, headers=final_headers)
         return response, call
 
     def future(
@@ -342,10 +136,10 @@ class _CountedUnaryResponse(_UnaryResponse):
                 observer.count(started, self._stream, None, None)
             else:
                 observer.count(
-                    started, self._stream, _initial_metadata(failed), failed.trailing_metadata
+                    started, self._stream, final_headers(failed), failed.trailing_metadata
                 )
             raise
-        observer.count(started, self._stream, _initial_metadata(call), call.trailing_metadata)
+        observer.count(started, self._stream, final_headers(call), call.trailing_metadata)
         return response
 
 
@@ -559,38 +353,24 @@ class ObservedChannel(grpc.Channel):  # type: ignore[misc]
         self.close()
 
 
-def observe_channel(
-    channel: grpc.Channel,
-    target: str,
-    *,
-    config: AffinityConfig | None = None,
-    expected_pods: int | None = None,
-    telemetry: CallTelemetry | None = None,
-    probe: PodProbe | bool = False,
-    registry: AffinityRegistry | None = None,
-    lane: str | None = None,
+def observe(
+    channel: grpc.Channel, options: ObserveOptions | None = None, *, target: str | None = None
 ) -> ObservedChannel:
-    """Wrap ``channel`` so every call feeds ``target``'s affinity detector; sync channels only.
+    """``channel``, observed: every call feeds its target's affinity detector; sync channels.
 
     Args:
-        channel: a sync ``grpc.Channel`` (or an intercepted one); closed with the wrapper.
-        target: the channel's target string (a channel cannot be asked for it); the detector is
-            per target, the probe dials it.
-        config: thresholds and windows; the first config given for a target wins.
-        expected_pods: how many pods the target should have, if known.
-        telemetry: an ``AffinityTelemetry`` for spans, metrics and alarms; None: detection only.
-        probe: True for a :class:`PodProbe` with defaults, stopped when the channel is closed;
-            or a configured one, which is yours to ``stop()``.
-        registry: where the target's detector lives; default the process-wide registry.
-        lane: the connection's name in telemetry; default ``lane-N``.
+        channel: a ``grpc.Channel`` (plain, intercepted or instrumented); closed with the result.
+        options: what to observe with (expected pods, telemetry, probe...); defaults need none.
+        target: the channel's target string, only for a channel whose target grpcio does not
+            tell (a channel class of your own); read from the channel otherwise.
+
+    Raises:
+        ConfigurationError: the target could not be learned from ``channel`` and was not given.
     """
-    observer = build_observer(
-        target,
-        config=config,
-        expected_pods=expected_pods,
-        telemetry=telemetry,
-        probe=probe,
-        registry=registry,
-        lane=lane,
-    )
-    return ObservedChannel(channel, observer)
+    if target is None:
+        target = channel_target(channel)
+        if target is None:
+            raise ConfigurationError(
+                f"cannot tell the target of {type(channel).__name__}: pass observe(..., target=...)"
+            )
+    return ObservedChannel(channel, build_observer(target, options))

@@ -33,7 +33,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from grpc_balance_mw.affinity import forking
 from grpc_balance_mw.affinity.advice import Cause
@@ -41,6 +40,7 @@ from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.targets import literal_addresses
 from grpc_balance_mw.errors import ConfigurationError, MalformedPodHeader
 from grpc_balance_mw.headless import DnsTarget, parse_dns_target, resolve_addresses
+from grpc_balance_mw.health_check import check_method
 from grpc_balance_mw.identity import pod_from_metadata
 
 _log = logging.getLogger(__name__)
@@ -225,8 +225,7 @@ class PodProbe:
                 return None
             self._dialing = channel  # for stop() to close
         try:
-            check = health_pb2_grpc.HealthStub(channel).Check
-            _, call = check.with_call(health_pb2.HealthCheckRequest(), timeout=self.timeout_s)
+            _, call = check_method(channel).with_call("", timeout=self.timeout_s)
             identity = pod_from_metadata(call.initial_metadata()) or pod_from_metadata(
                 call.trailing_metadata()
             )

@@ -19,9 +19,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
 
-from grpc_balance_mw._health import HealthReport
+from grpc_balance_mw._health import HealthReport, require_health_checking
 from grpc_balance_mw._stamping import StampedStatus, handler_kind, rebuild_handler
 from grpc_balance_mw.identity import PodIdentity, merge_identity
 
@@ -136,7 +135,7 @@ class PodIdentityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 class PodHealth(HealthReport):
     """The standard ``grpc.health.v1`` service of one server, flipped to NOT_SERVING on shutdown."""
 
-    def __init__(self, servicer: health.HealthServicer, services: tuple[str, ...]) -> None:
+    def __init__(self, servicer: Any, services: tuple[str, ...]) -> None:
         super().__init__(services)
         self.servicer = servicer
 
@@ -163,6 +162,9 @@ def add_health(server: grpc.Server, services: tuple[str, ...] = ()) -> PodHealth
         server: a ``grpc.server``, before ``start()``.
         services: fully qualified service names to report besides the server as a whole.
     """
+    require_health_checking()
+    from grpc_health.v1 import health, health_pb2_grpc
+
     servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     pod_health = PodHealth(servicer, tuple(services))

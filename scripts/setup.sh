@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian/Ubuntu machine for grpc_balance_mw: the local cluster's system parts
 # (haproxy, dnsmasq, iptables, iproute2) and a virtualenv at .venv with the package and its
-# test/dev extras. Idempotent: a second run installs nothing new. Source it or run it.
+# test/dev extras. Idempotent: a second run installs nothing unless pyproject.toml changed.
+# Says what it does, one line per step on stderr; pip's own output goes to .venv/setup.log.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+say() { echo "setup: $*" >&2; }
 
 missing=()
 for tool in haproxy:haproxy dnsmasq:dnsmasq-base nginx:nginx-light iptables:iptables ip:iproute2; do
@@ -11,17 +14,35 @@ for tool in haproxy:haproxy dnsmasq:dnsmasq-base nginx:nginx-light iptables:ipta
 done
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]]; then
-        echo "setup: installing ${missing[*]}" >&2
+        say "installing ${missing[*]} with apt-get (the local cluster's parts)"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     else
-        echo "setup: not root, cannot install ${missing[*]}: cluster tests will skip" >&2
+        say "not root, cannot install ${missing[*]}: cluster tests will skip"
     fi
 fi
 
-if [[ ! -x "$ROOT/.venv/bin/python" ]]; then
-    python3 -m venv "$ROOT/.venv"
+if [[ ! -x "$VENV/bin/python" ]]; then
+    say "creating the virtualenv $VENV"
+    python3 -m venv "$VENV"
 fi
-"$ROOT/.venv/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-"$ROOT/.venv/bin/python" -m pip install -q -e "$ROOT[dev]"
+
+# Reinstall only when what pip would read changed (and the package still imports).
+stamp="$VENV/.setup-stamp"
+want="$(cat "$ROOT/pyproject.toml" <("$VENV/bin/python" -V) | sha256sum | cut -c1-16) $ROOT"
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] &&
+    "$VENV/bin/python" -c "import grpc_balance_mw.cli" 2>/dev/null; then
+    say ".venv is up to date (pyproject.toml unchanged)"
+    exit 0
+fi
+log="$VENV/setup.log"
+say "installing grpc_balance_mw[dev] into .venv, editable (the first time takes about a minute; log: .venv/setup.log)"
+if ! { "$VENV/bin/python" -m pip install --upgrade pip &&
+    "$VENV/bin/python" -m pip install -e "$ROOT[dev]"; } >"$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    say "pip failed; the whole log is in $log"
+    exit 1
+fi
+echo "$want" >"$stamp"
+say "done"

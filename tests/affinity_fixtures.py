@@ -13,11 +13,13 @@ from calls import Seen, call_aio, call_sync
 from grpc_balance_mw import server as sync_server
 from grpc_balance_mw.affinity import AffinityConfig
 from grpc_balance_mw.aio import client as aio_client
-from grpc_balance_mw.client import AffinityInterceptor, observe_channel
-from grpc_balance_mw.demo.servicer import SyncChargePointsServicer
-from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
+from grpc_balance_mw.client import AffinityInterceptor
 from grpc_balance_mw.identity import PodIdentity
+from grpc_balance_mw.observed_channel import observe
+from grpc_balance_mw.observing import ObserveOptions
+from grpc_balance_mw.testing.charge_points.servicer import SyncChargePointsServicer
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
 #: For tests that count calls from the first one: no warm-up (``AffinityConfig.warmup_s``).
 NO_WARMUP = AffinityConfig(warmup_s=0)
@@ -37,9 +39,9 @@ def observe_sync(channel: grpc.Channel, target: str, wrapper: str, **kwargs: Any
         (the observed channel, the object that has the detector)
     """
     if wrapper == "channel":
-        observed = observe_channel(channel, target, **kwargs)
+        observed = observe(channel, ObserveOptions(**kwargs), target=target)
         return observed, observed
-    interceptor = AffinityInterceptor(target, **kwargs)
+    interceptor = AffinityInterceptor(target, ObserveOptions(**kwargs))
     return grpc.intercept_channel(channel, interceptor), interceptor
 
 
@@ -92,7 +94,7 @@ async def call_twice(
             return seen_bare, seen, watcher
 
         return await asyncio.to_thread(run)
-    interceptor = aio_client.AffinityInterceptor(target, **interceptor_kwargs)
+    interceptor = aio_client.AffinityInterceptors(target, ObserveOptions(**interceptor_kwargs))
     async with grpc.aio.insecure_channel(target) as bare:
         seen_bare = await call_aio(bare, kind, fail)
     async with grpc.aio.insecure_channel(target, interceptors=interceptor.interceptors) as channel:

@@ -8,8 +8,8 @@ from typing import Any
 
 import grpc
 
-from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
 CALL_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 OK, ABORT, RAISE = 0, grpc.StatusCode.FAILED_PRECONDITION.value[0], -1
@@ -81,7 +81,8 @@ async def call_aio(
         pass
     return Seen(
         await call.code(),
-        dict(await call.initial_metadata() or ()),
-        dict(await call.trailing_metadata() or ()),
+        # dict() of the pairs: grpcio < 1.63's aio Metadata.keys() yields pairs, not keys
+        dict(tuple(await call.initial_metadata() or ())),
+        dict(tuple(await call.trailing_metadata() or ())),
         responses,
     )

@@ -11,13 +11,13 @@ import pytest
 
 from grpc_balance_mw import server as sync_server
 from grpc_balance_mw.aio import server as aio_server
-from grpc_balance_mw.demo.servicer import (
+from grpc_balance_mw.identity import PodIdentity
+from grpc_balance_mw.testing.charge_points.servicer import (
     SERVICE_NAME,
     ChargePointsServicer,
     SyncChargePointsServicer,
 )
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
-from grpc_balance_mw.identity import PodIdentity
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
 

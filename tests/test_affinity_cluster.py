@@ -28,6 +28,7 @@ from grpc_balance_mw.affinity import (
 )
 from grpc_balance_mw.aio import client as aio_client
 from grpc_balance_mw.client import AffinityInterceptor
+from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.probe import PodProbe
 from grpc_balance_mw.telemetry import AffinityTelemetry
 from grpc_balance_mw.testing import LocalCluster, missing_components
@@ -86,7 +87,7 @@ async def drive(
             return len(codes), watcher.detector, codes
 
         return await asyncio.to_thread(run)
-    interceptor = aio_client.AffinityInterceptor(target, **interceptor_kwargs)
+    interceptor = aio_client.AffinityInterceptors(target, ObserveOptions(**interceptor_kwargs))
     async with grpc.aio.insecure_channel(
         target, options=options, interceptors=interceptor.interceptors
     ) as channel:
@@ -222,9 +223,11 @@ def test_a_pod_killed_mid_run_is_handled() -> None:
     with LocalCluster(pods=3, service="userspace", dns=None) as cluster:
         interceptor = AffinityInterceptor(
             cluster.service_target,
-            registry=AffinityRegistry(NO_WARMUP),
-            expected_pods=3,
-            telemetry=AffinityTelemetry(spans=False, metrics=False, on_alarm=alarms),
+            ObserveOptions(
+                registry=AffinityRegistry(NO_WARMUP),
+                expected_pods=3,
+                telemetry=AffinityTelemetry(spans=False, metrics=False, on_alarm=alarms),
+            ),
         )
         codes: list[grpc.StatusCode] = []
         with grpc.insecure_channel(cluster.service_target) as channel:

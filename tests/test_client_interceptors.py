@@ -23,9 +23,11 @@ from conftest import IDENTITY, AioPod, SyncPod
 
 from grpc_balance_mw.affinity import AffinityRegistry, AffinityState
 from grpc_balance_mw.aio import client as aio_client
-from grpc_balance_mw.client import AffinityInterceptor, ObservedChannel, observe_channel
-from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
+from grpc_balance_mw.client import AffinityInterceptor
+from grpc_balance_mw.observed_channel import ObservedChannel, observe
+from grpc_balance_mw.observing import ObserveOptions
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
 
 @pytest.fixture(params=MODES)
@@ -199,11 +201,10 @@ class _NoopInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
 
 def test_the_observed_channel_is_a_channel_that_interceptors_accept(sync_pod: SyncPod) -> None:
     states: list[grpc.ChannelConnectivity] = []
-    with observe_channel(
+    with observe(
         grpc.insecure_channel(sync_pod.target),
-        sync_pod.target,
-        registry=AffinityRegistry(NO_WARMUP),
-        lane="l0",
+        ObserveOptions(registry=AffinityRegistry(NO_WARMUP), lane="l0"),
+        target=sync_pod.target,
     ) as observed:
         assert isinstance(observed, (grpc.Channel, ObservedChannel))
         assert "lane=l0" in repr(observed)
@@ -256,18 +257,18 @@ class _PreRegistrationChannel(grpc.Channel):  # type: ignore[misc]
 
 def test_generated_stubs_work_over_a_channel_without_registered_methods(sync_pod: SyncPod) -> None:
     # generated stubs pass _registered_method=True; this inner channel would reject it
-    with observe_channel(
+    with observe(
         _PreRegistrationChannel(grpc.insecure_channel(sync_pod.target)),
-        sync_pod.target,
-        registry=AffinityRegistry(NO_WARMUP),
+        ObserveOptions(registry=AffinityRegistry(NO_WARMUP)),
+        target=sync_pod.target,
     ) as observed:
         assert {call_sync(observed, kind).code for kind in CALL_KINDS} == {grpc.StatusCode.OK}
     assert observed.detector.snapshot().pods[IDENTITY.name].calls == 4
 
 
 async def test_aio_cancelled_stream(aio_pod: AioPod) -> None:
-    interceptor = aio_client.AffinityInterceptor(
-        aio_pod.target, registry=AffinityRegistry(NO_WARMUP)
+    interceptor = aio_client.AffinityInterceptors(
+        aio_pod.target, ObserveOptions(registry=AffinityRegistry(NO_WARMUP))
     )
     assert len(interceptor.interceptors) == 4
     async with grpc.aio.insecure_channel(
@@ -285,7 +286,7 @@ async def test_aio_cancelled_stream(aio_pod: AioPod) -> None:
 
 def test_sync_interceptor_is_one_object_for_all_kinds() -> None:
     interceptor = AffinityInterceptor(
-        "127.0.0.1:1", registry=AffinityRegistry(NO_WARMUP), lane="l0"
+        "127.0.0.1:1", ObserveOptions(registry=AffinityRegistry(NO_WARMUP), lane="l0")
     )
     for kind in (
         grpc.UnaryUnaryClientInterceptor,

@@ -11,8 +11,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
 from grpc_balance_mw.dns_message import (
     NOERROR,
     NXDOMAIN,
@@ -25,6 +23,8 @@ from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.identity import pod_from_metadata
 from grpc_balance_mw.testing import ClusterError, LocalCluster, missing_components
 from grpc_balance_mw.testing import cluster as cluster_module
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 from grpc_balance_mw.testing.pytest_plugin import require_components
 
 Factory = Callable[..., LocalCluster]

@@ -13,11 +13,11 @@ import grpc
 import pytest
 from calls import CALL_KINDS, call_sync
 
-from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
 from grpc_balance_mw.dns_message import lookup_a
 from grpc_balance_mw.identity import pod_from_metadata
 from grpc_balance_mw.testing import LocalCluster
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.cluster
 

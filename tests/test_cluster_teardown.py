@@ -8,7 +8,12 @@ from pathlib import Path
 from grpc_balance_mw.testing import live_children
 from grpc_balance_mw.testing.netns import live_namespaces
 
-_OURS = ("grpc_balance_mw.demo.pod", "grpc_balance_mw.testing", "haproxy", "dnsmasq")
+_OURS = (
+    "grpc_balance_mw.testing.charge_points.pod",
+    "grpc_balance_mw.testing",
+    "haproxy",
+    "dnsmasq",
+)
 
 
 def children_of_this_process() -> list[str]:

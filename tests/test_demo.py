@@ -16,7 +16,7 @@ pytestmark = pytest.mark.cluster
 def test_demo_shows_pinning_then_the_fix() -> None:
     require(not missing_components(l7="haproxy"), "haproxy is not installed")
     done = subprocess.run(
-        [sys.executable, "-m", "grpc_balance_mw.demo", "--calls", "300", "--rate", "250"],
+        [sys.executable, "-m", "grpc_balance_mw.cli", "demo", "--calls", "300", "--rate", "250"],
         capture_output=True,
         text=True,
         timeout=120,

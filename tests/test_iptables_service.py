@@ -22,11 +22,11 @@ import grpc
 import pytest
 from conftest import require
 
-from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
-from grpc_balance_mw.demo.v1 import pod_admin_pb2 as admin_pb
-from grpc_balance_mw.demo.v1 import pod_admin_pb2_grpc as admin_grpc
 from grpc_balance_mw.identity import pod_from_metadata
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
+from grpc_balance_mw.testing.charge_points.v1 import pod_admin_pb2 as admin_pb
+from grpc_balance_mw.testing.charge_points.v1 import pod_admin_pb2_grpc as admin_grpc
 from grpc_balance_mw.testing.kube_proxy import IptablesService, KubeProxy, saved_probability
 from grpc_balance_mw.testing.netns import (
     Bridge,
@@ -70,7 +70,13 @@ def start_pods(netns: NetworkNamespace, names: list[str], first_ip: int) -> list
     started = []
     for offset, name in enumerate(names):
         ip = f"127.0.1.{first_ip + offset}"
-        argv = [sys.executable, "-m", "grpc_balance_mw.demo.pod", "--pod-name", name]
+        argv = [
+            sys.executable,
+            "-m",
+            "grpc_balance_mw.testing.charge_points.pod",
+            "--pod-name",
+            name,
+        ]
         started.append((name, ip, netns.spawn([*argv, "--bind", f"{ip}:0"])))
     pods = []
     for name, ip, process in started:

@@ -13,7 +13,9 @@ import pytest
 
 from grpc_balance_mw.affinity import AffinityRegistry, default_registry
 from grpc_balance_mw.aio import client as aio_client
-from grpc_balance_mw.client import AffinityInterceptor, observe_channel
+from grpc_balance_mw.client import AffinityInterceptor
+from grpc_balance_mw.observed_channel import observe
+from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.probe import PodProbe
 from grpc_balance_mw.telemetry import AffinityTelemetry
 
@@ -25,7 +27,9 @@ def test_the_default_registry_and_telemetry_let_go_of_closed_channels() -> None:
     before = len(default_registry)
     for i in range(300):
         target = f"lifetime-{i}.invalid:1"
-        with observe_channel(grpc.insecure_channel(target), target, telemetry=telemetry):
+        with observe(
+            grpc.insecure_channel(target), ObserveOptions(telemetry=telemetry), target=target
+        ):
             pass
     gc.collect()
     # Only the keep_recent targets used last stay, for channels made per call to share.
@@ -35,7 +39,11 @@ def test_the_default_registry_and_telemetry_let_go_of_closed_channels() -> None:
 
 def test_a_live_channel_keeps_its_detector_and_new_channels_share_it() -> None:
     registry = AffinityRegistry(keep_recent=2)
-    kept = observe_channel(grpc.insecure_channel("a.invalid:1"), "a.invalid:1", registry=registry)
+    kept = observe(
+        grpc.insecure_channel("a.invalid:1"),
+        ObserveOptions(registry=registry),
+        target="a.invalid:1",
+    )
     for i in range(20):
         registry.detector(f"other-{i}.invalid:1")
     gc.collect()
@@ -82,13 +90,17 @@ def test_closing_ends_a_probe_round_in_flight(black_hole: BlackHole, owner: str)
     registry = AffinityRegistry()
     target = black_hole.target
     if owner == "channel":
-        observed: Any = observe_channel(
-            grpc.insecure_channel(target), target, probe=True, registry=registry
+        observed: Any = observe(
+            grpc.insecure_channel(target),
+            ObserveOptions(probe=True, registry=registry),
+            target=target,
         )
     elif owner == "interceptor":
-        observed = AffinityInterceptor(target, probe=True, registry=registry)
+        observed = AffinityInterceptor(target, ObserveOptions(probe=True, registry=registry))
     else:
-        observed = aio_client.AffinityInterceptor(target, probe=True, registry=registry)
+        observed = aio_client.AffinityInterceptors(
+            target, ObserveOptions(probe=True, registry=registry)
+        )
     probe = observed.observer.probe
     assert isinstance(probe, PodProbe)
     probe.timeout_s = probe_timeout_s
@@ -104,8 +116,10 @@ def test_closing_ends_a_probe_round_in_flight(black_hole: BlackHole, owner: str)
 def test_a_probe_passed_in_is_the_callers_to_stop(black_hole: BlackHole) -> None:
     registry = AffinityRegistry()
     probe = PodProbe(black_hole.target, registry.detector(black_hole.target))
-    observe_channel(
-        grpc.insecure_channel(black_hole.target), black_hole.target, probe=probe, registry=registry
+    observe(
+        grpc.insecure_channel(black_hole.target),
+        ObserveOptions(probe=probe, registry=registry),
+        target=black_hole.target,
     ).close()
     assert not probe.stopped
     probe.stop()

@@ -185,8 +185,8 @@ def test_unknown_method_is_left_to_grpc() -> None:
 
 
 def test_stamping_survives_client_cancellation() -> None:
-    from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
-    from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
+    from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
+    from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
     pod = SyncPod()
     with grpc.insecure_channel(pod.target) as channel:

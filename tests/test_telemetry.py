@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Iterator
+from importlib import metadata
 from typing import Any
 
 import grpc
@@ -35,9 +37,8 @@ from grpc_balance_mw.affinity import (
     Transition,
 )
 from grpc_balance_mw.aio import client as aio_client
-from grpc_balance_mw.client import observe_channel
-from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
+from grpc_balance_mw.observed_channel import observe
+from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.telemetry import (
     ATTR_CAUSE,
     ATTR_LANE,
@@ -50,6 +51,8 @@ from grpc_balance_mw.telemetry import (
     AffinityTelemetry,
     server_address,
 )
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
 FAST = AffinityConfig(min_samples=5, dwell_calls=2, warmup_s=0)
 METHODS = {
@@ -58,6 +61,12 @@ METHODS = {
     "stream_unary": "UploadMeterValues",
     "stream_stream": "Session",
 }
+
+#: opentelemetry-instrumentation-grpc's (major, minor): the floors run tests an old one.
+_OTEL_GRPC = tuple(
+    int(part)
+    for part in re.findall(r"\d+", metadata.version("opentelemetry-instrumentation-grpc"))[:2]
+)
 
 
 @pytest.fixture
@@ -127,11 +136,10 @@ def test_a_plain_call_through_the_channel_wrapper_has_its_span(
     fail: int, sync_pod: SyncPod, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
     telemetry = AffinityTelemetry(tracer_provider=tracer_provider, metrics=False)
-    with observe_channel(
+    with observe(
         grpc.insecure_channel(sync_pod.target),
-        sync_pod.target,
-        registry=AffinityRegistry(NO_WARMUP),
-        telemetry=telemetry,
+        ObserveOptions(registry=AffinityRegistry(NO_WARMUP), telemetry=telemetry),
+        target=sync_pod.target,
     ) as channel:
         request = pb.GetChargePointRequest(id="cp-1", fail_with_code=fail)
         with contextlib.suppress(grpc.RpcError):
@@ -152,6 +160,8 @@ def test_sync_enriches_the_instrumentation_span_instead_of_a_second(
     tracer_provider: TracerProvider,
     exporter: InMemorySpanExporter,
 ) -> None:
+    if kind == "stream_stream" and _OTEL_GRPC < (0, 62):
+        pytest.skip("otel-grpc < 0.62b0 turns a sync bidi call into a bare generator (their #1180)")
     theirs = client_interceptor(tracer_provider=tracer_provider)
     with grpc.insecure_channel(sync_pod.target) as channel:
         ours, _ = observe_sync(
@@ -180,10 +190,12 @@ def test_sync_enriches_the_instrumentation_span_instead_of_a_second(
 async def test_aio_enriches_the_instrumentation_span_instead_of_a_second(
     kind: str, aio_pod: AioPod, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
-    ours = aio_client.AffinityInterceptor(
+    ours = aio_client.AffinityInterceptors(
         aio_pod.target,
-        registry=AffinityRegistry(NO_WARMUP),
-        telemetry=AffinityTelemetry(tracer_provider=tracer_provider, metrics=False),
+        ObserveOptions(
+            registry=AffinityRegistry(NO_WARMUP),
+            telemetry=AffinityTelemetry(tracer_provider=tracer_provider, metrics=False),
+        ),
     )
     theirs = aio_client_interceptors(tracer_provider=tracer_provider)
     async with grpc.aio.insecure_channel(
@@ -257,10 +269,12 @@ async def test_aio_instrumentor_span_is_enriched(
     from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient
 
     instrumentor = GrpcAioInstrumentorClient()
-    ours = aio_client.AffinityInterceptor(
+    ours = aio_client.AffinityInterceptors(
         aio_pod.target,
-        registry=AffinityRegistry(NO_WARMUP),
-        telemetry=AffinityTelemetry(tracer_provider=tracer_provider, metrics=False),
+        ObserveOptions(
+            registry=AffinityRegistry(NO_WARMUP),
+            telemetry=AffinityTelemetry(tracer_provider=tracer_provider, metrics=False),
+        ),
     )
     with global_tracer_provider(tracer_provider):
         instrumentor.instrument(tracer_provider=tracer_provider)

@@ -1,16 +1,20 @@
-"""Observing client interceptors for ``grpc.aio`` channels: see which pod served each call.
+"""The interceptor form for ``grpc.aio``, for those who compose interceptors.
 
 Usage::
 
     channel = grpc.aio.insecure_channel(
         "charge-points.ev.svc:50051",
-        interceptors=affinity_interceptors("charge-points.ev.svc:50051", expected_pods=3),
+        interceptors=affinity_interceptors(
+            "charge-points.ev.svc:50051", ObserveOptions(expected_pods=3)
+        ),
     )
 
 ``grpc.aio`` registers an interceptor object under only the first call kind it implements, so
-:class:`AffinityInterceptor` hands out four objects, one per kind, that share one observer.
+:class:`AffinityInterceptors` hands out four objects, one per kind, that share one observer.
 Unary calls are observed inside the interceptor once they complete (as the caller awaits them
 anyway); streams are observed by a task of their own, so a streaming caller never waits for it.
+``grpc_balance_mw.aio.observe(channel)`` observes without interceptors, for less: prefer it unless
+you compose interceptors.
 """
 
 from __future__ import annotations
@@ -20,14 +24,11 @@ from typing import Any
 
 import grpc
 
-from grpc_balance_mw.affinity.config import AffinityConfig
 from grpc_balance_mw.affinity.detector import AffinityDetector
-from grpc_balance_mw.affinity.observer import CallObserver, CallTelemetry, ObservedCall
-from grpc_balance_mw.affinity.registry import AffinityRegistry
-from grpc_balance_mw.client import build_observer
-from grpc_balance_mw.probe import PodProbe
+from grpc_balance_mw.affinity.observer import CallObserver, ObservedCall
+from grpc_balance_mw.observing import ObserveOptions, build_observer
 
-__all__ = ["AffinityInterceptor", "affinity_interceptors"]
+__all__ = ["AffinityInterceptors", "affinity_interceptors"]
 
 _CANCELLED = grpc.StatusCode.CANCELLED.value[0]
 
@@ -47,7 +48,7 @@ async def _observe(call: Any, observed: ObservedCall) -> None:
 
 
 class _KindInterceptor:
-    def __init__(self, owner: AffinityInterceptor) -> None:
+    def __init__(self, owner: AffinityInterceptors) -> None:
         self._owner = owner
         self._observer = owner.observer
 
@@ -95,39 +96,29 @@ class _StreamStream(_KindInterceptor, grpc.aio.StreamStreamClientInterceptor):  
         return call
 
 
-class AffinityInterceptor:
-    """Observes all four call kinds on a ``grpc.aio`` channel; pass :attr:`interceptors`.
+class AffinityInterceptors:
+    """The four per-kind interceptors of a ``grpc.aio`` channel, sharing one observer.
+
+    ``grpc.aio`` registers an interceptor object under only the first call kind it implements,
+    so one object cannot serve all four: pass :attr:`interceptors` (or use
+    :func:`affinity_interceptors`).
 
     Args:
         target: the channel's target string; the detector is per target, the probe dials it.
-        config: thresholds and windows; the first config given for a target wins.
-        expected_pods: how many pods the target should have, if known.
-        telemetry: an ``AffinityTelemetry`` for spans, metrics and alarms; None: detection only.
-        probe: True for a :class:`PodProbe` with defaults, or a configured one (it runs on a
-            thread of its own, off the event loop).
-        registry: where the target's detector lives; default the process-wide registry.
-        lane: the connection's name in telemetry; default ``lane-N``.
+        options: what to observe with; a probe made for it (``probe=True``, on a thread of its
+            own, off the event loop) is stopped by :meth:`close`.
+        observer: an observer built already (``observe()`` shares its own); else one is built.
     """
 
     def __init__(
         self,
         target: str,
+        options: ObserveOptions | None = None,
         *,
-        config: AffinityConfig | None = None,
-        expected_pods: int | None = None,
-        telemetry: CallTelemetry | None = None,
-        probe: PodProbe | bool = False,
-        registry: AffinityRegistry | None = None,
-        lane: str | None = None,
+        observer: CallObserver | None = None,
     ) -> None:
-        self.observer: CallObserver = build_observer(
-            target,
-            config=config,
-            expected_pods=expected_pods,
-            telemetry=telemetry,
-            probe=probe,
-            registry=registry,
-            lane=lane,
+        self.observer: CallObserver = (
+            observer if observer is not None else build_observer(target, options)
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self.interceptors: list[grpc.aio.ClientInterceptor] = [
@@ -138,7 +129,7 @@ class AffinityInterceptor:
         ]
 
     def __repr__(self) -> str:
-        return f"<aio.AffinityInterceptor {self.observer!r}, {len(self._tasks)} streams followed>"
+        return f"<aio.AffinityInterceptors {self.observer!r}, {len(self._tasks)} streams followed>"
 
     @property
     def detector(self) -> AffinityDetector:
@@ -161,6 +152,9 @@ class AffinityInterceptor:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
 
-def affinity_interceptors(target: str, **kwargs: Any) -> list[grpc.aio.ClientInterceptor]:
-    """The four interceptors to pass as ``grpc.aio.*_channel(..., interceptors=...)``."""
-    return AffinityInterceptor(target, **kwargs).interceptors
+def affinity_interceptors(
+    target: str, options: ObserveOptions | None = None
+) -> list[grpc.aio.ClientInterceptor]:
+    """The interceptors to pass as ``grpc.aio.*_channel(..., interceptors=...)``: four, one per
+    call kind (``grpc_balance_mw.affinity_interceptors`` gives the one a sync channel needs)."""
+    return AffinityInterceptors(target, options).interceptors

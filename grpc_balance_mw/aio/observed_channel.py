@@ -1,4 +1,4 @@
-"""An observing ``grpc.aio.Channel``: see which pod served each call, without interceptors.
+"""The way in (``grpc.aio``): ``observe(channel)`` sees which pod served each call.
 
 It feeds the same :class:`CallObserver` as the sync channel wrapper. Each call is the inner
 channel's own call object, returned as it is; the wrapper only adds a done-callback that reads
@@ -22,8 +22,11 @@ import grpc
 
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.observer import CallObserver, ObservedCall
+from grpc_balance_mw.aio.client import AffinityInterceptors
+from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.observing import ObserveOptions, build_observer, channel_target
 
-__all__ = ["ObservedChannel"]
+__all__ = ["ObservedChannel", "observe"]
 
 _CANCELLED = grpc.StatusCode.CANCELLED.value[0]
 _INTERCEPTOR_LISTS = (
@@ -289,3 +292,31 @@ class ObservedChannel(grpc.aio.Channel):  # type: ignore[misc]
 
     async def __aexit__(self, *_exc: object) -> None:
         await self.close()
+
+
+def observe(
+    channel: grpc.aio.Channel, options: ObserveOptions | None = None, *, target: str | None = None
+) -> ObservedChannel:
+    """``channel``, observed: every call feeds its target's affinity detector; ``grpc.aio``.
+
+    The same as the sync ``grpc_balance_mw.observe``. A channel made with interceptors
+    (opentelemetry-instrumentation-grpc's aio instrumentor adds its own) gets this package's
+    per-kind interceptors appended after them, so their span is current when the pod is read and
+    is enriched rather than a second span made; a channel without any is observed by done-callbacks
+    alone, the cheaper way.
+
+    Raises:
+        ConfigurationError: the target could not be learned from ``channel`` and was not given.
+    """
+    if target is None:
+        target = channel_target(channel)
+        if target is None:
+            raise ConfigurationError(
+                f"cannot tell the target of {type(channel).__name__}: pass observe(..., target=...)"
+            )
+    observer = build_observer(target, options)
+    if has_interceptors(channel):
+        interceptors = AffinityInterceptors(target, observer=observer).interceptors
+        if append_interceptors(channel, interceptors):
+            return ObservedChannel(channel, observer, intercepted=True)
+    return ObservedChannel(channel, observer)

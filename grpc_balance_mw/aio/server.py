@@ -17,10 +17,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 
-from grpc_balance_mw._health import HealthReport
+from grpc_balance_mw._health import HealthReport, require_health_checking
 from grpc_balance_mw._stamping import StampedStatus, handler_kind, rebuild_handler
 from grpc_balance_mw.identity import PodIdentity, merge_identity
 
@@ -146,7 +144,7 @@ class PodIdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 class PodHealth(HealthReport):
     """The standard ``grpc.health.v1`` service of one aio server."""
 
-    def __init__(self, servicer: HealthServicer, services: tuple[str, ...]) -> None:
+    def __init__(self, servicer: Any, services: tuple[str, ...]) -> None:
         super().__init__(services)
         self.servicer = servicer
 
@@ -167,6 +165,10 @@ async def add_health(server: grpc.aio.Server, services: tuple[str, ...] = ()) ->
     See :func:`grpc_balance_mw.server.add_health`; ``await server.stop(grace)`` reports
     NOT_SERVING before the graceful stop begins.
     """
+    require_health_checking()
+    from grpc_health.v1 import health_pb2_grpc
+    from grpc_health.v1._async import HealthServicer
+
     servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     pod_health = PodHealth(servicer, tuple(services))

@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from grpc_balance_mw.errors import ConfigurationError, MalformedPodHeader
 from grpc_balance_mw.headless import (
@@ -39,6 +38,7 @@ from grpc_balance_mw.headless import (
     parse_dns_target,
     resolve_addresses,
 )
+from grpc_balance_mw.health_check import check_method
 from grpc_balance_mw.identity import pod_from_metadata
 
 __all__ = ["Findings", "Verdict", "diagnose", "judge", "run"]
@@ -301,12 +301,10 @@ def _sample(target: str, options: DoctorOptions, findings: Findings) -> Connecti
     connection = Connection()
     channel = _channel(target, options)
     try:
-        check = health_pb2_grpc.HealthStub(channel).Check
+        check = check_method(channel)
         for _ in range(options.checks_per_connection):
             try:
-                _, call = check.with_call(
-                    health_pb2.HealthCheckRequest(), timeout=options.timeout_s, wait_for_ready=True
-                )
+                _, call = check.with_call("", timeout=options.timeout_s, wait_for_ready=True)
                 initial, trailing = call.initial_metadata(), call.trailing_metadata()
             except grpc.RpcError as err:
                 initial, trailing = (), err.trailing_metadata()
@@ -376,49 +374,6 @@ def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials(
         read(args.ca_cert), read(args.client_key), read(args.client_cert)
     )
-
-
-def add_arguments(parser: argparse.ArgumentParser, bounded_int: Any, bounded_float: Any) -> None:
-    parser.add_argument("target", help="host:port, or dns:[//dns-server/]host:port")
-    parser.add_argument(
-        "--samples",
-        type=bounded_int(1, 200),
-        default=12,
-        help="fresh connections to sample (1..200)",
-    )
-    parser.add_argument(
-        "--checks", type=bounded_int(2, 20), default=4, help="health checks per connection (2..20)"
-    )
-    parser.add_argument(
-        "--timeout",
-        type=bounded_float(0.05, 60.0),
-        default=2.0,
-        help="seconds per DNS query, dial and check",
-    )
-    parser.add_argument(
-        "--max-seconds",
-        type=bounded_float(1.0, 600.0),
-        default=20.0,
-        help="stop sampling after this long",
-    )
-    parser.add_argument(
-        "--lb-policy",
-        choices=("pick_first", "round_robin"),
-        default="pick_first",
-        help="the load-balancing policy your client uses",
-    )
-    parser.add_argument(
-        "--expected-pods",
-        type=bounded_int(1, 10_000),
-        default=None,
-        help="the replicas the Deployment has, if known",
-    )
-    parser.add_argument("--tls", action="store_true", help="TLS with the system's roots")
-    parser.add_argument("--ca-cert", help="PEM file of the roots to trust")
-    parser.add_argument("--client-cert", help="PEM client certificate (mutual TLS)")
-    parser.add_argument("--client-key", help="PEM client key (mutual TLS)")
-    parser.add_argument("--server-name", help="the name to check the server's certificate for")
-    parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
 
 def render(findings: Findings, verdict: Verdict) -> str:

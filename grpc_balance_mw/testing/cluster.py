@@ -23,8 +23,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-from grpc_balance_mw.demo.v1 import pod_admin_pb2 as admin_pb
 from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.testing.charge_points.v1 import pod_admin_pb2 as admin_pb
 from grpc_balance_mw.testing.dns_server import EmbeddedDNS
 from grpc_balance_mw.testing.dnsmasq import DnsmasqDNS, dnsmasq_path
 from grpc_balance_mw.testing.endpoints import Endpoint, Frontend

@@ -1,7 +1,8 @@
 """Pods of the local cluster: real charge-points servers, one process each.
 
-A pod is :mod:`grpc_balance_mw.demo.pod` bound to its own loopback IP on the cluster's shared
-target port, so a headless Service can list it as an A record, as a real pod IP would be.
+A pod is :mod:`grpc_balance_mw.testing.charge_points.pod` bound to its own loopback IP on the
+cluster's shared target port, so a headless Service can list it as an A record, as a real pod
+IP would be.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Literal
 
 import grpc
 
-from grpc_balance_mw.demo.v1 import pod_admin_pb2 as admin_pb
-from grpc_balance_mw.demo.v1 import pod_admin_pb2_grpc as admin_grpc
+from grpc_balance_mw.testing.charge_points.v1 import pod_admin_pb2 as admin_pb
+from grpc_balance_mw.testing.charge_points.v1 import pod_admin_pb2_grpc as admin_grpc
 from grpc_balance_mw.testing.endpoints import Endpoint
 from grpc_balance_mw.testing.process import ChildProcess, ClusterError, python_module
 
@@ -112,7 +113,7 @@ class Pod:
         argv = [
             *self._launcher,
             *python_module(
-                "grpc_balance_mw.demo.pod",
+                "grpc_balance_mw.testing.charge_points.pod",
                 "--pod-name",
                 self.name,
                 "--pod-ip",

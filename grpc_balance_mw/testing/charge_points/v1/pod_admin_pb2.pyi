@@ -1,8 +1,7 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from typing import ClassVar as _ClassVar, Mapping as _Mapping, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -10,13 +9,13 @@ class GetStatsRequest(_message.Message):
     __slots__ = ("reset",)
     RESET_FIELD_NUMBER: _ClassVar[int]
     reset: bool
-    def __init__(self, reset: _Optional[bool] = ...) -> None: ...
+    def __init__(self, reset: bool = ...) -> None: ...
 
 class SetServingRequest(_message.Message):
     __slots__ = ("serving",)
     SERVING_FIELD_NUMBER: _ClassVar[int]
     serving: bool
-    def __init__(self, serving: _Optional[bool] = ...) -> None: ...
+    def __init__(self, serving: bool = ...) -> None: ...
 
 class ConfigureRequest(_message.Message):
     __slots__ = ("service_time_ms", "max_concurrent")
@@ -57,4 +56,4 @@ class PodStats(_message.Message):
     serving: bool
     service_time_ms: int
     max_concurrent: int
-    def __init__(self, pod_name: _Optional[str] = ..., calls: _Optional[_Mapping[str, int]] = ..., total_calls: _Optional[int] = ..., in_flight: _Optional[int] = ..., max_in_flight: _Optional[int] = ..., rejected: _Optional[int] = ..., messages_in: _Optional[int] = ..., messages_out: _Optional[int] = ..., serving: _Optional[bool] = ..., service_time_ms: _Optional[int] = ..., max_concurrent: _Optional[int] = ...) -> None: ...
+    def __init__(self, pod_name: _Optional[str] = ..., calls: _Optional[_Mapping[str, int]] = ..., total_calls: _Optional[int] = ..., in_flight: _Optional[int] = ..., max_in_flight: _Optional[int] = ..., rejected: _Optional[int] = ..., messages_in: _Optional[int] = ..., messages_out: _Optional[int] = ..., serving: bool = ..., service_time_ms: _Optional[int] = ..., max_concurrent: _Optional[int] = ...) -> None: ...

@@ -1,6 +1,6 @@
 """What observing costs: warm unary latency, bare vs detection vs spans vs the OTel interceptor.
 
-``python -m grpc_balance_mw.bench.interceptors [--rounds 10] [--calls 500]``
+``grpc-balance overhead [--rounds 10] [--calls 500]``
 
 One sync pod runs in a separate process (so the server does not share the client's GIL); the
 client makes warm unary calls over one connection through seven channel variants, interleaved in
@@ -9,12 +9,12 @@ rounds so drift in the machine's speed hits them all alike:
 * ``bare``: the plain channel;
 * ``noop-interceptor``: ``grpc.intercept_channel`` with an interceptor that does nothing, to
   tell grpcio's own interceptor machinery from what the observation adds on top of it;
-* ``detection``: :class:`AffinityInterceptor` without telemetry;
-* ``detection-channel``: the same observation through :func:`observe_channel`, a channel wrapper
+* ``detection``: :func:`affinity_interceptors` without telemetry;
+* ``detection-channel``: the same observation through :func:`observe`, a channel wrapper
   that skips grpcio's interceptor machinery;
-* ``detection+spans``: :class:`AffinityInterceptor` with :class:`AffinityTelemetry` making a
+* ``detection+spans``: :func:`affinity_interceptors` with :class:`AffinityTelemetry` making a
   CLIENT span per call;
-* ``detection+spans-channel``: the same through :func:`observe_channel`;
+* ``detection+spans-channel``: the same through :func:`observe`;
 * ``otel-grpc``: opentelemetry-instrumentation-grpc's client interceptor alone.
 
 Both span variants use the same SDK tracer provider with a span processor that drops the spans,
@@ -40,13 +40,17 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
 from grpc_balance_mw.affinity import AffinityConfig, AffinityRegistry
-from grpc_balance_mw.client import AffinityInterceptor, observe_channel
-from grpc_balance_mw.demo.servicer import SyncChargePointsServicer
-from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
+from grpc_balance_mw.cli.arguments import progress
+from grpc_balance_mw.client import affinity_interceptors
 from grpc_balance_mw.identity import PodIdentity
+from grpc_balance_mw.observed_channel import observe
+from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.server import PodIdentityInterceptor
 from grpc_balance_mw.telemetry import AffinityTelemetry
+from grpc_balance_mw.testing import ClusterError
+from grpc_balance_mw.testing.charge_points.servicer import SyncChargePointsServicer
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
 Call = Callable[[], object]
 #: (variant, baseline, target on the ratio of medians, how the ratio is shown)
@@ -93,15 +97,16 @@ def _variants(channel: grpc.Channel, target: str) -> dict[str, Call]:
     request = pb.GetChargePointRequest(id="cp-1")
 
     def detection(telemetry: AffinityTelemetry | None = None) -> grpc.Channel:
-        interceptor = AffinityInterceptor(
-            target, registry=AffinityRegistry(STEADY), expected_pods=3, telemetry=telemetry
+        options = ObserveOptions(
+            registry=AffinityRegistry(STEADY), expected_pods=3, telemetry=telemetry
         )
-        return grpc.intercept_channel(channel, interceptor)
+        return grpc.intercept_channel(channel, *affinity_interceptors(target, options))
 
     def observed(telemetry: AffinityTelemetry | None = None) -> grpc.Channel:
-        return observe_channel(
-            channel, target, registry=AffinityRegistry(STEADY), expected_pods=3, telemetry=telemetry
+        options = ObserveOptions(
+            registry=AffinityRegistry(STEADY), expected_pods=3, telemetry=telemetry
         )
+        return observe(channel, options)
 
     def spans() -> AffinityTelemetry:
         return AffinityTelemetry(tracer_provider=provider, metrics=False)
@@ -131,7 +136,7 @@ def _percentile(sorted_values: list[float], fraction: float) -> float:
 
 
 def measure(target: str, rounds: int, calls: int, warmup: int) -> dict[str, list[float]]:
-    """Latencies in microseconds per variant, interleaved round by round."""
+    """Latencies in microseconds per variant, interleaved round by round (progress on stderr)."""
     with grpc.insecure_channel(target) as channel:
         variants = _variants(channel, target)
         for call in variants.values():
@@ -140,6 +145,7 @@ def measure(target: str, rounds: int, calls: int, warmup: int) -> dict[str, list
         samples: dict[str, list[float]] = {name: [] for name in variants}
         clock = time.perf_counter_ns
         for round_index in range(rounds):
+            progress(f"round {round_index + 1}/{rounds}")
             # rotate the order so no variant always runs first after a pause
             names = list(variants)
             names = names[round_index % len(names) :] + names[: round_index % len(names)]
@@ -199,48 +205,43 @@ def report(samples: dict[str, list[float]], calls: int) -> str:
     return "\n".join([*lines, "", *verdicts(samples, calls)])
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--calls", type=int, default=500, help="calls per variant per round")
-    parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.serve:
-        serve()
-        return
-    if not (0 < args.rounds <= 100 and 0 < args.calls <= 10_000):
-        parser.error("keep it bounded: --rounds 1..100, --calls 1..10000")
+def run(args: argparse.Namespace) -> int:
     # the bench pod is one pod of "3": the pinned warning would be right, and noise here
     logging.getLogger("grpc_balance_mw").setLevel(logging.ERROR)
-    pod = subprocess.Popen(
-        [sys.executable, "-m", "grpc_balance_mw.bench.interceptors", "--serve"],
+    progress("starting the pod process")
+    with subprocess.Popen(
+        [sys.executable, "-m", "grpc_balance_mw.cli.overhead"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-    )
-    try:
-        assert pod.stdout is not None
-        line = pod.stdout.readline().split()
-        if line[:1] != ["READY"]:
-            raise SystemExit(f"the pod process did not start: {line}")
-        target = f"127.0.0.1:{line[1]}"
-        started = time.monotonic()
-        samples = measure(target, args.rounds, args.calls, args.warmup)
-        took = time.monotonic() - started
-        print(
-            f"warm unary calls to {target}, {args.rounds} rounds x {args.calls} calls, {took:.1f} s"
-        )
-        print(report(samples, args.calls))
-    finally:
-        if pod.stdin is not None:
-            pod.stdin.close()
+    ) as pod:
         try:
-            pod.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pod.kill()
-            pod.wait()
+            assert pod.stdout is not None
+            line = pod.stdout.readline().split()
+            if line[:1] != ["READY"]:
+                raise ClusterError(f"the pod process did not start: {line}")
+            target = f"127.0.0.1:{line[1]}"
+            started = time.monotonic()
+            samples = measure(target, args.rounds, args.calls, args.warmup)
+            took = time.monotonic() - started
+            print(
+                f"warm unary calls to {target}, {args.rounds} rounds x {args.calls} calls, "
+                f"{took:.1f} s"
+            )
+            print(report(samples, args.calls))
+        finally:
+            if pod.stdin is not None:
+                pod.stdin.close()  # the pod stops when its stdin closes
+            try:
+                pod.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pod.kill()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    # The pod process of `run`, not a command of its own.
+    try:
+        serve()
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: stop quietly
+        sys.exit(130)

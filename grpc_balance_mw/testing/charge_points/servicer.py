@@ -13,11 +13,11 @@ from typing import Any, Literal
 import grpc
 
 from grpc_balance_mw.aio.server import PodHealth
-from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
-from grpc_balance_mw.demo.v1 import pod_admin_pb2 as admin_pb
-from grpc_balance_mw.demo.v1 import pod_admin_pb2_grpc as admin_grpc
 from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
+from grpc_balance_mw.testing.charge_points.v1 import pod_admin_pb2 as admin_pb
+from grpc_balance_mw.testing.charge_points.v1 import pod_admin_pb2_grpc as admin_grpc
 
 Overflow = Literal["queue", "reject"]
 SERVICE_NAME = "chargepoints.v1.ChargePoints"

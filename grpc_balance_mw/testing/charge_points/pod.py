@@ -1,4 +1,6 @@
-"""A charge-points pod: ``python -m grpc_balance_mw.demo.pod --pod-name cp-0 --bind 127.0.0.1:0``.
+"""A charge-points pod, one process: ``python -m grpc_balance_mw.testing.charge_points.pod``.
+
+For example ``... --pod-name cp-0 --bind 127.0.0.1:0``.
 
 It is what the local test cluster starts, one process per pod. It prints ``READY <port>`` on
 stdout once it is serving, and stops gracefully on SIGTERM (health goes NOT_SERVING first).
@@ -18,9 +20,13 @@ import grpc
 
 from grpc_balance_mw.aio.server import PodIdentityInterceptor, add_health
 from grpc_balance_mw.connection_age import connection_age_options
-from grpc_balance_mw.demo.servicer import SERVICE_NAME, ChargePointsServicer, PodAdminServicer
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc, pod_admin_pb2_grpc
 from grpc_balance_mw.identity import PodIdentity
+from grpc_balance_mw.testing.charge_points.servicer import (
+    SERVICE_NAME,
+    ChargePointsServicer,
+    PodAdminServicer,
+)
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc, pod_admin_pb2_grpc
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

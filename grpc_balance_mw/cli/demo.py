@@ -1,4 +1,4 @@
-"""``python -m grpc_balance_mw.demo``: the problem and its fixes, on the embedded local cluster.
+"""``grpc-balance demo``: the problem and its fixes, on the embedded local cluster.
 
 `omni` calls `charge-points` (3 pods) the way most clients do, through one channel to a ClusterIP
 Service, then through a headless Service with ``round_robin``, then through an L7 proxy standing in
@@ -19,11 +19,14 @@ from dataclasses import dataclass, field
 import grpc
 
 from grpc_balance_mw.affinity import AffinityRegistry, Transition
+from grpc_balance_mw.cli.arguments import progress
 from grpc_balance_mw.client import AffinityInterceptor
-from grpc_balance_mw.demo.v1 import charge_points_pb2 as pb
-from grpc_balance_mw.demo.v1 import charge_points_pb2_grpc as pb_grpc
+from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.telemetry import AffinityTelemetry
 from grpc_balance_mw.testing import L7Kind, LocalCluster, missing_components
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
 ROUND_ROBIN = [
     ("grpc.lb_policy_name", "round_robin"),
@@ -80,13 +83,20 @@ def run_scenario(
 
     telemetry = AffinityTelemetry(tracer_provider=provider, on_alarm=on_alarm)  # type: ignore[arg-type]
     interceptor = AffinityInterceptor(
-        target, expected_pods=len(cluster.pods), telemetry=telemetry, registry=AffinityRegistry()
+        target,
+        ObserveOptions(
+            expected_pods=len(cluster.pods), telemetry=telemetry, registry=AffinityRegistry()
+        ),
     )
     codes: dict[str, int] = {}
     with grpc.insecure_channel(target, options=options) as channel:
-        stub = pb_grpc.ChargePointsStub(grpc.intercept_channel(channel, interceptor))
+        stub = pb_grpc.ChargePointsStub(grpc.intercept_channel(channel, interceptor))  # type: ignore[no-untyped-call]
         start = time.monotonic()
+        next_report = start + 5.0
         for i in range(calls):
+            if time.monotonic() >= next_report:
+                progress(f"  {i}/{calls} calls")
+                next_report += 5.0
             time.sleep(max(0.0, start + i / rate - time.monotonic()))  # omni's steady request rate
             try:
                 stub.GetChargePoint(pb.GetChargePointRequest(id=f"cp-{i}"), timeout=5)
@@ -115,7 +125,7 @@ def surge(
     cluster.reset_counts()
     outcomes: dict[str, int] = {}
     with grpc.insecure_channel(target, options=options) as channel:
-        stub = pb_grpc.ChargePointsStub(channel)
+        stub = pb_grpc.ChargePointsStub(channel)  # type: ignore[no-untyped-call]
         stub.GetChargePoint(pb.GetChargePointRequest(id="warm-up"), timeout=5, wait_for_ready=True)
         futures = [
             stub.GetChargePoint.future(pb.GetChargePointRequest(id=f"cp-{i}"), timeout=10)
@@ -145,17 +155,14 @@ def print_run(run: Run) -> None:
         print(f"   status codes: {run.codes}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=600, help="calls per scenario")
-    parser.add_argument(
-        "--rate", type=float, default=300.0, help="calls per second (the detector's warm-up is 1 s)"
-    )
-    parser.add_argument("--service", choices=("userspace", "haproxy"), default="userspace")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)  # keep prints and the logged warning in order
     l7: L7Kind | None = "haproxy" if not missing_components(l7="haproxy") else None
+    missing = missing_components(service=args.service)
+    if missing:
+        raise ConfigurationError("; ".join(missing))
+    progress("starting a 3-pod local cluster")
     with LocalCluster(pods=3, service=args.service, dns="embedded", l7=l7) as cluster:
         print(f"local cluster: {cluster!r}")
         scenarios = [
@@ -165,11 +172,16 @@ def main(argv: list[str] | None = None) -> int:
         if l7 is not None:
             scenarios.append(("an L7 proxy in front (Envoy stand-in)", cluster.l7_target, []))
         else:
-            print("(haproxy not installed: the L7 scenario is left out)")
-        for title, target, options in scenarios:
+            progress("haproxy is not installed: the L7 scenario is left out")
+        for number, (title, target, options) in enumerate(scenarios, 1):
+            progress(
+                f"scenario {number}/{len(scenarios)}: {args.calls} calls at {args.rate:g}/s "
+                f"(about {args.calls / args.rate:.0f} s)"
+            )
             print(f"\n== {title}")
             print_run(run_scenario(cluster, title, target, options, args.calls, args.rate))
 
+    progress("the surge: starting 3 pods of capacity 8")
     print("\n== a surge: 60 concurrent calls of 50 ms, pods of capacity 8 that refuse the rest")
     with LocalCluster(
         pods=3,
@@ -187,7 +199,3 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   {title:34} {outcomes}")
             print(f"   {'':34} calls received per pod: {cluster.served()}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

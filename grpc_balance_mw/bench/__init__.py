@@ -1,1 +1,0 @@
-"""Benchmark commands, ``python -m grpc_balance_mw.bench.<name>``: they print figures."""

@@ -1,0 +1,596 @@
+"""The balanced channel (sync): a ``grpc.Channel`` made of lanes, each its own TCP connection.
+
+Usage::
+
+    channel = balanced_channel("charge-points.ev.svc.cluster.local:50051")
+    stub = ChargePointsStub(channel)          # stubs and grpc.intercept_channel take it as it is
+    ...
+    channel.close()
+
+One channel through a Kubernetes ClusterIP Service puts every call on one pod, because kube-proxy
+picks the pod when the connection opens. This channel keeps several connections ("lanes") to the
+same target, learns which pod each reached (a ``grpc.health.v1`` check on the fresh connection
+reads the identity the pod stamps), redials lanes until they cover distinct pods, and picks a
+lane per call. The bookkeeping is :class:`~grpc_balance_mw.pool.LanePool` (pure, shared with
+:mod:`grpc_balance_mw.aio.channel`); this module opens, checks and closes the connections it
+plans, on one background thread, and counts each call in and out of its lane.
+
+A call takes a lane's in-flight count until it ends: unary calls when they return (``future``: a
+done-callback, which never waits on the call since grpcio runs it on the channel's own thread),
+streams when the response iterator ends or the call is cancelled or done. A lane whose call fails
+with UNAVAILABLE (its pod was killed) takes no more calls and is replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from grpc_balance_mw.affinity.detector import AffinityDetector
+from grpc_balance_mw.affinity.registry import default_registry
+from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.health_check import SERVING, check_method
+from grpc_balance_mw.observed_channel import ObservedChannel
+from grpc_balance_mw.observing import ObserveOptions, build_observer
+from grpc_balance_mw.pool import (
+    CheckResult,
+    Lane,
+    LanePool,
+    Picker,
+    Plan,
+    PoolConfig,
+    Rotation,
+    Signals,
+    Stuck,
+)
+from grpc_balance_mw.pool.health import read_check
+from grpc_balance_mw.pool.pool import pool_for_channel
+
+__all__ = ["BalancedChannel", "ChannelFactory", "balanced_channel", "channel_factory"]
+
+_log = logging.getLogger(__name__)
+
+Options = Sequence[tuple[str, Any]]
+#: Makes one lane's channel from the options given (the lane's own options included).
+ChannelFactory = Callable[[Options], grpc.Channel]
+#: gRPC core shares one connection between channels with the same target and arguments; this
+#: gives each lane a connection of its own.
+LOCAL_POOL_OPTION = ("grpc.use_local_subchannel_pool", 1)
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+#: Maintenance rounds that run back to back while lanes are being redialled.
+_BURST_ROUNDS = 16
+
+
+def channel_factory(
+    target: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: Options | None = None,
+) -> ChannelFactory:
+    """The factory ``grpc.secure_channel`` / ``insecure_channel`` make: TLS for every lane when
+    ``credentials`` are given (never a downgrade on a redial)."""
+    base = tuple(options or ())
+
+    def make(extra: Options) -> grpc.Channel:
+        merged = (*base, *extra)
+        if credentials is not None:
+            return grpc.secure_channel(target, credentials, options=merged)
+        return grpc.insecure_channel(target, options=merged)
+
+    return make
+
+
+def check_result(future: Any) -> CheckResult:
+    """What one finished health-check future says (called off grpcio's threads)."""
+    try:
+        response = future.result()
+    except grpc.RpcError as error:
+        return read_check(error.code().name, False, None, error.trailing_metadata())
+    return read_check(
+        "OK", response == SERVING, future.initial_metadata(), future.trailing_metadata()
+    )
+
+
+class _LaneConnection:
+    """What the channel keeps for one lane: its own channel, the observed one, its callables."""
+
+    __slots__ = ("callables", "channel", "check", "raw")
+
+    def __init__(self, raw: grpc.Channel, channel: grpc.Channel) -> None:
+        self.raw = raw
+        self.channel = channel
+        self.check = check_method(raw)
+        self.callables: dict[Any, Any] = {}
+
+
+class _LaneStream(grpc.Call, grpc.Future):  # type: ignore[misc]
+    """A response stream that gives its lane back when it ends, is cancelled, or is done."""
+
+    def __init__(self, call: Any, pool: LanePool, lane: Lane) -> None:
+        self._call = call
+        self._pool = pool
+        self._lane: Lane | None = lane
+        self._lock = threading.Lock()
+        call.add_done_callback(self._done)
+
+    def _release(self, unavailable: bool) -> None:
+        with self._lock:
+            lane, self._lane = self._lane, None
+        if lane is not None:
+            self._pool.release(lane, unavailable=unavailable)
+
+    def _done(self, call: Any) -> None:
+        # Called once the call has ended: code() does not wait.
+        self._release(call.code() is _UNAVAILABLE)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._call)
+        except StopIteration:
+            self._release(False)
+            raise
+        except grpc.RpcError as error:
+            self._release(isinstance(error, grpc.Call) and error.code() is _UNAVAILABLE)
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+    def initial_metadata(self) -> Any:
+        return self._call.initial_metadata()
+
+    def trailing_metadata(self) -> Any:
+        return self._call.trailing_metadata()
+
+    def code(self) -> Any:
+        return self._call.code()
+
+    def details(self) -> Any:
+        return self._call.details()
+
+    def is_active(self) -> Any:
+        return self._call.is_active()
+
+    def time_remaining(self) -> Any:
+        return self._call.time_remaining()
+
+    def cancel(self) -> Any:
+        return self._call.cancel()
+
+    def add_callback(self, callback: Any) -> Any:
+        return self._call.add_callback(callback)
+
+    def cancelled(self) -> Any:
+        return self._call.cancelled()
+
+    def running(self) -> Any:
+        return self._call.running()
+
+    def done(self) -> Any:
+        return self._call.done()
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._call.result(timeout)
+
+    def exception(self, timeout: float | None = None) -> Any:
+        return self._call.exception(timeout)
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        return self._call.traceback(timeout)
+
+    def add_done_callback(self, fn: Any) -> None:
+        self._call.add_done_callback(lambda _call: fn(self))
+
+
+def _failed_unavailable(error: BaseException) -> bool:
+    return isinstance(error, grpc.Call) and error.code() is _UNAVAILABLE
+
+
+class _Balanced:
+    """One method of the balanced channel: per call, a lane and that lane's multicallable."""
+
+    def __init__(
+        self,
+        owner: BalancedChannel,
+        kind: str,
+        method: str,
+        request_serializer: Any,
+        response_deserializer: Any,
+        registered: bool | None,
+    ) -> None:
+        self._pool = owner.pool
+        self._kind = kind
+        self._method = method
+        self._serializer = request_serializer
+        self._deserializer = response_deserializer
+        self._registered = registered
+
+    def _inner(self, lane: Lane) -> Any:
+        connection: _LaneConnection = lane.connection
+        inner = connection.callables.get(self)
+        if inner is None:
+            make = getattr(connection.channel, self._kind)
+            args = (self._method, self._serializer, self._deserializer)
+            if self._registered:
+                try:
+                    inner = make(*args, _registered_method=True)
+                except TypeError:  # a factory's channel that predates the flag
+                    inner = make(*args)
+            else:
+                inner = make(*args)
+            connection.callables[self] = inner
+        return inner
+
+
+class _UnaryResponse(_Balanced):
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        pool = self._pool
+        lane = pool.acquire()
+        unavailable = False
+        try:
+            return self._inner(lane)(
+                request, timeout, metadata, credentials, wait_for_ready, compression
+            )
+        except grpc.RpcError as error:
+            unavailable = _failed_unavailable(error)
+            raise
+        finally:
+            pool.release(lane, unavailable=unavailable)
+
+    def with_call(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> tuple[Any, grpc.Call]:
+        pool = self._pool
+        lane = pool.acquire()
+        unavailable = False
+        try:
+            return self._inner(lane).with_call(  # type: ignore[no-any-return]
+                request, timeout, metadata, credentials, wait_for_ready, compression
+            )
+        except grpc.RpcError as error:
+            unavailable = _failed_unavailable(error)
+            raise
+        finally:
+            pool.release(lane, unavailable=unavailable)
+
+    def future(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        pool = self._pool
+        lane = pool.acquire()
+        try:
+            future = self._inner(lane).future(
+                request, timeout, metadata, credentials, wait_for_ready, compression
+            )
+        except BaseException:  # the call never started: give the lane back, re-raise as is
+            pool.release(lane)
+            raise
+
+        def release(done: Any) -> None:
+            # A done-callback, on grpcio's thread: the call has ended, so code() does not wait.
+            pool.release(lane, unavailable=done.code() is _UNAVAILABLE)
+
+        future.add_done_callback(release)
+        return future
+
+
+class _StreamResponse(_Balanced):
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> _LaneStream:
+        pool = self._pool
+        lane = pool.acquire()
+        try:
+            call = self._inner(lane)(
+                request, timeout, metadata, credentials, wait_for_ready, compression
+            )
+        except BaseException:  # the call never started: give the lane back, re-raise as is
+            pool.release(lane)
+            raise
+        return _LaneStream(call, pool, lane)
+
+
+class _UnaryUnary(_UnaryResponse, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
+    pass
+
+
+class _StreamUnary(_UnaryResponse, grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
+    pass
+
+
+class _UnaryStream(_StreamResponse, grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
+    pass
+
+
+class _StreamStream(_StreamResponse, grpc.StreamStreamMultiCallable):  # type: ignore[misc]
+    pass
+
+
+class BalancedChannel(grpc.Channel):  # type: ignore[misc]
+    """A ``grpc.Channel`` that spreads calls over lanes to distinct pods; see the module doc.
+
+    Made by :func:`balanced_channel`; this constructor takes a channel factory for users who
+    build their channels themselves.
+
+    Args:
+        factory: makes one lane's channel from options (the lane adds its own).
+        target: the target string, for the affinity detector, spans and logs.
+        pool: the lanes' bookkeeping (its config, picker and rotation).
+        observe: observe each lane, so spans carry pod and lane and the target's affinity
+            detector (whose alarm is a rotation trigger) is fed: True with the default
+            :class:`ObserveOptions`, or the options to use (their ``probe`` is not used: the
+            pool's scouts look for pods); False: not observed.
+        check_timeout_s: deadline of each health check that names a lane's pod.
+        tick_s: how often the maintenance thread plans (rotations, scouts, drains).
+    """
+
+    def __init__(
+        self,
+        factory: ChannelFactory,
+        target: str,
+        *,
+        pool: LanePool | None = None,
+        observe: ObserveOptions | bool = True,
+        check_timeout_s: float = 1.0,
+        tick_s: float = 0.25,
+    ) -> None:
+        if check_timeout_s <= 0 or tick_s <= 0:
+            raise ConfigurationError("check_timeout_s and tick_s must be > 0")
+        self.target = target
+        self._observe = observe is not False
+        self._options = observe if isinstance(observe, ObserveOptions) else ObserveOptions()
+        expected_pods = self._options.expected_pods
+        self.pool = pool if pool is not None else LanePool(PoolConfig(expected_pods=expected_pods))
+        self._factory = factory
+        registry = self._options.registry
+        self.detector: AffinityDetector = (
+            registry if registry is not None else default_registry
+        ).detector(target, self._options.config)
+        if expected_pods is not None:
+            self.detector.expected_pods = expected_pods
+        self._check_timeout_s = check_timeout_s
+        self._tick_s = tick_s
+        self._stop = threading.Event()
+        self._subscriptions: dict[Any, grpc.Channel] = {}
+        # Open the first lanes now (lazily, as grpc channels are) so calls can start at once;
+        # their checks run on the maintenance thread.
+        first = self.pool.plan(signals=self._signals())
+        for lane in first.dial:
+            self._open(lane)
+        self._thread = threading.Thread(
+            target=self._maintain, args=(first,), name=f"balanced-channel {target}", daemon=True
+        )
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"<BalancedChannel {self.target} {self.pool!r}>"
+
+    @property
+    def stuck(self) -> Stuck | None:
+        """Why rotation cannot spread the calls (session affinity, an L7 proxy), if so."""
+        return self.pool.stuck
+
+    # -- lanes -----------------------------------------------------------------------------
+
+    def _open(self, lane: Lane) -> None:
+        raw = self._factory((LOCAL_POOL_OPTION,))
+        lane.connection = _LaneConnection(raw, self._observed(raw, lane))
+
+    def _observed(self, raw: grpc.Channel, lane: Lane) -> grpc.Channel:
+        """The one place a lane's channel is observed."""
+        if not self._observe:
+            return raw
+        options = self._options.but(lane=lane.name, probe=False)
+        return ObservedChannel(raw, build_observer(self.target, options))
+
+    def _signals(self) -> Signals:
+        if not self._observe:
+            return Signals()
+        snapshot = self.detector.snapshot()
+        return Signals(snapshot.state.value, snapshot.top_pod, snapshot.known_count)
+
+    def _maintain(self, first: Plan) -> None:
+        plan: Plan | None = first
+        burst = 0
+        while not self._stop.is_set():
+            try:
+                if plan is None:
+                    plan = self.pool.plan(signals=self._signals())
+                busy = bool(plan.dial)
+                self._carry_out(plan)
+            except Exception:  # a background thread: nothing above it would see the error
+                _log.exception("balanced channel %s: maintenance round failed", self.target)
+                busy = False
+            plan = None
+            burst = burst + 1 if busy and burst < _BURST_ROUNDS else 0
+            if not burst and self._stop.wait(self._tick_s):
+                break
+
+    def _carry_out(self, plan: Plan) -> None:
+        for lane in plan.close:
+            self._close_lane(lane)
+        if plan.stuck is not None:
+            _log.warning("balanced channel %s: %s", self.target, plan.stuck.message)
+        for lane in plan.drain:
+            _log.debug("balanced channel %s: %r drains", self.target, lane)
+        checks: list[tuple[Lane, Any]] = []
+        for lane in (*plan.dial, *plan.check):
+            if self._stop.is_set():
+                return
+            if lane.connection is None:
+                self._open(lane)
+            connection: _LaneConnection = lane.connection
+            future = connection.check.future("", timeout=self._check_timeout_s)
+            checks.append((lane, future))
+        for lane, future in checks:
+            self.pool.checked(lane, check_result(future))
+
+    def _close_lane(self, lane: Lane) -> None:
+        connection: _LaneConnection | None = lane.connection
+        if connection is not None:
+            connection.callables.clear()
+            connection.raw.close()
+
+    # -- grpc.Channel ----------------------------------------------------------------------
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.UnaryUnaryMultiCallable:
+        return _UnaryUnary(
+            self, "unary_unary", method, request_serializer, response_deserializer,
+            _registered_method,
+        )  # fmt: skip
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.UnaryStreamMultiCallable:
+        return _UnaryStream(
+            self, "unary_stream", method, request_serializer, response_deserializer,
+            _registered_method,
+        )  # fmt: skip
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.StreamUnaryMultiCallable:
+        return _StreamUnary(
+            self, "stream_unary", method, request_serializer, response_deserializer,
+            _registered_method,
+        )  # fmt: skip
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.StreamStreamMultiCallable:
+        return _StreamStream(
+            self, "stream_stream", method, request_serializer, response_deserializer,
+            _registered_method,
+        )  # fmt: skip
+
+    def subscribe(self, callback: Callable[..., Any], try_to_connect: bool = False) -> None:
+        """Connectivity of one lane (the channel's state is its lanes'; one stands for them)."""
+        lane = self.pool.acquire()
+        self.pool.release(lane)
+        connection: _LaneConnection = lane.connection
+        self._subscriptions[callback] = connection.raw
+        connection.raw.subscribe(callback, try_to_connect=try_to_connect)
+
+    def unsubscribe(self, callback: Callable[..., Any]) -> None:
+        raw = self._subscriptions.pop(callback, None)
+        if raw is not None:
+            raw.unsubscribe(callback)
+
+    def close(self) -> None:
+        """Close every lane (their calls are cancelled, as ``grpc.Channel.close`` does) and stop
+        the maintenance thread."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        for lane in self.pool.close():
+            self._close_lane(lane)
+
+    def __enter__(self) -> BalancedChannel:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def balanced_channel(
+    target: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: Options | None = None,
+    *,
+    lanes: int = 3,
+    max_lanes: int = 8,
+    follow_pods: bool = True,
+    picker: Picker | None = None,
+    rotation: Rotation | None = None,
+    pool_config: PoolConfig | None = None,
+    observe: ObserveOptions | bool = True,
+    factory: ChannelFactory | None = None,
+) -> BalancedChannel:
+    """A balanced channel to ``target``, made as ``grpc.secure_channel`` (with ``credentials``)
+    or ``grpc.insecure_channel`` (without) would make one channel.
+
+    Args:
+        target: the Service's ``host:port`` (or any gRPC target).
+        credentials: TLS credentials, used for every lane and every redial; None: plaintext.
+        options: channel options, given to every lane.
+        lanes: lanes kept at least.
+        max_lanes: lanes kept at most while following the number of pods known.
+        follow_pods: keep one lane per known pod (between ``lanes`` and ``max_lanes``).
+        picker: the lane per call: ``LeastOutstanding()`` (Envoy's least_request, the default)
+            or ``RoundRobin()``.
+        rotation: when lanes are replaced; default every 60 s +/- 20 %, on the affinity alarm
+            and when a lane's pod goes away (:func:`~grpc_balance_mw.pool.default_rotation`).
+        pool_config: every other setting of the pool (overrides ``lanes``, ``max_lanes``,
+            ``follow_pods`` and the expected pods there).
+        observe: observe each lane's calls (spans with pod and lane, the affinity detector):
+            True with the default :class:`ObserveOptions`, or the options to use (e.g.
+            ``ObserveOptions(expected_pods=3, telemetry=AffinityTelemetry())``); False: not.
+        factory: makes each lane's channel instead of ``credentials`` and ``options``.
+    """
+    if factory is not None and (credentials is not None or options):
+        raise ConfigurationError("pass either a factory or credentials/options, not both")
+    pool = pool_for_channel(
+        lanes=lanes,
+        max_lanes=max_lanes,
+        follow_pods=follow_pods,
+        expected_pods=observe.expected_pods if isinstance(observe, ObserveOptions) else None,
+        pool_config=pool_config,
+        picker=picker,
+        rotation=rotation,
+    )
+    return BalancedChannel(
+        factory if factory is not None else channel_factory(target, credentials, options),
+        target,
+        pool=pool,
+        observe=observe,
+    )

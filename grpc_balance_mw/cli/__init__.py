@@ -1,0 +1,152 @@
+"""The ``grpc-balance`` command: tools on top of the library, never imported by it.
+
+Subcommands: ``demo`` (the problem and its fixes on a local cluster) and ``overhead`` (what
+observing adds to a call). Argument errors exit 2 with one usage line, a configuration or cluster
+error exits 1 with one line, Ctrl-C exits 130; progress goes to stderr, results to stdout.
+
+The parser lives here and imports nothing optional, so ``--help`` and usage errors work on a plain
+install; a subcommand's module is imported only to run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from grpc_balance_mw import __version__
+from grpc_balance_mw.cli.arguments import bounded_float, bounded_int
+from grpc_balance_mw.errors import BalanceError
+
+__all__ = ["build_parser", "main"]
+
+#: The extra that brings what each subcommand imports beyond the core install.
+EXTRAS = {"demo": "demo", "overhead": "bench", "doctor": "cli"}
+#: Top-level packages a subcommand may lack on a plain install, and their distributions.
+_OPTIONAL = {
+    "opentelemetry.sdk": "opentelemetry-sdk",
+    "opentelemetry.instrumentation": "opentelemetry-instrumentation-grpc",
+    "google.protobuf": "protobuf",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line (``grpc-balance demo: error: ...``) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="grpc-balance", description="Client-side gRPC balancing: tools.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    demo = commands.add_parser(
+        "demo",
+        help="the problem and its fixes, on a local cluster (about 20 s)",
+        description="One channel through a ClusterIP-like Service pins every call to one pod; "
+        "a headless Service with round_robin and an L7 proxy spread them; then a surge.",
+    )
+    demo.add_argument(
+        "--calls", type=bounded_int(1, 100_000), default=600, help="calls per scenario (1..100000)"
+    )
+    demo.add_argument(
+        "--rate",
+        type=bounded_float(0.1, 10_000.0),
+        default=300.0,
+        help="calls per second, 0.1..10000 (the detector's warm-up is 1 s)",
+    )
+    demo.add_argument("--service", choices=("userspace", "haproxy"), default="userspace")
+
+    overhead = commands.add_parser(
+        "overhead",
+        help="what observing adds to a warm unary call (about 30 s)",
+        description="Warm unary calls on a bare channel, with a no-op interceptor, with "
+        "detection and spans through the interceptor and the channel wrapper, and with "
+        "opentelemetry-instrumentation-grpc alone, interleaved in rounds.",
+    )
+    overhead.add_argument("--rounds", type=bounded_int(1, 100), default=10, help="1..100")
+    overhead.add_argument(
+        "--calls", type=bounded_int(1, 10_000), default=500, help="calls per variant per round"
+    )
+    overhead.add_argument(
+        "--warmup", type=bounded_int(0, 10_000), default=200, help="calls per variant first"
+    )
+    doctor = commands.add_parser(
+        "doctor",
+        help="what balances a target's calls, what does not, and the fix (bounded: about 5 s)",
+        description="Resolves the target, dials each address, samples fresh connections with "
+        "health checks to see which pods answer, and judges: per-connection (ClusterIP), "
+        "per-request (an L7 proxy), headless under pick_first, sessionAffinity ClientIP, the "
+        "headless port gotcha, a server that stamps no identity. Exit 0: nothing wrong; 1: "
+        "something is.",
+    )
+    doctor.add_argument("target", help="host:port, or dns:[//dns-server/]host:port")
+    doctor.add_argument(
+        "--samples", type=bounded_int(1, 200), default=12, help="fresh connections (1..200)"
+    )
+    doctor.add_argument(
+        "--checks", type=bounded_int(2, 20), default=4, help="health checks per connection"
+    )
+    doctor.add_argument(
+        "--timeout",
+        type=bounded_float(0.05, 60.0),
+        default=2.0,
+        help="seconds per DNS query, dial and check",
+    )
+    doctor.add_argument(
+        "--max-seconds",
+        type=bounded_float(1.0, 600.0),
+        default=20.0,
+        help="stop sampling after this long",
+    )
+    doctor.add_argument(
+        "--lb-policy",
+        choices=("pick_first", "round_robin"),
+        default="pick_first",
+        help="the load-balancing policy your client uses",
+    )
+    doctor.add_argument(
+        "--expected-pods",
+        type=bounded_int(1, 10_000),
+        default=None,
+        help="the replicas the Deployment has, if known (tells ClientIP affinity from one pod)",
+    )
+    doctor.add_argument("--tls", action="store_true", help="TLS with the system's roots")
+    doctor.add_argument("--ca-cert", help="PEM file of the roots to trust (implies TLS)")
+    doctor.add_argument("--client-cert", help="PEM client certificate (mutual TLS)")
+    doctor.add_argument("--client-key", help="PEM client key (mutual TLS)")
+    doctor.add_argument("--server-name", help="the name the server's certificate must carry")
+    doctor.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    # `bench --scenario ...` (the balanced channel's scenarios) comes here.
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; returns the process exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        try:
+            module = importlib.import_module(f"grpc_balance_mw.cli.{args.command}")
+        except ModuleNotFoundError as exc:
+            dist = next((d for p, d in _OPTIONAL.items() if (exc.name or "").startswith(p)), None)
+            if dist is None:
+                raise
+            print(
+                f"grpc-balance {args.command} needs {dist}: "
+                f"pip install 'grpc_balance_mw[{EXTRAS[args.command]}]'",
+                file=sys.stderr,
+            )
+            return 1
+        code: int = module.run(args)
+        return code
+    except KeyboardInterrupt:
+        print("grpc-balance: interrupted", file=sys.stderr)
+        return 130
+    except BalanceError as exc:
+        print(f"grpc-balance: error: {exc}", file=sys.stderr)
+        return 1

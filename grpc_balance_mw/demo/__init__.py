@@ -1,1 +1,0 @@
-"""The charge-points demo service: generated stubs, an asyncio servicer and a runnable pod."""

@@ -1,0 +1,42 @@
+"""What a lane's health check says, read the same way by the sync and asyncio channels."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from grpc_balance_mw.errors import MalformedPodHeader
+from grpc_balance_mw.identity import pod_from_metadata
+from grpc_balance_mw.pool.pool import CheckResult
+
+__all__ = ["read_check"]
+
+Metadata = Iterable[tuple[str, Any]] | None
+
+
+def _pod(metadata: Metadata) -> str | None:
+    try:
+        identity = pod_from_metadata(metadata or ())
+    except MalformedPodHeader:
+        return None
+    return identity.name if identity is not None else None
+
+
+def read_check(
+    status: str, serving: bool, initial: Metadata = None, trailing: Metadata = None
+) -> CheckResult:
+    """A ``grpc.health.v1`` check's outcome as the pool needs it.
+
+    Args:
+        status: the call's status code name (``"OK"``, ``"UNAVAILABLE"``, ...).
+        serving: the response said SERVING (only meaningful with ``"OK"``).
+        initial: the response's initial metadata, where the pod names itself.
+        trailing: its trailing metadata (an error status carries the pod only there).
+    """
+    pod = _pod(initial) or _pod(trailing)
+    if status == "OK":
+        return CheckResult(True, pod, serving)
+    if status == "UNIMPLEMENTED":  # a server without the health service was still reached
+        return CheckResult(True, pod, True)
+    # Any other error: reached only if a pod named itself, and then it is not serving.
+    return CheckResult(pod is not None, pod, False)

@@ -1,0 +1,140 @@
+"""A lane: one connection of a balanced channel, the pod it reached, and where it is in its life."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+
+class LaneState(enum.Enum):
+    """Where a lane is in its life; it only ever moves down this list."""
+
+    #: Planned: the adapter has yet to open its connection.
+    DIALING = "dialing"
+    #: Its connection exists; the health check that names its pod has not answered yet.
+    CHECKING = "checking"
+    #: Takes calls.
+    ACTIVE = "active"
+    #: Takes no new calls; its calls and streams finish, then it closes.
+    DRAINING = "draining"
+    #: Its connection is (being) closed.
+    CLOSED = "closed"
+
+
+class LanePurpose(enum.Enum):
+    """Why a lane was dialled; it decides what the pool does with the pod the lane reached."""
+
+    #: One more lane to reach the wanted number of lanes.
+    FILL = "fill"
+    #: The replacement of a lane that is rotated out (``Lane.replaces``).
+    REPLACE = "replace"
+    #: A cheap look for pods no lane covers (e.g. after a scale-up); kept only if it found one.
+    SCOUT = "scout"
+
+
+class Lane:
+    """One connection of the pool. The pool changes it under its lock; adapters only read it.
+
+    Attributes:
+        id: unique within its pool, increasing.
+        name: ``lane-<id>``, the value of ``grpc_balance_mw.lane`` on spans.
+        purpose: why it was dialled.
+        replaces: the id of the lane it is to replace (purpose REPLACE), else None.
+        attempt: how many dials for the same purpose came before this one (redials).
+        pod: the pod its health check reached; None until checked, or if the pod does not say.
+        state: where it is in its life.
+        created_at: when it was planned (the pool's clock).
+        activated_at: when it started taking calls.
+        rotate_at: when it should be rotated out by age; None: not by age.
+        draining_since: when it stopped taking calls.
+        calls: calls it has taken.
+        in_flight: calls (and open streams) on it now.
+        unavailable: its calls that failed with UNAVAILABLE (its pod killed or gone).
+        reason: why it drains or closed, for logs and ``__repr__``.
+        connection: what the adapter keeps for it (its channel); the pool never touches it.
+    """
+
+    __slots__ = (
+        "activated_at",
+        "attempt",
+        "calls",
+        "connection",
+        "created_at",
+        "draining_since",
+        "id",
+        "in_flight",
+        "last_picked",
+        "name",
+        "pod",
+        "purpose",
+        "reason",
+        "replaces",
+        "rotate_at",
+        "state",
+        "unavailable",
+    )
+
+    def __init__(
+        self,
+        lane_id: int,
+        created_at: float,
+        *,
+        purpose: LanePurpose = LanePurpose.FILL,
+        replaces: int | None = None,
+        attempt: int = 0,
+    ) -> None:
+        self.id = lane_id
+        self.name = f"lane-{lane_id}"
+        self.purpose = purpose
+        self.replaces = replaces
+        self.attempt = attempt
+        self.pod: str | None = None
+        self.state = LaneState.DIALING
+        self.created_at = created_at
+        self.activated_at: float | None = None
+        self.rotate_at: float | None = None
+        self.draining_since: float | None = None
+        self.calls = 0
+        self.in_flight = 0
+        self.unavailable = 0
+        self.last_picked = 0
+        self.reason = ""
+        self.connection: Any = None
+
+    def __repr__(self) -> str:
+        pod = f" {self.pod}" if self.pod else ""
+        why = f" ({self.reason})" if self.reason else ""
+        return (
+            f"<Lane {self.name} {self.state.value}{pod}: {self.calls} calls, "
+            f"{self.in_flight} in flight{why}>"
+        )
+
+    def is_available(self) -> bool:
+        """Takes new calls."""
+        return self.state is LaneState.ACTIVE
+
+    def is_pending(self) -> bool:
+        """Dialled or being checked: not yet decided."""
+        return self.state in (LaneState.DIALING, LaneState.CHECKING)
+
+    def is_draining(self) -> bool:
+        return self.state is LaneState.DRAINING
+
+    def is_closed(self) -> bool:
+        return self.state is LaneState.CLOSED
+
+    def is_idle(self) -> bool:
+        """No call or stream on it."""
+        return self.in_flight == 0
+
+    def has_expired(self, now: float) -> bool:
+        """Its age rotation time has come."""
+        return self.rotate_at is not None and now >= self.rotate_at
+
+    def age(self, now: float) -> float:
+        """Seconds since it started taking calls (0 before)."""
+        return 0.0 if self.activated_at is None else now - self.activated_at
+
+    def drain_expired(self, now: float, grace_s: float) -> bool:
+        """It has drained for longer than the grace period."""
+        return self.draining_since is not None and now - self.draining_since >= grace_s

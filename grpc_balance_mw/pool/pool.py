@@ -1,0 +1,621 @@
+"""The lane pool's bookkeeping: which lanes exist, which take calls, what to dial, drain and close.
+
+Pure (no gRPC): the sync and asyncio channels share it. Every change happens under one lock, in
+this class; :meth:`LanePool.plan` returns what the adapter must do (open connections and check
+them, health-check lanes, close connections) and the adapter does it outside the lock, then
+reports back with :meth:`LanePool.checked` (httpcore's connection-pool style).
+
+The life of a lane: ``plan`` creates it (DIALING) and hands it to the adapter (CHECKING), which
+opens its connection and makes one health check that names the pod; ``checked`` then keeps it
+(ACTIVE) or, if it reached a pod another lane covers while a pod no lane covers is known, closes it
+and plans a redial, at most ``redials`` times per slot (kube-proxy picks at random: 3 connections
+reach 3 distinct pods only 22 % of the time). A lane due for rotation gets a replacement first;
+the old lane drains (no new calls) once the replacement is active, and closes when idle or after
+``drain_grace_s``. A scout, every ``scout_interval_s``, is a fresh connection kept only if it
+reached a pod no lane covers: that is how pods added by a scale-up get traffic within seconds.
+
+When fresh connections keep reaching one pod while more pods are known (Service
+``sessionAffinity: ClientIP``), or an L7 proxy balances per request, rotating cannot help: the
+pool stops redialling and says why in :attr:`LanePool.stuck`.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from grpc_balance_mw.errors import BalanceError, ConfigurationError
+from grpc_balance_mw.pool.lane import Lane, LanePurpose, LaneState
+from grpc_balance_mw.pool.pickers import LeastOutstanding, Picker
+from grpc_balance_mw.pool.rotation import (
+    Rotation,
+    RotationContext,
+    rotate_after_age,
+    rotate_on_alarm,
+    rotate_when_pod_gone,
+)
+
+__all__ = [
+    "CheckResult",
+    "LanePool",
+    "Plan",
+    "PoolClosed",
+    "PoolConfig",
+    "Signals",
+    "Stuck",
+    "default_rotation",
+    "pool_for_channel",
+]
+
+Clock = Callable[[], float]
+#: Reasons that mean a lane is broken, not merely due: these still rotate while stuck.
+_BROKEN = frozenset({"unavailable", "pod down"})
+_MAX_BACKOFF_S = 5.0
+
+
+class PoolClosed(BalanceError, ValueError):
+    """A call was made on a closed balanced channel (grpcio raises ValueError there too)."""
+
+
+def default_rotation() -> Rotation:
+    """Every 60 s (+/- 20 %), on the affinity alarm, and when a lane's pod goes away."""
+    return rotate_after_age(60.0) | rotate_on_alarm() | rotate_when_pod_gone()
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """How many lanes, how hard to look for pods, how long to drain. Defaults and why:
+
+    Attributes:
+        min_lanes: lanes kept at least (3: the smallest spread that survives losing one pod).
+        max_lanes: lanes kept at most when following the pods.
+        follow_pods: keep one lane per known pod, between ``min_lanes`` and ``max_lanes``.
+        expected_pods: the pods the target should have, if known; helps coverage at start.
+        redials: per slot, how many times a lane that reached an already covered pod is
+            dialled again before the duplicate is accepted (6: with 3 pods and 2 covered, the
+            third is missed 6 times in a row 9 % of the time; each dial costs ~2 ms).
+        drain_grace_s: a draining lane is closed after this even if calls are still on it
+            (30 s, Kubernetes' default termination grace); set it above your longest stream.
+        scout_interval_s: a fresh connection is made this often to look for pods no lane covers
+            (0.5 s: with 3 lanes and 5 pods a new pod is found within 5 s 99.4 % of the time;
+            two short connections a second). None: no scouting (new pods then wait for rotation).
+        health_interval_s: each active lane's pod is health-checked this often (NOT_SERVING or a
+            reconnect to another pod is noticed within it).
+        pod_ttl_s: a pod no lane or scout reached for this long is no longer counted as known.
+        affinity_dials: this many fresh connections in a row reaching one pod while more pods are
+            known means Service sessionAffinity (16: with 2 random pods that happens by chance
+            once in 32,768 runs of 16 dials).
+        stuck_recheck_s: while stuck, one scout this often checks whether that is still so.
+    """
+
+    min_lanes: int = 3
+    max_lanes: int = 8
+    follow_pods: bool = True
+    expected_pods: int | None = None
+    redials: int = 6
+    drain_grace_s: float = 30.0
+    scout_interval_s: float | None = 0.5
+    health_interval_s: float = 5.0
+    pod_ttl_s: float = 30.0
+    affinity_dials: int = 16
+    stuck_recheck_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_lanes <= self.max_lanes:
+            raise ConfigurationError(
+                f"need 1 <= min_lanes <= max_lanes, got {self.min_lanes} and {self.max_lanes}"
+            )
+        if self.redials < 0 or self.affinity_dials < 2:
+            raise ConfigurationError("need redials >= 0 and affinity_dials >= 2")
+        if self.drain_grace_s < 0 or self.health_interval_s <= 0 or self.pod_ttl_s <= 0:
+            raise ConfigurationError("need drain_grace_s >= 0, health_interval_s, pod_ttl_s > 0")
+        if self.scout_interval_s is not None and self.scout_interval_s <= 0:
+            raise ConfigurationError("scout_interval_s must be > 0 or None")
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What the adapter knows from outside the pool (the affinity detector's snapshot).
+
+    Attributes:
+        alarm: the detector's state value (``"pinned"``, ``"skewed"``, ``"l7-balanced"``...).
+        top_pod: the pod with the largest share in its window.
+        known_pods: how many pods the detector believes exist.
+    """
+
+    alarm: str | None = None
+    top_pod: str | None = None
+    known_pods: int = 0
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """What a health check on a lane's connection said.
+
+    Attributes:
+        reachable: the check got an answer from a pod (any status the pod sent).
+        pod: the pod named in the answer's identity header, None if it named none.
+        serving: the pod said SERVING (False: NOT_SERVING, or it answered with an error).
+    """
+
+    reachable: bool
+    pod: str | None = None
+    serving: bool = True
+
+
+@dataclass(frozen=True)
+class Stuck:
+    """Rotation cannot spread the calls; the adapters warn with :attr:`message`.
+
+    Attributes:
+        cause: ``"session-affinity"`` or ``"l7-proxy"``.
+        pod: the pod every fresh connection reached (session affinity).
+        dials: fresh connections in a row that reached it.
+        known_pods: pods known to exist at the time.
+        since: when it was recognised (the pool's clock).
+    """
+
+    cause: str
+    pod: str | None
+    dials: int
+    known_pods: int
+    since: float
+
+    @property
+    def message(self) -> str:
+        if self.cause == "l7-proxy":
+            return (
+                "an L7 proxy in front of the target balances every call itself; the balanced "
+                "channel stops rotating lanes (they cannot help and are not needed)"
+            )
+        return (
+            f"{self.dials} fresh connections in a row reached pod {self.pod} while "
+            f"{self.known_pods} pods are known: the Service pins clients to one pod "
+            "(sessionAffinity: ClientIP), so rotating connections cannot help and redialling "
+            "stops. Fix: set the Service's sessionAffinity to None, or use a headless Service "
+            "with round_robin"
+        )
+
+
+@dataclass
+class Plan:
+    """What the adapter does next, outside the lock.
+
+    Attributes:
+        dial: new lanes: open a connection, store it in ``lane.connection``, health-check it
+            and report with :meth:`LanePool.checked`.
+        check: active lanes whose pod is due for a health check (report the same way).
+        drain: lanes that stopped taking calls in this round (for logs).
+        close: lanes whose connection to close now.
+        stuck: set when the pool became stuck in this round (for one warning).
+    """
+
+    dial: list[Lane] = field(default_factory=list)
+    check: list[Lane] = field(default_factory=list)
+    drain: list[Lane] = field(default_factory=list)
+    close: list[Lane] = field(default_factory=list)
+    stuck: Stuck | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.dial or self.check or self.close)
+
+
+class LanePool:
+    """The lanes of one balanced channel.
+
+    Args:
+        config: sizes, bounds and intervals.
+        picker: chooses the lane per call (default :class:`LeastOutstanding`).
+        rotation: when a lane is replaced (default :func:`default_rotation`).
+        clock: monotonic seconds (injected in tests).
+        rng: random source for jitter (injected in tests).
+    """
+
+    def __init__(
+        self,
+        config: PoolConfig | None = None,
+        *,
+        picker: Picker | None = None,
+        rotation: Rotation | None = None,
+        clock: Clock = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config if config is not None else PoolConfig()
+        self.picker: Picker = picker if picker is not None else LeastOutstanding(rng=rng)
+        self.rotation = rotation if rotation is not None else default_rotation()
+        self.clock = clock
+        self._rng = rng if rng is not None else random.Random()
+        self._lock = threading.Lock()
+        self._ids = 0
+        self._picks = 0
+        self.lanes: list[Lane] = []  # every lane not yet handed back for closing
+        self._available: list[Lane] = []
+        self._to_close: list[Lane] = []
+        self._drained: list[Lane] = []
+        self._seen: dict[str, float] = {}  # pod -> last reached
+        self._down: dict[str, float] = {}  # pod -> when it was found NOT_SERVING / gone
+        self._recent: deque[str] = deque(maxlen=self.config.affinity_dials)
+        self._checked_at: dict[int, float] = {}
+        self._next_scout = 0.0
+        self._next_dial = 0.0
+        self._backoff = 0.0
+        self._signals = Signals()
+        self.stuck: Stuck | None = None
+        self._new_stuck: Stuck | None = None
+        self.closed = False
+        #: Counters for tests, logs and benchmarks.
+        self.dials = 0
+        self.redials = 0
+        self.rotations = 0
+
+    def __repr__(self) -> str:
+        with self._lock:
+            live = [lane for lane in self.lanes if not lane.is_closed()]
+            counts = Counter(lane.state.value for lane in live)
+            parts = [
+                f"{counts[state.value]} {state.value}" for state in LaneState if counts[state.value]
+            ]
+            summary = f"{len(live)} lanes: {', '.join(parts)}" if parts else "0 lanes"
+            if self.stuck is not None:
+                summary += f"; stuck ({self.stuck.cause})"
+            if self.closed:
+                summary += "; closed"
+            return f"<LanePool {summary}>"
+
+    # -- the call path -------------------------------------------------------------------------
+
+    def acquire(self) -> Lane:
+        """The lane for one call; its in-flight count is raised until :meth:`release`.
+
+        Without an active lane (at start, or every lane broken), a lane still being checked or
+        draining takes the call rather than failing it.
+
+        Raises:
+            PoolClosed: the pool is closed.
+        """
+        with self._lock:
+            lanes = self._available
+            if not lanes:
+                lanes = self._fallback()
+            lane = self.picker(lanes)
+            self._picks += 1
+            lane.last_picked = self._picks
+            lane.in_flight += 1
+            lane.calls += 1
+            return lane
+
+    def release(self, lane: Lane, *, unavailable: bool = False) -> None:
+        """A call on ``lane`` ended; ``unavailable``: it failed with UNAVAILABLE (the pod went
+        away), so the lane takes no more calls and is replaced."""
+        with self._lock:
+            lane.in_flight -= 1
+            if unavailable:
+                self._failed(lane)
+
+    def lane_failed(self, lane: Lane) -> None:
+        """A call on ``lane`` failed with UNAVAILABLE, learnt after :meth:`release`."""
+        with self._lock:
+            self._failed(lane)
+
+    def _failed(self, lane: Lane) -> None:
+        lane.unavailable += 1
+        if lane.state is LaneState.ACTIVE:
+            now = self.clock()
+            self._drain(lane, now, "unavailable")
+            if lane.pod is not None:
+                self._pod_down(lane.pod, now)
+
+    def _fallback(self) -> list[Lane]:
+        if self.closed:
+            raise PoolClosed("the balanced channel is closed")
+        for wanted in (LaneState.CHECKING, LaneState.DRAINING):
+            lanes = [
+                lane for lane in self.lanes if lane.state is wanted and lane.connection is not None
+            ]
+            if lanes:
+                return lanes
+        raise PoolClosed("the balanced channel has no lane with a connection yet")
+
+    # -- maintenance ---------------------------------------------------------------------------
+
+    def plan(self, now: float | None = None, signals: Signals | None = None) -> Plan:
+        """Decide the next round of work: dials, health checks, drains and closes."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            if signals is not None:
+                self._signals = signals
+            plan = Plan(dial=[lane for lane in self.lanes if lane.state is LaneState.DIALING])
+            if self.closed:
+                plan.close, self._to_close = self._to_close, []
+                return plan
+            self._expire_pods(now)
+            self._check_l7(now)
+            self._rotate(now, plan)
+            self._fill(now, plan)
+            self._shrink(now)
+            self._scout(now, plan)
+            self._finish_drains(now)
+            for lane in plan.dial:
+                lane.state = LaneState.CHECKING
+            plan.check = [
+                lane
+                for lane in self._available
+                if now - self._checked_at.get(lane.id, now) >= self.config.health_interval_s
+            ]
+            for lane in plan.check:
+                self._checked_at[lane.id] = now
+            plan.close, self._to_close = self._to_close, []
+            plan.drain, self._drained = self._drained, []
+            plan.stuck, self._new_stuck = self._new_stuck, None
+            return plan
+
+    def checked(self, lane: Lane, result: CheckResult, now: float | None = None) -> None:
+        """Report a health check of ``lane`` (a new lane's first, or an active lane's)."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            if lane.state is LaneState.CHECKING:
+                self._first_check(lane, result, now)
+            elif lane.state is LaneState.ACTIVE:
+                self._recheck(lane, result, now)
+
+    def close(self) -> list[Lane]:
+        """Close the pool: every lane whose connection the adapter must close now."""
+        with self._lock:
+            self.closed = True
+            for lane in list(self.lanes):
+                self._close(lane, "pool closed")
+            self._available = []
+            closing, self._to_close = self._to_close, []
+            return closing
+
+    # -- internals (all under the lock) ----------------------------------------------------
+
+    def _known(self) -> int:
+        return max(self.config.expected_pods or 0, self._signals.known_pods, len(self._seen))
+
+    def _covered(self, without: int | None = None) -> set[str]:
+        return {lane.pod for lane in self._available if lane.pod is not None and lane.id != without}
+
+    def _wanted(self) -> int:
+        if not self.config.follow_pods:
+            return self.config.min_lanes
+        return min(max(self._known(), self.config.min_lanes), self.config.max_lanes)
+
+    def _new_lane(
+        self, now: float, purpose: LanePurpose, replaces: int | None = None, attempt: int = 0
+    ) -> Lane:
+        self._ids += 1
+        lane = Lane(self._ids, now, purpose=purpose, replaces=replaces, attempt=attempt)
+        self.lanes.append(lane)
+        self.dials += 1
+        if attempt:
+            self.redials += 1
+        return lane
+
+    def _pending(self) -> list[Lane]:
+        return [lane for lane in self.lanes if lane.is_pending()]
+
+    def _rotate(self, now: float, plan: Plan) -> None:
+        context = RotationContext(
+            now, self._signals.alarm, self._signals.top_pod, frozenset(self._down)
+        )
+        being_replaced = {lane.replaces for lane in self._pending()}
+        for lane in list(self._available):
+            if lane.id in being_replaced:
+                continue
+            reason = self.rotation.why(lane, context)
+            if reason is None or (self.stuck is not None and reason not in _BROKEN):
+                continue
+            if now < self._next_dial:
+                return
+            lane.reason = f"rotating: {reason}"
+            plan.dial.append(self._new_lane(now, LanePurpose.REPLACE, replaces=lane.id))
+            self.rotations += 1
+
+    def _fill(self, now: float, plan: Plan) -> None:
+        if now < self._next_dial:
+            return
+        missing = (
+            self._wanted()
+            - len(self._available)
+            - sum(lane.purpose is LanePurpose.FILL for lane in self._pending())
+        )
+        for _ in range(missing):
+            plan.dial.append(self._new_lane(now, LanePurpose.FILL))
+
+    def _shrink(self, now: float) -> None:
+        """Drain lanes beyond the wanted number (e.g. a lane replaced twice: its rotation and its
+        failure each brought one), doubled pods first, once nothing is being dialled."""
+        if self._pending():
+            return
+        while len(self._available) > self._wanted():
+            victim = self._doubled() or min(self._available, key=lambda lane: lane.id)
+            self._drain(victim, now, "surplus")
+
+    def _scout(self, now: float, plan: Plan) -> None:
+        interval = self.config.scout_interval_s
+        if interval is None or now < self._next_scout or now < self._next_dial:
+            return
+        if self.stuck is not None:
+            if self.stuck.cause == "l7-proxy":
+                return  # the detector says when that ends
+            interval = self.config.stuck_recheck_s
+        elif self._pending() or plan.dial:
+            return  # lanes being dialled look for pods already
+        self._next_scout = now + interval
+        plan.dial.append(self._new_lane(now, LanePurpose.SCOUT))
+
+    def _finish_drains(self, now: float) -> None:
+        for lane in list(self.lanes):
+            if lane.is_draining() and (
+                lane.is_idle() or lane.drain_expired(now, self.config.drain_grace_s)
+            ):
+                self._close(lane, lane.reason or "drained")
+
+    def _expire_pods(self, now: float) -> None:
+        for pods in (self._seen, self._down):
+            for pod, at in list(pods.items()):
+                if now - at >= self.config.pod_ttl_s:
+                    del pods[pod]
+
+    def _check_l7(self, now: float) -> None:
+        if self._signals.alarm == "l7-balanced":
+            if self.stuck is None or self.stuck.cause != "l7-proxy":
+                self._set_stuck(Stuck("l7-proxy", None, 0, self._known(), now))
+        elif self.stuck is not None and self.stuck.cause == "l7-proxy":
+            self.stuck = None
+
+    def _set_stuck(self, stuck: Stuck) -> None:
+        self.stuck = self._new_stuck = stuck
+        self._next_scout = stuck.since + self.config.stuck_recheck_s
+
+    def _first_check(self, lane: Lane, result: CheckResult, now: float) -> None:
+        if not result.reachable or not result.serving:
+            if result.pod is not None:
+                self._pod_down(result.pod, now)
+            self._backoff = min(max(self._backoff * 2, 0.1), _MAX_BACKOFF_S)
+            self._next_dial = now + self._backoff
+            lane.pod = result.pod
+            self._retire(lane, now, "unreachable" if not result.reachable else "not serving")
+            return
+        self._backoff = 0.0
+        pod = lane.pod = result.pod
+        unseen = pod is not None and pod not in self._seen
+        if pod is not None:
+            self._reached(pod, now)
+            self._note_dial(pod, now)
+        replaced = self._lane(lane.replaces)
+        covered = self._covered(without=replaced.id if replaced is not None else None)
+        fresh = pod is None or pod not in covered
+        if lane.purpose is LanePurpose.SCOUT:
+            if self._scouted(lane, fresh, now) and unseen:
+                # A pod never seen before: likely a scale-up with more new pods; look again now.
+                self._next_scout = now
+            return
+        looking = self.stuck is None and lane.attempt < self.config.redials
+        uncovered = self._known() > len(covered) or len(covered) < self._wanted()
+        if not fresh and looking and uncovered:
+            self._retire(lane, now, f"duplicate of {pod}")
+            # The redial is DIALING: the next plan hands it out.
+            self._new_lane(now, lane.purpose, lane.replaces, lane.attempt + 1)
+            return
+        self._activate(lane, now)
+        if replaced is not None and replaced.state is LaneState.ACTIVE:
+            self._drain(replaced, now, replaced.reason.removeprefix("rotating: ") or "rotated")
+
+    def _scouted(self, lane: Lane, fresh: bool, now: float) -> bool:
+        """Keep a scout that reached a pod no lane covers; returns whether it was kept."""
+        if not fresh or lane.pod is None:
+            self._retire(lane, now, "scout found no new pod")
+            return False
+        if len(self._available) < self._wanted():
+            self._activate(lane, now)
+            return True
+        doubled = self._doubled()
+        if doubled is None:
+            self._retire(lane, now, "no lane to spare for a new pod")
+            return False
+        self._activate(lane, now)
+        self._drain(doubled, now, f"pod {doubled.pod} doubled, {lane.pod} was not covered")
+        return True
+
+    def _doubled(self) -> Lane | None:
+        """The newest active lane whose pod another active lane covers too."""
+        by_pod = Counter(lane.pod for lane in self._available if lane.pod is not None)
+        doubled = [lane for lane in self._available if lane.pod and by_pod[lane.pod] > 1]
+        return max(doubled, key=lambda lane: lane.id) if doubled else None
+
+    def _recheck(self, lane: Lane, result: CheckResult, now: float) -> None:
+        if not result.reachable:
+            return  # a lost health check alone is not a lost pod; failed calls say that
+        if not result.serving:
+            if result.pod is not None:
+                self._pod_down(result.pod, now)
+            return
+        if result.pod is not None:
+            lane.pod = result.pod  # a reconnect may have reached another pod
+            self._reached(result.pod, now)
+
+    def _reached(self, pod: str, now: float) -> None:
+        """A fresh connection or a check reached ``pod``; watch for session affinity."""
+        self._seen[pod] = now
+        self._down.pop(pod, None)
+
+    def _note_dial(self, pod: str, now: float) -> None:
+        recent = self._recent
+        recent.append(pod)
+        if self.stuck is not None and self.stuck.cause == "session-affinity":
+            if pod != self.stuck.pod:
+                self.stuck = None
+                recent.clear()
+            return
+        known = self._known()
+        if len(recent) == recent.maxlen and len(set(recent)) == 1 and known >= 2:
+            self._set_stuck(Stuck("session-affinity", pod, len(recent), known, now))
+
+    def _pod_down(self, pod: str, now: float) -> None:
+        self._down[pod] = now
+        self._seen.pop(pod, None)
+
+    def _lane(self, lane_id: int | None) -> Lane | None:
+        if lane_id is None:
+            return None
+        return next((lane for lane in self.lanes if lane.id == lane_id), None)
+
+    def _activate(self, lane: Lane, now: float) -> None:
+        lane.state = LaneState.ACTIVE
+        lane.activated_at = now
+        lane.rotate_at = self.rotation.rotate_at(now, self._rng)
+        lane.reason = ""
+        self._checked_at[lane.id] = now
+        self._available.append(lane)
+
+    def _drain(self, lane: Lane, now: float, reason: str) -> None:
+        if lane in self._available:
+            self._available.remove(lane)
+        lane.state = LaneState.DRAINING
+        lane.draining_since = now
+        lane.reason = reason
+        self._drained.append(lane)
+
+    def _retire(self, lane: Lane, now: float, reason: str) -> None:
+        """A new lane that will not be kept: closed, or drained if a call already used it."""
+        if lane.is_idle():
+            self._close(lane, reason)
+        else:
+            self._drain(lane, now, reason)
+
+    def _close(self, lane: Lane, reason: str) -> None:
+        if lane in self._available:
+            self._available.remove(lane)
+        lane.state = LaneState.CLOSED
+        lane.reason = reason
+        self._checked_at.pop(lane.id, None)
+        self.lanes.remove(lane)
+        self._to_close.append(lane)
+
+
+def pool_for_channel(
+    *,
+    lanes: int,
+    max_lanes: int,
+    follow_pods: bool,
+    expected_pods: int | None,
+    pool_config: PoolConfig | None,
+    picker: Picker | None,
+    rotation: Rotation | None,
+) -> LanePool:
+    """The pool behind ``balanced_channel()`` / ``aio_balanced_channel()``: ``pool_config`` if
+    given, else one made from the channel's few common arguments."""
+    if pool_config is None:
+        pool_config = PoolConfig(
+            min_lanes=lanes,
+            max_lanes=max(lanes, max_lanes),
+            follow_pods=follow_pods,
+            expected_pods=expected_pods,
+        )
+    return LanePool(pool_config, picker=picker, rotation=rotation)

@@ -1,0 +1,740 @@
+"""Dial-per-request (sync): every call on a brand-new connection, retried on a new one.
+
+The opt-in fallback for clients that cannot change how their cluster balances: behind a
+ClusterIP Service, kube-proxy picks a pod per TCP connection, so a connection per call spreads
+calls like a per-request balancer, at the price of a TCP + HTTP/2 (+ TLS) handshake per call.
+``predial=N`` keeps N connections dialled ahead of need so the handshake leaves the call's
+critical path::
+
+    channel = dial_per_request_channel(
+        "charge-points.ev.svc:50051",
+        grpc.ssl_channel_credentials(ca),               # the same credentials for every dial
+        retry=RetryPolicy(methods={"/chargepoints.v1.ChargePoints/GetChargePoint"}),
+        predial=2,
+    )
+    stub = ChargePointsStub(channel)
+
+Rules:
+
+- Each call gets its own connection (``grpc.use_local_subchannel_pool``: gRPC core would
+  otherwise share one subchannel, one TCP connection, between channels with the same target and
+  options), closed when the call ends: a unary call after its response; a stream when its
+  iterator ends or the call is done or cancelled. A predialled connection serves one call.
+- Retries (:class:`~grpc_balance_mw.retry.RetryPolicy`, driven by ``tenacity.Retrying``) only for
+  the methods marked idempotent and the codes marked retryable, each attempt on a new
+  connection, within the call's ``timeout`` (each attempt gets what is left), and while the retry
+  budget allows. Other calls are sent once and fail with their own status.
+- A response stream is retried only until its first message arrives: after that, a message
+  has reached the caller and sending the call again would repeat it.
+- Sent once, never retried: ``future()`` calls, and calls with a request stream unless the
+  request is a list or tuple (an iterator is used up by the first attempt).
+- Predial: one background thread keeps the connections ready; each is connected by a
+  ``grpc.health.v1`` check (a pod answering NOT_SERVING is not used) and replaced when the call
+  that took it ends, not while that call runs (dialling beside it slowed it by about 40 %).
+  ``close()`` closes them and stops the thread; calls under way finish on their own connections.
+- Every call is observed by the affinity core (the pod of each attempt goes to the target's
+  detector and its span), unless ``observe=False``.
+- Thread-safe: one channel serves any number of threads. Connections are closed in the calling
+  thread, or by a short-lived closer thread when a done-callback reports the end (grpcio runs
+  those on the channel's own thread, where ``close()`` can deadlock).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import tenacity
+
+from grpc_balance_mw.affinity.observer import CallObserver
+from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.health_check import NOT_SERVING, check_method
+from grpc_balance_mw.observed_channel import ObservedChannel
+from grpc_balance_mw.observing import ObserveOptions, build_observer
+from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, warn_if_native_retry
+
+__all__ = ["DialPerRequestChannel", "RedialStats", "dial_per_request_channel"]
+
+_log = logging.getLogger(__name__)
+
+#: Without it, channels with the same target and options share one subchannel (one TCP
+#: connection) from gRPC core's global pool, and a "new" channel reuses the old connection.
+FRESH_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
+_PREDIAL_RETRY_S = 0.5  # after a failed predial, before the next one
+_JOIN_S = 5.0
+
+
+@dataclass
+class RedialStats:
+    """Connections a channel made: ``predialled`` were connected before their call was made."""
+
+    dialled: int = 0
+    predialled: int = 0
+    predial_failures: int = 0
+    closed: int = 0
+
+
+def _observed(channel: grpc.Channel, observer: CallObserver | None) -> grpc.Channel:
+    """The one place a fresh connection is put under observation (re-pointed at merge)."""
+    return channel if observer is None else ObservedChannel(channel, observer)
+
+
+class _Closer:
+    """Closes connections off grpcio's threads: at most one thread, started when there is work,
+    gone when there is none.
+
+    A done-callback runs on the channel's own thread, and ``channel.close()`` waits until the
+    channel's calls are cleaned up, which that very thread does: closing there can deadlock.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._queue: deque[Callable[[], None]] = deque()
+        self._lock = threading.Lock()
+        self._running = False
+
+    def submit(self, close: Callable[[], None]) -> None:
+        with self._lock:
+            self._queue.append(close)
+            if self._running:
+                return
+            self._running = True
+        threading.Thread(target=self._drain, name=self._name, daemon=True).start()
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._running = False
+                    return
+                close = self._queue.popleft()
+            close()
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._running
+
+
+class _Lease:
+    """One call's connection: closed once, however many ends of the call report it."""
+
+    def __init__(
+        self, owner: DialPerRequestChannel, channel: grpc.Channel, predialled: bool
+    ) -> None:
+        self.owner = owner
+        self.channel = channel
+        self.predialled = predialled
+        self._lock = threading.Lock()
+        self._released = False
+
+    def release(self) -> None:
+        """Close the connection (in the calling thread; never on a grpcio callback thread)."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self.channel.close()
+        self.owner.count_closed(self.predialled)
+
+    def release_later(self, _call: object = None) -> None:
+        """For done-callbacks: hand the close to the channel's closer thread."""
+        with self._lock:
+            if self._released:
+                return
+        self.owner.closer.submit(self.release)
+
+
+def connect(channel: grpc.Channel, timeout_s: float) -> bool:
+    """Connect a fresh channel with one ``grpc.health.v1`` check; True if it reached a server
+    that is not NOT_SERVING (a server without the health service answers UNIMPLEMENTED, which
+    proves the connection as well).
+
+    Not ``grpc.channel_ready_future``: its connectivity-polling thread can leave
+    ``channel.close()`` waiting (grpcio, "we'd rather not poll", grpc/grpc#3064); a call does not.
+    """
+    try:
+        status = check_method(channel)("", timeout=timeout_s, wait_for_ready=True)
+    except grpc.RpcError as error:
+        return error.code() not in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.CANCELLED,
+        )
+    return bool(status != NOT_SERVING)
+
+
+class _Predialler:
+    """Keeps up to ``count`` connected channels ready, dialled by one background thread.
+
+    A connection taken by a call is replaced when that call ends, or ``defer_s`` after it was
+    taken if the call lasts longer: dialling while the call runs would compete with it for the
+    GIL and the CPU, putting part of the handshake back on the call's critical path.
+    """
+
+    def __init__(
+        self, owner: DialPerRequestChannel, count: int, timeout_s: float, defer_s: float
+    ) -> None:
+        self._owner = owner
+        self._count = count
+        self._timeout_s = timeout_s
+        self._defer_s = defer_s
+        self._ready: deque[grpc.Channel] = deque()
+        self._owed: deque[float] = deque([0.0] * count)  # when each missing one is to be dialled
+        self._cond = threading.Condition()
+        self._closed = False
+        self._dialling: grpc.Channel | None = None  # closed by close() to cut a slow dial short
+        self._thread = threading.Thread(
+            target=self._run, name=f"grpc-balance-predial-{owner.target}", daemon=True
+        )
+        self._thread.start()
+
+    def ready(self) -> int:
+        with self._cond:
+            return len(self._ready)
+
+    def take(self) -> grpc.Channel | None:
+        """A connected channel if one is ready; its replacement is owed."""
+        with self._cond:
+            if not self._ready:
+                return None
+            self._owed.append(time.monotonic() + self._defer_s)
+            return self._ready.popleft()
+
+    def call_ended(self) -> None:
+        """A predialled connection's call ended: dial the earliest owed replacement now."""
+        with self._cond:
+            if self._owed:
+                self._owed[0] = 0.0
+                self._cond.notify_all()
+
+    def _next_due(self) -> bool:
+        """Wait until a dial is due (True) or the predialler is closed (False)."""
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                if self._owed and self._owed[0] <= now:
+                    self._owed.popleft()
+                    return True
+                self._cond.wait(self._owed[0] - now if self._owed else None)
+            return False
+
+    def _run(self) -> None:
+        while self._next_due():
+            channel = self._owner.dial()
+            with self._cond:
+                if self._closed:
+                    channel.close()
+                    self._owner.count_closed()
+                    return
+                self._dialling = channel
+            connected = connect(channel, self._timeout_s)
+            with self._cond:
+                self._dialling = None
+            if not connected:
+                channel.close()
+                self._owner.count_closed()
+                self._owner.count_predial_failure()
+                with self._cond:
+                    self._owed.appendleft(time.monotonic() + _PREDIAL_RETRY_S)
+                continue
+            with self._cond:
+                if not self._closed:
+                    self._ready.append(channel)
+                    continue
+            channel.close()
+            self._owner.count_closed()
+            return
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            ready, self._ready = list(self._ready), deque()
+            dialling = self._dialling
+            self._cond.notify_all()
+        if dialling is not None:
+            dialling.close()  # its health check ends CANCELLED; the thread then closes it (again)
+        for channel in ready:
+            channel.close()
+            self._owner.count_closed()
+        # A dial in progress ends within its timeout; the thread closes what it dialled.
+        self._thread.join(self._timeout_s + _JOIN_S)
+
+
+class _Closing(grpc.Call, grpc.Future):  # type: ignore[misc]
+    """A response stream whose connection closes when the stream ends, fails or is cancelled.
+
+    The end is seen in the caller's thread (``StopIteration`` or the error); the done-callback
+    covers streams cancelled or dropped before their end. The callback runs on the channel's
+    own thread and only closes the (finished) call's channel: it never waits on the call.
+    """
+
+    def __init__(self, call: Any, lease: _Lease) -> None:
+        self._call = call
+        self._lease = lease
+        call.add_done_callback(lease.release_later)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._call)
+        except (StopIteration, grpc.RpcError):
+            self._lease.release()
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+    def initial_metadata(self) -> Any:
+        return self._call.initial_metadata()
+
+    def trailing_metadata(self) -> Any:
+        return self._call.trailing_metadata()
+
+    def code(self) -> Any:
+        return self._call.code()
+
+    def details(self) -> Any:
+        return self._call.details()
+
+    def is_active(self) -> Any:
+        return self._call.is_active()
+
+    def time_remaining(self) -> Any:
+        return self._call.time_remaining()
+
+    def cancel(self) -> Any:
+        return self._call.cancel()
+
+    def add_callback(self, callback: Any) -> Any:
+        return self._call.add_callback(callback)
+
+    def cancelled(self) -> Any:
+        return self._call.cancelled()
+
+    def running(self) -> Any:
+        return self._call.running()
+
+    def done(self) -> Any:
+        return self._call.done()
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._call.result(timeout)
+
+    def exception(self, timeout: float | None = None) -> Any:
+        return self._call.exception(timeout)
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        return self._call.traceback(timeout)
+
+    def add_done_callback(self, fn: Any) -> None:
+        self._call.add_done_callback(lambda _call: fn(self))
+
+
+class _RetryingStream(_Closing):
+    """A response stream sent again, on a new connection, when it fails before its first
+    message (nothing has reached the caller yet); after that, a failure is the caller's.
+
+    The first attempt starts at once, as grpcio's calls do; the retries happen in the first
+    ``next()``. The call's methods answer for the current attempt.
+    """
+
+    def __init__(
+        self,
+        start: Callable[[], tuple[Any, _Lease]],
+        policy: RetryPolicy,
+        deadline: Deadline,
+        sleep: Callable[[float], None],
+    ) -> None:
+        call, lease = start()
+        super().__init__(call, lease)
+        self._start = start
+        self._policy = policy
+        self._deadline = deadline
+        self._sleep = sleep
+        self._committed = False
+
+    def __next__(self) -> Any:
+        if self._committed:
+            return super().__next__()
+        first = True
+
+        def attempt() -> Any:
+            nonlocal first
+            if not first:
+                self._call, self._lease = self._start()
+                self._call.add_done_callback(self._lease.release_later)
+            first = False
+            return _Closing.__next__(self)  # releases the attempt's connection if it fails
+
+        retrying = tenacity.Retrying(
+            sleep=self._sleep, **self._policy.tenacity_kwargs(self._deadline)
+        )
+        try:
+            return retrying(attempt)
+        finally:
+            self._committed = True
+
+
+class _Method:
+    """One method of the channel; each call (each attempt) on a connection of its own."""
+
+    def __init__(
+        self,
+        owner: DialPerRequestChannel,
+        kind: str,
+        method: str,
+        request_serializer: Any,
+        response_deserializer: Any,
+        registered: bool | None,
+    ) -> None:
+        self._owner = owner
+        self._kind = kind
+        self._method = method
+        self._serializer = request_serializer
+        self._deserializer = response_deserializer
+        self._registered = bool(registered)
+        self._stream_request = kind.startswith("stream")
+
+    def _on(self, lease: _Lease) -> Any:
+        make = getattr(lease.channel, self._kind)
+        if self._registered:
+            return make(self._method, self._serializer, self._deserializer, _registered_method=True)
+        return make(self._method, self._serializer, self._deserializer)
+
+    def _request(self, request: Any) -> Any:
+        # grpcio calls next() on a request stream: a list or tuple (replayable) becomes a fresh
+        # iterator for each attempt.
+        if self._stream_request and isinstance(request, (list, tuple)):
+            return iter(request)
+        return request
+
+
+class _UnaryResponse(_Method):
+    """``__call__``, ``with_call`` and ``future`` of unary-unary and stream-unary methods."""
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        response, _call = self.with_call(
+            request, timeout, metadata, credentials, wait_for_ready, compression
+        )
+        return response
+
+    def with_call(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> tuple[Any, grpc.Call]:
+        owner = self._owner
+        policy = owner.retry
+        policy.record_call()
+        deadline = Deadline(timeout)
+
+        def attempt() -> tuple[Any, grpc.Call]:
+            lease = owner.connection()
+            try:
+                result: tuple[Any, grpc.Call] = self._on(lease).with_call(
+                    self._request(request),
+                    deadline.remaining(),
+                    metadata,
+                    credentials,
+                    wait_for_ready,
+                    compression,
+                )
+                return result
+            finally:
+                lease.release()
+
+        if not policy.retryable(self._method, request, streaming=self._stream_request):
+            return attempt()
+        retrying = tenacity.Retrying(sleep=owner.sleep, **policy.tenacity_kwargs(deadline))
+        return retrying(attempt)
+
+    def future(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        owner = self._owner
+        owner.retry.record_call()
+        lease = owner.connection()
+        try:
+            future = self._on(lease).future(
+                self._request(request), timeout, metadata, credentials, wait_for_ready, compression
+            )
+        except BaseException:
+            lease.release()
+            raise
+        future.add_done_callback(lease.release_later)
+        return future
+
+
+class _StreamResponse(_Method):
+    """``__call__`` of unary-stream and stream-stream methods: retried only until the first
+    response message."""
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> _Closing:
+        owner = self._owner
+        policy = owner.retry
+        policy.record_call()
+        deadline = Deadline(timeout)
+
+        def start() -> tuple[Any, _Lease]:
+            lease = owner.connection()
+            try:
+                call = self._on(lease)(
+                    self._request(request),
+                    deadline.remaining(),
+                    metadata,
+                    credentials,
+                    wait_for_ready,
+                    compression,
+                )
+            except BaseException:
+                lease.release()
+                raise
+            return call, lease
+
+        if policy.retryable(self._method, request, streaming=self._stream_request):
+            return _RetryingStream(start, policy, deadline, owner.sleep)
+        return _Closing(*start())
+
+
+class _UnaryUnary(_UnaryResponse, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
+    pass
+
+
+class _StreamUnary(_UnaryResponse, grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
+    pass
+
+
+class _UnaryStream(_StreamResponse, grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
+    pass
+
+
+class _StreamStream(_StreamResponse, grpc.StreamStreamMultiCallable):  # type: ignore[misc]
+    pass
+
+
+class DialPerRequestChannel(grpc.Channel):  # type: ignore[misc]
+    """A ``grpc.Channel`` that makes every call on a connection of its own; see the module doc.
+
+    Args:
+        target: where to dial, as for ``grpc.insecure_channel``.
+        credentials: ``grpc.ChannelCredentials`` for every connection (None: plaintext).
+        options: channel options for every connection (``grpc.use_local_subchannel_pool`` is
+            added).
+        compression: the default compression of every connection.
+        retry: which calls are retried and how; default: none.
+        predial: connections to keep dialled ahead of need (0: dial in the call).
+        dial_timeout_s: how long a predial may take to connect.
+        refill_defer_s: how long after a predialled connection is taken its replacement is
+            dialled if the call has not ended by then (it is dialled when the call ends).
+        observe: feed the target's affinity detector (and telemetry) with every call's pod:
+            True with the default :class:`ObserveOptions`, or the options to use; False: not.
+        sleep: how retries sleep (tests inject one).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] | None = None,
+        compression: grpc.Compression | None = None,
+        *,
+        retry: RetryPolicy = NO_RETRY,
+        predial: int = 0,
+        dial_timeout_s: float = 5.0,
+        refill_defer_s: float = 0.005,
+        observe: ObserveOptions | bool = True,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if predial < 0:
+            raise ConfigurationError(f"predial must be >= 0, got {predial}")
+        if dial_timeout_s <= 0:
+            raise ConfigurationError(f"dial_timeout_s must be > 0, got {dial_timeout_s}")
+        self.target = target
+        self.retry = retry
+        self.sleep = sleep
+        self.stats = RedialStats()
+        self._credentials = credentials
+        self._options = [*(options or ()), FRESH_CONNECTION]
+        self._compression = compression
+        self._lock = threading.Lock()
+        self._closed = False
+        self.closer = _Closer(f"grpc-balance-close-{target}")
+        warn_if_native_retry(self._options, target)
+        self.observer: CallObserver | None = None
+        if observe is not False:
+            chosen = observe if isinstance(observe, ObserveOptions) else ObserveOptions()
+            # No probe: every call is a fresh connection, a probe of its own.
+            self.observer = build_observer(
+                target, chosen.but(probe=False, lane=chosen.lane or "dial-per-request")
+            )
+        self._predialler = (
+            _Predialler(self, predial, dial_timeout_s, refill_defer_s) if predial else None
+        )
+
+    def __repr__(self) -> str:
+        s = self.stats
+        state = "closed" if self._closed else "open"
+        ready = self._predialler.ready() if self._predialler is not None else 0
+        return (
+            f"<DialPerRequestChannel {self.target} {state}: {s.dialled} dialled "
+            f"({s.predialled} predialled, {ready} ready), {s.closed} closed>"
+        )
+
+    # -- connections -----------------------------------------------------------------------
+
+    def dial(self) -> grpc.Channel:
+        """A new channel on a connection of its own (the hook tests and subclasses override)."""
+        with self._lock:
+            self.stats.dialled += 1
+        if self._credentials is None:
+            return grpc.insecure_channel(self.target, self._options, self._compression)
+        return grpc.secure_channel(self.target, self._credentials, self._options, self._compression)
+
+    def connection(self) -> _Lease:
+        """The (observed) channel for one call: a predialled one if ready, else a new one."""
+        if self._closed:
+            raise ValueError("Cannot invoke RPC on closed channel!")
+        channel = self._predialler.take() if self._predialler is not None else None
+        if channel is None:
+            return _Lease(self, _observed(self.dial(), self.observer), predialled=False)
+        with self._lock:
+            self.stats.predialled += 1
+        return _Lease(self, _observed(channel, self.observer), predialled=True)
+
+    def count_closed(self, predialled: bool = False) -> None:
+        with self._lock:
+            self.stats.closed += 1
+        if predialled and self._predialler is not None:
+            self._predialler.call_ended()
+
+    def count_predial_failure(self) -> None:
+        with self._lock:
+            self.stats.predial_failures += 1
+
+    def ready(self) -> int:
+        """Predialled connections connected and waiting for a call."""
+        return self._predialler.ready() if self._predialler is not None else 0
+
+    # -- grpc.Channel ----------------------------------------------------------------------
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.UnaryUnaryMultiCallable:
+        return _UnaryUnary(
+            self, "unary_unary", method, request_serializer, response_deserializer,
+            _registered_method,
+        )  # fmt: skip
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.UnaryStreamMultiCallable:
+        return _UnaryStream(
+            self, "unary_stream", method, request_serializer, response_deserializer,
+            _registered_method,
+        )  # fmt: skip
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.StreamUnaryMultiCallable:
+        return _StreamUnary(
+            self, "stream_unary", method, request_serializer, response_deserializer,
+            _registered_method,
+        )  # fmt: skip
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.StreamStreamMultiCallable:
+        return _StreamStream(
+            self, "stream_stream", method, request_serializer, response_deserializer,
+            _registered_method,
+        )  # fmt: skip
+
+    def subscribe(self, callback: Callable[..., Any], try_to_connect: bool = False) -> None:
+        """Reports one state now: READY if a predialled connection waits, else IDLE (this
+        channel holds no connection between calls, so there is nothing further to follow)."""
+        state = grpc.ChannelConnectivity.READY if self.ready() else grpc.ChannelConnectivity.IDLE
+        try:
+            callback(state)
+        except Exception:  # a user callback; grpcio logs and swallows these too
+            _log.exception("connectivity callback %r failed", callback)
+
+    def unsubscribe(self, callback: Callable[..., Any]) -> None:
+        """Nothing to undo: :meth:`subscribe` keeps no subscription."""
+
+    def close(self) -> None:
+        """Close the predialled connections and stop the predial thread; calls under way finish
+        on their own connections, which close when they end."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._predialler is not None:
+            self._predialler.close()
+
+    def __enter__(self) -> DialPerRequestChannel:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def dial_per_request_channel(
+    target: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: Sequence[tuple[str, Any]] | None = None,
+    compression: grpc.Compression | None = None,
+    **kwargs: Any,
+) -> DialPerRequestChannel:
+    """Made like ``grpc.insecure_channel`` / ``grpc.secure_channel``; see
+    :class:`DialPerRequestChannel` for ``retry``, ``predial`` and the rest."""
+    return DialPerRequestChannel(target, credentials, options, compression, **kwargs)

@@ -1,0 +1,77 @@
+"""Fakes for the pure lane pool: a clock, and a kube-proxy that picks a pod per new connection."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator
+
+from grpc_balance_mw.pool import CheckResult, Lane, LanePool, Plan, Signals
+
+
+class FakeClock:
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+
+class KubeProxy:
+    """Picks a pod at random for every new connection, as iptables' ``statistic`` does."""
+
+    def __init__(self, pods: int, rng: random.Random) -> None:
+        self.pods = [f"pod-{i}" for i in range(pods)]
+        self.rng = rng
+        self.connections: dict[int, str] = {}  # lane id -> pod its connection reached
+
+    def scale(self, pods: int) -> None:
+        self.pods = [f"pod-{i}" for i in range(pods)]
+
+    def __call__(self, lane: Lane) -> CheckResult:
+        pod = self.connections.setdefault(lane.id, self.rng.choice(self.pods))
+        return CheckResult(reachable=True, pod=pod)
+
+
+def scripted(pods: Iterable[str]) -> Callable[[Lane], CheckResult]:
+    """Dials reach these pods, in order; checks of active lanes see the lane's own pod."""
+    order: Iterator[str] = iter(pods)
+
+    def check(lane: Lane) -> CheckResult:
+        return CheckResult(reachable=True, pod=lane.pod if lane.pod else next(order))
+
+    return check
+
+
+def run(
+    pool: LanePool,
+    check: Callable[[Lane], CheckResult],
+    now: float | None = None,
+    signals: Signals | None = None,
+) -> Plan:
+    """One maintenance round as an adapter does it: plan, dial and check, report back."""
+    plan = pool.plan(now, signals)
+    for lane in plan.dial:
+        lane.connection = object()
+        pool.checked(lane, check(lane), now)
+    for lane in plan.check:
+        pool.checked(lane, check(lane), now)
+    return plan
+
+
+def settle(
+    pool: LanePool, check: Callable[[Lane], CheckResult], rounds: int = 50, **kwargs: object
+) -> int:
+    """Run rounds until one dials nothing new; returns the rounds it took."""
+    for i in range(rounds):
+        plan = run(pool, check, **kwargs)  # type: ignore[arg-type]
+        if not plan.dial:
+            return i
+    raise AssertionError(f"still dialling after {rounds} rounds: {pool!r}")
+
+
+def active_pods(pool: LanePool) -> list[str | None]:
+    return sorted((lane.pod for lane in pool.lanes if lane.is_available()), key=str)
