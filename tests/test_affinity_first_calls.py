@@ -28,9 +28,9 @@ from calls import call_aio, call_sync
 from conftest import require
 
 from grpc_balance_mw.affinity import AffinityDetector, AffinityRegistry, AffinityState, Transition
-from grpc_balance_mw.aio.observed_channel import ObservedChannel as AioObservedChannel
-from grpc_balance_mw.client import observe_channel
-from grpc_balance_mw.observing import ObserveOptions, build_observer
+from grpc_balance_mw.aio.observed_channel import observe as observe_aio
+from grpc_balance_mw.observed_channel import observe
+from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.probe import PodProbe
 from grpc_balance_mw.telemetry import AffinityTelemetry
 from grpc_balance_mw.testing import LocalCluster, missing_components
@@ -75,15 +75,7 @@ def run_sync(
     stop: Callable[[AffinityDetector], bool] | None = None,
 ) -> tuple[int, AffinityDetector]:
     """Up to ``calls`` calls on one fresh observed channel; how many were made, the detector."""
-    with grpc.insecure_channel(target, options=channel_options) as channel:
-        observed = observe_channel(
-            channel,
-            target,
-            expected_pods=options.expected_pods,
-            telemetry=options.telemetry,
-            probe=options.probe,
-            registry=options.registry,
-        )
+    with observe(grpc.insecure_channel(target, options=channel_options), options) as observed:
         made = 0
         while made < calls:
             made += 1
@@ -104,18 +96,17 @@ async def run_aio(
     pace_s: float = 0.0,
     stop: Callable[[AffinityDetector], bool] | None = None,
 ) -> tuple[int, AffinityDetector]:
-    observer = build_observer(target, options)
-    async with AioObservedChannel(
-        grpc.aio.insecure_channel(target, options=channel_options), observer
+    async with observe_aio(
+        grpc.aio.insecure_channel(target, options=channel_options), options
     ) as observed:
         made = 0
         while made < calls:
             made += 1
             assert (await call_aio(observed, "unary_unary")).code is grpc.StatusCode.OK
             await asyncio.sleep(pace_s)  # also lets the done-callback run
-            if stop is not None and stop(observer.detector):
+            if stop is not None and stop(observed.detector):
                 break
-    return made, observer.detector
+    return made, observed.detector
 
 
 def _pinned(detector: AffinityDetector) -> bool:
@@ -235,12 +226,10 @@ async def test_fresh_channels_balanced_by_round_robin_or_a_proxy_never_alarm(
 #: show that real connections land at random; the pure test repeats the same core 300 times.
 @pytest.mark.parametrize(("mode", "runs"), [("sync", 10), ("aio", 3)])
 async def test_a_detector_shared_by_many_short_channels_never_alarms(
-    l4: LocalCluster, mode: str, runs: int
+    spread_cluster: LocalCluster, mode: str, runs: int
 ) -> None:
-    """30 fresh channels of 10 calls each, ``runs`` times."""
-    if l4.service_kind != "userspace":
-        pytest.skip("one L4 implementation is enough: every one places connections at random")
-    target = l4.service_target
+    """30 fresh channels of 10 calls each through the L4 Service, ``runs`` times."""
+    target = spread_cluster.service_target
     raised: list[AffinityState] = []
     for _ in range(runs):
         alarms, registry = Alarms(), AffinityRegistry()
@@ -302,10 +291,7 @@ def test_a_pod_added_by_a_scale_up_is_known_within_one_probe_round(
     caplog.set_level(logging.INFO, logger="grpc_balance_mw.telemetry")
     # pick_first on the headless name: the channel's calls stay on one pod; only the probe can
     # learn the others, and the new one.
-    with grpc.insecure_channel(target, options=FRESH) as channel:
-        observed = observe_channel(
-            channel, target, telemetry=options.telemetry, probe=probe, registry=registry
-        )
+    with observe(grpc.insecure_channel(target, options=FRESH), options) as observed:
         deadline = time.monotonic() + 20
         while probe.rounds < 1 and time.monotonic() < deadline:
             call_sync(observed, "unary_unary")
