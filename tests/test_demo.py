@@ -26,7 +26,7 @@ def test_demo_shows_pinning_then_the_fix() -> None:
     sections = done.stdout.split("\n== ")
     service, headless, l7, surge = sections[1:5]
     assert "detector: pinned" in service and " 300  " in service
-    assert "detector: balanced" in headless and "detector: balanced" in l7
+    assert "detector: balanced" in headless and "detector: l7-balanced" in l7
     assert "300 CLIENT spans, 300 tagged with the pod" in service
     assert "RESOURCE_EXHAUSTED" in surge
     assert "are pinned" in done.stderr  # the rate-limited warning says what to do
