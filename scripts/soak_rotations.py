@@ -26,15 +26,15 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from calls import CALL_KINDS, call_aio, call_sync  # noqa: E402
+from calls import CALL_KINDS, call_aio, call_sync
 
-from grpc_balance_mw.affinity import AffinityRegistry  # noqa: E402
-from grpc_balance_mw.aio.channel import BalancedChannel as AioBalancedChannel  # noqa: E402
-from grpc_balance_mw.aio.channel import channel_factory as aio_channel_factory  # noqa: E402
-from grpc_balance_mw.channel import BalancedChannel, channel_factory  # noqa: E402
-from grpc_balance_mw.observing import ObserveOptions  # noqa: E402
-from grpc_balance_mw.pool import LanePool, PoolConfig, rotate_after_calls  # noqa: E402
-from grpc_balance_mw.testing import LocalCluster  # noqa: E402
+from grpc_balance_mw.affinity import AffinityRegistry
+from grpc_balance_mw.aio.channel import BalancedChannel as AioBalancedChannel
+from grpc_balance_mw.aio.channel import channel_factory as aio_channel_factory
+from grpc_balance_mw.channel import BalancedChannel, channel_factory
+from grpc_balance_mw.observing import ObserveOptions
+from grpc_balance_mw.pool import LanePool, PoolConfig, rotate_after_calls
+from grpc_balance_mw.testing import LocalCluster
 
 
 def snapshot() -> dict[str, int]:

@@ -125,7 +125,7 @@ def _fds() -> int:
 def _channels() -> int:
     """grpc channel objects alive in this process (sync and aio)."""
     gc.collect()
-    kinds = (grpc._channel.Channel, grpc.aio._channel.Channel)  # noqa: SLF001
+    kinds = (grpc._channel.Channel, grpc.aio._channel.Channel)
     return sum(isinstance(obj, kinds) for obj in gc.get_objects())
 
 
