@@ -42,6 +42,7 @@ from grpc_balance_mw.pool import (
     CheckResult,
     Lane,
     LanePool,
+    NoLane,
     Picker,
     Plan,
     PoolConfig,
@@ -53,7 +54,13 @@ from grpc_balance_mw.pool.health import read_check
 from grpc_balance_mw.pool.pool import pool_for_channel
 from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, warn_if_native_retry
 
-__all__ = ["BalancedChannel", "ChannelFactory", "balanced_channel", "channel_factory"]
+__all__ = [
+    "BalancedChannel",
+    "ChannelFactory",
+    "NoLaneError",
+    "balanced_channel",
+    "channel_factory",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -107,6 +114,46 @@ class _LaneConnection:
         self.channel = channel
         self.check = check_method(raw)
         self.callables: dict[Any, Any] = {}
+
+
+class NoLaneError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    """UNAVAILABLE: the balanced channel has no lane with a connection now (as a grpc channel
+    without a connection fails a call); retryable like any UNAVAILABLE."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(details)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return _UNAVAILABLE
+
+    def details(self) -> str:
+        return self._details
+
+    def initial_metadata(self) -> tuple[()]:
+        return ()
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Any) -> bool:
+        return False
+
+
+def _acquire(pool: LanePool) -> Lane:
+    try:
+        return pool.acquire()
+    except NoLane as error:
+        raise NoLaneError(str(error)) from error
 
 
 class _Ticket:
@@ -304,7 +351,7 @@ class _UnaryResponse(_Balanced):
     def _attempt(self, how: str, request: Any, timeout: float | None, rest: tuple[Any, ...]) -> Any:
         """One attempt on one lane (``how``: ``__call__`` or ``with_call``)."""
         pool = self._pool
-        lane = pool.acquire()
+        lane = _acquire(pool)
         unavailable = False
         try:
             return getattr(self._inner(lane), how)(self._request(request), timeout, *rest)
@@ -359,7 +406,7 @@ class _UnaryResponse(_Balanced):
         """Sent once, never retried (as in the dial-per-request channel)."""
         self._retry.record_call()
         pool = self._pool
-        lane = pool.acquire()
+        lane = _acquire(pool)
         try:
             future = self._inner(lane).future(
                 self._request(request), timeout, metadata, credentials, wait_for_ready,
@@ -385,7 +432,7 @@ class _StreamResponse(_Balanced):
         pool = self._pool
 
         def start(remaining: float | None) -> tuple[Any, Lane]:
-            lane = pool.acquire()
+            lane = _acquire(pool)
             try:
                 call = self._inner(lane)(
                     self._request(request), remaining, metadata, credentials, wait_for_ready,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from functools import partial
 from typing import Any
 
@@ -37,6 +37,7 @@ from grpc_balance_mw.pool import (
     CheckResult,
     Lane,
     LanePool,
+    NoLane,
     Picker,
     Plan,
     PoolConfig,
@@ -158,10 +159,13 @@ class _Balanced:
             connection.callables[self] = inner
         return inner
 
-    def _attempt(self, request: Any, kwargs: dict[str, Any]) -> tuple[Any, Lane]:
+    def _attempt(self, request: Any, kwargs: dict[str, Any]) -> tuple[Any, Lane | None]:
         """One call on one lane; the lane is given back by the call's done-callback."""
         pool = self._pool
-        lane = pool.acquire()
+        try:
+            lane = pool.acquire()
+        except NoLane as error:  # as a grpc.aio channel without a connection: UNAVAILABLE
+            return _Unavailable(str(error)), None
         try:
             if self._kind.startswith("stream") and isinstance(request, (list, tuple)):
                 request = iter(request)  # replayable: a fresh iterator for each attempt
@@ -182,7 +186,7 @@ class _Balanced:
             return self._attempt(request, kwargs)[0]
         deadline = Deadline(kwargs.pop("timeout", None))
 
-        def start() -> tuple[Any, Lane]:
+        def start() -> tuple[Any, Lane | None]:
             return self._attempt(request, {**kwargs, "timeout": deadline.remaining()})
 
         if not self._kind.endswith("unary"):
@@ -194,7 +198,7 @@ class _Balanced:
                 try:
                     return await holder.last
                 except grpc.aio.AioRpcError as error:
-                    if error.code() is grpc.StatusCode.UNAVAILABLE:
+                    if error.code() is grpc.StatusCode.UNAVAILABLE and lane is not None:
                         # Now, not in the done-callback (it may not have run yet): the next
                         # attempt must not pick the same lane.
                         self._pool.lane_failed(lane)
@@ -206,6 +210,66 @@ class _Balanced:
         return RetryingCall(run)
 
 
+class _Unavailable:
+    """A call that could not start: no lane has a connection. It fails UNAVAILABLE when awaited
+    or read, as a grpc.aio call on a channel without a connection does."""
+
+    def __init__(self, details: str) -> None:
+        self._error = grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details
+        )
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        raise self._error
+        yield  # pragma: no cover - makes this a generator
+
+    async def read(self) -> Any:
+        raise self._error
+
+    async def write(self, _message: Any) -> None:
+        raise self._error
+
+    async def done_writing(self) -> None:
+        return None
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._responses()
+
+    async def _responses(self) -> AsyncIterator[Any]:
+        raise self._error
+        yield  # pragma: no cover - makes this an async generator
+
+    async def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    async def details(self) -> str:
+        return str(self._error.details())
+
+    async def initial_metadata(self) -> grpc.aio.Metadata:
+        return grpc.aio.Metadata()
+
+    async def trailing_metadata(self) -> grpc.aio.Metadata:
+        return grpc.aio.Metadata()
+
+    async def wait_for_connection(self) -> None:
+        raise self._error
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        callback(self)
+
+    def done(self) -> bool:
+        return True
+
+    def cancelled(self) -> bool:
+        return False
+
+    def cancel(self) -> bool:
+        return False
+
+    def time_remaining(self) -> float | None:
+        return None
+
+
 class _RetryingLaneStream:
     """A response stream sent again, on another lane, when it fails before its first message;
     after that, a failure is the caller's. The first attempt starts at once; the retries
@@ -213,7 +277,7 @@ class _RetryingLaneStream:
 
     def __init__(
         self,
-        start: Callable[[], tuple[Any, Lane]],
+        start: Callable[[], tuple[Any, Lane | None]],
         pool: LanePool,
         policy: RetryPolicy,
         deadline: Deadline,
@@ -240,7 +304,7 @@ class _RetryingLaneStream:
             try:
                 return await self._call.read()
             except grpc.aio.AioRpcError as error:
-                if error.code() is grpc.StatusCode.UNAVAILABLE:
+                if error.code() is grpc.StatusCode.UNAVAILABLE and self._lane is not None:
                     self._pool.lane_failed(self._lane)
                 raise
 

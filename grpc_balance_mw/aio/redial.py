@@ -39,7 +39,7 @@ import tenacity
 from grpc_balance_mw.aio.client import AffinityInterceptors
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.observing import ObserveOptions
-from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, warn_if_native_retry
+from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, code_of, warn_if_native_retry
 
 __all__ = ["DialPerRequestChannel", "RetryingCall", "dial_per_request_channel"]
 
@@ -287,13 +287,19 @@ class RetryingCall:
 
     async def code(self) -> grpc.StatusCode:
         last = await self._settled()
-        if self._task.cancelled() or last is None:
-            return grpc.StatusCode.CANCELLED if self._task.cancelled() else grpc.StatusCode.UNKNOWN
+        if self._task.cancelled():
+            return grpc.StatusCode.CANCELLED
+        if last is None:  # no attempt got a call (e.g. no connection): the error says why
+            return code_of(self._task.exception()) or grpc.StatusCode.UNKNOWN
         return await last.code()
 
     async def details(self) -> str | None:
         last = await self._settled()
-        return None if last is None else await last.details()
+        if last is None:
+            error = None if self._task.cancelled() else self._task.exception()
+            return None if error is None else str(getattr(error, "details", lambda: error)())
+        details: str | None = await last.details()
+        return details
 
     async def initial_metadata(self) -> Any:
         last = await self._settled()

@@ -9,6 +9,7 @@ from grpc_balance_mw.pool.pickers import LeastOutstanding, Picker, RoundRobin
 from grpc_balance_mw.pool.pool import (
     CheckResult,
     LanePool,
+    NoLane,
     Plan,
     PoolClosed,
     PoolConfig,
@@ -34,6 +35,7 @@ __all__ = [
     "LanePurpose",
     "LaneState",
     "LeastOutstanding",
+    "NoLane",
     "Picker",
     "Plan",
     "PoolClosed",

@@ -42,6 +42,7 @@ from grpc_balance_mw.pool.rotation import (
 __all__ = [
     "CheckResult",
     "LanePool",
+    "NoLane",
     "Plan",
     "PoolClosed",
     "PoolConfig",
@@ -63,6 +64,12 @@ _MAX_BACKOFF_S = 1.0
 
 class PoolClosed(BalanceError, ValueError):
     """A call was made on a closed balanced channel (grpcio raises ValueError there too)."""
+
+
+class NoLane(PoolClosed):
+    """No lane has a connection now (every dial is failing, e.g. the target's name does not
+    resolve or its TLS name does not match). The channel adapters fail the call with UNAVAILABLE,
+    as a grpc channel without a connection does, so a retry policy can send it again."""
 
 
 def default_rotation() -> Rotation:
@@ -330,7 +337,7 @@ class LanePool:
             ]
             if lanes:
                 return lanes
-        raise PoolClosed("the balanced channel has no lane with a connection yet")
+        raise NoLane("the balanced channel has no lane with a connection yet")
 
     # -- maintenance ---------------------------------------------------------------------------
 
