@@ -32,9 +32,10 @@ from typing import Any
 import grpc
 import tenacity
 
+from grpc_balance_mw.affinity import forking
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.registry import default_registry
-from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.errors import BalanceError, ConfigurationError
 from grpc_balance_mw.health_check import SERVING, check_method
 from grpc_balance_mw.observed_channel import ObservedChannel
 from grpc_balance_mw.observing import ObserveOptions, build_observer
@@ -57,6 +58,7 @@ from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, warn_if_nativ
 __all__ = [
     "BalancedChannel",
     "ChannelFactory",
+    "ForkedChannelError",
     "NoLaneError",
     "balanced_channel",
     "channel_factory",
@@ -149,7 +151,17 @@ class NoLaneError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
         return False
 
 
+class ForkedChannelError(BalanceError, ValueError):
+    """A balanced channel made before ``os.fork()`` was used in the child: its maintenance thread
+    stayed in the parent (no rotation, no health checks), and its lanes are the parent's
+    connections. Make the channel after the fork (e.g. in a pre-fork server's worker start)."""
+
+
 def _acquire(pool: LanePool) -> Lane:
+    if pool.forked:
+        raise ForkedChannelError(
+            "this balanced channel was made before os.fork(); make one in the child process"
+        )
     try:
         return pool.acquire()
     except NoLane as error:
@@ -518,6 +530,7 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
         self._tick_s = tick_s
         self._stop = threading.Event()
         self._subscriptions: dict[Any, grpc.Channel] = {}
+        forking.track(self)
         # Open the first lanes now (lazily, as grpc channels are) so calls can start at once;
         # their checks run on the maintenance thread.
         first = self.pool.plan(signals=self._signals())
@@ -535,6 +548,13 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
     def stuck(self) -> Stuck | None:
         """Why rotation cannot spread the calls (session affinity, an L7 proxy), if so."""
         return self.pool.stuck
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: refuse calls (:class:`ForkedChannelError`), with fresh locks so
+        that ``close()`` cannot block on one the parent's threads held at the fork."""
+        self.pool.reset_after_fork()
+        self._stop = threading.Event()
+        self._stop.set()
 
     # -- lanes -----------------------------------------------------------------------------
 
@@ -664,6 +684,9 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
         """Close every lane (their calls are cancelled, as ``grpc.Channel.close`` does) and stop
         the maintenance thread."""
         self._stop.set()
+        if self.pool.forked:  # the lanes are the parent's connections: leave them to it
+            self.pool.close()
+            return
         if self._thread is not threading.current_thread():
             self._thread.join()
         for lane in self.pool.close():

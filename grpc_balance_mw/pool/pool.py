@@ -266,6 +266,8 @@ class LanePool:
         self.stuck: Stuck | None = None
         self._new_stuck: Stuck | None = None
         self.closed = False
+        #: Set in a forked child: the adapter refuses calls (its connections are the parent's).
+        self.forked = False
         #: Counters for tests, logs and benchmarks.
         self.dials = 0
         self.redials = 0
@@ -284,6 +286,11 @@ class LanePool:
             if self.closed:
                 summary += "; closed"
             return f"<LanePool {summary}>"
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: a fresh lock (the parent's may have been held at the fork)."""
+        self._lock = threading.Lock()
+        self.forked = True
 
     # -- the call path -------------------------------------------------------------------------
 
