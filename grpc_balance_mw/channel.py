@@ -18,7 +18,15 @@ plans, on one background thread, and counts each call in and out of its lane.
 A call takes a lane's in-flight count until it ends: unary calls when they return (``future``: a
 done-callback, which never waits on the call since grpcio runs it on the channel's own thread),
 streams when the response iterator ends or the call is cancelled or done. A lane whose call fails
-with UNAVAILABLE (its pod was killed) takes no more calls and is replaced.
+with UNAVAILABLE (its pod was killed) takes no more calls and is replaced; a lane whose health
+checks go unanswered (its pod hangs) is replaced too.
+
+Retries are opt-in (``retry=RetryPolicy(...)``, the dial-per-request channel's policy): a call
+of a method marked idempotent that fails with a retryable code is sent again on another lane,
+within its deadline and the retry budget; a response stream only before its first message;
+``future()`` calls are sent once. Without a connected lane (every dial failing) a call fails
+UNAVAILABLE (:class:`NoLaneError`). Thread-safe; see ``docs/concurrency.md`` (and
+:class:`ForkedChannelError` for ``os.fork()``).
 """
 
 from __future__ import annotations

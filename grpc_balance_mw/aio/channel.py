@@ -12,6 +12,10 @@ The same :class:`~grpc_balance_mw.pool.LanePool` as the sync
 asyncio task (dials, health checks that name each lane's pod, closes), and each call gives its
 lane back from the call's done-callback. Each lane's calls are observed by the aio affinity
 interceptors (spans carry pod and lane; the detector's alarm is a rotation trigger).
+
+``retry=RetryPolicy(...)`` as in the sync channel: a retried unary-response call runs its
+attempts in a task (``code()`` and the metadata are the last attempt's); a retried response stream
+retries in its first ``read()``. A channel belongs to one event loop (see ``docs/concurrency.md``).
 """
 
 from __future__ import annotations
