@@ -158,6 +158,31 @@ class NoLaneError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
     def add_callback(self, callback: Any) -> bool:
         return False
 
+    # As a response stream and a future that failed before they started (see _StreamResponse).
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        raise self
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        fn(self)
+
+    def done(self) -> bool:
+        return True
+
+    def running(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def result(self, timeout: float | None = None) -> Any:
+        raise self
+
+    def exception(self, timeout: float | None = None) -> BaseException:
+        return self
+
 
 class ForkedChannelError(BalanceError, ValueError):
     """A balanced channel made before ``os.fork()`` was used in the child: its maintenance thread
@@ -181,7 +206,7 @@ class _Ticket:
 
     __slots__ = ("_lock", "lane", "pool")
 
-    def __init__(self, pool: LanePool, lane: Lane) -> None:
+    def __init__(self, pool: LanePool, lane: Lane | None) -> None:
         self.pool = pool
         self.lane: Lane | None = lane
         self._lock = threading.Lock()
@@ -200,11 +225,11 @@ class _Ticket:
 class _LaneStream(grpc.Call, grpc.Future):  # type: ignore[misc]
     """A response stream that gives its lane back when it ends, is cancelled, or is done."""
 
-    def __init__(self, call: Any, lane: Lane, pool: LanePool) -> None:
+    def __init__(self, call: Any, lane: Lane | None, pool: LanePool) -> None:
         self._pool = pool
         self._bind(call, lane)
 
-    def _bind(self, call: Any, lane: Lane) -> None:
+    def _bind(self, call: Any, lane: Lane | None) -> None:
         self._call = call
         self._ticket = _Ticket(self._pool, lane)
         call.add_done_callback(self._ticket.done)
@@ -282,7 +307,7 @@ class _RetryingLaneStream(_LaneStream):
 
     def __init__(
         self,
-        start: Callable[[float | None], tuple[Any, Lane]],
+        start: Callable[[float | None], tuple[Any, Lane | None]],
         pool: LanePool,
         policy: RetryPolicy,
         deadline: Deadline,
@@ -451,8 +476,11 @@ class _StreamResponse(_Balanced):
     ) -> _LaneStream:
         pool = self._pool
 
-        def start(remaining: float | None) -> tuple[Any, Lane]:
-            lane = _acquire(pool)
+        def start(remaining: float | None) -> tuple[Any, Lane | None]:
+            try:
+                lane = _acquire(pool)
+            except NoLaneError as error:  # fails when read, as grpc's streams do: retryable
+                return error, None
             try:
                 call = self._inner(lane)(
                     self._request(request), remaining, metadata, credentials, wait_for_ready,

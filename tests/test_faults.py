@@ -94,16 +94,26 @@ async def opened(mode: str, remedy: str, target: str, **kwargs: Any) -> Any:
 
 
 @pytest.mark.parametrize("retryable", [True, False], ids=["retryable", "not-retryable"])
-@pytest.mark.parametrize("kind", ["unary_unary", "unary_stream"])
+@pytest.mark.parametrize(
+    ("remedy", "kind"),
+    [
+        ("balanced", "unary_unary"),
+        ("balanced", "unary_stream"),
+        # unary calls through the fallback: tests/test_redial.py
+        ("dial-per-request", "unary_stream"),
+    ],
+)
 @pytest.mark.parametrize("mode", MODES)
 def test_a_pod_sigkilled_under_load(
-    cluster: LocalCluster, mode: str, kind: str, retryable: bool
+    cluster: LocalCluster, mode: str, remedy: str, kind: str, retryable: bool
 ) -> None:
     victim = cluster.pods[0].name
     policy = retry_policy(retryable)
 
     async def main() -> list[Outcome]:
-        channel = await opened(mode, "balanced", cluster.service_target, retry=policy)
+        channel = await opened(
+            mode, remedy, cluster.service_target, retry=policy, **channel_kwargs(remedy)
+        )
         try:
             cluster.reset_counts()
             return await load(

@@ -58,8 +58,10 @@ def client_credentials(certificates: Certificates, with_certificate: bool) -> An
     )
 
 
-async def calls_through(mode: str, target: str, count: int, **kwargs: Any) -> tuple[list[Any], Any]:
-    """``count`` unary calls through a fresh balanced channel; (outcomes, the closed channel)."""
+async def calls_through(
+    mode: str, target: str, count: int, kind: str = "unary_unary", **kwargs: Any
+) -> tuple[list[Any], Any]:
+    """``count`` calls of ``kind`` through a fresh balanced channel; (outcomes, the channel)."""
     channel = open_channel(
         mode, "balanced", target,
         observe=ObserveOptions(registry=AffinityRegistry()),
@@ -68,7 +70,7 @@ async def calls_through(mode: str, target: str, count: int, **kwargs: Any) -> tu
         **kwargs,
     )  # fmt: skip
     try:
-        return await load(mode, channel, "unary_unary", count, 4, timeout=5), channel
+        return await load(mode, channel, kind, count, 4, timeout=5), channel
     finally:
         await close_channel(mode, channel)
 
@@ -117,10 +119,13 @@ def test_a_retryable_call_fails_unavailable_not_no_lane_when_no_dial_can_succeed
         wrong = [("grpc.ssl_target_name_override", "not-this-server.example")]
         good = client_credentials(certificates, with_certificate=False)
         for mode in MODES:
-            outcomes, _ = asyncio.run(
-                calls_through(mode, pod.target, 20, credentials=good, options=wrong, retry=policy)
-            )
-            assert {o.code for o in outcomes} == {UNAVAILABLE}
+            for kind in ("unary_unary", "unary_stream"):
+                outcomes, _ = asyncio.run(
+                    calls_through(
+                        mode, pod.target, 12, kind, credentials=good, options=wrong, retry=policy
+                    )
+                )
+                assert {o.code for o in outcomes} == {UNAVAILABLE}, (mode, kind)
         assert policy.budget is not None and policy.budget.counts()[1] > 0
     finally:
         pod.stop()
