@@ -59,7 +59,7 @@ from grpc_balance_mw.pool import (
     Signals,
     Stuck,
 )
-from grpc_balance_mw.pool.health import read_check
+from grpc_balance_mw.pool.health import names_a_pod, read_check
 from grpc_balance_mw.pool.pool import pool_for_channel
 from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, warn_if_native_retry
 
@@ -219,7 +219,7 @@ class _Ticket:
 
     def done(self, call: Any) -> None:
         """A done-callback: the call has ended, so ``code()`` does not wait."""
-        self.release(call.code() is _UNAVAILABLE)
+        self.release(_pod_gone(call))
 
 
 class _LaneStream(grpc.Call, grpc.Future):  # type: ignore[misc]
@@ -296,8 +296,16 @@ class _LaneStream(grpc.Call, grpc.Future):  # type: ignore[misc]
         self._call.add_done_callback(lambda _call: fn(self))
 
 
+def _pod_gone(call: Any) -> bool:
+    """The (ended) call failed UNAVAILABLE and no pod sent that status: its connection or its pod
+    is gone, so its lane takes no more calls. A pod that answers UNAVAILABLE itself (overloaded,
+    say) names itself in the trailers: it is alive, and its lane stays (redialling on every such
+    answer would add connections to the load of an outage)."""
+    return bool(call.code() is _UNAVAILABLE and not names_a_pod(call.trailing_metadata()))
+
+
 def _failed_unavailable(error: BaseException) -> bool:
-    return isinstance(error, grpc.Call) and error.code() is _UNAVAILABLE
+    return isinstance(error, grpc.Call) and _pod_gone(error)
 
 
 class _RetryingLaneStream(_LaneStream):

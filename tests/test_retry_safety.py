@@ -38,18 +38,24 @@ def test_the_budget_holds_through_the_balanced_channel_in_a_total_outage(
         methods={GET}, max_attempts=5, backoff=wait_full_jitter(0.0, 1.0, 0.0), budget=budget
     )
 
+    dials: list[int] = []
+
     async def main() -> list[grpc.StatusCode]:
         channel = open_channel(
             mode, "balanced", pod.target, retry=policy,
-            pool_config=PoolConfig(min_lanes=2, scout_interval_s=None),
+            pool_config=PoolConfig(min_lanes=1, scout_interval_s=None),
             observe=ObserveOptions(registry=AffinityRegistry()),
         )  # fmt: skip
         try:
             return [o.code for o in await load(mode, channel, "unary_unary", calls, 4)]
         finally:
+            dials.append(channel.pool.dials)
             await close_channel(mode, channel)
 
     codes = asyncio.run(main())
+    # The pod answered every UNAVAILABLE itself (its trailers name it): it is alive, so its
+    # lanes stay; redialling on each answer would add connections to the outage's load.
+    assert dials == [1]
     assert codes == [UNAVAILABLE] * calls  # the original status, after the retries allowed
     attempts = len(pod.servicer.of(GET))
     seen_calls, retries = budget.counts()

@@ -49,7 +49,7 @@ from grpc_balance_mw.pool import (
     Signals,
     Stuck,
 )
-from grpc_balance_mw.pool.health import read_check
+from grpc_balance_mw.pool.health import names_a_pod, read_check
 from grpc_balance_mw.pool.pool import pool_for_channel
 from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, warn_if_native_retry
 
@@ -104,6 +104,27 @@ def _status_code(call: Any) -> int | None:
     except grpc.RpcError:  # the interceptors' task ended with the call's error
         return None
     return code
+
+
+def _answered_by_pod(call: Any) -> bool:
+    """Whether an ended aio call's trailers name the pod that sent its status (read as
+    :func:`_status_code` reads the code); False when they cannot be read."""
+    try:
+        inner = getattr(call, "_cython_call", None)
+        if inner is None:
+            inner = call._interceptors_task.result()._cython_call
+        return names_a_pod(inner._status.trailing_metadata())
+    except (AttributeError, TypeError, asyncio.InvalidStateError, asyncio.CancelledError):
+        return False
+    except grpc.RpcError:
+        return False
+
+
+def _pod_gone(error: grpc.aio.AioRpcError) -> bool:
+    """Failed UNAVAILABLE, and no pod sent that status (see the sync channel's ``_pod_gone``)."""
+    return bool(
+        error.code() is grpc.StatusCode.UNAVAILABLE and not names_a_pod(error.trailing_metadata())
+    )
 
 
 class _PastHealthChecks(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
@@ -202,7 +223,7 @@ class _Balanced:
                 try:
                     return await holder.last
                 except grpc.aio.AioRpcError as error:
-                    if error.code() is grpc.StatusCode.UNAVAILABLE and lane is not None:
+                    if lane is not None and _pod_gone(error):
                         # Now, not in the done-callback (it may not have run yet): the next
                         # attempt must not pick the same lane.
                         self._pool.lane_failed(lane)
@@ -308,7 +329,7 @@ class _RetryingLaneStream:
             try:
                 return await self._call.read()
             except grpc.aio.AioRpcError as error:
-                if error.code() is grpc.StatusCode.UNAVAILABLE and self._lane is not None:
+                if self._lane is not None and _pod_gone(error):
                     self._pool.lane_failed(self._lane)
                 raise
 
@@ -459,7 +480,7 @@ class BalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
     def released(self, lane: Lane, call: Any) -> None:
         """A call on ``lane`` ended (its done-callback): give the lane back."""
         code = _status_code(call)
-        self.pool.release(lane, unavailable=code == _UNAVAILABLE)
+        self.pool.release(lane, unavailable=code == _UNAVAILABLE and not _answered_by_pod(call))
         if code is None and not self._closed:
             follower = asyncio.get_running_loop().create_task(self._follow(lane, call))
             self._followers.add(follower)
@@ -467,7 +488,9 @@ class BalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
 
     async def _follow(self, lane: Lane, call: Any) -> None:
         with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
-            if await call.code() is grpc.StatusCode.UNAVAILABLE:
+            if await call.code() is grpc.StatusCode.UNAVAILABLE and not names_a_pod(
+                await call.trailing_metadata()
+            ):
                 self.pool.lane_failed(lane)
 
     # -- lanes -----------------------------------------------------------------------------

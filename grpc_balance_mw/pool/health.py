@@ -9,7 +9,7 @@ from grpc_balance_mw.errors import MalformedPodHeader
 from grpc_balance_mw.identity import pod_from_metadata
 from grpc_balance_mw.pool.pool import CheckResult
 
-__all__ = ["read_check"]
+__all__ = ["names_a_pod", "read_check"]
 
 Metadata = Iterable[tuple[str, Any]] | None
 
@@ -40,3 +40,10 @@ def read_check(
         return CheckResult(True, pod, True)
     # Any other error: reached only if a pod named itself, and then it is not serving.
     return CheckResult(pod is not None, pod, False)
+
+
+def names_a_pod(trailing: Metadata) -> bool:
+    """Whether a failed call's trailing metadata names the pod that sent the status: the pod
+    answered (it is alive and its connection works), as opposed to a status made up by the
+    client's transport when a connection or a pod is gone."""
+    return _pod(trailing) is not None
