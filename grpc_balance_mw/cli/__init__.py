@@ -76,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     overhead.add_argument(
         "--warmup", type=bounded_int(0, 10_000), default=200, help="calls per variant first"
     )
+    overhead.add_argument(
+        "--threads",
+        type=bounded_int(0, 256),
+        default=32,
+        help="sync callers on one channel (0: skip)",
+    )
+    overhead.add_argument(
+        "--aio-tasks",
+        type=bounded_int(0, 2000),
+        default=500,
+        help="aio tasks on one channel (0: skip)",
+    )
     doctor = commands.add_parser(
         "doctor",
         help="what balances a target's calls, what does not, and the fix (bounded: about 5 s)",
