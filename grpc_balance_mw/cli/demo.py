@@ -146,7 +146,7 @@ def print_run(run: Run) -> None:
     for pod, count in sorted(run.served.items()):
         bar = "#" * round(40 * count / total)
         print(f"   {pod:18} {count:5d}  {bar}")
-    print(f"   detector: {run.state} (top pod share {run.top_share:.0%}, first second not judged)")
+    print(f"   detector: {run.state} (top pod share {run.top_share:.0%})")
     for change in run.alarms:
         print(f"   state:    {change}")
     if run.spans:
