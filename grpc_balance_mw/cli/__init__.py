@@ -1,6 +1,7 @@
 """The ``grpc-balance`` command: tools on top of the library, never imported by it.
 
-Subcommands: ``demo`` (the problem and its fixes on a local cluster) and ``overhead`` (what
+Subcommands: ``demo`` (the problem and its fixes on a local cluster), ``bench`` (every strategy
+under steady load and faults), ``doctor`` (what balances a target) and ``overhead`` (what
 observing adds to a call). Argument errors exit 2 with one usage line, a configuration or cluster
 error exits 1 with one line, Ctrl-C exits 130; progress goes to stderr, results to stdout.
 
@@ -23,7 +24,19 @@ from grpc_balance_mw.errors import BalanceError
 __all__ = ["build_parser", "main"]
 
 #: The extra that brings what each subcommand imports beyond the core install.
-EXTRAS = {"demo": "demo", "overhead": "bench", "doctor": "cli"}
+EXTRAS = {"demo": "demo", "overhead": "bench", "doctor": "cli", "bench": "bench"}
+#: ``bench``'s choices, here so that ``--help`` and usage errors import nothing optional.
+BENCH_SCENARIOS = ("steady", "scale-up", "surge", "pod-kill", "streaming")
+STRATEGIES = (
+    "plain",
+    "dial-per-request",
+    "headless-round-robin",
+    "server-max-age",
+    "l7-proxy",
+    "interceptors",
+    "balanced",
+    "balanced-predial",
+)
 #: Top-level packages a subcommand may lack on a plain install, and their distributions.
 _OPTIONAL = {
     "opentelemetry.sdk": "opentelemetry-sdk",
@@ -122,7 +135,53 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--client-key", help="PEM client key (mutual TLS)")
     doctor.add_argument("--server-name", help="the name the server's certificate must carry")
     doctor.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    # `bench --scenario ...` (the balanced channel's scenarios) comes here.
+    bench = commands.add_parser(
+        "bench",
+        help="every strategy side by side under steady load, scale-up, surge, pod kill, streams",
+        description="Runs each strategy (plain channel, dial-per-request, headless round_robin, "
+        "server max-age, L7 proxy, observed channel, balanced channel, fallback with predial) "
+        "against the local cluster, interleaved, and reports calls, errors, calls per pod (the "
+        "pods' own counts), max share over fair share, p50/p99 and the affinity alarm. "
+        "--scenario all takes a few minutes.",
+    )
+    bench.add_argument(
+        "--scenario", choices=(*BENCH_SCENARIOS, "all"), default="steady", help="default: steady"
+    )
+    bench.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    bench.add_argument(
+        "--calls",
+        type=bounded_int(1, 100_000),
+        default=3000,
+        help="steady: calls per strategy; pod-kill: at most this many per strategy (1..100000)",
+    )
+    bench.add_argument(
+        "--rounds", type=bounded_int(1, 100), default=10, help="steady: rounds (1..100)"
+    )
+    bench.add_argument(
+        "--l4",
+        choices=("userspace", "haproxy", "iptables"),
+        default="userspace",
+        help="the ClusterIP Service: embedded proxy (default), HAProxy mode tcp, or kube-proxy's "
+        "iptables chains in a network namespace (root; no DNS or L7 proxy then)",
+    )
+    bench.add_argument(
+        "--strategy",
+        action="append",
+        choices=STRATEGIES,
+        help="run only this strategy (repeat for more); default: all",
+    )
+    bench.add_argument(
+        "--surge",
+        type=bounded_int(1, 500),
+        default=48,
+        help="surge: concurrent calls per wave (1..500; one pod takes 8 at once)",
+    )
+    bench.add_argument(
+        "--scale-wait-s",
+        type=bounded_float(1.0, 120.0),
+        default=10.0,
+        help="scale-up: how long to wait for a new pod's first call (1..120)",
+    )
     return parser
 
 
