@@ -155,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="steady: calls per strategy; pod-kill: at most this many per strategy (1..100000)",
     )
     bench.add_argument(
+        "--rate",
+        type=bounded_float(0.0, 10_000.0),
+        default=0.0,
+        help="steady: calls per second per strategy, 0..10000 (0: back to back, the default)",
+    )
+    bench.add_argument(
         "--rounds", type=bounded_int(1, 100), default=10, help="steady: rounds (1..100)"
     )
     bench.add_argument(

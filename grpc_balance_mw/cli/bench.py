@@ -65,9 +65,8 @@ SCALED_PODS = 5
 #: Surge: each pod serves this many calls at once, this long each; omni's deadline.
 SURGE_CAPACITY, SURGE_SERVICE_MS, SURGE_DEADLINE_S = 8, 50.0, 0.25
 SURGE_WAVES = 5
-SCALE_AFTER_S = 2.0
-SEGMENT = 10
-KILL_RUN_S, KILL_WORKERS, KILL_RATE = 6.0, 2, 40.0
+SCALE_AFTER_S, SCALE_RATE = 2.0, 50.0
+KILL_RUN_S, KILL_WORKERS, KILL_RATE = 6.0, 2, 25.0
 STREAM_RUN_S = 8.0
 #: Every scenario stops after this long, whatever its counts say.
 SCENARIO_LIMIT_S = 300.0
@@ -83,6 +82,7 @@ class Settings:
     strategies: tuple[str, ...] = STRATEGIES
     surge: int = 48
     scale_wait_s: float = 10.0
+    rate: float = 0.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -93,6 +93,7 @@ class Settings:
             strategies=tuple(args.strategy or STRATEGIES),
             surge=args.surge,
             scale_wait_s=args.scale_wait_s,
+            rate=args.rate,
         )
 
 
@@ -171,24 +172,25 @@ def segment(
     calls: int,
     result: Result,
     latencies: list[float],
-    on_pod: Callable[[str], None] | None = None,
     deadline: float = float("inf"),
+    rate: float = 0.0,
 ) -> None:
-    """``calls`` unary calls back to back (until ``deadline``); counted into ``result``."""
+    """``calls`` unary calls, back to back or ``rate`` per second, until ``deadline``."""
+    started = time.monotonic()
     for i in range(calls):
+        if rate:
+            time.sleep(max(0.0, started + i / rate - time.monotonic()))
         if time.monotonic() > deadline:
             return
         began = time.perf_counter()
         try:
-            pod = strategy.get(f"cp-{i}")
+            strategy.get(f"cp-{i}")
         except grpc.RpcError as error:
             result.calls += 1
             result.failed(_code(error))
             continue
         latencies.append((time.perf_counter() - began) * 1000)
         result.calls += 1
-        if on_pod is not None:
-            on_pod(pod)
 
 
 def _turned(opened: Sequence[Opened], by: int) -> list[Opened]:
@@ -217,7 +219,14 @@ def steady(settings: Settings) -> list[Result]:
             for strategy in _turned(opened, number):
                 result = by_name[strategy.strategy]
                 strategy.cluster.reset_counts()
-                segment(strategy, calls, result, latencies[strategy.strategy], deadline=limit)
+                segment(
+                    strategy,
+                    calls,
+                    result,
+                    latencies[strategy.strategy],
+                    deadline=limit,
+                    rate=settings.rate,
+                )
                 result.count(strategy.cluster.served())
         for strategy in opened:
             result = by_name[strategy.strategy]
@@ -226,56 +235,129 @@ def steady(settings: Settings) -> list[Result]:
     return _in_order(results, settings)
 
 
+class Load:
+    """Calls from worker threads, each strategy paced at its own rate, until stopped or spent.
+
+    Args:
+        opened: the strategies.
+        scenario: the results' name.
+        rate: calls per second per worker.
+        workers: threads per strategy.
+        budget: calls per worker at most.
+        on_pod: called with (strategy, pod) after each call that succeeded (under a lock).
+    """
+
+    def __init__(
+        self,
+        opened: Sequence[Opened],
+        scenario: str,
+        *,
+        rate: float,
+        workers: int,
+        budget: int,
+        on_pod: Callable[[Result, str], None] | None = None,
+    ) -> None:
+        self.results = {s.strategy: Result(scenario, s.strategy) for s in opened}
+        self.latencies: dict[str, list[float]] = {s.strategy: [] for s in opened}
+        self._opened = opened
+        self._rate = rate
+        self._budget = budget
+        self._on_pod = on_pod
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._work, args=(s,), daemon=True, name=f"bench {s.strategy}")
+            for s in opened
+            for _ in range(workers)
+        ]
+
+    def __enter__(self) -> Load:
+        self._started = time.monotonic()
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def wait(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    def _work(self, strategy: Opened) -> None:
+        result = self.results[strategy.strategy]
+        for i in range(self._budget):
+            if self._stop.wait(max(0.0, self._started + i / self._rate - time.monotonic())):
+                return
+            began = time.perf_counter()
+            try:
+                pod: str | None = strategy.get(f"cp-{i}")
+                code = None
+            except grpc.RpcError as error:
+                pod, code = None, _code(error)
+            elapsed = (time.perf_counter() - began) * 1000
+            with self._lock:
+                result.calls += 1
+                if pod is None:
+                    result.failed(code)
+                    continue
+                self.latencies[strategy.strategy].append(elapsed)
+                if self._on_pod is not None:
+                    self._on_pod(result, pod)
+
+    def finish(self, pods: int, note: str | None = None) -> list[Result]:
+        finished = []
+        for strategy in self._opened:
+            result = self.results[strategy.strategy]
+            result.alarm = strategy.alarm
+            result.note = note
+            finished.append(result.finish(self.latencies[strategy.strategy], pods))
+        return finished
+
+
 def scale_up(settings: Settings) -> list[Result]:
     results: list[Result] = []
     with (
         clusters(settings, settings.strategies) as (cluster, aged),
         opened_strategies(settings, cluster, aged, results, "scale-up") as opened,
     ):
-        by_name = {s.strategy: Result("scale-up", s.strategy) for s in opened}
-        latencies: dict[str, list[float]] = {s.strategy: [] for s in opened}
         first_pods = {pod.name for c in (cluster, aged) if c is not None for pod in c.pods}
         new_pods: set[str] = set()
-        scaled_at: float | None = None
-        start = time.monotonic()
-        number = 0
-        while True:
-            now = time.monotonic()
-            if scaled_at is None and now - start >= SCALE_AFTER_S:
-                progress(f"scale-up: {PODS} -> {SCALED_PODS} pods")
-                for c in (cluster, aged):
-                    if c is not None:
-                        c.scale(SCALED_PODS)
-                scaled_at = time.monotonic()
-                new_pods = {p.name for c in (cluster, aged) if c for p in c.pods} - first_pods
-                progress(f"scale-up: watching for {settings.scale_wait_s:g} s")
-            if scaled_at is not None and now - scaled_at >= settings.scale_wait_s:
-                break
-            for strategy in _turned(opened, number):
-                result = by_name[strategy.strategy]
-                after = scaled_at
+        #: strategy -> when its cluster's new pods were in the Service
+        scaled: dict[str, float] = {}
 
-                def on_pod(
-                    pod: str,
-                    result: Result = result,
-                    after: float | None = after,
-                    new: frozenset[str] = frozenset(new_pods),
-                ) -> None:
-                    first = result.seconds_to_new_pod_traffic is None
-                    if after is not None and pod in new and first:
-                        result.seconds_to_new_pod_traffic = round(time.monotonic() - after, 3)
+        def on_pod(result: Result, pod: str) -> None:
+            at = scaled.get(result.strategy)
+            if at is None:
+                return
+            result.per_pod[pod] = result.per_pod.get(pod, 0) + 1
+            if pod in new_pods and result.seconds_to_new_pod_traffic is None:
+                result.seconds_to_new_pod_traffic = round(time.monotonic() - at, 3)
 
-                strategy.cluster.reset_counts()
-                segment(strategy, SEGMENT, result, latencies[strategy.strategy], on_pod)
-                served = strategy.cluster.served()
-                if after is not None:
-                    result.count(served)
-            number += 1
-        for strategy in opened:
-            result = by_name[strategy.strategy]
-            result.alarm = strategy.alarm
-            result.note = "per_pod and max_share_over_fair: the calls after the scale-up"
-            results.append(result.finish(latencies[strategy.strategy], SCALED_PODS))
+        budget = int((SCALE_AFTER_S + settings.scale_wait_s + 5) * SCALE_RATE)
+        load = Load(opened, "scale-up", rate=SCALE_RATE, workers=1, budget=budget, on_pod=on_pod)
+        with load:
+            progress(f"scale-up: {SCALE_RATE:g} calls/s per strategy")
+            load.wait(SCALE_AFTER_S)
+            progress(f"scale-up: {PODS} -> {SCALED_PODS} pods")
+            for c in (cluster, aged):
+                if c is None:
+                    continue
+                before = {p.name for p in c.pods}
+                c.scale(SCALED_PODS)
+                now = time.monotonic()
+                new_pods.update({p.name for p in c.pods} - before - first_pods)
+                for strategy in opened:
+                    if strategy.cluster is c:
+                        scaled[strategy.strategy] = now
+            progress(f"scale-up: watching for {settings.scale_wait_s:g} s")
+            load.wait(settings.scale_wait_s)
+        results += load.finish(
+            SCALED_PODS,
+            "per_pod and max_share_over_fair: the calls after the scale-up, by the pod each "
+            "response names",
+        )
     return _in_order(results, settings)
 
 
@@ -348,56 +430,23 @@ def pod_kill(settings: Settings) -> list[Result]:
         opened_strategies(settings, cluster, aged, results, "pod-kill") as opened,
     ):
         victims = _victims(opened, cluster, aged)
-        by_name = {s.strategy: Result("pod-kill", s.strategy) for s in opened}
-        latencies: dict[str, list[float]] = {s.strategy: [] for s in opened}
-        lock = threading.Lock()
-        stop = threading.Event()
+
+        def on_pod(result: Result, pod: str) -> None:
+            result.per_pod[pod] = result.per_pod.get(pod, 0) + 1
+
         budget = max(1, settings.calls // KILL_WORKERS)
-        started = time.monotonic()
-
-        def work(strategy: Opened) -> None:
-            result = by_name[strategy.strategy]
-            for i in range(budget):
-                if stop.is_set():
-                    return
-                time.sleep(max(0.0, started + i / KILL_RATE - time.monotonic()))
-                began = time.perf_counter()
-                try:
-                    pod = strategy.get(f"cp-{i}")
-                    code = None
-                except grpc.RpcError as error:
-                    pod, code = None, _code(error)
-                elapsed = (time.perf_counter() - began) * 1000
-                with lock:
-                    result.calls += 1
-                    if pod is None:
-                        result.failed(code)
-                    else:
-                        latencies[strategy.strategy].append(elapsed)
-                        result.per_pod[pod] = result.per_pod.get(pod, 0) + 1
-
-        workers = [
-            threading.Thread(target=work, args=(s,), daemon=True, name=f"bench {s.strategy}")
-            for s in opened
-            for _ in range(KILL_WORKERS)
-        ]
-        for worker in workers:
-            worker.start()
-        progress(f"pod-kill: calls from {len(workers)} threads for {KILL_RUN_S:g} s")
-        stop.wait(KILL_RUN_S / 2)
-        for target, victim in victims:
-            progress(f"pod-kill: SIGKILL {victim}")
-            target.kill(victim)
-        stop.wait(KILL_RUN_S / 2)
-        stop.set()
-        for worker in workers:
-            worker.join(timeout=30)
+        load = Load(
+            opened, "pod-kill", rate=KILL_RATE, workers=KILL_WORKERS, budget=budget, on_pod=on_pod
+        )
+        with load:
+            progress(f"pod-kill: {KILL_WORKERS} threads per strategy for {KILL_RUN_S:g} s")
+            load.wait(KILL_RUN_S / 2)
+            for target, victim in victims:
+                progress(f"pod-kill: SIGKILL {victim}")
+                target.kill(victim)
+            load.wait(KILL_RUN_S / 2)
         killed = ", ".join(victim for _, victim in victims)
-        for strategy in opened:
-            result = by_name[strategy.strategy]
-            result.alarm = strategy.alarm
-            result.note = f"killed {killed} (the plain channel's pod) half way"
-            results.append(result.finish(latencies[strategy.strategy], PODS))
+        results += load.finish(PODS, f"killed {killed} (the plain channel's pod) half way")
     return _in_order(results, settings)
 
 
