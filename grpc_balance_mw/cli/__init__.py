@@ -60,12 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="the problem and its fixes, on a local cluster (about 20 s)",
-        description="One channel through a ClusterIP-like Service pins every call to one pod; "
-        "a headless Service with round_robin and an L7 proxy spread them; then a surge.",
+        help="the problem, the alarm and the fix, on a local cluster (about 20 s)",
+        description="omni calls charge-points (3 pods) through a ClusterIP-like Service: one "
+        "plain channel pins every call to one pod and the observing wrapper raises the alarm in "
+        "its spans; a surge overloads the pinned pod; the balanced channel spreads the same "
+        "surge; the Service scales to 5 pods and the new ones get traffic. Writes a PNG chart "
+        "of calls per pod over time (needs the chart extra).",
     )
     demo.add_argument(
-        "--calls", type=bounded_int(1, 100_000), default=600, help="calls per scenario (1..100000)"
+        "--calls",
+        type=bounded_int(1, 100_000),
+        default=600,
+        help="calls through the plain channel in act 1 (1..100000)",
     )
     demo.add_argument(
         "--rate",
@@ -73,7 +79,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=300.0,
         help="calls per second, 0.1..10000 (the detector's warm-up is 1 s)",
     )
-    demo.add_argument("--service", choices=("userspace", "haproxy"), default="userspace")
+    demo.add_argument(
+        "--surge",
+        type=bounded_int(1, 500),
+        default=48,
+        help="concurrent calls in the surge (1..500; a pod takes 8 at once)",
+    )
+    demo.add_argument(
+        "--l4",
+        "--service",
+        dest="l4",
+        choices=("userspace", "haproxy", "iptables"),
+        default="userspace",
+        help="the ClusterIP Service: embedded proxy (default, no root), HAProxy mode tcp, or "
+        "kube-proxy's iptables chains in a network namespace (root)",
+    )
+    demo.add_argument(
+        "--chart",
+        default="grpc-balance-demo.png",
+        metavar="PATH",
+        help="where to write the PNG chart (default: grpc-balance-demo.png)",
+    )
+    demo.add_argument(
+        "--json", action="store_true", help="the benchmark's JSON document, one entry per act"
+    )
 
     overhead = commands.add_parser(
         "overhead",

@@ -57,7 +57,7 @@ from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.testing import LocalCluster, ServiceKind, missing_components
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
 
-__all__ = ["SCENARIOS", "document", "run", "run_scenarios"]
+__all__ = ["SCENARIOS", "Settings", "burst", "document", "run", "run_scenarios"]
 
 SCENARIOS = BENCH_SCENARIOS
 PODS = 3
@@ -380,7 +380,7 @@ def surge(settings: Settings) -> list[Result]:
             for strategy in _turned(opened, wave):
                 result = by_name[strategy.strategy]
                 strategy.cluster.reset_counts()
-                burst(strategy, settings.surge, result, latencies[strategy.strategy])
+                burst(strategy.stub, settings.surge, result, latencies[strategy.strategy])
                 result.count(strategy.cluster.served())
         for strategy in opened:
             result = by_name[strategy.strategy]
@@ -395,8 +395,17 @@ def surge(settings: Settings) -> list[Result]:
     return _in_order(results, settings)
 
 
-def burst(strategy: Opened, calls: int, result: Result, latencies: list[float]) -> None:
-    """``calls`` calls at once (futures), each with the surge deadline; waits for them all."""
+def burst(
+    stub: Any,
+    calls: int,
+    result: Result,
+    latencies: list[float],
+    served: list[tuple[float, str | None]] | None = None,
+) -> None:
+    """``calls`` calls at once (futures), each with the surge deadline; waits for them all.
+
+    ``served`` gets (seconds after the burst began, the pod or None) per call.
+    """
     ended: list[float | None] = [None] * calls
     futures = []
     began = time.perf_counter()
@@ -405,14 +414,15 @@ def burst(strategy: Opened, calls: int, result: Result, latencies: list[float]) 
         def done(_future: Any, i: int = i) -> None:
             ended[i] = time.perf_counter()  # on grpcio's thread: record, never wait
 
-        future = strategy.stub.GetChargePoint.future(
+        future = stub.GetChargePoint.future(
             pb.GetChargePointRequest(id=f"surge-{i}"), timeout=SURGE_DEADLINE_S
         )
         future.add_done_callback(done)
         futures.append(future)
     for i, future in enumerate(futures):
+        pod = None
         try:
-            future.result(timeout=SURGE_DEADLINE_S + 5)
+            pod = str(future.result(timeout=SURGE_DEADLINE_S + 5).served_by)
         except grpc.RpcError as error:
             result.failed(_code(error))
         except grpc.FutureTimeoutError:
@@ -420,7 +430,10 @@ def burst(strategy: Opened, calls: int, result: Result, latencies: list[float]) 
             result.failed(grpc.StatusCode.DEADLINE_EXCEEDED)
         result.calls += 1
         end = ended[i]
-        latencies.append(((end if end is not None else time.perf_counter()) - began) * 1000)
+        elapsed = (end if end is not None else time.perf_counter()) - began
+        latencies.append(elapsed * 1000)
+        if served is not None:
+            served.append((elapsed, pod))
 
 
 def pod_kill(settings: Settings) -> list[Result]:
