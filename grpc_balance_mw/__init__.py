@@ -20,6 +20,7 @@ from grpc_balance_mw.identity import (
 )
 from grpc_balance_mw.observed_channel import ObservedChannel, observe
 from grpc_balance_mw.observing import ObserveOptions
+from grpc_balance_mw.rebalance import Rebalance
 from grpc_balance_mw.redial import DialPerRequestChannel, dial_per_request_channel
 from grpc_balance_mw.retry import RetryBudget, RetryPolicy
 from grpc_balance_mw.telemetry import AffinityTelemetry
@@ -44,6 +45,7 @@ __all__ = [
     "ObserveOptions",
     "ObservedChannel",
     "PodIdentity",
+    "Rebalance",
     "RetryBudget",
     "RetryPolicy",
     "__version__",

@@ -35,6 +35,7 @@ from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.instrumentation import ObservedCore, instrumentation_parts
 from grpc_balance_mw.observed_calls import ObservedStream, as_call, final_headers, finish_call
 from grpc_balance_mw.observing import ObserveOptions, build_observer, channel_target
+from grpc_balance_mw.rebalance import Rebalance, Rebalancer
 
 __all__ = ["ObservedChannel", "observe"]
 
@@ -201,16 +202,88 @@ _COUNTED: dict[str, type[_Observed]] = {
 }
 
 
+#: ``_accepts_registered_method`` by channel type: ``inspect.signature`` took half the time of
+#: making an observed channel, and a type's signature does not change.
+_REGISTERED_BY_TYPE: dict[type, bool] = {}
+
+
 def _accepts_registered_method(channel: grpc.Channel) -> bool:
     """Whether ``channel.unary_unary`` takes grpcio's private ``_registered_method`` flag."""
-    try:
-        parameters = inspect.signature(channel.unary_unary).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(
-        p.name == "_registered_method" or p.kind is inspect.Parameter.VAR_KEYWORD
-        for p in parameters
-    )
+    kind = type(channel)
+    known = _REGISTERED_BY_TYPE.get(kind)
+    if known is None:
+        try:
+            parameters = inspect.signature(channel.unary_unary).parameters.values()
+        except (TypeError, ValueError):
+            known = False
+        else:
+            known = any(
+                p.name == "_registered_method" or p.kind is inspect.Parameter.VAR_KEYWORD
+                for p in parameters
+            )
+        if len(_REGISTERED_BY_TYPE) < 64:
+            _REGISTERED_BY_TYPE[kind] = known
+    return known
+
+
+class _Rerouted:
+    """A method of an observed channel that may move: to the rebalancer's lanes once they are
+    open (stubs keep the multicallable they were given, so the move happens per call)."""
+
+    serializers: tuple[Any, Any] = (None, None)
+
+    def __init__(self, here: Any, rebalancer: Rebalancer, kind: str, method: str) -> None:
+        self._here = here
+        self._rebalancer = rebalancer
+        self._kind = kind
+        self._method = method
+        self._moved: Any = None
+        self._moved_to: Any = None
+
+    def _route(self) -> Any:
+        balanced = self._rebalancer.balanced
+        if balanced is None:
+            return self._here
+        if self._moved_to is not balanced:
+            make = getattr(balanced, self._kind)
+            self._moved = make(self._method, *self.serializers)
+            self._moved_to = balanced
+        return self._moved
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._route()(*args, **kwargs)
+
+
+class _ReroutedUnaryResponse(_Rerouted):
+    def with_call(self, *args: Any, **kwargs: Any) -> Any:
+        return self._route().with_call(*args, **kwargs)
+
+    def future(self, *args: Any, **kwargs: Any) -> Any:
+        return self._route().future(*args, **kwargs)
+
+
+class _ReroutedUnaryUnary(_ReroutedUnaryResponse, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
+    pass
+
+
+class _ReroutedStreamUnary(_ReroutedUnaryResponse, grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
+    pass
+
+
+class _ReroutedUnaryStream(_Rerouted, grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
+    pass
+
+
+class _ReroutedStreamStream(_Rerouted, grpc.StreamStreamMultiCallable):  # type: ignore[misc]
+    pass
+
+
+_REROUTED: dict[str, type[_Rerouted]] = {
+    "unary_unary": _ReroutedUnaryUnary,
+    "unary_stream": _ReroutedUnaryStream,
+    "stream_unary": _ReroutedStreamUnary,
+    "stream_stream": _ReroutedStreamStream,
+}
 
 
 class ObservedChannel(grpc.Channel):  # type: ignore[misc]
@@ -219,11 +292,19 @@ class ObservedChannel(grpc.Channel):  # type: ignore[misc]
     Args:
         channel: the channel that makes the calls; closed with this one.
         observer: what the calls are reported to (see :func:`build_observer`).
+        rebalancer: moves later calls onto lanes when it opens them (see :func:`observe`).
     """
 
-    def __init__(self, channel: grpc.Channel, observer: CallObserver) -> None:
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        observer: CallObserver,
+        *,
+        rebalancer: Rebalancer | None = None,
+    ) -> None:
         self._channel = channel
         self.observer = observer
+        self.rebalancer = rebalancer
         self._front: grpc.Channel | None = None
         instrumented = instrumentation_parts(channel)
         if instrumented is not None:
@@ -252,6 +333,22 @@ class ObservedChannel(grpc.Channel):  # type: ignore[misc]
         response_deserializer: Any,
         registered: bool | None,
     ) -> Any:
+        here = self._here(kind, method, request_serializer, response_deserializer, registered)
+        if self.rebalancer is None:
+            return here
+        moved = _REROUTED[kind](here, self.rebalancer, kind, method)
+        moved.serializers = (request_serializer, response_deserializer)
+        return moved
+
+    def _here(
+        self,
+        kind: str,
+        method: str,
+        request_serializer: Any,
+        response_deserializer: Any,
+        registered: bool | None,
+    ) -> Any:
+        """A method's multicallable on the observed channel itself."""
         if self._front is not None:
             front = getattr(self._front, kind)
             if registered and self._front_registered:
@@ -330,7 +427,10 @@ class ObservedChannel(grpc.Channel):  # type: ignore[misc]
         self._channel.unsubscribe(callback)
 
     def close(self) -> None:
-        """Close the inner channel and stop the probe made for this channel (``probe=True``)."""
+        """Close the inner channel (and the lanes, if calls moved onto them), and stop the probe
+        made for this channel (``probe=True``)."""
+        if self.rebalancer is not None:
+            self.rebalancer.close()
         self.observer.close()
         self._channel.close()
 
@@ -342,7 +442,11 @@ class ObservedChannel(grpc.Channel):  # type: ignore[misc]
 
 
 def observe(
-    channel: grpc.Channel, options: ObserveOptions | None = None, *, target: str | None = None
+    channel: grpc.Channel,
+    options: ObserveOptions | None = None,
+    *,
+    target: str | None = None,
+    rebalance: Rebalance | None = None,
 ) -> ObservedChannel:
     """``channel``, observed: every call feeds its target's affinity detector; sync channels.
 
@@ -351,6 +455,9 @@ def observe(
         options: what to observe with (expected pods, telemetry, probe...); defaults need none.
         target: the channel's target string, only for a channel whose target grpcio does not
             tell (a channel class of your own); read from the channel otherwise.
+        rebalance: move calls onto connections of their own (a balanced channel made with its
+            factory) once the detector says the channel is pinned or skewed, or always; see
+            :class:`~grpc_balance_mw.rebalance.Rebalance`. None: observe only.
 
     Raises:
         ConfigurationError: the target could not be learned from ``channel`` and was not given.
@@ -361,4 +468,10 @@ def observe(
             raise ConfigurationError(
                 f"cannot tell the target of {type(channel).__name__}: pass observe(..., target=...)"
             )
-    return ObservedChannel(channel, build_observer(target, options))
+    observer = build_observer(target, options)
+    rebalancer = (
+        Rebalancer(target, observer.detector, options or ObserveOptions(), rebalance)
+        if rebalance is not None
+        else None
+    )
+    return ObservedChannel(channel, observer, rebalancer=rebalancer)

@@ -14,7 +14,7 @@ from grpc_balance_mw.affinity.config import AffinityConfig
 from grpc_balance_mw.affinity.observer import CallObserver, CallTelemetry
 from grpc_balance_mw.affinity.registry import AffinityRegistry, default_registry
 from grpc_balance_mw.errors import ConfigurationError
-from grpc_balance_mw.probe import PodProbe
+from grpc_balance_mw.probe import PodProbe, resolve_in_background
 
 __all__ = ["ObserveOptions", "build_observer", "channel_target"]
 
@@ -68,6 +68,7 @@ def build_observer(target: str, options: ObserveOptions | None = None) -> CallOb
         detector.expected_pods = options.expected_pods
     probe = options.probe
     pod_probe = PodProbe(target, detector) if probe is True else probe or None
+    resolve_in_background(detector)
     return CallObserver(
         detector,
         telemetry=options.telemetry,

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "kubernetes"
-KUBERNETES_VERSION = "1.30.0"  # gRPC probes are GA since 1.27
+KUBERNETES_VERSION = "1.28.0"  # gRPC probes are GA since 1.27; kubernetes-validate 1.28 knows it
 
 
 def _documents() -> dict[str, dict[str, Any]]:

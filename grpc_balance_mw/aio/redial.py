@@ -207,6 +207,19 @@ class _RetryingStream:
     async def _read_once(self) -> Any:
         try:
             response = await self._call.read()
+        except StopAsyncIteration:
+            # grpcio before 1.6x: an intercepted stream that failed ends its reads this way,
+            # not with the error; raise the error the caller is owed.
+            await self._lease.release()
+            code = await self._call.code()
+            if code is grpc.StatusCode.OK:
+                return grpc.aio.EOF
+            raise grpc.aio.AioRpcError(
+                code,
+                await self._call.initial_metadata(),
+                await self._call.trailing_metadata(),
+                await self._call.details(),
+            ) from None
         except grpc.aio.AioRpcError:
             await self._lease.release()
             raise
