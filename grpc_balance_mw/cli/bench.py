@@ -6,16 +6,18 @@ Scenarios (``--scenario``, or ``all`` in this order):
   others in ``--rounds`` rounds (the order turns each round) so drift in the machine's speed hits
   them all alike. Spread comes from the pods' own counts, reset before and read after each
   strategy's segment.
-* ``scale-up``: 3 pods, then 5 after 2 s; segments of 10 calls per strategy, interleaved, for
-  ``--scale-wait-s`` after the scale-up. ``seconds_to_new_pod_traffic``: from the scale-up to the
-  first call a new pod served (null if none came within the wait); ``per_pod`` counts the calls
-  after the scale-up.
+* ``scale-up``: 3 pods, then 5 after 2 s; each strategy calls from a thread of its own at 50
+  calls/s (so each sees the new pods as soon as they come) for ``--scale-wait-s`` after the
+  scale-up. ``seconds_to_new_pod_traffic``: from the scale-up to the first call a new pod served
+  (null if none came within the wait); ``per_pod`` counts the calls after the scale-up, by the pod
+  each response names.
 * ``surge``: 3 pods of capacity 8 concurrent calls (50 ms each; calls beyond it queue on the
   pod); waves of ``--surge`` concurrent calls with omni's 250 ms deadline, interleaved. The
   pinned pod's queue makes calls late or fail; the other pods idle.
-* ``pod-kill``: 3 pods (10 ms per call); each strategy calls from two threads at once; half way
-  the pod the plain channel is pinned to is SIGKILLed. Errors per strategy; the retrying
-  strategies mark GetChargePoint (idempotent) retryable on UNAVAILABLE.
+* ``pod-kill``: 3 pods (10 ms per call); each strategy calls from two threads at once (25
+  calls/s each, at most ``--calls`` in all) for 6 s; half way the pod the plain channel is pinned
+  to is SIGKILLed (the server-max-age cluster loses its channel's pod). Errors per strategy;
+  the retrying strategies mark GetChargePoint (idempotent) retryable on UNAVAILABLE.
 * ``streaming``: per strategy a server stream and a bidirectional stream held open for the whole
   run, and short server streams opened every 0.25 s, while the cluster goes 3 -> 5 -> 3 pods.
   ``calls``: streams opened; ``errors``: streams that failed; ``per_pod``: streams per pod;
