@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 
 from grpc_balance_mw import (
+    AffinityTelemetry,
     ObserveOptions,
     Rebalance,
     RetryPolicy,
@@ -48,7 +49,8 @@ GET_CHARGE_POINT = "/chargepoints.v1.ChargePoints/GetChargePoint"
 
 def make_channel(mode: str, target: str, expected_pods: int | None) -> grpc.Channel:
     """The client change, per mode (plaintext here; pass grpc.ssl_channel_credentials() for TLS)."""
-    options = ObserveOptions(expected_pods=expected_pods)
+    # Telemetry logs the affinity warning (and makes spans, if your application set up the SDK).
+    options = ObserveOptions(expected_pods=expected_pods, telemetry=AffinityTelemetry())
     if mode == "observe":
         return observe(grpc.insecure_channel(target), options)
     if mode == "rebalance":

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate",
         type=bounded_float(0.1, 10_000.0),
         default=300.0,
-        help="calls per second, 0.1..10000 (the detector's warm-up is 1 s)",
+        help="calls per second in acts 1 and 4 (0.1..10000)",
     )
     demo.add_argument(
         "--surge",
@@ -117,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     overhead.add_argument(
         "--warmup", type=bounded_int(0, 10_000), default=200, help="calls per variant first"
+    )
+    overhead.add_argument(
+        "--threads",
+        type=bounded_int(0, 256),
+        default=32,
+        help="sync callers on one channel (0: skip)",
+    )
+    overhead.add_argument(
+        "--aio-tasks",
+        type=bounded_int(0, 2000),
+        default=500,
+        help="aio tasks on one channel (0: skip)",
     )
     doctor = commands.add_parser(
         "doctor",

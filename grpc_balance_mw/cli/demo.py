@@ -113,7 +113,7 @@ class Demo:
             self.say(
                 f"   alarm:    {transition.previous.value} -> {transition.current.value} after "
                 f"{snapshot.calls} judged calls ({snapshot.top_share:.0%} on {snapshot.top_pod}, "
-                f"{snapshot.known_count} pods known); the first second is not judged"
+                f"{snapshot.known_count} pods known)"
             )
         for warning in warnings:
             self.say(f"   log:      WARNING {warning}")
