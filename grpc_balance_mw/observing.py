@@ -59,8 +59,11 @@ class ObserveOptions:
         return replace(self, **changes)
 
 
-def build_observer(target: str, options: ObserveOptions | None = None) -> CallObserver:
-    """The shared core behind one observed channel or one set of interceptors (sync or aio)."""
+def build_observer(
+    target: str, options: ObserveOptions | None = None, *, fresh_connections: bool = False
+) -> CallObserver:
+    """The shared core behind one observed channel or one set of interceptors (sync or aio);
+    ``fresh_connections``: every call it sees runs on a connection of its own."""
     options = options if options is not None else ObserveOptions()
     registry = options.registry if options.registry is not None else default_registry
     detector = registry.detector(target, options.config)
@@ -75,6 +78,7 @@ def build_observer(target: str, options: ObserveOptions | None = None) -> CallOb
         probe=pod_probe,
         lane=options.lane if options.lane is not None else f"lane-{next(_lanes)}",
         owns_probe=probe is True,
+        fresh_connections=fresh_connections,
     )
 
 

@@ -224,6 +224,7 @@ class CallObserver:
         clock: monotonic seconds, the same clock as the detector's.
         owns_probe: whether :meth:`close` stops the probe (one made for this observer); a
             probe passed in by the user is theirs to stop.
+        fresh_connections: every call of this observer runs on a new connection.
     """
 
     def __init__(
@@ -235,6 +236,7 @@ class CallObserver:
         lane: str | None = None,
         clock: Clock = time.monotonic,
         owns_probe: bool = False,
+        fresh_connections: bool = False,
     ) -> None:
         self.detector = detector
         self.target = detector.target
@@ -243,8 +245,10 @@ class CallObserver:
         self.lane = lane
         self.clock = clock
         self.reader = PodReader()
-        #: What this lane's calls showed, in order (fed by the detector, under its lock).
-        self.lane_evidence = Lane(lane)
+        #: What this lane's calls showed, in order (fed by the detector, under its lock); None
+        #: when every call has a connection of its own (dial-per-request): each call is then
+        #: one connection's evidence, and pods changing from call to call mean nothing more.
+        self.lane_evidence: Lane | None = None if fresh_connections else Lane(lane)
         self._methods: dict[str | bytes, MethodName] = {}
         self._owns_probe = owns_probe
         #: Owned by ``telemetry``: what it keeps per observer (e.g. span attributes per method)
