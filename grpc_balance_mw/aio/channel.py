@@ -33,7 +33,7 @@ import tenacity
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.registry import default_registry
 from grpc_balance_mw.aio.client import affinity_interceptors
-from grpc_balance_mw.aio.redial import RetryingCall
+from grpc_balance_mw.aio.redial import RetryingCall, failed_as_error
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.health_check import SERVING, check_method
 from grpc_balance_mw.observing import ObserveOptions
@@ -327,7 +327,7 @@ class _RetryingLaneStream:
                 self._call, self._lane = self._start()
             first = False
             try:
-                return await self._call.read()
+                return await failed_as_error(self._call, await self._call.read())
             except grpc.aio.AioRpcError as error:
                 if self._lane is not None and _pod_gone(error):
                     self._pool.lane_failed(self._lane)

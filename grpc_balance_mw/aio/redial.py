@@ -41,7 +41,7 @@ from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.observing import ObserveOptions, build_observer
 from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, code_of, warn_if_native_retry
 
-__all__ = ["DialPerRequestChannel", "RetryingCall", "dial_per_request_channel"]
+__all__ = ["DialPerRequestChannel", "RetryingCall", "dial_per_request_channel", "failed_as_error"]
 
 FRESH_CONNECTION = ("grpc.use_local_subchannel_pool", 1)  # see grpc_balance_mw.redial
 _PREDIAL_RETRY_S = 0.5
@@ -184,6 +184,23 @@ class _SingleCall:
         return getattr(self._call, name)
 
 
+async def failed_as_error(call: Any, response: Any) -> Any:
+    """``response`` of a stream's first ``read()``, or the call's error if that read ended the
+    stream with a failure: an intercepted grpc.aio stream can end a failed read with EOF and
+    leave the status in ``code()``, which a retry would otherwise take for an empty stream."""
+    if response is not grpc.aio.EOF:
+        return response
+    code = await call.code()
+    if code is grpc.StatusCode.OK:
+        return response
+    raise grpc.aio.AioRpcError(
+        code,
+        await call.initial_metadata() or grpc.aio.Metadata(),
+        await call.trailing_metadata() or grpc.aio.Metadata(),
+        await call.details(),
+    )
+
+
 class _RetryingStream:
     """A response stream sent again, on a new connection, when it fails before its first
     message (nothing has reached the caller yet); after that, a failure is the caller's. The
@@ -207,6 +224,8 @@ class _RetryingStream:
     async def _read_once(self) -> Any:
         try:
             response = await self._call.read()
+            if not self._committed:
+                response = await failed_as_error(self._call, response)
         except StopAsyncIteration:
             # grpcio before 1.6x: an intercepted stream that failed ends its reads this way,
             # not with the error; raise the error the caller is owed.
