@@ -14,7 +14,7 @@ from grpc_balance_mw.affinity.config import AffinityConfig
 from grpc_balance_mw.affinity.observer import CallObserver, CallTelemetry
 from grpc_balance_mw.affinity.registry import AffinityRegistry, default_registry
 from grpc_balance_mw.errors import ConfigurationError
-from grpc_balance_mw.probe import PodProbe
+from grpc_balance_mw.probe import PodProbe, resolve_in_background
 
 __all__ = ["ObserveOptions", "build_observer", "channel_target"]
 
@@ -59,8 +59,11 @@ class ObserveOptions:
         return replace(self, **changes)
 
 
-def build_observer(target: str, options: ObserveOptions | None = None) -> CallObserver:
-    """The shared core behind one observed channel or one set of interceptors (sync or aio)."""
+def build_observer(
+    target: str, options: ObserveOptions | None = None, *, fresh_connections: bool = False
+) -> CallObserver:
+    """The shared core behind one observed channel or one set of interceptors (sync or aio);
+    ``fresh_connections``: every call it sees runs on a connection of its own."""
     options = options if options is not None else ObserveOptions()
     registry = options.registry if options.registry is not None else default_registry
     detector = registry.detector(target, options.config)
@@ -68,12 +71,14 @@ def build_observer(target: str, options: ObserveOptions | None = None) -> CallOb
         detector.expected_pods = options.expected_pods
     probe = options.probe
     pod_probe = PodProbe(target, detector) if probe is True else probe or None
+    resolve_in_background(detector)
     return CallObserver(
         detector,
         telemetry=options.telemetry,
         probe=pod_probe,
         lane=options.lane if options.lane is not None else f"lane-{next(_lanes)}",
         owns_probe=probe is True,
+        fresh_connections=fresh_connections,
     )
 
 

@@ -54,7 +54,7 @@ class Rebalance:
     max_lanes: int = 8
     picker: Any = None
     rotation: Any = None
-    check_interval_s: float = 0.5
+    check_interval_s: float = 0.1
 
     def __post_init__(self) -> None:
         if not callable(self.factory):

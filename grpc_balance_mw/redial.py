@@ -599,7 +599,9 @@ class DialPerRequestChannel(grpc.Channel):  # type: ignore[misc]
             chosen = observe if isinstance(observe, ObserveOptions) else ObserveOptions()
             # No probe: every call is a fresh connection, a probe of its own.
             self.observer = build_observer(
-                target, chosen.but(probe=False, lane=chosen.lane or "dial-per-request")
+                target,
+                chosen.but(probe=False, lane=chosen.lane or "dial-per-request"),
+                fresh_connections=True,
             )
         self._predialler = (
             _Predialler(self, predial, dial_timeout_s, refill_defer_s) if predial else None

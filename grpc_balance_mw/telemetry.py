@@ -12,6 +12,7 @@ span (its interceptor runs outside this one), that span is enriched and no secon
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -40,6 +41,10 @@ ATTR_LANE = "grpc_balance_mw.lane"
 ATTR_TARGET = "grpc_balance_mw.target"
 ATTR_STATE = "grpc_balance_mw.affinity.state"
 EVENT_STATE_CHANGE = "grpc_balance_mw.affinity.state_change"
+#: Span events when a pod becomes known or stops being known (``PodEvent.kind`` appended).
+EVENT_POD_PREFIX = "grpc_balance_mw.affinity."
+ATTR_CAUSE = "grpc_balance_mw.affinity.cause"
+ATTR_ADVICE = "grpc_balance_mw.affinity.advice"
 METRIC_CALLS = "grpc_balance_mw.client.calls"
 METRIC_TOP_SHARE = "grpc_balance_mw.affinity.top_share"
 #: The pod value of calls whose response named no pod, and of pods beyond the cap.
@@ -52,8 +57,13 @@ AlarmCallback = Callable[[Transition], None]
 _TARGET_KEY = "target"
 #: The on_alarm thread ends after this long without an alarm.
 _ALARM_THREAD_IDLE_S = 10.0
+#: Pod event log lines per target per ``alarm_interval_s`` at most.
+_POD_LOGS = 8
 #: Span attribute sets kept per observer (one per method called through it).
 _MAX_CACHED_METHODS = 256
+#: Shortcuts from a call's (pod, service, code) to its metric count, per target; pods beyond
+#: ``max_pod_values`` share ``other``'s count, so the counts themselves stay bounded.
+_MAX_COUNT_KEYS = 4096
 
 _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:]+))(?::(?P<port>\d+))?$")
 
@@ -77,6 +87,23 @@ def server_address(target: str) -> tuple[str, int | None]:
     return match.group("v6") or match.group("host"), int(port) if port else None
 
 
+class _CallCount:
+    """Calls with one set of metric attributes: ticked per call, read by the metric reader."""
+
+    __slots__ = ("_reads", "attributes", "ticks")
+
+    def __init__(self, attributes: dict[str, Any]) -> None:
+        self.attributes = attributes
+        self.ticks = itertools.count()
+        self._reads = 0
+
+    def read(self) -> int:
+        """Calls so far (each read takes one tick of its own, subtracted here)."""
+        ticked = next(self.ticks) - self._reads
+        self._reads += 1
+        return ticked
+
+
 class _TargetState:
     """What the telemetry keeps per target; held by the target's observers, so it goes with
     them (the telemetry itself only holds it weakly)."""
@@ -84,8 +111,12 @@ class _TargetState:
     __slots__ = (
         "__weakref__",
         "alarmed_at",
+        "call_counts",
+        "counts_by_attributes",
         "detector",
         "logged_at",
+        "pod_logged_at",
+        "pod_logs",
         "pod_values",
         "target",
         "warned_at",
@@ -95,8 +126,14 @@ class _TargetState:
         self.target = target
         self.detector = detector
         self.pod_values: set[str] = set()
+        #: Call counts by (pod, service, code) as calls name them, and by the metric's
+        #: attribute values (pods beyond the cap share ``other``'s count).
+        self.call_counts: dict[tuple[str | None, str, int | None], _CallCount] = {}
+        self.counts_by_attributes: dict[tuple[str, str, int | None], _CallCount] = {}
         self.warned_at = -math.inf
         self.logged_at = -math.inf
+        self.pod_logged_at = -math.inf
+        self.pod_logs = 0
         self.alarmed_at = -math.inf
 
 
@@ -221,12 +258,17 @@ class AffinityTelemetry:
         )
         #: State changes not passed to ``on_alarm`` (nor logged at INFO) for the rate limit.
         self.alarms_suppressed = 0
-        self._calls: Any = None
+        #: Pod events put on spans but left out of the log for its rate limit.
+        self.pod_events_unlogged = 0
+        self._calls = False
         if metrics:
             try:
                 meter = otel_metrics.get_meter(SCOPE, __version__, meter_provider)
-                calls = meter.create_counter(
+                # An observable counter that reads counts kept here: a call costs one tick of
+                # an itertools.count, not the SDK hashing a fresh attribute dict per call.
+                meter.create_observable_counter(
                     METRIC_CALLS,
+                    callbacks=[self._observe_calls],
                     unit="{call}",
                     description="Client calls by the pod that served them",
                 )
@@ -237,7 +279,7 @@ class AffinityTelemetry:
                     description="Share of the target's recent calls served by its busiest pod "
                     "(0 while nothing recent named a pod)",
                 )
-                self._calls = calls
+                self._calls = True
             except Exception:  # telemetry must never fail the application
                 _log.warning(
                     "grpc_balance_mw: no metrics, the meter provider failed", exc_info=True
@@ -306,12 +348,14 @@ class AffinityTelemetry:
     def call_finished(
         self, call: ObservedCall, code: int | None, transition: Transition | None
     ) -> None:
+        if call.observer.detector.pod_events:
+            self._pod_events(call)  # before the span ends
         try:
             self._finish_span(call, code, transition)
         except Exception:  # telemetry must never fail the call
             _log.debug("could not finish the call's span", exc_info=True)
         try:
-            if self._calls is not None:
+            if self._calls:
                 self._count(call, code)
         except Exception:  # telemetry must never fail the call
             _log.debug("could not count the call", exc_info=True)
@@ -320,6 +364,36 @@ class AffinityTelemetry:
                 self._alarm(self._target(call.observer), transition)
             except Exception:  # telemetry must never fail the call
                 _log.debug("could not raise the affinity alarm", exc_info=True)
+
+    def _pod_events(self, call: ObservedCall) -> None:
+        """Pods that became known or went away: an event each on this call's span, and a log
+        line, at most ``_POD_LOGS`` per target per ``alarm_interval_s`` (a server that makes up
+        a pod name per call cannot flood the log; the rest are counted in
+        ``pod_events_unlogged``)."""
+        try:
+            events = call.observer.detector.take_pod_events()
+            span = call.span
+            if span is not None:
+                for event in events:
+                    span.add_event(
+                        EVENT_POD_PREFIX + event.kind,
+                        {ATTR_POD: event.pod, ATTR_TARGET: event.target, "source": event.source},
+                    )
+            state = self._target(call.observer)
+            now = self._clock()
+            if now - state.pod_logged_at >= self._alarm_interval_s:
+                state.pod_logged_at, state.pod_logs = now, 0
+            if state.pod_logs >= _POD_LOGS:
+                self.pod_events_unlogged += len(events)
+                return
+            state.pod_logs += 1
+            _log.info(
+                "grpc_balance_mw: %s: %s",
+                call.observer.target,
+                ", ".join(f"{e.kind} {e.pod} (from {e.source})" for e in events),
+            )
+        except Exception:  # telemetry must never fail the call
+            _log.debug("could not report the pod events", exc_info=True)
 
     # spans
 
@@ -376,17 +450,21 @@ class AffinityTelemetry:
         span.set_attributes(attributes)
         if transition is not None:
             snapshot = transition.snapshot
-            span.add_event(
-                EVENT_STATE_CHANGE,
-                {
-                    "grpc_balance_mw.affinity.previous": transition.previous.value,
-                    ATTR_STATE: transition.current.value,
-                    "grpc_balance_mw.affinity.top_pod": snapshot.top_pod or UNKNOWN_POD,
-                    "grpc_balance_mw.affinity.top_share": snapshot.top_share,
-                    "grpc_balance_mw.affinity.known_pods": snapshot.known_count,
-                    ATTR_TARGET: transition.target,
-                },
-            )
+            event: dict[str, Any] = {
+                "grpc_balance_mw.affinity.previous": transition.previous.value,
+                ATTR_STATE: transition.current.value,
+                "grpc_balance_mw.affinity.top_pod": snapshot.top_pod or UNKNOWN_POD,
+                "grpc_balance_mw.affinity.top_share": snapshot.top_share,
+                "grpc_balance_mw.affinity.known_pods": snapshot.known_count,
+                "grpc_balance_mw.affinity.connections": snapshot.connections,
+                "grpc_balance_mw.affinity.lanes": snapshot.lanes,
+                ATTR_TARGET: transition.target,
+            }
+            if snapshot.cause is not None:
+                event[ATTR_CAUSE] = snapshot.cause
+            if snapshot.advice is not None:
+                event[ATTR_ADVICE] = snapshot.advice
+            span.add_event(EVENT_STATE_CHANGE, event)
         if not owned:
             return
         if code is not None and code != 0:
@@ -408,15 +486,42 @@ class AffinityTelemetry:
         return pod
 
     def _count(self, call: ObservedCall, code: int | None) -> None:
-        target = call.observer.target
-        attributes: dict[str, Any] = {
-            ATTR_TARGET: target,
-            ATTR_POD: self._pod_value(self._target(call.observer), call.pod),
-            "rpc.service": call.method.service,
-        }
-        if code is not None:
-            attributes["rpc.grpc.status_code"] = code
-        self._calls.add(1, attributes)
+        state = self._target(call.observer)
+        key = (call.pod, call.method.service, code)
+        count = state.call_counts.get(key)
+        if count is None:
+            count = self._new_count(state, key)
+        next(count.ticks)  # atomic under the GIL: no lock on the call path
+
+    def _new_count(
+        self, state: _TargetState, key: tuple[str | None, str, int | None]
+    ) -> _CallCount:
+        pod, service, code = key
+        value = (self._pod_value(state, pod), service, code)
+        with self._lock:
+            count = state.counts_by_attributes.get(value)
+            if count is None:
+                attributes: dict[str, Any] = {
+                    ATTR_TARGET: state.target,
+                    ATTR_POD: value[0],
+                    "rpc.service": service,
+                }
+                if code is not None:
+                    attributes["rpc.grpc.status_code"] = code
+                count = state.counts_by_attributes[value] = _CallCount(attributes)
+            if len(state.call_counts) >= _MAX_COUNT_KEYS:
+                state.call_counts.clear()  # only the shortcut: the counts stay
+            state.call_counts[key] = count
+        return count
+
+    def _observe_calls(self, _options: Any) -> Iterable[otel_metrics.Observation]:
+        with self._lock:
+            counts = [
+                count
+                for state in list(self._targets.values())
+                for count in state.counts_by_attributes.values()
+            ]
+            return [otel_metrics.Observation(count.read(), count.attributes) for count in counts]
 
     def _observe_top_share(self, _options: Any) -> Iterable[otel_metrics.Observation]:
         with self._lock:
@@ -468,12 +573,15 @@ class AffinityTelemetry:
         snapshot = transition.snapshot
         _log.warning(
             "grpc_balance_mw: calls to %s are %s: %.0f%% of recent calls went to pod %s, "
-            "%d pods are known. A Kubernetes ClusterIP Service balances connections, not calls: "
-            "spread calls over several connections (a balanced channel), use a headless Service "
-            "with round_robin, or set max_connection_age on the server.",
+            "%d pods are known (%s); %d connection(s) seen on %d lane(s). Cause: %s. Fix: %s.",
             transition.target,
             transition.current.value,
             snapshot.top_share * 100,
             snapshot.top_pod,
             snapshot.known_count,
+            ", ".join(f"{n} from {source}" for source, n in snapshot.known_from.items() if n),
+            snapshot.connections,
+            snapshot.lanes,
+            snapshot.cause or "unknown",
+            snapshot.advice or "spread the calls over several connections",
         )

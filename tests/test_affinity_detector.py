@@ -23,7 +23,10 @@ B, U, S, P, L7 = (
     AffinityState.PINNED,
     AffinityState.L7_BALANCED,
 )
-CFG = AffinityConfig(window_calls=100, window_s=60, min_samples=20, dwell_calls=5)
+#: Calls recorded without a lane are independent samples; alpha 0.01 lets 30 of them judge skew.
+CFG = AffinityConfig(
+    window_calls=100, window_s=60, min_samples=20, dwell_calls=5, chance_alpha=0.01
+)
 
 
 class FakeClock:
@@ -115,7 +118,9 @@ def test_pinned_exit_needs_share_below_exit_line() -> None:
 
 @pytest.mark.parametrize(("run", "entered"), [(10, []), (13, [S, B])])
 def test_dwell_ignores_a_short_stretch(run: int, entered: list[AffinityState]) -> None:
-    cfg = AffinityConfig(window_calls=20, window_s=60, min_samples=20, dwell_calls=5)
+    cfg = AffinityConfig(
+        window_calls=20, window_s=60, min_samples=20, dwell_calls=5, chance_alpha=0.05
+    )
     detector = AffinityDetector("s", cfg)
     assert feed(detector, spread("ab", 40)) == [B]
     # a run of 10 calls on one pod argues for "skewed" for one call, 13 for longer than the dwell
@@ -160,11 +165,11 @@ def test_window_and_known_pods_expire_by_time() -> None:
 
 def test_snapshot_and_repr_show_the_numbers() -> None:
     detector = AffinityDetector("svc:1", CFG)
-    feed(detector, spread("aaab", 30))
+    feed(detector, spread("aaaab", 40))
     snapshot = detector.snapshot()
-    assert snapshot.pods["a"].calls == 23 and snapshot.top_share == pytest.approx(23 / 30)
+    assert snapshot.pods["a"].calls == 32 and snapshot.top_share == pytest.approx(32 / 40)
     assert snapshot.known_pods == ("a", "b") and snapshot.state is S
-    assert repr(detector).startswith("<AffinityDetector svc:1 skewed: 30 calls")
+    assert repr(detector).startswith("<AffinityDetector svc:1 skewed: 40 calls")
 
 
 def test_registry_gives_one_detector_per_target() -> None:

@@ -36,6 +36,20 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         ["demo", "--calls", "2.5"],
         ["demo", "--calls", "10000000"],
         ["demo", "--service", "istio"],
+        ["demo", "--l4", "ipvs"],
+        ["demo", "--surge", "0"],
+        ["demo", "--surge", "501"],
+        ["bench", "--scenario", "chaos"],
+        ["bench", "--calls", "0"],
+        ["bench", "--calls", "-5"],
+        ["bench", "--rounds", "0"],
+        ["bench", "--rate", "-1"],
+        ["bench", "--rate", "nan"],
+        ["bench", "--l4", "ipvs"],
+        ["bench", "--strategy", "magic"],
+        ["bench", "--surge", "0"],
+        ["bench", "--scale-wait-s", "0.5"],
+        ["bench", "--scale-wait-s", "1000"],
         ["demo", "--unknown"],
         ["demo", "extra"],
         ["overhead", "--rounds", "0"],
@@ -59,7 +73,7 @@ def test_a_bad_argument_is_one_usage_line_and_exit_2(
 def test_help_lists_the_subcommands_from_the_console_script_module() -> None:
     done = run("--help")
     assert done.returncode == 0, done.stderr
-    assert "demo" in done.stdout and "overhead" in done.stdout
+    assert all(name in done.stdout for name in ("demo", "bench", "doctor", "overhead"))
     version = run("--version")
     assert version.returncode == 0 and version.stdout.startswith("grpc-balance 0.")
 
@@ -154,7 +168,7 @@ def test_ctrl_c_in_the_demo_stops_the_local_cluster() -> None:
     try:
         assert process.stderr is not None
         deadline = time.monotonic() + 60
-        while "scenario 1/" not in process.stderr.readline():  # the cluster is up
+        while "act 1/" not in process.stderr.readline():  # the cluster is up
             assert time.monotonic() < deadline and process.poll() is None
         assert len(processes_marked(mark)) > 3  # the command and its pods
         process.send_signal(signal.SIGINT)
@@ -170,3 +184,15 @@ def test_ctrl_c_in_the_demo_stops_the_local_cluster() -> None:
     while processes_marked(mark) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert processes_marked(mark) == []
+
+
+def test_bench_says_what_its_service_lacks_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from grpc_balance_mw.cli import bench
+
+    reason = "haproxy is not installed (Debian package: haproxy)"
+    monkeypatch.setattr(bench, "missing_components", lambda **kwargs: [reason])
+    assert main(["bench", "--l4", "haproxy"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [f"grpc-balance: error: {reason}"]

@@ -16,7 +16,7 @@ from grpc_balance_mw.affinity import (
     PodReader,
 )
 from grpc_balance_mw.affinity.detector import MAX_STREAM_WEIGHT
-from grpc_balance_mw.affinity.observer import PodReading, merge_readings
+from grpc_balance_mw.affinity.observer import READINGS_CACHED, PodReading, merge_readings
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.identity import POD_HEADER
 
@@ -43,7 +43,7 @@ def test_a_server_that_names_a_new_pod_per_call_cannot_grow_the_known_pods() -> 
     assert len(snapshot.known_pods) <= 64 and snapshot.known_count <= 64
     assert snapshot.known_pods_dropped == 20_000 - len(snapshot.known_pods)
     assert "made-up-19999" in snapshot.known_pods  # the newest stays
-    assert len(observer.reader.by_metadata) <= 1024  # the header cache is bounded too
+    assert len(observer.reader.by_metadata) <= READINGS_CACHED  # the header cache is bounded too
     assert sys.getsizeof(detector._known) < 64 * 1024  # a dict of at most 65 pods
 
 

@@ -5,6 +5,9 @@ dead DNS server), and the pure judging on hand-made findings."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2_grpc
 
+from grpc_balance_mw.cli import main as cli_main
 from grpc_balance_mw.cli.doctor import Connection, DoctorOptions, Findings, diagnose, judge
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.testing import LocalCluster
@@ -137,3 +141,61 @@ def test_judging_a_pod_change_on_one_connection_is_per_request() -> None:
     assert judge(_findings(["a", "b"], addresses=3, lb_policy="round_robin")).problem is False
     assert judge(_findings(["a"], ["b"], ["c"])).code == "per-connection"
     assert judge(_findings([None, None])).code == "no-identity"
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["doctor"],
+        ["doctor", "h:1", "--samples", "0"],
+        ["doctor", "h:1", "--timeout", "-1"],
+        ["doctor", "h:1", "--max-seconds", "nan"],
+        ["doctor", "h:1", "--lb-policy", "least_request"],
+        ["doctor", "h:1", "--expected-pods", "0"],
+    ],
+    ids=" ".join,
+)
+def test_a_bad_doctor_argument_is_a_usage_error(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli_main(args)
+    assert exited.value.code == 2
+    assert len(capsys.readouterr().err.splitlines()) == 1
+
+
+def _doctor(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "grpc_balance_mw.cli", "doctor", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_the_command_prints_json_and_exits_1_on_a_problem(cluster: LocalCluster) -> None:
+    done = _doctor(cluster.service_target, "--json", "--samples", "6")
+    assert done.returncode == 1, done.stderr
+    document = json.loads(done.stdout)
+    assert document["verdict"]["code"] == "per-connection"
+    assert len(document["connections"]) == 6 and len(document["pods"]) >= 2
+    assert "doctor: fresh connection" in done.stderr  # progress goes to stderr
+
+
+def test_the_command_exits_0_when_nothing_is_wrong(cluster: LocalCluster) -> None:
+    done = _doctor(cluster.headless_target, "--lb-policy", "round_robin", "--samples", "4")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "verdict:    OK headless-round-robin" in done.stdout
+
+
+def test_an_unreadable_target_is_one_clear_line() -> None:
+    done = _doctor("unix:/tmp/nothing.sock")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "grpc-balance: error: cannot read the target 'unix:/tmp/nothing.sock': use host:port "
+        "or dns:[//dns-server/]host:port"
+    ]

@@ -40,9 +40,11 @@ from grpc_balance_mw.aio import client as aio_client
 from grpc_balance_mw.observed_channel import observe
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.telemetry import (
+    ATTR_CAUSE,
     ATTR_LANE,
     ATTR_POD,
     ATTR_STATE,
+    EVENT_POD_PREFIX,
     EVENT_STATE_CHANGE,
     METRIC_CALLS,
     METRIC_TOP_SHARE,
@@ -317,10 +319,15 @@ def test_alarm_event_once_per_state_change_and_state_on_later_spans(
         for _ in range(30):
             call_sync(observed, "unary_unary")
     spans = exporter.get_finished_spans()
-    with_event = [i for i, span in enumerate(spans) if span.events]
+    with_event = [
+        i for i, span in enumerate(spans) if any(e.name == EVENT_STATE_CHANGE for e in span.events)
+    ]
     assert with_event == [FAST.min_samples + FAST.dwell_calls - 2]
-    event = spans[with_event[0]].events[0]
-    assert event.name == EVENT_STATE_CHANGE
+    (event,) = [e for e in spans[with_event[0]].events if e.name == EVENT_STATE_CHANGE]
+    assert (event.attributes or {})[ATTR_CAUSE] == "single_connection"
+    # The first call's span marks its pod as newly known.
+    (added,) = spans[0].events
+    assert added.name == EVENT_POD_PREFIX + "pod_added"
     assert (event.attributes or {})[ATTR_STATE] == "pinned"
     assert all((s.attributes or {}).get(ATTR_STATE) == "pinned" for s in spans[with_event[0] :])
     assert not any(ATTR_STATE in (s.attributes or {}) for s in spans[: with_event[0]])
@@ -415,13 +422,15 @@ def test_warning_is_rate_limited_per_target(caplog: pytest.LogCaptureFixture) ->
         "svc:1", AffinityConfig(window_calls=10, min_samples=5, dwell_calls=2, warmup_s=0)
     )
     detector.expected_pods = 2
-    observer = CallObserver(detector, telemetry=telemetry)
     caplog.set_level(logging.WARNING, logger="grpc_balance_mw.telemetry")
+    # A channel per stretch: one pinned, one balanced per request, and so on.
     for pods in ["a" * 8, "ab" * 8, "a" * 16, "ab" * 8]:
+        observer = CallObserver(detector, telemetry=telemetry)
         for pod in pods:
             _finish(observer, pod)
     assert len(caplog.records) == 1  # pinned twice within the interval
     clock[0] = 1000.0
+    observer = CallObserver(detector, telemetry=telemetry)
     for pod in "a" * 16:
         _finish(observer, pod)
     assert len(caplog.records) == 2

@@ -44,11 +44,20 @@ class AffinityConfig:
             than that a fair share is below 0.4 % anyway.
         expected_pods: the pod count the operator expects (e.g. the Deployment's replicas), if
             known; with it, a single channel's pinning is recognised without any probe.
-        warmup_s: a channel's (lane's) calls in this long after its first call teach the known
-            pods but do not count toward shares. ``round_robin`` sends a new channel's first calls
-            to whichever subchannel connected first (seen here on a loaded node: the first 45 of
-            60 calls on one of 3 pods), so judging them raises a false pinned alarm on every
-            start; a second covers connection set-up. 0 judges from the first call.
+        warmup_s: the longest a channel's (lane's) warm-up lasts, from its first call; warm-up
+            calls teach the known pods but do not count toward shares. The warm-up is tied to its
+            cause: a target that names one address (an IP literal, a resolved ClusterIP name) has
+            none, it is judged from the first call; a name that resolves to several addresses
+            warms up until the lane has seen as many pods as it can reach (``round_robin`` sends
+            a new channel's first calls to whichever subchannel connected first: seen here, the
+            first 45 of 60 calls on one of 3 pods) or this long passed; a name not resolved yet
+            warms up for this long. 0 judges every lane from its first call.
+        chance_alpha: connections are the evidence, not calls: an alarm that rests on where
+            connections landed needs that spread to be at most this likely by chance: 10 fresh
+            connections all on one of 3 pods (1 in 19,683), 16 of 23 on one (a binomial tail).
+            Each new connection is another look at the figures, so the line is low: at 1e-3, 30
+            fresh channels over 3 pods alarmed in 1 of 200 runs; at 1e-4 in none of 2,000. One
+            lane with ``min_samples`` calls in a row on one pod is evidence of pinning on its own.
     """
 
     window_calls: int = 200
@@ -65,6 +74,7 @@ class AffinityConfig:
     max_known_pods: int = 256
     expected_pods: int | None = None
     warmup_s: float = 1.0
+    chance_alpha: float = 1e-4
 
     def __post_init__(self) -> None:
         checks = (
@@ -85,6 +95,7 @@ class AffinityConfig:
             (self.known_pods_ttl_s > 0, "known_pods_ttl_s must be > 0"),
             (self.max_known_pods >= 2, "max_known_pods must be >= 2 (pinned needs two pods)"),
             (self.warmup_s >= 0, "warmup_s must be >= 0"),
+            (0 < self.chance_alpha < 1, "chance_alpha must be in (0, 1)"),
             (
                 self.expected_pods is None or self.expected_pods >= 1,
                 "expected_pods must be >= 1 or None",

@@ -8,9 +8,19 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from grpc_balance_mw.affinity import forking
+from grpc_balance_mw.affinity.advice import advice, alarm_cause
 from grpc_balance_mw.affinity.config import AffinityConfig
-from grpc_balance_mw.affinity.state import AffinitySnapshot, AffinityState, PodShare, Transition
-from grpc_balance_mw.affinity.window import PodWindow
+from grpc_balance_mw.affinity.evidence import ConnectionWindow, top_count_chance
+from grpc_balance_mw.affinity.lanes import Lane, LaneStep
+from grpc_balance_mw.affinity.state import (
+    AffinitySnapshot,
+    AffinityState,
+    PodEvent,
+    PodShare,
+    Transition,
+)
+from grpc_balance_mw.affinity.targets import literal_addresses
+from grpc_balance_mw.affinity.window import L7_HEADERS, PER_REQUEST, PodWindow
 
 Clock = Callable[[], float]
 #: Stale known pods are looked for at most this often, to keep ``record`` O(1) in the pod count.
@@ -20,20 +30,30 @@ JUDGE_EVERY_CALLS = 32
 #: The most one stream weighs, in calls (``AffinityConfig.stream_unit_s`` each): about eleven
 #: days of 1 s units, so a duration that is infinite (or absurd) cannot make shares NaN.
 MAX_STREAM_WEIGHT = 1e6
-#: One counted call waiting to be judged: (pod, duration_s, stream, l7, malformed, at, warming).
-_Counted = tuple[str | None, float, bool, bool, bool, float, bool]
+#: One counted call waiting to be judged:
+#: (pod, duration_s, stream, l7, malformed, at, warming, lane).
+_Counted = tuple[str | None, float, bool, bool, bool, float, bool, Lane | None]
+#: Lanes remembered at once (the oldest are forgotten first), and pod events kept unread.
+_MAX_LANES = 4096
+_FIRST, _ROTATED = LaneStep.FIRST, LaneStep.ROTATED
+_MAX_POD_EVENTS = 64
 
 
 class AffinityDetector:
     """Judges how one target's calls spread over its pods.
 
+    The evidence is connections, not calls: each call comes with its lane (one channel, see
+    :class:`~.lanes.Lane`), whose first call and reconnects are connection samples and whose
+    frequent pod switches mark per-request balancing. A call recorded without a lane counts as
+    its own connection (an independent sample).
+
     Thread-safe: ``record`` is called from gRPC callback threads and event loops at once; all
-    bookkeeping changes under one lock, held for O(pods) work per call. ``count`` is the
-    lock-free way in for callers that do not need the transition at once: the call waits in a
-    queue and is judged, in order and with its own timestamp (so with the same outcome as
-    ``record``), by the next reader or writer, or once ``JUDGE_EVERY_CALLS`` calls wait. Judging
-    a batch runs the same Python with warm caches, which is several times cheaper per call than
-    judging each call just after gRPC's C core ran.
+    bookkeeping changes under one lock, held for O(1) work per call whatever the pod count.
+    ``count`` is the lock-free way in for callers that do not need the transition at once: the
+    call waits in a queue and is judged, in order and with its own timestamp (so with the same
+    outcome as ``record``), by the next reader or writer, or once ``JUDGE_EVERY_CALLS`` calls
+    wait. Judging a batch runs the same Python with warm caches, which is several times cheaper
+    per call than judging each call just after gRPC's C core ran.
 
     Args:
         target: the channel target, for snapshots and alarms.
@@ -66,6 +86,17 @@ class AffinityDetector:
         self._top_share = 0.0
         self._next_prune = 0.0
         self._counted: deque[_Counted] = deque()
+        self._connections = ConnectionWindow(self.config.window_calls, self.config.window_s)
+        self._lanes: dict[Lane, None] = {}
+        self._literal_addresses = literal_addresses(target)
+        self._dns_answered = False
+        #: Set by whoever starts resolving the target's name (once per detector).
+        self.resolution_started = False
+        self._from_probe: set[str] = set()
+        self._skew_verdict = (-1, 0, False)  # (connections.version, known pods, significant)
+        self._chances: dict[tuple[int, int, int], float] = {}
+        #: Pod events not yet taken (``take_pod_events``); telemetry drains it per call.
+        self.pod_events: deque[PodEvent] = deque(maxlen=_MAX_POD_EVENTS)
         #: A stale transition found by a reader (not a call), for the next record or expire.
         self._unreported: Transition | None = None
         forking.track(self)
@@ -119,21 +150,65 @@ class AffinityDetector:
             self._judge_counted()
             self._expected = count
 
-    def add_known_pods(self, pods: Iterable[str], *, now: float | None = None) -> None:
-        """Pods known to exist from outside the calls (the probe); judged from the next call on."""
+    def add_known_pods(
+        self, pods: Iterable[str], *, now: float | None = None, fresh: bool = True
+    ) -> None:
+        """Pods the probe found, one per connection it dialed; judged from the next call on.
+
+        Args:
+            pods: the pod each probe connection reached, in order (repeats included).
+            now: the clock reading; default the injected clock.
+            fresh: the connections went through the target as the channel's do (a fresh
+                connection each), so where they landed is connection evidence; False when
+                they were dialed to each address directly.
+        """
         at = self._clock() if now is None else now
         with self._lock:
             self._judge_counted()
             for pod in pods:
+                if pod not in self._known:
+                    self._from_probe.add(pod)
+                    self._pod_event("pod_added", pod, "probe", at)
                 self._known[pod] = at
                 if len(self._known) > self._max_known:
                     self._make_room(pod, at)
+                if fresh:
+                    self._connections.add(pod, at, probe=True)
+
+    def forget_pods(self, pods: Iterable[str], *, now: float | None = None) -> None:
+        """Pods known to be gone (not in a DNS answer whose every address was dialed)."""
+        at = self._clock() if now is None else now
+        with self._lock:
+            self._judge_counted()
+            for pod in pods:
+                if self._known.pop(pod, None) is not None:
+                    self._from_probe.discard(pod)
+                    self._pod_event("pod_gone", pod, "dns", at)
 
     def set_dns_answer(self, addresses: Iterable[str]) -> None:
-        """The addresses a headless Service's DNS name resolved to: one per ready pod."""
+        """The addresses the target's DNS name resolved to (a headless Service: one per ready
+        pod; a ClusterIP Service's name: one)."""
         with self._lock:
             self._judge_counted()
             self._dns_pods = len(set(addresses))
+            self._dns_answered = True
+
+    @property
+    def addresses(self) -> int | None:
+        """How many addresses the target stands for, None while unknown."""
+        if self._literal_addresses is not None:
+            return self._literal_addresses
+        return self._dns_pods if self._dns_answered else None
+
+    def take_pod_events(self) -> list[PodEvent]:
+        """The pod events since the last call, oldest first (for telemetry)."""
+        with self._lock:
+            events = list(self.pod_events)
+            self.pod_events.clear()
+        return events
+
+    def _pod_event(self, kind: str, pod: str, source: str, at: float) -> None:
+        self.pod_events.append(PodEvent(kind, self.target, pod, source, at))
 
     def record(
         self,
@@ -145,6 +220,7 @@ class AffinityDetector:
         malformed: bool = False,
         now: float | None = None,
         warming: bool = False,
+        lane: Lane | None = None,
     ) -> Transition | None:
         """Count one finished call.
 
@@ -156,7 +232,9 @@ class AffinityDetector:
             malformed: the pod header was there but invalid (``pod`` is then None).
             now: the clock reading; default the injected clock.
             warming: the call came in its channel's warm-up (``AffinityConfig.warmup_s``): it
-                teaches the known pods but is left out of the window.
+                teaches the known pods but is left out of the window. With a lane, the lane's
+                own warm-up applies as well.
+            lane: the lane (channel) that made the call; None: the call is its own connection.
 
         Returns:
             The state change this call caused, if any.
@@ -164,7 +242,7 @@ class AffinityDetector:
         at = self._clock() if now is None else now
         with self._lock:
             earlier = self._judge_counted()
-            own = self._add(pod, duration_s, stream, l7, malformed, at, warming)
+            own = self._add(pod, duration_s, stream, l7, malformed, at, warming, lane)
             if own is None and earlier is None and self._unreported is not None:
                 earlier = self._unreported
             self._unreported = None
@@ -179,6 +257,7 @@ class AffinityDetector:
         malformed: bool,
         now: float,
         warming: bool = False,
+        lane: Lane | None = None,
     ) -> None:
         """Count one finished call like ``record``, but judge it later and without the lock.
 
@@ -186,7 +265,7 @@ class AffinityDetector:
         next ``record`` instead (if no later transition supersedes it).
         """
         counted = self._counted
-        counted.append((pod, duration_s, stream, l7, malformed, now, warming))
+        counted.append((pod, duration_s, stream, l7, malformed, now, warming, lane))
         if len(counted) >= JUDGE_EVERY_CALLS:
             with self._lock:
                 self._judge_counted()
@@ -237,14 +316,36 @@ class AffinityDetector:
         malformed: bool,
         at: float,
         warming: bool = False,
+        lane: Lane | None = None,
     ) -> Transition | None:
         if malformed:
             self._malformed += 1
+        flags = L7_HEADERS if l7 else 0
         if pod is not None:
             known = self._known
+            if pod not in known:
+                self._pod_event("pod_added", pod, "calls", at)
             known[pod] = at
             if len(known) > self._max_known:
                 self._make_room(pod, at)
+            if lane is None:
+                self._connections.add(pod, at)
+        if lane is not None:
+            lanes = self._lanes
+            if lane not in lanes:
+                lanes[lane] = None
+                if len(lanes) > _MAX_LANES:
+                    del lanes[next(iter(lanes))]
+            if pod is not None:
+                step = lane.see(pod, at)
+                if step is _FIRST or step is _ROTATED:
+                    self._connections.add(pod, at)
+            else:
+                lane.last_at = at
+            if lane.per_request:
+                flags |= PER_REQUEST
+            if not lane.warm and lane.warming(at, self.config.warmup_s, self._pods_to_see()):
+                warming = True
         window = self._window
         stale = None
         if window.ages_out(at):  # a pause longer than the window: judge the silence first
@@ -253,11 +354,23 @@ class AffinityDetector:
         if warming:
             self._warmup_calls += 1
             return stale
-        weight = 1.0
+        weight = 1
         if stream and duration_s > self.config.stream_unit_s:  # False for NaN
-            weight = min(duration_s / self.config.stream_unit_s, MAX_STREAM_WEIGHT)
-        window.add(pod, weight, l7, at)
-        return self._judge(at) or stale
+            weight = round(min(duration_s / self.config.stream_unit_s, MAX_STREAM_WEIGHT))
+        window.add(pod, weight, flags, at)
+        return self._judge(at, lane) or stale
+
+    def _pods_to_see(self) -> int | None:
+        """How many pods a lane must see to end its warm-up (see ``Lane.warming``)."""
+        addresses = self.addresses
+        if addresses is None:
+            return None
+        if addresses <= 1:
+            return 0
+        return min(self._known_count(), addresses)
+
+    def _single_address(self) -> bool:
+        return self.addresses == 1
 
     def _known_count(self) -> int:
         return max(len(self._known), self._expected or 0, self._dns_pods)
@@ -266,6 +379,11 @@ class AffinityDetector:
         horizon = now - self.config.known_pods_ttl_s
         for pod in [p for p, seen in self._known.items() if seen < horizon]:
             del self._known[pod]
+            self._from_probe.discard(pod)
+            self._pod_event("pod_gone", pod, "ttl", now)
+        horizon = now - self.config.window_s
+        for lane in [lane for lane in self._lanes if lane.last_at < horizon]:
+            del self._lanes[lane]
 
     def _make_room(self, newest: str, now: float) -> None:
         """More than ``max_known_pods`` are known: forget the stale ones, and if that is not
@@ -280,38 +398,126 @@ class AffinityDetector:
         kept[newest] = now
         self._known = kept
         self._known_dropped += len(known) - len(kept)
+        self._from_probe &= kept.keys()
 
-    def _candidate(self) -> AffinityState | None:
-        """The state the window argues for now, or None when it is too small to argue."""
+    def _candidate(self, lane: Lane | None) -> AffinityState | None:
+        """The state the evidence argues for now, or None when it is too little to argue."""
         cfg, window, current = self.config, self._window, self._state
-        if len(window) >= cfg.min_samples and window.l7_calls >= cfg.l7_enter_share * len(window):
-            return AffinityState.L7_BALANCED
+        calls = len(window)
+        top_share = self._top_share = window.top_share
+        if calls >= cfg.min_samples:
+            if window.l7_calls >= cfg.l7_enter_share * calls:
+                return AffinityState.L7_BALANCED
+            if window.per_request_calls >= cfg.l7_enter_share * calls:
+                # Switching pods between calls on one address: something in between balances
+                # per request. On a name with several addresses: the client's round_robin.
+                if self._single_address():
+                    return AffinityState.L7_BALANCED
+                return AffinityState.BALANCED
         if window.identified_calls < cfg.min_samples:
             return None
-        _, top_share = window.top()
-        self._top_share = top_share
         known = self._known_count()
         if known <= 1:
             return AffinityState.UNVERIFIED
-        fair = 1.0 / known
         pinned_line = (
             cfg.pinned_exit_share if current is AffinityState.PINNED else cfg.pinned_enter_share
         )
+        rotated_at = lane.rotated_at if lane is not None else None
+        if (
+            lane is not None
+            and rotated_at is not None
+            and lane.last_at - rotated_at <= cfg.window_s
+        ):
+            return self._by_connections(lane, known, pinned_line)
         if top_share >= pinned_line:
-            return AffinityState.PINNED
+            if current is AffinityState.PINNED or self._pinned_evidence(lane, known):
+                return AffinityState.PINNED
+            return None  # it looks pinned, but too few connections say so
+        fair = 1.0 / known
         excess = cfg.skew_exit_excess if current.is_alarm else cfg.skew_enter_excess
         if top_share >= fair + excess * (1.0 - fair):
-            return AffinityState.SKEWED
+            if current.is_alarm or self._skew_evidence(known):
+                return AffinityState.SKEWED
+            return None  # as uneven as a random placement of so few connections is
         return AffinityState.BALANCED
 
-    def _judge(self, now: float) -> Transition | None:
+    def _by_connections(self, lane: Lane, known: int, pinned_line: float) -> AffinityState | None:
+        """A rotating lane: argue from its connections, not from a window of calls that may all
+        ride one of them.
+
+        When the window spans several of the lane's connections (at least four of its mean
+        length), the calls weigh each connection by its load, and a reconnect to the same pod,
+        which no pod switch reveals, still counts; the number of connections, for the chance
+        test, is estimated from the mean length. Otherwise the connections themselves count.
+        """
+        window = self._window
+        mean_length = lane.calls / lane.epochs
+        calls = len(window)
+        if calls >= 4 * mean_length:
+            count = round(calls / mean_length)
+            share = window.top_share
+            top = round(share * count)
+        else:
+            connections = self._connections
+            count, top = len(connections), connections.top
+            share = top / count if count else 0.0
+        if count < 2:
+            return None
+        fair = 1.0 / known
+        cfg = self.config
+        excess = cfg.skew_exit_excess if self._state.is_alarm else cfg.skew_enter_excess
+        if share >= fair + excess * (1.0 - fair):
+            if self._chance(top, count, known) > cfg.chance_alpha:
+                return None
+            return AffinityState.PINNED if share >= pinned_line else AffinityState.SKEWED
+        return AffinityState.BALANCED if count >= known else None
+
+    def _chance(self, top: int, count: int, known: int) -> float:
+        """``top_count_chance``, remembered: the same figures come back call after call."""
+        memo = self._chances
+        key = (top, count, known)
+        chance = memo.get(key)
+        if chance is None:
+            if len(memo) >= 1024:
+                memo.clear()
+            chance = memo[key] = top_count_chance(top, count, known)
+        return chance
+
+    def _pinned_evidence(self, lane: Lane | None, known: int) -> bool:
+        """One lane long on one pod, or recent connections crowding one pod beyond chance.
+
+        A lane whose connection was replaced within the window is not evidence on its own: at a
+        high call rate, 200 calls fit inside one connection's life even when rotation spreads
+        the connections well; its connections are judged instead.
+        """
+        if (
+            lane is not None
+            and not lane.per_request
+            and lane.run >= self.config.min_samples
+            and (lane.rotated_at is None or lane.last_at - lane.rotated_at > self.config.window_s)
+        ):
+            return True
+        return self._skew_evidence(known)
+
+    def _skew_evidence(self, known: int) -> bool:
+        """Whether the recent connections crowd one pod more than chance explains (all ``n``
+        on one of ``k`` pods: ``k * (1/k)**n``; in general a binomial tail)."""
+        connections = self._connections
+        version, pods, verdict = self._skew_verdict
+        if version != connections.version or pods != known:
+            chance = top_count_chance(connections.top, len(connections), known)
+            verdict = chance <= self.config.chance_alpha
+            self._skew_verdict = (connections.version, known, verdict)
+        return verdict
+
+    def _judge(self, now: float, lane: Lane | None = None) -> Transition | None:
         if now >= self._next_prune:
             self._next_prune = now + _PRUNE_EVERY_S
             self._forget_stale_pods(now)
         stale = self._go_stale(now)  # calls go on, but none names a pod any more
         if stale is not None:
             return stale
-        candidate = self._candidate()
+        candidate = self._candidate(lane)
         if candidate is None or candidate is self._state:
             self._pending, self._pending_calls = None, 0
             return None
@@ -334,9 +540,26 @@ class AffinityDetector:
             return self._snapshot(at)
 
     def _snapshot(self, now: float) -> AffinitySnapshot:
-        window = self._window
+        window, connections = self._window, self._connections
+        connections.evict(now)
         top_pod, top_share = window.top()
         total = len(window)
+        horizon = now - self.config.window_s
+        lanes = [lane for lane in self._lanes if lane.last_at >= horizon]
+        per_request = sum(lane.per_request for lane in lanes)
+        known = self._known_count()
+        cause = None
+        if self._state.is_alarm or self._state is AffinityState.L7_BALANCED or per_request:
+            cause = alarm_cause(
+                connections=len(connections),
+                on_top=connections.top,
+                known_pods=known,
+                lanes=len(lanes),
+                rotated=any(lane.rotated and not lane.per_request for lane in lanes),
+                per_request=not self._state.is_alarm,
+                alpha=self.config.chance_alpha,
+            )
+        from_probe = len(self._from_probe)
         return AffinitySnapshot(
             target=self.target,
             state=self._state,
@@ -347,10 +570,26 @@ class AffinityDetector:
             top_pod=top_pod,
             top_share=top_share,
             known_pods=tuple(sorted(self._known)),
-            known_count=self._known_count(),
+            known_count=known,
             expected_pods=self._expected,
             dns_pods=self._dns_pods,
             l7_share=window.l7_calls / total if total else 0.0,
             warmup_calls=self._warmup_calls,
+            connections=len(connections),
+            connection_pods=dict(connections.pods.counts),
+            probe_connections=connections.probed,
+            lanes=len(lanes),
+            per_request_lanes=per_request,
+            rotated_lanes=sum(lane.rotated and not lane.per_request for lane in lanes),
+            warming_lanes=sum(not lane.warm for lane in lanes),
+            addresses=self.addresses,
+            known_from={
+                "calls": len(self._known) - from_probe,
+                "probe": from_probe,
+                "dns": self._dns_pods,
+                "expected": self._expected or 0,
+            },
+            cause=cause.value if cause is not None else None,
+            advice=advice(cause) if cause is not None else None,
             known_pods_dropped=self._known_dropped,
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class AffinityState(enum.Enum):
@@ -12,14 +12,15 @@ class AffinityState(enum.Enum):
 
     #: Calls spread over the known pods about evenly.
     BALANCED = "balanced"
-    #: One pod (or none) seen, and nothing says others exist; also the state before enough calls,
-    #: and the state a target returns to when no recent call named a pod (a stale window).
+    #: One pod (or none) seen and nothing says others exist, or too little seen to judge; also
+    #: the state a target returns to when no recent call named a pod (a stale window).
     UNVERIFIED = "unverified"
     #: One pod's share is well above its fair share.
     SKEWED = "skewed"
     #: All or nearly all calls on one pod while two or more pods are known.
     PINNED = "pinned"
-    #: An L7 proxy (Envoy) in front balances per request; the client cannot and need not.
+    #: Something in front balances every call (an L7 proxy: Envoy, HAProxy, nginx, Linkerd);
+    #: the client cannot and need not.
     L7_BALANCED = "l7-balanced"
 
     @property
@@ -60,6 +61,21 @@ class AffinitySnapshot:
         known_pods_dropped: pods ever forgotten because more than
             ``AffinityConfig.max_known_pods`` were known at once (a server that names a new pod
             on every call); 0 when the bound was never hit.
+        connections: recent connection samples: each lane's connection, each reconnect, each of
+            the probe's dials (calls recorded without a lane count one each).
+        connection_pods: per pod, how many of those connections landed on it.
+        probe_connections: how many of them the probe dialed.
+        lanes: lanes (channels) with calls in the window's time span.
+        per_request_lanes: of those, lanes whose consecutive calls switch pods (balanced per
+            request by an L7 proxy or the client's round_robin).
+        rotated_lanes: lanes whose connection was replaced at least once.
+        warming_lanes: lanes still in their warm-up.
+        addresses: how many addresses the target stands for (an IP literal: 1; a name: its
+            DNS answer's size), None while unknown.
+        known_from: how many pods each source knows of: ``calls``, ``probe`` (pods first seen by
+            the probe), ``dns``, ``expected``.
+        cause: for an alarm (or per-request balancing), why; see :class:`~.advice.Cause`.
+        advice: the fix that applies to the cause.
     """
 
     target: str
@@ -77,6 +93,17 @@ class AffinitySnapshot:
     l7_share: float
     warmup_calls: int = 0
     known_pods_dropped: int = 0
+    connections: int = 0
+    connection_pods: Mapping[str, int] = field(default_factory=dict)
+    probe_connections: int = 0
+    lanes: int = 0
+    per_request_lanes: int = 0
+    rotated_lanes: int = 0
+    warming_lanes: int = 0
+    addresses: int | None = None
+    known_from: Mapping[str, int] = field(default_factory=dict)
+    cause: str | None = None
+    advice: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,3 +121,23 @@ class Transition:
     current: AffinityState
     snapshot: AffinitySnapshot
     stale: bool = False
+
+
+@dataclass(frozen=True)
+class PodEvent:
+    """A pod became known (``pod_added``) or stopped being known (``pod_gone``).
+
+    Attributes:
+        kind: ``pod_added`` or ``pod_gone``.
+        target: the detector's target.
+        pod: the pod's name.
+        source: what told: ``calls``, ``probe``, ``dns`` (a probe round that dialed every address
+            of the DNS answer) or ``ttl`` (not seen for ``known_pods_ttl_s``).
+        at: the detector's clock when it happened.
+    """
+
+    kind: str
+    target: str
+    pod: str
+    source: str
+    at: float

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from collections import deque
 
-#: One call: (at, pod, weight, l7). A plain tuple: building it is on every call's path.
-_Sample = tuple[float, str | None, float, bool]
+from grpc_balance_mw.affinity.counts import TopCounter
+
+#: Flags of a call in the window: it carried an L7 proxy's headers; its lane balances per request.
+L7_HEADERS = 1
+PER_REQUEST = 2
+#: One call: (at, pod, weight, flags). A plain tuple: building it is on every call's path.
+_Sample = tuple[float, str | None, int, int]
 
 
 class PodWindow:
     """Calls of the last ``max_age_s`` seconds, at most ``max_calls`` of them, with running totals.
 
-    Totals are kept incrementally so adding a call costs O(1) whatever the window size; ``None``
-    stands for a call whose pod is unknown.
+    Totals are kept incrementally, the top pod's weight included (:class:`TopCounter`), so adding
+    a call costs O(1) whatever the window size and however many pods it holds. ``None`` stands
+    for a call whose pod is unknown. Weights are whole units (a unary call weighs 1).
     """
 
     def __init__(self, max_calls: int, max_age_s: float) -> None:
@@ -20,19 +26,22 @@ class PodWindow:
         self.max_age_s = max_age_s
         self._samples: deque[_Sample] = deque()
         self.calls: dict[str | None, int] = {}
-        self.weights: dict[str | None, float] = {}
+        self.weights: TopCounter[str] = TopCounter()
         self.l7_calls = 0
+        self.per_request_calls = 0
 
     def __len__(self) -> int:
         return len(self._samples)
 
-    def add(self, pod: str | None, weight: float, l7: bool, now: float) -> None:
+    def add(self, pod: str | None, weight: int, flags: int, now: float) -> None:
         samples = self._samples
-        samples.append((now, pod, weight, l7))
+        samples.append((now, pod, weight, flags))
         self.calls[pod] = self.calls.get(pod, 0) + 1
-        self.weights[pod] = self.weights.get(pod, 0.0) + weight
-        if l7:
-            self.l7_calls += 1
+        if pod is not None:
+            self.weights.add(pod, weight)
+        if flags:
+            self.l7_calls += flags & L7_HEADERS
+            self.per_request_calls += (flags & PER_REQUEST) >> 1
         if len(samples) > self.max_calls:
             self._drop_oldest()
         if samples[0][0] < now - self.max_age_s:
@@ -54,40 +63,36 @@ class PodWindow:
             self._drop_oldest()
 
     def _drop_oldest(self) -> None:
-        _, pod, weight, l7 = self._samples.popleft()
+        _, pod, weight, flags = self._samples.popleft()
         left = self.calls[pod] - 1
         if left:
             self.calls[pod] = left
-            # max() guards against float drift; the entry goes when its last call goes.
-            self.weights[pod] = max(self.weights[pod] - weight, 0.0)
         else:
             del self.calls[pod]
-            del self.weights[pod]
-        if l7:
-            self.l7_calls -= 1
+        if pod is not None:
+            self.weights.remove(pod, weight)
+        if flags:
+            self.l7_calls -= flags & L7_HEADERS
+            self.per_request_calls -= (flags & PER_REQUEST) >> 1
 
     @property
     def identified_calls(self) -> int:
         return len(self._samples) - self.calls.get(None, 0)
 
+    @property
+    def top_share(self) -> float:
+        """The top pod's share of the identified weight, in O(1)."""
+        weights = self.weights
+        return weights.top / weights.total if weights.total > 0 else 0.0
+
     def top(self) -> tuple[str | None, float]:
         """The pod with the largest weight and its share of the identified weight."""
-        best: str | None = None
-        best_weight = 0.0
-        total = 0.0
-        for pod, weight in self.weights.items():
-            if pod is None:
-                continue
-            total += weight
-            if weight > best_weight:
-                best, best_weight = pod, weight
-        return best, (best_weight / total if total > 0 else 0.0)
+        return self.weights.top_key(), self.top_share
 
     def shares(self) -> dict[str, tuple[int, float, float]]:
         """Per identified pod: calls, weight, share of the identified weight."""
-        total = sum(w for pod, w in self.weights.items() if pod is not None)
+        total = self.weights.total
         return {
-            pod: (self.calls[pod], weight, weight / total if total > 0 else 0.0)
-            for pod, weight in self.weights.items()
-            if pod is not None
+            pod: (self.calls[pod], float(weight), weight / total if total > 0 else 0.0)
+            for pod, weight in self.weights.counts.items()
         }

@@ -38,7 +38,7 @@ import tenacity
 
 from grpc_balance_mw.aio.client import AffinityInterceptors
 from grpc_balance_mw.errors import ConfigurationError
-from grpc_balance_mw.observing import ObserveOptions
+from grpc_balance_mw.observing import ObserveOptions, build_observer
 from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, warn_if_native_retry
 
 __all__ = ["DialPerRequestChannel", "dial_per_request_channel"]
@@ -469,8 +469,9 @@ class DialPerRequestChannel(grpc.aio.Channel):  # type: ignore[misc]
         chain: list[grpc.aio.ClientInterceptor] = []
         if observe is not False:
             chosen = observe if isinstance(observe, ObserveOptions) else ObserveOptions()
+            per_call = chosen.but(probe=False, lane=chosen.lane or "dial-per-request")
             self.affinity = AffinityInterceptors(
-                target, chosen.but(probe=False, lane=chosen.lane or "dial-per-request")
+                target, observer=build_observer(target, per_call, fresh_connections=True)
             )
             chain.extend(self.affinity.interceptors)
         chain.extend(interceptors or ())

@@ -1,6 +1,7 @@
 """The ``grpc-balance`` command: tools on top of the library, never imported by it.
 
-Subcommands: ``demo`` (the problem and its fixes on a local cluster) and ``overhead`` (what
+Subcommands: ``demo`` (the problem and its fixes on a local cluster), ``bench`` (every strategy
+under steady load and faults), ``doctor`` (what balances a target) and ``overhead`` (what
 observing adds to a call). Argument errors exit 2 with one usage line, a configuration or cluster
 error exits 1 with one line, Ctrl-C exits 130; progress goes to stderr, results to stdout.
 
@@ -23,7 +24,19 @@ from grpc_balance_mw.errors import BalanceError
 __all__ = ["build_parser", "main"]
 
 #: The extra that brings what each subcommand imports beyond the core install.
-EXTRAS = {"demo": "demo", "overhead": "bench", "doctor": "cli"}
+EXTRAS = {"demo": "demo", "overhead": "bench", "doctor": "cli", "bench": "bench"}
+#: ``bench``'s choices, here so that ``--help`` and usage errors import nothing optional.
+BENCH_SCENARIOS = ("steady", "scale-up", "surge", "pod-kill", "streaming")
+STRATEGIES = (
+    "plain",
+    "dial-per-request",
+    "headless-round-robin",
+    "server-max-age",
+    "l7-proxy",
+    "interceptors",
+    "balanced",
+    "balanced-predial",
+)
 #: Top-level packages a subcommand may lack on a plain install, and their distributions.
 _OPTIONAL = {
     "opentelemetry.sdk": "opentelemetry-sdk",
@@ -47,20 +60,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="the problem and its fixes, on a local cluster (about 20 s)",
-        description="One channel through a ClusterIP-like Service pins every call to one pod; "
-        "a headless Service with round_robin and an L7 proxy spread them; then a surge.",
+        help="the problem, the alarm and the fix, on a local cluster (about 20 s)",
+        description="omni calls charge-points (3 pods) through a ClusterIP-like Service: one "
+        "plain channel pins every call to one pod and the observing wrapper raises the alarm in "
+        "its spans; a surge overloads the pinned pod; the balanced channel spreads the same "
+        "surge; the Service scales to 5 pods and the new ones get traffic. Writes a PNG chart "
+        "of calls per pod over time (needs the chart extra).",
     )
     demo.add_argument(
-        "--calls", type=bounded_int(1, 100_000), default=600, help="calls per scenario (1..100000)"
+        "--calls",
+        type=bounded_int(1, 100_000),
+        default=600,
+        help="calls through the plain channel in act 1 (1..100000)",
     )
     demo.add_argument(
         "--rate",
         type=bounded_float(0.1, 10_000.0),
         default=300.0,
-        help="calls per second, 0.1..10000 (the detector's warm-up is 1 s)",
+        help="calls per second in acts 1 and 4 (0.1..10000)",
     )
-    demo.add_argument("--service", choices=("userspace", "haproxy"), default="userspace")
+    demo.add_argument(
+        "--surge",
+        type=bounded_int(1, 500),
+        default=48,
+        help="concurrent calls in the surge (1..500; a pod takes 8 at once)",
+    )
+    demo.add_argument(
+        "--l4",
+        "--service",
+        dest="l4",
+        choices=("userspace", "haproxy", "iptables"),
+        default="userspace",
+        help="the ClusterIP Service: embedded proxy (default, no root), HAProxy mode tcp, or "
+        "kube-proxy's iptables chains in a network namespace (root)",
+    )
+    demo.add_argument(
+        "--chart",
+        default="grpc-balance-demo.png",
+        metavar="PATH",
+        help="where to write the PNG chart (default: grpc-balance-demo.png)",
+    )
+    demo.add_argument(
+        "--json", action="store_true", help="the benchmark's JSON document, one entry per act"
+    )
 
     overhead = commands.add_parser(
         "overhead",
@@ -75,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     overhead.add_argument(
         "--warmup", type=bounded_int(0, 10_000), default=200, help="calls per variant first"
+    )
+    overhead.add_argument(
+        "--threads",
+        type=bounded_int(0, 256),
+        default=32,
+        help="sync callers on one channel (0: skip)",
+    )
+    overhead.add_argument(
+        "--aio-tasks",
+        type=bounded_int(0, 2000),
+        default=500,
+        help="aio tasks on one channel (0: skip)",
     )
     doctor = commands.add_parser(
         "doctor",
@@ -122,7 +176,59 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--client-key", help="PEM client key (mutual TLS)")
     doctor.add_argument("--server-name", help="the name the server's certificate must carry")
     doctor.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    # `bench --scenario ...` (the balanced channel's scenarios) comes here.
+    bench = commands.add_parser(
+        "bench",
+        help="every strategy side by side under steady load, scale-up, surge, pod kill, streams",
+        description="Runs each strategy (plain channel, dial-per-request, headless round_robin, "
+        "server max-age, L7 proxy, observed channel, balanced channel, fallback with predial) "
+        "against the local cluster, interleaved, and reports calls, errors, calls per pod (the "
+        "pods' own counts), max share over fair share, p50/p99 and the affinity alarm. "
+        "--scenario all takes a few minutes.",
+    )
+    bench.add_argument(
+        "--scenario", choices=(*BENCH_SCENARIOS, "all"), default="steady", help="default: steady"
+    )
+    bench.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    bench.add_argument(
+        "--calls",
+        type=bounded_int(1, 100_000),
+        default=3000,
+        help="steady: calls per strategy; pod-kill: at most this many per strategy (1..100000)",
+    )
+    bench.add_argument(
+        "--rate",
+        type=bounded_float(0.0, 10_000.0),
+        default=0.0,
+        help="steady: calls per second per strategy, 0..10000 (0: back to back, the default)",
+    )
+    bench.add_argument(
+        "--rounds", type=bounded_int(1, 100), default=10, help="steady: rounds (1..100)"
+    )
+    bench.add_argument(
+        "--l4",
+        choices=("userspace", "haproxy", "iptables"),
+        default="userspace",
+        help="the ClusterIP Service: embedded proxy (default), HAProxy mode tcp, or kube-proxy's "
+        "iptables chains in a network namespace (root; no DNS or L7 proxy then)",
+    )
+    bench.add_argument(
+        "--strategy",
+        action="append",
+        choices=STRATEGIES,
+        help="run only this strategy (repeat for more); default: all",
+    )
+    bench.add_argument(
+        "--surge",
+        type=bounded_int(1, 500),
+        default=48,
+        help="surge: concurrent calls per wave (1..500; one pod takes 8 at once)",
+    )
+    bench.add_argument(
+        "--scale-wait-s",
+        type=bounded_float(1.0, 120.0),
+        default=10.0,
+        help="scale-up: how long to wait for a new pod's first call (1..120)",
+    )
     return parser
 
 

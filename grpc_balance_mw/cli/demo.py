@@ -1,201 +1,383 @@
-"""``grpc-balance demo``: the problem and its fixes, on the embedded local cluster.
+"""``grpc-balance demo``: the problem, the alarm and the fix, on the embedded local cluster.
 
-`omni` calls `charge-points` (3 pods) the way most clients do, through one channel to a ClusterIP
-Service, then through a headless Service with ``round_robin``, then through an L7 proxy standing in
-for Envoy. Each run shows what the pods themselves counted (the ground truth) next to what the
-affinity interceptor concluded from the response headers, and the alarm it raised in tracing.
-Finally a surge: pods with a small capacity, hit through one pinned channel and through the fix.
+`omni` calls `charge-points` (3 pods) through a ClusterIP-like Service, in four acts:
+
+1. one plain channel, observed (:func:`observe` with spans): every call on one pod, the pinned
+   alarm, and one real span with its pod attribute and the alarm event, printed as the
+   OpenTelemetry SDK's ``ConsoleSpanExporter`` prints it;
+2. a surge through that channel: the pods get a capacity (8 calls at once, 50 ms each, the rest
+   queue) and omni's calls a 250 ms deadline; the pinned pod queues and misses deadlines while
+   its siblings idle;
+3. the same surge through :func:`balanced_channel`: spread over the three pods;
+4. the balanced channel while the Service scales to 5 pods: the new pods get traffic.
+
+Each act prints what the pods themselves counted; ``--json`` prints the benchmark's document
+instead (one entry per act). A PNG chart of calls per pod over time (one panel per act) is
+written when matplotlib is installed (the ``chart`` extra).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
+import logging
 import sys
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import grpc
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from grpc_balance_mw.affinity import AffinityRegistry, Transition
+from grpc_balance_mw.channel import balanced_channel
 from grpc_balance_mw.cli.arguments import progress
-from grpc_balance_mw.client import AffinityInterceptor
+from grpc_balance_mw.cli.bench import (
+    SURGE_CAPACITY,
+    SURGE_DEADLINE_S,
+    SURGE_SERVICE_MS,
+    Settings,
+    burst,
+    document,
+)
+from grpc_balance_mw.cli.chart import Timeline, write_chart
+from grpc_balance_mw.cli.strategies import OWN_CONNECTION, Result
 from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.observed_channel import observe
 from grpc_balance_mw.observing import ObserveOptions
-from grpc_balance_mw.telemetry import AffinityTelemetry
-from grpc_balance_mw.testing import L7Kind, LocalCluster, missing_components
+from grpc_balance_mw.telemetry import EVENT_STATE_CHANGE, AffinityTelemetry
+from grpc_balance_mw.testing import LocalCluster, missing_components
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
-ROUND_ROBIN = [
-    ("grpc.lb_policy_name", "round_robin"),
-    ("grpc.dns_min_time_between_resolutions_ms", 1000),
-]
+PODS, SCALED_PODS = 3, 5
+#: Act 4: calls before the scale-up, and how long to watch after it at most.
+BEFORE_SCALE_S, SCALE_WATCH_S = 1.5, 8.0
 
 
-@dataclass
-class Run:
-    """What one scenario produced."""
+class Demo:
+    """The four acts on one cluster; ``out`` is None with ``--json`` (the tables are left out)."""
 
-    title: str
-    served: dict[str, int]
-    state: str
-    top_share: float
-    alarms: list[str] = field(default_factory=list)
-    spans: int = 0
-    spans_with_pod: int = 0
-    codes: dict[str, int] = field(default_factory=dict)
+    def __init__(self, cluster: LocalCluster, args: argparse.Namespace) -> None:
+        self.cluster = cluster
+        self.args = args
+        self.out = None if args.json else sys.stdout
+        self.results: list[Result] = []
+        self.timelines: list[Timeline] = []
+        self.exporter = InMemorySpanExporter()
+        self.provider = TracerProvider()
+        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
 
+    def say(self, text: str = "") -> None:
+        if self.out is not None:
+            print(text, file=self.out)
 
-def _tracing() -> tuple[object | None, Callable[[], list[dict[str, object]]]]:
-    """An SDK tracer provider with an in-memory exporter, when the SDK is installed."""
-    try:
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-    except ImportError:
-        return None, list
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return provider, lambda: [dict(s.attributes or {}) for s in exporter.get_finished_spans()]
+    # -- act 1 ---------------------------------------------------------------------------------
 
+    def pinned(self) -> Any:
+        """Act 1; returns the observed plain channel (act 2 surges through it)."""
+        args = self.args
+        alarms: list[tuple[float, Transition]] = []
+        started = time.monotonic()
 
-def run_scenario(
-    cluster: LocalCluster,
-    title: str,
-    target: str,
-    options: list[tuple[str, object]],
-    calls: int,
-    rate: float,
-) -> Run:
-    cluster.reset_counts()
-    provider, finished_spans = _tracing()
-    alarms: list[str] = []
+        def on_alarm(transition: Transition) -> None:
+            alarms.append((time.monotonic() - started, transition))
 
-    def on_alarm(transition: Transition) -> None:
-        snapshot = transition.snapshot
-        alarms.append(
-            f"{transition.previous.value} -> {transition.current.value} after "
-            f"{snapshot.calls} judged calls (top share {snapshot.top_share:.0%})"
+        telemetry = AffinityTelemetry(tracer_provider=self.provider, on_alarm=on_alarm)
+        plain = grpc.insecure_channel(self.cluster.service_target, options=[OWN_CONNECTION])
+        channel = observe(
+            plain, ObserveOptions(expected_pods=PODS, telemetry=telemetry, registry=_registry())
+        )
+        stub = pb_grpc.ChargePointsStub(channel)  # type: ignore[no-untyped-call]
+        title = "1. omni -> ClusterIP Service, one plain channel (observed)"
+        progress(f"act 1/4: {args.calls} calls at {args.rate:g}/s through one plain channel")
+        self.say(f"\n== {title}")
+        result, timeline = Result("pinned", "interceptors"), Timeline(title)
+        self.cluster.reset_counts()
+        started = time.monotonic()
+        with _captured_warnings() as warnings:
+            latencies = self._paced(stub, args.calls, args.rate, result, timeline)
+            telemetry.flush(timeout=2.0)
+        result.count(self.cluster.served())
+        result.alarm = channel.detector.snapshot().state.value
+        self._finish(result, timeline, latencies, PODS)
+        for at, transition in alarms:
+            snapshot = transition.snapshot
+            timeline.marks.append((at, transition.current.value))
+            self.say(
+                f"   alarm:    {transition.previous.value} -> {transition.current.value} after "
+                f"{snapshot.calls} judged calls ({snapshot.top_share:.0%} on {snapshot.top_pod}, "
+                f"{snapshot.known_count} pods known)"
+            )
+        for warning in warnings:
+            self.say(f"   log:      WARNING {warning}")
+        span = _alarm_span(self.exporter.get_finished_spans())
+        if span is not None:
+            self.say("   the span of the call that raised it, as ConsoleSpanExporter prints it:")
+            self.say(_indent(span.to_json(), "   "))
+        return channel
+
+    # -- acts 2 and 3 --------------------------------------------------------------------------
+
+    def surge(self, number: int, channel: Any, strategy: str, title: str) -> None:
+        progress(f"act {number}/4: a surge of {self.args.surge} concurrent calls ({strategy})")
+        self.say(f"\n== {title}")
+        result, timeline = Result("surge", strategy), Timeline(title)
+        latencies: list[float] = []
+        self.cluster.reset_counts()  # after any warm-up: only the surge's calls are counted
+        stub = pb_grpc.ChargePointsStub(channel)  # type: ignore[no-untyped-call]
+        burst(stub, self.args.surge, result, latencies, timeline.calls)
+        stats = self.cluster.stats()
+        result.count({name: s.total_calls for name, s in stats.items()})
+        result.alarm = channel.detector.snapshot().state.value
+        in_flight = {name: s.max_in_flight for name, s in stats.items()}
+        self._finish(result, timeline, latencies, PODS, in_flight)
+
+    # -- act 4 ---------------------------------------------------------------------------------
+
+    def scale_up(self, channel: Any) -> None:
+        args = self.args
+        title = f"4. the balanced channel while the Service scales {PODS} -> {SCALED_PODS} pods"
+        progress(f"act 4/4: calls at {args.rate:g}/s, then {PODS} -> {SCALED_PODS} pods")
+        self.say(f"\n== {title}")
+        stub = pb_grpc.ChargePointsStub(channel)  # type: ignore[no-untyped-call]
+        result, timeline = Result("scale-up", "balanced"), Timeline(title)
+        first = {pod.name for pod in self.cluster.pods}
+        scaled: list[float] = []
+        new_seen: set[str] = set()
+
+        def watch(at: float, pod: str | None) -> bool:
+            """Keep calling? Until both new pods served and a second more, or the bound."""
+            if not scaled or pod is None:
+                return True
+            if pod not in first:
+                new_seen.add(pod)
+                if result.seconds_to_new_pod_traffic is None:
+                    result.seconds_to_new_pod_traffic = round(at - scaled[0], 3)
+            first_new = result.seconds_to_new_pod_traffic
+            if first_new is None or len(new_seen) < SCALED_PODS - PODS:
+                return at - scaled[0] < SCALE_WATCH_S
+            return at - scaled[0] < first_new + 2.0
+
+        def scale() -> None:
+            self.cluster.scale(SCALED_PODS)
+            scaled.append(time.monotonic() - started)
+            timeline.marks.append((scaled[0], f"{SCALED_PODS} pods"))
+
+        self.cluster.reset_counts()
+        started = time.monotonic()
+        timer = threading.Timer(BEFORE_SCALE_S, scale)
+        timer.start()
+        bound = int((BEFORE_SCALE_S + SCALE_WATCH_S + 5) * args.rate)
+        try:
+            latencies = self._paced(
+                stub,
+                bound,
+                args.rate,
+                result,
+                timeline,
+                keep_going=watch,
+                until=BEFORE_SCALE_S + SCALE_WATCH_S + 5,
+            )
+        finally:
+            timer.join()
+        result.count(self.cluster.served())
+        result.alarm = channel.detector.snapshot().state.value
+        self._finish(result, timeline, latencies, SCALED_PODS)
+        if result.seconds_to_new_pod_traffic is not None:
+            self.say(
+                f"   a new pod served its first call {result.seconds_to_new_pod_traffic:.2f} s "
+                "after the scale-up"
+            )
+        else:
+            self.say(f"   no new pod served a call within {SCALE_WATCH_S:g} s")
+
+    # -- shared --------------------------------------------------------------------------------
+
+    def _paced(
+        self,
+        stub: Any,
+        calls: int,
+        rate: float,
+        result: Result,
+        timeline: Timeline,
+        *,
+        keep_going: Callable[[float, str | None], bool] | None = None,
+        until: float = 600.0,
+    ) -> list[float]:
+        """Up to ``calls`` calls at ``rate`` per second, for at most ``until`` seconds."""
+        latencies: list[float] = []
+        started = time.monotonic()
+        next_report = started + 5.0
+        for i in range(calls):
+            now = time.monotonic()
+            if now - started > until:
+                break
+            if now >= next_report:
+                progress(f"  {i} calls")
+                next_report += 5.0
+            time.sleep(max(0.0, started + i / rate - now))
+            began = time.perf_counter()
+            pod: str | None = None
+            try:
+                response = stub.GetChargePoint(pb.GetChargePointRequest(id=f"cp-{i}"), timeout=5)
+                pod = str(response.served_by)
+                latencies.append((time.perf_counter() - began) * 1000)
+            except grpc.RpcError as error:
+                code = getattr(error, "code", None)
+                result.failed(code() if callable(code) else None)
+            result.calls += 1
+            at = time.monotonic() - started
+            timeline.calls.append((at, pod))
+            if keep_going is not None and not keep_going(at, pod):
+                break
+        return latencies
+
+    def _finish(
+        self,
+        result: Result,
+        timeline: Timeline,
+        latencies: list[float],
+        pods: int,
+        in_flight: dict[str, int] | None = None,
+    ) -> None:
+        result.finish(latencies, pods)
+        self.results.append(result)
+        self.timelines.append(timeline)
+        total = sum(result.per_pod.values()) or 1
+        for pod, count in sorted(result.per_pod.items()):
+            bar = "#" * round(40 * count / total)
+            extra = ""
+            if in_flight and in_flight.get(pod):
+                extra = f"  (at most {in_flight[pod]} at once)"
+            self.say(f"   {pod:18} {count:5d}  {bar}{extra}")
+        errors = ", ".join(f"{n} {code}" for code, n in sorted(result.error_codes.items()))
+        self.say(
+            f"   {result.calls} calls, {result.errors} failed{f' ({errors})' if errors else ''}; "
+            f"busiest pod {_ratio(result.max_share_over_fair)} its fair share; "
+            f"p50 {_ms(result.p50_ms)}, p99 {_ms(result.p99_ms)}"
+            + (f"; detector: {result.alarm}" if result.alarm else "")
         )
 
-    telemetry = AffinityTelemetry(tracer_provider=provider, on_alarm=on_alarm)  # type: ignore[arg-type]
-    interceptor = AffinityInterceptor(
-        target,
-        ObserveOptions(
-            expected_pods=len(cluster.pods), telemetry=telemetry, registry=AffinityRegistry()
-        ),
-    )
-    codes: dict[str, int] = {}
-    with grpc.insecure_channel(target, options=options) as channel:
-        stub = pb_grpc.ChargePointsStub(grpc.intercept_channel(channel, interceptor))  # type: ignore[no-untyped-call]
-        start = time.monotonic()
-        next_report = start + 5.0
-        for i in range(calls):
-            if time.monotonic() >= next_report:
-                progress(f"  {i}/{calls} calls")
-                next_report += 5.0
-            time.sleep(max(0.0, start + i / rate - time.monotonic()))  # omni's steady request rate
-            try:
-                stub.GetChargePoint(pb.GetChargePointRequest(id=f"cp-{i}"), timeout=5)
-                code = grpc.StatusCode.OK
-            except grpc.RpcError as err:
-                code = err.code()
-            codes[code.name] = codes.get(code.name, 0) + 1
-    snapshot = interceptor.detector.snapshot()
-    spans = finished_spans()
-    return Run(
-        title=title,
-        served=cluster.served(),
-        state=snapshot.state.value,
-        top_share=snapshot.top_share,
-        alarms=alarms,
-        spans=len(spans),
-        spans_with_pod=sum(1 for s in spans if "grpc_balance_mw.pod" in s),
-        codes=codes,
-    )
+
+def _registry() -> AffinityRegistry:
+    return AffinityRegistry()
 
 
-def surge(
-    cluster: LocalCluster, target: str, options: list[tuple[str, object]], calls: int
-) -> dict[str, int]:
-    """``calls`` concurrent calls on one channel; how many the pods refused (RESOURCE_EXHAUSTED)."""
-    cluster.reset_counts()
-    outcomes: dict[str, int] = {}
-    with grpc.insecure_channel(target, options=options) as channel:
-        stub = pb_grpc.ChargePointsStub(channel)  # type: ignore[no-untyped-call]
-        stub.GetChargePoint(pb.GetChargePointRequest(id="warm-up"), timeout=5, wait_for_ready=True)
-        futures = [
-            stub.GetChargePoint.future(pb.GetChargePointRequest(id=f"cp-{i}"), timeout=10)
-            for i in range(calls)
-        ]
-        for future in futures:
-            try:
-                future.result()
-                name = "OK"
-            except grpc.RpcError as err:
-                name = err.code().name
-            outcomes[name] = outcomes.get(name, 0) + 1
-    return outcomes
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
-def print_run(run: Run) -> None:
-    total = sum(run.served.values()) or 1
-    for pod, count in sorted(run.served.items()):
-        bar = "#" * round(40 * count / total)
-        print(f"   {pod:18} {count:5d}  {bar}")
-    print(f"   detector: {run.state} (top pod share {run.top_share:.0%}, first second not judged)")
-    for change in run.alarms:
-        print(f"   state:    {change}")
-    if run.spans:
-        print(f"   tracing:  {run.spans} CLIENT spans, {run.spans_with_pod} tagged with the pod")
-    if set(run.codes) != {"OK"}:
-        print(f"   status codes: {run.codes}")
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
+def _indent(text: str, prefix: str) -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
+
+
+def _alarm_span(spans: Any) -> ReadableSpan | None:
+    """The first finished span that carries the alarm event (the state change to an alarm)."""
+    for span in spans:
+        for event in span.events:
+            if event.name == EVENT_STATE_CHANGE and (event.attributes or {}).get(
+                "grpc_balance_mw.affinity.state"
+            ) in ("pinned", "skewed"):
+                return span  # type: ignore[no-any-return]
+    return None
+
+
+@contextmanager
+def _captured_warnings() -> Iterator[list[str]]:
+    """The package's warnings, printed in the act's section instead of on stderr."""
+    logger = logging.getLogger("grpc_balance_mw")
+    captured: list[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            captured.append(record.getMessage())
+
+    handler = _Keep(logging.WARNING)
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield captured
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def run(args: argparse.Namespace) -> int:
     if isinstance(sys.stdout, io.TextIOWrapper):
-        sys.stdout.reconfigure(line_buffering=True)  # keep prints and the logged warning in order
-    l7: L7Kind | None = "haproxy" if not missing_components(l7="haproxy") else None
-    missing = missing_components(service=args.service)
+        sys.stdout.reconfigure(line_buffering=True)
+    missing = missing_components(service=args.l4)
     if missing:
         raise ConfigurationError("; ".join(missing))
-    progress("starting a 3-pod local cluster")
-    with LocalCluster(pods=3, service=args.service, dns="embedded", l7=l7) as cluster:
-        print(f"local cluster: {cluster!r}")
-        scenarios = [
-            ("omni -> ClusterIP Service, one channel", cluster.service_target, []),
-            ("fix: headless Service + dns:/// + round_robin", cluster.headless_target, ROUND_ROBIN),
-        ]
-        if l7 is not None:
-            scenarios.append(("an L7 proxy in front (Envoy stand-in)", cluster.l7_target, []))
-        else:
-            progress("haproxy is not installed: the L7 scenario is left out")
-        for number, (title, target, options) in enumerate(scenarios, 1):
-            progress(
-                f"scenario {number}/{len(scenarios)}: {args.calls} calls at {args.rate:g}/s "
-                f"(about {args.calls / args.rate:.0f} s)"
+    began = time.monotonic()
+    progress(f"starting a {PODS}-pod local cluster (service={args.l4})")
+    with LocalCluster(PODS, service=args.l4, dns=None, l7=None) as cluster:
+        demo = Demo(cluster, args)
+        demo.say(f"local cluster: {cluster!r}")
+        plain = demo.pinned()
+        for pod in cluster.pods:
+            cluster.configure(
+                pod.name, service_time_ms=SURGE_SERVICE_MS, max_concurrent=SURGE_CAPACITY
             )
-            print(f"\n== {title}")
-            print_run(run_scenario(cluster, title, target, options, args.calls, args.rate))
-
-    progress("the surge: starting 3 pods of capacity 8")
-    print("\n== a surge: 60 concurrent calls of 50 ms, pods of capacity 8 that refuse the rest")
-    with LocalCluster(
-        pods=3,
-        service=args.service,
-        dns="embedded",
-        service_time_ms=50,
-        max_concurrent=8,
-        overflow="reject",
-    ) as cluster:
-        for title, target, options in (
-            ("one channel through the Service", cluster.service_target, []),
-            ("headless + round_robin", cluster.headless_target, ROUND_ROBIN),
-        ):
-            outcomes = surge(cluster, target, options, calls=60)
-            print(f"   {title:34} {outcomes}")
-            print(f"   {'':34} calls received per pod: {cluster.served()}")
+        demo.say(
+            f"\n(every pod now takes {SURGE_CAPACITY} calls at once, {SURGE_SERVICE_MS:g} ms each, "
+            f"and queues the rest; omni's deadline is {SURGE_DEADLINE_S * 1000:g} ms)"
+        )
+        try:
+            demo.surge(
+                2,
+                plain,
+                "plain",
+                f"2. a surge of {args.surge} concurrent calls through that channel",
+            )
+        finally:
+            plain.close()
+        balanced_telemetry = AffinityTelemetry(tracer_provider=demo.provider)
+        with balanced_channel(
+            cluster.service_target,
+            observe=ObserveOptions(
+                expected_pods=PODS, telemetry=balanced_telemetry, registry=_registry()
+            ),
+        ) as balanced:
+            _settle(balanced, PODS)
+            demo.surge(
+                3,
+                balanced,
+                "balanced",
+                "3. the same surge through the balanced channel",
+            )
+            for pod in cluster.pods:
+                cluster.configure(pod.name, service_time_ms=0, max_concurrent=0)
+            demo.scale_up(balanced)
+    chart = Path(args.chart)
+    why_not = write_chart(demo.timelines, chart)
+    line = why_not or f"chart: calls per pod over time, one panel per act: {chart}"
+    if args.json:
+        json.dump(document(demo.results, Settings(l4=args.l4)), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        progress(line)
+    else:
+        print(f"\n{line}")
+    progress(f"done in {time.monotonic() - began:.1f} s")
     return 0
+
+
+def _settle(channel: Any, pods: int, timeout_s: float = 5.0) -> None:
+    """Wait (bounded) until the balanced channel's lanes cover ``pods`` distinct pods."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        covered = {lane.pod for lane in channel.pool.lanes if lane.is_available()} - {None}
+        if len(covered) >= pods:
+            return
+        time.sleep(0.05)

@@ -229,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{took:.1f} s"
             )
             print(report(samples, args.calls))
+            _load(target, args)
         finally:
             if pod.stdin is not None:
                 pod.stdin.close()  # the pod stops when its stdin closes
@@ -237,6 +238,23 @@ def run(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 pod.kill()
     return 0
+
+
+def _load(target: str, args: argparse.Namespace) -> None:
+    """Many callers on one channel, and the detector alone (see ``overhead_load``)."""
+    from grpc_balance_mw.cli import overhead_load
+
+    rounds = max(2, min(args.rounds, 6))
+    if args.threads:
+        figures = overhead_load.measure_threads(target, rounds, args.threads, 40)
+        print()
+        print(overhead_load.report(f"{args.threads} threads on one sync channel", figures))
+    if args.aio_tasks:
+        figures = overhead_load.measure_tasks(target, rounds, args.aio_tasks, 4)
+        print()
+        print(overhead_load.report(f"{args.aio_tasks} tasks on one aio channel", figures))
+    print()
+    print(overhead_load.detector_report())
 
 
 if __name__ == "__main__":

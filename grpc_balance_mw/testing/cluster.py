@@ -85,6 +85,8 @@ class LocalCluster:
         service_time_ms: how long each pod takes per call.
         max_concurrent: each pod's capacity (0: unlimited).
         overflow: beyond capacity, ``queue`` or ``reject`` (RESOURCE_EXHAUSTED).
+        max_connection_age_s: each pod closes a connection after about this long (the
+            server-side fix, gRFC A9, with gRPC's +/-10 % jitter); None: never.
         session_affinity: ``ClientIP`` pins a client to one pod (iptables backend only).
         namespace: the Kubernetes namespace the pods report.
         name: the Service name; pods are ``<name>-0``, ``<name>-1``, ...
@@ -102,6 +104,7 @@ class LocalCluster:
         service_time_ms: float = 0.0,
         max_concurrent: int = 0,
         overflow: Overflow = "queue",
+        max_connection_age_s: float | None = None,
         session_affinity: Literal["ClientIP"] | None = None,
         namespace: str = "ev",
         name: str = "charge-points",
@@ -134,7 +137,11 @@ class LocalCluster:
         self.l7_balance = l7_balance
         self.session_affinity = session_affinity
         self.dns_ttl_s = dns_ttl_s
-        self.settings = PodSettings(service_time_ms, max_concurrent, overflow)
+        if max_connection_age_s is not None and not max_connection_age_s > 0:
+            raise ConfigurationError(
+                f"max_connection_age_s must be > 0 or None, got {max_connection_age_s}"
+            )
+        self.settings = PodSettings(service_time_ms, max_concurrent, overflow, max_connection_age_s)
         self.pods: list[Pod] = []
         self.target_port = 0
         self._initial_pods = pods

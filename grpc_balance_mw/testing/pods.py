@@ -28,14 +28,17 @@ _ADMIN_TIMEOUT_S = 5.0
 
 @dataclass(frozen=True)
 class PodSettings:
-    """How a pod serves: service time per call, capacity, and what happens beyond it."""
+    """How a pod serves: service time per call, capacity, what happens beyond it, and the
+    server-side connection age (gRFC A9; None: connections live as long as the client keeps
+    them)."""
 
     service_time_ms: float = 0.0
     max_concurrent: int = 0
     overflow: Overflow = "queue"
+    max_connection_age_s: float | None = None
 
     def args(self) -> list[str]:
-        return [
+        args = [
             "--service-time-ms",
             str(self.service_time_ms),
             "--max-concurrent",
@@ -43,6 +46,9 @@ class PodSettings:
             "--overflow",
             self.overflow,
         ]
+        if self.max_connection_age_s is not None:
+            args += ["--max-connection-age-s", str(self.max_connection_age_s)]
+        return args
 
 
 class Pod:
@@ -190,6 +196,7 @@ class Pod:
             self.settings.service_time_ms if service_time_ms is None else service_time_ms,
             self.settings.max_concurrent if max_concurrent is None else max_concurrent,
             self.settings.overflow,
+            self.settings.max_connection_age_s,
         )
 
     def _admin(self) -> admin_grpc.PodAdminStub:

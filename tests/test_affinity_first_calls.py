@@ -1,0 +1,321 @@
+"""Detection a user can trust from the first call, against the local cluster, sync and aio.
+
+- one channel through each L4 Service implementation alarms within its first few dozen calls,
+  back to back or paced at 20 ms, with the default config (no warm-up to switch off);
+- fresh round_robin channels over the headless Service, started ten at a time while other
+  channels load the pods, raise no alarm and end balanced; through the L7 proxy, no alarm and
+  the state says the calls are balanced per request;
+- a detector shared by 30 fresh channels of 10 calls each raises no alarm, run after run;
+- sessionAffinity ClientIP is named by the probe and in the advice; a pod added by a scale-up is
+  known within one probe round.
+
+Counts are scaled to what proves the point on a 2-core machine (see each test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import pytest
+from calls import call_aio, call_sync
+from conftest import require
+
+from grpc_balance_mw.affinity import AffinityDetector, AffinityRegistry, AffinityState, Transition
+from grpc_balance_mw.aio.observed_channel import observe as observe_aio
+from grpc_balance_mw.observed_channel import observe
+from grpc_balance_mw.observing import ObserveOptions
+from grpc_balance_mw.probe import PodProbe
+from grpc_balance_mw.telemetry import AffinityTelemetry
+from grpc_balance_mw.testing import LocalCluster, missing_components
+
+pytestmark = pytest.mark.cluster
+
+Factory = Callable[..., LocalCluster]
+FRESH = [("grpc.use_local_subchannel_pool", 1)]
+ROUND_ROBIN = [*FRESH, ("grpc.lb_policy_name", "round_robin")]
+#: Alarm call numbers seen by the pinned tests, printed at the end of the module for the report.
+ALARM_CALLS: dict[str, int] = {}
+
+
+class Alarms:
+    """An ``on_alarm`` hook that keeps every transition."""
+
+    def __init__(self) -> None:
+        self.transitions: list[Transition] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, transition: Transition) -> None:
+        with self._lock:
+            self.transitions.append(transition)
+
+    @property
+    def raised(self) -> list[AffinityState]:
+        return [t.current for t in self.transitions if t.current.is_alarm]
+
+
+def _options(registry: AffinityRegistry, alarms: Alarms | None = None, **kw: Any) -> Any:
+    telemetry = AffinityTelemetry(spans=False, metrics=False, on_alarm=alarms) if alarms else None
+    return ObserveOptions(registry=registry, telemetry=telemetry, **kw)
+
+
+def run_sync(
+    target: str,
+    options: ObserveOptions,
+    calls: int,
+    *,
+    channel_options: list[tuple[str, Any]] | None = None,
+    pace_s: float = 0.0,
+    stop: Callable[[AffinityDetector], bool] | None = None,
+) -> tuple[int, AffinityDetector]:
+    """Up to ``calls`` calls on one fresh observed channel; how many were made, the detector."""
+    with observe(grpc.insecure_channel(target, options=channel_options), options) as observed:
+        made = 0
+        while made < calls:
+            made += 1
+            assert call_sync(observed, "unary_unary").code is grpc.StatusCode.OK
+            if stop is not None and stop(observed.detector):
+                break
+            if pace_s:
+                time.sleep(pace_s)
+        return made, observed.detector
+
+
+async def run_aio(
+    target: str,
+    options: ObserveOptions,
+    calls: int,
+    *,
+    channel_options: list[tuple[str, Any]] | None = None,
+    pace_s: float = 0.0,
+    stop: Callable[[AffinityDetector], bool] | None = None,
+) -> tuple[int, AffinityDetector]:
+    async with observe_aio(
+        grpc.aio.insecure_channel(target, options=channel_options), options
+    ) as observed:
+        made = 0
+        while made < calls:
+            made += 1
+            assert (await call_aio(observed, "unary_unary")).code is grpc.StatusCode.OK
+            await asyncio.sleep(pace_s)  # also lets the done-callback run
+            if stop is not None and stop(observed.detector):
+                break
+    return made, observed.detector
+
+
+def _pinned(detector: AffinityDetector) -> bool:
+    return detector.state is AffinityState.PINNED
+
+
+@pytest.fixture(scope="module", params=["userspace", "haproxy", "iptables"])
+def l4(request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
+    missing = missing_components(request.param)
+    require(not missing, "; ".join(missing))
+    with LocalCluster(pods=3, service=request.param, dns=None) as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize("pace_s", [0.0, 0.02], ids=["back-to-back", "paced-20ms"])
+@pytest.mark.parametrize("mode", ["sync", "aio"])
+async def test_one_channel_through_an_l4_service_is_pinned_within_its_first_calls(
+    l4: LocalCluster, mode: str, pace_s: float
+) -> None:
+    options = _options(AffinityRegistry(), expected_pods=3)  # the default config
+    target = l4.service_target
+    if mode == "sync":
+        made, detector = await asyncio.to_thread(
+            run_sync, target, options, 100, pace_s=pace_s, stop=_pinned
+        )
+    else:
+        made, detector = await run_aio(target, options, 100, pace_s=pace_s, stop=_pinned)
+    snapshot = detector.snapshot()
+    ALARM_CALLS[f"{l4.service_kind} {mode} {pace_s * 1000:.0f}ms"] = made
+    print(f"{l4.service_kind} {mode} paced {pace_s}s: pinned at call {made}")
+    assert detector.state is AffinityState.PINNED, snapshot
+    assert made < 100 and snapshot.warmup_calls == 0
+    assert snapshot.cause == "single_connection" and "balanced_channel" in (snapshot.advice or "")
+
+
+@pytest.fixture(scope="module")
+def spread_cluster() -> Iterator[LocalCluster]:
+    missing = missing_components("userspace", "embedded", "haproxy")
+    require(not missing, "; ".join(missing))
+    with LocalCluster(pods=3, service="userspace", dns="embedded", l7="haproxy") as cluster:
+        yield cluster
+
+
+class Load:
+    """Other clients loading the pods through the Service while a test runs (bounded)."""
+
+    def __init__(self, target: str, channels: int = 2, limit_s: float = 60.0) -> None:
+        self._stop = threading.Event()
+        self._deadline = time.monotonic() + limit_s
+        self._threads = [
+            threading.Thread(target=self._run, args=(target,), daemon=True) for _ in range(channels)
+        ]
+
+    def _run(self, target: str) -> None:
+        with grpc.insecure_channel(target, options=FRESH) as channel:
+            while not self._stop.is_set() and time.monotonic() < self._deadline:
+                call_sync(channel, "unary_unary")
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(10)
+
+
+#: 50 channels x 600 calls (the issue's figures) take minutes on 2 cores; 20 channels (two
+#: batches of ten at once) x 150 calls still start every channel fresh, under load, with
+#: round_robin's first calls on one subchannel, and judge 100+ calls per channel after it.
+CHANNELS, BATCH, CALLS_EACH = 20, 10, 150
+
+
+@pytest.mark.parametrize("route", ["headless", "l7"])
+@pytest.mark.parametrize("mode", ["sync", "aio"])
+async def test_fresh_channels_balanced_by_round_robin_or_a_proxy_never_alarm(
+    spread_cluster: LocalCluster, mode: str, route: str
+) -> None:
+    headless = route == "headless"
+    target = spread_cluster.headless_target if headless else spread_cluster.l7_target
+    channel_options = ROUND_ROBIN if headless else FRESH
+    alarms, registry = Alarms(), AffinityRegistry()
+    options = _options(registry, alarms, expected_pods=3)
+    with Load(spread_cluster.service_target):
+        for _ in range(CHANNELS // BATCH):
+            if mode == "sync":
+                with ThreadPoolExecutor(BATCH) as pool:
+                    runs = [
+                        pool.submit(
+                            run_sync, target, options, CALLS_EACH, channel_options=channel_options
+                        )
+                        for _ in range(BATCH)
+                    ]
+                    made = [run.result()[0] for run in runs]
+            else:
+                results = await asyncio.gather(
+                    *(
+                        run_aio(target, options, CALLS_EACH, channel_options=channel_options)
+                        for _ in range(BATCH)
+                    )
+                )
+                made = [count for count, _ in results]
+            assert made == [CALLS_EACH] * BATCH
+    detector = registry.detector(target)
+    snapshot = detector.snapshot()
+    print(f"{route} {mode}: alarms {alarms.raised}, {snapshot}")
+    assert alarms.raised == []
+    assert snapshot.per_request_lanes == snapshot.lanes == CHANNELS
+    expected = AffinityState.BALANCED if headless else AffinityState.L7_BALANCED
+    assert detector.state is expected and snapshot.cause == "per_request"
+    assert snapshot.addresses == (3 if headless else 1)
+
+
+#: The issue asks for 20 runs; each takes about 0.8 s here. 10 sync and 3 aio runs on the cluster
+#: show that real connections land at random; the pure test repeats the same core 300 times.
+@pytest.mark.parametrize(("mode", "runs"), [("sync", 10), ("aio", 3)])
+async def test_a_detector_shared_by_many_short_channels_never_alarms(
+    spread_cluster: LocalCluster, mode: str, runs: int
+) -> None:
+    """30 fresh channels of 10 calls each through the L4 Service, ``runs`` times."""
+    target = spread_cluster.service_target
+    raised: list[AffinityState] = []
+    for _ in range(runs):
+        alarms, registry = Alarms(), AffinityRegistry()
+        options = _options(registry, alarms, expected_pods=3)
+        if mode == "sync":
+
+            def thirty(options: ObserveOptions = options) -> None:
+                for _ in range(30):
+                    run_sync(target, options, 10, channel_options=FRESH)
+
+            await asyncio.to_thread(thirty)
+        else:
+            for _ in range(30):
+                await run_aio(target, options, 10, channel_options=FRESH)
+        raised += alarms.raised
+        snapshot = registry.detector(target).snapshot()
+        assert snapshot.lanes == snapshot.connections == 30, snapshot
+        assert len(snapshot.connection_pods) >= 2  # the channels are spread over the pods
+    print(f"{mode}: {runs} runs, alarms {raised}, last {snapshot}")
+    assert raised == []
+
+
+@pytest.mark.parametrize("mode", ["sync", "aio"])
+async def test_client_ip_session_affinity_is_named(
+    local_cluster_factory: Factory, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster = local_cluster_factory(
+        pods=3, service="iptables", session_affinity="ClientIP", dns=None
+    )
+    target, registry = cluster.service_target, AffinityRegistry()
+    probe = PodProbe(target, registry.detector(target), interval_s=0.05)
+    options = _options(registry, Alarms(), expected_pods=3, probe=probe)
+    caplog.set_level(logging.WARNING, logger="grpc_balance_mw.probe")
+
+    def named(detector: AffinityDetector) -> bool:
+        return detector.snapshot().cause == "same_pod_every_connection"
+
+    if mode == "sync":
+        made, detector = await asyncio.to_thread(run_sync, target, options, 2000, stop=named)
+    else:
+        made, detector = await run_aio(target, options, 2000, pace_s=0.001, stop=named)
+    probe.join(5)
+    snapshot = detector.snapshot()
+    print(f"ClientIP {mode}: named after {made} calls, {probe.rounds} probe rounds, {snapshot}")
+    assert detector.state is AffinityState.PINNED and named(detector), snapshot
+    assert "sessionAffinity" in (snapshot.advice or "")
+    assert snapshot.probe_connections >= 9 and len(snapshot.connection_pods) == 1
+    assert any("sessionAffinity" in r.getMessage() for r in caplog.records)
+
+
+def test_a_pod_added_by_a_scale_up_is_known_within_one_probe_round(
+    local_cluster_factory: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster = local_cluster_factory(pods=3, service="userspace", dns="embedded")
+    target, registry = cluster.headless_target, AffinityRegistry()
+    probe = PodProbe(target, registry.detector(target), interval_s=0.5)
+    alarms = Alarms()
+    options = _options(registry, alarms, probe=probe)
+    caplog.set_level(logging.INFO, logger="grpc_balance_mw.telemetry")
+    # pick_first on the headless name: the channel's calls stay on one pod; only the probe can
+    # learn the others, and the new one.
+    with observe(grpc.insecure_channel(target, options=FRESH), options) as observed:
+        deadline = time.monotonic() + 20
+        while probe.rounds < 1 and time.monotonic() < deadline:
+            call_sync(observed, "unary_unary")
+        assert set(observed.detector.snapshot().known_pods) == {p.name for p in cluster.pods}
+        cluster.scale(4)
+        new = cluster.pods[-1].name
+        scaled_at, rounds = time.monotonic(), probe.rounds
+        # A round that started after the scale-up has finished: it must have learned the pod.
+        while probe.rounds < rounds + 2 and time.monotonic() < deadline:
+            call_sync(observed, "unary_unary")
+            time.sleep(0.01)
+        learned_s = time.monotonic() - scaled_at
+        snapshot = observed.detector.snapshot()
+    print(f"scale-up: {new} known {learned_s:.2f}s later (interval 0.5 s), {snapshot}")
+    assert new in snapshot.known_pods and snapshot.dns_pods == 4
+    assert any(f"pod_added {new}" in r.getMessage() for r in caplog.records)
+
+
+def test_any_l7_proxy_is_recognised_by_its_pod_switches(local_cluster_factory: Factory) -> None:
+    """nginx grpc_pass (HAProxy is above): no Envoy headers, the pods switching between calls
+    on one connection tell."""
+    cluster = local_cluster_factory(pods=3, dns=None, l7="nginx")
+    alarms, registry = Alarms(), AffinityRegistry()
+    _, detector = run_sync(cluster.l7_target, _options(registry, alarms), 60)
+    snapshot = detector.snapshot()
+    assert detector.state is AffinityState.L7_BALANCED and alarms.raised == [], snapshot
+    assert snapshot.l7_share == 0.0 and snapshot.per_request_lanes == 1

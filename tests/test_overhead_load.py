@@ -1,0 +1,36 @@
+"""The many-callers part of ``grpc-balance overhead``: it measures every variant, its verdicts
+read the figures right, and the detector bench runs (no timing is asserted)."""
+
+from __future__ import annotations
+
+from conftest import SyncPod
+
+from grpc_balance_mw.cli import overhead_load
+
+
+def test_many_callers_measure_every_variant_on_a_real_pod(sync_pod: SyncPod) -> None:
+    threads = overhead_load.measure_threads(sync_pod.target, rounds=1, threads=2, calls_each=3)
+    tasks = overhead_load.measure_tasks(sync_pod.target, rounds=1, tasks=3, calls_each=2)
+    for figures in (threads, tasks):
+        assert list(figures) == list(overhead_load.VARIANTS)
+        assert all(
+            len(rows) == 1 and rows[0][0] >= 0 and rows[0][1] > 0 for rows in figures.values()
+        )
+
+
+def test_the_verdicts_read_client_cpu_against_bare_and_otel() -> None:
+    figures = {
+        "bare": [(100.0, 300.0)],
+        "detection": [(102.0, 301.0)],
+        "detection+spans+metrics": [(160.0, 320.0)],
+        "otel-grpc": [(150.0, 330.0)],
+    }
+    text = overhead_load.report("title", figures)
+    assert "detection vs bare: +2.0% client CPU (target <= 3%) met" in text
+    assert (
+        "detection+spans+metrics vs otel-grpc: 1.067x client CPU (target <= 1.00x) MISSED" in text
+    )
+
+
+def test_the_detector_bench_runs() -> None:
+    assert overhead_load.detector_cost(3, calls=500, repeats=1) > 0
