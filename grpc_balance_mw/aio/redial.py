@@ -89,7 +89,7 @@ class _Predialler:
         self._wake = asyncio.Event()
         self._closed = False
         self._loop = asyncio.get_running_loop()
-        self._task = self._loop.create_task(self._run())
+        self._task: asyncio.Task[None] | None = self._loop.create_task(self._run())
 
     def ready(self) -> int:
         return len(self._ready)
@@ -139,13 +139,17 @@ class _Predialler:
     async def close(self) -> None:
         self._closed = True
         self._wake.set()
+        # Dropped once ended: its exception's traceback holds the frame of the channel it was
+        # dialling, closed but alive while this channel is (on grpcio < 1.84 a live grpc.aio
+        # object keeps grpc.aio's poller thread, and may keep its connection).
+        task, self._task = self._task, None
         # asyncio.wait_for can swallow a cancellation that races its inner future's result
         # (CPython gh-86296 before 3.12): cancel until the task has really ended.
-        while not self._task.done():
-            self._task.cancel()
-            await asyncio.wait({self._task}, timeout=0.1)
-        if not self._task.cancelled():
-            self._task.exception()  # retrieved, so asyncio does not log it as never retrieved
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
+        if task is not None and not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not log it as never retrieved
         while self._ready:
             await self._ready.popleft().close()
             self._owner.stats["closed"] += 1

@@ -151,11 +151,12 @@ async def _measure_tasks(target: str, rounds: int, tasks: int, calls_each: int) 
     otel = aio_client_interceptors(tracer_provider=providers.tracer)  # type: ignore[no-untyped-call]
     channels: dict[str, Any] = {
         "bare": grpc.aio.insecure_channel(target),
+        # target= given: an old grpcio's aio channel (1.50 measured) keeps no target to learn
         "detection": observe_aio(
-            grpc.aio.insecure_channel(target), providers.options(telemetry=False)
+            grpc.aio.insecure_channel(target), providers.options(telemetry=False), target=target
         ),
         "detection+spans+metrics": observe_aio(
-            grpc.aio.insecure_channel(target), providers.options(telemetry=True)
+            grpc.aio.insecure_channel(target), providers.options(telemetry=True), target=target
         ),
         "otel-grpc": grpc.aio.insecure_channel(target, interceptors=otel),
     }
