@@ -99,11 +99,6 @@ def test_pod_kill_the_fallback_loses_no_retryable_call() -> None:
         assert entry["per_pod"].get(killed, 0) < entry["calls"]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="the balanced channel has no retry: a GetChargePoint in flight on the pod that is "
-    "SIGKILLed fails UNAVAILABLE (about 1 call in 300, 2 runs in 3); reported to the lead",
-)
 def test_pod_kill_the_balanced_channel_loses_no_retryable_call() -> None:
     entries = pod_kill("balanced")
     assert entries["balanced"]["errors"] == 0, entries["balanced"]

@@ -12,7 +12,7 @@ to one pod", made the way a user would make it, and opened against a :class:`Loc
 * ``l7-proxy``: one channel to an L7 proxy that balances per call (HAProxy h2, Envoy's
   stand-in);
 * ``interceptors``: a plain channel observed (:func:`observe`) with spans: the alarm, no fix;
-* ``balanced``: :func:`balanced_channel`;
+* ``balanced``: :func:`balanced_channel`, GetChargePoint marked retryable;
 * ``balanced-predial``: the fallback with connections dialled ahead of need.
 
 Every strategy that observes has an affinity registry of its own, so two strategies on the same
@@ -225,7 +225,9 @@ def open_strategy(
         channel, detector = observed, observed.detector
     elif strategy == "balanced":
         balanced = balanced_channel(
-            cluster.service_target, observe=_observe_options(expected_pods, telemetry)
+            cluster.service_target,
+            retry=retry,
+            observe=_observe_options(expected_pods, telemetry),
         )
         channel, detector = balanced, balanced.detector
     elif strategy in ("dial-per-request", "balanced-predial"):
