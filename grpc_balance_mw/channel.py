@@ -61,6 +61,7 @@ from grpc_balance_mw.pool import (
 )
 from grpc_balance_mw.pool.health import names_a_pod, read_check
 from grpc_balance_mw.pool.pool import pool_for_channel
+from grpc_balance_mw.response_stream import ResponseStream
 from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, warn_if_native_retry
 
 __all__ = [
@@ -222,7 +223,7 @@ class _Ticket:
         self.release(_pod_gone(call))
 
 
-class _LaneStream(grpc.Call, grpc.Future):  # type: ignore[misc]
+class _LaneStream(ResponseStream):
     """A response stream that gives its lane back when it ends, is cancelled, or is done."""
 
     def __init__(self, call: Any, lane: Lane | None, pool: LanePool) -> None:
@@ -234,9 +235,6 @@ class _LaneStream(grpc.Call, grpc.Future):  # type: ignore[misc]
         self._ticket = _Ticket(self._pool, lane)
         call.add_done_callback(self._ticket.done)
 
-    def __iter__(self) -> Iterator[Any]:
-        return self
-
     def __next__(self) -> Any:
         try:
             return next(self._call)
@@ -246,54 +244,6 @@ class _LaneStream(grpc.Call, grpc.Future):  # type: ignore[misc]
         except grpc.RpcError as error:
             self._ticket.release(_failed_unavailable(error))
             raise
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._call, name)
-
-    def initial_metadata(self) -> Any:
-        return self._call.initial_metadata()
-
-    def trailing_metadata(self) -> Any:
-        return self._call.trailing_metadata()
-
-    def code(self) -> Any:
-        return self._call.code()
-
-    def details(self) -> Any:
-        return self._call.details()
-
-    def is_active(self) -> Any:
-        return self._call.is_active()
-
-    def time_remaining(self) -> Any:
-        return self._call.time_remaining()
-
-    def cancel(self) -> Any:
-        return self._call.cancel()
-
-    def add_callback(self, callback: Any) -> Any:
-        return self._call.add_callback(callback)
-
-    def cancelled(self) -> Any:
-        return self._call.cancelled()
-
-    def running(self) -> Any:
-        return self._call.running()
-
-    def done(self) -> Any:
-        return self._call.done()
-
-    def result(self, timeout: float | None = None) -> Any:
-        return self._call.result(timeout)
-
-    def exception(self, timeout: float | None = None) -> Any:
-        return self._call.exception(timeout)
-
-    def traceback(self, timeout: float | None = None) -> Any:
-        return self._call.traceback(timeout)
-
-    def add_done_callback(self, fn: Any) -> None:
-        self._call.add_done_callback(lambda _call: fn(self))
 
 
 def _pod_gone(call: Any) -> bool:

@@ -8,12 +8,13 @@ done-callback uses reads the call's state as it is and never waits on it (see
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from grpc_balance_mw.affinity.observer import ObservedCall
+from grpc_balance_mw.response_stream import ResponseStream
 
 __all__ = ["ObservedStream", "as_call", "final_headers", "finish_call", "headers_now"]
 
@@ -82,7 +83,7 @@ def as_call(error: BaseException) -> Any:
     return error if isinstance(error, grpc.Call) else None
 
 
-class ObservedStream(grpc.Call, grpc.Future):  # type: ignore[misc]
+class ObservedStream(ResponseStream):
     """A response stream that tells the observer its pod at the first message and its end.
 
     The end is seen in the caller's thread (``StopIteration`` or the error) so telemetry is done
@@ -113,9 +114,6 @@ class ObservedStream(grpc.Call, grpc.Future):  # type: ignore[misc]
             call = self._call
             self._observed.finish(headers_now(call), call.trailing_metadata(), _code(call))
 
-    def __iter__(self) -> Iterator[Any]:
-        return self
-
     def __next__(self) -> Any:
         try:
             response = next(self._call)
@@ -128,51 +126,3 @@ class ObservedStream(grpc.Call, grpc.Future):  # type: ignore[misc]
             self._first = False
             self._observed.saw_initial_metadata(self._call.initial_metadata())
         return response
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._call, name)
-
-    def initial_metadata(self) -> Any:
-        return self._call.initial_metadata()
-
-    def trailing_metadata(self) -> Any:
-        return self._call.trailing_metadata()
-
-    def code(self) -> Any:
-        return self._call.code()
-
-    def details(self) -> Any:
-        return self._call.details()
-
-    def is_active(self) -> Any:
-        return self._call.is_active()
-
-    def time_remaining(self) -> Any:
-        return self._call.time_remaining()
-
-    def cancel(self) -> Any:
-        return self._call.cancel()
-
-    def add_callback(self, callback: Any) -> Any:
-        return self._call.add_callback(callback)
-
-    def cancelled(self) -> Any:
-        return self._call.cancelled()
-
-    def running(self) -> Any:
-        return self._call.running()
-
-    def done(self) -> Any:
-        return self._call.done()
-
-    def result(self, timeout: float | None = None) -> Any:
-        return self._call.result(timeout)
-
-    def exception(self, timeout: float | None = None) -> Any:
-        return self._call.exception(timeout)
-
-    def traceback(self, timeout: float | None = None) -> Any:
-        return self._call.traceback(timeout)
-
-    def add_done_callback(self, fn: Any) -> None:
-        self._call.add_done_callback(lambda _call: fn(self))

@@ -45,7 +45,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,7 @@ from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.health_check import NOT_SERVING, check_method
 from grpc_balance_mw.observed_channel import ObservedChannel
 from grpc_balance_mw.observing import ObserveOptions, build_observer
+from grpc_balance_mw.response_stream import ResponseStream
 from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, warn_if_native_retry
 
 __all__ = ["DialPerRequestChannel", "RedialStats", "dial_per_request_channel"]
@@ -266,7 +267,7 @@ class _Predialler:
         self._thread.join(self._timeout_s + _JOIN_S)
 
 
-class _Closing(grpc.Call, grpc.Future):  # type: ignore[misc]
+class _Closing(ResponseStream):
     """A response stream whose connection closes when the stream ends, fails or is cancelled.
 
     The end is seen in the caller's thread (``StopIteration`` or the error); the done-callback
@@ -279,63 +280,12 @@ class _Closing(grpc.Call, grpc.Future):  # type: ignore[misc]
         self._lease = lease
         call.add_done_callback(lease.release_later)
 
-    def __iter__(self) -> Iterator[Any]:
-        return self
-
     def __next__(self) -> Any:
         try:
             return next(self._call)
         except (StopIteration, grpc.RpcError):
             self._lease.release()
             raise
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._call, name)
-
-    def initial_metadata(self) -> Any:
-        return self._call.initial_metadata()
-
-    def trailing_metadata(self) -> Any:
-        return self._call.trailing_metadata()
-
-    def code(self) -> Any:
-        return self._call.code()
-
-    def details(self) -> Any:
-        return self._call.details()
-
-    def is_active(self) -> Any:
-        return self._call.is_active()
-
-    def time_remaining(self) -> Any:
-        return self._call.time_remaining()
-
-    def cancel(self) -> Any:
-        return self._call.cancel()
-
-    def add_callback(self, callback: Any) -> Any:
-        return self._call.add_callback(callback)
-
-    def cancelled(self) -> Any:
-        return self._call.cancelled()
-
-    def running(self) -> Any:
-        return self._call.running()
-
-    def done(self) -> Any:
-        return self._call.done()
-
-    def result(self, timeout: float | None = None) -> Any:
-        return self._call.result(timeout)
-
-    def exception(self, timeout: float | None = None) -> Any:
-        return self._call.exception(timeout)
-
-    def traceback(self, timeout: float | None = None) -> Any:
-        return self._call.traceback(timeout)
-
-    def add_done_callback(self, fn: Any) -> None:
-        self._call.add_done_callback(lambda _call: fn(self))
 
 
 class _RetryingStream(_Closing):

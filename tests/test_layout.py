@@ -61,6 +61,7 @@ SYNC_ADAPTERS = (
     "grpc_balance_mw.client",
     "grpc_balance_mw.observed_channel",
     "grpc_balance_mw.observed_calls",
+    "grpc_balance_mw.response_stream",
     "grpc_balance_mw.redial",
     "grpc_balance_mw.channel",
     "grpc_balance_mw.headless_channel",
