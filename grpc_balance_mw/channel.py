@@ -42,11 +42,15 @@ import tenacity
 
 from grpc_balance_mw.affinity import forking
 from grpc_balance_mw.affinity.detector import AffinityDetector
-from grpc_balance_mw.affinity.registry import default_registry
 from grpc_balance_mw.errors import BalanceError, ConfigurationError
 from grpc_balance_mw.health_check import SERVING, check_method
 from grpc_balance_mw.observed_channel import ObservedChannel
-from grpc_balance_mw.observing import ObserveOptions, build_observer
+from grpc_balance_mw.observing import (
+    ObserveOptions,
+    build_observer,
+    chosen_options,
+    detector_for,
+)
 from grpc_balance_mw.pool import (
     CheckResult,
     Lane,
@@ -509,17 +513,16 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
         self.target = target
         self.retry = retry
         self.sleep = sleep
-        self._observe = observe is not False
-        self._options = observe if isinstance(observe, ObserveOptions) else ObserveOptions()
-        expected_pods = self._options.expected_pods
-        self.pool = pool if pool is not None else LanePool(PoolConfig(expected_pods=expected_pods))
+        chosen = chosen_options(observe)
+        self._observe = chosen is not None
+        self._options = chosen if chosen is not None else ObserveOptions()
+        self.pool = (
+            pool
+            if pool is not None
+            else LanePool(PoolConfig(expected_pods=self._options.expected_pods))
+        )
         self._factory = factory
-        registry = self._options.registry
-        self.detector: AffinityDetector = (
-            registry if registry is not None else default_registry
-        ).detector(target, self._options.config)
-        if expected_pods is not None:
-            self.detector.expected_pods = expected_pods
+        self.detector: AffinityDetector = detector_for(target, self._options)
         self._check_timeout_s = check_timeout_s
         self._tick_s = tick_s
         self._stop = threading.Event()
@@ -741,7 +744,7 @@ def balanced_channel(
         lanes=lanes,
         max_lanes=max_lanes,
         follow_pods=follow_pods,
-        expected_pods=observe.expected_pods if isinstance(observe, ObserveOptions) else None,
+        expected_pods=(chosen_options(observe) or ObserveOptions()).expected_pods,
         pool_config=pool_config,
         picker=picker,
         rotation=rotation,

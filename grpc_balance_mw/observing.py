@@ -11,12 +11,19 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from grpc_balance_mw.affinity.config import AffinityConfig
+from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.observer import CallObserver, CallTelemetry
 from grpc_balance_mw.affinity.registry import AffinityRegistry, default_registry
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.probe import PodProbe, resolve_in_background
 
-__all__ = ["ObserveOptions", "build_observer", "channel_target"]
+__all__ = [
+    "ObserveOptions",
+    "build_observer",
+    "channel_target",
+    "chosen_options",
+    "detector_for",
+]
 
 _lanes = itertools.count()
 
@@ -59,16 +66,29 @@ class ObserveOptions:
         return replace(self, **changes)
 
 
+def chosen_options(observe: ObserveOptions | bool) -> ObserveOptions | None:
+    """What a channel's ``observe=`` argument asks for: None for False, the defaults for True."""
+    if observe is False:
+        return None
+    return observe if isinstance(observe, ObserveOptions) else ObserveOptions()
+
+
+def detector_for(target: str, options: ObserveOptions) -> AffinityDetector:
+    """The target's detector in the options' registry, told the expected pod count if any."""
+    registry = options.registry if options.registry is not None else default_registry
+    detector = registry.detector(target, options.config)
+    if options.expected_pods is not None:
+        detector.expected_pods = options.expected_pods
+    return detector
+
+
 def build_observer(
     target: str, options: ObserveOptions | None = None, *, fresh_connections: bool = False
 ) -> CallObserver:
     """The shared core behind one observed channel or one set of interceptors (sync or aio);
     ``fresh_connections``: every call it sees runs on a connection of its own."""
     options = options if options is not None else ObserveOptions()
-    registry = options.registry if options.registry is not None else default_registry
-    detector = registry.detector(target, options.config)
-    if options.expected_pods is not None:
-        detector.expected_pods = options.expected_pods
+    detector = detector_for(target, options)
     probe = options.probe
     pod_probe = PodProbe(target, detector) if probe is True else probe or None
     resolve_in_background(detector)

@@ -56,7 +56,7 @@ from grpc_balance_mw.affinity.observer import CallObserver
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.health_check import NOT_SERVING, check_method
 from grpc_balance_mw.observed_channel import ObservedChannel
-from grpc_balance_mw.observing import ObserveOptions, build_observer
+from grpc_balance_mw.observing import ObserveOptions, build_observer, chosen_options
 from grpc_balance_mw.response_stream import ResponseStream
 from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, warn_if_native_retry
 
@@ -545,8 +545,8 @@ class DialPerRequestChannel(grpc.Channel):  # type: ignore[misc]
         self.closer = _Closer(f"grpc-balance-close-{target}")
         warn_if_native_retry(self._options, target)
         self.observer: CallObserver | None = None
-        if observe is not False:
-            chosen = observe if isinstance(observe, ObserveOptions) else ObserveOptions()
+        chosen = chosen_options(observe)
+        if chosen is not None:
             # No probe: every call is a fresh connection, a probe of its own.
             self.observer = build_observer(
                 target,

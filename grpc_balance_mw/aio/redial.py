@@ -38,7 +38,7 @@ import tenacity
 
 from grpc_balance_mw.aio.client import AffinityInterceptors
 from grpc_balance_mw.errors import ConfigurationError
-from grpc_balance_mw.observing import ObserveOptions, build_observer
+from grpc_balance_mw.observing import ObserveOptions, build_observer, chosen_options
 from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, code_of, warn_if_native_retry
 
 __all__ = ["DialPerRequestChannel", "RetryingCall", "dial_per_request_channel", "failed_as_error"]
@@ -494,8 +494,8 @@ class DialPerRequestChannel(grpc.aio.Channel):  # type: ignore[misc]
         warn_if_native_retry(self._options, target)
         self.affinity: AffinityInterceptors | None = None
         chain: list[grpc.aio.ClientInterceptor] = []
-        if observe is not False:
-            chosen = observe if isinstance(observe, ObserveOptions) else ObserveOptions()
+        chosen = chosen_options(observe)
+        if chosen is not None:
             per_call = chosen.but(probe=False, lane=chosen.lane or "dial-per-request")
             self.affinity = AffinityInterceptors(
                 target, observer=build_observer(target, per_call, fresh_connections=True)
