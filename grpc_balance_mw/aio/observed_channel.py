@@ -14,7 +14,6 @@ the pod is read and gets enriched rather than a second span made.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -113,11 +112,10 @@ class _Observed:
 
     def _counted(self, started: float, call: Any) -> None:
         state = _final_state(call)
-        count: Callable[[Any, Any], Any] = partial(self._observer.count, started, self._stream)
-        if state is None:
-            _follow(call, None, count)
+        if state is not None:  # the usual case, on every call: no closure built for it
+            self._observer.count(started, self._stream, state[0], state[1])
         else:
-            count(state[0], state[1])
+            _follow(call, None, partial(self._observer.count, started, self._stream))
 
     def _finished(self, observed: ObservedCall, call: Any) -> None:
         state = _final_state(call)
