@@ -38,7 +38,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
-import tenacity
 
 from grpc_balance_mw.affinity import forking
 from grpc_balance_mw.affinity.detector import AffinityDetector
@@ -66,7 +65,13 @@ from grpc_balance_mw.pool import (
 from grpc_balance_mw.pool.health import names_a_pod, read_check
 from grpc_balance_mw.pool.pool import pool_for_channel
 from grpc_balance_mw.response_stream import ResponseStream
-from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, warn_if_native_retry
+from grpc_balance_mw.retry import (
+    NO_RETRY,
+    Deadline,
+    RetryPolicy,
+    call_with_retries,
+    warn_if_native_retry,
+)
 
 __all__ = [
     "BalancedChannel",
@@ -294,11 +299,8 @@ class _RetryingLaneStream(_LaneStream):
             first = False
             return _LaneStream.__next__(self)  # gives the attempt's lane back if it fails
 
-        retrying = tenacity.Retrying(
-            sleep=self._sleep, **self._policy.tenacity_kwargs(self._deadline)
-        )
         try:
-            return retrying(attempt)
+            return call_with_retries(self._policy, self._deadline, attempt, self._sleep)
         finally:
             self._committed = True
 
@@ -374,8 +376,12 @@ class _UnaryResponse(_Balanced):
         # A failed attempt's lane takes no more calls (its pod went away): the next attempt
         # goes to another lane, within what is left of the call's deadline.
         deadline = Deadline(timeout)
-        retrying = tenacity.Retrying(sleep=self._sleep, **self._retry.tenacity_kwargs(deadline))
-        return retrying(lambda: self._attempt(how, request, deadline.remaining(), rest))
+        return call_with_retries(
+            self._retry,
+            deadline,
+            lambda: self._attempt(how, request, deadline.remaining(), rest),
+            self._sleep,
+        )
 
     def __call__(
         self,

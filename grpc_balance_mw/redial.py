@@ -50,7 +50,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import tenacity
 
 from grpc_balance_mw.affinity.observer import CallObserver
 from grpc_balance_mw.errors import ConfigurationError
@@ -58,7 +57,13 @@ from grpc_balance_mw.health_check import NOT_SERVING, check_method
 from grpc_balance_mw.observed_channel import ObservedChannel
 from grpc_balance_mw.observing import ObserveOptions, build_observer, chosen_options
 from grpc_balance_mw.response_stream import ResponseStream
-from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, warn_if_native_retry
+from grpc_balance_mw.retry import (
+    NO_RETRY,
+    Deadline,
+    RetryPolicy,
+    call_with_retries,
+    warn_if_native_retry,
+)
 
 __all__ = ["DialPerRequestChannel", "RedialStats", "dial_per_request_channel"]
 
@@ -324,11 +329,8 @@ class _RetryingStream(_Closing):
             first = False
             return _Closing.__next__(self)  # releases the attempt's connection if it fails
 
-        retrying = tenacity.Retrying(
-            sleep=self._sleep, **self._policy.tenacity_kwargs(self._deadline)
-        )
         try:
-            return retrying(attempt)
+            return call_with_retries(self._policy, self._deadline, attempt, self._sleep)
         finally:
             self._committed = True
 
@@ -415,8 +417,7 @@ class _UnaryResponse(_Method):
 
         if not policy.retryable(self._method, request, streaming=self._stream_request):
             return attempt()
-        retrying = tenacity.Retrying(sleep=owner.sleep, **policy.tenacity_kwargs(deadline))
-        return retrying(attempt)
+        return call_with_retries(policy, deadline, attempt, owner.sleep)
 
     def future(
         self,

@@ -26,6 +26,10 @@ named in lower case like tenacity's, so call sites read alike:
 
 :func:`warn_if_native_retry` warns, once, when a channel's ``grpc.service_config`` carries a
 native ``retryPolicy`` (or ``hedgingPolicy``) that would stack with these retries.
+
+:func:`call_with_retries` / :func:`acall_with_retries` drive one call: its first attempt runs
+bare, and tenacity is built only when that attempt fails (building ``tenacity.Retrying`` per call
+cost a balanced channel about 60 us of client CPU per call, a fifth of a warm unary call).
 """
 
 from __future__ import annotations
@@ -36,11 +40,12 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+import tenacity
 from tenacity import RetryCallState
 from tenacity.retry import retry_base
 from tenacity.stop import stop_after_attempt, stop_any, stop_base
@@ -54,7 +59,9 @@ __all__ = [
     "MethodSelector",
     "RetryBudget",
     "RetryPolicy",
+    "acall_with_retries",
     "attempts_bound",
+    "call_with_retries",
     "code_of",
     "replayable",
     "retry_if_code",
@@ -384,6 +391,61 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy(max_attempts=1, budget=None)
+
+T = TypeVar("T")
+
+
+def call_with_retries(
+    policy: RetryPolicy,
+    deadline: Deadline,
+    attempt: Callable[[], T],
+    sleep: Callable[[float], None],
+) -> T:
+    """``attempt()`` under ``policy``, as ``tenacity.Retrying(**policy.tenacity_kwargs(deadline))``
+    would run it, at no cost when the first attempt succeeds.
+
+    The first attempt runs bare; only if it raises a ``grpc.RpcError`` is tenacity built, and
+    it is handed that failure as its own first attempt (replayed, not sent again), so its retry,
+    wait and stop strategies, the budget included, see exactly the attempts they would have.
+    Anything else the first attempt raises propagates as is, as tenacity would re-raise it.
+    """
+    try:
+        return attempt()
+    except grpc.RpcError as error:
+        failed: BaseException | None = error
+
+    def again() -> T:
+        nonlocal failed
+        if failed is not None:
+            error, failed = failed, None
+            raise error
+        return attempt()
+
+    return tenacity.Retrying(sleep=sleep, **policy.tenacity_kwargs(deadline))(again)
+
+
+async def acall_with_retries(
+    policy: RetryPolicy,
+    deadline: Deadline,
+    attempt: Callable[[], Awaitable[T]],
+    sleep: Callable[[float], Awaitable[None]],
+) -> T:
+    """:func:`call_with_retries` for coroutines (``tenacity.AsyncRetrying``)."""
+    try:
+        return await attempt()
+    except grpc.RpcError as error:
+        failed: BaseException | None = error
+
+    async def again() -> T:
+        nonlocal failed
+        if failed is not None:
+            error, failed = failed, None
+            raise error
+        return await attempt()
+
+    retrying = tenacity.AsyncRetrying(sleep=sleep, **policy.tenacity_kwargs(deadline))
+    return await retrying(again)
+
 
 _warned: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()

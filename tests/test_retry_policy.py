@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import grpc
 import pytest
+import tenacity
 from tenacity import Retrying
 
 from grpc_balance_mw.errors import ConfigurationError
@@ -17,7 +20,9 @@ from grpc_balance_mw.retry import (
     MethodSelector,
     RetryBudget,
     RetryPolicy,
+    acall_with_retries,
     attempts_bound,
+    call_with_retries,
     code_of,
     replayable,
     wait_full_jitter,
@@ -40,8 +45,8 @@ class FakeClock:
         self.now += seconds
 
 
-class Failed(Exception):
-    """Stands for a grpc.RpcError: it has the call's ``code()``."""
+class Failed(grpc.RpcError):  # type: ignore[misc]
+    """A failed call's error: it has the call's ``code()``."""
 
     def __init__(self, code: grpc.StatusCode) -> None:
         super().__init__(code.name)
@@ -57,7 +62,8 @@ def run(
     outcomes: list[grpc.StatusCode],
     timeout: float | None = None,
 ) -> tuple[int, BaseException | None]:
-    """Drive one call through tenacity with the policy; each attempt takes 10 ms of fake time."""
+    """Drive one call with the policy (:func:`call_with_retries`, which hands tenacity a failed
+    first attempt); each attempt takes 10 ms of fake time."""
     attempts = 0
     deadline = Deadline(timeout, clock)
 
@@ -72,7 +78,7 @@ def run(
 
     policy.record_call()
     try:
-        Retrying(sleep=clock.sleep, **policy.tenacity_kwargs(deadline))(attempt)
+        call_with_retries(policy, deadline, attempt, clock.sleep)
     except Failed as error:
         return attempts, error
     return attempts, None
@@ -313,3 +319,67 @@ def test_code_of_reads_only_grpc_status_codes() -> None:
     weird: Callable[[], int] = lambda: 14  # noqa: E731
     holder = type("Holder", (Exception,), {"code": staticmethod(weird)})()
     assert code_of(holder) is None
+
+
+def test_a_first_attempt_that_succeeds_builds_no_tenacity(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(tenacity, "Retrying", None)  # building it would fail the call
+    assert run(policy(clock), clock, [OK]) == (1, None)
+    monkeypatch.undo()
+    assert run(policy(clock), clock, [U, OK]) == (2, None)
+
+
+@pytest.mark.parametrize(
+    "outcomes", [[U, U, OK], [U], [grpc.StatusCode.INTERNAL], [U, grpc.StatusCode.INTERNAL]]
+)
+def test_the_driver_and_tenacity_alone_agree_attempt_for_attempt(
+    outcomes: list[grpc.StatusCode],
+) -> None:
+    clock, direct_clock = FakeClock(), FakeClock()
+    attempts, error = run(policy(clock, max_attempts=4), clock, outcomes)
+    calls = iter(outcomes + [outcomes[-1]] * 4)
+    direct = policy(direct_clock, max_attempts=4)
+    direct.record_call()
+    seen = 0
+
+    def attempt() -> str:
+        nonlocal seen
+        seen += 1
+        direct_clock.now += 0.01
+        if (code := next(calls)) is not OK:
+            raise Failed(code)
+        return "ok"
+
+    with pytest.raises(Failed) if error is not None else nullcontext():
+        Retrying(sleep=direct_clock.sleep, **direct.tenacity_kwargs(Deadline(None)))(attempt)
+    assert (attempts, clock.now) == (seen, direct_clock.now)
+
+
+def test_other_errors_of_a_first_attempt_propagate_as_they_are() -> None:
+    clock = FakeClock()
+
+    def broken() -> str:
+        raise TypeError("the request did not serialize")
+
+    with pytest.raises(TypeError, match="serialize"):
+        call_with_retries(policy(clock), Deadline(None), broken, clock.sleep)
+
+
+def test_the_async_driver_retries_like_the_sync_one() -> None:
+    clock = FakeClock()
+    outcomes = iter([U, U, OK])
+    attempts = 0
+
+    async def attempt() -> str:
+        nonlocal attempts
+        attempts += 1
+        if (code := next(outcomes)) is not OK:
+            raise Failed(code)
+        return "ok"
+
+    async def sleep(seconds: float) -> None:
+        clock.sleep(seconds)
+
+    retried = policy(clock)
+    assert asyncio.run(acall_with_retries(retried, Deadline(None), attempt, sleep)) == "ok"
+    assert attempts == 3

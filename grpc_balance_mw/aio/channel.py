@@ -28,7 +28,6 @@ from functools import partial
 from typing import Any
 
 import grpc
-import tenacity
 
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.aio.client import affinity_interceptors
@@ -50,7 +49,13 @@ from grpc_balance_mw.pool import (
 )
 from grpc_balance_mw.pool.health import names_a_pod, read_check
 from grpc_balance_mw.pool.pool import pool_for_channel
-from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, warn_if_native_retry
+from grpc_balance_mw.retry import (
+    NO_RETRY,
+    Deadline,
+    RetryPolicy,
+    acall_with_retries,
+    warn_if_native_retry,
+)
 
 __all__ = ["AioChannelFactory", "BalancedChannel", "balanced_channel", "channel_factory"]
 
@@ -228,8 +233,7 @@ class _Balanced:
                         self._pool.lane_failed(lane)
                     raise
 
-            retrying = tenacity.AsyncRetrying(sleep=owner.sleep, **policy.tenacity_kwargs(deadline))
-            return await retrying(attempt)
+            return await acall_with_retries(policy, deadline, attempt, owner.sleep)
 
         return RetryingCall(run)
 
@@ -332,11 +336,8 @@ class _RetryingLaneStream:
                     self._pool.lane_failed(self._lane)
                 raise
 
-        retrying = tenacity.AsyncRetrying(
-            sleep=self._sleep, **self._policy.tenacity_kwargs(self._deadline)
-        )
         try:
-            return await retrying(attempt)
+            return await acall_with_retries(self._policy, self._deadline, attempt, self._sleep)
         finally:
             self._committed = True
 

@@ -34,12 +34,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Gener
 from typing import Any
 
 import grpc
-import tenacity
 
 from grpc_balance_mw.aio.client import AffinityInterceptors
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.observing import ObserveOptions, build_observer, chosen_options
-from grpc_balance_mw.retry import NO_RETRY, Deadline, RetryPolicy, code_of, warn_if_native_retry
+from grpc_balance_mw.retry import (
+    NO_RETRY,
+    Deadline,
+    RetryPolicy,
+    acall_with_retries,
+    code_of,
+    warn_if_native_retry,
+)
 
 __all__ = ["DialPerRequestChannel", "RetryingCall", "dial_per_request_channel", "failed_as_error"]
 
@@ -263,11 +269,8 @@ class _RetryingStream:
             first = False
             return await self._read_once()
 
-        retrying = tenacity.AsyncRetrying(
-            sleep=self._sleep, **self._policy.tenacity_kwargs(self._deadline)
-        )
         try:
-            return await retrying(attempt)
+            return await acall_with_retries(self._policy, self._deadline, attempt, self._sleep)
         finally:
             self._committed = True
 
@@ -431,8 +434,7 @@ class _Method:
                 finally:
                     await lease.release()
 
-            retrying = tenacity.AsyncRetrying(sleep=owner.sleep, **policy.tenacity_kwargs(deadline))
-            return await retrying(attempt)
+            return await acall_with_retries(policy, deadline, attempt, owner.sleep)
 
         return RetryingCall(run)
 
