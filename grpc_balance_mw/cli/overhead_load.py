@@ -188,13 +188,26 @@ def report(title: str, figures: Figures) -> str:
     telemetry = cpu["detection+spans+metrics"] / cpu["otel-grpc"]
     lines.append(
         f"detection vs bare: {detection:+.1%} client CPU (target <= 3%) "
-        f"{'met' if detection <= 0.03 else 'MISSED'}"
+        f"{'met' if detection <= 0.03 else 'MISSED'}{_spread(figures, 'detection', 'bare', True)}"
     )
     lines.append(
         f"detection+spans+metrics vs otel-grpc: {telemetry:.3f}x client CPU (target <= 1.00x) "
         f"{'met' if telemetry <= 1.0 else 'MISSED'}"
+        f"{_spread(figures, 'detection+spans+metrics', 'otel-grpc', False)}"
     )
     return "\n".join(lines)
+
+
+def _spread(figures: Figures, variant: str, base: str, percent: bool) -> str:
+    """The same comparison round by round (rounds ran back to back, so a wide range says the
+    machine was noisy, not that the code varies)."""
+    ratios = [c / b for (c, _), (b, _) in zip(figures[variant], figures[base], strict=False) if b]
+    if len(ratios) < 2:
+        return ""
+    low, high = min(ratios), max(ratios)
+    if percent:
+        return f"; per round {low - 1:+.1%}..{high - 1:+.1%}"
+    return f"; per round {low:.3f}x..{high:.3f}x"
 
 
 def detector_cost(pods: int, calls: int = 60_000) -> float:
