@@ -199,7 +199,7 @@ class Load:
     a pause between calls leaves the 2 cores to the channels under test)."""
 
     def __init__(
-        self, target: str, channels: int = 2, limit_s: float = 90.0, pause_s: float = 0.002
+        self, target: str, channels: int = 2, limit_s: float = 90.0, pause_s: float = 0.005
     ) -> None:
         self._stop = threading.Event()
         self._deadline = time.monotonic() + limit_s

@@ -17,15 +17,14 @@ several ``grpc.intercept_channel`` calls): :class:`ChannelLanes` then keeps a la
 since the calls of several pinned channels, interleaved on one lane, would switch pods at nearly
 every call and read as per-request balancing.
 
-Pure: no clock of its own, no locks (the detector holds its lock while it feeds a lane), except
-:class:`ChannelLanes`, which callers on any thread ask for a lane.
+Pure: no clock of its own, no locks (the detector holds its lock while it feeds a lane).
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
-import threading
 from collections.abc import Hashable
 
 __all__ = ["ChannelLanes", "Lane", "LaneStep"]
@@ -179,19 +178,22 @@ class ChannelLanes:
     the same for its life (the adapters use the channel object's ``id``, and forget it when
     the channel is collected, where they can tell).
 
+    Callers on any thread may ask at once, without a lock (so nothing is left held in a forked
+    child): each step is one atomic dict or counter operation, and two threads that race for
+    one new channel agree on the lane ``setdefault`` kept.
+
     Args:
         first: the lane of the first channel seen.
         limit: the most channels remembered (the one seen first is forgotten first).
     """
 
-    __slots__ = ("_by_key", "_lock", "_made", "first", "limit")
+    __slots__ = ("_by_key", "_made", "first", "limit")
 
     def __init__(self, first: Lane, limit: int = _MAX_CHANNELS) -> None:
         self.first = first
         self.limit = limit
         self._by_key: dict[Hashable, Lane] = {}
-        self._made = 0
-        self._lock = threading.Lock()
+        self._made = itertools.count()
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -205,17 +207,18 @@ class ChannelLanes:
 
     def lane(self, key: Hashable) -> Lane:
         """The lane of the channel named ``key``; a new one for a channel not seen yet."""
-        with self._lock:
-            lane = self._by_key.get(key)
-            if lane is None:
-                lane = self.first if self._made == 0 else Lane(f"{self.first.name}.{self._made}")
-                self._made += 1
-                if len(self._by_key) >= self.limit:
-                    del self._by_key[next(iter(self._by_key))]
-                self._by_key[key] = lane
+        by_key = self._by_key
+        lane = by_key.get(key)
+        if lane is not None:
             return lane
+        made = next(self._made)
+        lane = self.first if made == 0 else Lane(f"{self.first.name}.{made}")
+        if len(by_key) >= self.limit:
+            # Another thread may change the dict between iter and next, or pop the same key.
+            with contextlib.suppress(RuntimeError, StopIteration, KeyError):
+                del by_key[next(iter(by_key))]
+        return by_key.setdefault(key, lane)
 
     def forget(self, key: Hashable) -> None:
         """The channel named ``key`` is gone (its key may name another channel next)."""
-        with self._lock:
-            self._by_key.pop(key, None)
+        self._by_key.pop(key, None)
