@@ -55,10 +55,13 @@ log = logging.getLogger(__name__)
 @pytest.fixture(scope="module", autouse=True)
 def alarm_calls_table(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
     if ALARM_CALLS and reporter is not None:
         calls = ", ".join(f"{run}: {made}" for run, made in sorted(ALARM_CALLS.items()))
-        reporter.write_line(f"pinned alarm at call: {calls}")
+        # Teardown output is captured: write past the capture, as pytest's docs show.
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            reporter.write_line(f"pinned alarm at call: {calls}")
 
 
 class Alarms:
