@@ -113,7 +113,7 @@ def fraction_within(config: PoolConfig, seconds: float, runs: int = 400) -> dict
 
 def test_both_new_pods_of_a_scale_up_get_a_lane_within_5_s_by_design() -> None:
     """The PoolConfig arithmetic, simulated: missed within 5 s 0.024 % of the time, within 2 s
-    4.8 %. Without the bursts, one scout per 0.5 s misses 5 s about a fifth of the time."""
+    4.8 %. Without the bursts, one scout per 0.5 s misses 5 s in one case out of four or five."""
     with_bursts = fraction_within(PoolConfig(), 5.0)
     assert with_bursts[5.0] >= 0.995 and with_bursts[2.0] >= 0.9, with_bursts
     without = fraction_within(PoolConfig(scout_interval_s=0.5, burst_per_pod=0), 5.0)
