@@ -74,9 +74,12 @@ def test_least_outstanding_prefers_the_lane_with_fewer_calls_in_flight() -> None
     first.in_flight = 1
     assert runs(idle) is not first
     first.in_flight = 0
-    # ...or as soon as a lane that never took a call joins (a new pod's lane).
+    # ...or as soon as an active lane that never took a call joins (a new pod's lane), but not
+    # for one still being checked (calls go to those only while no lane is active).
     first = runs(idle)
-    assert runs(idle) is first
+    checking = Lane(8, 0.0)
+    checking.state = LaneState.CHECKING
+    assert runs([*idle, checking]) is first
     fresh = active_lane(9)
     assert runs([*idle, fresh]) is fresh
 
