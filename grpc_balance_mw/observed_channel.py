@@ -427,11 +427,13 @@ def observe(
         target: the channel's target string, only for a channel whose target grpcio does not
             tell (a channel class of your own); read from the channel otherwise.
         rebalance: move calls onto connections of their own (a balanced channel made with its
-            factory) once the detector says the channel is pinned or skewed, or always; see
+            factory, retrying as its ``retry`` says) once the detector says the channel is
+            pinned or skewed, or always; closed with the result. See
             :class:`~grpc_balance_mw.rebalance.Rebalance`. None: observe only.
 
     Raises:
-        ConfigurationError: the target could not be learned from ``channel`` and was not given.
+        ConfigurationError: the target could not be learned from ``channel`` and was not given;
+            the rebalance factory is a ``grpc.aio`` one.
     """
     if target is None:
         target = channel_target(channel)
