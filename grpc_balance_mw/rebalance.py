@@ -48,7 +48,8 @@ class Rebalance:
             or ``lambda extra: grpc.secure_channel(target, creds, options=[*mine, *extra])``.
             ``grpc.aio``: ``factory(extra, interceptors) -> grpc.aio.Channel`` (the
             interceptors observe the lane), e.g. ``grpc_balance_mw.aio.channel_factory(target,
-            creds, options)``.
+            creds, options)``. Calls that moved run through these channels only: give them what
+            the user's channel has (credentials, options, interceptors of your own).
         when: ``"alarm"``: once the detector says pinned or skewed; ``"always"``: from the start.
         lanes: lanes kept at least (see ``balanced_channel``).
         max_lanes: lanes kept at most while following the pods known.

@@ -18,7 +18,7 @@ import grpc
 import pytest
 from calls import CALL_KINDS
 from conftest import require
-from fault_load import MODES, OK, close_channel, covered, load, retry_policy, until
+from fault_load import GET, MODES, OK, close_channel, covered, load, retry_policy, until
 
 from grpc_balance_mw import ObserveOptions, Rebalance, channel_factory, observe
 from grpc_balance_mw import aio as balance_aio
@@ -322,3 +322,42 @@ def test_without_an_alarm_calls_stay_on_the_channel(sync_pod: Any, mode: str) ->
             await close_channel(mode, channel)
 
     asyncio.run(main())
+
+
+class Tag(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Notes the methods of the unary calls it sees."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        method = details.method  # bytes in grpc.aio
+        self.methods.append(method.decode() if isinstance(method, bytes) else method)
+        return await continuation(details, request)
+
+
+async def test_an_aio_channel_made_with_interceptors_moves_through_the_factory_s(
+    sync_pod: Any,
+) -> None:
+    """An aio channel with interceptors is observed by interceptors appended to it; its calls
+    move all the same, and then run through the channels (and interceptors) the factory makes."""
+    target, mine, lanes_own = sync_pod.target, Tag(), Tag()
+
+    def make(extra: Any, interceptors: Any) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(
+            target, options=extra, interceptors=[lanes_own, *interceptors]
+        )
+
+    channel = balance_aio.observe(
+        grpc.aio.insecure_channel(target, interceptors=[mine]),
+        ObserveOptions(registry=AffinityRegistry()),
+        rebalance=Rebalance(make, when="always"),
+    )
+    balanced = channel.rebalancer.balanced
+    try:
+        assert await Stub("aio", channel).get(5) == {OK}
+        assert lanes_own.methods.count(GET) == 5 and mine.methods == []
+        assert lane_calls(balanced) == 5
+    finally:
+        await channel.close()
+    assert balanced.pool.closed
