@@ -191,8 +191,10 @@ def test_retry_through_the_move_survives_a_sigkilled_pod(cluster: LocalCluster, 
                 )
                 cluster.kill(victim)
 
-            for pod in cluster.pods:  # calls last long enough that the kill finds some
-                cluster.configure(pod.name, service_time_ms=20)
+            # Calls last long enough that the kill finds some in flight on the victim (and
+            # that an aio call counted there has not in fact ended, its callback still queued).
+            for pod in cluster.pods:
+                cluster.configure(pod.name, service_time_ms=300 if pod.name == victim else 20)
             cluster.reset_counts()
             return await load(mode, channel, "unary_unary", 120, 8, fault_at=24, fault=kill)
         finally:
