@@ -20,7 +20,7 @@ from calls import CALL_KINDS
 from conftest import require
 from fault_load import GET, MODES, OK, close_channel, covered, load, retry_policy, until
 
-from grpc_balance_mw import ObserveOptions, Rebalance, channel_factory, observe
+from grpc_balance_mw import ObserveOptions, Rebalance, balanced_channel, channel_factory, observe
 from grpc_balance_mw import aio as balance_aio
 from grpc_balance_mw.affinity import AffinityConfig, AffinityDetector, AffinityRegistry
 from grpc_balance_mw.affinity.advice import Cause, advice
@@ -363,3 +363,36 @@ async def test_an_aio_channel_made_with_interceptors_moves_through_the_factory_s
     finally:
         await channel.close()
     assert balanced.pool.closed
+
+
+@pytest.mark.parametrize("mode", ["sync", "aio"])
+def test_a_balanced_channel_made_directly_marks_its_target_on_lanes(mode: str) -> None:
+    """A user who built a balanced channel themselves gets the on-lanes advice too, while it is
+    open, and the plain advice once it is closed. (Its target refuses connections: the lanes
+    add no calls of their own to the detector.)"""
+    target = "127.0.0.1:1"
+    registry = AffinityRegistry()
+    options = ObserveOptions(registry=registry, expected_pods=3)
+    detector = registry.detector(target)
+    detector.expected_pods = 3
+    pinned = Lane()
+    for _ in range(100):
+        detector.record("a", lane=pinned)
+    plain = advice(Cause.SINGLE_CONNECTION)
+    assert detector.snapshot().advice == plain
+
+    if mode == "sync":
+        channel = balanced_channel(target, observe=options)
+        assert detector.snapshot().advice == ON_LANES
+        channel.close()
+        channel.close()  # twice: unmarked once
+    else:
+
+        async def main() -> None:
+            channel = balance_aio.balanced_channel(target, observe=options)
+            assert detector.snapshot().advice == ON_LANES
+            await channel.close()
+            await channel.close()
+
+        asyncio.run(main())
+    assert detector.snapshot().advice == plain
