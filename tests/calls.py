@@ -76,7 +76,11 @@ async def call_aio(
         if kind.endswith("unary"):
             responses.append(await call)
         else:
-            responses.extend([r async for r in call])
+            # One by one, not a list comprehension: a stream that fails after some messages
+            # keeps them (the comprehension's list is lost with the error), as call_sync's
+            # list.extend keeps them.
+            async for response in call:
+                responses.append(response)
     except grpc.aio.AioRpcError:
         pass
     return Seen(

@@ -143,7 +143,12 @@ def test_a_pod_sigkilled_under_load(
         ]
         assert not lost, lost
         assert set(codes) <= {OK, UNAVAILABLE}
-        assert retries >= 1 or not hit  # the kill hit calls in flight; they were sent again
+        # The kill hit calls in flight: they were sent again, or (streams) were cut after their
+        # first message, which is the caller's and not sent again. Only a stream can be cut so:
+        # WatchStatus sends its first update at once, so every stream on the victim can be past
+        # it when the kill comes (2 in 24 aio runs).
+        cut = [o for o in outcomes if o.code is not OK and o.messages]
+        assert retries >= 1 or (cut and kind != "unary_unary") or not hit
         assert survivors <= codes.count(OK) + retries
     else:
         assert set(codes) <= {OK, UNAVAILABLE}, codes
