@@ -16,7 +16,14 @@ import grpc
 from grpc_balance_mw.affinity.observer import ObservedCall
 from grpc_balance_mw.response_stream import ResponseStream
 
-__all__ = ["ObservedStream", "as_call", "final_headers", "finish_call", "headers_now"]
+__all__ = [
+    "ObservedStream",
+    "as_call",
+    "final_headers",
+    "final_trailers",
+    "finish_call",
+    "headers_now",
+]
 
 
 def _code(call: Any) -> int | None:
@@ -35,6 +42,16 @@ def final_headers(call: Any) -> Any:
     """
     metadata = getattr(getattr(call, "_state", None), "initial_metadata", None)
     return metadata if metadata is not None else call.initial_metadata()
+
+
+def final_trailers(call: Any) -> Any:
+    """``call.trailing_metadata()`` of a call that has ended, read off its state as
+    :func:`final_headers` does (the public method takes the call's condition to wait for the
+    end); a call that has not ended, or a grpcio without that state, goes the public way."""
+    state = getattr(call, "_state", None)
+    if state is not None and getattr(state, "code", None) is not None:
+        return state.trailing_metadata
+    return call.trailing_metadata()
 
 
 def headers_now(call: Any) -> Any:

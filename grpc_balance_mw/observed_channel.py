@@ -33,7 +33,13 @@ from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.observer import CallObserver
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.instrumentation import ObservedCore, instrumentation_parts
-from grpc_balance_mw.observed_calls import ObservedStream, as_call, final_headers, finish_call
+from grpc_balance_mw.observed_calls import (
+    ObservedStream,
+    as_call,
+    final_headers,
+    final_trailers,
+    finish_call,
+)
 from grpc_balance_mw.observing import ObserveOptions, build_observer, channel_target
 from grpc_balance_mw.rebalance import Rebalance, Rebalancer
 
@@ -136,11 +142,9 @@ class _CountedUnaryResponse(_UnaryResponse):
             if failed is None:
                 observer.count(started, self._stream, None, None)
             else:
-                observer.count(
-                    started, self._stream, final_headers(failed), failed.trailing_metadata
-                )
+                observer.count(started, self._stream, final_headers(failed), final_trailers(failed))
             raise
-        observer.count(started, self._stream, final_headers(call), call.trailing_metadata)
+        observer.count(started, self._stream, final_headers(call), final_trailers(call))
         return response
 
 

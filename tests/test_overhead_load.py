@@ -33,4 +33,16 @@ def test_the_verdicts_read_client_cpu_against_bare_and_otel() -> None:
 
 
 def test_the_detector_bench_runs() -> None:
-    assert overhead_load.detector_cost(3, calls=500, repeats=1) > 0
+    assert overhead_load.detector_cost(3, calls=500) > 0
+
+
+def test_the_report_shows_the_comparison_round_by_round() -> None:
+    figures = {
+        "bare": [(100.0, 300.0), (200.0, 300.0)],
+        "detection": [(101.0, 300.0), (210.0, 300.0)],
+        "detection+spans+metrics": [(150.0, 300.0), (300.0, 300.0)],
+        "otel-grpc": [(150.0, 300.0), (250.0, 300.0)],
+    }
+    text = overhead_load.report("title", figures)
+    assert "per round +1.0%..+5.0%" in text
+    assert "per round 1.000x..1.200x" in text

@@ -266,9 +266,14 @@ class AffinityDetector:
         """
         counted = self._counted
         counted.append((pod, duration_s, stream, l7, malformed, now, warming, lane))
-        if len(counted) >= JUDGE_EVERY_CALLS:
-            with self._lock:
+        # Never wait for the lock here: a thread holding it is judging the queue, this call
+        # included or the next batch's. Waiting made a convoy of every caller that finished a
+        # call meanwhile (32 threads on one channel: +20 % client CPU on a loaded machine).
+        if len(counted) >= JUDGE_EVERY_CALLS and self._lock.acquire(blocking=False):
+            try:
                 self._judge_counted()
+            finally:
+                self._lock.release()
 
     def _catch_up(self) -> None:
         if self._counted or self._window.ages_out(self._clock()):
