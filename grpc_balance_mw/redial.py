@@ -28,15 +28,35 @@ Rules:
   has reached the caller and sending the call again would repeat it.
 - Sent once, never retried: ``future()`` calls, and calls with a request stream unless the
   request is a list or tuple (an iterator is used up by the first attempt).
-- Predial: one background thread keeps the connections ready; each is connected by a
-  ``grpc.health.v1`` check (a pod answering NOT_SERVING is not used) and replaced when the call
-  that took it ends, not while that call runs (dialling beside it slowed it by about 40 %).
-  ``close()`` closes them and stops the thread; calls under way finish on their own connections.
+- Predial: one background thread dials ahead; to dial is to make the channel and ask its core
+  to connect, which returns at once, so several handshakes are under way together in gRPC
+  core's threads. A call takes the oldest READY connection, else the oldest still connecting;
+  one that failed (TRANSIENT_FAILURE) or is not READY within ``dial_timeout_s`` is closed and
+  dialled again after a pause. A taken connection is replaced when its call ends, not while
+  it runs (dialling beside the call competes with it for the CPU). The same thread closes the
+  connections of ended calls. ``close()`` closes the connections dialled ahead and stops the
+  thread; calls under way finish on their own connections.
+- No health check per dial (there was one before 0.2.0): a ``grpc.health.v1`` RPC on each
+  connection cost a Python pod about 0.9 ms of CPU, more than the handshake, and held the
+  thread for one round trip per dial. A pod that is NOT_SERVING is not avoided by the client;
+  Kubernetes takes it out of the Service's endpoints (its readiness probe), so new
+  connections stop reaching it there.
+- What predial cannot hide: a dial costs CPU, on the client, the L4 hop and the pod, and with
+  every call on a new connection that cost is paid once per call. Measured on a 2-core
+  machine (grpcio 1.85, Python pods, ``grpc-balance bench``'s local cluster): a warm call
+  costs about 0.8-1.2 ms of CPU in all (client 0.3, pod 0.5-0.6, L4 hop 0.05-0.3); a dial
+  (connect to READY, then close) about 1.1-1.5 ms (client 0.6-0.7, pod 0.35-0.45, L4 hop
+  0.2-0.55), and 2.5-3.5 ms with the health check it used to have. Calls made back to back on
+  2 cores then take at least (0.8 + 1.1) / 2 = 0.95 ms to (1.2 + 1.5) / 2 = 1.35 ms each even
+  if both cores were used perfectly, against 0.8-1.0 ms for a warm channel: 1.2x is out of
+  reach back to back, whatever the pool. Calls with idle time between them (at a few hundred
+  per second) find a READY connection and cost about what a warm call costs.
 - Every call is observed by the affinity core (the pod of each attempt goes to the target's
   detector and its span), unless ``observe=False``.
-- Thread-safe: one channel serves any number of threads. Connections are closed in the calling
-  thread, or by a short-lived closer thread when a done-callback reports the end (grpcio runs
-  those on the channel's own thread, where ``close()`` can deadlock).
+- Thread-safe: one channel serves any number of threads. Connections are closed by the predial
+  thread, else in the calling thread, or by a short-lived closer thread when a done-callback
+  reports the end (grpcio runs those on the channel's own thread, where ``close()`` can
+  deadlock).
 """
 
 from __future__ import annotations
@@ -161,7 +181,8 @@ class _Lease:
 def connect(channel: grpc.Channel, timeout_s: float) -> bool:
     """Connect a fresh channel with one ``grpc.health.v1`` check; True if it reached a server
     that is not NOT_SERVING (a server without the health service answers UNIMPLEMENTED, which
-    proves the connection as well).
+    proves the connection as well). Predial's way for a channel whose core it cannot find
+    (:func:`core_channel`), e.g. one a :meth:`DialPerRequestChannel.dial` override returns.
 
     Not ``grpc.channel_ready_future``: its connectivity-polling thread can leave
     ``channel.close()`` waiting (grpcio, "we'd rather not poll", grpc/grpc#3064); a call does not.

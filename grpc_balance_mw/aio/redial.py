@@ -13,9 +13,11 @@ policy (:mod:`grpc_balance_mw.retry`, driven by ``tenacity.AsyncRetrying``)::
 
 Differences from the sync adapter:
 
-- ``predial`` runs as an asyncio task on the loop of the first call, and a connection counts as
-  ready on ``channel_ready()`` (no health check: through the observing interceptors a health check
-  would be counted as a call of the pod).
+- ``predial`` runs as asyncio tasks on the loop of the first call, one per dial (several
+  handshakes under way at once), and a connection counts as ready on ``channel_ready()`` (no
+  health check, as in the sync adapter; through the observing interceptors it would also be
+  counted as a call of the pod). A call takes the oldest ready connection, never one that
+  failed while it waited; the sync adapter also hands out one still connecting.
 - Calls are observed by the affinity core through
   :class:`~grpc_balance_mw.aio.client.AffinityInterceptors`'s interceptors, one set per channel
   shared by every connection it dials.
