@@ -36,7 +36,7 @@ Rules:
   it runs (dialling beside the call competes with it for the CPU). The same thread closes the
   connections of ended calls. ``close()`` closes the connections dialled ahead and stops the
   thread; calls under way finish on their own connections.
-- No health check per dial (there was one before 0.2.0): a ``grpc.health.v1`` RPC on each
+- No health check per dial (predial first had one): a ``grpc.health.v1`` RPC on each
   connection cost a Python pod about 0.9 ms of CPU, more than the handshake, and held the
   thread for one round trip per dial. A pod that is NOT_SERVING is not avoided by the client;
   Kubernetes takes it out of the Service's endpoints (its readiness probe), so new
