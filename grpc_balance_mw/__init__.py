@@ -5,7 +5,7 @@ have. The sync API is here; :mod:`grpc_balance_mw.aio` has the same names for ``
 """
 
 from grpc_balance_mw.affinity import AffinityConfig, AffinityRegistry, AffinityState
-from grpc_balance_mw.channel import BalancedChannel, balanced_channel
+from grpc_balance_mw.channel import BalancedChannel, balanced_channel, channel_factory
 from grpc_balance_mw.client import AffinityInterceptor, affinity_interceptors
 from grpc_balance_mw.connection_age import connection_age_options
 from grpc_balance_mw.errors import BalanceError, ConfigurationError, MalformedPodHeader
@@ -51,6 +51,7 @@ __all__ = [
     "__version__",
     "affinity_interceptors",
     "balanced_channel",
+    "channel_factory",
     "connection_age_options",
     "dial_per_request_channel",
     "headless_channel",

@@ -529,6 +529,9 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
         )
         self._factory = factory
         self.detector: AffinityDetector = detector_for(target, self._options)
+        # The target's calls (these at least) run on lanes: an alarm's advice is not to use them.
+        self.detector.lanes_opened()
+        self._unmarked = threading.Lock()  # taken by the first close() only
         self._check_timeout_s = check_timeout_s
         self._tick_s = tick_s
         self._stop = threading.Event()
@@ -687,6 +690,8 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
         """Close every lane (their calls are cancelled, as ``grpc.Channel.close`` does) and stop
         the maintenance thread."""
         self._stop.set()
+        if self._unmarked.acquire(blocking=False):  # never released: once per channel
+            self.detector.lanes_opened(False)
         if self.pool.forked:  # the lanes are the parent's connections: leave them to it
             self.pool.close()
             return

@@ -41,7 +41,7 @@ from grpc_balance_mw.observed_calls import (
     finish_call,
 )
 from grpc_balance_mw.observing import ObserveOptions, build_observer, channel_target
-from grpc_balance_mw.rebalance import Rebalance, Rebalancer
+from grpc_balance_mw.rebalance import Rebalance, Rebalancer, Rerouted
 
 __all__ = ["ObservedChannel", "observe"]
 
@@ -230,35 +230,7 @@ def _accepts_registered_method(channel: grpc.Channel) -> bool:
     return known
 
 
-class _Rerouted:
-    """A method of an observed channel that may move: to the rebalancer's lanes once they are
-    open (stubs keep the multicallable they were given, so the move happens per call)."""
-
-    serializers: tuple[Any, Any] = (None, None)
-
-    def __init__(self, here: Any, rebalancer: Rebalancer, kind: str, method: str) -> None:
-        self._here = here
-        self._rebalancer = rebalancer
-        self._kind = kind
-        self._method = method
-        self._moved: Any = None
-        self._moved_to: Any = None
-
-    def _route(self) -> Any:
-        balanced = self._rebalancer.balanced
-        if balanced is None:
-            return self._here
-        if self._moved_to is not balanced:
-            make = getattr(balanced, self._kind)
-            self._moved = make(self._method, *self.serializers)
-            self._moved_to = balanced
-        return self._moved
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._route()(*args, **kwargs)
-
-
-class _ReroutedUnaryResponse(_Rerouted):
+class _ReroutedUnaryResponse(Rerouted):
     def with_call(self, *args: Any, **kwargs: Any) -> Any:
         return self._route().with_call(*args, **kwargs)
 
@@ -274,15 +246,15 @@ class _ReroutedStreamUnary(_ReroutedUnaryResponse, grpc.StreamUnaryMultiCallable
     pass
 
 
-class _ReroutedUnaryStream(_Rerouted, grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
+class _ReroutedUnaryStream(Rerouted, grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
     pass
 
 
-class _ReroutedStreamStream(_Rerouted, grpc.StreamStreamMultiCallable):  # type: ignore[misc]
+class _ReroutedStreamStream(Rerouted, grpc.StreamStreamMultiCallable):  # type: ignore[misc]
     pass
 
 
-_REROUTED: dict[str, type[_Rerouted]] = {
+_REROUTED: dict[str, type[Rerouted]] = {
     "unary_unary": _ReroutedUnaryUnary,
     "unary_stream": _ReroutedUnaryStream,
     "stream_unary": _ReroutedStreamUnary,
@@ -340,9 +312,8 @@ class ObservedChannel(grpc.Channel):  # type: ignore[misc]
         here = self._here(kind, method, request_serializer, response_deserializer, registered)
         if self.rebalancer is None:
             return here
-        moved = _REROUTED[kind](here, self.rebalancer, kind, method)
-        moved.serializers = (request_serializer, response_deserializer)
-        return moved
+        serializers = (request_serializer, response_deserializer)
+        return _REROUTED[kind](here, self.rebalancer, kind, method, serializers, registered)
 
     def _here(
         self,
@@ -460,11 +431,13 @@ def observe(
         target: the channel's target string, only for a channel whose target grpcio does not
             tell (a channel class of your own); read from the channel otherwise.
         rebalance: move calls onto connections of their own (a balanced channel made with its
-            factory) once the detector says the channel is pinned or skewed, or always; see
+            factory, retrying as its ``retry`` says) once the detector says the channel is
+            pinned or skewed, or always; closed with the result. See
             :class:`~grpc_balance_mw.rebalance.Rebalance`. None: observe only.
 
     Raises:
-        ConfigurationError: the target could not be learned from ``channel`` and was not given.
+        ConfigurationError: the target could not be learned from ``channel`` and was not given;
+            the rebalance factory is a ``grpc.aio`` one.
     """
     if target is None:
         target = channel_target(channel)
@@ -473,9 +446,13 @@ def observe(
                 f"cannot tell the target of {type(channel).__name__}: pass observe(..., target=...)"
             )
     observer = build_observer(target, options)
-    rebalancer = (
-        Rebalancer(target, observer.detector, options or ObserveOptions(), rebalance)
-        if rebalance is not None
-        else None
-    )
+    rebalancer = None
+    if rebalance is not None:
+        try:
+            rebalancer = Rebalancer(
+                target, observer.detector, options or ObserveOptions(), rebalance
+            )
+        except BaseException:  # e.g. a factory of the wrong form: nothing left running
+            observer.close()
+            raise
     return ObservedChannel(channel, observer, rebalancer=rebalancer)

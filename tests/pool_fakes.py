@@ -75,3 +75,26 @@ def settle(
 
 def active_pods(pool: LanePool) -> list[str | None]:
     return sorted((lane.pod for lane in pool.lanes if lane.is_available()), key=str)
+
+
+def drive(
+    pool: LanePool,
+    check: Callable[[Lane], CheckResult],
+    clock: FakeClock,
+    until: Callable[[], bool],
+    seconds: float,
+    *,
+    tick_s: float = 0.25,
+    round_s: float = 0.005,
+) -> float | None:
+    """Maintenance rounds as the channels' threads run them: back to back after a round that
+    dialled (at most 16 in a row, ``round_s`` each), else one per ``tick_s``. Returns the
+    seconds until ``until()`` held, None if not within ``seconds``."""
+    began, busy = clock.now, 0
+    while clock.now - began <= seconds:
+        plan = run(pool, check)
+        if until():
+            return clock.now - began
+        busy = busy + 1 if plan.dial and busy < 16 else 0
+        clock.advance(round_s if busy else tick_s)
+    return None

@@ -147,9 +147,12 @@ def test_one_balanced_channel_spreads_where_a_plain_one_pins(
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_new_pods_get_traffic_within_one_rotation_period_after_a_scale_up(
+def test_new_pods_get_traffic_within_5_s_of_a_scale_up_by_the_scouts_alone(
     local_cluster_factory: Factory, mode: str
 ) -> None:
+    """Both new pods of a 3 -> 5 scale-up serve calls within 5 s with the default pool and
+    rotation (every 60 s, so no rotation helps): a scout finds one, its burst the other
+    (missed with p = 0.024 %, see PoolConfig)."""
     cluster = local_cluster_factory(pods=3, dns=None)
     period_s = 5.0
 
@@ -169,12 +172,7 @@ def test_new_pods_get_traffic_within_one_rotation_period_after_a_scale_up(
         )
         assert all(served.get(pod) for pod in new), (served, channel)
 
-    run(
-        mode,
-        cluster.service_target,
-        body,
-        rotation=rotate_after_age(period_s),
-    )
+    run(mode, cluster.service_target, body)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -151,38 +151,6 @@ def test_a_lane_that_fails_while_rotating_is_not_replaced_twice_for_long() -> No
     assert len(active_pods(lanes)) == 3 and len(set(active_pods(lanes))) == 3, lanes
 
 
-def test_scouts_find_pods_added_by_a_scale_up() -> None:
-    clock = FakeClock()
-    rng = random.Random(7)
-    lanes = LanePool(PoolConfig(scout_interval_s=0.5), clock=clock, rng=rng)
-    proxy = KubeProxy(3, rng)
-    for _ in range(40):
-        run(lanes, proxy)
-        clock.advance(0.5)
-    assert set(active_pods(lanes)) == {"pod-0", "pod-1", "pod-2"}
-    proxy.scale(5)
-    for tick in range(1, 61):  # noqa: B007 - reported on failure
-        run(lanes, proxy)
-        clock.advance(0.5)
-        if {"pod-3", "pod-4"} <= set(active_pods(lanes)):
-            break
-    assert active_pods(lanes) == [f"pod-{i}" for i in range(5)], tick
-    scouts_kept = [lane for lane in lanes.lanes if lane.purpose.value == "scout"]
-    assert scouts_kept  # scouts that found a new pod became lanes
-
-
-def test_a_scout_at_max_lanes_replaces_a_lane_whose_pod_is_doubled() -> None:
-    lanes = pool(PoolConfig(min_lanes=2, max_lanes=2, redials=0, scout_interval_s=0.5))
-    run(lanes, scripted(["pod-0", "pod-0"]), now=0.0)
-    assert active_pods(lanes) == ["pod-0", "pod-0"]
-    plan = run(lanes, scripted(["pod-1"]), now=1.0)
-    assert [lane.purpose.value for lane in plan.dial] == ["scout"]
-    assert active_pods(lanes) == ["pod-0", "pod-1"]
-    assert plan.dial[0].is_available()
-    run(lanes, scripted(["pod-0"]), now=2.0)  # a scout that finds nothing new is closed
-    assert active_pods(lanes) == ["pod-0", "pod-1"]
-
-
 def test_session_affinity_is_recognised_and_redialling_stops() -> None:
     lanes = pool(PoolConfig(expected_pods=3, scout_interval_s=0.5))
     always = scripted(["pod-1"] * 1000)

@@ -64,13 +64,24 @@ def test_least_outstanding_prefers_the_lane_with_fewer_calls_in_flight() -> None
     many[0].in_flight = 9
     two = LeastOutstanding(rng=random.Random(2))
     assert all(two(many) is not many[0] for _ in range(200))
-    # A run on one lane ends as soon as it has more calls in flight than a drawn lane.
+    # A run on one lane ends as soon as it has more calls in flight than a drawn lane...
     idle = [active_lane(i) for i in range(3)]
+    for lane in idle:
+        lane.last_picked = lane.id + 1  # as the pool counts picks
     runs = LeastOutstanding(choices=3, run=16, rng=random.Random(2))
     first = runs(idle)
     assert all(runs(idle) is first for _ in range(5))
     first.in_flight = 1
     assert runs(idle) is not first
+    first.in_flight = 0
+    # ...or as soon as an active lane that never took a call joins (a new pod's lane), but not
+    # for one still being checked (calls go to those only while no lane is active).
+    first = runs(idle)
+    checking = Lane(8, 0.0)
+    checking.state = LaneState.CHECKING
+    assert runs([*idle, checking]) is first
+    fresh = active_lane(9)
+    assert runs([*idle, fresh]) is fresh
 
 
 @pytest.mark.parametrize("run", [1, 16])

@@ -182,7 +182,9 @@ def test_opaque_pods_and_metadata_leak_nothing_through_the_remedy_or_the_logs(
                 if remedy == "balanced":
                     assert await until(partial(_covers_three, channel)), channel
                     await asyncio.sleep(0.3)  # scouts and health checks come and go
-                    lane_pods.update(str(lane.pod) for lane in channel.pool.lanes)
+                    # Active lanes only: a scout still being checked has no pod yet.
+                    lanes = [lane for lane in channel.pool.lanes if lane.is_available()]
+                    lane_pods.update(str(lane.pod) for lane in lanes)
                 outcomes = await _metadata_calls(mode, channel, metadata)
                 assert {o for o in outcomes} == {OK}
                 seen.append(repr(channel))

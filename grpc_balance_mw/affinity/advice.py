@@ -2,7 +2,10 @@
 
 Advice names only what exists: a Service setting, a server option, or this package's balanced
 channel. It is chosen from what was observed, so a user behind ``sessionAffinity: ClientIP`` is
-not told to add connections that would all land on the same pod anyway.
+not told to add connections that would all land on the same pod anyway, and a user whose calls
+already moved onto a balanced channel's lanes (``observe(..., rebalance=)``) is not told to use
+one: the alarm then comes from calls made before the move, still in the window, or from lanes
+that could not reach distinct pods.
 """
 
 from __future__ import annotations
@@ -58,8 +61,26 @@ _ADVICE = {
 }
 
 
-def advice(cause: Cause) -> str:
-    """The fix that applies to ``cause``, as one sentence for a warning."""
+#: The causes a balanced channel is the fix for: once the calls run on one, it is in place.
+_FIXED_BY_LANES = frozenset({Cause.SINGLE_CONNECTION, Cause.ROTATION_SKEWED, Cause.FEW_CONNECTIONS})
+_ON_LANES = (
+    "the calls already run on a balanced channel's lanes (a connection each): calls made before "
+    "they moved there stay in the window until newer calls replace them; if the spread stays "
+    "uneven, the balanced channel's stuck reason says why, or allow more lanes "
+    "(lanes=, max_lanes=)"
+)
+
+
+def advice(cause: Cause, *, on_lanes: bool = False) -> str:
+    """The fix that applies to ``cause``, as one sentence for a warning.
+
+    Args:
+        cause: what makes the calls uneven.
+        on_lanes: the target's calls already run on a balanced channel's lanes (a rebalanced
+            observed channel moved them there): the advice is no longer to use one.
+    """
+    if on_lanes and cause in _FIXED_BY_LANES:
+        return _ON_LANES
     return _ADVICE[cause]
 
 

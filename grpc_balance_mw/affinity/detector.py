@@ -99,6 +99,8 @@ class AffinityDetector:
         self.pod_events: deque[PodEvent] = deque(maxlen=_MAX_POD_EVENTS)
         #: A stale transition found by a reader (not a call), for the next record or expire.
         self._unreported: Transition | None = None
+        #: Balanced channels that took over calls of this target (``observe(rebalance=)``).
+        self._on_lanes = 0
         forking.track(self)
 
     def reset_after_fork(self) -> None:
@@ -199,6 +201,12 @@ class AffinityDetector:
         if self._literal_addresses is not None:
             return self._literal_addresses
         return self._dns_pods if self._dns_answered else None
+
+    def lanes_opened(self, opened: bool = True) -> None:
+        """A balanced channel took over calls of this target (``opened``), or was closed: while
+        one is open, the advice for an alarm is not to use one (see ``advice(on_lanes=)``)."""
+        with self._lock:
+            self._on_lanes = max(0, self._on_lanes + (1 if opened else -1))
 
     def take_pod_events(self) -> list[PodEvent]:
         """The pod events since the last call, oldest first (for telemetry)."""
@@ -595,6 +603,6 @@ class AffinityDetector:
                 "expected": self._expected or 0,
             },
             cause=cause.value if cause is not None else None,
-            advice=advice(cause) if cause is not None else None,
+            advice=advice(cause, on_lanes=self._on_lanes > 0) if cause is not None else None,
             known_pods_dropped=self._known_dropped,
         )

@@ -1,7 +1,7 @@
 """The ``grpc.aio`` adapters, with the same names as their sync counterparts in
 :mod:`grpc_balance_mw`."""
 
-from grpc_balance_mw.aio.channel import BalancedChannel, balanced_channel
+from grpc_balance_mw.aio.channel import BalancedChannel, balanced_channel, channel_factory
 from grpc_balance_mw.aio.client import AffinityInterceptors, affinity_interceptors
 from grpc_balance_mw.aio.headless_channel import headless_channel
 from grpc_balance_mw.aio.observed_channel import ObservedChannel, observe
@@ -14,6 +14,7 @@ __all__ = [
     "ObservedChannel",
     "affinity_interceptors",
     "balanced_channel",
+    "channel_factory",
     "dial_per_request_channel",
     "headless_channel",
     "observe",

@@ -445,6 +445,8 @@ class BalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
         )
         self._factory = factory
         self.detector: AffinityDetector = detector_for(target, self._options)
+        # The target's calls (these at least) run on lanes: an alarm's advice is not to use them.
+        self.detector.lanes_opened()
         self._check_timeout_s = check_timeout_s
         self._tick_s = tick_s
         self._task: asyncio.Task[None] | None = None
@@ -643,6 +645,8 @@ class BalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
 
     async def close(self, grace: float | None = None) -> None:
         """Stop the maintenance task and close every lane (``grace`` as grpc.aio's close)."""
+        if not self._closed:  # once per channel (one loop: no race)
+            self.detector.lanes_opened(False)
         self._closed = True
         if self._task is not None:
             self._task.cancel()

@@ -22,8 +22,10 @@ import grpc
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.observer import CallObserver, ObservedCall
 from grpc_balance_mw.aio.client import AffinityInterceptors
+from grpc_balance_mw.aio.rebalance import Rebalancer, rerouted
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.observing import ObserveOptions, build_observer, channel_target
+from grpc_balance_mw.rebalance import Rebalance
 
 __all__ = ["ObservedChannel", "observe"]
 
@@ -194,14 +196,21 @@ class ObservedChannel(grpc.aio.Channel):  # type: ignore[misc]
         observer: what the calls are reported to.
         intercepted: the calls are already observed by interceptors on ``channel`` (see
             :func:`append_interceptors`): pass calls through untouched.
+        rebalancer: moves later calls onto lanes when it opens them (see :func:`observe`).
     """
 
     def __init__(
-        self, channel: grpc.aio.Channel, observer: CallObserver, *, intercepted: bool = False
+        self,
+        channel: grpc.aio.Channel,
+        observer: CallObserver,
+        *,
+        intercepted: bool = False,
+        rebalancer: Rebalancer | None = None,
     ) -> None:
         self._channel = channel
         self.observer = observer
         self._intercepted = intercepted
+        self.rebalancer = rebalancer
 
     def __repr__(self) -> str:
         return f"<aio.ObservedChannel {self.observer!r}>"
@@ -223,9 +232,11 @@ class ObservedChannel(grpc.aio.Channel):  # type: ignore[misc]
             inner = make(method, request_serializer, response_deserializer, _registered_method=True)
         else:
             inner = make(method, request_serializer, response_deserializer)
-        if self._intercepted:
-            return inner
-        return _KINDS[kind](inner, self.observer, method, kind)
+        here = inner if self._intercepted else _KINDS[kind](inner, self.observer, method, kind)
+        if self.rebalancer is None:
+            return here
+        serializers = (request_serializer, response_deserializer)
+        return rerouted(here, self.rebalancer, kind, method, serializers, registered)
 
     def unary_unary(
         self,
@@ -281,7 +292,10 @@ class ObservedChannel(grpc.aio.Channel):  # type: ignore[misc]
         await self._channel.channel_ready()
 
     async def close(self, grace: float | None = None) -> None:
-        """Close the inner channel and stop the probe made for this channel (``probe=True``)."""
+        """Close the inner channel (and the lanes, if calls moved onto them), and stop the probe
+        made for this channel (``probe=True``)."""
+        if self.rebalancer is not None:
+            await self.rebalancer.close(grace)
         self.observer.close()
         await self._channel.close(grace)
 
@@ -293,7 +307,11 @@ class ObservedChannel(grpc.aio.Channel):  # type: ignore[misc]
 
 
 def observe(
-    channel: grpc.aio.Channel, options: ObserveOptions | None = None, *, target: str | None = None
+    channel: grpc.aio.Channel,
+    options: ObserveOptions | None = None,
+    *,
+    target: str | None = None,
+    rebalance: Rebalance | None = None,
 ) -> ObservedChannel:
     """``channel``, observed: every call feeds its target's affinity detector; ``grpc.aio``.
 
@@ -303,8 +321,14 @@ def observe(
     is enriched rather than a second span made; a channel without any is observed by done-callbacks
     alone, the cheaper way.
 
+    ``rebalance=Rebalance(factory)`` moves later calls onto an aio balanced channel's lanes once
+    the detector says the channel is pinned or skewed, or always, as in sync; here the factory
+    makes ``grpc.aio`` channels, ``factory(extra_options, interceptors)`` (e.g.
+    :func:`grpc_balance_mw.aio.channel_factory`).
+
     Raises:
-        ConfigurationError: the target could not be learned from ``channel`` and was not given.
+        ConfigurationError: the target could not be learned from ``channel`` and was not given;
+            the rebalance factory is a sync one.
     """
     if target is None:
         target = channel_target(channel)
@@ -313,8 +337,17 @@ def observe(
                 f"cannot tell the target of {type(channel).__name__}: pass observe(..., target=...)"
             )
     observer = build_observer(target, options)
+    rebalancer = None
+    if rebalance is not None:
+        try:
+            rebalancer = Rebalancer(
+                target, observer.detector, options or ObserveOptions(), rebalance
+            )
+        except BaseException:  # e.g. a factory of the wrong form: nothing left running
+            observer.close()
+            raise
     if has_interceptors(channel):
         interceptors = AffinityInterceptors(target, observer=observer).interceptors
         if append_interceptors(channel, interceptors):
-            return ObservedChannel(channel, observer, intercepted=True)
-    return ObservedChannel(channel, observer)
+            return ObservedChannel(channel, observer, intercepted=True, rebalancer=rebalancer)
+    return ObservedChannel(channel, observer, rebalancer=rebalancer)

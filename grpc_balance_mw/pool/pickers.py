@@ -54,7 +54,9 @@ class LeastOutstanding:
     1.01x with runs of 16. Runs longer than 16 make a fresh affinity-detector window (judged from
     20 calls on, an alarm held for 10) see one pod long enough to call it skewed. Over thousands
     of calls the shares stay even. Under concurrency a lane with more calls in flight than the
-    best other one ends the run at once, so the picker is plain least_request.
+    best other one ends the run at once, so the picker is plain least_request. An active lane
+    never picked (just activated, e.g. for a pod a scale-up added) ends the run at once too:
+    its pod gets the next call, not the one after up to ``run`` more.
 
     Args:
         choices: lanes drawn per pick (2 is Envoy's default; more approaches least-of-all).
@@ -89,6 +91,7 @@ class LeastOutstanding:
             self._left > 0
             and last is not None
             and last.in_flight <= best.in_flight
+            and not _new(best)
             and last in lanes
         ):
             self._left -= 1
@@ -96,6 +99,13 @@ class LeastOutstanding:
         self._last = best
         self._left = self.run - 1
         return best
+
+
+def _new(lane: Lane) -> bool:
+    """Active and never picked: a lane that just started taking calls. (Lanes still being
+    checked, which take calls only while no lane is active, do not count: a run then stays on
+    the one lane whose connection is known to be up.)"""
+    return lane.last_picked == 0 and lane.is_available()
 
 
 def _load(lane: Lane) -> tuple[int, int]:

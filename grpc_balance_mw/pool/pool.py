@@ -13,6 +13,9 @@ reach 3 distinct pods only 22 % of the time). A lane due for rotation gets a rep
 the old lane drains (no new calls) once the replacement is active, and closes when idle or after
 ``drain_grace_s``. A scout, every ``scout_interval_s``, is a fresh connection kept only if it
 reached a pod no lane covers: that is how pods added by a scale-up get traffic within seconds.
+A scout that finds a pod never seen before (a scale-up, which seldom adds one pod alone) starts
+a burst: more scouts at once, several a round, so the scale-up's other new pods are found in
+the same second instead of one random draw per interval each.
 
 When fresh connections keep reaching one pod while more pods are known (Service
 ``sessionAffinity: ClientIP``), or an L7 proxy balances per request, rotating cannot help: the
@@ -60,6 +63,8 @@ _BROKEN = frozenset({"unavailable", "pod down"})
 #: calls kept failing for up to 5 s after the Service was back. A failed dial costs one
 #: refused connection.
 _MAX_BACKOFF_S = 1.0
+#: Scouts of a burst dialled in one round: a few connections at once, not dozens.
+_BURST_WIDTH = 4
 
 
 class PoolClosed(BalanceError, ValueError):
@@ -92,8 +97,31 @@ class PoolConfig:
         drain_grace_s: a draining lane is closed after this even if calls are still on it
             (30 s, Kubernetes' default termination grace); set it above your longest stream.
         scout_interval_s: a fresh connection is made this often to look for pods no lane covers
-            (0.5 s: with 3 lanes and 5 pods a new pod is found within 5 s 99.4 % of the time;
-            two short connections a second). None: no scouting (new pods then wait for rotation).
+            (0.25 s: four short connections a second, each a TCP and HTTP/2 handshake and one
+            health check; measured on loopback, an idle channel's client process spent 10 ms
+            of CPU a second with it, 6 ms with 0.5 s, 2 ms without scouts). 0.5 halves the
+            cost; both new pods of a 3 -> 5 scale-up then miss 5 s 1.1 % of the time (see
+            ``burst_per_pod``). None: no scouting (new pods then wait for rotation).
+        burst_per_pod: a scout that found a pod never seen before and got a lane for it starts
+            a burst of ``burst_per_pod * (pods known + 1)`` scouts (pods known counted up to
+            ``max_lanes``), 4 a round, rounds back to back; a scout in the burst that finds
+            another new pod starts a new one; it ends early once no lane is left for a new pod
+            (``max_lanes`` reached and no pod doubled). If one more pod exists (n = pods known
+            + 1), a burst misses it with probability ``(1 - 1/n) ** (5 n)``, below ``e ** -5``
+            = 0.7 % whatever n. Cost: only after a scale-up (or a pod back under a new name),
+            at most ``5 * (max_lanes + 1)`` = 45 connections per pod found, 55 for 3 -> 5 pods,
+            in well under a second. 0: no bursts.
+
+            The arithmetic for a scale-up from 3 to 5 pods (3 lanes, defaults), leaving 0.5 s
+            of the 5 s for the check and the first call: a scout reaches one of the 2 new pods
+            with p = 2/5, so the ~18 scouts of 4.5 s all miss both with p = 0.6 ** 18 = 0.01 %.
+            The burst after the first find (5 * (4 + 1) = 25 scouts, each reaching the other
+            new pod with p = 1/5) misses it with p = 0.8 ** 25 = 0.38 %, and then the regular
+            scouts left before 4.5 s must miss it too. Summed over when the first is found: a
+            new pod is still unserved 5 s after the scale-up with p = 0.024 % (2 s after it:
+            4.8 %, nearly all of it the first find; 0.5 s scouts: 1.1 % and 22 %). With one
+            scout every 0.5 s and no burst, it was 21 % (the second new pod is a coupon
+            collector's tail). ``tests/test_pool_scouting.py`` simulates it.
         health_interval_s: each active lane's pod is health-checked this often (NOT_SERVING or a
             reconnect to another pod is noticed within it).
         pod_ttl_s: a pod no lane or scout reached for this long is no longer counted as known.
@@ -114,7 +142,8 @@ class PoolConfig:
     expected_pods: int | None = None
     redials: int = 6
     drain_grace_s: float = 30.0
-    scout_interval_s: float | None = 0.5
+    scout_interval_s: float | None = 0.25
+    burst_per_pod: int = 5
     health_interval_s: float = 5.0
     pod_ttl_s: float = 30.0
     affinity_dials: int = 16
@@ -126,9 +155,15 @@ class PoolConfig:
             raise ConfigurationError(
                 f"need 1 <= min_lanes <= max_lanes, got {self.min_lanes} and {self.max_lanes}"
             )
-        if self.redials < 0 or self.affinity_dials < 2 or self.unanswered_checks < 1:
+        if (
+            self.redials < 0
+            or self.burst_per_pod < 0
+            or self.affinity_dials < 2
+            or self.unanswered_checks < 1
+        ):
             raise ConfigurationError(
-                "need redials >= 0, affinity_dials >= 2 and unanswered_checks >= 1"
+                "need redials >= 0, burst_per_pod >= 0, affinity_dials >= 2 and "
+                "unanswered_checks >= 1"
             )
         if self.drain_grace_s < 0 or self.health_interval_s <= 0 or self.pod_ttl_s <= 0:
             raise ConfigurationError("need drain_grace_s >= 0, health_interval_s, pod_ttl_s > 0")
@@ -260,6 +295,7 @@ class LanePool:
         self._recent: deque[str] = deque(maxlen=self.config.affinity_dials)
         self._checked_at: dict[int, float] = {}
         self._next_scout = 0.0
+        self._burst = 0  # scouts left in the current burst
         self._next_dial = 0.0
         self._backoff = 0.0
         self._signals = Signals()
@@ -464,16 +500,34 @@ class LanePool:
 
     def _scout(self, now: float, plan: Plan) -> None:
         interval = self.config.scout_interval_s
-        if interval is None or now < self._next_scout or now < self._next_dial:
+        if interval is None or now < self._next_dial:
             return
         if self.stuck is not None:
-            if self.stuck.cause == "l7-proxy":
-                return  # the detector says when that ends
+            self._burst = 0
+            if self.stuck.cause == "l7-proxy" or now < self._next_scout:
+                return  # the detector says when an L7 proxy is gone
             interval = self.config.stuck_recheck_s
         elif self._pending() or plan.dial:
-            return  # lanes being dialled look for pods already
+            return  # lanes being dialled look for pods already (a burst goes on next round)
+        elif self._burst and self._room():
+            width = min(self._burst, _BURST_WIDTH)
+            self._burst -= width
+            plan.dial += [self._new_lane(now, LanePurpose.SCOUT) for _ in range(width)]
+            return
+        elif now < self._next_scout:
+            return
+        self._burst = 0
         self._next_scout = now + interval
         plan.dial.append(self._new_lane(now, LanePurpose.SCOUT))
+
+    def _room(self) -> bool:
+        """Could a scout that finds a pod no lane covers get a lane for it?"""
+        most = self.config.max_lanes if self.config.follow_pods else self.config.min_lanes
+        return len(self._available) < most or self._doubled() is not None
+
+    def _burst_size(self) -> int:
+        """Scouts in a burst: with the default 5 per pod, one more pod is found with >= 99.3 %."""
+        return self.config.burst_per_pod * (min(self._known(), self.config.max_lanes) + 1)
 
     def _finish_drains(self, now: float) -> None:
         # While no lane is active (every pod unreachable a moment, the Service restarting),
@@ -528,8 +582,9 @@ class LanePool:
         fresh = pod is None or pod not in covered
         if lane.purpose is LanePurpose.SCOUT:
             if self._scouted(lane, fresh, now) and unseen:
-                # A pod never seen before: likely a scale-up with more new pods; look again now.
-                self._next_scout = now
+                # A pod never seen before: likely a scale-up with more new pods; a burst of
+                # scouts finds them now rather than one random draw per interval each.
+                self._burst = self._burst_size()
             return
         looking = self.stuck is None and lane.attempt < self.config.redials
         uncovered = self._known() > len(covered) or len(covered) < self._wanted()
