@@ -32,6 +32,32 @@ from grpc_balance_mw.observing import ObserveOptions, build_observer
 __all__ = ["AffinityInterceptor", "affinity_interceptors"]
 
 
+def channel_of(continuation: Any) -> object | None:
+    """The channel a sync interceptor's ``continuation`` calls into, or None if unknown.
+
+    grpcio gives an interceptor no way to ask which channel a call runs on; its continuation is
+    a closure over the multicallable (``self``), whose ``_thunk`` closes over the intercepting
+    ``grpc._interceptor._Channel`` (``self``) and so the channel it wraps. Intercepting wrappers
+    are followed down to the channel that owns the connection. A grpcio laid out otherwise gives
+    None: the interceptor's calls then share one lane.
+    """
+    try:
+        multicallable = continuation.__closure__[
+            continuation.__code__.co_freevars.index("self")
+        ].cell_contents
+        thunk = multicallable._thunk
+        channel: object = thunk.__closure__[thunk.__code__.co_freevars.index("self")].cell_contents
+    except (AttributeError, ValueError, IndexError, TypeError):
+        return None
+    for _ in range(16):  # intercept_channel(intercept_channel(...)): the channel underneath
+        if type(channel).__module__ != "grpc._interceptor":
+            return channel
+        channel = getattr(channel, "_channel", None)
+        if channel is None:
+            return None
+    return None
+
+
 class AffinityInterceptor(
     grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
     grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
@@ -39,6 +65,18 @@ class AffinityInterceptor(
     grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
 ):
     """One interceptor for all four call kinds of a sync channel; see :func:`affinity_interceptors`.
+
+    One interceptor may be installed on several channels (``grpc.intercept_channel(a, i)`` and
+    ``grpc.intercept_channel(b, i)``): they share its detector (as any channels to one target
+    do, through the registry) and its telemetry, but each channel is its own lane, because a
+    lane is the evidence of one connection. Calls of several channels counted as one lane
+    would switch pods whenever they interleave, and three channels each pinned to its own pod
+    would read as per-request balancing (``l7_balanced``); counted per channel they read as
+    three connections spread over the pods, which is what they are. Channels made with the
+    same target and options may still share one connection in gRPC core (its global subchannel
+    pool), which no client-side object shows: pass ``("grpc.use_local_subchannel_pool", 1)``
+    to give each its own. The channel is found through grpcio's interceptor internals (see
+    :func:`channel_of`); where they are laid out otherwise, every channel shares one lane.
 
     Args:
         target: the channel's target string (an interceptor cannot ask the channel for it); the
@@ -63,7 +101,7 @@ class AffinityInterceptor(
         self.observer.close()
 
     def _unary_response(self, continuation: Any, details: Any, request: Any, kind: str) -> Any:
-        observed = self.observer.begin(details.method, kind)
+        observed = self.observer.begin(details.method, kind, channel_of(continuation))
         try:
             outcome = continuation(details, request)
         except BaseException as error:  # e.g. the request did not serialize: end what begin()
@@ -73,7 +111,7 @@ class AffinityInterceptor(
         return outcome
 
     def _stream_response(self, continuation: Any, details: Any, request: Any, kind: str) -> Any:
-        observed = self.observer.begin(details.method, kind)
+        observed = self.observer.begin(details.method, kind, channel_of(continuation))
         try:
             call = continuation(details, request)
         except BaseException as error:  # as above

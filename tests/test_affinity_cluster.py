@@ -252,3 +252,107 @@ def test_a_pod_killed_mid_run_is_handled() -> None:
     failed = sum(code is not grpc.StatusCode.OK for code in codes)
     assert snapshot.unknown_calls == failed
     assert [t.current for t in alarms.transitions][:1] == [AffinityState.PINNED]
+
+
+def _pod_of(seen: Any) -> str:
+    return str(seen.initial["x-balance-pod"])
+
+
+@pytest.mark.parametrize("mode", ["sync", "aio"])
+async def test_one_interceptor_on_several_channels_keeps_a_lane_per_channel(
+    cluster: LocalCluster, mode: str
+) -> None:
+    """One interceptor passed to three channels, each pinned to its own pod through the L4
+    Service, calls interleaved: three connections that never switch pods, spread over the
+    pods (balanced), not one lane switching pods at every call (per-request balancing)."""
+    target, alarms = cluster.service_target, AlarmLog()
+    options = ObserveOptions(
+        registry=AffinityRegistry(NO_WARMUP),
+        expected_pods=3,
+        telemetry=AffinityTelemetry(spans=False, metrics=False, on_alarm=alarms),
+    )
+    fresh = [("grpc.use_local_subchannel_pool", 1)]
+    on_pod: dict[str, Any] = {}  # one channel per pod; fresh channels land at random
+    # Bounded: 40 fresh connections all miss one of 3 pods with a chance of 3e-7.
+    if mode == "sync":
+        interceptor = AffinityInterceptor(target, options)
+
+        def run() -> AffinityDetector:
+            channels = []
+            try:
+                while len(on_pod) < 3 and len(channels) < 40:
+                    channels.append(grpc.insecure_channel(target, options=fresh))
+                    observed = grpc.intercept_channel(channels[-1], interceptor)
+                    on_pod.setdefault(_pod_of(call_sync(observed, "unary_unary")), observed)
+                for _ in range(60):
+                    for observed in on_pod.values():
+                        assert call_sync(observed, "unary_unary").code is grpc.StatusCode.OK
+            finally:
+                for channel in channels:
+                    channel.close()
+            return interceptor.detector
+
+        detector = await asyncio.to_thread(run)
+    else:
+        interceptors = aio_client.AffinityInterceptors(target, options)
+        channels = []
+        try:
+            while len(on_pod) < 3 and len(channels) < 40:
+                channels.append(
+                    grpc.aio.insecure_channel(
+                        target, options=fresh, interceptors=interceptors.interceptors
+                    )
+                )
+                on_pod.setdefault(
+                    _pod_of(await call_aio(channels[-1], "unary_unary")), channels[-1]
+                )
+            for _ in range(60):
+                for channel in on_pod.values():
+                    assert (await call_aio(channel, "unary_unary")).code is grpc.StatusCode.OK
+            await interceptors.settle()
+        finally:
+            for channel in channels:
+                await channel.close()
+        detector = interceptors.detector
+    snapshot = detector.snapshot()
+    assert len(on_pod) == 3, snapshot
+    assert snapshot.per_request_lanes == 0 and snapshot.lanes >= 3, snapshot
+    assert detector.state is AffinityState.BALANCED and alarms.false_alarms == 0, snapshot
+
+
+@pytest.mark.parametrize("kind", CALL_KINDS)
+@pytest.mark.parametrize("mode", ["sync", "aio"])
+async def test_an_interceptor_finds_the_channel_of_every_call_kind(
+    cluster: LocalCluster, mode: str, kind: str
+) -> None:
+    """Two channels, one interceptor: two lanes, whatever the call kind. Sync, the first channel
+    is also intercepted twice over (and under another interceptor): still its one lane."""
+    target = cluster.service_target
+    options = ObserveOptions(registry=AffinityRegistry(NO_WARMUP))
+    if mode == "sync":
+        interceptor = AffinityInterceptor(target, options)
+        other = AffinityInterceptor(target, ObserveOptions(registry=AffinityRegistry()))
+        with grpc.insecure_channel(target) as first, grpc.insecure_channel(target) as second:
+            wrapped = [
+                grpc.intercept_channel(first, interceptor),
+                grpc.intercept_channel(grpc.intercept_channel(first, interceptor), other),
+                grpc.intercept_channel(grpc.intercept_channel(first, other), interceptor),
+                grpc.intercept_channel(second, interceptor),
+            ]
+            for channel in wrapped:
+                assert (
+                    await asyncio.to_thread(call_sync, channel, kind)
+                ).code is grpc.StatusCode.OK
+        lanes, detector = interceptor.observer.channel_lanes, interceptor.detector
+    else:
+        interceptors = aio_client.AffinityInterceptors(target, options)
+        for _ in range(2):
+            async with grpc.aio.insecure_channel(
+                target, interceptors=interceptors.interceptors
+            ) as channel:
+                assert (await call_aio(channel, kind)).code is grpc.StatusCode.OK
+                await interceptors.settle()
+        lanes, detector = interceptors.observer.channel_lanes, interceptors.detector
+    assert detector.snapshot().lanes == 2  # (judges the calls queued by detection only)
+    assert lanes is not None and lanes.first.calls == (3 if mode == "sync" else 1)
+    assert len(lanes) == 2 or mode == "sync"  # a collected sync channel forgets its lane

@@ -273,3 +273,49 @@ def test_pod_events_reach_the_log_rate_limited(caplog: pytest.LogCaptureFixture)
     lines = [r.getMessage() for r in caplog.records if "pod_added" in r.getMessage()]
     assert len(lines) == 8 and "pod_added p-0 (from calls)" in lines[0]
     assert telemetry.pod_events_unlogged == 92
+
+
+def test_an_observer_on_several_channels_keeps_a_lane_per_channel() -> None:
+    """An interceptor installed on several channels: a lane each, the first its own; a lane
+    is forgotten with its channel, and beyond the limit the oldest goes first."""
+    import gc
+
+    from grpc_balance_mw.affinity import CallObserver
+    from grpc_balance_mw.affinity.lanes import ChannelLanes
+
+    class Channel:  # any object an adapter finds the calls going through
+        pass
+
+    observer = CallObserver(AffinityDetector(CLUSTER_IP), lane="lane-a")
+    first, second = Channel(), Channel()
+    own = observer.lane_evidence
+    assert observer.lane_of(None) is own and observer.lane_of(first) is own
+    other = observer.lane_of(second)
+    assert other is not own and other is observer.lane_of(second) and other.name == "lane-a.1"
+    assert observer.begin("/s.S/M", "unary_unary", second).lane is other
+    assert observer.begin("/s.S/M", "unary_unary").lane is own
+    assert observer.channel_lanes is not None and len(observer.channel_lanes) == 2
+    del second
+    gc.collect()
+    assert len(observer.channel_lanes) == 1
+    assert CallObserver(AffinityDetector(CLUSTER_IP), fresh_connections=True).lane_of(first) is None
+    lanes = ChannelLanes(Lane("x"), limit=2)
+    made = [lanes.lane(key) for key in (1, 2, 3)]
+    assert lanes.get(1) is None and [lanes.get(2), lanes.get(3)] == made[1:]
+
+
+def test_channels_pinned_each_to_its_own_pod_are_not_per_request_balancing() -> None:
+    """Three channels on three pods, calls interleaved: counted per channel, three connections
+    spread over the pods; counted as one lane they would switch at every call."""
+    spread, merged = AffinityDetector(CLUSTER_IP), AffinityDetector(CLUSTER_IP)
+    spread.expected_pods = merged.expected_pods = 3
+    lanes, one = [Lane(), Lane(), Lane()], Lane()
+    feed_spread, feed_merged = Calls(spread), Calls(merged)
+    for _ in range(60):
+        for lane, pod in zip(lanes, "abc", strict=True):
+            feed_spread.run(lane, pod)
+            feed_merged.run(one, pod)
+    snapshot = spread.snapshot(now=feed_spread.now)
+    assert snapshot.state is B and snapshot.per_request_lanes == 0 and snapshot.connections == 3
+    # What one lane for all of them said (the bug this guards against):
+    assert merged.snapshot(now=feed_merged.now).state is L7

@@ -11,15 +11,23 @@ channel) shows is read in order:
 - a rare change on an otherwise steady lane is a reconnect (server ``max_connection_age``,
   GOAWAY): a new connection epoch, and another connection sample.
 
+A lane is a connection, and an observer watches one channel, so an observer has one lane. An
+interceptor, though, can be installed on several channels (one ``AffinityInterceptor`` passed to
+several ``grpc.intercept_channel`` calls): :class:`ChannelLanes` then keeps a lane per channel,
+since the calls of several pinned channels, interleaved on one lane, would switch pods at nearly
+every call and read as per-request balancing.
+
 Pure: no clock of its own, no locks (the detector holds its lock while it feeds a lane).
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
+from collections.abc import Hashable
 
-__all__ = ["Lane", "LaneStep"]
+__all__ = ["ChannelLanes", "Lane", "LaneStep"]
 
 #: A lane balances per request once this many of its last ``_RECENT`` calls switched pods...
 _RECENT_MASK = 0xFF
@@ -28,6 +36,8 @@ _ENTER_SWITCHES = 3
 _LEAVE_MASK = 0xFFFFFFFF
 #: Distinct pods remembered per lane (enough to end any warm-up; bounded against churn).
 _LANE_PODS = 64
+#: Channels one observer keeps a lane for; beyond it the channel seen longest ago is forgotten.
+_MAX_CHANNELS = 1024
 
 _names = itertools.count()
 
@@ -158,3 +168,57 @@ class Lane:
 
 
 _SAME = LaneStep.SAME
+
+
+class ChannelLanes:
+    """The lanes of one observer, one per channel it is installed on.
+
+    The first channel gets ``first`` (the observer's own lane, with its name); each other
+    channel a lane named ``<first>.<n>``. A channel is named by any hashable key that stays
+    the same for its life (the adapters use the channel object's ``id``, and forget it when
+    the channel is collected, where they can tell).
+
+    Callers on any thread may ask at once, without a lock (so nothing is left held in a forked
+    child): each step is one atomic dict or counter operation, and two threads that race for
+    one new channel agree on the lane ``setdefault`` kept.
+
+    Args:
+        first: the lane of the first channel seen.
+        limit: the most channels remembered (the one seen first is forgotten first).
+    """
+
+    __slots__ = ("_by_key", "_made", "first", "limit")
+
+    def __init__(self, first: Lane, limit: int = _MAX_CHANNELS) -> None:
+        self.first = first
+        self.limit = limit
+        self._by_key: dict[Hashable, Lane] = {}
+        self._made = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def __repr__(self) -> str:
+        return f"<ChannelLanes of {self.first.name}: {len(self._by_key)} channel(s)>"
+
+    def get(self, key: Hashable) -> Lane | None:
+        """The lane of the channel named ``key``, None for a channel not seen yet."""
+        return self._by_key.get(key)
+
+    def lane(self, key: Hashable) -> Lane:
+        """The lane of the channel named ``key``; a new one for a channel not seen yet."""
+        by_key = self._by_key
+        lane = by_key.get(key)
+        if lane is not None:
+            return lane
+        made = next(self._made)
+        lane = self.first if made == 0 else Lane(f"{self.first.name}.{made}")
+        if len(by_key) >= self.limit:
+            # Another thread may change the dict between iter and next, or pop the same key.
+            with contextlib.suppress(RuntimeError, StopIteration, KeyError):
+                del by_key[next(iter(by_key))]
+        return by_key.setdefault(key, lane)
+
+    def forget(self, key: Hashable) -> None:
+        """The channel named ``key`` is gone (its key may name another channel next)."""
+        self._by_key.pop(key, None)

@@ -6,12 +6,14 @@ here, once, so the two cannot drift. No gRPC I/O: metadata comes in as ``(key, v
 
 from __future__ import annotations
 
+import contextlib
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Protocol
 
 from grpc_balance_mw.affinity.detector import AffinityDetector, Clock
-from grpc_balance_mw.affinity.lanes import Lane
+from grpc_balance_mw.affinity.lanes import ChannelLanes, Lane
 from grpc_balance_mw.affinity.state import Transition
 from grpc_balance_mw.errors import MalformedPodHeader
 from grpc_balance_mw.identity import IDENTITY_HEADERS, pod_from_metadata
@@ -149,13 +151,31 @@ class ProbeTrigger(Protocol):
 class ObservedCall:
     """One call on its way: when it began, and what is known about its pod so far."""
 
-    __slots__ = ("kind", "method", "observer", "reading", "span", "started", "telemetry_state")
+    __slots__ = (
+        "kind",
+        "lane",
+        "method",
+        "observer",
+        "reading",
+        "span",
+        "started",
+        "telemetry_state",
+    )
 
-    def __init__(self, observer: CallObserver, method: MethodName, kind: str, now: float) -> None:
+    def __init__(
+        self,
+        observer: CallObserver,
+        method: MethodName,
+        kind: str,
+        now: float,
+        lane: Lane | None = None,
+    ) -> None:
         self.observer = observer
         self.method = method
         self.kind = kind
         self.started = now
+        #: The lane (connection) the call runs on; None: a connection of its own.
+        self.lane = lane
         self.reading: PodReading | None = None
         self.span: Any = None
         self.telemetry_state: Any = None
@@ -193,7 +213,7 @@ class ObservedCall:
         telemetry = observer.telemetry
         if telemetry is None:
             self.reading = observer.count(
-                self.started, self.kind != UNARY_UNARY, initial, trailing, self.reading
+                self.started, self.kind != UNARY_UNARY, initial, trailing, self.reading, self.lane
             )
             return None
         reading = self.reading = observer.read_pod(initial, trailing, self.reading)
@@ -205,7 +225,7 @@ class ObservedCall:
             l7=reading.l7,
             malformed=reading.malformed,
             now=now,
-            lane=observer.lane_evidence,
+            lane=self.lane,
         )
         telemetry.call_finished(self, code, transition)
         if observer.probe is not None:
@@ -249,6 +269,11 @@ class CallObserver:
         #: when every call has a connection of its own (dial-per-request): each call is then
         #: one connection's evidence, and pods changing from call to call mean nothing more.
         self.lane_evidence: Lane | None = None if fresh_connections else Lane(lane)
+        #: The lanes of the channels an interceptor is installed on, the first being
+        #: ``lane_evidence`` (see :meth:`lane_of`).
+        self.channel_lanes = (
+            ChannelLanes(self.lane_evidence) if self.lane_evidence is not None else None
+        )
         self._methods: dict[str | bytes, MethodName] = {}
         self._owns_probe = owns_probe
         #: Owned by ``telemetry``: what it keeps per observer (e.g. span attributes per method)
@@ -289,8 +314,10 @@ class CallObserver:
         initial: Metadata | None,
         trailing: Metadata | Callable[[], Metadata | None] | None,
         seen: PodReading | None = None,
+        lane: Lane | None = None,
     ) -> PodReading:
-        """Detection only (no telemetry): count a call that began at ``started`` and ended now.
+        """Detection only (no telemetry): count a call that began at ``started`` and ended now,
+        on ``lane`` (default: this observer's own).
 
         The lean way in for adapters on the hot path: no :class:`ObservedCall`, and the
         detector judges the call later, without its lock (``AffinityDetector.count``).
@@ -305,19 +332,44 @@ class CallObserver:
             reading.malformed,
             now,
             False,
-            self.lane_evidence,
+            lane if lane is not None else self.lane_evidence,
         )
         if self.probe is not None:
             self.probe.maybe_probe(now)
         return reading
 
-    def begin(self, raw_method: str | bytes, kind: str) -> ObservedCall:
+    def lane_of(self, channel: object | None) -> Lane | None:
+        """The lane of the calls made through ``channel``.
+
+        A lane is a connection, and a channel has one at a time: an interceptor installed on
+        several channels keeps a lane for each, named by the channel object (forgotten when it
+        is collected; an object that cannot be weakly referenced, like grpc.aio's core channel,
+        is forgotten only beyond ``ChannelLanes.limit``, and a later channel given its ``id``
+        continues its lane, as a reconnect). None for ``channel``: this observer's own lane.
+        """
+        lanes = self.channel_lanes
+        if channel is None or lanes is None:
+            return self.lane_evidence
+        key = id(channel)
+        lane = lanes.get(key)
+        if lane is None:
+            lane = lanes.lane(key)
+            with contextlib.suppress(TypeError):  # not weakly referenceable
+                weakref.finalize(channel, lanes.forget, key)
+        return lane
+
+    def begin(
+        self, raw_method: str | bytes, kind: str, channel: object | None = None
+    ) -> ObservedCall:
+        """A call starts; ``channel``: what it is made through, when this observer may watch
+        several channels (see :meth:`lane_of`)."""
         method = self._methods.get(raw_method)
         if method is None:
             if len(self._methods) >= READINGS_CACHED:  # a generic client may name any method
                 self._methods.clear()
             method = self._methods[raw_method] = parse_method(raw_method)
-        call = ObservedCall(self, method, kind, self.clock())
+        lane = self.lane_evidence if channel is None else self.lane_of(channel)
+        call = ObservedCall(self, method, kind, self.clock(), lane)
         if self.telemetry is not None:
             self.telemetry.call_started(call)
         return call

@@ -47,6 +47,17 @@ async def _observe(call: Any, observed: ObservedCall) -> None:
     observed.finish(initial, trailing, code.value[0] if code is not None else None)
 
 
+def channel_of(continuation: Any) -> object | None:
+    """The core channel a ``grpc.aio`` interceptor's ``continuation`` calls into, or None.
+
+    grpc.aio's continuation is a ``functools.partial`` of the intercepted call's
+    ``_run_interceptor``; that call keeps the channel's ``cygrpc.AioChannel`` as ``_channel``.
+    A grpcio laid out otherwise gives None: the interceptors' calls then share one lane.
+    """
+    call = getattr(getattr(continuation, "func", None), "__self__", None)
+    return getattr(call, "_channel", None)
+
+
 class _KindInterceptor:
     def __init__(self, owner: AffinityInterceptors) -> None:
         self._owner = owner
@@ -57,7 +68,9 @@ class _UnaryUnary(_KindInterceptor, grpc.aio.UnaryUnaryClientInterceptor):  # ty
     async def intercept_unary_unary(
         self, continuation: Any, client_call_details: Any, request: Any
     ) -> Any:
-        observed = self._observer.begin(client_call_details.method, "unary_unary")
+        observed = self._observer.begin(
+            client_call_details.method, "unary_unary", channel_of(continuation)
+        )
         call = await continuation(client_call_details, request)
         # The caller awaits this call's end anyway; observing it here ends the telemetry before
         # an outer interceptor (opentelemetry-instrumentation-grpc) ends its span.
@@ -69,7 +82,9 @@ class _UnaryStream(_KindInterceptor, grpc.aio.UnaryStreamClientInterceptor):  # 
     async def intercept_unary_stream(
         self, continuation: Any, client_call_details: Any, request: Any
     ) -> Any:
-        observed = self._observer.begin(client_call_details.method, "unary_stream")
+        observed = self._observer.begin(
+            client_call_details.method, "unary_stream", channel_of(continuation)
+        )
         call = await continuation(client_call_details, request)
         self._owner.follow(call, observed)
         return call
@@ -79,7 +94,9 @@ class _StreamUnary(_KindInterceptor, grpc.aio.StreamUnaryClientInterceptor):  # 
     async def intercept_stream_unary(
         self, continuation: Any, client_call_details: Any, request_iterator: Any
     ) -> Any:
-        observed = self._observer.begin(client_call_details.method, "stream_unary")
+        observed = self._observer.begin(
+            client_call_details.method, "stream_unary", channel_of(continuation)
+        )
         call = await continuation(client_call_details, request_iterator)
         # Not awaited here: a caller that writes with call.write() needs the call back first.
         self._owner.follow(call, observed)
@@ -90,7 +107,9 @@ class _StreamStream(_KindInterceptor, grpc.aio.StreamStreamClientInterceptor):  
     async def intercept_stream_stream(
         self, continuation: Any, client_call_details: Any, request_iterator: Any
     ) -> Any:
-        observed = self._observer.begin(client_call_details.method, "stream_stream")
+        observed = self._observer.begin(
+            client_call_details.method, "stream_stream", channel_of(continuation)
+        )
         call = await continuation(client_call_details, request_iterator)
         self._owner.follow(call, observed)
         return call
@@ -102,6 +121,13 @@ class AffinityInterceptors:
     ``grpc.aio`` registers an interceptor object under only the first call kind it implements,
     so one object cannot serve all four: pass :attr:`interceptors` (or use
     :func:`affinity_interceptors`).
+
+    The same interceptors may be passed to several channels: they share the detector and the
+    telemetry, and each channel is its own lane (the evidence of one connection), as with the
+    sync ``AffinityInterceptor``, whose docstring says why. grpc.aio's core channel cannot be
+    weakly referenced, so a channel's lane is kept (up to ``ChannelLanes.limit`` channels)
+    after the channel is gone; a later channel at the same address continues it, as a
+    reconnect.
 
     Args:
         target: the channel's target string; the detector is per target, the probe dials it.
