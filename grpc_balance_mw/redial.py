@@ -28,20 +28,44 @@ Rules:
   has reached the caller and sending the call again would repeat it.
 - Sent once, never retried: ``future()`` calls, and calls with a request stream unless the
   request is a list or tuple (an iterator is used up by the first attempt).
-- Predial: one background thread keeps the connections ready; each is connected by a
-  ``grpc.health.v1`` check (a pod answering NOT_SERVING is not used) and replaced when the call
-  that took it ends, not while that call runs (dialling beside it slowed it by about 40 %).
-  ``close()`` closes them and stops the thread; calls under way finish on their own connections.
+- Predial: one background thread dials ahead; to dial is to make the channel and ask its core
+  to connect, which returns at once, so several handshakes are under way together in gRPC
+  core's threads. A call takes the oldest READY connection, else the oldest still connecting;
+  one that failed (TRANSIENT_FAILURE) or is not READY within ``dial_timeout_s`` is closed and
+  dialled again after a pause. A taken connection is replaced when its call ends, not while
+  it runs (dialling beside the call competes with it for the CPU). The same thread closes the
+  connections of ended calls. ``close()`` closes the connections dialled ahead and stops the
+  thread; calls under way finish on their own connections.
+- No health check per dial (predial first had one): a ``grpc.health.v1`` RPC on each
+  connection cost a Python pod about 0.9 ms of CPU, more than the handshake, and held the
+  thread for one round trip per dial. A pod that is NOT_SERVING is not avoided by the client;
+  Kubernetes takes it out of the Service's endpoints (its readiness probe), so new
+  connections stop reaching it there.
+- What predial cannot hide: a dial costs CPU, on the client, the L4 hop and the pod, and with
+  every call on a new connection that cost is paid once per call. Measured on a 2-core
+  machine (grpcio 1.85, Python pods, ``grpc-balance bench``'s local cluster): a warm call
+  costs about 0.8-1.2 ms of CPU in all (client 0.3, pod 0.5-0.6, L4 hop 0.05-0.3); a dial
+  (connect to READY, then close) about 1.1-1.5 ms (client 0.6-0.7, pod 0.35-0.45, L4 hop
+  0.2-0.55), and 2.5-3.5 ms with the health check it used to have. Calls made back to back on
+  2 cores then take at least (0.8 + 1.1) / 2 = 0.95 ms to (1.2 + 1.5) / 2 = 1.35 ms each even
+  if both cores were used perfectly, against 0.8-1.0 ms for a warm channel: 1.2x is out of
+  reach back to back, whatever the pool. Calls with idle time between them find a READY
+  connection and cost about what a warm call costs when the dial and the close of the last
+  one are done before the next call (1.0-1.15x at 3.5-5 ms gaps with nothing else running);
+  on a busy machine they are not, and the ratio grows (1.35-1.45x at 200 calls/s here).
 - Every call is observed by the affinity core (the pod of each attempt goes to the target's
   detector and its span), unless ``observe=False``.
-- Thread-safe: one channel serves any number of threads. Connections are closed in the calling
-  thread, or by a short-lived closer thread when a done-callback reports the end (grpcio runs
-  those on the channel's own thread, where ``close()`` can deadlock).
+- Thread-safe: one channel serves any number of threads. Connections are closed by the predial
+  thread, else in the calling thread, or by a short-lived closer thread when a done-callback
+  reports the end (grpcio runs those on the channel's own thread, where ``close()`` can
+  deadlock).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -140,13 +164,13 @@ class _Lease:
         self._released = False
 
     def release(self) -> None:
-        """Close the connection (in the calling thread; never on a grpcio callback thread)."""
+        """Close the connection: by the predial thread if there is one, else in the calling
+        thread (never on a grpcio callback thread)."""
         with self._lock:
             if self._released:
                 return
             self._released = True
-        self.channel.close()
-        self.owner.count_closed(self.predialled)
+        self.owner.finished(self.channel, self.predialled)
 
     def release_later(self, _call: object = None) -> None:
         """For done-callbacks: hand the close to the channel's closer thread."""
@@ -159,7 +183,8 @@ class _Lease:
 def connect(channel: grpc.Channel, timeout_s: float) -> bool:
     """Connect a fresh channel with one ``grpc.health.v1`` check; True if it reached a server
     that is not NOT_SERVING (a server without the health service answers UNIMPLEMENTED, which
-    proves the connection as well).
+    proves the connection as well). Predial's way for a channel whose core it cannot find
+    (:func:`core_channel`), e.g. one a :meth:`DialPerRequestChannel.dial` override returns.
 
     Not ``grpc.channel_ready_future``: its connectivity-polling thread can leave
     ``channel.close()`` waiting (grpcio, "we'd rather not poll", grpc/grpc#3064); a call does not.
@@ -175,26 +200,80 @@ def connect(channel: grpc.Channel, timeout_s: float) -> bool:
     return bool(status != NOT_SERVING)
 
 
-class _Predialler:
-    """Keeps up to ``count`` connected channels ready, dialled by one background thread.
+#: ``grpc_connectivity_state`` (grpc/impl/connectivity_state.h), as a core channel reports it.
+_IDLE, _CONNECTING, _READY, _TRANSIENT_FAILURE, _SHUTDOWN = range(5)
 
-    A connection taken by a call is replaced when that call ends, or ``defer_s`` after it was
-    taken if the call lasts longer: dialling while the call runs would compete with it for the
-    GIL and the CPU, putting part of the handshake back on the call's critical path.
+
+def core_channel(channel: Any) -> Any | None:
+    """The C-core channel under a sync grpcio channel, or None if there is none to be found.
+
+    grpcio has no public way to start a channel's connection and read its state without a
+    thread per channel (``subscribe`` and ``channel_ready_future`` each start a polling thread;
+    "we'd rather not poll", grpc/grpc#3064). Its ``grpc._channel.Channel`` keeps a
+    ``cygrpc.Channel`` as ``_channel``, whose ``check_connectivity_state(try_to_connect)``
+    (what that polling thread calls) starts the connection and reads the state without
+    blocking. Wrappers (``grpc.intercept_channel``, this package's) keep what they wrap as
+    ``_channel`` too, so the chain is followed a few steps.
+    """
+    seen = channel
+    for _ in range(8):
+        seen = getattr(seen, "_channel", None)
+        if seen is None:
+            return None
+        if type(seen).__module__.startswith("grpc._cython") and callable(
+            getattr(seen, "check_connectivity_state", None)
+        ):
+            return seen
+    return None
+
+
+class _Dialled:
+    """A connection dialled ahead: its channel, the core that says its state, when it was
+    dialled."""
+
+    __slots__ = ("channel", "core", "dialled_at")
+
+    def __init__(self, channel: grpc.Channel, core: Any, dialled_at: float) -> None:
+        self.channel = channel
+        self.core = core
+        self.dialled_at = dialled_at
+
+    def state(self) -> int:
+        if self.core is None:  # connected by a health check
+            return _READY
+        try:
+            return int(self.core.check_connectivity_state(False))
+        except ValueError:  # closed
+            return _SHUTDOWN
+
+
+class _Predialler:
+    """Keeps ``count`` connections dialled ahead of need, for one background thread to dial.
+
+    To dial is to make the channel and ask its core to connect, which returns at once: several
+    handshakes are under way together, in gRPC core's threads, while this one waits for the
+    next dial that is due. A call takes the oldest READY connection, else the oldest still
+    connecting (its handshake is under way: sooner done than one started in the call). A
+    connection that failed (TRANSIENT_FAILURE) or is not READY within ``timeout_s`` is closed
+    and dialled again after a pause. The thread also closes the connections of ended calls,
+    off the callers' critical path.
+
+    A taken connection is replaced when its call ends, or ``defer_s`` after it was taken if
+    the call lasts longer: dialling while the call runs would compete with it for the CPU.
     """
 
     def __init__(
         self, owner: DialPerRequestChannel, count: int, timeout_s: float, defer_s: float
     ) -> None:
         self._owner = owner
-        self._count = count
         self._timeout_s = timeout_s
         self._defer_s = defer_s
-        self._ready: deque[grpc.Channel] = deque()
-        self._owed: deque[float] = deque([0.0] * count)  # when each missing one is to be dialled
+        self._pool: deque[_Dialled] = deque()  # oldest first
+        self._owed: list[float] = [0.0] * count  # sorted: when each missing one is due
+        self._closing: list[grpc.Channel] = []
         self._cond = threading.Condition()
         self._closed = False
-        self._dialling: grpc.Channel | None = None  # closed by close() to cut a slow dial short
+        self._dialling: grpc.Channel | None = None  # closed by close() to cut a check short
         self._thread = threading.Thread(
             target=self._run, name=f"grpc-balance-predial-{owner.target}", daemon=True
         )
@@ -202,73 +281,121 @@ class _Predialler:
 
     def ready(self) -> int:
         with self._cond:
-            return len(self._ready)
+            return sum(dialled.state() == _READY for dialled in self._pool)
 
     def take(self) -> grpc.Channel | None:
-        """A connected channel if one is ready; its replacement is owed."""
+        """A connection dialled ahead if there is one; its replacement is owed."""
         with self._cond:
-            if not self._ready:
+            chosen: _Dialled | None = None
+            for dialled in list(self._pool):
+                state = dialled.state()
+                if state == _READY:
+                    chosen = dialled
+                    break
+                if state in (_TRANSIENT_FAILURE, _SHUTDOWN):
+                    self._failed(dialled)
+                elif chosen is None:
+                    chosen = dialled
+            if chosen is None:
                 return None
-            self._owed.append(time.monotonic() + self._defer_s)
-            return self._ready.popleft()
+            self._pool.remove(chosen)
+            bisect.insort(self._owed, time.monotonic() + self._defer_s)
+            return chosen.channel
 
-    def call_ended(self) -> None:
-        """A predialled connection's call ended: dial the earliest owed replacement now."""
+    def finished(self, channel: grpc.Channel, predialled: bool) -> bool:
+        """A call's connection to close (False: closed predialler, close it yourself); a
+        predialled one's replacement is dialled now."""
         with self._cond:
-            if self._owed:
-                self._owed[0] = 0.0
-                self._cond.notify_all()
+            if self._closed:
+                return False
+            self._closing.append(channel)
+            now = time.monotonic()
+            # the earliest deferred replacement, not a failed dial's pause
+            if predialled and self._owed and self._owed[0] - now <= self._defer_s:
+                self._owed[0] = now
+            self._cond.notify_all()
+            return True
 
-    def _next_due(self) -> bool:
-        """Wait until a dial is due (True) or the predialler is closed (False)."""
+    def _failed(self, dialled: _Dialled) -> None:
+        """Under the lock: close a failed dial and dial again after a pause."""
+        self._pool.remove(dialled)
+        self._closing.append(dialled.channel)
+        self._owner.count_predial_failure()
+        bisect.insort(self._owed, time.monotonic() + _PREDIAL_RETRY_S)
+
+    def _work(self) -> tuple[int, list[grpc.Channel]] | None:
+        """Wait until there is work: dials due and connections to close (None: closed)."""
         with self._cond:
             while not self._closed:
                 now = time.monotonic()
-                if self._owed and self._owed[0] <= now:
-                    self._owed.popleft()
-                    return True
-                self._cond.wait(self._owed[0] - now if self._owed else None)
-            return False
+                wake = self._owed[0] if self._owed else math.inf
+                for dialled in list(self._pool):
+                    expires = dialled.dialled_at + self._timeout_s
+                    if expires > now:
+                        wake = min(wake, expires)
+                    elif dialled.state() == _READY:
+                        dialled.dialled_at = math.inf  # connected: it never expires
+                    else:
+                        self._failed(dialled)
+                        wake = min(wake, self._owed[0])
+                due = bisect.bisect_right(self._owed, now)
+                if due or self._closing:
+                    del self._owed[:due]
+                    closing, self._closing = self._closing, []
+                    return due, closing
+                self._cond.wait(None if wake == math.inf else wake - now)
+            return None
 
     def _run(self) -> None:
-        while self._next_due():
-            channel = self._owner.dial()
-            with self._cond:
-                if self._closed:
-                    channel.close()
-                    self._owner.count_closed()
-                    return
-                self._dialling = channel
-            connected = connect(channel, self._timeout_s)
-            with self._cond:
-                self._dialling = None
-            if not connected:
+        while (work := self._work()) is not None:
+            dials, closing = work
+            for _ in range(dials):
+                self._dial()
+            for channel in closing:
                 channel.close()
                 self._owner.count_closed()
-                self._owner.count_predial_failure()
-                with self._cond:
-                    self._owed.appendleft(time.monotonic() + _PREDIAL_RETRY_S)
-                continue
+
+    def _dial(self) -> None:
+        channel = self._owner.dial()
+        core = core_channel(channel)
+        if core is not None:
+            core.check_connectivity_state(True)  # start connecting; returns at once
+            connected = True
+        else:  # no core to ask: connected by a health check, one at a time
             with self._cond:
-                if not self._closed:
-                    self._ready.append(channel)
-                    continue
-            channel.close()
-            self._owner.count_closed()
-            return
+                closed = self._closed
+                self._dialling = channel
+            try:
+                connected = not closed and connect(channel, self._timeout_s)
+            except ValueError:  # closed by close() before the check began
+                connected = False
+        with self._cond:
+            self._dialling = None
+            if not self._closed:
+                if connected:
+                    self._pool.append(_Dialled(channel, core, time.monotonic()))
+                    return
+                self._owner.count_predial_failure()
+                bisect.insort(self._owed, time.monotonic() + _PREDIAL_RETRY_S)
+                self._closing.append(channel)
+                return
+        channel.close()
+        self._owner.count_closed()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            ready, self._ready = list(self._ready), deque()
+            closing = [dialled.channel for dialled in self._pool] + self._closing
+            self._pool.clear()
+            self._closing = []
             dialling = self._dialling
             self._cond.notify_all()
         if dialling is not None:
             dialling.close()  # its health check ends CANCELLED; the thread then closes it (again)
-        for channel in ready:
+        for channel in closing:
             channel.close()
             self._owner.count_closed()
-        # A dial in progress ends within its timeout; the thread closes what it dialled.
+        # A health check in progress ends within its timeout; the thread closes what it dialled.
         self._thread.join(self._timeout_s + _JOIN_S)
 
 
@@ -588,11 +715,15 @@ class DialPerRequestChannel(grpc.Channel):  # type: ignore[misc]
             self.stats.predialled += 1
         return _Lease(self, _observed(channel, self.observer), predialled=True)
 
-    def count_closed(self, predialled: bool = False) -> None:
+    def finished(self, channel: grpc.Channel, predialled: bool) -> None:
+        """A call's connection is done with: closed now, or by the predial thread."""
+        if self._predialler is None or not self._predialler.finished(channel, predialled):
+            channel.close()
+            self.count_closed()
+
+    def count_closed(self) -> None:
         with self._lock:
             self.stats.closed += 1
-        if predialled and self._predialler is not None:
-            self._predialler.call_ended()
 
     def count_predial_failure(self) -> None:
         with self._lock:

@@ -88,9 +88,12 @@ class PeerServicer(SyncChargePointsServicer):
 
 
 class PeerPod:
-    """A sync server on loopback (plaintext, or TLS with ``server_credentials``)."""
+    """A sync server on loopback (plaintext, or TLS with ``server_credentials``), on ``port``
+    (0: any free one)."""
 
-    def __init__(self, server_credentials: grpc.ServerCredentials | None = None) -> None:
+    def __init__(
+        self, server_credentials: grpc.ServerCredentials | None = None, port: int = 0
+    ) -> None:
         identity = PodIdentity(name="redial-pod", ip="10.244.9.9", namespace="ev")
         self.server = grpc.server(
             ThreadPoolExecutor(8), interceptors=[sync_server.PodIdentityInterceptor(identity)]
@@ -99,9 +102,9 @@ class PeerPod:
         pb_grpc.add_ChargePointsServicer_to_server(self.servicer, self.server)
         self.health = sync_server.add_health(self.server, services=(SERVICE_NAME,))
         if server_credentials is None:
-            self.port = self.server.add_insecure_port("127.0.0.1:0")
+            self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
         else:
-            self.port = self.server.add_secure_port("127.0.0.1:0", server_credentials)
+            self.port = self.server.add_secure_port(f"127.0.0.1:{port}", server_credentials)
         self.server.start()
         self.target = f"127.0.0.1:{self.port}"
 
@@ -172,6 +175,12 @@ class Driver:
             return s["dialled"], s["predialled"], s["closed"]
         s = channel.stats
         return s.dialled, s.predialled, s.closed
+
+    def predial_failures(self, channel: Any) -> int:
+        if self.loop is not None:
+            self.run(asyncio.sleep(0))
+            return channel.stats["predial_failures"]  # type: ignore[no-any-return]
+        return channel.stats.predial_failures  # type: ignore[no-any-return]
 
     def close(self, channel: Any) -> None:
         if self.loop is None:
