@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 from affinity_fixtures import HeaderPod
 from conftest import IDENTITY, SyncPod
 
 from grpc_balance_mw.affinity import AffinityDetector
+from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.probe import PodProbe
 
 
@@ -37,7 +39,8 @@ def test_probe_of_a_server_without_identity_or_health_learns_nothing() -> None:
     try:
         probe = PodProbe(plain.target, AffinityDetector(plain.target))
         assert probe.probe_once() == []
-        assert probe.failures == probe.connections == 3  # the default: three per round
+        # The default follows the pods known: none yet, so 5.
+        assert probe.failures == probe.connections_per_round() == 5
     finally:
         plain.stop()
 
@@ -51,5 +54,20 @@ def test_probe_of_nothing_listening_does_not_raise() -> None:
     probe = PodProbe(target, detector, timeout_s=0.5)
     probe.maybe_probe(now=0.0)
     probe.join(10)
-    assert probe.rounds == 1 and probe.failures == probe.connections
+    assert probe.rounds == 1 and probe.failures == probe.connections_per_round()
     assert detector.snapshot().known_pods == ()
+
+
+def test_a_round_dials_more_connections_the_more_pods_are_known() -> None:
+    """5 per pod known plus 5, from 3 to ``max_connections``: enough that a pod added to a
+    3-pod ClusterIP Service is reached by the first round after (99.7 %); explicit counts stay."""
+    detector = AffinityDetector("10.96.0.10:80")
+    probe = PodProbe("10.96.0.10:80", detector)
+    assert probe.connections_per_round() == 5
+    detector.expected_pods = 3
+    assert probe.connections_per_round() == 20
+    detector.expected_pods = 300
+    assert probe.connections_per_round() == 24
+    assert PodProbe("10.96.0.10:80", detector, connections=2).connections_per_round() == 2
+    with pytest.raises(ConfigurationError):
+        PodProbe("10.96.0.10:80", detector, max_connections=2)
