@@ -114,8 +114,12 @@ def test_a_pod_sigkilled_under_load(
     # CI run, loaded machine), before the Service had dropped the pod.
     policy = retry_policy(retryable, backoff_s=0.5)
     # The balanced channel spreads the calls in flight evenly, so some are on the victim; the
-    # fallback's land at random: with 8 in flight none is on it in about 6 % of runs.
+    # fallback's land at random: with 8 in flight none is on it in about 6 % of runs. The victim
+    # serves slowly so that calls are in flight on its lane when the kill comes: at full speed
+    # every call there could have ended (aio, 1 run in 30), and then no call is owed a retry.
     hit = remedy == "balanced"
+    if hit:
+        cluster.configure(victim, service_time_ms=300)
 
     async def main() -> list[Outcome]:
         channel = await opened(
