@@ -75,7 +75,8 @@ def observed(
     if mode == "sync":
         return observe(grpc.insecure_channel(target), observing, rebalance=rebalance)
     channel = grpc.aio.insecure_channel(target)
-    return balance_aio.observe(channel, observing, rebalance=rebalance)
+    # target= given: an old grpcio's aio channel (the floor, 1.50) keeps no target to learn.
+    return balance_aio.observe(channel, observing, rebalance=rebalance, target=target)
 
 
 class Stub:
@@ -354,6 +355,7 @@ async def test_an_aio_channel_made_with_interceptors_moves_through_the_factory_s
         grpc.aio.insecure_channel(target, interceptors=[mine]),
         ObserveOptions(registry=AffinityRegistry()),
         rebalance=Rebalance(make, when="always"),
+        target=target,
     )
     balanced = channel.rebalancer.balanced
     try:
