@@ -31,7 +31,6 @@ import grpc
 
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.observer import CallObserver
-from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.instrumentation import ObservedCore, instrumentation_parts
 from grpc_balance_mw.observed_calls import (
     ObservedStream,
@@ -40,7 +39,7 @@ from grpc_balance_mw.observed_calls import (
     final_trailers,
     finish_call,
 )
-from grpc_balance_mw.observing import ObserveOptions, build_observer, channel_target
+from grpc_balance_mw.observing import ObserveOptions, observe_parts
 from grpc_balance_mw.rebalance import Rebalance, Rebalancer, Rerouted
 
 __all__ = ["ObservedChannel", "observe"]
@@ -439,20 +438,5 @@ def observe(
         ConfigurationError: the target could not be learned from ``channel`` and was not given;
             the rebalance factory is a ``grpc.aio`` one.
     """
-    if target is None:
-        target = channel_target(channel)
-        if target is None:
-            raise ConfigurationError(
-                f"cannot tell the target of {type(channel).__name__}: pass observe(..., target=...)"
-            )
-    observer = build_observer(target, options)
-    rebalancer = None
-    if rebalance is not None:
-        try:
-            rebalancer = Rebalancer(
-                target, observer.detector, options or ObserveOptions(), rebalance
-            )
-        except BaseException:  # e.g. a factory of the wrong form: nothing left running
-            observer.close()
-            raise
+    target, observer, rebalancer = observe_parts(channel, options, target, rebalance, Rebalancer)
     return ObservedChannel(channel, observer, rebalancer=rebalancer)

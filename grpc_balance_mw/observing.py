@@ -7,8 +7,9 @@ Sync and aio adapters both build their :class:`CallObserver` here, from one
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from grpc_balance_mw.affinity.config import AffinityConfig
 from grpc_balance_mw.affinity.detector import AffinityDetector
@@ -23,7 +24,10 @@ __all__ = [
     "channel_target",
     "chosen_options",
     "detector_for",
+    "observe_parts",
 ]
+
+R = TypeVar("R")
 
 _lanes = itertools.count()
 
@@ -130,3 +134,35 @@ def channel_target(channel: Any) -> str | None:
             return value if isinstance(value, str) else None
         seen = core
     return None
+
+
+def observe_parts(
+    channel: Any,
+    options: ObserveOptions | None,
+    target: str | None,
+    rebalance: Any,
+    rebalancer: Callable[[str, AffinityDetector, ObserveOptions, Any], R],
+) -> tuple[str, CallObserver, R | None]:
+    """What ``observe()`` makes before it wraps ``channel``, the same in sync and aio: the
+    target (learnt from the channel unless given), the observer, and a rebalancer if
+    ``rebalance`` is given (``rebalancer``: the sync or aio driver). If the rebalancer cannot be
+    made (a factory of the wrong form, say), the observer is closed before the error goes on.
+
+    Raises:
+        ConfigurationError: the target could not be learned from ``channel`` and was not given.
+    """
+    if target is None:
+        target = channel_target(channel)
+        if target is None:
+            raise ConfigurationError(
+                f"cannot tell the target of {type(channel).__name__}: pass observe(..., target=...)"
+            )
+    observer = build_observer(target, options)
+    if rebalance is None:
+        return target, observer, None
+    try:
+        driver = rebalancer(target, observer.detector, options or ObserveOptions(), rebalance)
+    except BaseException:  # nothing left running
+        observer.close()
+        raise
+    return target, observer, driver

@@ -23,8 +23,7 @@ from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.observer import CallObserver, ObservedCall
 from grpc_balance_mw.aio.client import AffinityInterceptors
 from grpc_balance_mw.aio.rebalance import Rebalancer, rerouted
-from grpc_balance_mw.errors import ConfigurationError
-from grpc_balance_mw.observing import ObserveOptions, build_observer, channel_target
+from grpc_balance_mw.observing import ObserveOptions, observe_parts
 from grpc_balance_mw.rebalance import Rebalance
 
 __all__ = ["ObservedChannel", "observe"]
@@ -330,22 +329,7 @@ def observe(
         ConfigurationError: the target could not be learned from ``channel`` and was not given;
             the rebalance factory is a sync one.
     """
-    if target is None:
-        target = channel_target(channel)
-        if target is None:
-            raise ConfigurationError(
-                f"cannot tell the target of {type(channel).__name__}: pass observe(..., target=...)"
-            )
-    observer = build_observer(target, options)
-    rebalancer = None
-    if rebalance is not None:
-        try:
-            rebalancer = Rebalancer(
-                target, observer.detector, options or ObserveOptions(), rebalance
-            )
-        except BaseException:  # e.g. a factory of the wrong form: nothing left running
-            observer.close()
-            raise
+    target, observer, rebalancer = observe_parts(channel, options, target, rebalance, Rebalancer)
     if has_interceptors(channel):
         interceptors = AffinityInterceptors(target, observer=observer).interceptors
         if append_interceptors(channel, interceptors):
