@@ -10,8 +10,10 @@ transition from one valid state to another (a stale one always to ``unverified``
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +25,7 @@ from grpc_balance_mw.affinity import (
     PodReader,
     PodReading,
 )
+from grpc_balance_mw.affinity.lanes import Lane
 from grpc_balance_mw.errors import MalformedPodHeader
 from grpc_balance_mw.identity import (
     IDENTITY_HEADERS,
@@ -162,3 +165,94 @@ def test_the_detector_keeps_its_invariants_whatever_it_is_fed(
         else:
             _transition_ok(detector.expire())
         _check(detector, clock[0])
+
+
+class _Counting(AffinityDetector):
+    """The detector as it is, counting the calls it judged and the verdicts it worked out."""
+
+    judged = worked_out = 0
+
+    def _judge(self, now: float, lane: Any = None) -> Any:
+        self.judged += 1
+        return super()._judge(now, lane)
+
+    def _candidate(self, lane: Any) -> Any:
+        self.worked_out += 1
+        return super()._candidate(lane)
+
+
+class _JudgesEveryCall(AffinityDetector):
+    """The detector without its settled shortcut: every call's verdict worked out in full."""
+
+    def _judge(self, now: float, lane: Any = None) -> Any:
+        self._settled = None
+        return super()._judge(now, lane)
+
+
+_SETTLING = [
+    *CONFIGS,
+    AffinityConfig(window_calls=12, window_s=3, min_samples=4, dwell_calls=3, warmup_s=0),
+]
+
+
+def _random_steps(rng: random.Random, pods: list[str | None]) -> list[tuple[Any, ...]]:
+    """Runs of calls (pod, lane, how many, gap in seconds, l7), with changes to the pods known
+    between them: the shapes in which a verdict settles and then must move."""
+    steps: list[tuple[Any, ...]] = []
+    for _ in range(rng.randint(1, 25)):
+        roll = rng.random()
+        if roll < 0.08:
+            steps.append(("expected", rng.choice([None, 1, 2, 3, 5])))
+        elif roll < 0.14:
+            steps.append(("known", rng.sample("abcde", rng.randint(0, 3))))
+        elif roll < 0.18:
+            steps.append(("dns", rng.sample(["10.0.0.1", "10.0.0.2"], rng.randint(0, 2))))
+        else:
+            pod = rng.choice(pods)
+            lane = rng.randint(0, 3)
+            gap = rng.choice([0.001, 0.01, 0.01, 0.5, 7.0])
+            steps.append(("run", pod, lane, rng.randint(1, 60), gap, rng.random() < 0.1))
+    return steps
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_settled_verdict_is_the_verdict_judging_in_full_would_give(seed: int) -> None:
+    """The detector skips working out the verdict while nothing it reads has changed since the
+    last call that stayed in its state; fed the same calls, it moves exactly when a detector
+    that judges every call in full does, at the same call, to the same state."""
+    rng = random.Random(seed)
+    config = _SETTLING[seed % len(_SETTLING)]
+    clock = [0.0]
+    fast = _Counting("10.0.0.1:80", config, clock=lambda: clock[0])
+    full = _JudgesEveryCall("10.0.0.1:80", config, clock=lambda: clock[0])
+    both = (fast, full)
+    lanes = {id(d): [Lane(f"lane-{i}") for i in range(4)] for d in both}
+    moves: dict[int, list[tuple[int, str, str]]] = {id(d): [] for d in both}
+    calls = 0
+    # Half the runs see one pod only, so that what the pods known say decides the verdict.
+    pods: list[str | None] = ["a", "a", None] if seed % 2 else [None, "a", "a", "b", "c", "d"]
+    for _ in range(20):
+        for operation, *args in _random_steps(rng, pods):
+            if operation == "expected":
+                fast.expected_pods = full.expected_pods = args[0]
+            elif operation == "known":
+                for detector in both:
+                    detector.add_known_pods(args[0], now=clock[0])
+            elif operation == "dns":
+                for detector in both:
+                    detector.set_dns_answer(args[0])
+            else:
+                pod, lane, times, gap, l7 = args
+                for _ in range(times):
+                    clock[0] += gap
+                    calls += 1
+                    for detector in both:
+                        on = lanes[id(detector)][lane]
+                        transition = detector.record(pod, l7=l7, now=clock[0], lane=on)
+                        if transition is not None:
+                            moves[id(detector)].append(
+                                (calls, transition.previous.value, transition.current.value)
+                            )
+    assert moves[id(fast)] == moves[id(full)]
+    assert fast.snapshot(now=clock[0]) == full.snapshot(now=clock[0])
+    assert fast.worked_out < fast.judged  # the shortcut was taken

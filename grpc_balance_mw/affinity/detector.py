@@ -94,6 +94,12 @@ class AffinityDetector:
         self.resolution_started = False
         self._from_probe: set[str] = set()
         self._skew_verdict = (-1, 0, False)  # (connections.version, known pods, significant)
+        #: Changes with whatever the judging reads besides the window and the connections:
+        #: the pods known, expected and in the DNS answer.
+        self._facts = 0
+        #: (window version, connections version, facts, state) when a call was last judged to
+        #: stay in its state; while they are unchanged, so is the verdict (see ``_judge``).
+        self._settled: tuple[int, int, int, AffinityState] | None = None
         self._chances: dict[tuple[int, int, int], float] = {}
         #: Pod events not yet taken (``take_pod_events``); telemetry drains it per call.
         self.pod_events: deque[PodEvent] = deque(maxlen=_MAX_POD_EVENTS)
@@ -151,6 +157,7 @@ class AffinityDetector:
         with self._lock:
             self._judge_counted()
             self._expected = count
+            self._facts += 1
 
     def add_known_pods(
         self, pods: Iterable[str], *, now: float | None = None, fresh: bool = True
@@ -167,6 +174,7 @@ class AffinityDetector:
         at = self._clock() if now is None else now
         with self._lock:
             self._judge_counted()
+            self._facts += 1
             for pod in pods:
                 if pod not in self._known:
                     self._from_probe.add(pod)
@@ -182,6 +190,7 @@ class AffinityDetector:
         at = self._clock() if now is None else now
         with self._lock:
             self._judge_counted()
+            self._facts += 1
             for pod in pods:
                 if self._known.pop(pod, None) is not None:
                     self._from_probe.discard(pod)
@@ -194,6 +203,7 @@ class AffinityDetector:
             self._judge_counted()
             self._dns_pods = len(set(addresses))
             self._dns_answered = True
+            self._facts += 1
 
     @property
     def addresses(self) -> int | None:
@@ -338,6 +348,7 @@ class AffinityDetector:
             known = self._known
             if pod not in known:
                 self._pod_event("pod_added", pod, "calls", at)
+                self._facts += 1
             known[pod] = at
             if len(known) > self._max_known:
                 self._make_room(pod, at)
@@ -389,6 +400,7 @@ class AffinityDetector:
         return max(len(self._known), self._expected or 0, self._dns_pods)
 
     def _forget_stale_pods(self, now: float) -> None:
+        self._facts += 1
         horizon = now - self.config.known_pods_ttl_s
         for pod in [p for p, seen in self._known.items() if seen < horizon]:
             del self._known[pod]
@@ -527,13 +539,27 @@ class AffinityDetector:
         if now >= self._next_prune:
             self._next_prune = now + _PRUNE_EVERY_S
             self._forget_stale_pods(now)
+        # A settled verdict holds while its inputs do: the window's totals, the connections,
+        # the pods known and the state; and the lane is not one whose recent rotation makes it
+        # argue from its own connections (``_by_connections``), which change with every call.
+        settled = (self._window.version, self._connections.version, self._facts, self._state)
+        rotating = (
+            lane is not None
+            and lane.rotated_at is not None
+            and lane.last_at - lane.rotated_at <= self.config.window_s
+        )
+        if settled == self._settled and not rotating:
+            return None
         stale = self._go_stale(now)  # calls go on, but none names a pod any more
         if stale is not None:
+            self._settled = None
             return stale
         candidate = self._candidate(lane)
         if candidate is None or candidate is self._state:
             self._pending, self._pending_calls = None, 0
+            self._settled = settled if candidate is not None and not rotating else None
             return None
+        self._settled = None
         if candidate is self._pending:
             self._pending_calls += 1
         else:

@@ -19,6 +19,11 @@ class PodWindow:
     Totals are kept incrementally, the top pod's weight included (:class:`TopCounter`), so adding
     a call costs O(1) whatever the window size and however many pods it holds. ``None`` stands
     for a call whose pod is unknown. Weights are whole units (a unary call weighs 1).
+
+    ``version`` changes whenever a total does, and only then: a full window whose oldest call
+    is like the new one (same pod, weight and flags, the steady state of a pinned channel and
+    often of a balanced one) takes the new call without touching a total, and a verdict on
+    the totals (the detector's) still holds.
     """
 
     def __init__(self, max_calls: int, max_age_s: float) -> None:
@@ -29,12 +34,23 @@ class PodWindow:
         self.weights: TopCounter[str] = TopCounter()
         self.l7_calls = 0
         self.per_request_calls = 0
+        self.version = 0
 
     def __len__(self) -> int:
         return len(self._samples)
 
     def add(self, pod: str | None, weight: int, flags: int, now: float) -> None:
         samples = self._samples
+        if len(samples) >= self.max_calls:
+            oldest = samples[0]
+            if oldest[1] == pod and oldest[2] == weight and oldest[3] == flags:
+                # The call that leaves is like the one that comes: every total stays.
+                samples.popleft()
+                samples.append((now, pod, weight, flags))
+                if samples[0][0] < now - self.max_age_s:
+                    self.evict(now)
+                return
+        self.version += 1
         samples.append((now, pod, weight, flags))
         self.calls[pod] = self.calls.get(pod, 0) + 1
         if pod is not None:
@@ -63,6 +79,7 @@ class PodWindow:
             self._drop_oldest()
 
     def _drop_oldest(self) -> None:
+        self.version += 1
         _, pod, weight, flags = self._samples.popleft()
         left = self.calls[pod] - 1
         if left:
