@@ -20,6 +20,7 @@ __all__ = [
     "ObservedStream",
     "as_call",
     "final_headers",
+    "final_metadata",
     "final_trailers",
     "finish_call",
     "headers_now",
@@ -52,6 +53,18 @@ def final_trailers(call: Any) -> Any:
     if state is not None and getattr(state, "code", None) is not None:
         return state.trailing_metadata
     return call.trailing_metadata()
+
+
+def final_metadata(call: Any) -> tuple[Any, Any]:
+    """``(final_headers(call), final_trailers(call))`` with one look at the call's state: what
+    the detection-only hot path reads of every call that has ended."""
+    try:
+        state = call._state
+        if state.code is not None and state.initial_metadata is not None:
+            return state.initial_metadata, state.trailing_metadata
+    except AttributeError:  # not grpcio's call, or a grpcio without that state
+        pass
+    return final_headers(call), final_trailers(call)
 
 
 def headers_now(call: Any) -> Any:

@@ -36,7 +36,7 @@ from grpc_balance_mw.observed_calls import (
     ObservedStream,
     as_call,
     final_headers,
-    final_trailers,
+    final_metadata,
     finish_call,
 )
 from grpc_balance_mw.observing import ObserveOptions, observe_parts
@@ -141,9 +141,10 @@ class _CountedUnaryResponse(_UnaryResponse):
             if failed is None:
                 observer.count(started, self._stream, None, None)
             else:
-                observer.count(started, self._stream, final_headers(failed), final_trailers(failed))
+                observer.count(started, self._stream, *final_metadata(failed))
             raise
-        observer.count(started, self._stream, final_headers(call), final_trailers(call))
+        headers, trailers = final_metadata(call)
+        observer.count(started, self._stream, headers, trailers)
         return response
 
 

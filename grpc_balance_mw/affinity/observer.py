@@ -322,7 +322,14 @@ class CallObserver:
         The lean way in for adapters on the hot path: no :class:`ObservedCall`, and the
         detector judges the call later, without its lock (``AffinityDetector.count``).
         """
-        reading = self.read_pod(initial, trailing, seen)
+        try:  # the usual case: both blocks read before, as gRPC handed them over
+            by_metadata: dict[Any, PodReading] = self.reader.by_metadata
+            reading = by_metadata[initial] if seen is None else seen
+            trailer = by_metadata[trailing] if trailing is not None else _NOTHING
+            if trailer is not _NOTHING:
+                reading = merge_readings(reading, trailer)
+        except (KeyError, TypeError):  # not seen yet, not a tuple, or trailers to fetch
+            reading = self.read_pod(initial, trailing, seen)
         now = self.clock()
         self.detector.count(
             reading.pod,
