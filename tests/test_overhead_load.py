@@ -46,3 +46,33 @@ def test_the_report_shows_the_comparison_round_by_round() -> None:
     text = overhead_load.report("title", figures)
     assert "per round +1.0%..+5.0%" in text
     assert "per round 1.000x..1.200x" in text
+
+
+def test_the_report_gives_the_noise_floor_and_judges_on_paired_rounds() -> None:
+    figures = {
+        "bare": [(100.0, 300.0), (200.0, 300.0), (100.0, 300.0)],
+        "bare-again": [(101.0, 300.0), (196.0, 300.0), (100.0, 300.0)],
+        # the overall medians say +5.0 %; round by round it is +1 %, +2 %, +50 %
+        "detection": [(101.0, 300.0), (204.0, 300.0), (150.0, 300.0)],
+        "detection+spans+metrics": [(150.0, 300.0)] * 3,
+        "otel-grpc": [(150.0, 300.0)] * 3,
+    }
+    text = overhead_load.report("title", figures)
+    assert "detection vs bare: +2.0% client CPU (target <= 3%) met" in text
+    assert (
+        "noise floor, bare-again vs bare (the same channel): +0.0%; per round -2.0%..+1.0%" in text
+    )
+
+
+def test_own_work_times_observe_apart_from_any_call(sync_pod: SyncPod) -> None:
+    """Detection's own work is measured on a channel whose calls end at once: it is positive
+    (observe() does work the bare channel does not), and the report sets it against a real
+    warm call's client CPU, for one caller and for many."""
+    assert overhead_load.own_work(calls=2000, repeats=1) > 0
+    assert overhead_load.own_work(threads=4, calls=2000, repeats=1) > 0
+    text = overhead_load.own_work_report(sync_pod.target, threads=4, threads_call_cpu=200.0)
+    lines = text.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("detection's own work, one caller: ")
+    assert lines[1].startswith("detection's own work, 4 threads: ")
+    assert all("a warm call costs this client" in line for line in lines)

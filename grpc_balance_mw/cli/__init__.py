@@ -106,14 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     overhead = commands.add_parser(
         "overhead",
-        help="what observing adds to a warm unary call (about 30 s)",
+        help="what observing adds to a warm unary call (about 90 s)",
         description="Warm unary calls on a bare channel, with a no-op interceptor, with "
         "detection and spans through the interceptor and the channel wrapper, and with "
         "opentelemetry-instrumentation-grpc alone, interleaved in rounds.",
     )
-    overhead.add_argument("--rounds", type=bounded_int(1, 100), default=10, help="1..100")
+    overhead.add_argument("--rounds", type=bounded_int(1, 100), default=30, help="1..100")
     overhead.add_argument(
-        "--calls", type=bounded_int(1, 10_000), default=500, help="calls per variant per round"
+        "--calls", type=bounded_int(1, 10_000), default=200, help="calls per variant per round"
     )
     overhead.add_argument(
         "--warmup", type=bounded_int(0, 10_000), default=200, help="calls per variant first"

@@ -7,6 +7,9 @@ client makes warm unary calls over one connection through seven channel variants
 rounds so drift in the machine's speed hits them all alike:
 
 * ``bare``: the plain channel;
+* ``bare-again``: the same plain channel measured as a variant of its own, the control: how far
+  two identical variants differ in this run is the noise floor, and a difference smaller than
+  it cannot be told from noise;
 * ``noop-interceptor``: ``grpc.intercept_channel`` with an interceptor that does nothing, to
   tell grpcio's own interceptor machinery from what the observation adds on top of it;
 * ``detection``: :func:`affinity_interceptors` without telemetry;
@@ -20,7 +23,9 @@ rounds so drift in the machine's speed hits them all alike:
 Both span variants use the same SDK tracer provider with a span processor that drops the spans,
 so what is measured is making the spans, not exporting them. Targets: detection adds at most 3 %
 to the median; detection+spans costs no more than otel-grpc. The table ends with one verdict line
-per target and way of observing.
+per target and way of observing, judged on the median of the per-round ratios (the variants of a
+round run back to back, so pairing them by round cancels the machine's drift between rounds), and
+the noise floor.
 """
 
 from __future__ import annotations
@@ -113,6 +118,7 @@ def _variants(channel: grpc.Channel, target: str) -> dict[str, Call]:
 
     channels: dict[str, Any] = {
         "bare": channel,
+        "bare-again": channel,
         "noop-interceptor": grpc.intercept_channel(channel, _Noop()),
         "detection": detection(),
         "detection-channel": observed(),
@@ -167,14 +173,15 @@ def _round_ratios(values: list[float], baseline: list[float], calls: int) -> lis
 
 
 def verdicts(samples: dict[str, list[float]], calls: int) -> list[str]:
-    """One line per target: the variant's median against its baseline's, whether it is met, and
-    the middle half of the per-round ratios (how much one run's verdict can be trusted)."""
+    """One line per target: the median of the variant's per-round ratios to its baseline,
+    whether it is met, and the middle half of those ratios (how much one run's verdict can be
+    trusted); then the noise floor, ``bare-again`` against ``bare`` the same way."""
     lines = []
     for name, baseline, limit, shown in TARGETS:
         if name not in samples or baseline not in samples:
             continue
-        ratio = statistics.median(samples[name]) / statistics.median(samples[baseline])
         per_round = _round_ratios(samples[name], samples[baseline], calls)
+        ratio = statistics.median(per_round)
         low, high = _percentile(per_round, 0.25), _percentile(per_round, 0.75)
         if shown == "percent":
             figures = f"{(ratio - 1) * 100:+.1f}% (target <= {(limit - 1) * 100:.0f}%)"
@@ -184,6 +191,14 @@ def verdicts(samples: dict[str, list[float]], calls: int) -> list[str]:
             spread = f"{low:.3f}x..{high:.3f}x"
         met = "met" if ratio <= limit else "MISSED"
         lines.append(f"{name} vs {baseline}: {figures} {met}; per round {spread}")
+    if "bare-again" in samples and "bare" in samples:
+        per_round = _round_ratios(samples["bare-again"], samples["bare"], calls)
+        floor = statistics.median(per_round)
+        low, high = _percentile(per_round, 0.25), _percentile(per_round, 0.75)
+        lines.append(
+            f"noise floor, bare-again vs bare (the same channel): {(floor - 1) * 100:+.1f}%; "
+            f"per round {(low - 1) * 100:+.1f}%..{(high - 1) * 100:+.1f}%"
+        )
     return lines
 
 
@@ -244,9 +259,11 @@ def _load(target: str, args: argparse.Namespace) -> None:
     """Many callers on one channel, and the detector alone (see ``overhead_load``)."""
     from grpc_balance_mw.cli import overhead_load
 
-    rounds = max(2, min(args.rounds, 6))
+    rounds = max(2, min(args.rounds, 10))
+    threads_call_cpu = None
     if args.threads:
         figures = overhead_load.measure_threads(target, rounds, args.threads, 40)
+        threads_call_cpu = statistics.median(cpu for cpu, _ in figures["bare"])
         print()
         print(overhead_load.report(f"{args.threads} threads on one sync channel", figures))
     if args.aio_tasks:
@@ -254,6 +271,7 @@ def _load(target: str, args: argparse.Namespace) -> None:
         print()
         print(overhead_load.report(f"{args.aio_tasks} tasks on one aio channel", figures))
     print()
+    print(overhead_load.own_work_report(target, args.threads, threads_call_cpu))
     print(overhead_load.detector_report())
 
 

@@ -6,8 +6,13 @@ alone at 3 and 3,000 pods. Part of ``grpc-balance overhead``.
   adds to the application's own process) and wall time per call: ``bare``, ``detection``
   (:func:`observe` without telemetry), ``detection+spans+metrics`` (an SDK tracer provider with a
   ``BatchSpanProcessor`` whose exporter drops the spans, and a meter provider with a reader), and
-  ``otel-grpc`` (opentelemetry-instrumentation-grpc alone, on the same providers). Targets:
-  detection within 3 % of bare; detection+spans+metrics no slower than otel-grpc.
+  ``otel-grpc`` (opentelemetry-instrumentation-grpc alone, on the same providers), and
+  ``bare-again``, the bare channel once more as the control (the noise floor). Targets:
+  detection within 3 % of bare; detection+spans+metrics no slower than otel-grpc, each judged
+  on the median of the per-round ratios (a round's variants run back to back).
+* Detection's own work per call, apart from any noise of the machine's: :func:`observe` on a
+  channel whose calls end at once with a pod's headers, against that channel bare, best of
+  several runs; and as a share of what a real warm call costs the client.
 * The detector's own cost per call, fed by a :class:`CallObserver` the way the adapters feed it,
   with calls spread over 3 pods and over 3,000: O(1) in the pod count, target within 1.2x.
 """
@@ -19,6 +24,7 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -31,7 +37,7 @@ from grpc_balance_mw.affinity import AffinityConfig, AffinityDetector, AffinityR
 from grpc_balance_mw.affinity.observer import CallObserver
 from grpc_balance_mw.aio.observed_channel import observe as observe_aio
 from grpc_balance_mw.cli.arguments import progress
-from grpc_balance_mw.identity import POD_HEADER
+from grpc_balance_mw.identity import POD_HEADER, PodIdentity
 from grpc_balance_mw.observed_channel import observe
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.telemetry import AffinityTelemetry
@@ -43,7 +49,7 @@ Figures = dict[str, list[tuple[float, float]]]
 STEADY = AffinityConfig(warmup_s=0)
 #: The detector bench knows every pod it is shown (``max_known_pods`` defaults to 256).
 _MANY_PODS = AffinityConfig(warmup_s=0, max_known_pods=4096)
-VARIANTS = ("bare", "detection", "detection+spans+metrics", "otel-grpc")
+VARIANTS = ("bare", "bare-again", "detection", "detection+spans+metrics", "otel-grpc")
 _REQUEST = pb.GetChargePointRequest(id="cp-1")
 
 
@@ -80,6 +86,7 @@ def _sync_variants(channel: grpc.Channel, providers: _Providers) -> dict[str, An
 
     return {
         "bare": channel,
+        "bare-again": channel,
         "detection": observe(channel, providers.options(telemetry=False)),
         "detection+spans+metrics": observe(channel, providers.options(telemetry=True)),
         "otel-grpc": grpcext.intercept_channel(  # type: ignore[no-untyped-call]
@@ -149,8 +156,10 @@ async def _measure_tasks(target: str, rounds: int, tasks: int, calls_each: int) 
 
     providers = _Providers()
     otel = aio_client_interceptors(tracer_provider=providers.tracer)  # type: ignore[no-untyped-call]
+    bare = grpc.aio.insecure_channel(target)
     channels: dict[str, Any] = {
-        "bare": grpc.aio.insecure_channel(target),
+        "bare": bare,
+        "bare-again": bare,
         # target= given: an old grpcio's aio channel (1.50 measured) keeps no target to learn
         "detection": observe_aio(
             grpc.aio.insecure_channel(target), providers.options(telemetry=False), target=target
@@ -169,14 +178,16 @@ async def _measure_tasks(target: str, rounds: int, tasks: int, calls_each: int) 
             for name in _rotated(list(channels), index):
                 figures[name].append(await _tasks(channels[name], tasks, calls_each))
     finally:
-        closing: list[Awaitable[None]] = [channel.close() for channel in channels.values()]
+        unique = {id(channel): channel for channel in channels.values()}.values()
+        closing: list[Awaitable[None]] = [channel.close() for channel in unique]
         await asyncio.gather(*closing)
         providers.shutdown()
     return figures
 
 
 def report(title: str, figures: Figures) -> str:
-    """Medians per variant against bare, then the two verdicts (on client CPU per call)."""
+    """Medians per variant against bare, then the two verdicts and the noise floor, each on the
+    median of the per-round ratios of client CPU per call."""
     cpu = {name: statistics.median(c for c, _ in rows) for name, rows in figures.items()}
     wall = {name: statistics.median(w for _, w in rows) for name, rows in figures.items()}
     lines = [title, f"{'variant':<26}{'cpu us/call':>12}{'vs bare':>9}{'wall us/call':>14}"]
@@ -184,8 +195,8 @@ def report(title: str, figures: Figures) -> str:
         lines.append(
             f"{name:<26}{cpu[name]:>12.1f}{cpu[name] / cpu['bare']:>8.3f}x{wall[name]:>14.1f}"
         )
-    detection = cpu["detection"] / cpu["bare"] - 1
-    telemetry = cpu["detection+spans+metrics"] / cpu["otel-grpc"]
+    detection = _paired(figures, "detection", "bare") - 1
+    telemetry = _paired(figures, "detection+spans+metrics", "otel-grpc")
     lines.append(
         f"detection vs bare: {detection:+.1%} client CPU (target <= 3%) "
         f"{'met' if detection <= 0.03 else 'MISSED'}{_spread(figures, 'detection', 'bare', True)}"
@@ -195,13 +206,31 @@ def report(title: str, figures: Figures) -> str:
         f"{'met' if telemetry <= 1.0 else 'MISSED'}"
         f"{_spread(figures, 'detection+spans+metrics', 'otel-grpc', False)}"
     )
+    if "bare-again" in figures:
+        floor = _paired(figures, "bare-again", "bare") - 1
+        lines.append(
+            f"noise floor, bare-again vs bare (the same channel): {floor:+.1%}"
+            f"{_spread(figures, 'bare-again', 'bare', True)}"
+        )
     return "\n".join(lines)
+
+
+def _ratios(figures: Figures, variant: str, base: str) -> list[float]:
+    """Client CPU per call of ``variant`` over ``base``'s, round by round."""
+    return [c / b for (c, _), (b, _) in zip(figures[variant], figures[base], strict=False) if b]
+
+
+def _paired(figures: Figures, variant: str, base: str) -> float:
+    """The median of the per-round ratios (a round's variants ran back to back, so pairing
+    them cancels the machine's drift from round to round)."""
+    ratios = _ratios(figures, variant, base)
+    return statistics.median(ratios) if ratios else float("nan")
 
 
 def _spread(figures: Figures, variant: str, base: str, percent: bool) -> str:
     """The same comparison round by round (rounds ran back to back, so a wide range says the
     machine was noisy, not that the code varies)."""
-    ratios = [c / b for (c, _), (b, _) in zip(figures[variant], figures[base], strict=False) if b]
+    ratios = _ratios(figures, variant, base)
     if len(ratios) < 2:
         return ""
     low, high = min(ratios), max(ratios)
@@ -236,3 +265,129 @@ def detector_report(repeats: int = 5) -> str:
         f"detector per call: {few:.2f} us at 3 pods, {many:.2f} us at 3,000 pods: {ratio:.2f}x "
         f"(target <= 1.2x) {'met' if ratio <= 1.2 else 'MISSED'}"
     )
+
+
+class _Ended:
+    """What grpcio's ``with_call`` hands back, as far as :func:`observe` reads it: a call that
+    has ended, with its state (headers, trailers, code)."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self, headers: tuple[tuple[str, str], ...]) -> None:
+        self._state = SimpleNamespace(
+            initial_metadata=headers, trailing_metadata=(), code=grpc.StatusCode.OK
+        )
+
+
+class _Answers(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
+    """A method that answers at once: no I/O, so what is timed is the caller's own work."""
+
+    def __init__(self, headers: tuple[tuple[str, str], ...]) -> None:
+        self._call = _Ended(headers)
+
+    def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        return request
+
+    def with_call(self, request: Any, *args: Any, **kwargs: Any) -> tuple[Any, _Ended]:
+        return request, self._call
+
+    def future(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("the bench makes blocking calls only")
+
+
+class _AnsweringChannel(grpc.Channel):  # type: ignore[misc]
+    """A channel whose unary calls end at once with one pod's headers."""
+
+    def __init__(self) -> None:
+        self._headers = PodIdentity(name="bench-pod-0", ip="10.0.0.7", namespace="bench")
+        self._method = _Answers(self._headers.to_metadata())
+
+    def unary_unary(self, *args: Any, **kwargs: Any) -> _Answers:
+        return self._method
+
+    def unary_stream(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("the bench makes unary calls only")
+
+    stream_unary = stream_stream = unary_stream
+
+    def subscribe(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def unsubscribe(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _AnsweringChannel:
+        return self
+
+    def __exit__(self, *args: object) -> None:
+        pass
+
+
+def own_work(threads: int = 1, calls: int = 20_000, repeats: int = 5) -> float:
+    """Microseconds of CPU that detection (:func:`observe`, no telemetry) adds to a call, apart
+    from the call: the best of ``repeats`` runs of ``calls`` calls made by ``threads`` threads
+    at once (so the detector's queue and lock are contended as under load), on a channel whose
+    calls end at once, against that channel bare."""
+    raw = _AnsweringChannel()
+    options = ObserveOptions(registry=AffinityRegistry(STEADY), expected_pods=3)
+    observed = observe(raw, options, target="10.0.0.7:50051")
+    variants = {
+        "bare": raw.unary_unary("/bench.B/C"),
+        "observed": observed.unary_unary("/bench.B/C"),
+    }
+    each = max(1, calls // threads)
+    best = dict.fromkeys(variants, float("inf"))
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in range(repeats):
+                for name, call in variants.items():
+
+                    def work(call: Any = call) -> None:
+                        for _ in range(each):
+                            call(_REQUEST, timeout=10)
+
+                    started = time.process_time()
+                    for done in [pool.submit(work) for _ in range(threads)]:
+                        done.result()
+                    took = (time.process_time() - started) / (each * threads) * 1e6
+                    best[name] = min(best[name], took)
+    finally:
+        observed.close()
+    return max(0.0, best["observed"] - best["bare"])
+
+
+def call_cpu(target: str, calls: int = 300, repeats: int = 5) -> float:
+    """Client CPU microseconds of one warm unary call on a bare channel (best of ``repeats``)."""
+    best = float("inf")
+    with grpc.insecure_channel(target) as channel:
+        rpc = pb_grpc.ChargePointsStub(channel).GetChargePoint  # type: ignore[no-untyped-call]
+        for _ in range(50):
+            rpc(_REQUEST, timeout=10)
+        for _ in range(repeats):
+            started = time.process_time()
+            for _ in range(calls):
+                rpc(_REQUEST, timeout=10)
+            best = min(best, (time.process_time() - started) / calls * 1e6)
+    return best
+
+
+def own_work_report(target: str, threads: int = 0, threads_call_cpu: float | None = None) -> str:
+    """Detection's own work per call, and its share of a warm call's client CPU: one caller,
+    and ``threads`` callers (against ``threads_call_cpu``, a bare call's client CPU with that
+    many threads on one channel, as ``measure_threads`` found it)."""
+    rows = [(1, own_work(), call_cpu(target))]
+    if threads > 1 and threads_call_cpu:
+        rows.append((threads, own_work(threads), threads_call_cpu))
+    lines = []
+    for callers, work, call in rows:
+        share = work / call
+        who = "one caller" if callers == 1 else f"{callers} threads"
+        lines.append(
+            f"detection's own work, {who}: {work:.2f} us of CPU per call through observe() "
+            f"(best of 5, on a channel whose calls end at once); a warm call costs this client "
+            f"{call:.0f} us: {share:.1%} (target <= 3%) {'met' if share <= 0.03 else 'MISSED'}"
+        )
+    return "\n".join(lines)
