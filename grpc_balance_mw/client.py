@@ -26,7 +26,13 @@ from typing import Any
 import grpc
 
 from grpc_balance_mw.affinity.detector import AffinityDetector
-from grpc_balance_mw.observed_calls import ObservedStream, as_call, finish_call
+from grpc_balance_mw.observed_calls import (
+    ObservedStream,
+    as_call,
+    finish_call,
+    headers_now,
+    metadata_now,
+)
 from grpc_balance_mw.observing import ObserveOptions, build_observer
 
 __all__ = ["AffinityInterceptor", "affinity_interceptors"]
@@ -56,6 +62,13 @@ def channel_of(continuation: Any) -> object | None:
         if channel is None:
             return None
     return None
+
+
+def _count_done(observer: Any, started: float, stream: bool, lane: Any, call: Any) -> None:
+    """Count a finished unary-response call, detection only; safe as a done-callback (nothing
+    is read by waiting, see :func:`headers_now`)."""
+    headers, trailers = metadata_now(call)
+    observer.count(started, stream, headers, trailers, lane=lane)
 
 
 class AffinityInterceptor(
@@ -101,7 +114,21 @@ class AffinityInterceptor(
         self.observer.close()
 
     def _unary_response(self, continuation: Any, details: Any, request: Any, kind: str) -> Any:
-        observed = self.observer.begin(details.method, kind, channel_of(continuation))
+        observer = self.observer
+        if observer.telemetry is None:  # detection only: no ObservedCall, no status code
+            lane = observer.lane_of(channel_of(continuation))
+            started = observer.clock()
+            stream = kind != "unary_unary"
+            try:
+                outcome = continuation(details, request)
+            except BaseException as error:  # count it as a failed call would be, re-raise
+                failed = as_call(error)
+                trailers = None if failed is None else failed.trailing_metadata
+                observer.count(started, stream, headers_now(failed), trailers, lane=lane)
+                raise
+            outcome.add_done_callback(partial(_count_done, observer, started, stream, lane))
+            return outcome
+        observed = observer.begin(details.method, kind, channel_of(continuation))
         try:
             outcome = continuation(details, request)
         except BaseException as error:  # e.g. the request did not serialize: end what begin()

@@ -24,6 +24,7 @@ __all__ = [
     "final_trailers",
     "finish_call",
     "headers_now",
+    "metadata_now",
 ]
 
 
@@ -86,6 +87,23 @@ def headers_now(call: Any) -> Any:
         if call is None:
             break
     return None
+
+
+def metadata_now(call: Any) -> tuple[Any, Any]:
+    """``(headers_now(call), trailers)`` with one walk to the call's state, for the
+    detection-only done-callback: the trailers off the state once the call has ended, else the
+    call's ``trailing_metadata`` method (for the observer to ask when it reads them)."""
+    inner = call
+    for _ in range(4):
+        state = getattr(inner, "_state", None)
+        if state is not None:
+            ended = getattr(state, "code", None) is not None
+            trailers = state.trailing_metadata if ended else call.trailing_metadata
+            return getattr(state, "initial_metadata", None), trailers
+        inner = getattr(inner, "_call", None)
+        if inner is None:
+            break
+    return None, call.trailing_metadata
 
 
 def finish_call(

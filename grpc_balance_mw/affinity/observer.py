@@ -322,14 +322,17 @@ class CallObserver:
         The lean way in for adapters on the hot path: no :class:`ObservedCall`, and the
         detector judges the call later, without its lock (``AffinityDetector.count``).
         """
-        try:  # the usual case: both blocks read before, as gRPC handed them over
-            by_metadata: dict[Any, PodReading] = self.reader.by_metadata
+        # The usual case: both blocks read before, as gRPC handed them over (tuples).
+        by_metadata: dict[Any, PodReading] = self.reader.by_metadata
+        try:
             reading = by_metadata[initial] if seen is None else seen
-            trailer = by_metadata[trailing] if trailing is not None else _NOTHING
-            if trailer is not _NOTHING:
-                reading = merge_readings(reading, trailer)
-        except (KeyError, TypeError):  # not seen yet, not a tuple, or trailers to fetch
+            trailer = _NOTHING if trailing is None else by_metadata.get(trailing)
+        except (KeyError, TypeError):  # headers not seen yet, or not a tuple
+            trailer = None
+        if trailer is None:  # read in full: new headers, trailers not seen yet or to fetch
             reading = self.read_pod(initial, trailing, seen)
+        elif trailer is not _NOTHING:
+            reading = merge_readings(reading, trailer)
         now = self.clock()
         self.detector.count(
             reading.pod,

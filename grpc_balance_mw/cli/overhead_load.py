@@ -278,6 +278,18 @@ class _Ended:
             initial_metadata=headers, trailing_metadata=(), code=grpc.StatusCode.OK
         )
 
+    def initial_metadata(self) -> Any:
+        return self._state.initial_metadata
+
+    def trailing_metadata(self) -> Any:
+        return self._state.trailing_metadata
+
+    def code(self) -> grpc.StatusCode:
+        return self._state.code
+
+    def details(self) -> str:
+        return ""
+
 
 class _Answers(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
     """A method that answers at once: no I/O, so what is timed is the caller's own work."""
