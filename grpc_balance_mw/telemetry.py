@@ -199,6 +199,17 @@ class _AlarmWorker:
             return self._wake.wait_for(lambda: not self._queue and not self._busy, timeout)
 
 
+def _lane_name(call: ObservedCall) -> str | None:
+    """The lane a span names, once the observer's lane is named: the call's own lane, which for
+    an interceptor installed on several channels is its channel's (``<name>.<n>`` after the
+    first), as the detector's snapshot counts them."""
+    named = call.observer.lane
+    if named is None:
+        return None
+    lane = call.lane
+    return lane.name if lane is not None else named
+
+
 class AffinityTelemetry:
     """Spans, alarm events, metrics, a rate-limited warning and a callback for affinity.
 
@@ -410,7 +421,9 @@ class AffinityTelemetry:
     def _start_attributes(call: ObservedCall) -> dict[str, Any]:
         # Kept on the observer: they name its lane and target, and go with it.
         cache = call.observer.telemetry_cache
-        attributes: dict[str, Any] | None = cache.get(call.method.full)
+        lane = _lane_name(call)
+        key = call.method.full if lane is None else (call.method.full, lane)
+        attributes: dict[str, Any] | None = cache.get(key)
         if attributes is None:
             if len(cache) > _MAX_CACHED_METHODS:  # a generic client may name any method
                 target = cache.get(_TARGET_KEY)
@@ -426,9 +439,9 @@ class AffinityTelemetry:
             }
             if port is not None:
                 attributes["server.port"] = port
-            if call.observer.lane is not None:
-                attributes[ATTR_LANE] = call.observer.lane
-            cache[call.method.full] = attributes
+            if lane is not None:
+                attributes[ATTR_LANE] = lane
+            cache[key] = attributes
         return attributes
 
     def _finish_span(
@@ -441,7 +454,7 @@ class AffinityTelemetry:
         # One set_attributes: each set_attribute call takes the span's lock again.
         attributes: dict[str, Any] = {ATTR_POD: call.pod if call.pod is not None else UNKNOWN_POD}
         if not owned and call.observer.lane is not None:
-            attributes[ATTR_LANE] = call.observer.lane
+            attributes[ATTR_LANE] = _lane_name(call)
         state = call.observer.detector.state
         if state.is_alarm:
             attributes[ATTR_STATE] = state.value

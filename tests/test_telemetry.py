@@ -37,6 +37,7 @@ from grpc_balance_mw.affinity import (
     Transition,
 )
 from grpc_balance_mw.aio import client as aio_client
+from grpc_balance_mw.client import AffinityInterceptor
 from grpc_balance_mw.observed_channel import observe
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.telemetry import (
@@ -449,3 +450,47 @@ def test_warning_is_rate_limited_per_target(caplog: pytest.LogCaptureFixture) ->
 )
 def test_server_address(target: str, address: tuple[str, int | None]) -> None:
     assert server_address(target) == address
+
+
+@pytest.mark.parametrize("mode", ["sync", "aio"])
+async def test_an_interceptor_on_two_channels_names_each_channels_lane_on_its_spans(
+    mode: str, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """One interceptor, named lane ``omni``, on two channels: the detector counts two lanes
+    (``omni`` and ``omni.1``), and each call's span names the lane of the channel it ran on."""
+    pod = await AioPod().start() if mode == "aio" else SyncPod()
+    options = ObserveOptions(
+        registry=AffinityRegistry(NO_WARMUP),
+        lane="omni",
+        telemetry=AffinityTelemetry(tracer_provider=tracer_provider, metrics=False),
+    )
+    request = pb.GetChargePointRequest(id="cp-1")
+    try:
+        if mode == "aio":
+            interceptors = aio_client.AffinityInterceptors(pod.target, options)
+            async with (
+                grpc.aio.insecure_channel(pod.target, interceptors=interceptors.interceptors) as a,
+                grpc.aio.insecure_channel(pod.target, interceptors=interceptors.interceptors) as b,
+            ):
+                for channel in (a, b, a):
+                    await pb_grpc.ChargePointsStub(channel).GetChargePoint(request, timeout=10)
+                await interceptors.settle()
+            detector = interceptors.detector
+        else:
+            interceptor = AffinityInterceptor(pod.target, options)
+            with grpc.insecure_channel(pod.target) as a, grpc.insecure_channel(pod.target) as b:
+                channels = [grpc.intercept_channel(c, interceptor) for c in (a, b)]
+                for channel in (channels[0], channels[1], channels[0]):
+                    pb_grpc.ChargePointsStub(channel).GetChargePoint(request, timeout=10)
+            detector = interceptor.detector
+    finally:
+        stopped = pod.server.stop(None)
+        if mode == "aio":
+            await stopped
+    spans = exporter.get_finished_spans()
+    assert [dict(span.attributes or {}).get(ATTR_LANE) for span in spans] == [
+        "omni",
+        "omni.1",
+        "omni",
+    ]
+    assert detector.snapshot().lanes == 2
