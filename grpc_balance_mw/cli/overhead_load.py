@@ -254,7 +254,7 @@ def detector_cost(pods: int, calls: int = 60_000) -> float:
     return (time.process_time() - started) / calls * 1e6
 
 
-def detector_report(repeats: int = 5) -> str:
+def detector_report(repeats: int = 9) -> str:
     """The best of ``repeats`` at 3 and at 3,000 pods, alternated so drift hits both alike."""
     few, many = float("inf"), float("inf")
     for _ in range(repeats):
