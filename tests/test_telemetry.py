@@ -452,12 +452,17 @@ def test_server_address(target: str, address: tuple[str, int | None]) -> None:
     assert server_address(target) == address
 
 
+_GRPCIO = tuple(int(part) for part in grpc.__version__.split(".")[:2])
+
+
 @pytest.mark.parametrize("mode", ["sync", "aio"])
 async def test_an_interceptor_on_two_channels_names_each_channels_lane_on_its_spans(
     mode: str, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
     """One interceptor, named lane ``omni``, on two channels: the detector counts two lanes
-    (``omni`` and ``omni.1``), and each call's span names the lane of the channel it ran on."""
+    (``omni`` and ``omni.1``), and each call's span names the lane of the channel it ran on.
+    An old grpc.aio (1.50, the floor) hides the channel from an interceptor: one lane then, as
+    documented, and every span names it."""
     pod = await AioPod().start() if mode == "aio" else SyncPod()
     options = ObserveOptions(
         registry=AffinityRegistry(NO_WARMUP),
@@ -476,6 +481,9 @@ async def test_an_interceptor_on_two_channels_names_each_channels_lane_on_its_sp
                     await pb_grpc.ChargePointsStub(channel).GetChargePoint(request, timeout=10)
                 await interceptors.settle()
             detector = interceptors.detector
+            lanes = interceptors.observer.channel_lanes
+            found = lanes is not None and len(lanes) > 0
+            assert found or _GRPCIO < (1, 60), "grpc.aio's layout changed: no channel found"
         else:
             interceptor = AffinityInterceptor(pod.target, options)
             with grpc.insecure_channel(pod.target) as a, grpc.insecure_channel(pod.target) as b:
@@ -483,14 +491,12 @@ async def test_an_interceptor_on_two_channels_names_each_channels_lane_on_its_sp
                 for channel in (channels[0], channels[1], channels[0]):
                     pb_grpc.ChargePointsStub(channel).GetChargePoint(request, timeout=10)
             detector = interceptor.detector
+            found = True
     finally:
         stopped = pod.server.stop(None)
         if mode == "aio":
             await stopped
     spans = exporter.get_finished_spans()
-    assert [dict(span.attributes or {}).get(ATTR_LANE) for span in spans] == [
-        "omni",
-        "omni.1",
-        "omni",
-    ]
-    assert detector.snapshot().lanes == 2
+    names = [dict(span.attributes or {}).get(ATTR_LANE) for span in spans]
+    assert names == (["omni", "omni.1", "omni"] if found else ["omni"] * 3)
+    assert detector.snapshot().lanes == (2 if found else 1)
