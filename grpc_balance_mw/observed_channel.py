@@ -118,9 +118,62 @@ class _UnaryResponse(_Observed):
         return future
 
 
+#: grpcio's blocking unary-unary path, by multicallable class: ``end``, where
+#: ``inner._blocking(request, timeout, metadata, credentials, wait_for_ready, compression)``
+#: returns ``(state, call)`` and ``end(state, call, False, None)`` gives the response or raises
+#: the call's error; None for a class laid out otherwise.
+_CORE_PATHS: dict[type, Callable[..., Any] | None] = {}
+_BLOCKING_PARAMETERS = [
+    "self",
+    "request",
+    "timeout",
+    "metadata",
+    "credentials",
+    "wait_for_ready",
+    "compression",
+]
+_END_PARAMETERS = ["state", "call", "with_call", "deadline"]
+
+
+def _core_path(inner: Any) -> Callable[..., Any] | None:
+    """How grpcio itself makes a blocking unary-unary call on ``inner``, if it is grpcio's own
+    multicallable laid out as grpcio 1.50-1.85 lay it out (checked once per class)."""
+    cls = type(inner)
+    if cls in _CORE_PATHS:
+        return _CORE_PATHS[cls]
+    path = None
+    try:
+        from grpc import _channel
+
+        end = _channel._end_unary_response_blocking
+        blocking = cls._blocking
+        if (
+            cls is _channel._UnaryUnaryMultiCallable
+            and list(inspect.signature(blocking).parameters) == _BLOCKING_PARAMETERS
+            and list(inspect.signature(end).parameters) == _END_PARAMETERS
+        ):
+            path = end
+    except (ImportError, AttributeError, TypeError, ValueError):
+        path = None
+    _CORE_PATHS[cls] = path
+    return path
+
+
 class _CountedUnaryResponse(_UnaryResponse):
     """Detection only (no telemetry): the plain ``__call__``, the hot path, counts the call
-    straight into the observer, without an :class:`ObservedCall` or a wrapping frame."""
+    straight into the observer, without an :class:`ObservedCall` or a wrapping frame.
+
+    On grpcio's own unary-unary multicallable it runs the call the way grpcio's ``__call__``
+    does (``_blocking``, then the response or the call's error) and reads the metadata off the
+    call's state: ``with_call`` would build a call object (a rendezvous) only to be read and
+    dropped, which with 32 threads on one channel cost about 4 % of the client's CPU per call.
+    """
+
+    def __init__(self, inner: Any, observer: CallObserver, method: str | bytes, kind: str) -> None:
+        super().__init__(inner, observer, method, kind)
+        end = _core_path(inner) if kind == "unary_unary" else None
+        self._blocking: Callable[..., Any] | None = None if end is None else inner._blocking
+        self._end = end
 
     def __call__(
         self,
@@ -133,6 +186,21 @@ class _CountedUnaryResponse(_UnaryResponse):
     ) -> Any:
         observer = self._observer
         started = observer.clock()
+        blocking = self._blocking
+        if blocking is not None:
+            try:
+                state, core_call = blocking(
+                    request, timeout, metadata, credentials, wait_for_ready, compression
+                )
+            except BaseException as error:  # e.g. the request did not serialize
+                failed = as_call(error)
+                if failed is None:
+                    observer.count(started, self._stream, None, None)
+                else:
+                    observer.count(started, self._stream, *final_metadata(failed))
+                raise
+            observer.count(started, self._stream, state.initial_metadata, state.trailing_metadata)
+            return self._end(state, core_call, False, None)  # type: ignore[misc]
         try:
             response, call = self._inner.with_call(
                 request, timeout, metadata, credentials, wait_for_ready, compression

@@ -165,6 +165,29 @@ def test_a_plain_call_is_recorded_and_unchanged(
     assert snapshot.calls == 1 and set(snapshot.pods) == {IDENTITY.name}
 
 
+@pytest.mark.parametrize("fail", [OK, ABORT, RAISE], ids=["ok", "abort", "raise"])
+def test_plain_unary_calls_run_as_grpcio_runs_them_and_any_other_multicallable_alike(
+    sync_pod: SyncPod, fail: int
+) -> None:
+    """On grpcio's own multicallable the wrapper runs a plain unary call the way grpcio's
+    ``__call__`` does (no call object built for ``with_call``); on any other (here an
+    intercepted channel's) it falls back to ``with_call``. Both answer as the bare channel
+    does and count the call."""
+    from grpc_balance_mw.observed_channel import _core_path
+
+    with grpc.insecure_channel(sync_pod.target) as bare:
+        intercepted = grpc.intercept_channel(bare, _NoopInterceptor())
+        assert _core_path(bare.unary_unary("/x.Y/Z")) is not None  # this grpcio's layout
+        assert _core_path(intercepted.unary_unary("/x.Y/Z")) is None
+        expected = _call_plainly(bare, "unary_unary", fail)
+        for inner in (bare, intercepted):
+            options = ObserveOptions(registry=AffinityRegistry(NO_WARMUP))
+            observed = observe(inner, options, target=sync_pod.target)
+            assert _call_plainly(observed, "unary_unary", fail) == expected
+            snapshot = observed.detector.snapshot()
+            assert snapshot.calls == 1 and set(snapshot.pods) == {IDENTITY.name}
+
+
 NOT_SERIALIZED = (grpc.StatusCode.INTERNAL, "Exception serializing request!")
 
 
