@@ -137,7 +137,8 @@ _END_PARAMETERS = ["state", "call", "with_call", "deadline"]
 
 def _core_path(inner: Any) -> Callable[..., Any] | None:
     """How grpcio itself makes a blocking unary-unary call on ``inner``, if it is grpcio's own
-    multicallable laid out as grpcio 1.50-1.85 lay it out (checked once per class)."""
+    multicallable (or a subclass) laid out as grpcio 1.50-1.85 lay it out (checked once per
+    class)."""
     cls = type(inner)
     if cls in _CORE_PATHS:
         return _CORE_PATHS[cls]
@@ -148,7 +149,7 @@ def _core_path(inner: Any) -> Callable[..., Any] | None:
         end = _channel._end_unary_response_blocking
         blocking = cls._blocking
         if (
-            cls is _channel._UnaryUnaryMultiCallable
+            issubclass(cls, _channel._UnaryUnaryMultiCallable)
             and list(inspect.signature(blocking).parameters) == _BLOCKING_PARAMETERS
             and list(inspect.signature(end).parameters) == _END_PARAMETERS
         ):

@@ -28,6 +28,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import grpc
+from grpc import _channel
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -295,14 +296,26 @@ class _Ended:
         return ""
 
 
-class _Answers(grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
-    """A method that answers at once: no I/O, so what is timed is the caller's own work."""
+class _Answers(_channel._UnaryUnaryMultiCallable):  # type: ignore[misc]
+    """A method that answers at once: no I/O, so what is timed is the caller's own work. It is
+    grpcio's own multicallable but for its I/O (``_blocking``), so ``__call__`` (grpcio's) and
+    :func:`observe` run the path they run on a real channel."""
 
-    def __init__(self, headers: tuple[tuple[str, str], ...]) -> None:
+    def __init__(self, headers: tuple[tuple[str, str], ...]) -> None:  # no channel to keep
         self._call = _Ended(headers)
 
-    def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        return request
+    def _blocking(
+        self,
+        request: Any,
+        timeout: Any,
+        metadata: Any,
+        credentials: Any,
+        wait_for_ready: Any,
+        compression: Any,
+    ) -> tuple[Any, None]:
+        state = self._call._state
+        state.response = request
+        return state, None
 
     def with_call(self, request: Any, *args: Any, **kwargs: Any) -> tuple[Any, _Ended]:
         return request, self._call
