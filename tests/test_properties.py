@@ -170,10 +170,12 @@ def test_the_detector_keeps_its_invariants_whatever_it_is_fed(
 class _Counting(AffinityDetector):
     """The detector as it is, counting the calls it judged and the verdicts it worked out."""
 
-    judged = worked_out = 0
+    judged = worked_out = settled_by_flags = 0
 
     def _judge(self, now: float, lane: Any = None) -> Any:
         self.judged += 1
+        settled = self._settled is not None and self._settled == self._settled_on(lane)
+        self.settled_by_flags += settled and self._by_flags
         return super()._judge(now, lane)
 
     def _candidate(self, lane: Any) -> Any:
@@ -225,6 +227,12 @@ def test_a_settled_verdict_is_the_verdict_judging_in_full_would_give(seed: int) 
     that judges every call in full does, at the same call, to the same state, with the same
     top share for the gauge."""
     _replay(seed)
+
+
+def test_verdicts_from_per_request_balancing_settle_too() -> None:
+    """A lane balanced per request settles on what its verdict reads (the share of per-request
+    calls), not on pod shares that change with every call: the shortcut is taken there too."""
+    assert sum(_replay(seed).settled_by_flags for seed in range(8)) > 100
 
 
 def _replay(seed: int) -> _Counting:

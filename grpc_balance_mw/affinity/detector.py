@@ -97,9 +97,12 @@ class AffinityDetector:
         #: Changes with whatever the judging reads besides the window and the connections:
         #: the pods known, expected and in the DNS answer.
         self._facts = 0
-        #: (window version, connections version, facts, state) when a call was last judged to
-        #: stay in its state; while they are unchanged, so is the verdict (see ``_judge``).
-        self._settled: tuple[int, int, int, AffinityState] | None = None
+        #: What the verdict was worked out from when a call was last judged to stay in its
+        #: state; while it is unchanged, so is the verdict (see ``_settled_on``).
+        self._settled: tuple[object, ...] | None = None
+        #: Whether the last verdict worked out came from the share of L7 or per-request calls
+        #: alone (``_candidate``'s first branch), which reads no pod's share.
+        self._by_flags = False
         self._chances: dict[tuple[int, int, int], float] = {}
         #: Pod events not yet taken (``take_pod_events``); telemetry drains it per call.
         self.pod_events: deque[PodEvent] = deque(maxlen=_MAX_POD_EVENTS)
@@ -430,12 +433,15 @@ class AffinityDetector:
         cfg, window, current = self.config, self._window, self._state
         calls = len(window)
         top_share = self._top_share = window.top_share
+        self._by_flags = False
         if calls >= cfg.min_samples:
             if window.l7_calls >= cfg.l7_enter_share * calls:
+                self._by_flags = True
                 return AffinityState.L7_BALANCED
             if window.per_request_calls >= cfg.l7_enter_share * calls:
                 # Switching pods between calls on one address: something in between balances
                 # per request. On a name with several addresses: the client's round_robin.
+                self._by_flags = True
                 if self._single_address():
                     return AffinityState.L7_BALANCED
                 return AffinityState.BALANCED
@@ -535,20 +541,43 @@ class AffinityDetector:
             self._skew_verdict = (connections.version, known, verdict)
         return verdict
 
+    def _settled_on(self, lane: Lane | None) -> tuple[object, ...] | None:
+        """What the last verdict worked out was read from, to tell whether it still holds.
+
+        A verdict from the share of L7 or per-request calls (``_by_flags``) reads the window's
+        size, those two counts and whether any call in it named a pod; any other reads the
+        window's totals (its ``version``), the connections, and the lane only when its recent
+        rotation makes the verdict argue from the lane's own connections (``_by_connections``),
+        which change with every call: None then, never settled. Both read the pods known,
+        expected and from DNS (``_facts``) and the state. The two shapes differ in length, so
+        they never compare equal.
+        """
+        window = self._window
+        if self._by_flags:
+            return (
+                len(window),
+                window.l7_calls,
+                window.per_request_calls,
+                window.identified_calls,  # none left: the state goes stale (``_go_stale``)
+                self._facts,
+                self._state,
+            )
+        if (
+            lane is not None
+            and lane.rotated_at is not None
+            and lane.last_at - lane.rotated_at <= self.config.window_s
+        ):
+            return None
+        return (window.version, self._connections.version, self._facts, self._state)
+
     def _judge(self, now: float, lane: Lane | None = None) -> Transition | None:
         if now >= self._next_prune:
             self._next_prune = now + _PRUNE_EVERY_S
             self._forget_stale_pods(now)
-        # A settled verdict holds while its inputs do: the window's totals, the connections,
-        # the pods known and the state; and the lane is not one whose recent rotation makes it
-        # argue from its own connections (``_by_connections``), which change with every call.
-        settled = (self._window.version, self._connections.version, self._facts, self._state)
-        rotating = (
-            lane is not None
-            and lane.rotated_at is not None
-            and lane.last_at - lane.rotated_at <= self.config.window_s
-        )
-        if settled == self._settled and not rotating:
+        settled = self._settled
+        if settled is not None and settled == self._settled_on(lane):
+            if self._by_flags:  # the gauge's figure, as working the verdict out would set it
+                self._top_share = self._window.top_share
             return None
         stale = self._go_stale(now)  # calls go on, but none names a pod any more
         if stale is not None:
@@ -557,7 +586,7 @@ class AffinityDetector:
         candidate = self._candidate(lane)
         if candidate is None or candidate is self._state:
             self._pending, self._pending_calls = None, 0
-            self._settled = settled if candidate is not None and not rotating else None
+            self._settled = self._settled_on(lane) if candidate is not None else None
             return None
         self._settled = None
         if candidate is self._pending:
