@@ -27,13 +27,7 @@ from typing import Any
 import grpc
 
 from grpc_balance_mw.affinity.detector import AffinityDetector
-from grpc_balance_mw.observed_calls import (
-    ObservedStream,
-    as_call,
-    finish_call,
-    headers_now,
-    metadata_now,
-)
+from grpc_balance_mw.observed_calls import ObservedStream, as_call, finish_call, metadata_now
 from grpc_balance_mw.observing import ObserveOptions, build_observer
 
 __all__ = ["AffinityInterceptor", "affinity_interceptors"]
@@ -124,8 +118,10 @@ class AffinityInterceptor(
                 outcome = continuation(details, request)
             except BaseException as error:  # count it as a failed call would be, re-raise
                 failed = as_call(error)
-                trailers = None if failed is None else failed.trailing_metadata
-                observer.count(started, stream, headers_now(failed), trailers, lane=lane)
+                if failed is None:
+                    observer.count(started, stream, None, None, lane=lane)
+                else:
+                    _count_done(observer, started, stream, lane, failed)
                 raise
             outcome.add_done_callback(partial(_count_done, observer, started, stream, lane))
             return outcome

@@ -194,11 +194,7 @@ class _CountedUnaryResponse(_UnaryResponse):
                     request, timeout, metadata, credentials, wait_for_ready, compression
                 )
             except BaseException as error:  # e.g. the request did not serialize
-                failed = as_call(error)
-                if failed is None:
-                    observer.count(started, self._stream, None, None)
-                else:
-                    observer.count(started, self._stream, *final_metadata(failed))
+                self._count_failed(started, error)
                 raise
             observer.count(started, self._stream, state.initial_metadata, state.trailing_metadata)
             return self._end(state, core_call, False, None)  # type: ignore[misc]
@@ -207,15 +203,19 @@ class _CountedUnaryResponse(_UnaryResponse):
                 request, timeout, metadata, credentials, wait_for_ready, compression
             )
         except BaseException as error:  # count it as the interceptor does, re-raise as is
-            failed = as_call(error)
-            if failed is None:
-                observer.count(started, self._stream, None, None)
-            else:
-                observer.count(started, self._stream, *final_metadata(failed))
+            self._count_failed(started, error)
             raise
         headers, trailers = final_metadata(call)
         observer.count(started, self._stream, headers, trailers)
         return response
+
+    def _count_failed(self, started: float, error: BaseException) -> None:
+        """Count a call that raised: its metadata if the error is the call, else none."""
+        failed = as_call(error)
+        if failed is None:
+            self._observer.count(started, self._stream, None, None)
+        else:
+            self._observer.count(started, self._stream, *final_metadata(failed))
 
 
 class _StreamResponse(_Observed):

@@ -5,6 +5,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -18,6 +19,9 @@ from grpc_balance_mw.testing.charge_points.servicer import (
     SyncChargePointsServicer,
 )
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from redial_fixtures import Driver
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -79,6 +83,16 @@ async def aio_pod() -> AsyncIterator[AioPod]:
     pod = await AioPod().start()
     yield pod
     await pod.server.stop(None)
+
+
+@pytest.fixture(params=["sync", "aio"])
+def driver(request: pytest.FixtureRequest) -> Iterator[Driver]:
+    """A dial-per-request channel driven sync and aio (``redial_fixtures.Driver``)."""
+    from redial_fixtures import Driver
+
+    made = Driver(request.param)
+    yield made
+    made.finish()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -42,13 +42,6 @@ OK = grpc.StatusCode.OK
 FAST = wait_full_jitter(0.001, 2.0, 0.005)
 
 
-@pytest.fixture(params=["sync", "aio"])
-def driver(request: pytest.FixtureRequest) -> Iterator[Driver]:
-    made = Driver(request.param)
-    yield made
-    made.finish()
-
-
 @pytest.fixture
 def pod() -> Iterator[PeerPod]:
     made = PeerPod()

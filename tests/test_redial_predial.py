@@ -11,13 +11,6 @@ import pytest
 from redial_fixtures import Driver, PeerPod, wait_until
 
 
-@pytest.fixture(params=["sync", "aio"])
-def driver(request: pytest.FixtureRequest) -> Iterator[Driver]:
-    made = Driver(request.param)
-    yield made
-    made.finish()
-
-
 @pytest.fixture
 def silent_server() -> Iterator[str]:
     """A TCP listener that never accepts: the kernel completes each TCP handshake, so a gRPC
