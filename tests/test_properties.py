@@ -279,3 +279,154 @@ def _replay(seed: int) -> _Counting:
     assert fast.snapshot(now=clock[0]) == full.snapshot(now=clock[0])
     assert fast.worked_out < fast.judged  # the shortcut was taken
     return fast
+
+
+class _Moves(AffinityDetector):
+    """A detector that notes each transition a call causes: (when the call ended, from, to)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.moves: list[tuple[float, str, str]] = []
+        self.like_calls = 0
+
+    def _add(self, *call: Any) -> Any:
+        transition = super()._add(*call)
+        if transition is not None:
+            self.moves.append((call[5], transition.previous.value, transition.current.value))
+        return transition
+
+    def _take_like_calls(self, first: Any) -> None:
+        waiting = len(self._counted)
+        super()._take_like_calls(first)
+        self.like_calls += waiting - len(self._counted)
+
+
+class _MovesJudgingEveryCall(_Moves, _JudgesEveryCall):
+    """Notes its transitions, and works every call's verdict out in full."""
+
+
+_BATCHED = [
+    *_SETTLING,
+    # Pods known go stale within seconds, so pruning them falls inside batches.
+    AffinityConfig(
+        window_calls=12,
+        window_s=3,
+        min_samples=4,
+        dwell_calls=2,
+        warmup_s=0.05,
+        known_pods_ttl_s=2,
+    ),
+]
+
+
+def _batched_steps(rng: random.Random, pods: list[str | None], config: AffinityConfig) -> Any:
+    """``_random_steps``, and runs that age the window out call by call: a burst that fills it,
+    then like calls spaced so that its oldest calls leave one or a few at a time."""
+    steps = _random_steps(rng, pods)
+    for _ in range(rng.randint(0, 3)):
+        pod, lane = rng.choice(pods), rng.randint(0, 3)
+        spacing = config.window_s / config.window_calls * rng.uniform(0.5, 4.0)
+        at = rng.randrange(len(steps) + 1)
+        if rng.random() < 0.5:  # the oldest call like those to come, the rest not
+            others = [p for p in "abcd" if p != pod]
+            burst = [
+                ("run", pod, lane, 1, 0.001, False),
+                ("switch", others, (lane + 1) % 4, config.window_calls - 1, 0.001, False),
+            ]
+        else:
+            burst = [("run", pod, lane, config.window_calls, 0.001, False)]
+        steps[at:at] = [*burst, ("run", pod, lane, rng.randint(5, 60), spacing, False)]
+    return steps
+
+
+def _replay_batched(seed: int) -> _Moves:
+    """Feed one seed's random calls through ``count`` (judged in batches, by readers at
+    random moments and whenever 32 wait) and through ``record`` to a detector that judges
+    every call in full on arrival; assert they agree throughout."""
+    rng = random.Random(1000 + seed)
+    config = rng.choice(_BATCHED)
+    clock = [0.0]
+    target = rng.choice(["10.0.0.1:80", "charge-points.ev.svc:50051"])
+    batched = _Moves(target, config, clock=lambda: clock[0])
+    full = _MovesJudgingEveryCall(target, config, clock=lambda: clock[0])
+    both = (batched, full)
+    lanes = {id(d): [Lane(f"lane-{i}") for i in range(4)] for d in both}
+    pods: list[str | None] = rng.choice([["a", "a", None], [None, "a", "a", "b", "c", "d"]])
+    until_read = rng.randint(1, 80)
+    for _ in range(20):
+        for operation, *args in _batched_steps(rng, pods, config):
+            if operation == "expected":
+                batched.expected_pods = full.expected_pods = args[0]
+            elif operation == "known":
+                for detector in both:
+                    detector.add_known_pods(args[0], now=clock[0])
+            elif operation == "dns":
+                for detector in both:
+                    detector.set_dns_answer(args[0])
+            else:
+                pod, lane, times, gap, l7 = args
+                stream = rng.random() < 0.15
+                for index in range(times):
+                    clock[0] += gap
+                    # Threads take the time, then queue: a call may queue after a later one.
+                    at = clock[0] - gap * rng.choice([0.0, 0.0, 0.0, 0.6, 1.5])
+                    served = pod[index % len(pod)] if operation == "switch" else pod
+                    duration = rng.choice([0.0, 0.5, 3.0]) if stream else 0.0
+                    malformed = rng.random() < 0.02
+                    warming = rng.random() < 0.02
+                    on = lanes[id(batched)][lane]
+                    batched.count(served, duration, stream, l7, malformed, at, warming, on)
+                    on = lanes[id(full)][lane]
+                    full.record(
+                        served,
+                        duration_s=duration,
+                        stream=stream,
+                        l7=l7,
+                        malformed=malformed,
+                        now=at,
+                        warming=warming,
+                        lane=on,
+                    )
+                    until_read -= 1
+                    if until_read == 0:  # a reader judges what waits (and what aged out)
+                        until_read = rng.randint(1, 80)
+                        assert batched.top_share == full.top_share
+                        assert batched.moves == full.moves
+    assert batched.snapshot(now=clock[0]) == full.snapshot(now=clock[0])
+    assert batched.moves == full.moves
+    return batched
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_calls_judged_in_a_batch_move_the_detector_as_calls_judged_one_by_one(seed: int) -> None:
+    """Calls counted without the lock (``count``, as 32 threads on one channel do) are judged
+    in batches, where a run of like calls on a settled verdict is taken without judging each:
+    fed the same calls, the detector makes the same transitions, at the same calls, with the
+    same gauge figure and the same snapshot, as one that judges every call in full on arrival."""
+    _replay_batched(seed)
+
+
+def test_runs_of_like_calls_take_the_steady_path() -> None:
+    assert sum(_replay_batched(seed).like_calls for seed in range(10)) > 1000
+
+
+def test_like_calls_that_age_several_calls_out_are_judged_in_full() -> None:
+    """A window of a pinned lane's calls and a few of another pod's: the lane's next call
+    comes so late that several of its oldest calls age out at once. Judged in full, that call
+    leaves the window less pinned and the state moves (pinned to skewed) at that very call; a
+    like call that merely swapped the oldest for itself would keep the state pinned."""
+    config = AffinityConfig(window_calls=10, window_s=1, min_samples=3, dwell_calls=1, warmup_s=0)
+    for detector in (
+        _Moves("10.0.0.1:80", config, clock=lambda: 2.0),
+        _MovesJudgingEveryCall("10.0.0.1:80", config, clock=lambda: 2.0),
+    ):
+        detector.expected_pods = 2
+        pinned, other = Lane("pinned"), Lane("other")
+        for index in range(10):
+            detector.record("a", now=index / 1000, lane=pinned)
+        detector.record("b", now=0.5, lane=other)
+        detector.record("b", now=0.501, lane=other)  # 8 of 10 on "a": still pinned
+        for at in (1.001, 1.0055):  # the second ages four calls out
+            detector.count("a", 0.0, False, False, False, at, False, pinned)
+        assert detector.snapshot(now=1.01).state is AffinityState.SKEWED
+        assert detector.moves[-1] == (1.0055, "pinned", "skewed")

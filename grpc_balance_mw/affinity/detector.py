@@ -326,12 +326,80 @@ class AffinityDetector:
         last = None
         counted = self._counted
         while counted:
-            transition = self._add(*counted.popleft())
+            call = counted.popleft()
+            transition = self._add(*call)
             if transition is not None:
                 last = transition
+            elif counted and self._settled is not None:
+                self._take_like_calls(call)
         if last is not None and last.stale:  # judged by no one's call: keep it for a reporter
             self._unreported = last
         return last
+
+    def _take_like_calls(self, first: _Counted) -> None:
+        """Take the queued calls that follow ``first`` and are like it, while judging each in
+        full would change nothing but clocks and the order of the window's calls; the lock is
+        held, and ``first`` was just counted and did not move the state.
+
+        Like ``first``: the same lane and pod, a unary weight, no L7 headers, not malformed,
+        not warming, and in time order. ``first`` left its pod known and its lane on that pod;
+        while the lane is warm and not ``switching``, a like call is judged, and is neither a
+        connection sample nor a pod switch. The verdict is settled (``_settled``) on what it
+        reads now, and stays so: the window is full and its oldest call is like them, so its
+        totals stay (``version`` too); a call that would age out more calls than that oldest
+        one, or falls due to prune, breaks the run and is judged in full. A call in time order
+        cannot reach back into a recent rotation, which ``_settled_on`` reads (a thread may
+        queue its call after a later one).
+
+        The steady state of a pinned channel: 32 threads' calls on one channel are judged as
+        one call and a few comparisons each.
+        """
+        pod, _, _, _, _, last_at, _, lane = first
+        if (
+            pod is None
+            or lane is None
+            or not lane.warm  # like calls would fall in the lane's warm-up too
+            or lane.switching
+        ):
+            return
+        samples = self._window.samples
+        if len(samples) < max(self._window.max_calls, 2) or self._settled != self._settled_on(lane):
+            return
+        counted = self._counted
+        max_age_s = self._window.max_age_s
+        unit_s = self.config.stream_unit_s
+        prune_at = self._next_prune
+        taken = 0
+        while counted:
+            call_pod, duration_s, stream, call_l7, call_malformed, at, call_warming, call_lane = (
+                counted[0]
+            )
+            oldest = samples[0]
+            if (
+                call_lane is not lane
+                or call_pod != pod
+                or call_l7
+                or call_malformed
+                or call_warming
+                or (stream and duration_s > unit_s)  # weighs more than one call
+                or at < last_at
+                or at >= prune_at
+                or oldest[1] != pod
+                or oldest[2] != 1
+                or oldest[3]
+                # The next oldest ages out too (one alone leaving and a like call coming is
+                # what the swap does).
+                or samples[1][0] < at - max_age_s
+            ):
+                break
+            counted.popleft()
+            samples.popleft()
+            samples.append((at, pod, 1, 0))
+            taken += 1
+            last_at = at
+        if taken:
+            self._known[pod] = last_at
+            lane.steady(taken, last_at)
 
     def _add(
         self,
@@ -434,6 +502,10 @@ class AffinityDetector:
         calls = len(window)
         top_share = self._top_share = window.top_share
         self._by_flags = False
+        if not window.identified_calls and not window.l7_calls:
+            # Per-request flags alone, on calls that name no pod: nothing to judge, or the
+            # state would go stale (``_go_stale``) on the next call, and back, call after call.
+            return AffinityState.UNVERIFIED
         if calls >= cfg.min_samples:
             if window.l7_calls >= cfg.l7_enter_share * calls:
                 self._by_flags = True

@@ -134,6 +134,19 @@ class Lane:
         self.rotated_at = at
         return LaneStep.ROTATED
 
+    @property
+    def switching(self) -> bool:
+        """Whether any of the last 32 identified calls switched pods (``per_request`` may
+        still be False: too few did)."""
+        return self._recent != 0
+
+    def steady(self, calls: int, at: float) -> None:
+        """``calls`` identified calls on the lane's pod, the last ending ``at``: what ``see``
+        does for each while the lane is not ``switching``."""
+        self.calls += calls
+        self.run += calls
+        self.last_at = at
+
     def _remember(self, pod: str) -> None:
         if len(self.pods) < _LANE_PODS:
             self.pods.add(pod)

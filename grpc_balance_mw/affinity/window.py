@@ -39,6 +39,13 @@ class PodWindow:
     def __len__(self) -> int:
         return len(self._samples)
 
+    @property
+    def samples(self) -> deque[_Sample]:
+        """The calls, oldest first, as ``(at, pod, weight, flags)``. Changed only here, and by
+        the detector's path for like calls, which swaps the oldest call for one like it and so
+        leaves every total as it is (``AffinityDetector._take_like_calls``)."""
+        return self._samples
+
     def add(self, pod: str | None, weight: int, flags: int, now: float) -> None:
         samples = self._samples
         if len(samples) >= self.max_calls:
