@@ -186,18 +186,18 @@ class _CountedUnaryResponse(_UnaryResponse):
         compression: Any = None,
     ) -> Any:
         observer = self._observer
-        started = observer.clock()
         blocking = self._blocking
-        if blocking is not None:
+        if blocking is not None:  # unary-unary: no duration to weigh, no clock to read first
             try:
                 state, core_call = blocking(
                     request, timeout, metadata, credentials, wait_for_ready, compression
                 )
             except BaseException as error:  # e.g. the request did not serialize
-                self._count_failed(started, error)
+                self._count_failed(None, error)
                 raise
-            observer.count(started, self._stream, state.initial_metadata, state.trailing_metadata)
+            observer.count(None, False, state.initial_metadata, state.trailing_metadata)
             return self._end(state, core_call, False, None)  # type: ignore[misc]
+        started = observer.clock()
         try:
             response, call = self._inner.with_call(
                 request, timeout, metadata, credentials, wait_for_ready, compression
@@ -209,7 +209,7 @@ class _CountedUnaryResponse(_UnaryResponse):
         observer.count(started, self._stream, headers, trailers)
         return response
 
-    def _count_failed(self, started: float, error: BaseException) -> None:
+    def _count_failed(self, started: float | None, error: BaseException) -> None:
         """Count a call that raised: its metadata if the error is the call, else none."""
         failed = as_call(error)
         if failed is None:

@@ -340,9 +340,9 @@ def _batched_steps(rng: random.Random, pods: list[str | None], config: AffinityC
 
 
 def _replay_batched(seed: int) -> _Moves:
-    """Feed one seed's random calls through ``count`` (judged in batches, by readers at
-    random moments and whenever 32 wait) and through ``record`` to a detector that judges
-    every call in full on arrival; assert they agree throughout."""
+    """Feed one seed's random calls through ``count`` (judged in batches: by readers at
+    random moments, and whenever ``JUDGE_EVERY_CALLS`` wait) and through ``record`` to a
+    detector that judges every call in full on arrival; assert they agree throughout."""
     rng = random.Random(1000 + seed)
     config = rng.choice(_BATCHED)
     clock = [0.0]
@@ -430,3 +430,22 @@ def test_like_calls_that_age_several_calls_out_are_judged_in_full() -> None:
             detector.count("a", 0.0, False, False, False, at, False, pinned)
         assert detector.snapshot(now=1.01).state is AffinityState.SKEWED
         assert detector.moves[-1] == (1.0055, "pinned", "skewed")
+
+
+def test_like_calls_of_a_lane_in_its_warm_up_stay_out_of_the_window() -> None:
+    """A second channel joins a pinned one's target: its first calls fall in its warm-up and
+    only teach the pods, even when they queue behind one another like the pinned lane's."""
+    config = AffinityConfig(window_calls=10, min_samples=3, dwell_calls=1, warmup_s=1)
+    for detector in (
+        _Moves("charge-points.ev.svc:50051", config, clock=lambda: 2.0),
+        _MovesJudgingEveryCall("charge-points.ev.svc:50051", config, clock=lambda: 2.0),
+    ):
+        pinned, joining = Lane("pinned"), Lane("joining")
+        detector.record("a", now=0.0, lane=pinned)
+        for index in range(10):
+            detector.record("a", now=1.0 + index / 1000, lane=pinned)
+        detector.record("a", now=1.1, lane=joining)  # its first call: a connection sample
+        detector.record("a", now=1.101, lane=pinned)  # the verdict settles on it
+        for at in (1.102, 1.103, 1.104):
+            detector.count("a", 0.0, False, False, False, at, False, joining)
+        assert detector.snapshot(now=1.2).warmup_calls == 5, type(detector).__name__

@@ -26,7 +26,7 @@ Clock = Callable[[], float]
 #: Stale known pods are looked for at most this often, to keep ``record`` O(1) in the pod count.
 _PRUNE_EVERY_S = 1.0
 #: Calls counted with ``count`` are judged at the latest once this many wait.
-JUDGE_EVERY_CALLS = 32
+JUDGE_EVERY_CALLS = 64
 #: The most one stream weighs, in calls (``AffinityConfig.stream_unit_s`` each): about eleven
 #: days of 1 s units, so a duration that is infinite (or absurd) cannot make shares NaN.
 MAX_STREAM_WEIGHT = 1e6

@@ -309,7 +309,7 @@ class CallObserver:
 
     def count(
         self,
-        started: float,
+        started: float | None,
         stream: bool,
         initial: Metadata | None,
         trailing: Metadata | Callable[[], Metadata | None] | None,
@@ -317,7 +317,8 @@ class CallObserver:
         lane: Lane | None = None,
     ) -> PodReading:
         """Detection only (no telemetry): count a call that began at ``started`` and ended now,
-        on ``lane`` (default: this observer's own).
+        on ``lane`` (default: this observer's own). ``started`` may be None for a unary call:
+        its duration weighs nothing (only a stream's does), and reading the clock for it costs.
 
         The lean way in for adapters on the hot path: no :class:`ObservedCall`, and the
         detector judges the call later, without its lock (``AffinityDetector.count``).
@@ -331,12 +332,12 @@ class CallObserver:
             trailer = None
         if trailer is None:  # read in full: new headers, trailers not seen yet or to fetch
             reading = self.read_pod(initial, trailing, seen)
-        elif trailer is not _NOTHING:
+        elif trailer is not reading and trailer is not _NOTHING:  # (a pod stamps both alike)
             reading = merge_readings(reading, trailer)
         now = self.clock()
         self.detector.count(
             reading.pod,
-            now - started,
+            0.0 if started is None else now - started,
             stream,
             reading.l7,
             reading.malformed,
