@@ -20,6 +20,8 @@ alone at 3 and 3,000 pods. Part of ``grpc-balance overhead``.
 from __future__ import annotations
 
 import asyncio
+import gc
+import random
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -77,6 +79,11 @@ class _Providers:
             telemetry=self.telemetry() if telemetry else None,
         )
 
+    def flush(self) -> None:
+        """Export the spans still batched: inside a variant's measured time, so that no
+        variant's spans are exported (and charged) during the next variant's."""
+        self.tracer.force_flush()
+
     def shutdown(self) -> None:
         self.tracer.shutdown()
         self.meter.shutdown()
@@ -97,52 +104,74 @@ def _sync_variants(channel: grpc.Channel, providers: _Providers) -> dict[str, An
     }
 
 
-def _threads(channel: Any, threads: int, calls_each: int) -> tuple[float, float]:
+def _threads(
+    pool: ThreadPoolExecutor,
+    channel: Any,
+    threads: int,
+    calls_each: int,
+    flush: Callable[[], object] = lambda: None,
+) -> tuple[float, float]:
     rpc = pb_grpc.ChargePointsStub(channel).GetChargePoint  # type: ignore[no-untyped-call]
 
     def work() -> None:
         for _ in range(calls_each):
             rpc(_REQUEST, timeout=10)
 
+    gc.collect()  # no variant collects another's garbage
     cpu, wall = time.process_time(), time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        for done in [pool.submit(work) for _ in range(threads)]:
-            done.result()
+    for done in [pool.submit(work) for _ in range(threads)]:
+        done.result()
+    flush()
     calls = threads * calls_each
     return (time.process_time() - cpu) / calls * 1e6, (time.perf_counter() - wall) / calls * 1e6
 
 
-async def _tasks(channel: Any, tasks: int, calls_each: int) -> tuple[float, float]:
+async def _tasks(
+    channel: Any, tasks: int, calls_each: int, flush: Callable[[], object] = lambda: None
+) -> tuple[float, float]:
     rpc = pb_grpc.ChargePointsStub(channel).GetChargePoint  # type: ignore[no-untyped-call]
 
     async def work() -> None:
         for _ in range(calls_each):
             await rpc(_REQUEST, timeout=10)
 
+    gc.collect()
     cpu, wall = time.process_time(), time.perf_counter()
     await asyncio.gather(*(work() for _ in range(tasks)))
+    flush()
     calls = tasks * calls_each
     return (time.process_time() - cpu) / calls * 1e6, (time.perf_counter() - wall) / calls * 1e6
 
 
 def _rotated(names: list[str], index: int) -> list[str]:
-    return names[index % len(names) :] + names[: index % len(names)]
+    """Round ``index``'s order: each variant first as often as the others, and after a
+    different one from round to round (a fixed rotation always ran ``bare`` after
+    ``otel-grpc``)."""
+    first = index % len(names)
+    rest = names[:first] + names[first + 1 :]
+    random.Random(index).shuffle(rest)
+    return [names[first], *rest]
 
 
 def measure_threads(target: str, rounds: int, threads: int, calls_each: int) -> Figures:
     """``threads`` threads on one sync channel per variant, interleaved round by round."""
     providers = _Providers()
     figures: Figures = {name: [] for name in VARIANTS}
+    # One pool for every round: its threads are started once, not in each variant's time.
+    pool = ThreadPoolExecutor(threads)
     try:
         with grpc.insecure_channel(target) as channel:
             variants = _sync_variants(channel, providers)
             for variant in variants.values():
-                _threads(variant, min(threads, 4), 20)  # warm every path
+                _threads(pool, variant, threads, 5)  # warm every path, start every thread
             for index in range(rounds):
                 progress(f"{threads} threads, round {index + 1}/{rounds}")
                 for name in _rotated(list(variants), index):
-                    figures[name].append(_threads(variants[name], threads, calls_each))
+                    figures[name].append(
+                        _threads(pool, variants[name], threads, calls_each, providers.flush)
+                    )
     finally:
+        pool.shutdown()
         providers.shutdown()
     return figures
 
@@ -177,7 +206,9 @@ async def _measure_tasks(target: str, rounds: int, tasks: int, calls_each: int) 
         for index in range(rounds):
             progress(f"{tasks} aio tasks, round {index + 1}/{rounds}")
             for name in _rotated(list(channels), index):
-                figures[name].append(await _tasks(channels[name], tasks, calls_each))
+                figures[name].append(
+                    await _tasks(channels[name], tasks, calls_each, providers.flush)
+                )
     finally:
         unique = {id(channel): channel for channel in channels.values()}.values()
         closing: list[Awaitable[None]] = [channel.close() for channel in unique]
