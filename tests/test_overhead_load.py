@@ -11,7 +11,10 @@ from grpc_balance_mw.cli import overhead_load
 def test_many_callers_measure_every_variant_on_a_real_pod(sync_pod: SyncPod) -> None:
     threads = overhead_load.measure_threads(sync_pod.target, rounds=1, threads=2, calls_each=3)
     tasks = overhead_load.measure_tasks(sync_pod.target, rounds=1, tasks=3, calls_each=2)
-    for figures in (threads, tasks):
+    interleaved = overhead_load.measure_threads_interleaved(
+        sync_pod.target, rounds=1, threads=2, iterations=2
+    )
+    for figures in (threads, tasks, interleaved):
         assert list(figures) == list(overhead_load.VARIANTS)
         assert all(
             len(rows) == 1 and rows[0][0] >= 0 and rows[0][1] > 0 for rows in figures.values()

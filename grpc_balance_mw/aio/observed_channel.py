@@ -84,7 +84,8 @@ class _Observed:
     ) -> Any:
         observer = self._observer
         if observer.telemetry is None:
-            started = observer.clock()
+            # A unary call's duration weighs nothing: no clock to read, no partial to build.
+            started = observer.clock() if self._stream else None
             call = self._inner(
                 request,
                 timeout=timeout,
@@ -93,7 +94,9 @@ class _Observed:
                 wait_for_ready=wait_for_ready,
                 compression=compression,
             )
-            call.add_done_callback(partial(self._counted, started))
+            call.add_done_callback(
+                self._counted_unary if started is None else partial(self._counted, started)
+            )
             return call
         observed = observer.begin(self._method, self._kind)
         try:
@@ -111,7 +114,10 @@ class _Observed:
         call.add_done_callback(partial(self._finished, observed))
         return call
 
-    def _counted(self, started: float, call: Any) -> None:
+    def _counted_unary(self, call: Any) -> None:
+        self._counted(None, call)
+
+    def _counted(self, started: float | None, call: Any) -> None:
         state = _final_state(call)
         if state is not None:  # the usual case, on every call: no closure built for it
             self._observer.count(started, self._stream, state[0], state[1])

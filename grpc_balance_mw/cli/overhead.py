@@ -277,6 +277,17 @@ def _load(target: str, args: argparse.Namespace, detector: str) -> None:
         threads_call_cpu = statistics.median(cpu for cpu, _ in figures["bare"])
         print()
         print(overhead_load.report(f"{args.threads} threads on one sync channel", figures))
+        figures = overhead_load.measure_threads_interleaved(target, rounds, args.threads, 10)
+        print()
+        print(
+            overhead_load.report(
+                f"{args.threads} threads on one sync channel, every variant in turn on each "
+                "thread (each call timed by its thread's CPU clock)",
+                figures,
+                cpu_of="callers' CPU",
+                wall_is="latency us",
+            )
+        )
     if args.aio_tasks:
         figures = overhead_load.measure_tasks(target, rounds, args.aio_tasks, 4)
         print()
