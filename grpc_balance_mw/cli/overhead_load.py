@@ -181,7 +181,7 @@ def measure_threads(target: str, rounds: int, threads: int, calls_each: int) -> 
 
 def measure_threads_interleaved(target: str, rounds: int, threads: int, iterations: int) -> Figures:
     """``threads`` threads on one sync channel, each calling every variant in turn
-    ``iterations`` times per round (in an order that turns with the thread and the iteration),
+    ``iterations`` times per round (in an order shuffled each time),
     timing each call by its thread's CPU clock: every variant runs under the same contention
     at once, so a round's ratios do not carry the swings between rounds. What it leaves out is
     the work of gRPC's own threads, the same for every variant (so ratios come out larger)."""
@@ -200,9 +200,12 @@ def measure_threads_interleaved(target: str, rounds: int, threads: int, iteratio
             def work(turn: int, times: int) -> list[tuple[int, int]]:
                 spent = [(0, 0)] * count
                 cpu_clock, wall_clock = time.thread_time_ns, time.perf_counter_ns
-                for iteration in range(times):
-                    first = (turn + iteration) % count
-                    for index in (*range(first, count), *range(first)):
+                order, shuffle = list(range(count)), random.Random(turn).shuffle
+                for _ in range(times):
+                    # A new order each time: no variant always follows the same one (after
+                    # otel-grpc's spans, a bare call ran 1-2 % dearer than after another bare).
+                    shuffle(order)
+                    for index in order:
                         cpu, wall = cpu_clock(), wall_clock()
                         rpcs[index](_REQUEST, timeout=10)
                         took_cpu, took_wall = spent[index]
