@@ -139,6 +139,47 @@ def test_ctrl_c_stops_cleanly_with_130() -> None:
     assert out == ""
 
 
+def test_ctrl_c_among_many_callers_ends_the_calls_in_flight_and_leaves_no_process() -> None:
+    """Ctrl-C from a terminal reaches the whole process group, the pod process too, while 32
+    threads have calls in flight to it: the pod ends them as it stops (it used to leave them to
+    their 10 s deadline, and could print a traceback from its server's threads), and nothing
+    stays."""
+    mark = f"GRPC_BALANCE_CLI_TEST={os.getpid()}-{time.monotonic_ns()}"
+    key, value = mark.split("=")
+    process = subprocess.Popen(
+        [*COMMAND, "overhead", "--rounds", "100", "--calls", "5", "--warmup", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a process group of its own, as a terminal's job is
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        env={**os.environ, key: value},
+    )
+    try:
+        assert process.stderr is not None
+        deadline = time.monotonic() + 120
+        while "32 threads, round 2/" not in process.stderr.readline():
+            assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.2)  # calls in flight
+        os.killpg(process.pid, signal.SIGINT)
+        interrupted = time.monotonic()
+        _, err = process.communicate(timeout=60)
+        # Liveness, not speed: stopping takes well under a second; waiting out the calls'
+        # deadline takes 10 s.
+        assert time.monotonic() - interrupted < 8, "the calls in flight waited for their deadline"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().endswith("grpc-balance: interrupted")
+    deadline = time.monotonic() + 10
+    while processes_marked(mark) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_marked(mark) == []
+
+
 def processes_marked(mark: str) -> list[int]:
     """Live processes whose environment carries ``mark`` (children inherit it)."""
     found = []

@@ -88,9 +88,11 @@ def serve() -> None:
     pb_grpc.add_ChargePointsServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    print(f"READY {port}", flush=True)
-    sys.stdin.read()  # until the parent closes our stdin
-    server.stop(None)
+    try:
+        print(f"READY {port}", flush=True)
+        sys.stdin.read()  # until the parent closes our stdin
+    finally:  # Ctrl-C too: end the calls in flight at once, not at their callers' deadline
+        server.stop(None)
 
 
 #: Measure the steady state: every call judged from the first (no warm-up).
