@@ -160,10 +160,11 @@ def measure_threads(target: str, rounds: int, threads: int, calls_each: int) -> 
     """``threads`` threads on one sync channel per variant, interleaved round by round."""
     providers = _Providers()
     figures: Figures = {name: [] for name in VARIANTS}
-    # One pool for every round: its threads are started once, not in each variant's time.
-    pool = ThreadPoolExecutor(threads)
     try:
-        with grpc.insecure_channel(target) as channel:
+        # One pool for every round: its threads are started once, not in each variant's time.
+        # It ends before the channel closes: calls in flight then end with the channel's pod
+        # (a closed channel left a blocking call to its deadline on grpcio 1.50).
+        with grpc.insecure_channel(target) as channel, ThreadPoolExecutor(threads) as pool:
             variants = _sync_variants(channel, providers)
             for variant in variants.values():
                 _threads(pool, variant, threads, 5)  # warm every path, start every thread
@@ -174,7 +175,6 @@ def measure_threads(target: str, rounds: int, threads: int, calls_each: int) -> 
                         _threads(pool, variants[name], threads, calls_each, providers.flush)
                     )
     finally:
-        pool.shutdown()
         providers.shutdown()
     return figures
 
@@ -187,9 +187,8 @@ def measure_threads_interleaved(target: str, rounds: int, threads: int, iteratio
     the work of gRPC's own threads, the same for every variant (so ratios come out larger)."""
     providers = _Providers()
     figures: Figures = {name: [] for name in VARIANTS}
-    pool = ThreadPoolExecutor(threads)
     try:
-        with grpc.insecure_channel(target) as channel:
+        with grpc.insecure_channel(target) as channel, ThreadPoolExecutor(threads) as pool:
             variants = _sync_variants(channel, providers)
             rpcs = [
                 pb_grpc.ChargePointsStub(variant).GetChargePoint  # type: ignore[no-untyped-call]
@@ -232,7 +231,6 @@ def measure_threads_interleaved(target: str, rounds: int, threads: int, iteratio
                 for name, (cpu, wall) in zip(variants, totals, strict=True):
                     figures[name].append((cpu / calls / 1000, wall / calls / 1000))
     finally:
-        pool.shutdown()
         providers.shutdown()
     return figures
 
