@@ -220,6 +220,23 @@ def _random_steps(rng: random.Random, pods: list[str | None]) -> list[tuple[Any,
     return steps
 
 
+def _change_facts(
+    detectors: tuple[AffinityDetector, ...], operation: str, args: list[Any], now: float
+) -> bool:
+    """Apply a step that changes what the detectors know of the pods (expected, known, DNS)
+    to each of them; False for a step of calls."""
+    for detector in detectors:
+        if operation == "expected":
+            detector.expected_pods = args[0]
+        elif operation == "known":
+            detector.add_known_pods(args[0], now=now)
+        elif operation == "dns":
+            detector.set_dns_answer(args[0])
+        else:
+            return False
+    return True
+
+
 @pytest.mark.parametrize("seed", range(100))
 def test_a_settled_verdict_is_the_verdict_judging_in_full_would_give(seed: int) -> None:
     """The detector skips working out the verdict while nothing it reads has changed since the
@@ -253,15 +270,7 @@ def _replay(seed: int) -> _Counting:
     pods: list[str | None] = ["a", "a", None] if seed % 2 else [None, "a", "a", "b", "c", "d"]
     for _ in range(20):
         for operation, *args in _random_steps(rng, pods):
-            if operation == "expected":
-                fast.expected_pods = full.expected_pods = args[0]
-            elif operation == "known":
-                for detector in both:
-                    detector.add_known_pods(args[0], now=clock[0])
-            elif operation == "dns":
-                for detector in both:
-                    detector.set_dns_answer(args[0])
-            else:
+            if not _change_facts(both, operation, args, clock[0]):
                 pod, lane, times, gap, l7 = args
                 for index in range(times):
                     clock[0] += gap
@@ -355,15 +364,7 @@ def _replay_batched(seed: int) -> _Moves:
     until_read = rng.randint(1, 80)
     for _ in range(20):
         for operation, *args in _batched_steps(rng, pods, config):
-            if operation == "expected":
-                batched.expected_pods = full.expected_pods = args[0]
-            elif operation == "known":
-                for detector in both:
-                    detector.add_known_pods(args[0], now=clock[0])
-            elif operation == "dns":
-                for detector in both:
-                    detector.set_dns_answer(args[0])
-            else:
+            if not _change_facts(both, operation, args, clock[0]):
                 pod, lane, times, gap, l7 = args
                 stream = rng.random() < 0.15
                 for index in range(times):

@@ -71,6 +71,8 @@ class _Observed:
         self._method = method
         self._kind = kind
         self._stream = kind != "unary_unary"
+        #: The done-callback of a detection-only unary call: bound once, not per call.
+        self._counted_unary = partial(self._counted, None)
 
     def __call__(
         self,
@@ -113,9 +115,6 @@ class _Observed:
             raise
         call.add_done_callback(partial(self._finished, observed))
         return call
-
-    def _counted_unary(self, call: Any) -> None:
-        self._counted(None, call)
 
     def _counted(self, started: float | None, call: Any) -> None:
         state = _final_state(call)
