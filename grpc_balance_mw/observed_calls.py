@@ -79,31 +79,32 @@ def headers_now(call: Any) -> Any:
     The state is found on grpcio's calls, through interceptor outcomes (``_call``) and through
     :class:`ObservedStream`; any other kind of call answers None rather than risk the wait.
     """
-    for _ in range(4):
-        state = getattr(call, "_state", None)
-        if state is not None:
-            return getattr(state, "initial_metadata", None)
-        call = getattr(call, "_call", None)
-        if call is None:
-            break
-    return None
+    return getattr(_state_of(call), "initial_metadata", None)
 
 
 def metadata_now(call: Any) -> tuple[Any, Any]:
     """``(headers_now(call), trailers)`` with one walk to the call's state, for the
     detection-only done-callback: the trailers off the state once the call has ended, else the
     call's ``trailing_metadata`` method (for the observer to ask when it reads them)."""
-    inner = call
+    state = _state_of(call)
+    if state is None:
+        return None, call.trailing_metadata
+    ended = getattr(state, "code", None) is not None
+    trailers = state.trailing_metadata if ended else call.trailing_metadata
+    return getattr(state, "initial_metadata", None), trailers
+
+
+def _state_of(call: Any) -> Any:
+    """grpcio's state of ``call``, through interceptor outcomes (``_call``) and
+    :class:`ObservedStream`; None for any other kind of call."""
     for _ in range(4):
-        state = getattr(inner, "_state", None)
+        state = getattr(call, "_state", None)
         if state is not None:
-            ended = getattr(state, "code", None) is not None
-            trailers = state.trailing_metadata if ended else call.trailing_metadata
-            return getattr(state, "initial_metadata", None), trailers
-        inner = getattr(inner, "_call", None)
-        if inner is None:
+            return state
+        call = getattr(call, "_call", None)
+        if call is None:
             break
-    return None, call.trailing_metadata
+    return None
 
 
 def finish_call(
