@@ -4,6 +4,8 @@ kind observed without changing it, calls that end before any header, instrumente
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -12,7 +14,9 @@ from conftest import IDENTITY, AioPod
 
 from grpc_balance_mw.affinity import AffinityConfig, AffinityRegistry
 from grpc_balance_mw.aio.observed_channel import ObservedChannel as AioObservedChannel
+from grpc_balance_mw.aio.observed_channel import observe as observe_aio
 from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.identity import PodIdentity
 from grpc_balance_mw.observed_channel import observe
 from grpc_balance_mw.observing import ObserveOptions, build_observer, channel_target
 
@@ -115,3 +119,53 @@ async def test_aio_wrapper_returns_a_missing_method_status_in_time(
 async def _drain(call: object) -> None:
     async for _ in call:  # type: ignore[attr-defined]
         pass
+
+
+_POD_A = PodIdentity("pod-a", "10.0.0.1", "ev")
+_POD_B = PodIdentity("pod-b", "10.0.0.2", "ev")
+#: Per request: the trailers a pod that names itself pod-a in its headers sends.
+_TRAILERS = {b"a": _POD_A.to_metadata(), b"b": _POD_B.to_metadata(), b"-": ()}
+#: Calls like one seen before, then trailers that contradict the headers, name nothing, agree.
+_SEQUENCE = [b"a", b"a", b"a", b"b", b"-", b"a", b"b", b"b", b"a", b"-"]
+
+
+@pytest.fixture
+def trailers_pod() -> Iterator[str]:
+    """A pod that names itself pod-a in its headers, and in its trailers what the request says."""
+
+    def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.send_initial_metadata(_POD_A.to_metadata())
+        context.set_trailing_metadata(_TRAILERS[request])
+        return request
+
+    server = grpc.server(ThreadPoolExecutor(2))
+    handler = grpc.unary_unary_rpc_method_handler(unary)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.T", {"U": handler})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+async def test_trailers_that_contradict_headers_seen_before_are_malformed(
+    trailers_pod: str,
+) -> None:
+    """A unary call whose headers were seen before is counted the short way; its trailers are
+    still read: naming another pod makes it malformed, naming none or the same pod does not."""
+    options = ObserveOptions(registry=AffinityRegistry(NO_WARMUP))
+    with observe(grpc.insecure_channel(trailers_pod), options) as channel:
+        call = channel.unary_unary("/t.T/U")
+        for request in _SEQUENCE:
+            assert call(request, timeout=5) == request
+        sync = channel.detector.snapshot()
+    aio_options = options.but(registry=AffinityRegistry(NO_WARMUP))
+    async with observe_aio(grpc.aio.insecure_channel(trailers_pod), aio_options) as channel:
+        call = channel.unary_unary("/t.T/U")
+        for request in _SEQUENCE:
+            assert await call(request, timeout=5) == request
+        aio = channel.detector.snapshot()
+    for snapshot in (sync, aio):
+        assert snapshot.malformed_calls == _SEQUENCE.count(b"b")
+        assert snapshot.calls == len(_SEQUENCE)
+        assert set(snapshot.pods) == {"pod-a"} and "pod-b" not in snapshot.known_pods
+        assert snapshot.pods["pod-a"].calls == len(_SEQUENCE) - _SEQUENCE.count(b"b")

@@ -305,9 +305,9 @@ class _Moves(AffinityDetector):
         return transition
 
     def _take_like_calls(self, first: Any) -> None:
-        waiting = len(self._counted)
+        waiting = len(self.waiting)
         super()._take_like_calls(first)
-        self.like_calls += waiting - len(self._counted)
+        self.like_calls += waiting - len(self.waiting)
 
 
 class _MovesJudgingEveryCall(_Moves, _JudgesEveryCall):
@@ -349,7 +349,7 @@ def _batched_steps(rng: random.Random, pods: list[str | None], config: AffinityC
 
 
 def _replay_batched(seed: int) -> _Moves:
-    """Feed one seed's random calls through ``count`` (judged in batches: by readers at
+    """Feed one seed's random calls through ``count_as`` (judged in batches: by readers at
     random moments, and whenever ``JUDGE_EVERY_CALLS`` wait) and through ``record`` to a
     detector that judges every call in full on arrival; assert they agree throughout."""
     rng = random.Random(1000 + seed)
@@ -362,6 +362,9 @@ def _replay_batched(seed: int) -> _Moves:
     lanes = {id(d): [Lane(f"lane-{i}") for i in range(4)] for d in both}
     pods: list[str | None] = rng.choice([["a", "a", None], [None, "a", "a", "b", "c", "d"]])
     until_read = rng.randint(1, 80)
+    # As an observer counts (``count_as``): one tuple for every call like another, so that
+    # like calls are told by identity; and as ``count`` does, a tuple of its own per call.
+    shared: dict[tuple[Any, ...], tuple[Any, ...]] = {}
     for _ in range(20):
         for operation, *args in _batched_steps(rng, pods, config):
             if not _change_facts(both, operation, args, clock[0]):
@@ -376,7 +379,10 @@ def _replay_batched(seed: int) -> _Moves:
                     malformed = rng.random() < 0.02
                     warming = rng.random() < 0.02
                     on = lanes[id(batched)][lane]
-                    batched.count(served, duration, stream, l7, malformed, at, warming, on)
+                    what = (served, duration, stream, l7, malformed, warming, on)
+                    if rng.random() < 0.7:
+                        what = shared.setdefault(what, what)
+                    batched.count_as(what, at)
                     on = lanes[id(full)][lane]
                     full.record(
                         served,
@@ -450,3 +456,48 @@ def test_like_calls_of_a_lane_in_its_warm_up_stay_out_of_the_window() -> None:
         for at in (1.102, 1.103, 1.104):
             detector.count("a", 0.0, False, False, False, at, False, joining)
         assert detector.snapshot(now=1.2).warmup_calls == 5, type(detector).__name__
+
+
+#: Metadata blocks a pod (or what stands before it) may send, in headers or in trailers.
+_BLOCKS: list[Any] = [
+    None,
+    (),
+    ((POD_HEADER, "pod-a"), ("x-balance-pod-ip", "10.0.0.1")),
+    ((POD_HEADER, "pod-b"),),
+    ((POD_HEADER, "pod-a"), ("server", "envoy")),
+    ((POD_HEADER, "pod-a"), (POD_HEADER, "pod-b")),  # a header repeated, contradicting itself
+    (("content-type", "application/grpc"),),
+    [(POD_HEADER, "pod-a")],  # not a tuple: read each time, never cached
+]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_unary_calls_counted_the_short_way_count_as_the_long_way(seed: int) -> None:
+    """``CallObserver.count_unary`` (what ``observe()``'s unary calls take, from a cache of
+    headers seen with their trailers) moves its detector exactly as ``count(None, False, ...)``
+    does, whatever the headers and trailers: trailers that contradict headers seen before are
+    malformed, trailers that name the pod add nothing, headers never seen are read."""
+    rng = random.Random(seed)
+    clock = [0.0]
+    config = rng.choice(_BATCHED)
+    short, long = (_Moves("10.0.0.1:80", config, clock=lambda: clock[0]) for _ in range(2))
+    observers = [CallObserver(d, lane="lane", clock=lambda: clock[0]) for d in (short, long)]
+    headers = rng.sample(_BLOCKS, 4)
+    for index in range(600):
+        clock[0] += rng.choice([0.001, 0.01, 0.3])
+        initial = rng.choice(headers)
+        trailing = initial if rng.random() < 0.6 else rng.choice(_BLOCKS)
+        # As gRPC hands them over: equal blocks, new objects every call.
+        copy = [
+            None if b is None else type(b)(tuple(pair) for pair in b) for b in (initial, trailing)
+        ]
+        observers[0].count_unary(*copy)
+        copy = [
+            None if b is None else type(b)(tuple(pair) for pair in b) for b in (initial, trailing)
+        ]
+        observers[1].count(None, False, *copy)
+        if index % 50 == 49:
+            assert short.moves == long.moves and short.top_share == long.top_share
+    assert short.snapshot(now=clock[0]) == long.snapshot(now=clock[0])
+    assert short.moves == long.moves
+    assert len(observers[0].unary_calls) <= len(headers)  # the cache holds headers seen, no more

@@ -30,9 +30,12 @@ JUDGE_EVERY_CALLS = 64
 #: The most one stream weighs, in calls (``AffinityConfig.stream_unit_s`` each): about eleven
 #: days of 1 s units, so a duration that is infinite (or absurd) cannot make shares NaN.
 MAX_STREAM_WEIGHT = 1e6
-#: One counted call waiting to be judged:
-#: (pod, duration_s, stream, l7, malformed, at, warming, lane).
-_Counted = tuple[str | None, float, bool, bool, bool, float, bool, Lane | None]
+#: What a counted call was: (pod, duration_s, stream, l7, malformed, warming, lane). An observer
+#: hands over one such tuple for all its like calls (``count_as``), so that telling a like call
+#: from another is one identity check.
+Counted = tuple[str | None, float, bool, bool, bool, bool, Lane | None]
+#: One counted call waiting to be judged: (what it was, when it ended).
+_Waiting = tuple[Counted, float]
 #: Lanes remembered at once (the oldest are forgotten first), and pod events kept unread.
 _MAX_LANES = 4096
 _FIRST, _ROTATED = LaneStep.FIRST, LaneStep.ROTATED
@@ -85,7 +88,10 @@ class AffinityDetector:
         self._warmup_calls = 0
         self._top_share = 0.0
         self._next_prune = 0.0
-        self._counted: deque[_Counted] = deque()
+        #: Calls counted (``count``, ``count_as``) and not judged yet, oldest first. A caller on
+        #: a hot path may append ``(what, at)`` itself, as ``count_as`` does, and then call
+        #: ``judge_waiting`` once ``JUDGE_EVERY_CALLS`` wait.
+        self.waiting: deque[_Waiting] = deque()
         self._connections = ConnectionWindow(self.config.window_calls, self.config.window_s)
         self._lanes: dict[Lane, None] = {}
         self._literal_addresses = literal_addresses(target)
@@ -285,19 +291,30 @@ class AffinityDetector:
         For callers that ignore the transition: one that the call causes is returned by the
         next ``record`` instead (if no later transition supersedes it).
         """
-        counted = self._counted
-        counted.append((pod, duration_s, stream, l7, malformed, now, warming, lane))
+        self.count_as((pod, duration_s, stream, l7, malformed, warming, lane), now)
+
+    def count_as(self, what: Counted, now: float) -> None:
+        """``count`` of a call given as one tuple, ``(pod, duration_s, stream, l7, malformed,
+        warming, lane)``: an observer that passes the same tuple for every call like it (same
+        pod, lane and flags) has them judged as one call and an identity check each."""
+        waiting = self.waiting
+        waiting.append((what, now))
+        if len(waiting) >= JUDGE_EVERY_CALLS:
+            self.judge_waiting()
+
+    def judge_waiting(self) -> None:
+        """Judge the calls waiting, unless another thread is at it."""
         # Never wait for the lock here: a thread holding it is judging the queue, this call
         # included or the next batch's. Waiting made a convoy of every caller that finished a
         # call meanwhile (32 threads on one channel: +20 % client CPU on a loaded machine).
-        if len(counted) >= JUDGE_EVERY_CALLS and self._lock.acquire(blocking=False):
+        if self._lock.acquire(blocking=False):
             try:
                 self._judge_counted()
             finally:
                 self._lock.release()
 
     def _catch_up(self) -> None:
-        if self._counted or self._window.ages_out(self._clock()):
+        if self.waiting or self._window.ages_out(self._clock()):
             with self._lock:
                 self._judge_counted()
                 self._expire(self._clock())
@@ -324,10 +341,11 @@ class AffinityDetector:
     def _judge_counted(self) -> Transition | None:
         """Judge the calls that ``count`` queued, oldest first; the lock is held."""
         last = None
-        counted = self._counted
+        counted = self.waiting
         while counted:
             call = counted.popleft()
-            transition = self._add(*call)
+            (pod, duration_s, stream, l7, malformed, warming, lane), at = call
+            transition = self._add(pod, duration_s, stream, l7, malformed, at, warming, lane)
             if transition is not None:
                 last = transition
             elif counted and self._settled is not None:
@@ -336,7 +354,7 @@ class AffinityDetector:
             self._unreported = last
         return last
 
-    def _take_like_calls(self, first: _Counted) -> None:
+    def _take_like_calls(self, first: _Waiting) -> None:
         """Take the queued calls that follow ``first`` and are like it, while judging each in
         full would change nothing but clocks and the order of the window's calls; the lock is
         held, and ``first`` was just counted and did not move the state.
@@ -354,7 +372,8 @@ class AffinityDetector:
         The steady state of a pinned channel: 32 threads' calls on one channel are judged as
         one call and a few comparisons each.
         """
-        pod, _, _, _, _, last_at, _, lane = first
+        what, last_at = first
+        pod, _, _, _, _, _, lane = what
         if (
             pod is None
             or lane is None
@@ -365,23 +384,19 @@ class AffinityDetector:
         samples = self._window.samples
         if len(samples) < max(self._window.max_calls, 2) or self._settled != self._settled_on(lane):
             return
-        counted = self._counted
-        max_age_s = self._window.max_age_s
         unit_s = self.config.stream_unit_s
+        # Calls counted as the very tuple ``first`` was (one observer's like calls) are like
+        # it by identity, if it is like itself.
+        like = what if _is_like(what, pod, lane, unit_s) else None
+        counted = self.waiting
+        max_age_s = self._window.max_age_s
         prune_at = self._next_prune
         taken = 0
         while counted:
-            call_pod, duration_s, stream, call_l7, call_malformed, at, call_warming, call_lane = (
-                counted[0]
-            )
+            call_what, at = counted[0]
             oldest = samples[0]
             if (
-                call_lane is not lane
-                or call_pod != pod
-                or call_l7
-                or call_malformed
-                or call_warming
-                or (stream and duration_s > unit_s)  # weighs more than one call
+                (call_what is not like and not _is_like(call_what, pod, lane, unit_s))
                 or at < last_at
                 or at >= prune_at
                 or oldest[1] != pod
@@ -733,3 +748,15 @@ class AffinityDetector:
             advice=advice(cause, on_lanes=self._on_lanes > 0) if cause is not None else None,
             known_pods_dropped=self._known_dropped,
         )
+
+
+def _is_like(what: Counted, pod: str, lane: Lane, unit_s: float) -> bool:
+    """Whether a counted call is like a judged one on ``pod`` and ``lane``: the same lane and
+    pod, a unary weight, no L7 headers, not malformed, not warming."""
+    call_pod, duration_s, stream, l7, malformed, warming, call_lane = what
+    return (
+        call_lane is lane
+        and call_pod == pod
+        and not (l7 or malformed or warming)
+        and not (stream and duration_s > unit_s)  # weighs more than one call
+    )

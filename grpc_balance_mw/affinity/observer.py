@@ -12,7 +12,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Protocol
 
-from grpc_balance_mw.affinity.detector import AffinityDetector, Clock
+from grpc_balance_mw.affinity.detector import AffinityDetector, Clock, Counted
 from grpc_balance_mw.affinity.lanes import ChannelLanes, Lane
 from grpc_balance_mw.affinity.state import Transition
 from grpc_balance_mw.errors import MalformedPodHeader
@@ -275,6 +275,13 @@ class CallObserver:
             ChannelLanes(self.lane_evidence) if self.lane_evidence is not None else None
         )
         self._methods: dict[str | bytes, MethodName] = {}
+        #: For ``count_unary``, by initial metadata as gRPC hands it over, when the trailers
+        #: first seen with it added nothing: its reading, those trailers, and what the detector
+        #: is told of such a call (one tuple for all of them, see ``AffinityDetector.count_as``).
+        #: A call that finds its headers here and its trailers equal is counted as
+        #: ``(what, clock())`` in the detector's ``waiting`` queue, whoever counts it
+        #: (``ObservedChannel`` inlines that).
+        self.unary_calls: dict[Any, tuple[PodReading, Any, Counted]] = {}
         self._owns_probe = owns_probe
         #: Owned by ``telemetry``: what it keeps per observer (e.g. span attributes per method)
         #: lives and dies with the observer, so it never outlives a dropped channel.
@@ -348,6 +355,39 @@ class CallObserver:
         if self.probe is not None:
             self.probe.maybe_probe(now)
         return reading
+
+    def count_unary(self, initial: Metadata | None, trailing: Metadata | None) -> None:
+        """``count(None, False, initial, trailing)``: a unary-unary call on this observer's own
+        lane, the hot path of a channel under load. A call whose headers were seen before, with
+        trailers that add nothing, costs a dict lookup, a clock reading and a queue entry."""
+        try:
+            reading, trailers, what = self.unary_calls[initial]
+        except (KeyError, TypeError):  # headers not seen yet, or not a tuple
+            self._count_unary_first(initial, trailing)
+            return
+        if trailing != trailers:
+            trailer = self.reader.by_metadata.get(trailing) if type(trailing) is tuple else None
+            if trailer is not reading and trailer is not _NOTHING:  # not seen yet, or news
+                self.count(None, False, initial, trailing)
+                return
+        now = self.clock()
+        self.detector.count_as(what, now)
+        if self.probe is not None:
+            self.probe.maybe_probe(now)
+
+    def _count_unary_first(self, initial: Metadata | None, trailing: Metadata | None) -> None:
+        reading = self.count(None, False, initial, trailing)
+        if (
+            type(initial) is tuple
+            and (trailing is None or type(trailing) is tuple)
+            # Only headers that say it all: trailers like these, or naming no pod, add nothing.
+            and reading is self.reader.by_metadata.get(initial)
+        ):
+            unary = self.unary_calls
+            if len(unary) >= READINGS_CACHED:  # a server that varies its headers per call
+                unary.clear()
+            what = (reading.pod, 0.0, False, reading.l7, reading.malformed, False)
+            unary[initial] = (reading, trailing, (*what, self.lane_evidence))
 
     def lane_of(self, channel: object | None) -> Lane | None:
         """The lane of the calls made through ``channel``.

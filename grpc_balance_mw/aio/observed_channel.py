@@ -118,10 +118,12 @@ class _Observed:
 
     def _counted(self, started: float | None, call: Any) -> None:
         state = _final_state(call)
-        if state is not None:  # the usual case, on every call: no closure built for it
-            self._observer.count(started, self._stream, state[0], state[1])
-        else:
+        if state is None:
             _follow(call, None, partial(self._observer.count, started, self._stream))
+        elif started is None:  # unary-unary, the usual case: no closure built for it
+            self._observer.count_unary(state[0], state[1])
+        else:
+            self._observer.count(started, self._stream, state[0], state[1])
 
     def _finished(self, observed: ObservedCall, call: Any) -> None:
         state = _final_state(call)
