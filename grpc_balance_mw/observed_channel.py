@@ -175,8 +175,11 @@ class _CountedUnaryResponse(_UnaryResponse):
         end = _core_path(inner) if kind == "unary_unary" else None
         self._blocking: Callable[..., Any] | None = None if end is None else inner._blocking
         self._end = end
-        # What CallObserver.count_unary reads when it has seen a call like this one.
+        # What CallObserver.count_unary reads when it has seen a call like this one; and the
+        # last such call's (headers, trailers, what): the next call's headers are most often
+        # equal, and comparing is cheaper than hashing the new strings gRPC made of them.
         self._unary_calls = observer.unary_calls
+        self._last_unary: tuple[Any, Any, Any] = (None, None, None)
         self._waiting = observer.detector.waiting
 
     def __call__(
@@ -201,10 +204,13 @@ class _CountedUnaryResponse(_UnaryResponse):
             # count_unary, inlined for a call like one seen before: under 32 threads on one
             # channel, every Python frame a call adds is paid several times over in contention.
             initial, trailing = state.initial_metadata, state.trailing_metadata
-            try:
-                _, trailers, what = self._unary_calls[initial]
-            except (KeyError, TypeError):  # not seen yet, or not a tuple
-                trailers = what = None
+            last, trailers, what = self._last_unary
+            if last != initial:
+                try:
+                    _, trailers, what = self._unary_calls[initial]
+                    self._last_unary = (initial, trailers, what)
+                except (KeyError, TypeError):  # not seen yet, or not a tuple
+                    trailers = what = None
             if what is None or trailing != trailers:
                 observer.count_unary(initial, trailing)
             else:
