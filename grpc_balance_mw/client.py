@@ -59,11 +59,28 @@ def channel_of(continuation: Any) -> object | None:
     return None
 
 
-def _count_done(observer: Any, started: float, stream: bool, lane: Any, call: Any) -> None:
+def _count_unary_done(observer: Any, call: Any) -> None:
+    """:func:`_count_done` of a unary-unary call on the observer's own lane."""
+    headers, trailers = metadata_now(call)
+    observer.count_unary(headers, trailers)
+
+
+def _count_done(observer: Any, started: float | None, stream: bool, lane: Any, call: Any) -> None:
     """Count a finished unary-response call, detection only; safe as a done-callback (nothing
     is read by waiting, see :func:`headers_now`)."""
     headers, trailers = metadata_now(call)
     observer.count(started, stream, headers, trailers, lane=lane)
+
+
+def _count_failed(
+    observer: Any, started: float | None, stream: bool, lane: Any, error: BaseException
+) -> None:
+    """Count a call whose continuation raised: its metadata if the error is the call."""
+    failed = as_call(error)
+    if failed is None:
+        observer.count(started, stream, None, None, lane=lane)
+    else:
+        _count_done(observer, started, stream, lane, failed)
 
 
 class AffinityInterceptor(
@@ -95,6 +112,9 @@ class AffinityInterceptor(
 
     def __init__(self, target: str, options: ObserveOptions | None = None) -> None:
         self.observer = build_observer(target, options)
+        #: The done-callback of a detection-only unary-unary call on the observer's own lane
+        #: (the first channel's): bound once, not per call.
+        self._count_unary_done = partial(_count_unary_done, self.observer)
 
     def __repr__(self) -> str:
         return f"<AffinityInterceptor {self.observer!r}>"
@@ -117,11 +137,7 @@ class AffinityInterceptor(
             try:
                 outcome = continuation(details, request)
             except BaseException as error:  # count it as a failed call would be, re-raise
-                failed = as_call(error)
-                if failed is None:
-                    observer.count(started, stream, None, None, lane=lane)
-                else:
-                    _count_done(observer, started, stream, lane, failed)
+                _count_failed(observer, started, stream, lane, error)
                 raise
             outcome.add_done_callback(partial(_count_done, observer, started, stream, lane))
             return outcome
@@ -146,7 +162,23 @@ class AffinityInterceptor(
     def intercept_unary_unary(
         self, continuation: Any, client_call_details: Any, request: Any
     ) -> Any:
-        return self._unary_response(continuation, client_call_details, request, "unary_unary")
+        observer = self.observer
+        if observer.telemetry is not None:
+            return self._unary_response(continuation, client_call_details, request, "unary_unary")
+        # Detection only, the hot path: a unary call's duration weighs nothing (no clock to
+        # read first), and on the first channel's lane it is counted as observe() counts it.
+        lane = observer.lane_of(channel_of(continuation))
+        try:
+            outcome = continuation(client_call_details, request)
+        except BaseException as error:  # count it as a failed call would be, re-raise
+            _count_failed(observer, None, False, lane, error)
+            raise
+        outcome.add_done_callback(
+            self._count_unary_done
+            if lane is observer.lane_evidence
+            else partial(_count_done, observer, None, False, lane)
+        )
+        return outcome
 
     def intercept_unary_stream(
         self, continuation: Any, client_call_details: Any, request: Any

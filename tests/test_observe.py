@@ -15,6 +15,7 @@ from conftest import IDENTITY, AioPod
 from grpc_balance_mw.affinity import AffinityConfig, AffinityRegistry
 from grpc_balance_mw.aio.observed_channel import ObservedChannel as AioObservedChannel
 from grpc_balance_mw.aio.observed_channel import observe as observe_aio
+from grpc_balance_mw.client import affinity_interceptors
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.identity import PodIdentity
 from grpc_balance_mw.observed_channel import observe
@@ -150,8 +151,9 @@ def trailers_pod() -> Iterator[str]:
 async def test_trailers_that_contradict_headers_seen_before_are_malformed(
     trailers_pod: str,
 ) -> None:
-    """A unary call whose headers were seen before is counted the short way; its trailers are
-    still read: naming another pod makes it malformed, naming none or the same pod does not."""
+    """A unary call whose headers were seen before is counted the short way (observe(), sync
+    and aio, and the sync interceptor on its first channel); its trailers are still read:
+    naming another pod makes it malformed, naming none or the same pod does not."""
     options = ObserveOptions(registry=AffinityRegistry(NO_WARMUP))
     with observe(grpc.insecure_channel(trailers_pod), options) as channel:
         call = channel.unary_unary("/t.T/U")
@@ -164,6 +166,18 @@ async def test_trailers_that_contradict_headers_seen_before_are_malformed(
         for request in _SEQUENCE:
             assert await call(request, timeout=5) == request
         aio = channel.detector.snapshot()
+    # The interceptor form, on the first channel (its own lane) and on a second one.
+    interceptors = affinity_interceptors(
+        trailers_pod, options.but(registry=AffinityRegistry(NO_WARMUP))
+    )
+    for _ in range(2):
+        with grpc.intercept_channel(grpc.insecure_channel(trailers_pod), *interceptors) as channel:
+            call = channel.unary_unary("/t.T/U")
+            for request in _SEQUENCE:
+                assert call(request, timeout=5) == request
+    intercepted = interceptors[0].detector.snapshot()
+    assert intercepted.malformed_calls == 2 * _SEQUENCE.count(b"b")
+    assert set(intercepted.pods) == {"pod-a"} and "pod-b" not in intercepted.known_pods
     for snapshot in (sync, aio):
         assert snapshot.malformed_calls == _SEQUENCE.count(b"b")
         assert snapshot.calls == len(_SEQUENCE)
