@@ -3,7 +3,9 @@ sync channel wrapper (``observe_channel``) and the aio interceptors."""
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -23,7 +25,7 @@ from conftest import IDENTITY, AioPod, SyncPod
 
 from grpc_balance_mw.affinity import AffinityRegistry, AffinityState
 from grpc_balance_mw.aio import client as aio_client
-from grpc_balance_mw.client import AffinityInterceptor
+from grpc_balance_mw.client import AffinityInterceptor, channel_of
 from grpc_balance_mw.observed_channel import ObservedChannel, observe
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
@@ -319,3 +321,38 @@ def test_sync_interceptor_is_one_object_for_all_kinds() -> None:
     ):
         assert isinstance(interceptor, kind)
     assert "lane=l0" in repr(interceptor)
+
+
+class _Passes(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(details, request)
+
+
+def test_the_channel_of_each_call_is_found_call_after_call_and_none_is_kept_alive() -> None:
+    """``channel_of`` remembers its last walk: calls alternating between two channels (one
+    under a second interceptor) are each found on their own channel, and a dropped channel is
+    collected (what is remembered is weakly referenced)."""
+    found: list[int] = []
+
+    class Finder(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+        def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+            found.append(id(channel_of(continuation)))
+            return continuation(details, request)
+
+    finder = Finder()
+    first, second = grpc.insecure_channel("127.0.0.1:1"), grpc.insecure_channel("127.0.0.1:1")
+    on_first = grpc.intercept_channel(first, finder).unary_unary("/s.S/M")
+    on_second = grpc.intercept_channel(
+        grpc.intercept_channel(second, finder), _Passes()
+    ).unary_unary("/s.S/M")
+    for call in (on_first, on_first, on_second, on_second, on_first, on_second):
+        with pytest.raises(grpc.RpcError):  # nothing listens there: the call fails at once
+            call(b"", timeout=1)
+    a, b = id(first), id(second)
+    assert found == [a, a, b, b, a, b]
+    second.close()
+    dropped = weakref.ref(second)
+    del on_second, second, call
+    gc.collect()
+    assert dropped() is None
+    first.close()
