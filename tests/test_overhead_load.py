@@ -36,7 +36,8 @@ def test_the_verdicts_read_client_cpu_against_bare_and_otel() -> None:
 
 
 def test_the_detector_bench_runs() -> None:
-    assert overhead_load.detector_cost(3, calls=500) > 0
+    costs = overhead_load.detector_costs((3, 30), calls=500, chunk=100)
+    assert set(costs) == {3, 30} and all(cost > 0 for cost in costs.values())
 
 
 def test_the_report_shows_the_comparison_round_by_round() -> None:
