@@ -12,7 +12,7 @@ Usage::
 (:func:`grpc_balance_mw.client.affinity_interceptors`) but wraps the inner channel's
 multicallables directly: ``grpc.intercept_channel`` wraps every call in a client-call-details
 object, a continuation closure and an outcome future, which alone cost about 1.5 us of CPU per
-call and 2-5 % of a warm unary call's median on loopback (``grpc-balance overhead``). Stubs and
+call and 3.5-4 % of a warm unary call's median on loopback (``grpc-balance overhead``). Stubs and
 ``grpc.intercept_channel`` accept it as they accept any channel. opentelemetry-instrumentation-
 grpc's interceptor, when the instrumentor put it on the channel, is moved back outside this
 wrapper so its span gets the pod.
