@@ -161,7 +161,9 @@ async def test_trailers_that_contradict_headers_seen_before_are_malformed(
             assert call(request, timeout=5) == request
         sync = channel.detector.snapshot()
     aio_options = options.but(registry=AffinityRegistry(NO_WARMUP))
-    async with observe_aio(grpc.aio.insecure_channel(trailers_pod), aio_options) as channel:
+    # target= given: grpcio before 1.5x keeps no target on an aio channel
+    aio_channel = grpc.aio.insecure_channel(trailers_pod)
+    async with observe_aio(aio_channel, aio_options, target=trailers_pod) as channel:
         call = channel.unary_unary("/t.T/U")
         for request in _SEQUENCE:
             assert await call(request, timeout=5) == request
