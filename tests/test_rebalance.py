@@ -9,6 +9,7 @@ Every claim about where calls went is the pods' own count (``cluster.served()``)
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -246,6 +247,14 @@ def test_close_closes_the_lanes_it_opened_and_leaks_nothing(
             assert not left, left
         assert not [t for t in threading.enumerate() if _ours(t)]
         assert threading.active_count() <= threads, threading.enumerate()
+        # gRPC core closes a closed channel's sockets on its own threads: grpcio 1.50's aio
+        # channels left 5-9 of them open for a moment after close() (1 run in 8 failed the
+        # count taken at once). A leak stays; a delayed close is given 5 s to happen.
+        for _ in range(50):
+            if _fds() <= fds + 4:
+                break
+            gc.collect()
+            await asyncio.sleep(0.1)
         assert _fds() <= fds + 4, (fds, _fds())
 
     asyncio.run(main())
