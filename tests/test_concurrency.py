@@ -6,8 +6,15 @@ aio balanced channel made outside a loop belongs to the first loop that uses it.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -30,11 +37,33 @@ def test_one_sync_balanced_channel_serves_many_threads(sync_pod: SyncPod) -> Non
         assert all(lane.in_flight == 0 for lane in channel.pool.lanes)  # every call gave back
 
 
+@pytest.fixture
+def pod_process() -> Iterator[str]:
+    """The target of a pod in a process of its own (``pod_process.py``)."""
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("pod_process.py"))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        yield f"127.0.0.1:{process.stdout.readline().strip()}"
+    finally:
+        assert process.stdin is not None
+        process.stdin.close()  # the pod stops when its stdin closes
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork() with threads running
 def test_across_fork_the_parents_channel_is_refused_in_the_child_and_carries_on(
-    sync_pod: SyncPod,
+    pod_process: str,
 ) -> None:
-    parent = balanced_channel(sync_pod.target, observe=False)
+    parent = balanced_channel(pod_process, observe=False)
     release, taken = threading.Event(), threading.Event()
 
     def hold() -> None:  # a thread inside the pool's lock at the moment of the fork
@@ -59,6 +88,11 @@ def test_across_fork_the_parents_channel_is_refused_in_the_child_and_carries_on(
         assert call_sync(parent, "unary_unary").code is OK
         holder.start()
         assert taken.wait(10)
+        # Fork once no thread is inside gRPC (the pod runs in a process of its own): with the
+        # pool's lock held none can enter it, as the maintenance thread plans and checks under
+        # it. Forked while a thread was inside gRPC, gRPC skips its fork handlers, and a child
+        # once aborted in grpc core.
+        assert _until_no_thread_is_inside_grpc(10)
         try:
             assert _in_child(child) == 0
         finally:
@@ -67,6 +101,31 @@ def test_across_fork_the_parents_channel_is_refused_in_the_child_and_carries_on(
         assert call_sync(parent, "unary_unary").code is OK  # the parent's is untouched
     finally:
         parent.close()
+
+
+def _until_no_thread_is_inside_grpc(timeout_s: float) -> bool:
+    """Wait (bounded) until no other Python thread has grpcio's code on its stack."""
+    grpc_dir = os.path.dirname(grpc.__file__)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        frames = sys._current_frames()
+        inside = [
+            ident
+            for ident, frame in frames.items()
+            if ident != threading.get_ident() and _on_stack(frame, grpc_dir)
+        ]
+        if not inside:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _on_stack(frame: Any, directory: str) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(directory):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def test_an_aio_channel_made_outside_a_loop_belongs_to_the_first_loop_that_uses_it(
