@@ -163,14 +163,20 @@ class AffinityInterceptor(
         observer = self.observer
         if observer.telemetry is None:  # detection only: no ObservedCall, no status code
             lane = observer.lane_of(channel_of(continuation))
-            started = observer.clock()
             stream = kind != "unary_unary"
+            # A unary call's duration weighs nothing: no clock to read first.
+            started = observer.clock() if stream else None
             try:
                 outcome = continuation(details, request)
             except BaseException as error:  # count it as a failed call would be, re-raise
                 _count_failed(observer, started, stream, lane, error)
                 raise
-            outcome.add_done_callback(partial(_count_done, observer, started, stream, lane))
+            # A unary-unary call on the first channel's lane is counted as observe() counts it.
+            outcome.add_done_callback(
+                self._count_unary_done
+                if started is None and lane is observer.lane_evidence
+                else partial(_count_done, observer, started, stream, lane)
+            )
             return outcome
         observed = observer.begin(details.method, kind, channel_of(continuation))
         try:
@@ -193,23 +199,7 @@ class AffinityInterceptor(
     def intercept_unary_unary(
         self, continuation: Any, client_call_details: Any, request: Any
     ) -> Any:
-        observer = self.observer
-        if observer.telemetry is not None:
-            return self._unary_response(continuation, client_call_details, request, "unary_unary")
-        # Detection only, the hot path: a unary call's duration weighs nothing (no clock to
-        # read first), and on the first channel's lane it is counted as observe() counts it.
-        lane = observer.lane_of(channel_of(continuation))
-        try:
-            outcome = continuation(client_call_details, request)
-        except BaseException as error:  # count it as a failed call would be, re-raise
-            _count_failed(observer, None, False, lane, error)
-            raise
-        outcome.add_done_callback(
-            self._count_unary_done
-            if lane is observer.lane_evidence
-            else partial(_count_done, observer, None, False, lane)
-        )
-        return outcome
+        return self._unary_response(continuation, client_call_details, request, "unary_unary")
 
     def intercept_unary_stream(
         self, continuation: Any, client_call_details: Any, request: Any
