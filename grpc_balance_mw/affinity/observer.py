@@ -386,8 +386,16 @@ class CallObserver:
             unary = self.unary_calls
             if len(unary) >= READINGS_CACHED:  # a server that varies its headers per call
                 unary.clear()
-            what = (reading.pod, 0.0, False, reading.l7, reading.malformed, False)
-            unary[initial] = (reading, trailing, (*what, self.lane_evidence))
+            what = (
+                reading.pod,
+                0.0,
+                False,
+                reading.l7,
+                reading.malformed,
+                False,
+                self.lane_evidence,
+            )
+            unary[initial] = (reading, trailing, what)
 
     def lane_of(self, channel: object | None) -> Lane | None:
         """The lane of the calls made through ``channel``.
