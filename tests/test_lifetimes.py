@@ -60,7 +60,8 @@ class BlackHole:
         self.target = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.connected = threading.Event()
         self.accepted: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
 
     def _accept(self) -> None:
         while True:
@@ -72,7 +73,10 @@ class BlackHole:
             self.connected.set()
 
     def close(self) -> None:
+        # close() alone does not wake a thread blocked in accept(); shutdown() does (Linux).
+        self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
+        self._thread.join(5)
         for conn in self.accepted:
             conn.close()
 
