@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import threading
@@ -34,6 +35,22 @@ GET = f"/{SERVICE_NAME}/GetChargePoint"
 WATCH = f"/{SERVICE_NAME}/WatchStatus"
 OK = grpc.StatusCode.OK
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+
+
+def threads_now() -> set[threading.Thread]:
+    """Live threads, grpcio's aio poller aside, after a garbage collection.
+
+    The poller (``_poll_wrapper``) is grpcio's: it starts with the first aio channel object and
+    stops with the last one, when the collector frees it (grpcio 1.50 keeps it until the event
+    loop ends), so its presence says when gc ran, not what this package left.
+    """
+    gc.collect()
+    return {t for t in threading.enumerate() if not t.name.endswith("(_poll_wrapper)")}
+
+
+def threads_left(before: set[threading.Thread]) -> list[str]:
+    """The names of threads alive now that were not in ``before`` (see ``threads_now``)."""
+    return sorted(t.name for t in threads_now() - before)
 
 
 def retry_policy(

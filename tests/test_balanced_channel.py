@@ -22,6 +22,7 @@ import grpc
 import pytest
 from calls import CALL_KINDS, call_aio, call_sync
 from conftest import IDENTITY, require
+from fault_load import threads_left, threads_now
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -296,7 +297,7 @@ def test_close_leaves_no_thread_task_or_connection_after_many_rotations(
     cluster: LocalCluster, mode: str
 ) -> None:
     run(mode, cluster.service_target, lambda channel, calls: calls.many(5))  # warm grpc up
-    threads, fds = threading.active_count(), _fds()
+    threads, fds = threads_now(), _fds()
 
     async def body(channel: Any, calls: Calls) -> None:
         deadline = time.monotonic() + 20
@@ -312,7 +313,7 @@ def test_close_leaves_no_thread_task_or_connection_after_many_rotations(
         pool_config=PoolConfig(expected_pods=3, scout_interval_s=None),
     )
     assert not [t for t in threading.enumerate() if t.name.startswith("balanced-channel")]
-    assert threading.active_count() <= threads
+    assert not threads_left(threads)
     assert _fds() <= fds + 4, (fds, _fds())
 
 

@@ -24,7 +24,16 @@ import grpc.aio
 import pytest
 from calls import CALL_KINDS, call_aio, call_sync
 from conftest import require
-from fault_load import MODES, OK, close_channel, covered, open_channel, until
+from fault_load import (
+    MODES,
+    OK,
+    close_channel,
+    covered,
+    open_channel,
+    threads_left,
+    threads_now,
+    until,
+)
 
 from grpc_balance_mw.affinity import AffinityRegistry
 from grpc_balance_mw.aio.channel import BalancedChannel as AioBalancedChannel
@@ -164,14 +173,12 @@ def test_hundreds_of_rotations_leave_nothing_behind(cluster: LocalCluster, mode:
             await close_channel(mode, channel)
 
     asyncio.run(churn(40))  # warm grpc up: its own threads and pollers start once
-    # grpcio's aio poller thread lives as long as any aio channel object does, so threads are
-    # counted once the garbage collector has run (a channel in a reference cycle keeps it).
-    channels, threads, fds = _channels(), set(threading.enumerate()), _fds()
+    channels, threads, fds = _channels(), threads_now(), _fds()
     dials = asyncio.run(churn(300))
     assert dials >= 300  # rotations every 2 calls per lane, scouts every 10 ms
     assert not [t for t in threading.enumerate() if t.name.startswith("balanced-channel")]
-    assert _channels() <= channels, (channels, _channels())  # collects: see above
-    assert not [t.name for t in set(threading.enumerate()) - threads]
+    assert _channels() <= channels, (channels, _channels())
+    assert not threads_left(threads)
     # grpc core releases a closed connection's socket on its own thread, a moment later: wait
     # for that (bounded); a leak would not come back (3,000 dials in the soak script: +0).
     deadline = time.monotonic() + 5
