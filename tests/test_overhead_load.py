@@ -3,9 +3,15 @@ read the figures right, and the detector bench runs (no timing is asserted)."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from conftest import SyncPod
 
-from grpc_balance_mw.cli import overhead_load
+from grpc_balance_mw.affinity import AffinityRegistry, AffinityState
+from grpc_balance_mw.aio import observe as observe_aio
+from grpc_balance_mw.cli import overhead, overhead_load
+from grpc_balance_mw.observing import ObserveOptions
 
 
 def test_many_callers_measure_every_variant_on_a_real_pod(sync_pod: SyncPod) -> None:
@@ -74,9 +80,67 @@ def test_own_work_times_observe_apart_from_any_call(sync_pod: SyncPod) -> None:
     warm call's client CPU, for one caller and for many."""
     assert overhead_load.own_work(calls=2000, repeats=1) > 0
     assert overhead_load.own_work(threads=4, calls=2000, repeats=1) > 0
-    text = overhead_load.own_work_report(sync_pod.target, threads=4, threads_call_cpu=200.0)
+    assert overhead_load.own_work_aio(calls=2000, repeats=1) > 0
+    text = overhead_load.own_work_report(
+        sync_pod.target, threads=4, threads_call_cpu=200.0, tasks=50, tasks_call_cpu=150.0
+    )
     lines = text.splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 4
     assert lines[0].startswith("detection's own work, one caller: ")
     assert lines[1].startswith("detection's own work, 4 threads: ")
+    assert lines[2].startswith("detection's own work, one aio task: ")
+    assert lines[3].startswith("detection's own work, 50 aio tasks: ")
+    assert "through aio observe()" in lines[2] and "costs this client 150 us" in lines[3]
     assert all("a warm call costs this client" in line for line in lines)
+
+
+def test_the_aio_channel_whose_calls_end_at_once_is_observed_as_a_real_one() -> None:
+    """What the aio own-work figure times is detection's real path: each call is grpcio's own
+    aio call object, awaited without suspending, and the detector counts every one of them
+    with the pod's headers (a fake that observe() did not read would time nothing)."""
+
+    async def main() -> tuple[Any, list[Any]]:
+        raw = overhead_load._AioAnsweringChannel(asyncio.get_running_loop())
+        options = ObserveOptions(registry=AffinityRegistry(overhead_load.STEADY), expected_pods=3)
+        observed = observe_aio(raw, options, target="10.0.0.7:50051")
+        rpc = observed.unary_unary("/bench.B/C")
+        replies = [await rpc(overhead_load._REQUEST, timeout=10) for _ in range(40)]
+        snapshot = observed.detector.snapshot()
+        await observed.close()
+        return snapshot, replies
+
+    snapshot, replies = asyncio.run(main())
+    assert replies == [overhead_load._REQUEST] * 40
+    assert snapshot.calls == 40 and list(snapshot.pods) == ["bench-pod-0"]
+    assert snapshot.state is AffinityState.PINNED
+
+
+def test_the_single_caller_verdicts_judge_each_way_on_what_it_adds() -> None:
+    """Two rounds of two calls per variant: every verdict is the median of per-round ratios of
+    medians; the interceptor's lines against bare name what grpcio's machinery costs alone, and
+    its spans are set against otel-grpc by what each adds to the channel it works on."""
+    medians = {
+        "bare": (100.0, 200.0),
+        "bare-again": (101.0, 200.0),
+        "noop-interceptor": (104.0, 208.0),
+        "detection": (106.0, 214.0),
+        "detection-channel": (101.0, 202.0),
+        "detection+spans": (123.0, 250.0),
+        "detection+spans-channel": (117.0, 236.0),
+        "otel-grpc": (120.0, 240.0),
+    }
+    samples = {name: [a, a, b, b] for name, (a, b) in medians.items()}
+    lines = overhead.verdicts(samples, calls=2)
+    assert lines[0] == (
+        "detection vs bare: +6.5% (target <= 3%) MISSED; per round +6.0%..+7.0% "
+        "(grpcio's intercept_channel alone: +4.0% of bare)"
+    )
+    assert lines[1].startswith("detection vs noop-interceptor: +2.4% (target <= 3%) met")
+    assert lines[2].startswith("detection-channel vs bare: +1.0% (target <= 3%) met;")
+    assert lines[3].startswith("detection+spans vs otel-grpc: 1.033x (target <= 1.00x) MISSED")
+    assert lines[4].startswith("detection+spans-channel vs otel-grpc: 0.979x (target <= 1.00x) met")
+    # (123/104) / (120/100) = 0.986 and (250/208) / (240/200) = 1.002: median 0.994
+    assert lines[5].startswith(
+        "detection+spans over noop-interceptor vs otel-grpc over bare: 0.994x (target <= 1.00x) met"
+    )
+    assert lines[6].startswith("noise floor, bare-again vs bare (the same channel): +0.5%")

@@ -24,7 +24,11 @@ alike:
 Both span variants use the same SDK tracer provider with a span processor that drops the spans,
 so what is measured is making the spans, not exporting them. Targets: detection adds at most 3 %
 to the median (through the interceptor, also judged against the no-op interceptor: what it adds
-to a channel that is intercepted anyway); detection+spans costs no more than otel-grpc. The
+to a channel that is intercepted anyway, since grpcio's ``intercept_channel`` costs what it costs
+whatever the interceptor, and the lines against bare say how much that is); detection+spans
+costs no more than otel-grpc (through the interceptor, also judged by what each adds to the
+channel it works on: ours over the no-op interceptor, otel-grpc, whose own channel wrapper is
+lighter than grpcio's, over bare). The
 table ends with one verdict line per target and way of observing, judged on the median of the
 per-round ratios (a round's variants take turns call by call, so pairing them by round cancels
 the machine's drift between rounds), and the noise floor.
@@ -62,6 +66,8 @@ from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as p
 
 Call = Callable[[], object]
 #: (variant, baseline, target on the ratio of medians, how the ratio is shown)
+#: The variants that go through ``grpc.intercept_channel``.
+_INTERCEPTED = ("detection", "detection+spans")
 TARGETS = (
     ("detection", "bare", 1.03, "percent"),
     # What detection adds on a channel that is intercepted anyway (grpcio's machinery apart).
@@ -177,12 +183,40 @@ def measure(target: str, rounds: int, calls: int, warmup: int) -> dict[str, list
     return samples
 
 
-def _round_ratios(values: list[float], baseline: list[float], calls: int) -> list[float]:
-    """The ratio of medians in each round (the variants took turns within a round)."""
-    return sorted(
+def _round_ratios(
+    values: list[float], baseline: list[float], calls: int, ordered: bool = True
+) -> list[float]:
+    """The ratio of medians in each round (the variants took turns within a round), sorted
+    unless ``ordered`` is False (then in round order, to pair with another variant's)."""
+    ratios = [
         statistics.median(values[i : i + calls]) / statistics.median(baseline[i : i + calls])
         for i in range(0, min(len(values), len(baseline)), calls)
-    )
+    ]
+    return sorted(ratios) if ordered else ratios
+
+
+def _as_percent(ratios: list[float]) -> str:
+    return f"{(statistics.median(ratios) - 1) * 100:+.1f}%"
+
+
+def _added_verdicts(samples: dict[str, list[float]], calls: int) -> list[str]:
+    """What each way of making spans adds to the channel it works on, side by side: the
+    interceptor over grpcio's no-op interceptor (the machinery every ``intercept_channel``
+    user pays, whatever the interceptor), otel-grpc over bare (its own channel wrapper
+    included), judged on the median of the per-round ratios of the two."""
+    needed = ("detection+spans", "noop-interceptor", "otel-grpc", "bare")
+    if not all(name in samples for name in needed):
+        return []
+    ours = _round_ratios(samples["detection+spans"], samples["noop-interceptor"], calls, False)
+    theirs = _round_ratios(samples["otel-grpc"], samples["bare"], calls, False)
+    per_round = sorted(a / b for a, b in zip(ours, theirs, strict=True))
+    ratio = statistics.median(per_round)
+    low, high = _percentile(per_round, 0.25), _percentile(per_round, 0.75)
+    return [
+        f"detection+spans over noop-interceptor vs otel-grpc over bare: {ratio:.3f}x "
+        f"(target <= 1.00x) {'met' if ratio <= 1.0 else 'MISSED'}; per round "
+        f"{low:.3f}x..{high:.3f}x (what each adds to the channel it works on)"
+    ]
 
 
 def verdicts(samples: dict[str, list[float]], calls: int) -> list[str]:
@@ -203,7 +237,13 @@ def verdicts(samples: dict[str, list[float]], calls: int) -> list[str]:
             figures = f"{ratio:.3f}x (target <= {limit:.2f}x)"
             spread = f"{low:.3f}x..{high:.3f}x"
         met = "met" if ratio <= limit else "MISSED"
-        lines.append(f"{name} vs {baseline}: {figures} {met}; per round {spread}")
+        why = ""
+        intercepted = name in _INTERCEPTED and "noop-interceptor" in samples
+        if intercepted and baseline != "noop-interceptor":
+            machinery = _round_ratios(samples["noop-interceptor"], samples["bare"], calls)
+            why = f" (grpcio's intercept_channel alone: {_as_percent(machinery)} of bare)"
+        lines.append(f"{name} vs {baseline}: {figures} {met}; per round {spread}{why}")
+    lines.extend(_added_verdicts(samples, calls))
     if "bare-again" in samples and "bare" in samples:
         per_round = _round_ratios(samples["bare-again"], samples["bare"], calls)
         floor = statistics.median(per_round)
@@ -298,12 +338,18 @@ def _load(target: str, args: argparse.Namespace, detector: str) -> None:
                 wall_is="latency us",
             )
         )
+    tasks_call_cpu = None
     if args.aio_tasks:
         figures = overhead_load.measure_tasks(target, rounds, args.aio_tasks, 4)
+        tasks_call_cpu = statistics.median(cpu for cpu, _ in figures["bare"])
         print()
         print(overhead_load.report(f"{args.aio_tasks} tasks on one aio channel", figures))
     print()
-    print(overhead_load.own_work_report(target, args.threads, threads_call_cpu))
+    print(
+        overhead_load.own_work_report(
+            target, args.threads, threads_call_cpu, args.aio_tasks, tasks_call_cpu
+        )
+    )
     print(detector)
 
 
