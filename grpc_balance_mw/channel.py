@@ -62,7 +62,7 @@ from grpc_balance_mw.pool import (
     Signals,
     Stuck,
 )
-from grpc_balance_mw.pool.health import names_a_pod, read_check
+from grpc_balance_mw.pool.health import CHECK_GRACE_S, names_a_pod, read_check
 from grpc_balance_mw.pool.pool import pool_for_channel
 from grpc_balance_mw.response_stream import ResponseStream
 from grpc_balance_mw.retry import (
@@ -113,10 +113,17 @@ def channel_factory(
     return make
 
 
-def check_result(future: Any) -> CheckResult:
-    """What one finished health-check future says (called off grpcio's threads)."""
+def check_result(future: Any, timeout: float | None = None) -> CheckResult:
+    """What one health-check future says, waiting at most ``timeout`` seconds for it (called
+    off grpcio's threads). The check carries its own deadline, so the wait normally ends with
+    it; should the call outlive it (a gRPC core that never fires the deadline), the future is
+    cancelled and the check counts as a pod not reached, so that the maintenance thread, and
+    ``close()`` joining it, are never held for good."""
     try:
-        response = future.result()
+        response = future.result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        future.cancel()
+        return read_check("DEADLINE_EXCEEDED", False)
     except grpc.RpcError as error:
         return read_check(error.code().name, False, None, error.trailing_metadata())
     return read_check(
@@ -614,8 +621,10 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
             connection: _LaneConnection = lane.connection
             future = connection.check.future("", timeout=self._check_timeout_s)
             checks.append((lane, future))
+        # Every check was given check_timeout_s; past it and a grace, none is waited for.
+        deadline = time.monotonic() + self._check_timeout_s + CHECK_GRACE_S
         for lane, future in checks:
-            self.pool.checked(lane, check_result(future))
+            self.pool.checked(lane, check_result(future, max(0.0, deadline - time.monotonic())))
 
     def _close_lane(self, lane: Lane) -> None:
         connection: _LaneConnection | None = lane.connection

@@ -1,7 +1,9 @@
-"""Per-target objects live as long as their channels, and a closed channel stops its probe."""
+"""Per-target objects live as long as their channels, a closed channel stops its probe, and
+no health check holds a balanced channel's maintenance past its deadline."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import socket
 import threading
@@ -12,10 +14,16 @@ import grpc
 import pytest
 
 from grpc_balance_mw.affinity import AffinityRegistry, default_registry
+from grpc_balance_mw.aio import channel as aio_channel_module
 from grpc_balance_mw.aio import client as aio_client
+from grpc_balance_mw.aio.channel import BalancedChannel as AioBalancedChannel
+from grpc_balance_mw.aio.channel import channel_factory as aio_channel_factory
+from grpc_balance_mw.channel import check_result
 from grpc_balance_mw.client import AffinityInterceptor
+from grpc_balance_mw.health_check import check_method
 from grpc_balance_mw.observed_channel import observe
 from grpc_balance_mw.observing import ObserveOptions
+from grpc_balance_mw.pool import CheckResult
 from grpc_balance_mw.probe import PodProbe
 from grpc_balance_mw.telemetry import AffinityTelemetry
 
@@ -128,3 +136,48 @@ def test_a_probe_passed_in_is_the_callers_to_stop(black_hole: BlackHole) -> None
     assert not probe.stopped
     probe.stop()
     assert probe.stopped
+
+
+def test_a_health_check_is_not_waited_for_past_its_deadline_and_a_grace(
+    black_hole: BlackHole,
+) -> None:
+    """A lane's check carries its own deadline, but the maintenance thread (and ``close()``,
+    which joins it) must not hang on a call that outlives it: past the wait it is cancelled
+    and counts as a pod not reached. Here the call's deadline (30 s) is longer than the wait."""
+    with grpc.insecure_channel(black_hole.target) as channel:
+        future = check_method(channel).future("", timeout=30)
+        assert black_hole.connected.wait(10)
+        assert check_result(future, timeout=0.2) == CheckResult(False, None, False)
+        assert future.cancelled()
+
+
+def test_an_aio_health_check_is_not_waited_for_past_its_deadline_and_a_grace(
+    black_hole: BlackHole, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The wait is the check's deadline plus the grace: a grace below zero makes it shorter
+    # than the deadline, as a deadline that never fires would.
+    monkeypatch.setattr(aio_channel_module, "CHECK_GRACE_S", -29.8)
+    target = black_hole.target
+
+    async def main() -> tuple[CheckResult, list[Any]]:
+        channel = AioBalancedChannel(
+            aio_channel_factory(target), target, check_timeout_s=30, tick_s=60
+        )
+        try:
+            lane = next(lane for lane in channel.pool.lanes if lane.connection is not None)
+            started: list[Any] = []
+            check = lane.connection.check
+
+            def spied(*args: Any, **kwargs: Any) -> Any:
+                started.append(check(*args, **kwargs))
+                return started[-1]
+
+            lane.connection.check = spied
+            return await channel._check(lane), started
+        finally:
+            await channel.close()
+
+    result, started = asyncio.run(main())
+    assert result == CheckResult(False, None, False)
+    # (the maintenance task's own first round may have checked the lane through the spy too)
+    assert started and all(call.cancelled() for call in started)

@@ -47,7 +47,7 @@ from grpc_balance_mw.pool import (
     Signals,
     Stuck,
 )
-from grpc_balance_mw.pool.health import names_a_pod, read_check
+from grpc_balance_mw.pool.health import CHECK_GRACE_S, names_a_pod, read_check
 from grpc_balance_mw.pool.pool import pool_for_channel
 from grpc_balance_mw.retry import (
     NO_RETRY,
@@ -557,7 +557,11 @@ class BalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
         connection: _LaneConnection = lane.connection
         call = connection.check("", timeout=self._check_timeout_s)
         try:
-            response = await call
+            # Bounded past the check's own deadline as in sync (see check_result).
+            response = await asyncio.wait_for(call, self._check_timeout_s + CHECK_GRACE_S)
+        except TimeoutError:
+            call.cancel()
+            return read_check("DEADLINE_EXCEEDED", False)
         except grpc.aio.AioRpcError as error:
             return read_check(error.code().name, False, None, error.trailing_metadata())
         return read_check(

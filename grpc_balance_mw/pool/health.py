@@ -9,7 +9,7 @@ from grpc_balance_mw.errors import MalformedPodHeader
 from grpc_balance_mw.identity import pod_from_metadata
 from grpc_balance_mw.pool.pool import CheckResult
 
-__all__ = ["names_a_pod", "read_check"]
+__all__ = ["CHECK_GRACE_S", "names_a_pod", "read_check"]
 
 Metadata = Iterable[tuple[str, Any]] | None
 
@@ -20,6 +20,12 @@ def _pod(metadata: Metadata) -> str | None:
     except MalformedPodHeader:
         return None
     return identity.name if identity is not None else None
+
+
+#: How long past its own deadline a lane's health check is waited for before it counts as a
+#: pod not reached and is cancelled (gRPC ends it at its deadline; this bounds the wait should
+#: it not).
+CHECK_GRACE_S = 1.0
 
 
 def read_check(
