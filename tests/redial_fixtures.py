@@ -4,6 +4,7 @@ and real TLS certificates made with the openssl CLI."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import threading
 import time
@@ -192,6 +193,36 @@ class Driver:
         if self.loop is not None:
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
+
+
+def open_fds() -> dict[int, str]:
+    """This process's open descriptors and what each is: a TCP socket as its two ends and
+    state (from /proc/net/tcp and tcp6), anything else as its link; for naming what a leak
+    test found left open."""
+    sockets: dict[str, str] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+            ports = f"{int(local.split(':')[1], 16)}->{int(remote.split(':')[1], 16)}"
+            sockets[f"socket:[{inode}]"] = f"tcp {ports} state {state}"
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # closed meanwhile (the listing's own descriptor, for one)
+            continue
+        found[int(name)] = sockets.get(link, link)
+    return found
+
+
+def fds_left(before: dict[int, str]) -> dict[int, str]:
+    """Descriptors open now that were not open (as the same thing) in ``before``."""
+    return {fd: what for fd, what in open_fds().items() if before.get(fd) != what}
 
 
 def wait_until(

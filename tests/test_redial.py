@@ -26,8 +26,10 @@ from redial_fixtures import (
     WATCH,
     Driver,
     PeerPod,
+    fds_left,
     get_request,
     make_certificates,
+    open_fds,
     wait_until,
 )
 
@@ -262,7 +264,7 @@ def test_close_leaves_no_threads_tasks_or_fds(driver: Driver, pod: PeerPod) -> N
         driver.call(warm, kind)
     driver.close(warm)
     assert wait_until(lambda: not _ours(), driver)
-    threads, fds = _client_threads(driver), _fds(driver)
+    threads, fds, described = _client_threads(driver), _fds(driver), open_fds()
     channel = driver.channel(pod.target, predial=2, retry=policy())
     for number in range(600):
         driver.call(channel, CALL_KINDS[number % 4])
@@ -270,7 +272,12 @@ def test_close_leaves_no_threads_tasks_or_fds(driver: Driver, pod: PeerPod) -> N
     assert wait_until(lambda: not _ours() and _client_threads(driver) <= threads, driver), (
         _client_threads(driver) - threads
     )
-    assert wait_until(lambda: _fds(driver) <= fds, driver), (_fds(driver), fds)
+    assert wait_until(lambda: _fds(driver) <= fds, driver, limit_s=10), (
+        _fds(driver),
+        fds,
+        fds_left(described),
+        driver.stats(channel),
+    )
     if driver.loop is not None:
         tasks = driver.run(_other_tasks())
         assert tasks == []
