@@ -65,9 +65,9 @@ from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
 Call = Callable[[], object]
-#: (variant, baseline, target on the ratio of medians, how the ratio is shown)
 #: The variants that go through ``grpc.intercept_channel``.
 _INTERCEPTED = ("detection", "detection+spans")
+#: (variant, baseline, target on the ratio of medians, how the ratio is shown)
 TARGETS = (
     ("detection", "bare", 1.03, "percent"),
     # What detection adds on a channel that is intercepted anyway (grpcio's machinery apart).
@@ -195,11 +195,21 @@ def _round_ratios(
     return sorted(ratios) if ordered else ratios
 
 
-def _as_percent(ratios: list[float]) -> str:
-    return f"{(statistics.median(ratios) - 1) * 100:+.1f}%"
+def _judged(per_round: list[float], limit: float, shown: str) -> str:
+    """A verdict on sorted per-round ratios: their median against ``limit``, then their middle
+    half (how much one run's verdict can be trusted), as percent or as a ratio."""
+    ratio = statistics.median(per_round)
+    low, high = _percentile(per_round, 0.25), _percentile(per_round, 0.75)
+    if shown == "percent":
+        figures = f"{(ratio - 1) * 100:+.1f}% (target <= {(limit - 1) * 100:.0f}%)"
+        spread = f"{(low - 1) * 100:+.1f}%..{(high - 1) * 100:+.1f}%"
+    else:
+        figures = f"{ratio:.3f}x (target <= {limit:.2f}x)"
+        spread = f"{low:.3f}x..{high:.3f}x"
+    return f"{figures} {'met' if ratio <= limit else 'MISSED'}; per round {spread}"
 
 
-def _added_verdicts(samples: dict[str, list[float]], calls: int) -> list[str]:
+def _added_verdict(samples: dict[str, list[float]], calls: int) -> list[str]:
     """What each way of making spans adds to the channel it works on, side by side: the
     interceptor over grpcio's no-op interceptor (the machinery every ``intercept_channel``
     user pays, whatever the interceptor), otel-grpc over bare (its own channel wrapper
@@ -210,40 +220,31 @@ def _added_verdicts(samples: dict[str, list[float]], calls: int) -> list[str]:
     ours = _round_ratios(samples["detection+spans"], samples["noop-interceptor"], calls, False)
     theirs = _round_ratios(samples["otel-grpc"], samples["bare"], calls, False)
     per_round = sorted(a / b for a, b in zip(ours, theirs, strict=True))
-    ratio = statistics.median(per_round)
-    low, high = _percentile(per_round, 0.25), _percentile(per_round, 0.75)
     return [
-        f"detection+spans over noop-interceptor vs otel-grpc over bare: {ratio:.3f}x "
-        f"(target <= 1.00x) {'met' if ratio <= 1.0 else 'MISSED'}; per round "
-        f"{low:.3f}x..{high:.3f}x (what each adds to the channel it works on)"
+        "detection+spans over noop-interceptor vs otel-grpc over bare: "
+        f"{_judged(per_round, 1.0, 'ratio')} (what each adds to the channel it works on)"
     ]
 
 
 def verdicts(samples: dict[str, list[float]], calls: int) -> list[str]:
-    """One line per target: the median of the variant's per-round ratios to its baseline,
-    whether it is met, and the middle half of those ratios (how much one run's verdict can be
-    trusted); then the noise floor, ``bare-again`` against ``bare`` the same way."""
+    """One line per target (see :func:`_judged`), the interceptor's against bare with what
+    grpcio's machinery costs alone; what spans add, ours and otel-grpc's; then the noise
+    floor, ``bare-again`` against ``bare`` the same way."""
+    machinery = ""
+    if "noop-interceptor" in samples and "bare" in samples:
+        alone = _round_ratios(samples["noop-interceptor"], samples["bare"], calls)
+        machinery = (
+            f" (grpcio's intercept_channel alone: {(statistics.median(alone) - 1) * 100:+.1f}%"
+            " of bare)"
+        )
     lines = []
     for name, baseline, limit, shown in TARGETS:
         if name not in samples or baseline not in samples:
             continue
         per_round = _round_ratios(samples[name], samples[baseline], calls)
-        ratio = statistics.median(per_round)
-        low, high = _percentile(per_round, 0.25), _percentile(per_round, 0.75)
-        if shown == "percent":
-            figures = f"{(ratio - 1) * 100:+.1f}% (target <= {(limit - 1) * 100:.0f}%)"
-            spread = f"{(low - 1) * 100:+.1f}%..{(high - 1) * 100:+.1f}%"
-        else:
-            figures = f"{ratio:.3f}x (target <= {limit:.2f}x)"
-            spread = f"{low:.3f}x..{high:.3f}x"
-        met = "met" if ratio <= limit else "MISSED"
-        why = ""
-        intercepted = name in _INTERCEPTED and "noop-interceptor" in samples
-        if intercepted and baseline != "noop-interceptor":
-            machinery = _round_ratios(samples["noop-interceptor"], samples["bare"], calls)
-            why = f" (grpcio's intercept_channel alone: {_as_percent(machinery)} of bare)"
-        lines.append(f"{name} vs {baseline}: {figures} {met}; per round {spread}{why}")
-    lines.extend(_added_verdicts(samples, calls))
+        why = machinery if name in _INTERCEPTED and baseline != "noop-interceptor" else ""
+        lines.append(f"{name} vs {baseline}: {_judged(per_round, limit, shown)}{why}")
+    lines.extend(_added_verdict(samples, calls))
     if "bare-again" in samples and "bare" in samples:
         per_round = _round_ratios(samples["bare-again"], samples["bare"], calls)
         floor = statistics.median(per_round)
