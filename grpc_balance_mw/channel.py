@@ -113,7 +113,7 @@ def channel_factory(
     return make
 
 
-def check_result(future: Any, timeout: float | None = None) -> CheckResult:
+def check_result(future: Any, timeout: float) -> CheckResult:
     """What one health-check future says, waiting at most ``timeout`` seconds for it (called
     off grpcio's threads). The check carries its own deadline, so the wait normally ends with
     it; should the call outlive it (a gRPC core that never fires the deadline), the future is

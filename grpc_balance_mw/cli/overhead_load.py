@@ -61,6 +61,8 @@ STEADY = AffinityConfig(warmup_s=0)
 _MANY_PODS = AffinityConfig(warmup_s=0, max_known_pods=4096)
 VARIANTS = ("bare", "bare-again", "detection", "detection+spans+metrics", "otel-grpc")
 _REQUEST = pb.GetChargePointRequest(id="cp-1")
+#: The pod whose headers the channels that answer at once (sync and aio) send.
+_ANSWERING_POD = PodIdentity(name="bench-pod-0", ip="10.0.0.7", namespace="bench")
 
 
 class _DropSpans(SpanExporter):
@@ -441,8 +443,7 @@ class _AnsweringChannel(grpc.Channel):  # type: ignore[misc]
     """A channel whose unary calls end at once with one pod's headers."""
 
     def __init__(self) -> None:
-        self._headers = PodIdentity(name="bench-pod-0", ip="10.0.0.7", namespace="bench")
-        self._method = _Answers(self._headers.to_metadata())
+        self._method = _Answers(_ANSWERING_POD.to_metadata())
 
     def unary_unary(self, *args: Any, **kwargs: Any) -> _Answers:
         return self._method
@@ -554,8 +555,7 @@ class _AioAnsweringChannel(grpc.aio.Channel):  # type: ignore[misc]
     """An aio channel whose unary calls end at once with one pod's headers."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        headers = PodIdentity(name="bench-pod-0", ip="10.0.0.7", namespace="bench")
-        self._method = _AioAnswers(headers.to_metadata(), loop)
+        self._method = _AioAnswers(_ANSWERING_POD.to_metadata(), loop)
 
     def unary_unary(self, *args: Any, **kwargs: Any) -> _AioAnswers:
         return self._method
