@@ -42,7 +42,9 @@ def bench(*args: str, timeout: float = 120) -> dict[str, dict[str, Any]]:
     )
     assert done.returncode == 0, done.stderr
     document = json.loads(done.stdout)  # stdout is the document and nothing else
-    assert set(document) >= {"scenarios", "machine"}
+    assert set(document) >= {"schema", "settings", "scenarios", "machine"}
+    assert document["schema"] == 1
+    assert document["settings"]["calls"] > 0 and document["settings"]["strategies"]
     assert "scenario" in done.stderr  # progress goes to stderr
     return {entry["strategy"]: entry for entry in document["scenarios"]}
 

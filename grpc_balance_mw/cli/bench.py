@@ -23,9 +23,10 @@ Scenarios (``--scenario``, or ``all`` in this order):
   ``calls``: streams opened; ``errors``: streams that failed; ``per_pod``: streams per pod;
   ``p50_ms``/``p99_ms``: time to the first message.
 
-``--json`` prints one document on stdout, ``{"scenarios": [{"name", "strategy", "calls",
-"errors", "error_codes", "per_pod", "max_share_over_fair", "p50_ms", "p99_ms", "alarm",
-"seconds_to_new_pod_traffic" (scale-up only), "note" (if any)}, ...], "machine": {...}}``;
+``--json`` prints one document on stdout, ``{"schema": 1, "settings": {the run's settings},
+"scenarios": [{"name", "strategy", "calls", "errors", "error_codes", "per_pod",
+"max_share_over_fair", "p50_ms", "p99_ms", "alarm", "seconds_to_new_pod_traffic" (scale-up
+only), "note" (if any)}, ...], "machine": {...}}``;
 otherwise a table. Progress goes to stderr. Every loop is bounded in calls and in time.
 """
 
@@ -40,7 +41,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import grpc
@@ -70,6 +71,8 @@ SURGE_WAVES = 5
 SCALE_AFTER_S, SCALE_RATE = 2.0, 50.0
 KILL_RUN_S, KILL_WORKERS, KILL_RATE = 6.0, 2, 25.0
 STREAM_RUN_S = 8.0
+#: The version of ``--json``'s document: raised when a field changes meaning or goes away.
+SCHEMA = 1
 #: Every scenario stops after this long, whatever its counts say.
 SCENARIO_LIMIT_S = 300.0
 
@@ -617,6 +620,8 @@ def document(results: Sequence[Result], settings: Settings) -> dict[str, Any]:
     from grpc_balance_mw import __version__
 
     return {
+        "schema": SCHEMA,
+        "settings": {**asdict(settings), "strategies": list(settings.strategies)},
         "scenarios": [result.as_json() for result in results],
         "machine": {
             "cpus": os.cpu_count(),
@@ -624,6 +629,8 @@ def document(results: Sequence[Result], settings: Settings) -> dict[str, Any]:
             "grpcio": grpc.__version__,
             "grpc_balance_mw": __version__,
             "l4": settings.l4,
+            # Other work on the machine skews latencies (not spreads): say how busy it was.
+            "load_average_1m": round(os.getloadavg()[0], 2),
         },
     }
 
