@@ -159,6 +159,7 @@ class Scrape:
     def __init__(self, text: str) -> None:
         from prometheus_client.parser import text_string_to_metric_families
 
+        self.text = text
         self.samples = [
             (sample.name, dict(sample.labels), sample.value)
             for family in text_string_to_metric_families(text)
@@ -380,3 +381,19 @@ def test_promtool_passes_the_rules(command: list[str]) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout + done.stderr
+
+
+def test_promtool_finds_nothing_to_lint_in_a_real_scrape(scrape: tuple[Scrape, int, str]) -> None:
+    """Prometheus' own naming lint (units, ``_total``, help texts) on what the exporter serves."""
+    promtool = shutil.which("promtool")
+    require(promtool is not None, "promtool (bash scripts/setup_prometheus.sh)")
+    assert promtool is not None
+    done = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=scrape[0].text,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (done.returncode, done.stdout + done.stderr) == (0, "")
