@@ -47,6 +47,10 @@ ATTR_CAUSE = "grpc_balance_mw.affinity.cause"
 ATTR_ADVICE = "grpc_balance_mw.affinity.advice"
 METRIC_CALLS = "grpc_balance_mw.client.calls"
 METRIC_TOP_SHARE = "grpc_balance_mw.affinity.top_share"
+#: 1 for each target's current state, 0 for the detector's other states; the state is in
+#: ``ATTR_STATE``, as on spans. A state set (as kube-state-metrics' ``phase`` gauges): an alert
+#: reads ``== 1`` for one state, and a new state needs no new code number.
+METRIC_STATE = "grpc_balance_mw.affinity.state"
 #: The pod value of calls whose response named no pod, and of pods beyond the cap.
 UNKNOWN_POD = "unknown"
 OTHER_POD = "other"
@@ -210,6 +214,19 @@ def _lane_name(call: ObservedCall) -> str | None:
     return lane.name if lane is not None else named
 
 
+def _state_observations(state: _TargetState) -> list[otel_metrics.Observation]:
+    """The state gauge of one target: 1 for its current state, 0 for every other state of the
+    detector's own enum (a state added there shows here without a change), so a state left
+    reads 0 instead of vanishing."""
+    current = state.detector.state
+    return [
+        otel_metrics.Observation(
+            int(member is current), {ATTR_TARGET: state.target, ATTR_STATE: member.value}
+        )
+        for member in type(current)
+    ]
+
+
 class AffinityTelemetry:
     """Spans, alarm events, metrics, a rate-limited warning and a callback for affinity.
 
@@ -217,7 +234,8 @@ class AffinityTelemetry:
         tracer_provider: the SDK's tracer provider; default the global one.
         meter_provider: the SDK's meter provider; default the global one.
         spans: make (or enrich) a CLIENT span per call.
-        metrics: count calls by pod and report each target's top share.
+        metrics: count calls by pod and report each target's top share and state
+            (see docs/metrics.md).
         on_alarm: called with state changes of a watched target, on a background thread of its
             own (never on a call's path), at most once per target per ``alarm_interval_s``; its
             errors are logged.
@@ -289,6 +307,12 @@ class AffinityTelemetry:
                     unit="1",
                     description="Share of the target's recent calls served by its busiest pod "
                     "(0 while nothing recent named a pod)",
+                )
+                # No unit: a unit would become a suffix of the Prometheus name.
+                meter.create_observable_gauge(
+                    METRIC_STATE,
+                    callbacks=[self._observe_state],
+                    description="1 for the target's current affinity state, 0 for the others",
                 )
                 self._calls = True
             except Exception:  # telemetry must never fail the application
@@ -536,23 +560,36 @@ class AffinityTelemetry:
             ]
             return [otel_metrics.Observation(count.read(), count.attributes) for count in counts]
 
-    def _observe_top_share(self, _options: Any) -> Iterable[otel_metrics.Observation]:
+    def _observe_each(
+        self, read: Callable[[_TargetState], list[otel_metrics.Observation]]
+    ) -> list[otel_metrics.Observation]:
+        """``read`` of every watched target, brought up to date first; a target whose detector
+        fails is logged and left out, the others are still reported."""
         with self._lock:
             states = list(self._targets.values())
-        observations = []
+        observations: list[otel_metrics.Observation] = []
         for state in states:
             try:
-                # The metric reader calls this even when no call is made: the one place that
-                # sees a window go stale after the calls stopped, and says so.
+                # The metric reader calls the gauges even when no call is made: the one place
+                # that sees a window go stale after the calls stopped, and says so (once, from
+                # whichever gauge reads it first).
                 stale = state.detector.expire()
                 if stale is not None:
                     self._alarm(state, stale)
-                observations.append(
-                    otel_metrics.Observation(state.detector.top_share, {ATTR_TARGET: state.target})
-                )
+                observations += read(state)
             except Exception:  # telemetry must never fail the reader
                 _log.debug("could not observe %s", state.target, exc_info=True)
         return observations
+
+    def _observe_top_share(self, _options: Any) -> Iterable[otel_metrics.Observation]:
+        return self._observe_each(
+            lambda state: [
+                otel_metrics.Observation(state.detector.top_share, {ATTR_TARGET: state.target})
+            ]
+        )
+
+    def _observe_state(self, _options: Any) -> Iterable[otel_metrics.Observation]:
+        return self._observe_each(_state_observations)
 
     # alarms
 
