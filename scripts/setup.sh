@@ -23,6 +23,9 @@ if ((${#missing[@]})); then
     fi
 fi
 
+# promtool, for the shipped Prometheus rules (tests/test_prometheus.py).
+bash "$ROOT/scripts/setup_prometheus.sh"
+
 if [[ ! -x "$VENV/bin/python" ]]; then
     say "creating the virtualenv $VENV"
     python3 -m venv "$VENV"
