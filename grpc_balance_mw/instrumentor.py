@@ -308,23 +308,34 @@ class GrpcBalanceInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     # the wrappers
 
     def _sync_wrapper(self, patch: _Patch) -> Callable[..., Any]:
-        previous = patch.previous
-        raw = inspect.unwrap(previous)  # grpcio's own, below every wrapper
-        parameters = _SYNC_PARAMETERS[patch.name]
-
-        @functools.wraps(previous)
-        def make_channel(*args: Any, **kwargs: Any) -> Any:
-            channel = previous(*args, **kwargs)
-            if not patch.active or _dialled_internally():
-                return channel
-            named = _bound(parameters, args, kwargs)
-            return self._observed(channel, named, lambda: self._observe_sync(channel, named, raw))
-
-        return make_channel
+        raw = inspect.unwrap(patch.previous)  # grpcio's own, below every wrapper
+        return self._wrapper(
+            patch,
+            _SYNC_PARAMETERS[patch.name],
+            lambda channel, named: self._observe_sync(channel, named, raw),
+        )
 
     def _aio_wrapper(self, patch: _Patch) -> Callable[..., Any]:
+        return self._wrapper(
+            patch,
+            _AIO_PARAMETERS[patch.name],
+            lambda channel, named: balance_aio.observe(
+                channel,
+                self._options(named["target"]),
+                target=named["target"],
+                rebalance=self._rebalance(patch.previous, named),
+            ),
+        )
+
+    def _wrapper(
+        self,
+        patch: _Patch,
+        parameters: Sequence[str],
+        observe_it: Callable[[Any, dict[str, Any]], Any],
+    ) -> Callable[..., Any]:
+        """``patch``'s function, its channels passed to ``observe_it(channel, arguments)``
+        when their target is selected; as made if that fails."""
         previous = patch.previous
-        parameters = _AIO_PARAMETERS[patch.name]
 
         @functools.wraps(previous)
         def make_channel(*args: Any, **kwargs: Any) -> Any:
@@ -332,31 +343,20 @@ class GrpcBalanceInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             if not patch.active or _dialled_internally():
                 return channel
             named = _bound(parameters, args, kwargs)
-            return self._observed(
-                channel,
-                named,
-                lambda: balance_aio.observe(
-                    channel,
-                    self._options(named["target"]),
-                    target=named["target"],
-                    rebalance=self._rebalance(previous, named),
-                ),
-            )
+            target = named["target"]
+            if not isinstance(target, str) or not self._settings.selects(target):
+                return channel
+            try:
+                return observe_it(channel, named)
+            except Exception:  # the instrumentation must never fail the application's channel
+                level = logging.DEBUG if self._failures_logged else logging.WARNING
+                self._failures_logged = True
+                _log.log(
+                    level, "grpc_balance_mw: channel to %r left unobserved", target, exc_info=True
+                )
+                return channel
 
         return make_channel
-
-    def _observed(self, channel: Any, named: dict[str, Any], observe_it: Callable[[], Any]) -> Any:
-        """``observe_it()`` for a selected target; the channel as made if it fails."""
-        target = named["target"]
-        if not isinstance(target, str) or not self._settings.selects(target):
-            return channel
-        try:
-            return observe_it()
-        except Exception:  # the instrumentation must never fail the application's channel
-            level = logging.DEBUG if self._failures_logged else logging.WARNING
-            self._failures_logged = True
-            _log.log(level, "grpc_balance_mw: channel to %r left unobserved", target, exc_info=True)
-            return channel
 
     def _observe_sync(self, channel: Any, named: dict[str, Any], raw: Callable[..., Any]) -> Any:
         target = named["target"]
