@@ -196,7 +196,10 @@ def settings_from_env(
 def _dialled_internally() -> bool:
     """Whether the channel being made was asked for by this package or the OpenTelemetry SDK
     (looked at from inside a wrapper: the wrapper frames are skipped first)."""
-    frame = sys._getframe(2)
+    try:
+        frame = sys._getframe(2)
+    except ValueError:  # called with no Python caller at all
+        return False
     while frame is not None and frame.f_globals.get("__name__", "").startswith(_WRAPPER_FRAMES):
         frame = frame.f_back  # type: ignore[assignment]
     for _ in range(_CALLER_FRAMES):
@@ -286,14 +289,14 @@ class GrpcBalanceInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             settings, errors = settings_from_env()
             for error in errors:
                 _log.error("grpc_balance_mw instrumentor: %s", error)
-        telemetry = kwargs.get("telemetry")
+        telemetry = kwargs.get("telemetry")  # one given wins over the setting
         if telemetry is None and settings.telemetry:
             telemetry = AffinityTelemetry(
                 tracer_provider=kwargs.get("tracer_provider"),
                 meter_provider=kwargs.get("meter_provider"),
             )
         self._settings = settings
-        self._telemetry = telemetry if settings.telemetry else None
+        self._telemetry = telemetry
         self._failures_logged = False
         self._patches = [
             *(_Patch(grpc, name, self._sync_wrapper) for name in _SYNC_PARAMETERS),

@@ -1,19 +1,16 @@
 """The OpenTelemetry instrumentor: every channel observed with no change to the client's code,
 in process and under the real ``opentelemetry-instrument`` launcher; composed with
-opentelemetry-instrumentation-grpc in either order; its environment settings. And
-``suppressed()``, which keeps the package's own calls out of otel-grpc's spans."""
+opentelemetry-instrumentation-grpc in either order; its environment settings."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,17 +19,13 @@ import grpc
 import pytest
 from calls import call_aio, call_sync
 from conftest import IDENTITY, SyncPod
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcInstrumentorClient
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from test_telemetry import global_tracer_provider
+from otel_fixtures import CHECK, FLAVOURS, GET, global_spans, instrumented, named
 
 import grpc_balance_mw
 from grpc_balance_mw import aio as balance_aio
 from grpc_balance_mw import instrumentor as instrumentor_module
-from grpc_balance_mw._suppress import suppressed
 from grpc_balance_mw.instrumentor import (
     ENV_EXCLUDED_TARGETS,
     ENV_EXPECTED_PODS,
@@ -47,9 +40,6 @@ from grpc_balance_mw.telemetry import ATTR_POD
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "zero_code_client.py"
-FLAVOURS = ("sync", "aio")
-GET = "chargepoints.v1.ChargePoints/GetChargePoint"
-CHECK = "grpc.health.v1.Health/Check"
 CHANNEL_FUNCTIONS = (
     (grpc, "insecure_channel"),
     (grpc, "secure_channel"),
@@ -65,24 +55,8 @@ def current_functions() -> list[Any]:
 
 @pytest.fixture
 def exporter() -> Iterator[InMemorySpanExporter]:
-    """Spans of the global tracer provider (otel-grpc's sync instrumentor uses only that one)."""
-    spans = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(spans))
-    with global_tracer_provider(provider):
+    with global_spans() as spans:
         yield spans
-    provider.shutdown()
-
-
-def named(exporter: InMemorySpanExporter, name: str, count: int) -> list[ReadableSpan]:
-    """The finished spans called ``name``, once ``count`` of them are there (aio spans end in
-    done-callbacks), waiting at most 10 s."""
-    deadline = time.monotonic() + 10
-    while True:
-        spans = [s for s in exporter.get_finished_spans() if s.name.lstrip("/") == name]
-        if len(spans) >= count or time.monotonic() > deadline:
-            return spans
-        time.sleep(0.01)
 
 
 def make_calls(flavour: str, target: str, calls: int = 3) -> Any:
@@ -103,20 +77,6 @@ def make_calls(flavour: str, target: str, calls: int = 3) -> Any:
 
 
 OBSERVED = {"sync": grpc_balance_mw.ObservedChannel, "aio": balance_aio.ObservedChannel}
-
-
-@contextlib.contextmanager
-def instrumented(*instrumentors: Any, **kwargs: Any) -> Iterator[None]:
-    """Instrument in this order, uninstrument in the reverse one."""
-    done: list[Any] = []
-    try:
-        for instrumentor in instrumentors:
-            instrumentor.instrument(**kwargs)
-            done.append(instrumentor)
-        yield
-    finally:
-        for instrumentor in reversed(done):
-            instrumentor.uninstrument()
 
 
 # settings
@@ -170,6 +130,31 @@ def test_bad_values_are_logged_once_and_left_at_their_defaults(
     assert channel.rebalancer is None
 
 
+def test_lanes_are_dialled_like_the_users_channel() -> None:
+    dialled: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def dial(*args: Any, **kwargs: Any) -> str:
+        dialled.append((args, kwargs))
+        return "lane"
+
+    creds, mine, lane = object(), ("grpc.mine", 1), ("grpc.lane", 2)
+    sync = instrumentor_module._lane_factory(
+        dial, {"target": "t:1", "credentials": creds, "options": [mine], "compression": 2}
+    )
+    assert sync([lane]) == "lane"
+    assert dialled.pop() == (("t:1", creds), {"options": (mine, lane), "compression": 2})
+    aio = instrumentor_module._lane_factory(
+        dial,
+        {"target": "t:1", "credentials": None, "options": None, "compression": None,
+         "interceptors": ["theirs"]},
+    )  # fmt: skip
+    assert aio([lane], ["the lane's"]) == "lane"
+    assert dialled.pop() == (
+        ("t:1",),
+        {"options": (lane,), "compression": None, "interceptors": ["theirs", "the lane's"]},
+    )
+
+
 # instrument() / uninstrument() in process
 
 
@@ -216,6 +201,22 @@ def test_with_otel_grpc_in_either_order_one_span_per_call_with_the_pod(
     assert isinstance(inner, OBSERVED[flavour])
     assert (inner.rebalancer is not None) is (rebalance == "rebalance")
     assert current_functions() == ORIGINALS
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_secure_channels_are_observed_too(flavour: str, sync_pod: SyncPod) -> None:
+    async def made_aio() -> Any:
+        channel = grpc.aio.secure_channel(sync_pod.target, grpc.ssl_channel_credentials())
+        await channel.close()
+        return channel
+
+    with instrumented(GrpcBalanceInstrumentor()):
+        if flavour == "sync":
+            channel = grpc.secure_channel(sync_pod.target, grpc.ssl_channel_credentials())
+            channel.close()
+        else:
+            channel = asyncio.run(made_aio())
+    assert isinstance(channel, OBSERVED[flavour])
 
 
 def test_uninstrumented_out_of_order_it_passes_channels_through(sync_pod: SyncPod) -> None:
@@ -340,108 +341,3 @@ def test_opentelemetry_instrument_observes_a_client_that_knows_nothing_of_it(
     assert len(spans) == calls, done.stdout[-2000:]  # one span per call, whoever made it
     assert {span["attributes"].get(ATTR_POD) for span in spans} == {IDENTITY.name}
     assert f"calls to {sync_pod.target} are pinned" in done.stderr, done.stderr
-
-
-# suppressed()
-
-
-@pytest.mark.parametrize("flavour", FLAVOURS)
-def test_a_health_check_inside_suppressed_makes_no_otel_grpc_span(
-    flavour: str, sync_pod: SyncPod, exporter: InMemorySpanExporter
-) -> None:
-    def check_sync(quiet: Callable[[], Any]) -> None:
-        with grpc.insecure_channel(sync_pod.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            with quiet():
-                stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
-            stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
-
-    async def check_aio(quiet: Callable[[], Any]) -> None:
-        async with grpc.aio.insecure_channel(sync_pod.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            with quiet():
-                call = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
-            await call  # awaited outside: the context the call was started in is what counts
-            await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
-
-    theirs = GrpcInstrumentorClient() if flavour == "sync" else GrpcAioInstrumentorClient()
-    with instrumented(theirs):
-        if flavour == "sync":
-            check_sync(suppressed)
-        else:
-            asyncio.run(check_aio(suppressed))
-        # The unsuppressed check's span proves spans get through; the suppressed one was
-        # started (and ended) before it.
-        spans = named(exporter, CHECK, 1)
-        assert len(spans) == 1, [s.name for s in exporter.get_finished_spans()]
-        # And without suppressed(), the same two checks make two spans.
-        exporter.clear()
-        if flavour == "sync":
-            check_sync(contextlib.nullcontext)
-        else:
-            asyncio.run(check_aio(contextlib.nullcontext))
-        assert len(named(exporter, CHECK, 2)) == 2
-
-
-class CheckCounter(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Counts the health checks a server was asked (the balanced channel's own traffic)."""
-
-    def __init__(self) -> None:
-        self.checks = 0
-
-    def intercept_service(self, continuation: Any, details: Any) -> Any:
-        if details.method.lstrip("/") == CHECK:
-            self.checks += 1
-        return continuation(details)
-
-
-@pytest.fixture
-def counted_pod() -> Iterator[tuple[str, CheckCounter]]:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from grpc_balance_mw import server as sync_server
-
-    counter = CheckCounter()
-    server = grpc.server(
-        ThreadPoolExecutor(4),
-        interceptors=[sync_server.PodIdentityInterceptor(IDENTITY), counter],
-    )
-    sync_server.add_health(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}", counter
-    server.stop(None).wait()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 24 item 3: the balanced channel's health checks and scouts are to be made "
-    "inside suppressed() (wired after the merge); remove this mark then",
-)
-@pytest.mark.parametrize("flavour", FLAVOURS)
-def test_an_idle_balanced_channel_makes_no_span_under_otel_grpc(
-    flavour: str, counted_pod: tuple[str, CheckCounter], exporter: InMemorySpanExporter
-) -> None:
-    target, counter = counted_pod
-
-    def wait_for_checks(count: int) -> None:
-        deadline = time.monotonic() + 15
-        while counter.checks < count and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert counter.checks >= count, "the balanced channel made no health checks"
-
-    async def idle_aio() -> None:
-        channel = balance_aio.balanced_channel(target)
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, wait_for_checks, 4)
-        finally:
-            await channel.close()
-
-    theirs = GrpcInstrumentorClient() if flavour == "sync" else GrpcAioInstrumentorClient()
-    with instrumented(theirs):
-        if flavour == "sync":
-            with grpc_balance_mw.balanced_channel(target):
-                wait_for_checks(4)
-        else:
-            asyncio.run(idle_aio())
-    assert [s.name for s in exporter.get_finished_spans()] == []
