@@ -234,17 +234,28 @@ def test_uninstrumented_out_of_order_it_passes_channels_through(sync_pod: SyncPo
 def test_channels_of_the_package_and_of_exporters_are_not_observed_again(
     sync_pod: SyncPod,
 ) -> None:
-    exporter_module: dict[str, Any] = {"__name__": "opentelemetry.exporter.otlp.fake", "grpc": grpc}
-    exec("def dial(target):\n    return grpc.insecure_channel(target)", exporter_module)
+    def module(name: str) -> dict[str, Any]:
+        """A ``call(function, *args)`` defined in a module called ``name``."""
+        namespace: dict[str, Any] = {"__name__": name}
+        exec("def call(function, *args):\n    return function(*args)", namespace)
+        return namespace
+
+    exporter, package = module("opentelemetry.exporter.otlp.fake"), module("grpc_balance_mw.fake")
+
+    def users_factory(extra: Any) -> grpc.Channel:  # a factory of the user's, for lanes
+        return grpc.insecure_channel(sync_pod.target, options=list(extra))
+
     with instrumented(GrpcBalanceInstrumentor()):
-        lane = grpc_balance_mw.channel_factory(sync_pod.target)(())  # as a balanced channel dials
-        exporters = exporter_module["dial"](sync_pod.target)
-        users = grpc.insecure_channel(sync_pod.target)
-    for channel in (lane, exporters, users):
+        made = {
+            "channel_factory": grpc_balance_mw.channel_factory(sync_pod.target)(()),
+            "exporter": exporter["call"](grpc.insecure_channel, sync_pod.target),
+            "user's factory": package["call"](users_factory, ()),
+            "user": grpc.insecure_channel(sync_pod.target),
+        }
+    for channel in made.values():
         channel.close()
-    assert not isinstance(lane, grpc_balance_mw.ObservedChannel)
-    assert not isinstance(exporters, grpc_balance_mw.ObservedChannel)
-    assert isinstance(users, grpc_balance_mw.ObservedChannel)
+    observed = {name for name, c in made.items() if isinstance(c, grpc_balance_mw.ObservedChannel)}
+    assert observed == {"user"}
 
 
 def test_a_channel_that_cannot_be_observed_is_returned_as_made(
