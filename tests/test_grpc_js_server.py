@@ -33,7 +33,13 @@ from grpc_balance_mw import POD_HEADER, POD_IP_HEADER, POD_NAMESPACE_HEADER
 from grpc_balance_mw import observe as observe_sync
 from grpc_balance_mw.affinity import AffinityConfig, AffinityRegistry
 from grpc_balance_mw.aio import observe as observe_aio
-from grpc_balance_mw.health_check import NOT_SERVING, SERVING, check_method
+from grpc_balance_mw.health_check import (
+    NOT_SERVING,
+    SERVING,
+    check_method,
+    decode_status,
+    encode_request,
+)
 from grpc_balance_mw.identity import pod_from_metadata
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.telemetry import ATTR_POD, AffinityTelemetry
@@ -51,6 +57,7 @@ GO_DIR = ROOT / "examples" / "go"
 DEBIAN_GOCODE = Path("/usr/share/gocode")
 MODES = ("sync", "aio")
 LANGUAGES = ("node", "go")
+WATCH_METHOD = "/grpc.health.v1.Health/Watch"
 #: The fixtures hand out a function of the language: pods start only for the tests that run.
 Commands = Callable[[str], Command]
 Clusters = Callable[[str], PodsBehindService]
@@ -248,18 +255,20 @@ def test_balanced_channel_spreads_over_the_pods_as_over_python_pods(
 def test_sigterm_drains_not_serving_first_then_stops(
     commands: Commands, tmp_path: Path, language: str
 ) -> None:
-    # The drain outlasts the 5 s allowed to see NOT_SERVING: the call after it is inside.
+    # The drain outlasts the waits for NOT_SERVING: the call after them falls inside it.
     pod = ForeignPod(commands(language), tmp_path, "cp-drain", DRAIN_SECONDS="8")
     try:
         pod.start().wait_ready()
         with grpc.insecure_channel(pod.target) as channel:
             check = check_method(channel)
-            assert check("", timeout=10) == SERVING  # connected before the signal
+            watch = channel.unary_stream(
+                WATCH_METHOD, request_serializer=encode_request, response_deserializer=decode_status
+            )("", timeout=20)
+            assert next(watch) == SERVING  # connected and watching before the signal
             pod.process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 5
-            while check("", timeout=10) != NOT_SERVING:
-                assert time.monotonic() < deadline, "health never turned NOT_SERVING"
-                time.sleep(0.05)
+            assert next(watch) == NOT_SERVING  # pushed to the watchers (bounded by its deadline)
+            watch.cancel()
+            assert check("", timeout=5) == NOT_SERVING
             # Still serving calls while draining, still naming itself.
             seen = call_sync(channel, "unary_unary")
             assert seen.code == grpc.StatusCode.OK and seen.initial[POD_HEADER] == pod.name
