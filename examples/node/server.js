@@ -17,7 +17,7 @@
  *                            tryShutdown (forceShutdown after SHUTDOWN_GRACE_SECONDS more).
  *
  * Usage:  POD_NAME=charge-points-0 node server.js [--host 0.0.0.0] [--port 50051]
- * Environment: PORT, HOST (argv wins), DRAIN_SECONDS (default 5), SHUTDOWN_GRACE_SECONDS
+ * Environment: PORT, HOST (argv wins), DRAIN_SECONDS (default 10), SHUTDOWN_GRACE_SECONDS
  * (default 5), GRPC_BALANCE_POD_KEY (opaque mode, at least 16 bytes). Prints "READY <port>" on
  * stdout once it listens (port 0 picks a free one).
  */
@@ -308,7 +308,7 @@ function main() {
   const podName = stamp[0][1];
   const host = argument('host', process.env.HOST || '0.0.0.0');
   const port = Number(argument('port', process.env.PORT ?? '50051'));
-  const drainMs = seconds('DRAIN_SECONDS', 5);
+  const drainMs = seconds('DRAIN_SECONDS', 10);
   const graceMs = seconds('SHUTDOWN_GRACE_SECONDS', 5);
 
   const services = loadServices();
