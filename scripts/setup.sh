@@ -25,6 +25,9 @@ fi
 
 # promtool, for the shipped Prometheus rules (tests/test_prometheus.py).
 bash "$ROOT/scripts/setup_prometheus.sh"
+# Node.js's grpc-js and Go's grpc-go pods of examples/ (tests/test_grpc_js_server.py).
+bash "$ROOT/scripts/setup_node.sh"
+bash "$ROOT/scripts/setup_go.sh"
 
 if [[ ! -x "$VENV/bin/python" ]]; then
     say "creating the virtualenv $VENV"

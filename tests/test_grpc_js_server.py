@@ -4,8 +4,9 @@ client works with them as it works with Python pods.
 The grpc-js pod of examples/node is the one CI requires: it needs node and
 ``scripts/setup_node.sh`` (npm ci), and is skipped without them locally, a failure under
 CI=true. The grpc-go recipe of examples/go runs too where Go and Debian's grpc-go packages are
-installed, and is skipped (even in CI) where they are not. Three pods of each run behind the
-local userspace Service; every claim about where a call went is the pod header of its response.
+installed (``scripts/setup_go.sh``), skipped where they are not, a failure under CI=true. Three
+pods of each run behind the local userspace Service; every claim about where a call went is the
+pod header of its response.
 """
 
 from __future__ import annotations
@@ -77,8 +78,11 @@ def _node_command() -> list[str]:
 def _go_command(build_dir: Path) -> list[str]:
     """examples/go's healthpod, built against Debian's grpc-go."""
     go = shutil.which("go")
-    if go is None or not (DEBIAN_GOCODE / "src/google.golang.org/grpc/health").is_dir():
-        pytest.skip("go and Debian's golang-google-grpc-dev are needed for the Go recipe")
+    require(
+        go is not None and (DEBIAN_GOCODE / "src/google.golang.org/grpc/health").is_dir(),
+        "go and Debian's golang-google-grpc-dev are needed for the Go recipe (scripts/setup_go.sh)",
+    )
+    assert go is not None
     gopath = build_dir / "gopath"
     (gopath / "src/example.com").mkdir(parents=True)
     (gopath / "src/example.com/grpcbalance").symlink_to(GO_DIR)
