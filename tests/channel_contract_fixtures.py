@@ -22,7 +22,9 @@ from grpc_balance_mw import aio as balance_aio
 from grpc_balance_mw.affinity import AffinityRegistry
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.rebalance import Rebalance
+from grpc_balance_mw.server import add_health
 from grpc_balance_mw.testing.charge_points.servicer import (
+    SERVICE_NAME,
     ChargePointsServicer,
     SyncChargePointsServicer,
 )
@@ -35,8 +37,10 @@ SYNC_WRAPPERS = ("bare", "observe", "interceptors", "balanced", "dial_per_reques
 AIO_WRAPPERS = (*SYNC_WRAPPERS, "observe_intercepted")
 #: Wrappers whose calls are grpc.aio's intercepted calls, which have no ``time_remaining()``.
 INTERCEPTED = frozenset({"interceptors", "observe_intercepted"})
-#: Made of several connections, each health-checked: a fresh one is connecting, not IDLE.
+#: Made of several connections, each health-checked: the server sees RPCs the caller did not make.
 MULTI_CONNECTION = frozenset({"balanced", "rebalanced"})
+#: A sync balanced channel dials its lanes when it is made: fresh, it is not IDLE.
+DIALS_WHEN_MADE = frozenset({"balanced"})
 
 #: Bounds for every wait in the contract tests (the server answers on loopback in ms).
 WAIT_S = 3.0
@@ -169,10 +173,22 @@ def free_port() -> int:
         return port
 
 
-def sync_server(port: int = 0) -> tuple[grpc.Server, str]:
-    """A plain sync charge-points server on loopback, started."""
-    server = grpc.server(ThreadPoolExecutor(4))
+class MethodLog(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Every RPC a server is asked for, by method, in order."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        self.methods.append(handler_call_details.method)
+        return continuation(handler_call_details)
+
+
+def sync_server(port: int = 0, log: MethodLog | None = None) -> tuple[grpc.Server, str]:
+    """A sync charge-points server with health on loopback, started."""
+    server = grpc.server(ThreadPoolExecutor(4), interceptors=[log] if log is not None else [])
     pb_grpc.add_ChargePointsServicer_to_server(SyncChargePointsServicer("late"), server)
+    add_health(server, services=(SERVICE_NAME,))
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     return server, f"127.0.0.1:{bound}"

@@ -16,7 +16,6 @@ from channel_contract_fixtures import (
     INTERCEPTED,
     LATE_START_S,
     METER,
-    MULTI_CONNECTION,
     POINT,
     SESSION,
     SLOW_UPDATES,
@@ -268,13 +267,9 @@ async def test_connectivity_get_state_wait_for_state_change_channel_ready(
     channel = aio_channel(wrapper, aio_pod.target)
     try:
         fresh = channel.get_state()
-        if wrapper in MULTI_CONNECTION:
-            # Documented difference: its lanes start connecting when it is made.
-            assert fresh is not grpc.ChannelConnectivity.SHUTDOWN
-        else:
-            assert fresh is grpc.ChannelConnectivity.IDLE  # a fresh channel is IDLE
-            channel.get_state(try_to_connect=True)
-            await _bounded(channel.wait_for_state_change(fresh))
+        assert fresh is grpc.ChannelConnectivity.IDLE  # a fresh channel is IDLE
+        channel.get_state(try_to_connect=True)
+        await _bounded(channel.wait_for_state_change(fresh))
         await _bounded(channel.channel_ready())
         assert channel.get_state() is grpc.ChannelConnectivity.READY
     finally:

@@ -13,6 +13,7 @@ import pytest
 from channel_contract_fixtures import (
     BAD_METADATA,
     CANCELLED,
+    DIALS_WHEN_MADE,
     HAS_FAILED_S,
     LATE_START_S,
     METER,
@@ -22,6 +23,7 @@ from channel_contract_fixtures import (
     SLOW_UPDATES,
     SOON,
     WAIT_S,
+    MethodLog,
     cases,
     free_port,
     sync_channel,
@@ -29,9 +31,11 @@ from channel_contract_fixtures import (
 )
 from conftest import SyncPod
 
+from grpc_balance_mw.testing.charge_points.servicer import SERVICE_NAME
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
+HEALTH = "/grpc.health.v1.Health/"
 #: How often grpcio's connectivity polling thread looks, plus a margin.
 POLL_PERIOD_S = 0.3
 
@@ -165,9 +169,9 @@ def test_connectivity_subscribe_and_channel_ready_future(wrapper: str, sync_pod:
     try:
         channel.subscribe(states.put, try_to_connect=True)
         first = states.get(timeout=WAIT_S)
-        if wrapper in MULTI_CONNECTION:
-            # Documented difference: its lanes start connecting when it is made.
-            assert first is not grpc.ChannelConnectivity.SHUTDOWN
+        if wrapper in DIALS_WHEN_MADE:
+            # Documented difference: its lanes are dialled when it is made.
+            assert first in (grpc.ChannelConnectivity.CONNECTING, grpc.ChannelConnectivity.READY)
         else:
             assert first is grpc.ChannelConnectivity.IDLE  # a fresh channel is IDLE
         seen = first
@@ -196,3 +200,22 @@ def test_compression_for_the_channel_and_per_call(wrapper: str, sync_pod: SyncPo
         assert [update.sequence for update in deflated] == [0, 1]
     finally:
         channel.close()
+
+
+@pytest.mark.parametrize("wrapper", cases("sync", "server_sees"))
+def test_the_server_sees_the_callers_rpcs(wrapper: str) -> None:
+    log = MethodLog()
+    server, target = sync_server(log=log)
+    channel = sync_channel(wrapper, target)
+    try:
+        _stub(channel).GetChargePoint(POINT, timeout=WAIT_S)
+    finally:
+        channel.close()
+        server.stop(None).wait()
+    asked = [method for method in log.methods if not method.startswith(HEALTH)]
+    assert asked == [f"/{SERVICE_NAME}/GetChargePoint"]
+    if wrapper in MULTI_CONNECTION:
+        # Documented difference: each lane's connection is health-checked before calls use it.
+        assert any(method.startswith(HEALTH) for method in log.methods)
+    else:
+        assert log.methods == asked  # only what the caller made

@@ -43,15 +43,17 @@ def final_state(call: Any) -> tuple[Any, Any, int | None] | None:
 
 def when_ended(call: Any, ended: Ended) -> None:
     """Call ``ended`` once, when ``call`` ends: from its done-callback, or, if it fails before
-    it starts (and so never ends), from the failure of grpc.aio's task that starts it."""
-    call.add_done_callback(partial(read_end, ended))
+    it starts, from the failure of grpc.aio's task that starts it (such a call runs its
+    done-callbacks only if it is cancelled later, when its channel closes)."""
+    once = _Once(ended)
+    call.add_done_callback(once.done)
     starter = next((getattr(call, name, None) for name in _STARTERS if hasattr(call, name)), None)
     if isinstance(starter, asyncio.Future):
-        starter.add_done_callback(partial(_start_failed, call, ended))
+        starter.add_done_callback(partial(once.start_failed, call))
 
 
 def read_end(ended: Ended, call: Any) -> None:
-    """A done-callback: ``ended`` with ``call``'s final state (see :func:`when_ended`)."""
+    """A done-callback: ``ended`` with ``call``'s final state."""
     state = final_state(call)
     if state is None:  # another grpcio's layout: await the finished call's state in a task
         task = asyncio.get_running_loop().create_task(_await_final_state(call, ended))
@@ -61,11 +63,31 @@ def read_end(ended: Ended, call: Any) -> None:
         ended(*state)
 
 
-def _start_failed(call: Any, ended: Ended, starter: asyncio.Future[Any]) -> None:
-    # A starter that raised while the call has no status: the call never began, and its
-    # done-callbacks will never run (the caller gets the exception from awaiting the call).
-    if not starter.cancelled() and starter.exception() is not None and not call.done():
-        ended(None, None, None)
+class _Once:
+    """``ended`` for one call, called at most once whichever way the call ends."""
+
+    __slots__ = ("_ended",)
+
+    def __init__(self, ended: Ended) -> None:
+        self._ended: Ended | None = ended
+
+    def _take(self) -> Ended | None:
+        ended, self._ended = self._ended, None
+        return ended
+
+    def done(self, call: Any) -> None:
+        ended = self._take()
+        if ended is not None:
+            read_end(ended, call)
+
+    def start_failed(self, call: Any, starter: asyncio.Future[Any]) -> None:
+        # A starter that raised while the call has no status: the call never began (the
+        # caller gets the exception from awaiting the call).
+        if starter.cancelled() or starter.exception() is None or call.done():
+            return
+        ended = self._take()
+        if ended is not None:
+            ended(None, None, None)
 
 
 async def _await_final_state(call: Any, ended: Ended) -> None:
