@@ -22,6 +22,7 @@ from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.observer import CallObserver
 from grpc_balance_mw.aio.call_end import read_end, when_ended
 from grpc_balance_mw.aio.client import AffinityInterceptors
+from grpc_balance_mw.aio.multicallables import StreamRequestMethod, UnaryRequestMethod
 from grpc_balance_mw.aio.rebalance import Rebalancer, rerouted
 from grpc_balance_mw.observing import ObserveOptions, observe_parts
 from grpc_balance_mw.rebalance import Rebalance
@@ -48,28 +49,14 @@ class _Observed:
         #: The done-callback of a detection-only unary call: bound once, not per call.
         self._counted_unary = partial(read_end, self._count_unary)
 
-    def _call(
-        self,
-        request: Any,
-        timeout: float | None,
-        metadata: Any,
-        credentials: Any,
-        wait_for_ready: bool | None,
-        compression: Any,
-    ) -> Any:
+    def _call(self, request: Any, **options: Any) -> Any:
         observer = self._observer
         if observer.telemetry is None:
             # A unary call's duration weighs nothing: no clock to read, no partial to build.
-            # A call that fails before it starts is not counted: it reached no pod.
+            # A call that fails before it starts runs no done-callback until its channel
+            # closes and cancels it; it then counts as any cancelled call without headers.
             started = observer.clock() if self._stream else None
-            call = self._inner(
-                request,
-                timeout=timeout,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            )
+            call = self._inner(request, **options)
             call.add_done_callback(
                 self._counted_unary
                 if started is None
@@ -78,14 +65,7 @@ class _Observed:
             return call
         observed = observer.begin(self._method, self._kind)
         try:
-            call = self._inner(
-                request,
-                timeout=timeout,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            )
+            call = self._inner(request, **options)
         except BaseException:  # e.g. a bad argument: end what begin() started, re-raise as is
             observed.finish(None, None, None)
             raise
@@ -99,36 +79,12 @@ class _Observed:
         self._observer.count(started, self._stream, initial, trailing)
 
 
-class _UnaryRequest(_Observed):
-    def __call__(
-        self,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> Any:
-        return self._call(request, timeout, metadata, credentials, wait_for_ready, compression)
+class _UnaryRequest(_Observed, UnaryRequestMethod):
+    pass
 
 
-class _StreamRequest(_Observed):
-    """A stream-request method: as grpc.aio's, called without a request iterator it returns a
-    call to ``write()`` to, and ``timeout`` may be given positionally."""
-
-    def __call__(
-        self,
-        request_iterator: Any = None,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> Any:
-        return self._call(
-            request_iterator, timeout, metadata, credentials, wait_for_ready, compression
-        )
+class _StreamRequest(_Observed, StreamRequestMethod):
+    pass
 
 
 class _UnaryUnary(_UnaryRequest, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
