@@ -18,6 +18,7 @@ from channel_contract_fixtures import (
     METER,
     POINT,
     SESSION,
+    SHORT_S,
     SLOW_UPDATES,
     SOON,
     WAIT_S,
@@ -253,9 +254,9 @@ async def test_wait_for_ready_waits_for_a_server_that_starts_later(wrapper: str)
 
 @pytest.mark.parametrize("channel", cases("aio", "close"), indirect=True)
 async def test_close_cancels_the_calls_in_flight(channel: Any) -> None:
-    stream = _stub(channel).WatchStatus(SLOW_UPDATES, timeout=WAIT_S)
+    stream = _stub(channel).WatchStatus(SLOW_UPDATES, timeout=SHORT_S)
     await _bounded(stream.read())
-    await _bounded(channel.close())
+    await asyncio.wait_for(channel.close(), SHORT_S)
     # A channel that lets it run ends it at its deadline instead: DEADLINE_EXCEEDED.
     assert await _bounded(stream.code()) is grpc.StatusCode.CANCELLED
 
@@ -269,8 +270,8 @@ async def test_connectivity_get_state_wait_for_state_change_channel_ready(
         fresh = channel.get_state()
         assert fresh is grpc.ChannelConnectivity.IDLE  # a fresh channel is IDLE
         channel.get_state(try_to_connect=True)
-        await _bounded(channel.wait_for_state_change(fresh))
-        await _bounded(channel.channel_ready())
+        await asyncio.wait_for(channel.wait_for_state_change(fresh), SHORT_S)
+        await asyncio.wait_for(channel.channel_ready(), SHORT_S)
         assert channel.get_state() is grpc.ChannelConnectivity.READY
     finally:
         await asyncio.wait_for(channel.close(), WAIT_S)

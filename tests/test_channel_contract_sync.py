@@ -20,6 +20,7 @@ from channel_contract_fixtures import (
     MULTI_CONNECTION,
     POINT,
     SESSION,
+    SHORT_S,
     SLOW_UPDATES,
     SOON,
     WAIT_S,
@@ -153,7 +154,7 @@ def test_wait_for_ready_waits_for_a_server_that_starts_later(wrapper: str) -> No
 
 @pytest.mark.parametrize("channel", cases("sync", "close"), indirect=True)
 def test_close_cancels_the_calls_in_flight(channel: grpc.Channel) -> None:
-    stream = _stub(channel).WatchStatus(SLOW_UPDATES, timeout=WAIT_S)
+    stream = _stub(channel).WatchStatus(SLOW_UPDATES, timeout=SHORT_S)
     next(stream)
     channel.close()
     # A channel that lets it run ends it at its deadline instead: DEADLINE_EXCEEDED.
@@ -168,7 +169,7 @@ def test_connectivity_subscribe_and_channel_ready_future(wrapper: str, sync_pod:
     states: queue.Queue[grpc.ChannelConnectivity] = queue.Queue()
     try:
         channel.subscribe(states.put, try_to_connect=True)
-        first = states.get(timeout=WAIT_S)
+        first = states.get(timeout=SHORT_S)
         if wrapper in DIALS_WHEN_MADE:
             # Documented difference: its lanes are dialled when it is made.
             assert first in (grpc.ChannelConnectivity.CONNECTING, grpc.ChannelConnectivity.READY)
@@ -176,9 +177,9 @@ def test_connectivity_subscribe_and_channel_ready_future(wrapper: str, sync_pod:
             assert first is grpc.ChannelConnectivity.IDLE  # a fresh channel is IDLE
         seen = first
         while seen is not grpc.ChannelConnectivity.READY:
-            seen = states.get(timeout=WAIT_S)
+            seen = states.get(timeout=SHORT_S)
         channel.unsubscribe(states.put)
-        grpc.channel_ready_future(channel).result(timeout=WAIT_S)
+        grpc.channel_ready_future(channel).result(timeout=SHORT_S)
         # grpcio's polling thread looks again up to 0.2 s after the last unsubscribe, and dies
         # with "Channel closed!" if the channel closed meanwhile: let it end first.
         time.sleep(POLL_PERIOD_S)
