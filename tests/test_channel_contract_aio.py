@@ -21,11 +21,15 @@ from channel_contract_fixtures import (
     SHORT_S,
     SLOW_UPDATES,
     SOON,
+    TRIES,
     WAIT_S,
+    WAITER_SPACING_S,
+    WAITERS,
     aio_channel,
     aio_server,
     cases,
     free_port,
+    has_no_lane,
     options,
 )
 from conftest import AioPod
@@ -185,10 +189,16 @@ _WITH_USER_INTERCEPTOR: dict[str, Callable[[str], Any]] = {
     "dial_per_request": lambda target: balance_aio.dial_per_request_channel(
         target, interceptors=[_Canceller()], observe=options()
     ),
+    "balanced": lambda target: balance_aio.balanced_channel(
+        target, observe=options(), interceptors=[_Canceller()]
+    ),
 }
 
 
-@pytest.mark.parametrize("wrapper", list(_WITH_USER_INTERCEPTOR))
+@pytest.mark.parametrize(
+    "wrapper",
+    [case for case in cases("aio", "user_interceptor") if case.id in _WITH_USER_INTERCEPTOR],
+)
 async def test_an_interceptor_in_front_can_cancel_the_call(wrapper: str, aio_pod: AioPod) -> None:
     aio_pod.servicer.service_time_s = SLOW_CALL_S
     async with _WITH_USER_INTERCEPTOR[wrapper](aio_pod.target) as channel:
@@ -223,10 +233,30 @@ async def test_a_deadline_ends_the_call_and_time_remaining_counts_down(
         await asyncio.wait_for(channel.close(), WAIT_S)
 
 
+async def _failing_channel(wrapper: str, target: str) -> Any:
+    """A channel to ``target``, where no server listens: it fails a call at once, has tried to
+    connect for a while and, if it has lanes, has none left (see ``has_no_lane``; lanes are
+    dialled and dropped on their own timing, so up to ``TRIES`` channels are made)."""
+    for attempt in range(1, TRIES + 1):
+        channel = aio_channel(wrapper, target, channel_options=SOON)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await _bounded(_stub(channel).GetChargePoint(POINT, timeout=WAIT_S))
+        assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+        await asyncio.sleep(HAS_FAILED_S)
+        for _ in range(int(SHORT_S / 0.01)):
+            if has_no_lane(channel):
+                return channel
+            await asyncio.sleep(0.01)
+        if attempt == TRIES:
+            return channel
+        await _bounded(channel.close())
+    raise AssertionError("unreachable")
+
+
 @pytest.mark.parametrize("wrapper", cases("aio", "wait_for_ready"))
 async def test_wait_for_ready_waits_for_a_server_that_starts_later(wrapper: str) -> None:
     port = free_port()
-    channel = aio_channel(wrapper, f"127.0.0.1:{port}", channel_options=SOON)
+    channel = await _failing_channel(wrapper, f"127.0.0.1:{port}")
     stub = _stub(channel)
     servers: list[grpc.aio.Server] = []
 
@@ -234,19 +264,18 @@ async def test_wait_for_ready_waits_for_a_server_that_starts_later(wrapper: str)
         await asyncio.sleep(LATE_START_S)
         servers.append((await aio_server(port))[0])
 
-    late: asyncio.Task[None] | None = None
+    late = asyncio.get_running_loop().create_task(start_late())
     try:
-        with pytest.raises(grpc.aio.AioRpcError) as raised:  # no server yet: it fails at once...
-            await _bounded(stub.GetChargePoint(POINT, timeout=WAIT_S))
-        assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
-        await asyncio.sleep(HAS_FAILED_S)  # the channel has tried to connect, and failed
-        late = asyncio.get_running_loop().create_task(start_late())  # ...unless it waits
-        call = stub.GetChargePoint(POINT, timeout=LATE_START_S + WAIT_S, wait_for_ready=True)
-        response = await asyncio.wait_for(call, LATE_START_S + WAIT_S)
-        assert response.served_by == "late"
+        waiting = []  # calls made one after another, meeting the channel as it changes
+        for _ in range(WAITERS):
+            waiting.append(
+                stub.GetChargePoint(POINT, timeout=LATE_START_S + WAIT_S, wait_for_ready=True)
+            )
+            await asyncio.sleep(WAITER_SPACING_S)
+        responses = await asyncio.wait_for(asyncio.gather(*waiting), LATE_START_S + WAIT_S)
+        assert [response.served_by for response in responses] == ["late"] * WAITERS
     finally:
-        if late is not None:
-            await late
+        await late
         await asyncio.wait_for(channel.close(), WAIT_S)
         for server in servers:
             await server.stop(None)

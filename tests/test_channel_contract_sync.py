@@ -23,10 +23,14 @@ from channel_contract_fixtures import (
     SHORT_S,
     SLOW_UPDATES,
     SOON,
+    TRIES,
     WAIT_S,
+    WAITER_SPACING_S,
+    WAITERS,
     MethodLog,
     cases,
     free_port,
+    has_no_lane,
     sync_channel,
     sync_server,
 )
@@ -128,21 +132,44 @@ def test_a_deadline_ends_the_call_and_time_remaining_counts_down(channel: grpc.C
     assert stub.GetChargePoint.future(POINT).time_remaining() is None  # no deadline
 
 
+def _failing_channel(wrapper: str, target: str) -> grpc.Channel:
+    """A channel to ``target``, where no server listens: it fails a call at once, has tried to
+    connect for a while and, if it has lanes, has none left (see ``has_no_lane``; lanes are
+    dialled and dropped on their own timing, so up to ``TRIES`` channels are made)."""
+    for attempt in range(1, TRIES + 1):
+        channel = sync_channel(wrapper, target, channel_options=SOON)
+        with pytest.raises(grpc.RpcError) as raised:
+            _stub(channel).GetChargePoint(POINT, timeout=WAIT_S)
+        assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+        time.sleep(HAS_FAILED_S)
+        for _ in range(int(SHORT_S / 0.01)):
+            if has_no_lane(channel):
+                return channel
+            time.sleep(0.01)
+        if attempt == TRIES:
+            return channel
+        channel.close()
+    raise AssertionError("unreachable")
+
+
 @pytest.mark.parametrize("wrapper", cases("sync", "wait_for_ready"))
 def test_wait_for_ready_waits_for_a_server_that_starts_later(wrapper: str) -> None:
     port = free_port()
-    channel = sync_channel(wrapper, f"127.0.0.1:{port}", channel_options=SOON)
+    channel = _failing_channel(wrapper, f"127.0.0.1:{port}")
     stub = _stub(channel)
     started: list[grpc.Server] = []
     late = threading.Timer(LATE_START_S, lambda: started.append(sync_server(port)[0]))
     try:
-        with pytest.raises(grpc.RpcError) as raised:  # no server yet: it fails at once...
-            stub.GetChargePoint(POINT, timeout=WAIT_S)
-        assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
-        time.sleep(HAS_FAILED_S)  # the channel has tried to connect, and failed, for a while
-        late.start()  # ...unless it waits for one
-        response = stub.GetChargePoint(POINT, timeout=LATE_START_S + WAIT_S, wait_for_ready=True)
-        assert response.served_by == "late"
+        late.start()
+        waiting = []  # calls made one after another, meeting the channel as it changes
+        for _ in range(WAITERS):
+            waiting.append(
+                stub.GetChargePoint.future(
+                    POINT, timeout=LATE_START_S + WAIT_S, wait_for_ready=True
+                )
+            )
+            time.sleep(WAITER_SPACING_S)
+        assert [call.result().served_by for call in waiting] == ["late"] * WAITERS
     finally:
         late.cancel()
         if late.is_alive():
