@@ -11,8 +11,9 @@ Usage::
 
 ``grpc.aio`` registers an interceptor object under only the first call kind it implements, so
 :class:`AffinityInterceptors` hands out four objects, one per kind, that share one observer.
-Unary calls are observed inside the interceptor once they complete (as the caller awaits them
-anyway); streams are observed by a task of their own, so a streaming caller never waits for it.
+A unary call is handed back at once and read by its done-callback when it ends, before an outer
+interceptor resumes; streams are observed by a task of their own, which learns the pod from the
+headers while the stream runs. The caller never waits for either.
 ``grpc_balance_mw.aio.observe(channel)`` observes without interceptors, for less: prefer it unless
 you compose interceptors.
 """
@@ -20,31 +21,33 @@ you compose interceptors.
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Any
 
 import grpc
 
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.observer import CallObserver, ObservedCall
+from grpc_balance_mw.aio.call_end import settle_followers, when_ended
 from grpc_balance_mw.observing import ObserveOptions, build_observer
 
 __all__ = ["AffinityInterceptors", "affinity_interceptors"]
 
-_CANCELLED = grpc.StatusCode.CANCELLED.value[0]
+
+async def _see_headers(call: Any, observed: ObservedCall) -> None:
+    """Learn a stream's pod from its headers, while it runs (its end is read when it ends)."""
+    observed.saw_initial_metadata(await call.initial_metadata())
 
 
-async def _observe(call: Any, observed: ObservedCall) -> None:
-    """Follow one call: its pod when the headers arrive, its status when it ends."""
-    try:
-        initial = await call.initial_metadata()
-        observed.saw_initial_metadata(initial)
-        code = await call.code()
-        # Read even when the headers named a pod: trailers naming another make it malformed.
-        trailing = await call.trailing_metadata()
-    except asyncio.CancelledError:
-        observed.finish(None, None, _CANCELLED)
-        raise
-    observed.finish(initial, trailing, code.value[0] if code is not None else None)
+def _stream_ended(
+    headers: asyncio.Task[None],
+    observed: ObservedCall,
+    initial: Any,
+    trailing: Any,
+    code: int | None,
+) -> None:
+    headers.cancel()  # the call has ended: its headers are in ``initial``, or never came
+    observed.finish(initial, trailing, code)
 
 
 def channel_of(continuation: Any) -> object | None:
@@ -72,9 +75,9 @@ class _UnaryUnary(_KindInterceptor, grpc.aio.UnaryUnaryClientInterceptor):  # ty
             client_call_details.method, "unary_unary", channel_of(continuation)
         )
         call = await continuation(client_call_details, request)
-        # The caller awaits this call's end anyway; observing it here ends the telemetry before
-        # an outer interceptor (opentelemetry-instrumentation-grpc) ends its span.
-        await _observe(call, observed)
+        # Returned at once, read when it ends (see call_end): awaiting it here would hang on a
+        # call that fails before it starts, and take the RPC down with a cancelled caller.
+        when_ended(call, observed.finish)
         return call
 
 
@@ -167,15 +170,19 @@ class AffinityInterceptors:
         self.observer.close()
 
     def follow(self, call: Any, observed: ObservedCall) -> None:
-        """Observe a stream in a task of its own (kept referenced until it ends)."""
-        task = asyncio.get_running_loop().create_task(_observe(call, observed))
+        """Observe a stream: its headers in a task of its own (kept referenced until the call
+        ends), its end from its done-callback."""
+        task = asyncio.get_running_loop().create_task(_see_headers(call, observed))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        when_ended(call, partial(_stream_ended, task, observed))
 
     async def settle(self) -> None:
-        """Wait until every followed stream has been observed to its end (for tests, shutdown)."""
+        """Wait until every followed call has been observed to its end (for tests, shutdown);
+        a unary call is observed by the time awaiting it returns."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await settle_followers()
 
 
 def affinity_interceptors(

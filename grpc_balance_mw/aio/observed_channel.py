@@ -13,53 +13,28 @@ the pod is read and gets enriched rather than a second span made.
 
 from __future__ import annotations
 
-import asyncio
 from functools import partial
 from typing import Any
 
 import grpc
 
 from grpc_balance_mw.affinity.detector import AffinityDetector
-from grpc_balance_mw.affinity.observer import CallObserver, ObservedCall
+from grpc_balance_mw.affinity.observer import CallObserver
+from grpc_balance_mw.aio.call_end import read_end, when_ended
 from grpc_balance_mw.aio.client import AffinityInterceptors
+from grpc_balance_mw.aio.multicallables import StreamRequestMethod, UnaryRequestMethod
 from grpc_balance_mw.aio.rebalance import Rebalancer, rerouted
 from grpc_balance_mw.observing import ObserveOptions, observe_parts
 from grpc_balance_mw.rebalance import Rebalance
 
 __all__ = ["ObservedChannel", "observe"]
 
-_CANCELLED = grpc.StatusCode.CANCELLED.value[0]
 _INTERCEPTOR_LISTS = (
     "_unary_unary_interceptors",
     "_unary_stream_interceptors",
     "_stream_unary_interceptors",
     "_stream_stream_interceptors",
 )
-
-
-def _final_state(call: Any) -> tuple[Any, Any, int | None] | None:
-    """(initial metadata, trailing metadata, status code) of a finished aio call, read off its
-    core call without awaiting; None if this grpcio keeps them elsewhere."""
-    core = getattr(call, "_cython_call", None)
-    status = getattr(core, "_status", None)
-    if status is None:
-        return None
-    return getattr(core, "_initial_metadata", None), status.trailing_metadata(), status.code()
-
-
-async def _await_final_state(call: Any, observed: ObservedCall | None, counted: Any) -> None:
-    """The slow way for calls whose state cannot be read directly (another grpcio's layout)."""
-    try:
-        initial = await call.initial_metadata()
-        code = await call.code()
-        trailing = await call.trailing_metadata()
-    except asyncio.CancelledError:
-        initial, trailing, code = None, None, grpc.StatusCode.CANCELLED
-    number = code.value[0] if code is not None else None
-    if observed is not None:
-        observed.finish(initial, trailing, number)
-    else:
-        counted(initial, trailing)
 
 
 class _Observed:
@@ -72,89 +47,59 @@ class _Observed:
         self._kind = kind
         self._stream = kind != "unary_unary"
         #: The done-callback of a detection-only unary call: bound once, not per call.
-        self._counted_unary = partial(self._counted, None)
+        self._counted_unary = partial(read_end, self._count_unary)
 
-    def __call__(
-        self,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> Any:
+    def _call(self, request: Any, **options: Any) -> Any:
         observer = self._observer
         if observer.telemetry is None:
             # A unary call's duration weighs nothing: no clock to read, no partial to build.
+            # A call that fails before it starts runs no done-callback until its channel
+            # closes and cancels it; it then counts as any cancelled call without headers.
             started = observer.clock() if self._stream else None
-            call = self._inner(
-                request,
-                timeout=timeout,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            )
+            call = self._inner(request, **options)
             call.add_done_callback(
-                self._counted_unary if started is None else partial(self._counted, started)
+                self._counted_unary
+                if started is None
+                else partial(read_end, partial(self._count, started))
             )
             return call
         observed = observer.begin(self._method, self._kind)
         try:
-            call = self._inner(
-                request,
-                timeout=timeout,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            )
+            call = self._inner(request, **options)
         except BaseException:  # e.g. a bad argument: end what begin() started, re-raise as is
             observed.finish(None, None, None)
             raise
-        call.add_done_callback(partial(self._finished, observed))
+        when_ended(call, observed.finish)
         return call
 
-    def _counted(self, started: float | None, call: Any) -> None:
-        state = _final_state(call)
-        if state is None:
-            _follow(call, None, partial(self._observer.count, started, self._stream))
-        elif started is None:  # unary-unary, the usual case: no closure built for it
-            self._observer.count_unary(state[0], state[1])
-        else:
-            self._observer.count(started, self._stream, state[0], state[1])
+    def _count_unary(self, initial: Any, trailing: Any, _code: int | None) -> None:
+        self._observer.count_unary(initial, trailing)
 
-    def _finished(self, observed: ObservedCall, call: Any) -> None:
-        state = _final_state(call)
-        if state is None:
-            _follow(call, observed, None)
-        else:
-            observed.finish(*state)
+    def _count(self, started: float, initial: Any, trailing: Any, _code: int | None) -> None:
+        self._observer.count(started, self._stream, initial, trailing)
 
 
-_followers: set[asyncio.Task[None]] = set()
-
-
-def _follow(call: Any, observed: ObservedCall | None, counted: Any) -> None:
-    task = asyncio.get_running_loop().create_task(_await_final_state(call, observed, counted))
-    _followers.add(task)
-    task.add_done_callback(_followers.discard)
-
-
-class _UnaryUnary(_Observed, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
+class _UnaryRequest(_Observed, UnaryRequestMethod):
     pass
 
 
-class _UnaryStream(_Observed, grpc.aio.UnaryStreamMultiCallable):  # type: ignore[misc]
+class _StreamRequest(_Observed, StreamRequestMethod):
     pass
 
 
-class _StreamUnary(_Observed, grpc.aio.StreamUnaryMultiCallable):  # type: ignore[misc]
+class _UnaryUnary(_UnaryRequest, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
     pass
 
 
-class _StreamStream(_Observed, grpc.aio.StreamStreamMultiCallable):  # type: ignore[misc]
+class _UnaryStream(_UnaryRequest, grpc.aio.UnaryStreamMultiCallable):  # type: ignore[misc]
+    pass
+
+
+class _StreamUnary(_StreamRequest, grpc.aio.StreamUnaryMultiCallable):  # type: ignore[misc]
+    pass
+
+
+class _StreamStream(_StreamRequest, grpc.aio.StreamStreamMultiCallable):  # type: ignore[misc]
     pass
 
 
