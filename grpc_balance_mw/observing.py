@@ -105,9 +105,12 @@ def chosen_options(observe: ObserveOptions | bool) -> ObserveOptions | None:
 
 
 def detector_for(target: str, options: ObserveOptions) -> AffinityDetector:
-    """The target's detector in the options' registry, told the expected pod count if any."""
+    """The target's detector in the options' registry, told the expected pod count if any;
+    the calls of channels closed before this one are forgotten (see
+    :meth:`AffinityDetector.forget_closed_calls`)."""
     registry = options.registry if options.registry is not None else default_registry
     detector = registry.detector(target, options.config)
+    detector.forget_closed_calls()
     if options.expected_pods is not None:
         detector.expected_pods = options.expected_pods
     return detector

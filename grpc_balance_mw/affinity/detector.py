@@ -116,6 +116,10 @@ class AffinityDetector:
         self._unreported: Transition | None = None
         #: Balanced channels that took over calls of this target (``observe(rebalance=)``).
         self._on_lanes = 0
+        #: Observers (channels, lanes, interceptors) feeding this detector now (``attach``),
+        #: and whether the last of them went since (their calls are then a closed channel's).
+        self._observers = 0
+        self._orphaned = False
         forking.track(self)
 
     def reset_after_fork(self) -> None:
@@ -226,6 +230,40 @@ class AffinityDetector:
         one is open, the advice for an alarm is not to use one (see ``advice(on_lanes=)``)."""
         with self._lock:
             self._on_lanes = max(0, self._on_lanes + (1 if opened else -1))
+
+    def attach(self) -> None:
+        """An observer (one channel or lane) starts feeding this detector."""
+        with self._lock:
+            self._observers += 1
+
+    def detach(self) -> None:
+        """An observer is closed (or collected); its calls stay evidence until
+        :meth:`forget_closed_calls` (snapshots read after a channel closed still show them)."""
+        with self._lock:
+            self._observers = max(0, self._observers - 1)
+            self._orphaned = self._observers == 0
+
+    def forget_closed_calls(self) -> None:
+        """A channel is about to use this detector: if every observer that fed it is closed,
+        forget their calls, and the verdict on them (calls recorded with no observer ever
+        attached, as tests do, stay).
+
+        Those calls described channels that no longer exist (one closed plain channel's calls
+        all on its one pod), and a channel opened later to the same target (a balanced one,
+        say) must not start out pinned or skewed by them. What was learnt of the target itself
+        stays: the pods known, the DNS answer, the expected count, and where fresh connections
+        landed (how the Service balances connections does not close with a channel).
+        """
+        with self._lock:
+            if self._observers or not self._orphaned:
+                return
+            self._orphaned = False
+            self.waiting.clear()
+            self._window = PodWindow(self.config.window_calls, self.config.window_s)
+            self._state = AffinityState.UNVERIFIED
+            self._pending, self._pending_calls = None, 0
+            self._top_share = 0.0
+            self._settled, self._by_flags, self._unreported = None, False, None
 
     def take_pod_events(self) -> list[PodEvent]:
         """The pod events since the last call, oldest first (for telemetry)."""
