@@ -9,14 +9,14 @@ itself (the pods known) stays.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
 from calls import call_aio, call_sync
 from conftest import require
+from fault_load import covered, until
 
 from grpc_balance_mw.affinity import AffinityRegistry, AffinityState
 from grpc_balance_mw.aio.channel import balanced_channel as aio_balanced_channel
@@ -39,19 +39,6 @@ def cluster() -> Iterator[LocalCluster]:
     require(not missing, "; ".join(missing))
     with LocalCluster(pods=3, service="userspace", dns=None) as running:
         yield running
-
-
-def _covered(channel: Any) -> set[str]:
-    return {lane.pod for lane in channel.pool.lanes if lane.is_available() and lane.pod}
-
-
-async def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
 
 
 class Client:
@@ -106,7 +93,7 @@ def test_a_closed_plain_channels_pinning_is_not_a_new_balanced_channels(
             assert balanced.detector is detector  # one detector per target, as before
             assert detector.state not in ALARMS, detector  # not the closed channel's verdict
             assert set(detector.snapshot().known_pods) >= known  # what it knew of the pods
-            assert await _until(lambda: len(_covered(balanced)) == 3), balanced
+            assert await until(lambda: len(covered(balanced)) == 3), balanced
             states = []
             for _ in range(BALANCED_CALLS // 10):
                 assert set(await client.calls(balanced, 10)) == {grpc.StatusCode.OK}
