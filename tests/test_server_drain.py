@@ -20,6 +20,7 @@ import grpc
 import pytest
 from calls import call_aio, call_sync
 from conftest import AioPod, SyncPod
+from fault_load import covered
 
 from grpc_balance_mw import server as sync_server
 from grpc_balance_mw._health import DRAIN_S, GRACE_S
@@ -104,10 +105,6 @@ def service(tmp_path: Path, pods: Pods) -> Iterator[UserspaceService]:
     proxy.stop()
 
 
-def _covered(channel: Any) -> set[str]:
-    return {lane.pod for lane in channel.pool.lanes if lane.is_available() and lane.pod}
-
-
 def _wait(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -139,13 +136,13 @@ class Load:
 
 def _drain_under_load(pods: Pods, service: UserspaceService, channel: Any, load: Load) -> int:
     """Take pod 1 out of the Service and drain it; return how many calls ended meanwhile."""
-    assert _wait(lambda: len(_covered(channel)) == 3), channel
+    assert _wait(lambda: len(covered(channel)) == 3), channel
     assert _wait(lambda: len(load.codes) >= 100), "no load"
     service.update([e for e in pods.endpoints if e.name != "charge-points-1"])
     before = len(load.codes)
     pods.drain(1)
     during = len(load.codes) - before
-    assert "charge-points-1" not in _covered(channel), channel
+    assert "charge-points-1" not in covered(channel), channel
     after = len(load.codes)
     assert _wait(lambda: len(load.codes) >= after + 100), "calls stopped after the drain"
     load.stop.set()
