@@ -9,11 +9,13 @@ itself (the pods known) stays.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
+from affinity_fixtures import NO_WARMUP
 from calls import call_aio, call_sync
 from conftest import require
 from fault_load import covered, until
@@ -23,7 +25,7 @@ from grpc_balance_mw.aio.channel import balanced_channel as aio_balanced_channel
 from grpc_balance_mw.aio.observed_channel import observe as aio_observe
 from grpc_balance_mw.channel import balanced_channel
 from grpc_balance_mw.observed_channel import observe
-from grpc_balance_mw.observing import ObserveOptions
+from grpc_balance_mw.observing import ObserveOptions, build_observer, detector_for
 from grpc_balance_mw.pool import PoolConfig
 from grpc_balance_mw.testing import LocalCluster, missing_components
 
@@ -106,3 +108,27 @@ def test_a_closed_plain_channels_pinning_is_not_a_new_balanced_channels(
         assert not set(states) & set(ALARMS), states
 
     asyncio.run(main())
+
+
+def test_only_the_calls_of_closed_observers_are_forgotten_and_the_pods_stay() -> None:
+    options = ObserveOptions(registry=AffinityRegistry(NO_WARMUP), expected_pods=3)
+    target = "charge-points.ev.svc:80"
+    first, second = build_observer(target, options), build_observer(target, options)
+    detector = first.detector
+    for _ in range(40):
+        detector.record("pod-a", lane=first.lane_evidence)
+    detector.add_known_pods(["pod-a", "pod-b", "pod-c"])
+    assert detector.state is AffinityState.PINNED
+    first.close()
+    detector_for(target, options)  # another channel still feeds it: its evidence stands
+    assert detector.state is AffinityState.PINNED
+    del second  # collected without close(): detached all the same
+    gc.collect()
+    assert detector.state is AffinityState.PINNED  # read after the close: still there
+    detector_for(target, options)  # a channel opened after they all went
+    snapshot = detector.snapshot()
+    assert snapshot.state is AffinityState.UNVERIFIED and snapshot.calls == 0, snapshot
+    assert "pod-a" in snapshot.known_pods
+    first.close()  # twice: detached once
+    detector_for(target, options)
+    assert "pod-a" in detector.snapshot().known_pods

@@ -120,11 +120,15 @@ class AffinityDetector:
         #: and whether the last of them went since (their calls are then a closed channel's).
         self._observers = 0
         self._orphaned = False
+        #: Guards those two. Reentrant and apart from ``_lock``: ``detach`` runs from a
+        #: finalizer, which the garbage collector may call in a thread holding either.
+        self._count_lock = threading.RLock()
         forking.track(self)
 
     def reset_after_fork(self) -> None:
         """In a forked child: a fresh lock (the parent's may have been held by another thread)."""
         self._lock = threading.Lock()
+        self._count_lock = threading.RLock()
 
     def __repr__(self) -> str:
         self._catch_up()
@@ -233,13 +237,13 @@ class AffinityDetector:
 
     def attach(self) -> None:
         """An observer (one channel or lane) starts feeding this detector."""
-        with self._lock:
+        with self._count_lock:
             self._observers += 1
 
     def detach(self) -> None:
         """An observer is closed (or collected); its calls stay evidence until
         :meth:`forget_closed_calls` (snapshots read after a channel closed still show them)."""
-        with self._lock:
+        with self._count_lock:
             self._observers = max(0, self._observers - 1)
             self._orphaned = self._observers == 0
 
@@ -255,9 +259,10 @@ class AffinityDetector:
         landed (how the Service balances connections does not close with a channel).
         """
         with self._lock:
-            if self._observers or not self._orphaned:
-                return
-            self._orphaned = False
+            with self._count_lock:
+                if self._observers or not self._orphaned:
+                    return
+                self._orphaned = False
             self.waiting.clear()
             self._window = PodWindow(self.config.window_calls, self.config.window_s)
             self._state = AffinityState.UNVERIFIED
