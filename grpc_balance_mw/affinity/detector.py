@@ -249,8 +249,9 @@ class AffinityDetector:
 
     def forget_closed_calls(self) -> None:
         """A channel is about to use this detector: if every observer that fed it is closed,
-        forget their calls, and the verdict on them (calls recorded with no observer ever
-        attached, as tests do, stay).
+        forget their calls, and an alarm (pinned, skewed) raised on them (calls recorded with no
+        observer ever attached, as tests do, stay). A verdict that is no alarm stays: it rests
+        on the connection samples too, which stay.
 
         Those calls described channels that no longer exist (one closed plain channel's calls
         all on its one pod), and a channel opened later to the same target (a balanced one,
@@ -265,7 +266,8 @@ class AffinityDetector:
                 self._orphaned = False
             self.waiting.clear()
             self._window = PodWindow(self.config.window_calls, self.config.window_s)
-            self._state = AffinityState.UNVERIFIED
+            if self._state.is_alarm:  # raised on their calls: withdrawn with them
+                self._state = AffinityState.UNVERIFIED
             self._pending, self._pending_calls = None, 0
             self._top_share = 0.0
             self._settled, self._by_flags, self._unreported = None, False, None
