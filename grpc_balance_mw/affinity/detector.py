@@ -248,26 +248,30 @@ class AffinityDetector:
             self._orphaned = self._observers == 0
 
     def forget_closed_calls(self) -> None:
-        """A channel is about to use this detector: if every observer that fed it is closed,
-        forget their calls, and an alarm (pinned, skewed) raised on them (calls recorded with no
-        observer ever attached, as tests do, stay). A verdict that is no alarm stays: it rests
-        on the connection samples too, which stay.
+        """A channel is about to use this detector: if every observer that fed it is closed and
+        their calls raised an alarm (pinned, skewed, or one on its way), forget those calls and
+        withdraw the alarm.
 
         Those calls described channels that no longer exist (one closed plain channel's calls
         all on its one pod), and a channel opened later to the same target (a balanced one,
-        say) must not start out pinned or skewed by them. What was learnt of the target itself
+        say) must not start out pinned, or skewed by them. What was learnt of the target itself
         stays: the pods known, the DNS answer, the expected count, and where fresh connections
-        landed (how the Service balances connections does not close with a channel).
+        landed. Calls that raised no alarm stay too: waves of short channels, each closed
+        before the next opens, add up to one verdict (and calls recorded with no observer ever
+        attached, as tests do, are never forgotten).
         """
+        self._catch_up()  # calls counted and not judged yet may be what raises the alarm
         with self._lock:
             with self._count_lock:
                 if self._observers or not self._orphaned:
                     return
                 self._orphaned = False
+            pending = self._pending
+            if not (self._state.is_alarm or (pending is not None and pending.is_alarm)):
+                return
             self.waiting.clear()
             self._window = PodWindow(self.config.window_calls, self.config.window_s)
-            if self._state.is_alarm:  # raised on their calls: withdrawn with them
-                self._state = AffinityState.UNVERIFIED
+            self._state = AffinityState.UNVERIFIED
             self._pending, self._pending_calls = None, 0
             self._top_share = 0.0
             self._settled, self._by_flags, self._unreported = None, False, None
