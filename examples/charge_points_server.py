@@ -4,8 +4,10 @@
 
 In Kubernetes, leave --pod-name out and set POD_NAME/POD_IP/POD_NAMESPACE from the downward API.
 What it shows, in order: the pod identity (from the environment or flags, checked at start-up), the
-interceptor that stamps it on every response, connection-age settings, the health service that
-goes NOT_SERVING as soon as shutdown begins, and a SIGTERM handler that drains before exiting.
+interceptor that stamps it on every response, connection-age settings, the health service, and a
+SIGTERM handler that drains: NOT_SERVING at once, serving on for --drain-s (longer than the
+clients' health-check interval) so they move their calls, then a graceful stop of --grace-s.
+Kubernetes' terminationGracePeriodSeconds must exceed drain + grace (kubernetes/deployment.yaml).
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from grpc_balance_mw import PodIdentity, connection_age_options
-from grpc_balance_mw.server import PodIdentityInterceptor, add_health
+from grpc_balance_mw.server import (
+    DRAIN_S,
+    GRACE_S,
+    PodIdentityInterceptor,
+    add_health,
+    drain_on_signals,
+)
 from grpc_balance_mw.testing.charge_points.servicer import SERVICE_NAME, SyncChargePointsServicer
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc
 
@@ -35,6 +41,8 @@ def main() -> None:
     )
     parser.add_argument("--max-connection-age-s", type=float, default=30.0)
     parser.add_argument("--opaque-key", help="stamp a keyed hash instead of the pod name")
+    parser.add_argument("--drain-s", type=float, default=DRAIN_S, help="serve on NOT_SERVING")
+    parser.add_argument("--grace-s", type=float, default=GRACE_S, help="then the graceful stop")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
 
@@ -57,12 +65,10 @@ def main() -> None:
     server.start()
     logging.info("pod %s serving on port %d", identity, port)
 
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    done.wait()
-    # stop() reports NOT_SERVING first (add_health wraps it), then drains calls for 10 s.
-    server.stop(grace=10).wait()
+    # SIGTERM (the kubelet) or Ctrl-C: NOT_SERVING, serve --drain-s more, stop with --grace-s.
+    # A second signal stops at once.
+    drain_on_signals(server, health, drain_s=args.drain_s, grace_s=args.grace_s)
+    server.wait_for_termination()
     logging.info(
         "pod %s stopped (health was %s)", identity, "NOT_SERVING" if health.shutting_down else "?"
     )

@@ -1,4 +1,5 @@
-"""What the sync and aio ``PodHealth`` share: the services reported and the serving state."""
+"""What the sync and aio ``PodHealth`` share: the services reported, the serving state, and the
+timing of a drain."""
 
 from __future__ import annotations
 
@@ -28,6 +29,24 @@ class HealthReport:
     @property
     def shutting_down(self) -> bool:
         return self._shutting_down
+
+
+#: How long a draining pod keeps serving after it reports NOT_SERVING. A balanced channel
+#: re-checks each lane's pod every ``PoolConfig.health_interval_s`` (5 s), a check may take its
+#: deadline (``check_timeout_s``, 1 s) plus ``CHECK_GRACE_S`` (1 s), and the maintenance thread
+#: wakes every ``tick_s`` (0.25 s): a client learns of the flip at most 7.25 s after it. 10 s
+#: leaves room for a slow client; raise it with the clients' ``health_interval_s``.
+DRAIN_S = 10.0
+
+#: The graceful stop after the drain: calls still running (long streams) get this long to finish.
+#: ``DRAIN_S + GRACE_S`` = 25 s stays under Kubernetes' default terminationGracePeriodSeconds (30).
+GRACE_S = 15.0
+
+
+def check_drain(drain_s: float, grace_s: float) -> None:
+    """Refuse a drain that cannot be served (negative periods)."""
+    if drain_s < 0 or grace_s < 0:
+        raise ConfigurationError(f"need drain_s >= 0 and grace_s >= 0, got {drain_s}, {grace_s}")
 
 
 def require_health_checking() -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
+
+import grpc
 
 from grpc_balance_mw.affinity.config import AffinityConfig
 from grpc_balance_mw.affinity.detector import AffinityDetector
@@ -42,6 +44,12 @@ class ObserveOptions:
         telemetry: an ``AffinityTelemetry`` for spans, metrics and alarms; None: detection only.
         probe: True for a :class:`PodProbe` with defaults (a fresh connection and a health check
             now and then, to find pods the channel cannot see), or a configured one.
+        probe_credentials: how the probe made by ``probe=True`` dials: the channel's own
+            ``grpc.ChannelCredentials`` for a TLS target, or ``"insecure"`` for a plaintext
+            one. Required with ``probe=True``: grpcio does not tell what credentials a channel
+            was made with, and a guess would dial a TLS server in plaintext.
+        probe_options: extra channel options for the probe's connections (e.g.
+            ``grpc.ssl_target_name_override``, as the channel has them).
         config: thresholds and windows; the first config given for a target wins.
         registry: where the target's detector lives; default the process-wide registry.
         lane: the connection's name in telemetry; default ``lane-N``.
@@ -50,6 +58,8 @@ class ObserveOptions:
     expected_pods: int | None = None
     telemetry: CallTelemetry | None = None
     probe: PodProbe | bool = False
+    probe_credentials: grpc.ChannelCredentials | Literal["insecure"] | None = None
+    probe_options: tuple[tuple[str, Any], ...] = ()
     config: AffinityConfig | None = None
     registry: AffinityRegistry | None = None
     lane: str | None = None
@@ -65,6 +75,23 @@ class ObserveOptions:
                 f"not {self.expected_pods!r}"
             )
 
+        credentials = self.probe_credentials
+        if credentials is not None and not (
+            credentials == "insecure" or isinstance(credentials, grpc.ChannelCredentials)
+        ):
+            raise ConfigurationError(
+                "ObserveOptions: probe_credentials must be grpc.ChannelCredentials or "
+                f"'insecure', not {type(credentials).__name__}"
+            )
+        if self.probe is True and credentials is None:
+            raise ConfigurationError(
+                "ObserveOptions(probe=True) dials the target on connections of its own, and "
+                "grpcio does not tell what credentials the channel has: pass them, "
+                "ObserveOptions(probe=True, probe_credentials=<the channel's "
+                "grpc.ssl_channel_credentials(...)>), or probe_credentials='insecure' for a "
+                "plaintext channel"
+            )
+
     def but(self, **changes: Any) -> ObserveOptions:
         """A copy with some fields changed (e.g. ``options.but(lane="lane-2")``)."""
         return replace(self, **changes)
@@ -78,9 +105,12 @@ def chosen_options(observe: ObserveOptions | bool) -> ObserveOptions | None:
 
 
 def detector_for(target: str, options: ObserveOptions) -> AffinityDetector:
-    """The target's detector in the options' registry, told the expected pod count if any."""
+    """The target's detector in the options' registry, told the expected pod count if any;
+    the calls of channels closed before this one are forgotten (see
+    :meth:`AffinityDetector.forget_closed_calls`)."""
     registry = options.registry if options.registry is not None else default_registry
     detector = registry.detector(target, options.config)
+    detector.forget_closed_calls()
     if options.expected_pods is not None:
         detector.expected_pods = options.expected_pods
     return detector
@@ -94,7 +124,18 @@ def build_observer(
     options = options if options is not None else ObserveOptions()
     detector = detector_for(target, options)
     probe = options.probe
-    pod_probe = PodProbe(target, detector) if probe is True else probe or None
+    pod_probe = (
+        PodProbe(
+            target,
+            detector,
+            credentials=None
+            if options.probe_credentials == "insecure"
+            else options.probe_credentials,
+            options=options.probe_options,
+        )
+        if probe is True
+        else probe or None
+    )
     resolve_in_background(detector)
     return CallObserver(
         detector,

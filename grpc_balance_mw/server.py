@@ -9,24 +9,43 @@ Usage::
         options=connection_age_options(max_age_s=30),
     )
     health = add_health(server)
+    server.start()
+    drain_on_signals(server, health)  # SIGTERM: NOT_SERVING, serve DRAIN_S more, then stop
+    server.wait_for_termination()
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
 from typing import Any
 
 import grpc
 
-from grpc_balance_mw._health import HealthReport, require_health_checking
+from grpc_balance_mw._health import (
+    DRAIN_S,
+    GRACE_S,
+    HealthReport,
+    check_drain,
+    require_health_checking,
+)
 from grpc_balance_mw._stamping import StampedStatus, handler_kind, rebuild_handler
 from grpc_balance_mw.identity import PodIdentity, merge_identity
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["PodHealth", "PodIdentityInterceptor", "add_health"]
+__all__ = [
+    "DRAIN_S",
+    "GRACE_S",
+    "PodHealth",
+    "PodIdentityInterceptor",
+    "add_health",
+    "drain",
+    "drain_on_signals",
+]
 
 
 class _StampingContext:
@@ -154,9 +173,11 @@ def add_health(server: grpc.Server, services: tuple[str, ...] = ()) -> PodHealth
     """Serve ``grpc.health.v1.Health`` on ``server`` and flip it to NOT_SERVING on ``stop()``.
 
     ``server.stop`` is wrapped so that the health status turns NOT_SERVING first, then the
-    server's own graceful stop begins: health-checking clients see the pod leave before its
-    connections close. With the :class:`PodIdentityInterceptor` installed, health responses carry
-    the pod identity too, which is how a client learns which pod a new connection reached.
+    server's own graceful stop begins at once. That alone does not drain: a stopping server
+    refuses new calls at once, and clients that have not re-checked health yet still send them
+    (they fail CANCELLED). Stop a pod with :func:`drain` (or :func:`drain_on_signals`) instead.
+    With the :class:`PodIdentityInterceptor` installed, health responses carry the pod identity
+    too, which is how a client learns which pod a new connection reached.
 
     Args:
         server: a ``grpc.server``, before ``start()``.
@@ -177,3 +198,57 @@ def add_health(server: grpc.Server, services: tuple[str, ...] = ()) -> PodHealth
 
     server.stop = stop_after_flip
     return pod_health
+
+
+def drain(
+    server: grpc.Server, health: PodHealth, *, drain_s: float = DRAIN_S, grace_s: float = GRACE_S
+) -> None:
+    """Stop ``server`` the way clients can follow: NOT_SERVING, keep serving, then stop.
+
+    Health reports NOT_SERVING at once; the server keeps serving every call for ``drain_s``
+    (longer than the clients' health-check interval, so each has moved its calls elsewhere),
+    then stops with ``grace_s`` for the calls still running. Returns once the server stopped.
+    In Kubernetes: ``terminationGracePeriodSeconds`` > ``drain_s + grace_s``.
+    """
+    check_drain(drain_s, grace_s)
+    health.enter_graceful_shutdown()
+    threading.Event().wait(drain_s)
+    server.stop(grace_s).wait()
+
+
+def drain_on_signals(
+    server: grpc.Server,
+    health: PodHealth,
+    *,
+    drain_s: float = DRAIN_S,
+    grace_s: float = GRACE_S,
+    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> threading.Event:
+    """On the first of ``signals`` (SIGTERM: what the kubelet sends), :func:`drain` in a thread.
+
+    A second signal stops the server at once (a second Ctrl-C). Call from the main thread, as
+    Python requires of signal handlers; ``server.wait_for_termination()`` returns once stopped.
+
+    Returns:
+        an event set once the server has stopped.
+    """
+    check_drain(drain_s, grace_s)
+    stopped = threading.Event()
+    started = threading.Lock()
+
+    def run() -> None:
+        try:
+            drain(server, health, drain_s=drain_s, grace_s=grace_s)
+        finally:
+            stopped.set()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if started.acquire(blocking=False):
+            _log.info("signal %d: draining for %.1f s, then stopping", signum, drain_s)
+            threading.Thread(target=run, name="grpc-balance-drain", daemon=True).start()
+        else:
+            server.stop(None)
+
+    for signum in signals:
+        signal.signal(signum, on_signal)
+    return stopped

@@ -152,3 +152,14 @@ def test_the_istio_destination_rule_has_istios_structure() -> None:
     misspelt = {**rule, "spec": {**rule["spec"], "trafficPolicy": {"loadbalancer": {}}}}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(misspelt, DESTINATION_RULE)
+
+
+def test_the_termination_grace_period_outlasts_the_drain_and_the_graceful_stop() -> None:
+    spec = KUBERNETES["deployment.yaml:Deployment"]["spec"]["template"]["spec"]
+    args = spec["containers"][0]["args"]
+    drain_s = float(args[args.index("--drain-s") + 1])
+    grace_s = float(args[args.index("--grace-s") + 1])
+    pre_stop = spec["containers"][0].get("lifecycle", {}).get("preStop")
+    assert pre_stop is None  # the app drains on SIGTERM itself; a preStop sleep would add to it
+    assert drain_s > 5 + 1 + 1  # the clients' health interval, a check and its grace
+    assert spec["terminationGracePeriodSeconds"] > drain_s + grace_s

@@ -104,14 +104,16 @@ def test_closing_ends_a_probe_round_in_flight(black_hole: BlackHole, owner: str)
     if owner == "channel":
         observed: Any = observe(
             grpc.insecure_channel(target),
-            ObserveOptions(probe=True, registry=registry),
+            ObserveOptions(probe=True, probe_credentials="insecure", registry=registry),
             target=target,
         )
     elif owner == "interceptor":
-        observed = AffinityInterceptor(target, ObserveOptions(probe=True, registry=registry))
+        observed = AffinityInterceptor(
+            target, ObserveOptions(probe=True, probe_credentials="insecure", registry=registry)
+        )
     else:
         observed = aio_client.AffinityInterceptors(
-            target, ObserveOptions(probe=True, registry=registry)
+            target, ObserveOptions(probe=True, probe_credentials="insecure", registry=registry)
         )
     probe = observed.observer.probe
     assert isinstance(probe, PodProbe)

@@ -116,11 +116,19 @@ class AffinityDetector:
         self._unreported: Transition | None = None
         #: Balanced channels that took over calls of this target (``observe(rebalance=)``).
         self._on_lanes = 0
+        #: Observers (channels, lanes, interceptors) feeding this detector now (``attach``),
+        #: and whether the last of them went since (their calls are then a closed channel's).
+        self._observers = 0
+        self._orphaned = False
+        #: Guards those two. Reentrant and apart from ``_lock``: ``detach`` runs from a
+        #: finalizer, which the garbage collector may call in a thread holding either.
+        self._count_lock = threading.RLock()
         forking.track(self)
 
     def reset_after_fork(self) -> None:
         """In a forked child: a fresh lock (the parent's may have been held by another thread)."""
         self._lock = threading.Lock()
+        self._count_lock = threading.RLock()
 
     def __repr__(self) -> str:
         self._catch_up()
@@ -226,6 +234,47 @@ class AffinityDetector:
         one is open, the advice for an alarm is not to use one (see ``advice(on_lanes=)``)."""
         with self._lock:
             self._on_lanes = max(0, self._on_lanes + (1 if opened else -1))
+
+    def attach(self) -> None:
+        """An observer (one channel or lane) starts feeding this detector."""
+        with self._count_lock:
+            self._observers += 1
+
+    def detach(self) -> None:
+        """An observer is closed (or collected); its calls stay evidence until
+        :meth:`forget_closed_calls` (snapshots read after a channel closed still show them)."""
+        with self._count_lock:
+            self._observers = max(0, self._observers - 1)
+            self._orphaned = self._observers == 0
+
+    def forget_closed_calls(self) -> None:
+        """A channel is about to use this detector: if every observer that fed it is closed and
+        their calls raised an alarm (pinned, skewed, or one on its way), forget those calls and
+        withdraw the alarm.
+
+        Those calls described channels that no longer exist (one closed plain channel's calls
+        all on its one pod), and a channel opened later to the same target (a balanced one,
+        say) must not start out pinned, or skewed by them. What was learnt of the target itself
+        stays: the pods known, the DNS answer, the expected count, and where fresh connections
+        landed. Calls that raised no alarm stay too: waves of short channels, each closed
+        before the next opens, add up to one verdict (and calls recorded with no observer ever
+        attached, as tests do, are never forgotten).
+        """
+        self._catch_up()  # calls counted and not judged yet may be what raises the alarm
+        with self._lock:
+            with self._count_lock:
+                if self._observers or not self._orphaned:
+                    return
+                self._orphaned = False
+            pending = self._pending
+            if not (self._state.is_alarm or (pending is not None and pending.is_alarm)):
+                return
+            self.waiting.clear()
+            self._window = PodWindow(self.config.window_calls, self.config.window_s)
+            self._state = AffinityState.UNVERIFIED
+            self._pending, self._pending_calls = None, 0
+            self._top_share = 0.0
+            self._settled, self._by_flags, self._unreported = None, False, None
 
     def take_pod_events(self) -> list[PodEvent]:
         """The pod events since the last call, oldest first (for telemetry)."""

@@ -288,14 +288,21 @@ class CallObserver:
         self.telemetry_cache: dict[Any, Any] = {}
         if telemetry is not None:
             telemetry.watch(self)
+        detector.attach()
+        #: Detaches from the detector exactly once: on :meth:`close`, or when the observer is
+        #: collected (a lane's channel dropped, a channel never closed).
+        self._detach = weakref.finalize(self, detector.detach)
+        self._detach.atexit = False
 
     def __repr__(self) -> str:
         return f"<CallObserver {self.target} lane={self.lane} {self.detector.state.value}>"
 
     def close(self) -> None:
-        """The channel is closed: stop the probe made for it, and a round in flight."""
+        """The channel is closed: stop the probe made for it, and a round in flight; its calls
+        stop counting as evidence once no other channel feeds the detector."""
         if self.probe is not None and self._owns_probe:
             self.probe.stop()
+        self._detach()
 
     def read_pod(
         self,

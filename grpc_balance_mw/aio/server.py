@@ -7,24 +7,43 @@ Usage::
         options=connection_age_options(max_age_s=30),
     )
     health = await add_health(server)
+    await server.start()
+    drain_on_signals(server, health)  # SIGTERM: NOT_SERVING, serve DRAIN_S more, then stop
+    await server.wait_for_termination()
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
 
-from grpc_balance_mw._health import HealthReport, require_health_checking
+from grpc_balance_mw._health import (
+    DRAIN_S,
+    GRACE_S,
+    HealthReport,
+    check_drain,
+    require_health_checking,
+)
 from grpc_balance_mw._stamping import StampedStatus, handler_kind, rebuild_handler
 from grpc_balance_mw.identity import PodIdentity, merge_identity
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["PodHealth", "PodIdentityInterceptor", "add_health"]
+__all__ = [
+    "DRAIN_S",
+    "GRACE_S",
+    "PodHealth",
+    "PodIdentityInterceptor",
+    "add_health",
+    "drain",
+    "drain_on_signals",
+]
 
 
 class _StampingContext:
@@ -163,7 +182,8 @@ async def add_health(server: grpc.aio.Server, services: tuple[str, ...] = ()) ->
     """Serve ``grpc.health.v1.Health`` on ``server`` and flip it to NOT_SERVING on ``stop()``.
 
     See :func:`grpc_balance_mw.server.add_health`; ``await server.stop(grace)`` reports
-    NOT_SERVING before the graceful stop begins.
+    NOT_SERVING before the graceful stop begins, but only :func:`drain` gives clients the time
+    to see it.
     """
     require_health_checking()
     from grpc_health.v1 import health_pb2_grpc
@@ -181,3 +201,65 @@ async def add_health(server: grpc.aio.Server, services: tuple[str, ...] = ()) ->
 
     server.stop = stop_after_flip
     return pod_health
+
+
+async def drain(
+    server: grpc.aio.Server,
+    health: PodHealth,
+    *,
+    drain_s: float = DRAIN_S,
+    grace_s: float = GRACE_S,
+) -> None:
+    """NOT_SERVING, keep serving ``drain_s``, then stop with ``grace_s``.
+
+    See :func:`grpc_balance_mw.server.drain`.
+    """
+    check_drain(drain_s, grace_s)
+    await health.enter_graceful_shutdown()
+    await asyncio.sleep(drain_s)
+    await server.stop(grace_s)
+
+
+def drain_on_signals(
+    server: grpc.aio.Server,
+    health: PodHealth,
+    *,
+    drain_s: float = DRAIN_S,
+    grace_s: float = GRACE_S,
+    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> asyncio.Future[None]:
+    """On the first of ``signals``, :func:`drain` in a task of the running loop.
+
+    A second signal stops the server at once. See
+    :func:`grpc_balance_mw.server.drain_on_signals`.
+
+    Returns:
+        a future done once the server has stopped.
+    """
+    check_drain(drain_s, grace_s)
+    loop = asyncio.get_running_loop()
+    stopped: asyncio.Future[None] = loop.create_future()
+    tasks: list[asyncio.Task[None]] = []  # held here: the loop keeps only weak references
+
+    def finished(task: asyncio.Task[None]) -> None:
+        if stopped.done():
+            return
+        if task.cancelled():
+            stopped.cancel()
+        elif (error := task.exception()) is not None:
+            stopped.set_exception(error)
+        else:
+            stopped.set_result(None)
+
+    def on_signal(signum: int) -> None:
+        if not tasks:
+            _log.info("signal %d: draining for %.1f s, then stopping", signum, drain_s)
+            task = loop.create_task(drain(server, health, drain_s=drain_s, grace_s=grace_s))
+            task.add_done_callback(finished)
+            tasks.append(task)
+        else:
+            tasks.append(loop.create_task(server.stop(None)))
+
+    for signum in signals:
+        loop.add_signal_handler(signum, on_signal, signum)
+    return stopped

@@ -297,24 +297,47 @@ def _channel(target: str, options: DoctorOptions) -> grpc.Channel:
     return grpc.insecure_channel(target, options=channel_options)
 
 
-def _sample(target: str, options: DoctorOptions, findings: Findings) -> Connection:
+#: Server-controlled text (a status message) is cut to this many characters when shown.
+_MAX_SHOWN = 200
+
+
+def printable(text: str, limit: int = _MAX_SHOWN) -> str:
+    """``text`` safe to print on one terminal line: control characters, line breaks and other
+    unprintable characters escaped as ``repr`` does, and cut at ``limit`` characters.
+
+    A server chooses its status messages: raw, one could forge a ``verdict:`` line or send
+    terminal escape sequences to whoever runs the doctor.
+    """
+    shown = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text[:limit])
+    return shown + ("..." if len(text) > limit else "")
+
+
+def _left(deadline: float) -> float:
+    return deadline - time.monotonic()
+
+
+def _sample(target: str, options: DoctorOptions, findings: Findings, deadline: float) -> Connection:
+    """Checks on one fresh connection; none runs past ``deadline`` (``--max-seconds``)."""
     connection = Connection()
     channel = _channel(target, options)
     try:
         check = check_method(channel)
         for _ in range(options.checks_per_connection):
+            timeout = min(options.timeout_s, _left(deadline))
+            if timeout <= 0:
+                break
             try:
-                _, call = check.with_call("", timeout=options.timeout_s, wait_for_ready=True)
+                _, call = check.with_call("", timeout=timeout, wait_for_ready=True)
                 initial, trailing = call.initial_metadata(), call.trailing_metadata()
             except grpc.RpcError as err:
                 initial, trailing = (), err.trailing_metadata()
                 if err.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
-                    connection.error = f"{err.code().name}: {err.details()}"
+                    connection.error = f"{err.code().name}: {printable(err.details() or '')}"
                     return connection
             try:
                 identity = pod_from_metadata(initial) or pod_from_metadata(trailing)
             except MalformedPodHeader as err:
-                connection.error = str(err)
+                connection.error = printable(str(err))
                 return connection
             if identity is None:
                 findings.unstamped += 1
@@ -333,22 +356,27 @@ def diagnose(
     findings = Findings(target, options.lb_policy, expected_pods=options.expected_pods)
     parsed = _parse(target)
     progress(f"resolving {parsed.host}")
-    addresses, error = _resolve(parsed, options.timeout_s)
+    addresses, error = _resolve(parsed, min(options.timeout_s, options.max_seconds))
     findings.addresses, findings.dns_error = addresses, error
     if addresses is None:
         findings.seconds = time.monotonic() - started
         return findings
     port = parsed.port
+    dialled = 0
     for address in addresses[:16]:
+        wait_s = min(options.timeout_s, 1.0, _left(deadline))
+        if wait_s <= 0:
+            break
         progress(f"dialling {address}:{port}")
-        if not _port_answers(address, port, min(options.timeout_s, 1.0)):
+        dialled += 1
+        if not _port_answers(address, port, wait_s):
             findings.unreachable.append(address)
-    if len(findings.unreachable) < len(addresses):
+    if len(findings.unreachable) < dialled:
         for index in range(options.samples):
-            if time.monotonic() > deadline:
+            if _left(deadline) <= 0:
                 break
             progress(f"fresh connection {index + 1}/{options.samples}")
-            findings.connections.append(_sample(target, options, findings))
+            findings.connections.append(_sample(target, options, findings, deadline))
     findings.seconds = time.monotonic() - started
     return findings
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
-from grpc_balance_mw.dns_message import answer
+from grpc_balance_mw.dns_message import UDP_PLAIN_SIZE, answer
 from grpc_balance_mw.testing.endpoints import Endpoint
 from grpc_balance_mw.testing.process import ChildProcess, ProcessFrontend, python_module
 
@@ -34,7 +34,8 @@ class _Zone(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         assert self.transport is not None
-        self.transport.sendto(answer(data, self.records, self.ttl_s), addr)
+        # Truncated to 512 bytes like a real server's UDP answer: many pods need TCP.
+        self.transport.sendto(answer(data, self.records, self.ttl_s, UDP_PLAIN_SIZE), addr)
 
     async def serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, OSError):
