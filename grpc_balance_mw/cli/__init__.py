@@ -19,6 +19,7 @@ from typing import NoReturn
 
 from grpc_balance_mw import __version__
 from grpc_balance_mw.cli.arguments import bounded_float, bounded_int
+from grpc_balance_mw.cli.signals import sigterm_unwinds
 from grpc_balance_mw.errors import BalanceError
 
 __all__ = ["build_parser", "main"]
@@ -248,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-        code: int = module.run(args)
+        with sigterm_unwinds():  # timeout, CI and systemd stop us as Ctrl-C does
+            code: int = module.run(args)
         return code
     except KeyboardInterrupt:
         print("grpc-balance: interrupted", file=sys.stderr)

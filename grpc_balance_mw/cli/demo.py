@@ -56,7 +56,6 @@ from grpc_balance_mw.telemetry import EVENT_STATE_CHANGE, AffinityTelemetry
 from grpc_balance_mw.testing import LocalCluster, missing_components
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
-from grpc_balance_mw.testing.process import sigterm_unwinds
 
 PODS, SCALED_PODS = 3, 5
 #: Act 4: calls before the scale-up, how long to watch after it at most, and how long to go on
@@ -328,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigurationError("; ".join(missing))
     began = time.monotonic()
     progress(f"starting a {PODS}-pod local cluster (service={args.l4})")
-    with sigterm_unwinds(), LocalCluster(PODS, service=args.l4, dns=None, l7=None) as cluster:
+    with LocalCluster(PODS, service=args.l4, dns=None, l7=None) as cluster:
         demo = Demo(cluster, args)
         demo.say(f"local cluster: {cluster!r}")
         plain = demo.pinned()

@@ -16,9 +16,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
 
 from grpc_balance_mw.errors import BalanceError
 
@@ -28,7 +27,6 @@ __all__ = [
     "live_children",
     "python_module",
     "reserve_port",
-    "sigterm_unwinds",
     "wait_until",
 ]
 
@@ -45,32 +43,6 @@ def _stop_leftovers() -> None:
     """A harness that was never stopped (a crashed test run) still takes its children along."""
     for child in live_children():
         child.stop(grace_s=0.5)
-
-
-@contextlib.contextmanager
-def sigterm_unwinds() -> Iterator[None]:
-    """While inside, SIGTERM ends the program the way Ctrl-C does: by unwinding.
-
-    Python's default for SIGTERM (what ``timeout``, CI runners and systemd send) is to die on the
-    spot, running no ``finally`` and no ``atexit``; the harness's children live in sessions of
-    their own, so nothing else would stop them (haproxy stays up, listening, its directory
-    left). Here SIGTERM raises ``SystemExit(143)`` in the main thread instead, so every ``with
-    LocalCluster(...)`` stops what it started. A second SIGTERM during that clean-up is ignored.
-    Outside the main thread (where Python allows no signal handler) this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def unwind(signum: int, frame: FrameType | None) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, unwind)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def live_children() -> list[ChildProcess]:
