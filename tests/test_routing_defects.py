@@ -313,10 +313,13 @@ async def test_aio_dial_rejects_a_bad_interceptor_and_takes_a_positional_timeout
         aio_redial.dial_per_request_channel(sync_pod.target, interceptors=[object()])
     channel = aio_redial.dial_per_request_channel(sync_pod.target)
     try:
-        get = channel.unary_unary(
-            GET, pb.GetChargePointRequest.SerializeToString, pb.ChargePoint.FromString
+        upload = channel.stream_unary(
+            "/chargepoints.v1.ChargePoints/UploadMeterValues",
+            pb.MeterValue.SerializeToString,
+            pb.UploadSummary.FromString,
         )
-        assert (await get(REQUEST, 5)).id == "cp-1"
+        # grpc.aio's stream-request calls take the timeout positionally
+        assert (await upload(iter([pb.MeterValue(energy_wh=1.0)]), 5)).count == 1
     finally:
         await channel.close()
 
