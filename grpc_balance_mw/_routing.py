@@ -25,22 +25,29 @@ adapters do the I/O; what they decide is decided here, once, so the four adapter
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import grpc
 
 from grpc_balance_mw.errors import BalanceError, ConfigurationError
+from grpc_balance_mw.pool import Lane, LanePool, LaneState, NoLane
 from grpc_balance_mw.pool.health import names_a_pod
 
 __all__ = [
+    "CALL_KINDS",
     "NEVER_SENT",
     "NO_OUTCOME",
     "OK",
+    "ConnectionRoutes",
+    "LaneRoutes",
+    "Lease",
+    "MethodSpec",
     "NoRoute",
     "Outcome",
     "Router",
     "Ticket",
+    "channel_method",
     "check_channel_options",
     "check_metadata",
     "error_outcome",
@@ -230,8 +237,116 @@ def check_channel_options(options: Iterable[Any] | None, where: str) -> tuple[An
         )
     pairs = tuple(options)
     for pair in pairs:
-        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)):
             raise ConfigurationError(
                 f"{where}: each channel option must be a (str key, value) pair, got {pair!r}"
             )
     return pairs
+
+
+class MethodSpec(NamedTuple):
+    """One method of a channel, as each route's channel makes its multicallable."""
+
+    kind: str
+    method: str
+    request_serializer: Any
+    response_deserializer: Any
+    registered: bool
+
+    def make(self, channel: Any) -> Any:
+        """This method's multicallable on ``channel`` (a ``grpc.Channel`` or ``grpc.aio`` one)."""
+        make = getattr(channel, self.kind)
+        args = (self.method, self.request_serializer, self.response_deserializer)
+        if self.registered:
+            try:
+                return make(*args, _registered_method=True)
+            except TypeError:  # a channel (a factory's, a wrapper) that predates the flag
+                return make(*args)
+        return make(*args)
+
+
+#: The four call kinds of ``grpc.Channel`` and ``grpc.aio.Channel``.
+CALL_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+
+
+def channel_method(kind: str) -> Callable[..., Any]:
+    """The ``grpc.Channel`` (or ``grpc.aio.Channel``) method for one call kind, for a facade
+    whose ``_method(spec)`` makes the multicallable: the four are one table, not four copies."""
+
+    def method(
+        self: Any,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        spec = MethodSpec(
+            kind, method, request_serializer, response_deserializer, bool(_registered_method)
+        )
+        return self._method(spec)
+
+    method.__name__ = method.__qualname__ = kind
+    return method
+
+
+class LaneRoutes:
+    """The router half of a balanced channel, sync or aio: its routes are the pool's lanes.
+
+    The lane's connection (``lane.connection``) keeps ``channel`` (what calls are made on) and
+    ``callables`` (each method's multicallable, made once per lane).
+    """
+
+    pool: LanePool
+
+    def acquire(self, wait_for_ready: bool) -> Lane:
+        """A lane for one attempt; with ``wait_for_ready``, only once a lane's pod answered (a
+        lane still being checked may be on its way out, cancelling the waiting call)."""
+        pool = self.pool
+        if wait_for_ready and not any(lane.state is LaneState.ACTIVE for lane in pool.lanes):
+            raise NoRoute("the balanced channel has no lane with a connection yet")
+        try:
+            return pool.acquire()
+        except NoLane as error:
+            raise NoRoute(str(error)) from error
+
+    def multicallable(self, lane: Lane, spec: MethodSpec) -> Any:
+        connection = lane.connection
+        inner = connection.callables.get(spec)
+        if inner is None:
+            inner = connection.callables[spec] = spec.make(connection.channel)
+        return inner
+
+    def release(self, lane: Lane, outcome: Outcome, in_callback: bool) -> None:
+        """Tell the pool: a lane whose pod went away takes no more calls; a call that passed
+        its deadline is evidence against a hung pod."""
+        self.pool.release(lane, unavailable=outcome.pod_gone, timed_out=outcome.timed_out)
+
+
+class Lease:
+    """Dial-per-request's route: one call's own connection, closed once."""
+
+    __slots__ = ("channel", "predialled")
+
+    def __init__(self, channel: Any, predialled: bool) -> None:
+        self.channel = channel
+        self.predialled = predialled
+
+
+class ConnectionRoutes:
+    """The router half of a dial-per-request channel, sync or aio: a connection per attempt
+    (``connection()``; grpc itself waits for it with ``wait_for_ready``)."""
+
+    _closed: bool
+
+    def connection(self) -> Lease:
+        raise NotImplementedError
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def acquire(self, wait_for_ready: bool) -> Lease:
+        return self.connection()
+
+    def multicallable(self, lease: Lease, spec: MethodSpec) -> Any:
+        return spec.make(lease.channel)

@@ -41,7 +41,7 @@ from typing import Any
 
 import grpc
 
-from grpc_balance_mw._routing import NoRoute, Outcome, check_channel_options
+from grpc_balance_mw._routing import LaneRoutes, check_channel_options
 from grpc_balance_mw.affinity import forking
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.errors import BalanceError, ConfigurationError
@@ -57,8 +57,6 @@ from grpc_balance_mw.pool import (
     CheckResult,
     Lane,
     LanePool,
-    LaneState,
-    NoLane,
     Picker,
     Plan,
     PoolConfig,
@@ -69,7 +67,7 @@ from grpc_balance_mw.pool import (
 from grpc_balance_mw.pool.health import CHECK_GRACE_S, read_check
 from grpc_balance_mw.pool.pool import pool_for_channel
 from grpc_balance_mw.retry import NO_RETRY, RetryPolicy, warn_if_native_retry
-from grpc_balance_mw.routed_channel import Connectivity, MethodSpec, NoLaneError, RoutedChannel
+from grpc_balance_mw.routed_channel import Connectivity, NoLaneError, RoutedChannel
 
 __all__ = [
     "BalancedChannel",
@@ -172,7 +170,7 @@ def _finalize(stop: threading.Event, pool: LanePool, connectivity: Connectivity)
     connectivity.close()
 
 
-class BalancedChannel(RoutedChannel[Lane]):
+class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
     """A ``grpc.Channel`` that spreads calls over lanes to distinct pods; see the module doc.
 
     Made by :func:`balanced_channel`; this constructor takes a channel factory for users who
@@ -334,29 +332,11 @@ class BalancedChannel(RoutedChannel[Lane]):
         return self._stop.is_set()
 
     def acquire(self, wait_for_ready: bool) -> Lane:
-        """A lane for one attempt; with ``wait_for_ready``, only once a lane's pod answered
-        (a lane still being checked may be on its way out, cancelling the waiting call)."""
-        pool = self.pool
-        if pool.forked:
+        if self.pool.forked:
             raise ForkedChannelError(
                 "this balanced channel was made before os.fork(); make one in the child process"
             )
-        if wait_for_ready and not any(lane.state is LaneState.ACTIVE for lane in pool.lanes):
-            raise NoRoute("the balanced channel has no lane with a connection yet")
-        try:
-            return pool.acquire()
-        except NoLane as error:
-            raise NoRoute(str(error)) from error
-
-    def multicallable(self, lane: Lane, spec: MethodSpec) -> Any:
-        connection: _LaneConnection = lane.connection
-        inner = connection.callables.get(spec)
-        if inner is None:
-            inner = connection.callables[spec] = spec.make(connection.channel)
-        return inner
-
-    def release(self, lane: Lane, outcome: Outcome, in_callback: bool) -> None:
-        self.pool.release(lane, unavailable=outcome.pod_gone, timed_out=outcome.timed_out)
+        return super().acquire(wait_for_ready)
 
     # -- grpc.Channel ----------------------------------------------------------------------
 

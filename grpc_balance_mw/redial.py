@@ -75,14 +75,14 @@ from typing import Any
 
 import grpc
 
-from grpc_balance_mw._routing import Outcome
+from grpc_balance_mw._routing import ConnectionRoutes, Lease, Outcome
 from grpc_balance_mw.affinity.observer import CallObserver
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.health_check import NOT_SERVING, check_method
 from grpc_balance_mw.observed_channel import ObservedChannel
 from grpc_balance_mw.observing import ObserveOptions, build_observer, chosen_options
 from grpc_balance_mw.retry import NO_RETRY, RetryPolicy, warn_if_native_retry
-from grpc_balance_mw.routed_channel import Connectivity, MethodSpec, RoutedChannel
+from grpc_balance_mw.routed_channel import Connectivity, RoutedChannel
 
 __all__ = ["DialPerRequestChannel", "RedialStats", "dial_per_request_channel"]
 
@@ -144,17 +144,6 @@ class _Closer:
     def idle(self) -> bool:
         with self._lock:
             return not self._running
-
-
-class _Lease:
-    """One call's connection (a route): closed once, by :meth:`DialPerRequestChannel.release`
-    or by ``close()``."""
-
-    __slots__ = ("channel", "predialled")
-
-    def __init__(self, channel: grpc.Channel, predialled: bool) -> None:
-        self.channel = channel
-        self.predialled = predialled
 
 
 def connect(channel: grpc.Channel, timeout_s: float) -> bool:
@@ -376,7 +365,7 @@ class _Predialler:
         self._thread.join(self._timeout_s + _JOIN_S)
 
 
-class DialPerRequestChannel(RoutedChannel[_Lease]):
+class DialPerRequestChannel(ConnectionRoutes, RoutedChannel[Lease]):
     """A ``grpc.Channel`` that makes every call on a connection of its own; see the module doc.
 
     Args:
@@ -426,7 +415,7 @@ class DialPerRequestChannel(RoutedChannel[_Lease]):
         self._compression = compression
         self._lock = threading.Lock()
         self._closed = False
-        self._active: set[_Lease] = set()
+        self._active: set[Lease] = set()
         self._connectivity = Connectivity(self._dial)
         self.closer = _Closer(f"grpc-balance-close-{target}")
         warn_if_native_retry(self._options, target)
@@ -465,15 +454,15 @@ class DialPerRequestChannel(RoutedChannel[_Lease]):
             return grpc.insecure_channel(self.target, self._options, self._compression)
         return grpc.secure_channel(self.target, self._credentials, self._options, self._compression)
 
-    def connection(self) -> _Lease:
+    def connection(self) -> Lease:
         """The (observed) channel for one call: a predialled one if ready, else a new one."""
         if self._closed:
             raise ValueError("Cannot invoke RPC on closed channel!")
         channel = self._predialler.take() if self._predialler is not None else None
         if channel is None:
-            lease = _Lease(_observed(self.dial(), self.observer), predialled=False)
+            lease = Lease(_observed(self.dial(), self.observer), predialled=False)
         else:
-            lease = _Lease(_observed(channel, self.observer), predialled=True)
+            lease = Lease(_observed(channel, self.observer), predialled=True)
         with self._lock:
             self.stats.predialled += lease.predialled
             if self._closed:  # closed meanwhile: close() did not see this one
@@ -488,18 +477,7 @@ class DialPerRequestChannel(RoutedChannel[_Lease]):
 
     # -- the router -------------------------------------------------------------------------
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def acquire(self, wait_for_ready: bool) -> _Lease:
-        """A connection per attempt (grpc itself waits for it with ``wait_for_ready``)."""
-        return self.connection()
-
-    def multicallable(self, lease: _Lease, spec: MethodSpec) -> Any:
-        return spec.make(lease.channel)
-
-    def release(self, lease: _Lease, outcome: Outcome, in_callback: bool) -> None:
+    def release(self, lease: Lease, outcome: Outcome, in_callback: bool) -> None:
         """Close the call's connection: by the predial thread if there is one, else here, or,
         from a done-callback (grpcio's thread, where ``close()`` can deadlock), by the closer
         thread."""

@@ -36,9 +36,11 @@ import grpc
 from grpc_balance_mw._routing import (
     NO_OUTCOME,
     OK,
+    MethodSpec,
     NoRoute,
     Outcome,
     Ticket,
+    channel_method,
     error_outcome,
     outcome_of,
     request_for_attempt,
@@ -51,27 +53,6 @@ __all__ = ["MethodSpec", "NoLaneError", "RoutedChannel", "SyncRouter"]
 Route = TypeVar("Route")
 #: How often a ``wait_for_ready`` call asks again for a route while there is none.
 WAIT_POLL_S = 0.02
-
-
-class MethodSpec(NamedTuple):
-    """One method of a channel, as a route's channel makes its multicallable."""
-
-    kind: str
-    method: str
-    request_serializer: Any
-    response_deserializer: Any
-    registered: bool
-
-    def make(self, channel: grpc.Channel) -> Any:
-        """This method's multicallable on ``channel``."""
-        make = getattr(channel, self.kind)
-        args = (self.method, self.request_serializer, self.response_deserializer)
-        if self.registered:
-            try:
-                return make(*args, _registered_method=True)
-            except TypeError:  # a channel (a factory's, a wrapper) that predates the flag
-                return make(*args)
-        return make(*args)
 
 
 class SyncRouter(Protocol[Route]):
@@ -433,55 +414,13 @@ class RoutedChannel(grpc.Channel, Generic[Route]):  # type: ignore[misc]
         """Whether the channel is closed (a ``wait_for_ready`` call stops waiting)."""
         return False
 
-    def _method(
-        self, kind: str, method: str, serializer: Any, deserializer: Any, registered: bool | None
-    ) -> Any:
-        spec = MethodSpec(kind, method, serializer, deserializer, bool(registered))
-        return _KINDS[kind](self, spec)
+    def _method(self, spec: MethodSpec) -> Any:
+        return _KINDS[spec.kind](self, spec)
 
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.UnaryUnaryMultiCallable:
-        return self._method(
-            "unary_unary", method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.UnaryStreamMultiCallable:
-        return self._method(
-            "unary_stream", method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.StreamUnaryMultiCallable:
-        return self._method(
-            "stream_unary", method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.StreamStreamMultiCallable:
-        return self._method(
-            "stream_stream", method, request_serializer, response_deserializer, _registered_method
-        )
+    unary_unary = channel_method("unary_unary")
+    unary_stream = channel_method("unary_stream")
+    stream_unary = channel_method("stream_unary")
+    stream_stream = channel_method("stream_stream")
 
 
 class Connectivity:

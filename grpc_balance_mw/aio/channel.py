@@ -28,15 +28,10 @@ from typing import Any
 
 import grpc
 
-from grpc_balance_mw._routing import NoRoute, Outcome, check_channel_options
+from grpc_balance_mw._routing import LaneRoutes, check_channel_options
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.observer import CallObserver
-from grpc_balance_mw.aio.routed_channel import (
-    Connectivity,
-    MethodSpec,
-    RoutedChannel,
-    check_interceptors,
-)
+from grpc_balance_mw.aio.routed_channel import Connectivity, RoutedChannel, check_interceptors
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.health_check import SERVING, check_method
 from grpc_balance_mw.observing import (
@@ -49,8 +44,6 @@ from grpc_balance_mw.pool import (
     CheckResult,
     Lane,
     LanePool,
-    LaneState,
-    NoLane,
     Picker,
     Plan,
     PoolConfig,
@@ -133,7 +126,7 @@ class _LaneConnection:
         self.callables: dict[Any, Any] = {}
 
 
-class BalancedChannel(RoutedChannel[Lane]):
+class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
     """A ``grpc.aio.Channel`` that spreads calls over lanes to distinct pods.
 
     Made by :func:`balanced_channel`; this constructor takes a channel factory. The
@@ -296,30 +289,9 @@ class BalancedChannel(RoutedChannel[Lane]):
     def closed(self) -> bool:
         return self._closed
 
-    def acquire(self, wait_for_ready: bool) -> Lane:
-        """A lane for one attempt; with ``wait_for_ready``, only once a lane's pod answered
-        (as the sync channel's)."""
-        pool = self.pool
-        if wait_for_ready and not any(lane.state is LaneState.ACTIVE for lane in pool.lanes):
-            raise NoRoute("the balanced channel has no lane with a connection yet")
-        try:
-            return pool.acquire()
-        except NoLane as error:
-            raise NoRoute(str(error)) from error
-
-    def multicallable(self, lane: Lane, spec: MethodSpec) -> Any:
-        connection: _LaneConnection = lane.connection
-        inner = connection.callables.get(spec)
-        if inner is None:
-            inner = connection.callables[spec] = spec.make(connection.channel)
-        return inner
-
     def observer(self, lane: Lane) -> CallObserver | None:
         connection: _LaneConnection = lane.connection
         return connection.observer
-
-    def release(self, lane: Lane, outcome: Outcome, in_callback: bool) -> None:
-        self.pool.release(lane, unavailable=outcome.pod_gone, timed_out=outcome.timed_out)
 
     # -- grpc.aio.Channel ------------------------------------------------------------------
 

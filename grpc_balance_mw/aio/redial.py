@@ -38,11 +38,10 @@ from typing import Any
 
 import grpc
 
-from grpc_balance_mw._routing import Outcome
+from grpc_balance_mw._routing import ConnectionRoutes, Lease, Outcome
 from grpc_balance_mw.affinity.observer import CallObserver
 from grpc_balance_mw.aio.routed_channel import (
     Connectivity,
-    MethodSpec,
     RetryingCall,
     RoutedChannel,
     check_interceptors,
@@ -57,17 +56,6 @@ __all__ = ["DialPerRequestChannel", "RetryingCall", "dial_per_request_channel", 
 
 FRESH_CONNECTION = ("grpc.use_local_subchannel_pool", 1)  # see grpc_balance_mw.redial
 _PREDIAL_RETRY_S = 0.5
-
-
-class _Lease:
-    """One call's connection (a route): closed once, by :meth:`DialPerRequestChannel.release`
-    or by ``close()``."""
-
-    __slots__ = ("channel", "predialled")
-
-    def __init__(self, channel: grpc.aio.Channel, predialled: bool) -> None:
-        self.channel = channel
-        self.predialled = predialled
 
 
 class _Predialler:
@@ -152,7 +140,7 @@ class _Predialler:
             self._owner.stats["closed"] += 1
 
 
-class DialPerRequestChannel(RoutedChannel[_Lease]):
+class DialPerRequestChannel(ConnectionRoutes, RoutedChannel[Lease]):
     """A ``grpc.aio.Channel`` that makes every call on a connection of its own.
 
     Arguments as for the sync :class:`grpc_balance_mw.redial.DialPerRequestChannel`, plus
@@ -193,7 +181,7 @@ class DialPerRequestChannel(RoutedChannel[_Lease]):
         self._refill_defer_s = refill_defer_s
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._active: set[_Lease] = set()
+        self._active: set[Lease] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._interceptors = check_interceptors(interceptors)
         self._connectivity = Connectivity(self._dial)
@@ -251,37 +239,26 @@ class DialPerRequestChannel(RoutedChannel[_Lease]):
             self.target, self._credentials, self._options, self._compression, self._interceptors
         )
 
-    def connection(self) -> _Lease:
+    def connection(self) -> Lease:
         """The channel for one call: a predialled one if ready, else a new one."""
         if self._closed:
             raise grpc.aio.UsageError("Cannot invoke RPC on closed channel!")
         self._start_predial()
         channel = self._predialler.take() if self._predialler is not None else None
         if channel is None:
-            lease = _Lease(self.dial(), predialled=False)
+            lease = Lease(self.dial(), predialled=False)
         else:
             self.stats["predialled"] += 1
-            lease = _Lease(channel, predialled=True)
+            lease = Lease(channel, predialled=True)
         self._active.add(lease)
         return lease
 
     # -- the router -------------------------------------------------------------------------
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def acquire(self, wait_for_ready: bool) -> _Lease:
-        """A connection per attempt (grpc itself waits for it with ``wait_for_ready``)."""
-        return self.connection()
-
-    def multicallable(self, lease: _Lease, spec: MethodSpec) -> Any:
-        return spec.make(lease.channel)
-
-    def observer(self, lease: _Lease) -> CallObserver | None:
+    def observer(self, lease: Lease) -> CallObserver | None:
         return self._observer
 
-    def release(self, lease: _Lease, outcome: Outcome, in_callback: bool) -> None:
+    def release(self, lease: Lease, outcome: Outcome, in_callback: bool) -> None:
         """Close the call's connection, in a task of the channel's (from a done-callback, a
         finalizer or the caller alike)."""
         if lease not in self._active:  # closed by close()
@@ -289,7 +266,7 @@ class DialPerRequestChannel(RoutedChannel[_Lease]):
         self._active.discard(lease)
         spawn_soon(self._loop, lambda: self.spawn(self._finish(lease)))
 
-    async def _finish(self, lease: _Lease) -> None:
+    async def _finish(self, lease: Lease) -> None:
         await lease.channel.close()
         self.stats["closed"] += 1
         if lease.predialled:

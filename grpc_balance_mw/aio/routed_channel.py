@@ -31,9 +31,11 @@ import grpc
 
 from grpc_balance_mw._routing import (
     NO_OUTCOME,
+    MethodSpec,
     NoRoute,
     Outcome,
     Ticket,
+    channel_method,
     check_metadata,
     error_outcome,
     outcome_of,
@@ -65,21 +67,6 @@ _INTERCEPTOR_KINDS = (
     grpc.aio.StreamUnaryClientInterceptor,
     grpc.aio.StreamStreamClientInterceptor,
 )
-
-
-class MethodSpec(NamedTuple):
-    """One method of a channel, as a route's channel makes its multicallable."""
-
-    kind: str
-    method: str
-    request_serializer: Any
-    response_deserializer: Any
-    registered: bool
-
-    def make(self, channel: grpc.aio.Channel) -> Any:
-        make = getattr(channel, self.kind)
-        args = (self.method, self.request_serializer, self.response_deserializer)
-        return make(*args, _registered_method=True) if self.registered else make(*args)
 
 
 class AioRouter(Protocol[Route]):
@@ -567,55 +554,13 @@ class RoutedChannel(grpc.aio.Channel, Generic[Route]):  # type: ignore[misc]
     def start(self) -> None:
         """Start what needs the running loop (called by each call)."""
 
-    def _method(
-        self, kind: str, method: str, serializer: Any, deserializer: Any, registered: bool | None
-    ) -> Any:
-        spec = MethodSpec(kind, method, serializer, deserializer, bool(registered))
-        return _KINDS[kind](self, spec)
+    def _method(self, spec: MethodSpec) -> Any:
+        return _KINDS[spec.kind](self, spec)
 
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.aio.UnaryUnaryMultiCallable:
-        return self._method(
-            "unary_unary", method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.aio.UnaryStreamMultiCallable:
-        return self._method(
-            "unary_stream", method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.aio.StreamUnaryMultiCallable:
-        return self._method(
-            "stream_unary", method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.aio.StreamStreamMultiCallable:
-        return self._method(
-            "stream_stream", method, request_serializer, response_deserializer, _registered_method
-        )
+    unary_unary = channel_method("unary_unary")
+    unary_stream = channel_method("unary_stream")
+    stream_unary = channel_method("stream_unary")
+    stream_stream = channel_method("stream_stream")
 
 
 class Connectivity:
