@@ -24,9 +24,13 @@ checks go unanswered (its pod hangs) is replaced too.
 Retries are opt-in (``retry=RetryPolicy(...)``, the dial-per-request channel's policy): a call
 of a method marked idempotent that fails with a retryable code is sent again on another lane,
 within its deadline and the retry budget; a response stream only before its first message;
-``future()`` calls are sent once. Without a connected lane (every dial failing) a call fails
-UNAVAILABLE (:class:`NoLaneError`). Thread-safe; see ``docs/concurrency.md`` (and
-:class:`ForkedChannelError` for ``os.fork()``).
+``future()`` calls are sent once; a call that never left the client (no lane with a
+connection) is sent again whether marked or not. Without a connected lane (every dial failing) a
+call fails UNAVAILABLE (:class:`NoLaneError`), unless it was made with ``wait_for_ready=True``:
+then it waits for a lane whose pod answered, up to its deadline. The per-call routine is the
+routing core's (:mod:`grpc_balance_mw.routed_channel`); this module is its router. Thread-safe;
+see ``docs/concurrency.md`` (and :class:`ForkedChannelError` for ``os.fork()``). A channel that
+is never closed is released with its last reference (its thread holds only a weak one).
 """
 
 from __future__ import annotations

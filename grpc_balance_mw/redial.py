@@ -35,7 +35,10 @@ Rules:
   dialled again after a pause. A taken connection is replaced when its call ends, not while
   it runs (dialling beside the call competes with it for the CPU). The same thread closes the
   connections of ended calls. ``close()`` closes the connections dialled ahead and stops the
-  thread; calls under way finish on their own connections.
+  thread, and cancels the calls under way by closing their connections, as
+  ``grpc.Channel.close`` cancels its calls.
+- Connectivity (``subscribe``, ``grpc.channel_ready_future``) is followed on one connection
+  of the channel's own, dialled when first asked for: the calls' connections come and go.
 - No health check per dial (predial first had one): a ``grpc.health.v1`` RPC on each
   connection cost a Python pod about 0.9 ms of CPU, more than the handshake, and held the
   thread for one round trip per dial. A pod that is NOT_SERVING is not avoided by the client;

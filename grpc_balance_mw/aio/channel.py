@@ -10,8 +10,10 @@ Usage (inside a running event loop)::
 The same :class:`~grpc_balance_mw.pool.LanePool` as the sync
 :class:`~grpc_balance_mw.channel.BalancedChannel` decides; here its plans are carried out by one
 asyncio task (dials, health checks that name each lane's pod, closes), and each call gives its
-lane back from the call's done-callback. Each lane's calls are observed by the aio affinity
-interceptors (spans carry pod and lane; the detector's alarm is a rotation trigger).
+lane back from the call's done-callback, which also reports each call's pod to the lane's
+observer (spans carry pod and lane; the detector's alarm is a rotation trigger), as aio
+``observe()`` does: no interceptor, no task per call. The per-call routine is the aio routing
+core's (:mod:`grpc_balance_mw.aio.routed_channel`); this module is its router.
 
 ``retry=RetryPolicy(...)`` as in the sync channel: a retried unary-response call runs its
 attempts in a task (``code()`` and the metadata are the last attempt's); a retried response stream

@@ -19,13 +19,13 @@ Differences from the sync adapter:
   a time: back to back, about 70 % of calls find one ready. Dialling several at once (a task
   per dial) measured no better here (the handshakes share the loop's one thread), so it stays
   as it is.
-- Calls are observed by the affinity core through
-  :class:`~grpc_balance_mw.aio.client.AffinityInterceptors`'s interceptors, one set per channel
-  shared by every connection it dials.
-- A retried unary-response call runs its attempts in a task; ``code()``, ``details()`` and the
-  metadata are the last attempt's. A retried response stream retries in its first ``read()``
-  (or the first step of ``async for``), until its first message. A call sent once is the
-  fresh connection's own call, wrapped so that the connection closes when the call is done.
+- Calls are observed by the affinity core from their done-callbacks (as aio ``observe()``
+  observes a channel), by one observer shared by every connection the channel dials.
+- The per-call routine is the aio routing core's (:mod:`grpc_balance_mw.aio.routed_channel`):
+  a retried unary-response call runs its attempts in a task (``code()``, ``details()`` and
+  the metadata are the last attempt's); a retried response stream retries in its first
+  ``read()`` (or the first step of ``async for``), until its first message. A unary call sent
+  once is the fresh connection's own call; its connection closes when the call is done.
 """
 
 from __future__ import annotations
