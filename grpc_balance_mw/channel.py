@@ -344,14 +344,6 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
 
     # -- grpc.Channel ----------------------------------------------------------------------
 
-    def subscribe(self, callback: Callable[..., Any], try_to_connect: bool = False) -> None:
-        """Connectivity of the target, told by a connection of the channel's own (not a lane:
-        lanes are retired under it)."""
-        self._connectivity.subscribe(callback, try_to_connect)
-
-    def unsubscribe(self, callback: Callable[..., Any]) -> None:
-        self._connectivity.unsubscribe(callback)
-
     def close(self) -> None:
         """Close every lane (their calls are cancelled, as ``grpc.Channel.close`` does) and stop
         the maintenance thread."""

@@ -513,15 +513,6 @@ class DialPerRequestChannel(ConnectionRoutes, RoutedChannel[Lease]):
 
     # -- grpc.Channel ----------------------------------------------------------------------
 
-    def subscribe(self, callback: Callable[..., Any], try_to_connect: bool = False) -> None:
-        """Connectivity of the target, told by a connection of the channel's own (calls'
-        connections come and go): ``grpc.channel_ready_future`` completes once the target can
-        be reached."""
-        self._connectivity.subscribe(callback, try_to_connect)
-
-    def unsubscribe(self, callback: Callable[..., Any]) -> None:
-        self._connectivity.unsubscribe(callback)
-
     def close(self) -> None:
         """Close every connection: the calls under way are cancelled (as ``grpc.Channel.close``
         cancels its calls), the predialled ones closed, the predial thread stopped."""

@@ -398,8 +398,8 @@ class RoutedChannel(grpc.Channel, Generic[Route]):  # type: ignore[misc]
     """A ``grpc.Channel`` whose calls go over the routes of ``router`` (see the module doc).
 
     A subclass is its own router (``acquire``, ``multicallable``, ``release``: no reference
-    cycle, so an unclosed channel is freed with its last reference); it sets ``retry`` and
-    ``sleep`` and defines ``closed``, the connectivity methods and ``close()``.
+    cycle, so an unclosed channel is freed with its last reference); it sets ``retry``,
+    ``sleep`` and ``_connectivity``, and defines ``closed`` and ``close()``.
     """
 
     retry: RetryPolicy
@@ -416,6 +416,17 @@ class RoutedChannel(grpc.Channel, Generic[Route]):  # type: ignore[misc]
 
     def _method(self, spec: MethodSpec) -> Any:
         return _KINDS[spec.kind](self, spec)
+
+    _connectivity: Connectivity
+
+    def subscribe(self, callback: Callable[..., Any], try_to_connect: bool = False) -> None:
+        """Connectivity of the target, told by a connection of the channel's own (routes are
+        retired or closed under a subscription): ``grpc.channel_ready_future`` completes once
+        the target can be reached."""
+        self._connectivity.subscribe(callback, try_to_connect)
+
+    def unsubscribe(self, callback: Callable[..., Any]) -> None:
+        self._connectivity.unsubscribe(callback)
 
     unary_unary = channel_method("unary_unary")
     unary_stream = channel_method("unary_stream")

@@ -297,17 +297,6 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
 
     # -- grpc.aio.Channel ------------------------------------------------------------------
 
-    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
-        """The target's connectivity, told by a connection of the channel's own (lanes are
-        retired under it)."""
-        return self._connectivity.get_state(try_to_connect)
-
-    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
-        await self._connectivity.wait_for_state_change(last_observed_state)
-
-    async def channel_ready(self) -> None:
-        await self._connectivity.channel_ready()
-
     async def close(self, grace: float | None = None) -> None:
         """Stop the maintenance task and close every lane (``grace`` as grpc.aio's close)."""
         if not self._closed:  # once per channel (one loop: no race)

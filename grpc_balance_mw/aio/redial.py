@@ -282,18 +282,6 @@ class DialPerRequestChannel(ConnectionRoutes, RoutedChannel[Lease]):
 
     # -- grpc.aio.Channel ------------------------------------------------------------------
 
-    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
-        """The target's connectivity, told by a connection of the channel's own (each call's
-        connection is its own and goes with it): IDLE until something asks to connect."""
-        return self._connectivity.get_state(try_to_connect)
-
-    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
-        await self._connectivity.wait_for_state_change(last_observed_state)
-
-    async def channel_ready(self) -> None:
-        """Returns once the target can be reached."""
-        await self._connectivity.channel_ready()
-
     async def close(self, grace: float | None = None) -> None:
         """Close every connection: the calls under way are cancelled (after ``grace``, if
         given, as grpc.aio's ``close``), the predialled ones closed, the predial task stopped."""

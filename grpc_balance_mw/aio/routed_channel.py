@@ -535,9 +535,9 @@ _KINDS: dict[str, type[_Method[Any]]] = {
 class RoutedChannel(grpc.aio.Channel, Generic[Route]):  # type: ignore[misc]
     """A ``grpc.aio.Channel`` whose calls go over the routes of its router (itself).
 
-    A subclass implements :class:`AioRouter`, sets ``retry`` and ``sleep``, and defines
-    ``closed``, ``start()`` (called by every call, on the running loop), the connectivity
-    methods and ``close()``.
+    A subclass implements :class:`AioRouter`, sets ``retry``, ``sleep`` and
+    ``_connectivity``, and defines ``closed``, ``start()`` (called by every call, on the
+    running loop) and ``close()``.
     """
 
     retry: RetryPolicy
@@ -556,6 +556,20 @@ class RoutedChannel(grpc.aio.Channel, Generic[Route]):  # type: ignore[misc]
 
     def _method(self, spec: MethodSpec) -> Any:
         return _KINDS[spec.kind](self, spec)
+
+    _connectivity: Connectivity
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        """The target's connectivity, told by a connection of the channel's own (routes come
+        and go): IDLE until something asks to connect."""
+        return self._connectivity.get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self._connectivity.wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        """Returns once the target can be reached."""
+        await self._connectivity.channel_ready()
 
     unary_unary = channel_method("unary_unary")
     unary_stream = channel_method("unary_stream")
