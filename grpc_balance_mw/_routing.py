@@ -125,12 +125,14 @@ def never_sent(error: BaseException | None) -> bool:
     (the balanced channel without a connected lane). No server saw such a call, so sending it
     again repeats nothing, whether or not its method is idempotent.
 
-    Deliberately narrow. A call refused by a server that is shutting down (``server.stop``
-    with a grace: CANCELLED before any handler ran) cannot be told, on the client, from a call
-    whose handler ran and was then cancelled: both end CANCELLED with no headers and no
-    trailers. Those are left to the idempotent-method rules; the server half of the remedy
-    (a drain: NOT_SERVING first, keep serving longer than the clients' health-check interval,
-    then stop) keeps new calls away from a stopping pod instead.
+    Deliberately narrow. A call that reached a server shutting down (``server.stop(grace)``)
+    before any handler ran cannot be told, on the client, from a call whose handler ran and
+    was then cut off at the end of the grace: grpcio ends both alike (UNAVAILABLE "Cancelling
+    all calls", or CANCELLED), with no headers and no trailers, hence no pod stamp. Those are
+    left to the idempotent-method rules (UNAVAILABLE is retryable for marked methods, and the
+    lane is drained since no pod named itself); the server half of the remedy (a drain:
+    NOT_SERVING first, keep serving longer than the clients' health-check interval, then stop)
+    keeps new calls away from a stopping pod instead.
     """
     code = getattr(error, "code", None)
     details = getattr(error, "details", None)
