@@ -166,6 +166,9 @@ def _finalize(stop: threading.Event, pool: LanePool, connectivity: Connectivity)
     """Release what an unclosed, garbage-collected channel held: the thread (told to stop),
     the lanes' connections (and their health checks), the connectivity connection."""
     stop.set()
+    if pool.forked:  # in a forked child the lanes are the parent's connections: leave them
+        pool.close()
+        return
     for lane in pool.close():
         connection: _LaneConnection | None = lane.connection
         if connection is not None:
