@@ -233,10 +233,10 @@ class _Method(Generic[Route]):
             if not wait_for_ready:
                 raise NoLaneError(str(error)) from error
             failed = error
-        while deadline is None or (deadline.remaining() or 0.0) > 0:
-            if self._owner.closed:
-                break
+        while not self._owner.closed:
             left = None if deadline is None else deadline.remaining()
+            if left is not None and left <= 0:
+                break
             time.sleep(WAIT_POLL_S if left is None else min(WAIT_POLL_S, left))
             try:
                 return router.acquire(True)

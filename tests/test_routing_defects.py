@@ -186,6 +186,23 @@ def test_sync_balanced_wait_for_ready_waits_for_a_late_server() -> None:
                 pod.server.stop(None).wait()
 
 
+def test_sync_balanced_wait_for_ready_stream_without_a_deadline_waits_too() -> None:
+    port = free_port()
+    with make("sync", "balanced", f"127.0.0.1:{port}") as channel:
+        assert wait_until(lambda: no_connection(channel))
+        stub = pb_grpc.ChargePointsStub(channel)
+        starter, started = late_pod(port, 1.0)
+        try:
+            request = pb.WatchStatusRequest(id="cp-1", updates=2, interval_ms=1)
+            updates = bounded(lambda: list(stub.WatchStatus(request, wait_for_ready=True)))
+            assert not isinstance(updates, BaseException), updates
+            assert [update.sequence for update in updates] == [0, 1]
+        finally:
+            starter.join()
+            for pod in started:
+                pod.server.stop(None).wait()
+
+
 async def test_aio_balanced_wait_for_ready_waits_for_a_late_server() -> None:
     port = free_port()
     channel = make("aio", "balanced", f"127.0.0.1:{port}")
