@@ -162,10 +162,19 @@ def _maintenance(channel: Any, first: Plan) -> None:
         BalancedChannel._maintain(channel, first)
 
 
-def _finalize(stop: threading.Event, pool: LanePool, connectivity: Connectivity) -> None:
+def _finalize(
+    stop: threading.Event,
+    pool: LanePool,
+    connectivity: Connectivity,
+    detector: AffinityDetector,
+    unmarked: threading.Lock,
+) -> None:
     """Release what an unclosed, garbage-collected channel held: the thread (told to stop),
-    the lanes' connections (and their health checks), the connectivity connection."""
+    the lanes' connections (and their health checks), the connectivity connection, and the
+    detector's note that the target's calls run on lanes."""
     stop.set()
+    if unmarked.acquire(blocking=False):  # never released: once per channel
+        detector.lanes_opened(False)
     if pool.forked:  # in a forked child the lanes are the parent's connections: leave them
         pool.close()
         return
@@ -244,7 +253,13 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
         for lane in first.dial:
             self._open(lane)
         self._finalizer = weakref.finalize(
-            self, _finalize, self._stop, self.pool, self._connectivity
+            self,
+            _finalize,
+            self._stop,
+            self.pool,
+            self._connectivity,
+            self.detector,
+            self._unmarked,
         )
         self._thread = threading.Thread(
             target=_maintenance,

@@ -304,6 +304,25 @@ def test_sync_unclosed_balanced_channel_is_released(sync_pod: SyncPod) -> None:
     assert not thread.is_alive()
 
 
+async def test_aio_unclosed_balanced_channel_is_released(sync_pod: SyncPod) -> None:
+    channel = make("aio", "balanced", sync_pod.target)
+    stub = pb_grpc.ChargePointsStub(channel)
+    assert (await stub.GetChargePoint(REQUEST, timeout=5)).id == "cp-1"
+    task, lanes = channel._task, list(channel.pool.lanes)
+    gone = weakref.ref(channel)
+    del channel, stub
+    assert await await_until(lambda: gc.collect() >= 0 and gone() is None)
+    await asyncio.wait_for(asyncio.wait({task}), 5)  # the maintenance task ends
+    assert task.done()
+    for lane in lanes:  # and every lane's connection is closed
+        if lane.connection is not None:
+            assert await await_until(
+                lambda lane=lane: (
+                    lane.connection.channel.get_state() is grpc.ChannelConnectivity.SHUTDOWN
+                )
+            )
+
+
 # -- 7: arguments grpc takes ----------------------------------------------------------------
 
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
@@ -33,7 +34,12 @@ import grpc
 from grpc_balance_mw._routing import LaneRoutes, check_channel_options
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.observer import CallObserver
-from grpc_balance_mw.aio.routed_channel import Connectivity, RoutedChannel, check_interceptors
+from grpc_balance_mw.aio.routed_channel import (
+    Connectivity,
+    RoutedChannel,
+    check_interceptors,
+    spawn_soon,
+)
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.health_check import SERVING, check_method
 from grpc_balance_mw.observing import (
@@ -128,6 +134,43 @@ class _LaneConnection:
         self.callables: dict[Any, Any] = {}
 
 
+async def _maintenance(channel: Any, first: Plan | None) -> None:
+    """The maintenance task's body, on a weak proxy of the channel (see ``start``)."""
+    with contextlib.suppress(ReferenceError):
+        await BalancedChannel._maintain(channel, first)
+
+
+_closing: set[asyncio.Task[Any]] = set()
+
+
+def _finalize(
+    loop: asyncio.AbstractEventLoop,
+    task: asyncio.Task[None],
+    pool: LanePool,
+    connectivity: Connectivity,
+    detector: AffinityDetector,
+) -> None:
+    """Release what an unclosed, garbage-collected channel held: its maintenance task (and so
+    the health checks), the lanes' connections, the connectivity connection."""
+    detector.lanes_opened(False)
+
+    def closing(work: Coroutine[Any, Any, None]) -> None:
+        task = loop.create_task(work)
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+    def release() -> None:
+        task.cancel()
+        for lane in pool.close():
+            connection: _LaneConnection | None = lane.connection
+            if connection is not None:
+                connection.callables.clear()
+                closing(connection.channel.close())
+        closing(connectivity.close())
+
+    spawn_soon(loop, release)
+
+
 class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
     """A ``grpc.aio.Channel`` that spreads calls over lanes to distinct pods.
 
@@ -179,6 +222,7 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
         self._check_timeout_s = check_timeout_s
         self._tick_s = tick_s
         self._task: asyncio.Task[None] | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
         self._closed = False
         self._first: Plan | None = self.pool.plan(signals=self._signals())
         # grpc.aio channels belong to the loop they are made in: without a running loop here,
@@ -202,8 +246,13 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
             loop = asyncio.get_running_loop()
             for lane in first.dial if first is not None else ():
                 self._open(lane)  # lazily, as grpc.aio channels connect: calls can start now
+            # The task holds the channel weakly: an unclosed channel is freed with its last
+            # reference, and its finalizer stops the task and closes the lanes.
             self._task = loop.create_task(
-                self._maintain(first), name=f"balanced-channel {self.target}"
+                _maintenance(weakref.proxy(self), first), name=f"balanced-channel {self.target}"
+            )
+            self._finalizer = weakref.finalize(
+                self, _finalize, loop, self._task, self.pool, self._connectivity, self.detector
             )
 
     # -- lanes -----------------------------------------------------------------------------
@@ -302,6 +351,8 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
         if not self._closed:  # once per channel (one loop: no race)
             self.detector.lanes_opened(False)
         self._closed = True
+        if self._finalizer is not None:
+            self._finalizer.detach()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
