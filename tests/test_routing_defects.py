@@ -222,6 +222,28 @@ async def test_aio_balanced_wait_for_ready_waits_for_a_late_server() -> None:
             pod.server.stop(None).wait()
 
 
+async def test_aio_balanced_wait_for_ready_stream_is_written_to_while_it_waits() -> None:
+    port = free_port()
+    channel = make("aio", "balanced", f"127.0.0.1:{port}")
+    starter: threading.Thread | None = None
+    started: list[SyncPod] = []
+    try:
+        assert await await_until(lambda: no_connection(channel))
+        starter, started = late_pod(port, 1.0)
+        call = pb_grpc.ChargePointsStub(channel).Session(timeout=6, wait_for_ready=True)
+        await asyncio.wait_for(call.write(pb.SessionMessage(command="start")), HANG_S)
+        await call.done_writing()
+        replies = [reply.ack async for reply in call]
+        assert replies == ["ack:start"]
+        assert await call.code() is grpc.StatusCode.OK
+    finally:
+        await channel.close()
+        if starter is not None:
+            await asyncio.to_thread(starter.join)
+        for pod in started:
+            pod.server.stop(None).wait()
+
+
 def test_sync_balanced_subscribe_without_a_connection_and_lanes_retired() -> None:
     """``subscribe`` works before any lane has a connection, and its callbacks survive the
     lanes being retired (grpcio's polling thread must not be left on a closed lane)."""

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Sequence
+from functools import partial
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import grpc
@@ -402,9 +403,34 @@ class RoutedStream:
 
     def __getattr__(self, name: str) -> Any:
         # write, done_writing, code, details, metadata, cancel, done, ...: the attempt's own.
-        if self._call is None:
+        call = self.__dict__.get("_call")
+        if call is None and name in _AWAITED:
+            return partial(self._once_started, name)
+        if call is None:
             raise AttributeError(name)
-        return getattr(self._call, name)
+        return getattr(call, name)
+
+    async def _once_started(self, name: str, *args: Any) -> Any:
+        """An awaited method of a call still waiting for a route (``wait_for_ready``): wait for
+        the route (up to the deadline), start the call, then ask it."""
+        if self._call is None:
+            assert self._plan is not None
+            self._bind(*await self._method.route_and_start(self._plan, self._start))
+        return await getattr(self._call, name)(*args)
+
+
+#: The awaited methods of a grpc.aio call, which a stream waiting for a route can defer.
+_AWAITED = frozenset(
+    {
+        "write",
+        "done_writing",
+        "code",
+        "details",
+        "initial_metadata",
+        "trailing_metadata",
+        "wait_for_connection",
+    }
+)
 
 
 class _Method(Generic[Route]):
