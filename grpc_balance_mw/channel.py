@@ -24,21 +24,28 @@ checks go unanswered (its pod hangs) is replaced too.
 Retries are opt-in (``retry=RetryPolicy(...)``, the dial-per-request channel's policy): a call
 of a method marked idempotent that fails with a retryable code is sent again on another lane,
 within its deadline and the retry budget; a response stream only before its first message;
-``future()`` calls are sent once. Without a connected lane (every dial failing) a call fails
-UNAVAILABLE (:class:`NoLaneError`). Thread-safe; see ``docs/concurrency.md`` (and
-:class:`ForkedChannelError` for ``os.fork()``).
+``future()`` calls are sent once; a call that never left the client (no lane with a
+connection) is sent again whether marked or not. Without a connected lane (every dial failing) a
+call fails UNAVAILABLE (:class:`NoLaneError`), unless it was made with ``wait_for_ready=True``:
+then it waits for a lane whose pod answered, up to its deadline. The per-call routine is the
+routing core's (:mod:`grpc_balance_mw.routed_channel`); this module is its router. Thread-safe;
+see ``docs/concurrency.md`` (and :class:`ForkedChannelError` for ``os.fork()``). A channel that
+is never closed is released with its last reference (its thread holds only a weak one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
 
+from grpc_balance_mw._routing import LaneRoutes, check_channel_options
 from grpc_balance_mw.affinity import forking
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.errors import BalanceError, ConfigurationError
@@ -54,7 +61,6 @@ from grpc_balance_mw.pool import (
     CheckResult,
     Lane,
     LanePool,
-    NoLane,
     Picker,
     Plan,
     PoolConfig,
@@ -62,16 +68,10 @@ from grpc_balance_mw.pool import (
     Signals,
     Stuck,
 )
-from grpc_balance_mw.pool.health import CHECK_GRACE_S, names_a_pod, read_check
+from grpc_balance_mw.pool.health import CHECK_GRACE_S, read_check
 from grpc_balance_mw.pool.pool import pool_for_channel
-from grpc_balance_mw.response_stream import ResponseStream
-from grpc_balance_mw.retry import (
-    NO_RETRY,
-    Deadline,
-    RetryPolicy,
-    call_with_retries,
-    warn_if_native_retry,
-)
+from grpc_balance_mw.retry import NO_RETRY, RetryPolicy, warn_if_native_retry
+from grpc_balance_mw.routed_channel import Connectivity, NoLaneError, RoutedChannel
 
 __all__ = [
     "BalancedChannel",
@@ -90,7 +90,6 @@ ChannelFactory = Callable[[Options], grpc.Channel]
 #: gRPC core shares one connection between channels with the same target and arguments; this
 #: gives each lane a connection of its own.
 LOCAL_POOL_OPTION = ("grpc.use_local_subchannel_pool", 1)
-_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 #: Maintenance rounds that run back to back while lanes are being redialled.
 _BURST_ROUNDS = 16
 
@@ -99,16 +98,22 @@ def channel_factory(
     target: str,
     credentials: grpc.ChannelCredentials | None = None,
     options: Options | None = None,
+    compression: grpc.Compression | None = None,
 ) -> ChannelFactory:
     """The factory ``grpc.secure_channel`` / ``insecure_channel`` make: TLS for every lane when
-    ``credentials`` are given (never a downgrade on a redial)."""
-    base = tuple(options or ())
+    ``credentials`` are given (never a downgrade on a redial).
+
+    Raises:
+        ConfigurationError: ``options`` are not grpc channel options (``ObserveOptions`` go
+            to ``observe()``, not here).
+    """
+    base = check_channel_options(options, "channel_factory")
 
     def make(extra: Options) -> grpc.Channel:
         merged = (*base, *extra)
         if credentials is not None:
-            return grpc.secure_channel(target, credentials, options=merged)
-        return grpc.insecure_channel(target, options=merged)
+            return grpc.secure_channel(target, credentials, merged, compression)
+        return grpc.insecure_channel(target, merged, compression)
 
     return make
 
@@ -143,351 +148,45 @@ class _LaneConnection:
         self.callables: dict[Any, Any] = {}
 
 
-class NoLaneError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
-    """UNAVAILABLE: the balanced channel has no lane with a connection now (as a grpc channel
-    without a connection fails a call); retryable like any UNAVAILABLE."""
-
-    def __init__(self, details: str) -> None:
-        super().__init__(details)
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return _UNAVAILABLE
-
-    def details(self) -> str:
-        return self._details
-
-    def initial_metadata(self) -> tuple[()]:
-        return ()
-
-    def trailing_metadata(self) -> tuple[()]:
-        return ()
-
-    def is_active(self) -> bool:
-        return False
-
-    def time_remaining(self) -> float | None:
-        return None
-
-    def cancel(self) -> bool:
-        return False
-
-    def add_callback(self, callback: Any) -> bool:
-        return False
-
-    # As a response stream and a future that failed before they started (see _StreamResponse).
-    def __iter__(self) -> Iterator[Any]:
-        return self
-
-    def __next__(self) -> Any:
-        raise self
-
-    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
-        fn(self)
-
-    def done(self) -> bool:
-        return True
-
-    def running(self) -> bool:
-        return False
-
-    def cancelled(self) -> bool:
-        return False
-
-    def result(self, timeout: float | None = None) -> Any:
-        raise self
-
-    def exception(self, timeout: float | None = None) -> BaseException:
-        return self
-
-
 class ForkedChannelError(BalanceError, ValueError):
     """A balanced channel made before ``os.fork()`` was used in the child: its maintenance thread
     stayed in the parent (no rotation, no health checks), and its lanes are the parent's
     connections. Make the channel after the fork (e.g. in a pre-fork server's worker start)."""
 
 
-def _acquire(pool: LanePool) -> Lane:
-    if pool.forked:
-        raise ForkedChannelError(
-            "this balanced channel was made before os.fork(); make one in the child process"
-        )
-    try:
-        return pool.acquire()
-    except NoLane as error:
-        raise NoLaneError(str(error)) from error
+def _maintenance(channel: Any, first: Plan) -> None:
+    """The maintenance thread's body, on a weak proxy of the channel: an unclosed channel
+    whose last reference is dropped is collected (its finalizer closes the lanes), and the
+    thread then ends."""
+    with contextlib.suppress(ReferenceError):
+        BalancedChannel._maintain(channel, first)
 
 
-class _Ticket:
-    """One call's hold on its lane: given back once, however many ends of the call report it."""
-
-    __slots__ = ("_lock", "lane", "pool")
-
-    def __init__(self, pool: LanePool, lane: Lane | None) -> None:
-        self.pool = pool
-        self.lane: Lane | None = lane
-        self._lock = threading.Lock()
-
-    def release(self, unavailable: bool) -> None:
-        with self._lock:
-            lane, self.lane = self.lane, None
-        if lane is not None:
-            self.pool.release(lane, unavailable=unavailable)
-
-    def done(self, call: Any) -> None:
-        """A done-callback: the call has ended, so ``code()`` does not wait."""
-        self.release(_pod_gone(call))
-
-
-class _LaneStream(ResponseStream):
-    """A response stream that gives its lane back when it ends, is cancelled, or is done."""
-
-    def __init__(self, call: Any, lane: Lane | None, pool: LanePool) -> None:
-        self._pool = pool
-        self._bind(call, lane)
-
-    def _bind(self, call: Any, lane: Lane | None) -> None:
-        self._call = call
-        self._ticket = _Ticket(self._pool, lane)
-        call.add_done_callback(self._ticket.done)
-
-    def __next__(self) -> Any:
-        try:
-            return next(self._call)
-        except StopIteration:
-            self._ticket.release(False)
-            raise
-        except grpc.RpcError as error:
-            self._ticket.release(_failed_unavailable(error))
-            raise
+def _finalize(
+    stop: threading.Event,
+    pool: LanePool,
+    connectivity: Connectivity,
+    detector: AffinityDetector,
+    unmarked: threading.Lock,
+) -> None:
+    """Release what an unclosed, garbage-collected channel held: the thread (told to stop),
+    the lanes' connections (and their health checks), the connectivity connection, and the
+    detector's note that the target's calls run on lanes."""
+    stop.set()
+    if unmarked.acquire(blocking=False):  # never released: once per channel
+        detector.lanes_opened(False)
+    if pool.forked:  # in a forked child the lanes are the parent's connections: leave them
+        pool.close()
+        return
+    for lane in pool.close():
+        connection: _LaneConnection | None = lane.connection
+        if connection is not None:
+            connection.callables.clear()
+            connection.raw.close()
+    connectivity.close()
 
 
-def _pod_gone(call: Any) -> bool:
-    """The (ended) call failed UNAVAILABLE and no pod sent that status: its connection or its pod
-    is gone, so its lane takes no more calls. A pod that answers UNAVAILABLE itself (overloaded,
-    say) names itself in the trailers: it is alive, and its lane stays (redialling on every such
-    answer would add connections to the load of an outage)."""
-    return bool(call.code() is _UNAVAILABLE and not names_a_pod(call.trailing_metadata()))
-
-
-def _failed_unavailable(error: BaseException) -> bool:
-    return isinstance(error, grpc.Call) and _pod_gone(error)
-
-
-class _RetryingLaneStream(_LaneStream):
-    """A response stream sent again, on another lane, when it fails before its first message
-    (nothing has reached the caller yet); after that, a failure is the caller's. The first
-    attempt starts at once, as grpcio's calls do; the retries happen in the first ``next()``."""
-
-    def __init__(
-        self,
-        start: Callable[[float | None], tuple[Any, Lane | None]],
-        pool: LanePool,
-        policy: RetryPolicy,
-        deadline: Deadline,
-        sleep: Callable[[float], None],
-    ) -> None:
-        super().__init__(*start(deadline.remaining()), pool=pool)
-        self._start = start
-        self._policy = policy
-        self._deadline = deadline
-        self._sleep = sleep
-        self._committed = False
-
-    def __next__(self) -> Any:
-        if self._committed:
-            return super().__next__()
-        first = True
-
-        def attempt() -> Any:
-            nonlocal first
-            if not first:
-                self._bind(*self._start(self._deadline.remaining()))
-            first = False
-            return _LaneStream.__next__(self)  # gives the attempt's lane back if it fails
-
-        try:
-            return call_with_retries(self._policy, self._deadline, attempt, self._sleep)
-        finally:
-            self._committed = True
-
-
-class _Balanced:
-    """One method of the balanced channel: per call, a lane and that lane's multicallable."""
-
-    def __init__(
-        self,
-        owner: BalancedChannel,
-        kind: str,
-        method: str,
-        request_serializer: Any,
-        response_deserializer: Any,
-        registered: bool | None,
-    ) -> None:
-        self._pool = owner.pool
-        self._retry = owner.retry
-        self._sleep = owner.sleep
-        self._kind = kind
-        self._method = method
-        self._serializer = request_serializer
-        self._deserializer = response_deserializer
-        self._registered = registered
-        self._stream_request = kind.startswith("stream")
-
-    def _request(self, request: Any) -> Any:
-        # grpcio calls next() on a request stream: a list or tuple (replayable, so retryable)
-        # becomes a fresh iterator for each attempt.
-        if self._stream_request and isinstance(request, (list, tuple)):
-            return iter(request)
-        return request
-
-    def _retryable(self, request: Any) -> bool:
-        """Count the call into the retry budget; whether it may be sent again."""
-        self._retry.record_call()
-        return self._retry.retryable(self._method, request, streaming=self._stream_request)
-
-    def _inner(self, lane: Lane) -> Any:
-        connection: _LaneConnection = lane.connection
-        inner = connection.callables.get(self)
-        if inner is None:
-            make = getattr(connection.channel, self._kind)
-            args = (self._method, self._serializer, self._deserializer)
-            if self._registered:
-                try:
-                    inner = make(*args, _registered_method=True)
-                except TypeError:  # a factory's channel that predates the flag
-                    inner = make(*args)
-            else:
-                inner = make(*args)
-            connection.callables[self] = inner
-        return inner
-
-
-class _UnaryResponse(_Balanced):
-    def _attempt(self, how: str, request: Any, timeout: float | None, rest: tuple[Any, ...]) -> Any:
-        """One attempt on one lane (``how``: ``__call__`` or ``with_call``)."""
-        pool = self._pool
-        lane = _acquire(pool)
-        unavailable = False
-        try:
-            return getattr(self._inner(lane), how)(self._request(request), timeout, *rest)
-        except grpc.RpcError as error:
-            unavailable = _failed_unavailable(error)
-            raise
-        finally:
-            pool.release(lane, unavailable=unavailable)
-
-    def _invoke(self, how: str, request: Any, timeout: float | None, rest: tuple[Any, ...]) -> Any:
-        if not self._retryable(request):
-            return self._attempt(how, request, timeout, rest)
-        # A failed attempt's lane takes no more calls (its pod went away): the next attempt
-        # goes to another lane, within what is left of the call's deadline.
-        deadline = Deadline(timeout)
-        return call_with_retries(
-            self._retry,
-            deadline,
-            lambda: self._attempt(how, request, deadline.remaining(), rest),
-            self._sleep,
-        )
-
-    def __call__(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> Any:
-        rest = (metadata, credentials, wait_for_ready, compression)
-        return self._invoke("__call__", request, timeout, rest)
-
-    def with_call(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> tuple[Any, grpc.Call]:
-        rest = (metadata, credentials, wait_for_ready, compression)
-        return self._invoke("with_call", request, timeout, rest)  # type: ignore[no-any-return]
-
-    def future(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> Any:
-        """Sent once, never retried (as in the dial-per-request channel)."""
-        self._retry.record_call()
-        pool = self._pool
-        lane = _acquire(pool)
-        try:
-            future = self._inner(lane).future(
-                self._request(request), timeout, metadata, credentials, wait_for_ready,
-                compression,
-            )  # fmt: skip
-        except BaseException:  # the call never started: give the lane back, re-raise as is
-            pool.release(lane)
-            raise
-        future.add_done_callback(_Ticket(pool, lane).done)
-        return future
-
-
-class _StreamResponse(_Balanced):
-    def __call__(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> _LaneStream:
-        pool = self._pool
-
-        def start(remaining: float | None) -> tuple[Any, Lane | None]:
-            try:
-                lane = _acquire(pool)
-            except NoLaneError as error:  # fails when read, as grpc's streams do: retryable
-                return error, None
-            try:
-                call = self._inner(lane)(
-                    self._request(request), remaining, metadata, credentials, wait_for_ready,
-                    compression,
-                )  # fmt: skip
-            except BaseException:  # the call never started: give the lane back, re-raise as is
-                pool.release(lane)
-                raise
-            return call, lane
-
-        if self._retryable(request):
-            return _RetryingLaneStream(start, pool, self._retry, Deadline(timeout), self._sleep)
-        return _LaneStream(*start(timeout), pool=pool)
-
-
-class _UnaryUnary(_UnaryResponse, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
-    pass
-
-
-class _StreamUnary(_UnaryResponse, grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
-    pass
-
-
-class _UnaryStream(_StreamResponse, grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
-    pass
-
-
-class _StreamStream(_StreamResponse, grpc.StreamStreamMultiCallable):  # type: ignore[misc]
-    pass
-
-
-class BalancedChannel(grpc.Channel):  # type: ignore[misc]
+class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
     """A ``grpc.Channel`` that spreads calls over lanes to distinct pods; see the module doc.
 
     Made by :func:`balanced_channel`; this constructor takes a channel factory for users who
@@ -507,6 +206,10 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
             pod was killed): the same :class:`~grpc_balance_mw.retry.RetryPolicy` as the
             dial-per-request channel's; default: none.
         sleep: how retries sleep (tests inject one).
+
+    The channel is its own router (:class:`~grpc_balance_mw.routed_channel.SyncRouter`): its
+    routes are the pool's lanes. Dropping the last reference to an unclosed channel releases
+    its thread, connections and health checks, as grpc's own channels do.
     """
 
     def __init__(
@@ -542,15 +245,27 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
         self._check_timeout_s = check_timeout_s
         self._tick_s = tick_s
         self._stop = threading.Event()
-        self._subscriptions: dict[Any, grpc.Channel] = {}
+        self._connectivity = Connectivity(lambda: factory((LOCAL_POOL_OPTION,)))
         forking.track(self)
         # Open the first lanes now (lazily, as grpc channels are) so calls can start at once;
         # their checks run on the maintenance thread.
         first = self.pool.plan(signals=self._signals())
         for lane in first.dial:
             self._open(lane)
+        self._finalizer = weakref.finalize(
+            self,
+            _finalize,
+            self._stop,
+            self.pool,
+            self._connectivity,
+            self.detector,
+            self._unmarked,
+        )
         self._thread = threading.Thread(
-            target=self._maintain, args=(first,), name=f"balanced-channel {target}", daemon=True
+            target=_maintenance,
+            args=(weakref.proxy(self), first),
+            name=f"balanced-channel {target}",
+            daemon=True,
         )
         self._thread.start()
 
@@ -632,68 +347,20 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
             connection.callables.clear()
             connection.raw.close()
 
+    # -- the router -------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._stop.is_set()
+
+    def acquire(self, wait_for_ready: bool) -> Lane:
+        if self.pool.forked:
+            raise ForkedChannelError(
+                "this balanced channel was made before os.fork(); make one in the child process"
+            )
+        return super().acquire(wait_for_ready)
+
     # -- grpc.Channel ----------------------------------------------------------------------
-
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.UnaryUnaryMultiCallable:
-        return _UnaryUnary(
-            self, "unary_unary", method, request_serializer, response_deserializer,
-            _registered_method,
-        )  # fmt: skip
-
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.UnaryStreamMultiCallable:
-        return _UnaryStream(
-            self, "unary_stream", method, request_serializer, response_deserializer,
-            _registered_method,
-        )  # fmt: skip
-
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.StreamUnaryMultiCallable:
-        return _StreamUnary(
-            self, "stream_unary", method, request_serializer, response_deserializer,
-            _registered_method,
-        )  # fmt: skip
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.StreamStreamMultiCallable:
-        return _StreamStream(
-            self, "stream_stream", method, request_serializer, response_deserializer,
-            _registered_method,
-        )  # fmt: skip
-
-    def subscribe(self, callback: Callable[..., Any], try_to_connect: bool = False) -> None:
-        """Connectivity of one lane (the channel's state is its lanes'; one stands for them)."""
-        lane = self.pool.acquire()
-        self.pool.release(lane)
-        connection: _LaneConnection = lane.connection
-        self._subscriptions[callback] = connection.raw
-        connection.raw.subscribe(callback, try_to_connect=try_to_connect)
-
-    def unsubscribe(self, callback: Callable[..., Any]) -> None:
-        raw = self._subscriptions.pop(callback, None)
-        if raw is not None:
-            raw.unsubscribe(callback)
 
     def close(self) -> None:
         """Close every lane (their calls are cancelled, as ``grpc.Channel.close`` does) and stop
@@ -706,8 +373,7 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
             return
         if self._thread is not threading.current_thread():
             self._thread.join()
-        for lane in self.pool.close():
-            self._close_lane(lane)
+        self._finalizer()  # the lanes, the connectivity connection; once
 
     def __enter__(self) -> BalancedChannel:
         return self
@@ -730,6 +396,7 @@ def balanced_channel(
     observe: ObserveOptions | bool = True,
     factory: ChannelFactory | None = None,
     retry: RetryPolicy = NO_RETRY,
+    compression: grpc.Compression | None = None,
 ) -> BalancedChannel:
     """A balanced channel to ``target``, made as ``grpc.secure_channel`` (with ``credentials``)
     or ``grpc.insecure_channel`` (without) would make one channel.
@@ -755,8 +422,9 @@ def balanced_channel(
             marked idempotent, UNAVAILABLE by default: a SIGKILLed pod then costs no call),
             within the call's deadline and the retry budget; default: none. ``future()`` calls
             are sent once; a response stream is retried only before its first message.
+        compression: the default compression of every lane (as ``grpc.insecure_channel``'s).
     """
-    if factory is not None and (credentials is not None or options):
+    if factory is not None and (credentials is not None or options or compression):
         raise ConfigurationError("pass either a factory or credentials/options, not both")
     if retry.max_attempts > 1:
         warn_if_native_retry(options, target)
@@ -770,7 +438,9 @@ def balanced_channel(
         rotation=rotation,
     )
     return BalancedChannel(
-        factory if factory is not None else channel_factory(target, credentials, options),
+        factory
+        if factory is not None
+        else channel_factory(target, credentials, options, compression),
         target,
         pool=pool,
         observe=observe,

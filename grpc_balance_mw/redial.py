@@ -35,7 +35,10 @@ Rules:
   dialled again after a pause. A taken connection is replaced when its call ends, not while
   it runs (dialling beside the call competes with it for the CPU). The same thread closes the
   connections of ended calls. ``close()`` closes the connections dialled ahead and stops the
-  thread; calls under way finish on their own connections.
+  thread, and cancels the calls under way by closing their connections, as
+  ``grpc.Channel.close`` cancels its calls.
+- Connectivity (``subscribe``, ``grpc.channel_ready_future``) is followed on one connection
+  of the channel's own, dialled when first asked for: the calls' connections come and go.
 - No health check per dial (predial first had one): a ``grpc.health.v1`` RPC on each
   connection cost a Python pod about 0.9 ms of CPU, more than the handshake, and held the
   thread for one round trip per dial. A pod that is NOT_SERVING is not avoided by the client;
@@ -75,19 +78,14 @@ from typing import Any
 
 import grpc
 
+from grpc_balance_mw._routing import ConnectionRoutes, Lease, Outcome
 from grpc_balance_mw.affinity.observer import CallObserver
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.health_check import NOT_SERVING, check_method
 from grpc_balance_mw.observed_channel import ObservedChannel
 from grpc_balance_mw.observing import ObserveOptions, build_observer, chosen_options
-from grpc_balance_mw.response_stream import ResponseStream
-from grpc_balance_mw.retry import (
-    NO_RETRY,
-    Deadline,
-    RetryPolicy,
-    call_with_retries,
-    warn_if_native_retry,
-)
+from grpc_balance_mw.retry import NO_RETRY, RetryPolicy, warn_if_native_retry
+from grpc_balance_mw.routed_channel import Connectivity, RoutedChannel
 
 __all__ = ["DialPerRequestChannel", "RedialStats", "dial_per_request_channel"]
 
@@ -149,35 +147,6 @@ class _Closer:
     def idle(self) -> bool:
         with self._lock:
             return not self._running
-
-
-class _Lease:
-    """One call's connection: closed once, however many ends of the call report it."""
-
-    def __init__(
-        self, owner: DialPerRequestChannel, channel: grpc.Channel, predialled: bool
-    ) -> None:
-        self.owner = owner
-        self.channel = channel
-        self.predialled = predialled
-        self._lock = threading.Lock()
-        self._released = False
-
-    def release(self) -> None:
-        """Close the connection: by the predial thread if there is one, else in the calling
-        thread (never on a grpcio callback thread)."""
-        with self._lock:
-            if self._released:
-                return
-            self._released = True
-        self.owner.finished(self.channel, self.predialled)
-
-    def release_later(self, _call: object = None) -> None:
-        """For done-callbacks: hand the close to the channel's closer thread."""
-        with self._lock:
-            if self._released:
-                return
-        self.owner.closer.submit(self.release)
 
 
 def connect(channel: grpc.Channel, timeout_s: float) -> bool:
@@ -399,232 +368,7 @@ class _Predialler:
         self._thread.join(self._timeout_s + _JOIN_S)
 
 
-class _Closing(ResponseStream):
-    """A response stream whose connection closes when the stream ends, fails or is cancelled.
-
-    The end is seen in the caller's thread (``StopIteration`` or the error); the done-callback
-    covers streams cancelled or dropped before their end. The callback runs on the channel's
-    own thread and only closes the (finished) call's channel: it never waits on the call.
-    """
-
-    def __init__(self, call: Any, lease: _Lease) -> None:
-        self._call = call
-        self._lease = lease
-        call.add_done_callback(lease.release_later)
-
-    def __next__(self) -> Any:
-        try:
-            return next(self._call)
-        except (StopIteration, grpc.RpcError):
-            self._lease.release()
-            raise
-
-
-class _RetryingStream(_Closing):
-    """A response stream sent again, on a new connection, when it fails before its first
-    message (nothing has reached the caller yet); after that, a failure is the caller's.
-
-    The first attempt starts at once, as grpcio's calls do; the retries happen in the first
-    ``next()``. The call's methods answer for the current attempt.
-    """
-
-    def __init__(
-        self,
-        start: Callable[[], tuple[Any, _Lease]],
-        policy: RetryPolicy,
-        deadline: Deadline,
-        sleep: Callable[[float], None],
-    ) -> None:
-        call, lease = start()
-        super().__init__(call, lease)
-        self._start = start
-        self._policy = policy
-        self._deadline = deadline
-        self._sleep = sleep
-        self._committed = False
-
-    def __next__(self) -> Any:
-        if self._committed:
-            return super().__next__()
-        first = True
-
-        def attempt() -> Any:
-            nonlocal first
-            if not first:
-                self._call, self._lease = self._start()
-                self._call.add_done_callback(self._lease.release_later)
-            first = False
-            return _Closing.__next__(self)  # releases the attempt's connection if it fails
-
-        try:
-            return call_with_retries(self._policy, self._deadline, attempt, self._sleep)
-        finally:
-            self._committed = True
-
-
-class _Method:
-    """One method of the channel; each call (each attempt) on a connection of its own."""
-
-    def __init__(
-        self,
-        owner: DialPerRequestChannel,
-        kind: str,
-        method: str,
-        request_serializer: Any,
-        response_deserializer: Any,
-        registered: bool | None,
-    ) -> None:
-        self._owner = owner
-        self._kind = kind
-        self._method = method
-        self._serializer = request_serializer
-        self._deserializer = response_deserializer
-        self._registered = bool(registered)
-        self._stream_request = kind.startswith("stream")
-
-    def _on(self, lease: _Lease) -> Any:
-        make = getattr(lease.channel, self._kind)
-        if self._registered:
-            return make(self._method, self._serializer, self._deserializer, _registered_method=True)
-        return make(self._method, self._serializer, self._deserializer)
-
-    def _request(self, request: Any) -> Any:
-        # grpcio calls next() on a request stream: a list or tuple (replayable) becomes a fresh
-        # iterator for each attempt.
-        if self._stream_request and isinstance(request, (list, tuple)):
-            return iter(request)
-        return request
-
-
-class _UnaryResponse(_Method):
-    """``__call__``, ``with_call`` and ``future`` of unary-unary and stream-unary methods."""
-
-    def __call__(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> Any:
-        response, _call = self.with_call(
-            request, timeout, metadata, credentials, wait_for_ready, compression
-        )
-        return response
-
-    def with_call(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> tuple[Any, grpc.Call]:
-        owner = self._owner
-        policy = owner.retry
-        policy.record_call()
-        deadline = Deadline(timeout)
-
-        def attempt() -> tuple[Any, grpc.Call]:
-            lease = owner.connection()
-            try:
-                result: tuple[Any, grpc.Call] = self._on(lease).with_call(
-                    self._request(request),
-                    deadline.remaining(),
-                    metadata,
-                    credentials,
-                    wait_for_ready,
-                    compression,
-                )
-                return result
-            finally:
-                lease.release()
-
-        if not policy.retryable(self._method, request, streaming=self._stream_request):
-            return attempt()
-        return call_with_retries(policy, deadline, attempt, owner.sleep)
-
-    def future(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> Any:
-        owner = self._owner
-        owner.retry.record_call()
-        lease = owner.connection()
-        try:
-            future = self._on(lease).future(
-                self._request(request), timeout, metadata, credentials, wait_for_ready, compression
-            )
-        except BaseException:
-            lease.release()
-            raise
-        future.add_done_callback(lease.release_later)
-        return future
-
-
-class _StreamResponse(_Method):
-    """``__call__`` of unary-stream and stream-stream methods: retried only until the first
-    response message."""
-
-    def __call__(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> _Closing:
-        owner = self._owner
-        policy = owner.retry
-        policy.record_call()
-        deadline = Deadline(timeout)
-
-        def start() -> tuple[Any, _Lease]:
-            lease = owner.connection()
-            try:
-                call = self._on(lease)(
-                    self._request(request),
-                    deadline.remaining(),
-                    metadata,
-                    credentials,
-                    wait_for_ready,
-                    compression,
-                )
-            except BaseException:
-                lease.release()
-                raise
-            return call, lease
-
-        if policy.retryable(self._method, request, streaming=self._stream_request):
-            return _RetryingStream(start, policy, deadline, owner.sleep)
-        return _Closing(*start())
-
-
-class _UnaryUnary(_UnaryResponse, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc]
-    pass
-
-
-class _StreamUnary(_UnaryResponse, grpc.StreamUnaryMultiCallable):  # type: ignore[misc]
-    pass
-
-
-class _UnaryStream(_StreamResponse, grpc.UnaryStreamMultiCallable):  # type: ignore[misc]
-    pass
-
-
-class _StreamStream(_StreamResponse, grpc.StreamStreamMultiCallable):  # type: ignore[misc]
-    pass
-
-
-class DialPerRequestChannel(grpc.Channel):  # type: ignore[misc]
+class DialPerRequestChannel(ConnectionRoutes, RoutedChannel[Lease]):
     """A ``grpc.Channel`` that makes every call on a connection of its own; see the module doc.
 
     Args:
@@ -641,6 +385,10 @@ class DialPerRequestChannel(grpc.Channel):  # type: ignore[misc]
         observe: feed the target's affinity detector (and telemetry) with every call's pod:
             True with the default :class:`ObserveOptions`, or the options to use; False: not.
         sleep: how retries sleep (tests inject one).
+
+    The channel is its own router (:class:`~grpc_balance_mw.routed_channel.SyncRouter`): each
+    route is a connection of its own, closed when its call ends, or by ``close()``, which
+    cancels the calls still running on them as ``grpc.Channel.close`` does.
     """
 
     def __init__(
@@ -670,6 +418,8 @@ class DialPerRequestChannel(grpc.Channel):  # type: ignore[misc]
         self._compression = compression
         self._lock = threading.Lock()
         self._closed = False
+        self._active: set[Lease] = set()
+        self._connectivity = Connectivity(self._dial)
         self.closer = _Closer(f"grpc-balance-close-{target}")
         warn_if_native_retry(self._options, target)
         self.observer: CallObserver | None = None
@@ -700,20 +450,48 @@ class DialPerRequestChannel(grpc.Channel):  # type: ignore[misc]
         """A new channel on a connection of its own (the hook tests and subclasses override)."""
         with self._lock:
             self.stats.dialled += 1
+        return self._dial()
+
+    def _dial(self) -> grpc.Channel:
         if self._credentials is None:
             return grpc.insecure_channel(self.target, self._options, self._compression)
         return grpc.secure_channel(self.target, self._credentials, self._options, self._compression)
 
-    def connection(self) -> _Lease:
+    def connection(self) -> Lease:
         """The (observed) channel for one call: a predialled one if ready, else a new one."""
         if self._closed:
             raise ValueError("Cannot invoke RPC on closed channel!")
         channel = self._predialler.take() if self._predialler is not None else None
         if channel is None:
-            return _Lease(self, _observed(self.dial(), self.observer), predialled=False)
+            lease = Lease(_observed(self.dial(), self.observer), predialled=False)
+        else:
+            lease = Lease(_observed(channel, self.observer), predialled=True)
         with self._lock:
-            self.stats.predialled += 1
-        return _Lease(self, _observed(channel, self.observer), predialled=True)
+            self.stats.predialled += lease.predialled
+            if self._closed:  # closed meanwhile: close() did not see this one
+                closed = True
+            else:
+                closed = False
+                self._active.add(lease)
+        if closed:
+            self.finished(lease.channel, lease.predialled)
+            raise ValueError("Cannot invoke RPC on closed channel!")
+        return lease
+
+    # -- the router -------------------------------------------------------------------------
+
+    def release(self, lease: Lease, outcome: Outcome, in_callback: bool) -> None:
+        """Close the call's connection: by the predial thread if there is one, else here, or,
+        from a done-callback (grpcio's thread, where ``close()`` can deadlock), by the closer
+        thread."""
+        with self._lock:
+            if lease not in self._active:  # closed by close()
+                return
+            self._active.discard(lease)
+        if in_callback:
+            self.closer.submit(lambda: self.finished(lease.channel, lease.predialled))
+        else:
+            self.finished(lease.channel, lease.predialled)
 
     def finished(self, channel: grpc.Channel, predialled: bool) -> None:
         """A call's connection is done with: closed now, or by the predial thread."""
@@ -735,75 +513,20 @@ class DialPerRequestChannel(grpc.Channel):  # type: ignore[misc]
 
     # -- grpc.Channel ----------------------------------------------------------------------
 
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.UnaryUnaryMultiCallable:
-        return _UnaryUnary(
-            self, "unary_unary", method, request_serializer, response_deserializer,
-            _registered_method,
-        )  # fmt: skip
-
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.UnaryStreamMultiCallable:
-        return _UnaryStream(
-            self, "unary_stream", method, request_serializer, response_deserializer,
-            _registered_method,
-        )  # fmt: skip
-
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.StreamUnaryMultiCallable:
-        return _StreamUnary(
-            self, "stream_unary", method, request_serializer, response_deserializer,
-            _registered_method,
-        )  # fmt: skip
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.StreamStreamMultiCallable:
-        return _StreamStream(
-            self, "stream_stream", method, request_serializer, response_deserializer,
-            _registered_method,
-        )  # fmt: skip
-
-    def subscribe(self, callback: Callable[..., Any], try_to_connect: bool = False) -> None:
-        """Reports one state now: READY if a predialled connection waits, else IDLE (this
-        channel holds no connection between calls, so there is nothing further to follow)."""
-        state = grpc.ChannelConnectivity.READY if self.ready() else grpc.ChannelConnectivity.IDLE
-        try:
-            callback(state)
-        except Exception:  # a user callback; grpcio logs and swallows these too
-            _log.exception("connectivity callback %r failed", callback)
-
-    def unsubscribe(self, callback: Callable[..., Any]) -> None:
-        """Nothing to undo: :meth:`subscribe` keeps no subscription."""
-
     def close(self) -> None:
-        """Close the predialled connections and stop the predial thread; calls under way finish
-        on their own connections, which close when they end."""
+        """Close every connection: the calls under way are cancelled (as ``grpc.Channel.close``
+        cancels its calls), the predialled ones closed, the predial thread stopped."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            active, self._active = self._active, set()
+        for lease in active:
+            lease.channel.close()
+            self.count_closed()
         if self._predialler is not None:
             self._predialler.close()
+        self._connectivity.close()
 
     def __enter__(self) -> DialPerRequestChannel:
         return self

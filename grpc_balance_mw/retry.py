@@ -51,6 +51,7 @@ from tenacity.retry import retry_base
 from tenacity.stop import stop_after_attempt, stop_any, stop_base
 from tenacity.wait import wait_base
 
+from grpc_balance_mw._routing import never_sent
 from grpc_balance_mw.errors import ConfigurationError
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "code_of",
     "replayable",
     "retry_if_code",
+    "retry_if_never_sent",
     "stop_at_deadline",
     "stop_when_budget_spent",
     "wait_full_jitter",
@@ -161,6 +163,17 @@ class retry_if_code(retry_base):
         if outcome is None or not outcome.failed:
             return False
         return code_of(outcome.exception()) in self.codes
+
+
+class retry_if_never_sent(retry_base):
+    """Retry when the attempt provably never left the client (no connection could be made):
+    safe for any method, idempotent or not (:func:`grpc_balance_mw._routing.never_sent`)."""
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        outcome = retry_state.outcome
+        if outcome is None or not outcome.failed:
+            return False
+        return never_sent(outcome.exception())
 
 
 class wait_full_jitter(wait_base):
@@ -313,7 +326,10 @@ class RetryPolicy:
             ``/pkg.Service/*``), a predicate of the full name, or a :class:`MethodSelector`.
             Nothing is retried unless marked here: a call that reached a server may have acted.
         codes: status codes that make a call retryable.
-        max_attempts: attempts per call, the first included (1: never retry).
+        max_attempts: attempts per call, the first included (1: never retry). The default
+            (10, with the default backoff about 3 s of sleeps in all) rides out a restarted
+            Service or a rolling update: attempts go on until the call's deadline, the
+            budget or this cap ends them, rather than giving up within 150 ms.
         backoff: the sleep before each retry (a tenacity wait strategy).
         budget: the retry budget; None: unlimited (not recommended). One budget object is
             shared by every channel given this policy.
@@ -322,7 +338,7 @@ class RetryPolicy:
 
     methods: MethodSelector | Callable[[str], bool] | Iterable[str] = ()
     codes: Collection[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE})
-    max_attempts: int = 3
+    max_attempts: int = 10
     backoff: wait_base = field(default_factory=wait_full_jitter)
     budget: RetryBudget | None = field(default_factory=RetryBudget)
     deadline_floor_s: float = 0.005
@@ -366,15 +382,28 @@ class RetryPolicy:
             return False
         return not streaming or replayable(request)
 
+    def may_resend(self, request: object = None, *, streaming: bool) -> bool:
+        """Whether this call could be sent again at all, idempotent or not: a call that never
+        left the client may be (:func:`~grpc_balance_mw._routing.never_sent`)."""
+        return self.max_attempts > 1 and (not streaming or replayable(request))
+
+    def retries(self, error: BaseException, *, idempotent: bool) -> bool:
+        """Whether a failed attempt is worth another (before the stop strategies are asked):
+        a retryable code of an idempotent call, or a call that never left the client. Asked
+        first, so tenacity is built only for failures it would retry."""
+        return (idempotent and code_of(error) in self.codes) or never_sent(error)
+
     def record_call(self) -> None:
         """Count a call (every call, retryable or not) into the budget."""
         if self.budget is not None:
             self.budget.record_call()
 
-    def tenacity_kwargs(self, deadline: Deadline) -> dict[str, Any]:
+    def tenacity_kwargs(self, deadline: Deadline, *, idempotent: bool = True) -> dict[str, Any]:
         """``retry``, ``wait`` and ``stop`` for one call's ``tenacity.Retrying``/``AsyncRetrying``.
 
         The failed attempt's own error is raised when retries end (pass ``reraise=True``).
+        ``idempotent``: the method is marked, so its retryable codes count; any call is
+        retried when it never left the client.
         """
         stops: Sequence[stop_base] = [
             stop_after_attempt(self.max_attempts),
@@ -382,8 +411,11 @@ class RetryPolicy:
         ]
         if self.budget is not None:
             stops = [*stops, stop_when_budget_spent(self.budget)]  # last: charged only if retried
+        retry: retry_base = retry_if_never_sent()
+        if idempotent:
+            retry = retry_if_code(self.codes) | retry
         return {
-            "retry": retry_if_code(self.codes),  # a frozenset since __post_init__
+            "retry": retry,
             "wait": self.backoff,
             "stop": stop_any(*stops),
             "reraise": True,
@@ -400,6 +432,8 @@ def call_with_retries(
     deadline: Deadline,
     attempt: Callable[[], T],
     sleep: Callable[[float], None],
+    *,
+    idempotent: bool = True,
 ) -> T:
     """``attempt()`` under ``policy``, as ``tenacity.Retrying(**policy.tenacity_kwargs(deadline))``
     would run it, at no cost when the first attempt succeeds.
@@ -407,11 +441,15 @@ def call_with_retries(
     The first attempt runs bare; only if it raises a ``grpc.RpcError`` is tenacity built, and
     it is handed that failure as its own first attempt (replayed, not sent again), so its retry,
     wait and stop strategies, the budget included, see exactly the attempts they would have.
-    Anything else the first attempt raises propagates as is, as tenacity would re-raise it.
+    Anything else the first attempt raises propagates as is, as tenacity would re-raise it,
+    and so does a failure that would not be retried (:meth:`RetryPolicy.retries`): tenacity
+    is built only for failures it would retry.
     """
     try:
         return attempt()
     except grpc.RpcError as error:
+        if not policy.retries(error, idempotent=idempotent):
+            raise
         failed: BaseException | None = error
 
     def again() -> T:
@@ -421,7 +459,8 @@ def call_with_retries(
             raise error
         return attempt()
 
-    return tenacity.Retrying(sleep=sleep, **policy.tenacity_kwargs(deadline))(again)
+    kwargs = policy.tenacity_kwargs(deadline, idempotent=idempotent)
+    return tenacity.Retrying(sleep=sleep, **kwargs)(again)
 
 
 async def acall_with_retries(
@@ -429,11 +468,15 @@ async def acall_with_retries(
     deadline: Deadline,
     attempt: Callable[[], Awaitable[T]],
     sleep: Callable[[float], Awaitable[None]],
+    *,
+    idempotent: bool = True,
 ) -> T:
     """:func:`call_with_retries` for coroutines (``tenacity.AsyncRetrying``)."""
     try:
         return await attempt()
     except grpc.RpcError as error:
+        if not policy.retries(error, idempotent=idempotent):
+            raise
         failed: BaseException | None = error
 
     async def again() -> T:
@@ -443,7 +486,8 @@ async def acall_with_retries(
             raise error
         return await attempt()
 
-    retrying = tenacity.AsyncRetrying(sleep=sleep, **policy.tenacity_kwargs(deadline))
+    kwargs = policy.tenacity_kwargs(deadline, idempotent=idempotent)
+    retrying = tenacity.AsyncRetrying(sleep=sleep, **kwargs)
     return await retrying(again)
 
 

@@ -64,6 +64,7 @@ SYNC_ADAPTERS = (
     "grpc_balance_mw.response_stream",
     "grpc_balance_mw.redial",
     "grpc_balance_mw.channel",
+    "grpc_balance_mw.routed_channel",
     "grpc_balance_mw.headless_channel",
     "grpc_balance_mw.server",
 )

@@ -10,8 +10,10 @@ Usage (inside a running event loop)::
 The same :class:`~grpc_balance_mw.pool.LanePool` as the sync
 :class:`~grpc_balance_mw.channel.BalancedChannel` decides; here its plans are carried out by one
 asyncio task (dials, health checks that name each lane's pod, closes), and each call gives its
-lane back from the call's done-callback. Each lane's calls are observed by the aio affinity
-interceptors (spans carry pod and lane; the detector's alarm is a rotation trigger).
+lane back from the call's done-callback, which also reports each call's pod to the lane's
+observer (spans carry pod and lane; the detector's alarm is a rotation trigger), as aio
+``observe()`` does: no interceptor, no task per call. The per-call routine is the aio routing
+core's (:mod:`grpc_balance_mw.aio.routed_channel`); this module is its router.
 
 ``retry=RetryPolicy(...)`` as in the sync channel: a retried unary-response call runs its
 attempts in a task (``code()`` and the metadata are the last attempt's); a retried response stream
@@ -23,23 +25,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
-from functools import partial
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
 
+from grpc_balance_mw._routing import LaneRoutes, check_channel_options
 from grpc_balance_mw.affinity.detector import AffinityDetector
-from grpc_balance_mw.aio.client import affinity_interceptors
-from grpc_balance_mw.aio.redial import RetryingCall, failed_as_error
+from grpc_balance_mw.affinity.observer import CallObserver
+from grpc_balance_mw.aio.routed_channel import (
+    Connectivity,
+    RoutedChannel,
+    check_interceptors,
+    spawn_soon,
+)
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.health_check import SERVING, check_method
-from grpc_balance_mw.observing import ObserveOptions, chosen_options, detector_for
+from grpc_balance_mw.observing import (
+    ObserveOptions,
+    build_observer,
+    chosen_options,
+    detector_for,
+)
 from grpc_balance_mw.pool import (
     CheckResult,
     Lane,
     LanePool,
-    NoLane,
     Picker,
     Plan,
     PoolConfig,
@@ -47,13 +59,11 @@ from grpc_balance_mw.pool import (
     Signals,
     Stuck,
 )
-from grpc_balance_mw.pool.health import CHECK_GRACE_S, names_a_pod, read_check
+from grpc_balance_mw.pool.health import CHECK_GRACE_S, read_check
 from grpc_balance_mw.pool.pool import pool_for_channel
 from grpc_balance_mw.retry import (
     NO_RETRY,
-    Deadline,
     RetryPolicy,
-    acall_with_retries,
     warn_if_native_retry,
 )
 
@@ -67,355 +77,109 @@ Interceptors = Sequence[grpc.aio.ClientInterceptor]
 AioChannelFactory = Callable[[Options, Interceptors], grpc.aio.Channel]
 #: gRPC core shares one connection between channels with the same target and arguments.
 LOCAL_POOL_OPTION = ("grpc.use_local_subchannel_pool", 1)
-_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 _BURST_ROUNDS = 16
-#: The health check's method name as grpc.aio hands it to interceptors (bytes), and as str.
-_HEALTH_CHECK = (b"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Check")
 
 
 def channel_factory(
     target: str,
     credentials: grpc.ChannelCredentials | None = None,
     options: Options | None = None,
+    compression: grpc.Compression | None = None,
 ) -> AioChannelFactory:
-    """The factory ``grpc.aio.secure_channel`` / ``insecure_channel`` make; TLS on every lane."""
-    base = tuple(options or ())
+    """The factory ``grpc.aio.secure_channel`` / ``insecure_channel`` make; TLS on every lane.
+
+    Raises:
+        ConfigurationError: ``options`` are not grpc channel options (``ObserveOptions`` go
+            to ``observe()``, not here).
+    """
+    base = check_channel_options(options, "channel_factory")
 
     def make(extra: Options, interceptors: Interceptors) -> grpc.aio.Channel:
         merged = (*base, *extra)
         if credentials is not None:
-            return grpc.aio.secure_channel(
-                target, credentials, options=merged, interceptors=interceptors
-            )
-        return grpc.aio.insecure_channel(target, options=merged, interceptors=interceptors)
+            return grpc.aio.secure_channel(target, credentials, merged, compression, interceptors)
+        return grpc.aio.insecure_channel(target, merged, compression, interceptors)
 
     return make
 
 
-def _status_code(call: Any) -> int | None:
-    """The status code of an ended aio call, read without awaiting (a done-callback cannot).
-
-    grpc.aio has only ``await call.code()``; its Cython call holds the status once done, and
-    an intercepted call holds the call its interceptors made. None when neither can be read.
-    """
-    try:
-        inner = getattr(call, "_cython_call", None)
-        if inner is None:
-            inner = call._interceptors_task.result()._cython_call
-        code: int = inner._status.code()
-    except (AttributeError, TypeError, asyncio.InvalidStateError, asyncio.CancelledError):
-        return None
-    except grpc.RpcError:  # the interceptors' task ended with the call's error
-        return None
-    return code
-
-
-def _answered_by_pod(call: Any) -> bool:
-    """Whether an ended aio call's trailers name the pod that sent its status (read as
-    :func:`_status_code` reads the code); False when they cannot be read."""
-    try:
-        inner = getattr(call, "_cython_call", None)
-        if inner is None:
-            inner = call._interceptors_task.result()._cython_call
-        return names_a_pod(inner._status.trailing_metadata())
-    except (AttributeError, TypeError, asyncio.InvalidStateError, asyncio.CancelledError):
-        return False
-    except grpc.RpcError:
-        return False
-
-
-def _pod_gone(error: grpc.aio.AioRpcError) -> bool:
-    """Failed UNAVAILABLE, and no pod sent that status (see the sync channel's ``_pod_gone``)."""
-    return bool(
-        error.code() is grpc.StatusCode.UNAVAILABLE and not names_a_pod(error.trailing_metadata())
-    )
+#: The health check's method name as grpc.aio hands it to interceptors (bytes), and as str.
+_HEALTH_CHECK = (b"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Check")
 
 
 class _PastHealthChecks(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    """Lets the lane's own health checks past the observing interceptor: they are the channel's
-    housekeeping (every few seconds per lane, and every scout), not the user's calls, and would
-    otherwise be spans and detector samples."""
+    """Lets the lanes' own health checks past a user's interceptor: they are the channel's
+    housekeeping (every few seconds per lane, and every scout), not the user's calls."""
 
-    def __init__(self, observing: grpc.aio.UnaryUnaryClientInterceptor) -> None:
-        self._observing = observing
+    def __init__(self, interceptor: grpc.aio.UnaryUnaryClientInterceptor) -> None:
+        self._interceptor = interceptor
 
     async def intercept_unary_unary(
         self, continuation: Any, client_call_details: Any, request: Any
     ) -> Any:
         if client_call_details.method in _HEALTH_CHECK:
             return await continuation(client_call_details, request)
-        return await self._observing.intercept_unary_unary(
+        return await self._interceptor.intercept_unary_unary(
             continuation, client_call_details, request
         )
 
 
 class _LaneConnection:
-    __slots__ = ("callables", "channel", "check")
+    __slots__ = ("callables", "channel", "check", "observer")
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, observer: CallObserver | None) -> None:
         self.channel = channel
+        self.observer = observer
         self.check = check_method(channel)
         self.callables: dict[Any, Any] = {}
 
 
-class _Balanced:
-    """One method of the balanced channel: per call, a lane and that lane's multicallable."""
-
-    def __init__(
-        self,
-        owner: BalancedChannel,
-        kind: str,
-        method: str,
-        request_serializer: Any,
-        response_deserializer: Any,
-        registered: bool | None,
-    ) -> None:
-        self._owner = owner
-        self._pool = owner.pool
-        self._kind = kind
-        self._method = method
-        self._serializer = request_serializer
-        self._deserializer = response_deserializer
-        self._registered = registered
-
-    def _inner(self, lane: Lane) -> Any:
-        connection: _LaneConnection = lane.connection
-        inner = connection.callables.get(self)
-        if inner is None:
-            make = getattr(connection.channel, self._kind)
-            args = (self._method, self._serializer, self._deserializer)
-            inner = make(*args, _registered_method=True) if self._registered else make(*args)
-            connection.callables[self] = inner
-        return inner
-
-    def _attempt(self, request: Any, kwargs: dict[str, Any]) -> tuple[Any, Lane | None]:
-        """One call on one lane; the lane is given back by the call's done-callback."""
-        pool = self._pool
-        try:
-            lane = pool.acquire()
-        except NoLane as error:  # as a grpc.aio channel without a connection: UNAVAILABLE
-            return _Unavailable(str(error)), None
-        try:
-            if self._kind.startswith("stream") and isinstance(request, (list, tuple)):
-                request = iter(request)  # replayable: a fresh iterator for each attempt
-            call = self._inner(lane)(request, **kwargs)
-        except BaseException:  # the call never started: give the lane back, re-raise as is
-            pool.release(lane)
-            raise
-        call.add_done_callback(partial(self._owner.released, lane))
-        return call, lane
-
-    def _call(self, request: Any, **kwargs: Any) -> Any:
-        owner = self._owner
-        owner.start()
-        policy = owner.retry
-        policy.record_call()
-        streaming = self._kind.startswith("stream")
-        if not policy.retryable(self._method, request, streaming=streaming):
-            return self._attempt(request, kwargs)[0]
-        deadline = Deadline(kwargs.pop("timeout", None))
-
-        def start() -> tuple[Any, Lane | None]:
-            return self._attempt(request, {**kwargs, "timeout": deadline.remaining()})
-
-        if not self._kind.endswith("unary"):
-            return _RetryingLaneStream(start, self._pool, policy, deadline, owner.sleep)
-
-        async def run(holder: RetryingCall) -> Any:
-            async def attempt() -> Any:
-                holder.last, lane = start()
-                try:
-                    return await holder.last
-                except grpc.aio.AioRpcError as error:
-                    if lane is not None and _pod_gone(error):
-                        # Now, not in the done-callback (it may not have run yet): the next
-                        # attempt must not pick the same lane.
-                        self._pool.lane_failed(lane)
-                    raise
-
-            return await acall_with_retries(policy, deadline, attempt, owner.sleep)
-
-        return RetryingCall(run)
+async def _maintenance(channel: Any, first: Plan | None) -> None:
+    """The maintenance task's body, on a weak proxy of the channel (see ``start``)."""
+    with contextlib.suppress(ReferenceError):
+        await BalancedChannel._maintain(channel, first)
 
 
-class _Unavailable:
-    """A call that could not start: no lane has a connection. It fails UNAVAILABLE when awaited
-    or read, as a grpc.aio call on a channel without a connection does."""
-
-    def __init__(self, details: str) -> None:
-        self._error = grpc.aio.AioRpcError(
-            grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details
-        )
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        raise self._error
-        yield  # pragma: no cover - makes this a generator
-
-    async def read(self) -> Any:
-        raise self._error
-
-    async def write(self, _message: Any) -> None:
-        raise self._error
-
-    async def done_writing(self) -> None:
-        return None
-
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._responses()
-
-    async def _responses(self) -> AsyncIterator[Any]:
-        raise self._error
-        yield  # pragma: no cover - makes this an async generator
-
-    async def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAVAILABLE
-
-    async def details(self) -> str:
-        return str(self._error.details())
-
-    async def initial_metadata(self) -> grpc.aio.Metadata:
-        return grpc.aio.Metadata()
-
-    async def trailing_metadata(self) -> grpc.aio.Metadata:
-        return grpc.aio.Metadata()
-
-    async def wait_for_connection(self) -> None:
-        raise self._error
-
-    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
-        callback(self)
-
-    def done(self) -> bool:
-        return True
-
-    def cancelled(self) -> bool:
-        return False
-
-    def cancel(self) -> bool:
-        return False
-
-    def time_remaining(self) -> float | None:
-        return None
+_closing: set[asyncio.Task[Any]] = set()
 
 
-class _RetryingLaneStream:
-    """A response stream sent again, on another lane, when it fails before its first message;
-    after that, a failure is the caller's. The first attempt starts at once; the retries
-    happen in the first ``read()`` (or the first step of ``async for``)."""
+def _finalize(
+    loop: asyncio.AbstractEventLoop,
+    task: asyncio.Task[None],
+    pool: LanePool,
+    connectivity: Connectivity,
+    detector: AffinityDetector,
+) -> None:
+    """Release what an unclosed, garbage-collected channel held: its maintenance task (and so
+    the health checks), the lanes' connections, the connectivity connection."""
+    detector.lanes_opened(False)
 
-    def __init__(
-        self,
-        start: Callable[[], tuple[Any, Lane | None]],
-        pool: LanePool,
-        policy: RetryPolicy,
-        deadline: Deadline,
-        sleep: Callable[[float], Awaitable[None]],
-    ) -> None:
-        self._start = start
-        self._pool = pool
-        self._policy = policy
-        self._deadline = deadline
-        self._sleep = sleep
-        self._committed = False
-        self._call, self._lane = start()
+    def closing(work: Coroutine[Any, Any, None]) -> None:
+        task = loop.create_task(work)
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
 
-    async def read(self) -> Any:
-        if self._committed:
-            return await self._call.read()
-        first = True
+    def release() -> None:
+        task.cancel()
+        for lane in pool.close():
+            connection: _LaneConnection | None = lane.connection
+            if connection is not None:
+                connection.callables.clear()
+                closing(connection.channel.close())
+        closing(connectivity.close())
 
-        async def attempt() -> Any:
-            nonlocal first
-            if not first:
-                self._call, self._lane = self._start()
-            first = False
-            try:
-                return await failed_as_error(self._call, await self._call.read())
-            except grpc.aio.AioRpcError as error:
-                if self._lane is not None and _pod_gone(error):
-                    self._pool.lane_failed(self._lane)
-                raise
-
-        try:
-            return await acall_with_retries(self._policy, self._deadline, attempt, self._sleep)
-        finally:
-            self._committed = True
-
-    async def _responses(self) -> AsyncIterator[Any]:
-        while (response := await self.read()) is not grpc.aio.EOF:
-            yield response
-
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._responses()
-
-    def __getattr__(self, name: str) -> Any:
-        # write, done_writing, code, details, metadata, cancel, done, ...: the attempt's own.
-        return getattr(self._call, name)
+    spawn_soon(loop, release)
 
 
-class _UnaryRequest(_Balanced):
-    def __call__(
-        self,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> Any:
-        return self._call(
-            request,
-            timeout=timeout,
-            metadata=metadata,
-            credentials=credentials,
-            wait_for_ready=wait_for_ready,
-            compression=compression,
-        )
-
-
-class _StreamRequest(_Balanced):
-    def __call__(
-        self,
-        request_iterator: Any = None,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> Any:
-        return self._call(
-            request_iterator,
-            timeout=timeout,
-            metadata=metadata,
-            credentials=credentials,
-            wait_for_ready=wait_for_ready,
-            compression=compression,
-        )
-
-
-class _UnaryUnary(_UnaryRequest, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
-    pass
-
-
-class _UnaryStream(_UnaryRequest, grpc.aio.UnaryStreamMultiCallable):  # type: ignore[misc]
-    pass
-
-
-class _StreamUnary(_StreamRequest, grpc.aio.StreamUnaryMultiCallable):  # type: ignore[misc]
-    pass
-
-
-class _StreamStream(_StreamRequest, grpc.aio.StreamStreamMultiCallable):  # type: ignore[misc]
-    pass
-
-
-class BalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
+class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
     """A ``grpc.aio.Channel`` that spreads calls over lanes to distinct pods.
 
     Made by :func:`balanced_channel`; this constructor takes a channel factory. The
-    arguments are those of :class:`grpc_balance_mw.channel.BalancedChannel`. Its maintenance
-    task starts with the first call, or here if an event loop is running.
+    arguments are those of :class:`grpc_balance_mw.channel.BalancedChannel`, plus
+    ``interceptors`` (the user's, for every lane). Its maintenance task starts with the first
+    call, or here if an event loop is running. The channel is its own router
+    (:class:`~grpc_balance_mw.aio.routed_channel.AioRouter`): its routes are the lanes, whose
+    calls are observed from their done-callbacks, as aio ``observe()`` observes a channel.
     """
 
     def __init__(
@@ -429,9 +193,16 @@ class BalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
         tick_s: float = 0.25,
         retry: RetryPolicy = NO_RETRY,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        interceptors: Interceptors | None = None,
     ) -> None:
         if check_timeout_s <= 0 or tick_s <= 0:
             raise ConfigurationError("check_timeout_s and tick_s must be > 0")
+        self._user_interceptors = [
+            _PastHealthChecks(interceptor)
+            if isinstance(interceptor, grpc.aio.UnaryUnaryClientInterceptor)
+            else interceptor
+            for interceptor in check_interceptors(interceptors)
+        ]
         self.target = target
         self.retry = retry
         self.sleep = sleep
@@ -444,13 +215,14 @@ class BalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
             else LanePool(PoolConfig(expected_pods=self._options.expected_pods))
         )
         self._factory = factory
+        self._connectivity = Connectivity(lambda: factory((LOCAL_POOL_OPTION,), ()))
         self.detector: AffinityDetector = detector_for(target, self._options)
         # The target's calls (these at least) run on lanes: an alarm's advice is not to use them.
         self.detector.lanes_opened()
         self._check_timeout_s = check_timeout_s
         self._tick_s = tick_s
         self._task: asyncio.Task[None] | None = None
-        self._followers: set[asyncio.Task[None]] = set()
+        self._finalizer: weakref.finalize[Any, Any] | None = None
         self._closed = False
         self._first: Plan | None = self.pool.plan(signals=self._signals())
         # grpc.aio channels belong to the loop they are made in: without a running loop here,
@@ -474,46 +246,28 @@ class BalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
             loop = asyncio.get_running_loop()
             for lane in first.dial if first is not None else ():
                 self._open(lane)  # lazily, as grpc.aio channels connect: calls can start now
+            # The task holds the channel weakly: an unclosed channel is freed with its last
+            # reference, and its finalizer stops the task and closes the lanes.
             self._task = loop.create_task(
-                self._maintain(first), name=f"balanced-channel {self.target}"
+                _maintenance(weakref.proxy(self), first), name=f"balanced-channel {self.target}"
             )
-
-    def released(self, lane: Lane, call: Any) -> None:
-        """A call on ``lane`` ended (its done-callback): give the lane back."""
-        code = _status_code(call)
-        self.pool.release(lane, unavailable=code == _UNAVAILABLE and not _answered_by_pod(call))
-        if code is None and not self._closed:
-            follower = asyncio.get_running_loop().create_task(self._follow(lane, call))
-            self._followers.add(follower)
-            follower.add_done_callback(self._followers.discard)
-
-    async def _follow(self, lane: Lane, call: Any) -> None:
-        with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
-            if await call.code() is grpc.StatusCode.UNAVAILABLE and not names_a_pod(
-                await call.trailing_metadata()
-            ):
-                self.pool.lane_failed(lane)
+            self._finalizer = weakref.finalize(
+                self, _finalize, loop, self._task, self.pool, self._connectivity, self.detector
+            )
 
     # -- lanes -----------------------------------------------------------------------------
 
     def _open(self, lane: Lane) -> None:
         lane.connection = _LaneConnection(
-            self._factory((LOCAL_POOL_OPTION,), self._interceptors(lane))
+            self._factory((LOCAL_POOL_OPTION,), self._user_interceptors), self._observer(lane)
         )
 
-    def _interceptors(self, lane: Lane) -> Interceptors:
-        """The one place a lane's calls are observed."""
+    def _observer(self, lane: Lane) -> CallObserver | None:
+        """The one place a lane's calls are observed (from their done-callbacks; the lane's
+        health checks go around it, as the channel's housekeeping)."""
         if not self._observe:
-            return ()
-        observing = affinity_interceptors(
-            self.target, self._options.but(lane=lane.name, probe=False)
-        )
-        return [
-            _PastHealthChecks(interceptor)
-            if isinstance(interceptor, grpc.aio.UnaryUnaryClientInterceptor)
-            else interceptor
-            for interceptor in observing
-        ]
+            return None
+        return build_observer(self.target, self._options.but(lane=lane.name, probe=False))
 
     def _signals(self) -> Signals:
         if not self._observe:
@@ -580,85 +334,31 @@ class BalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
                 channels.append(connection.channel.close(grace))
         await asyncio.gather(*channels)
 
-    def _any_channel(self) -> grpc.aio.Channel:
-        self.start()
-        lane = self.pool.acquire()
-        self.pool.release(lane)
+    # -- the router -------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def observer(self, lane: Lane) -> CallObserver | None:
         connection: _LaneConnection = lane.connection
-        return connection.channel
+        return connection.observer
 
     # -- grpc.aio.Channel ------------------------------------------------------------------
-
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.aio.UnaryUnaryMultiCallable:
-        return _UnaryUnary(
-            self, "unary_unary", method, request_serializer, response_deserializer,
-            _registered_method,
-        )  # fmt: skip
-
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.aio.UnaryStreamMultiCallable:
-        return _UnaryStream(
-            self, "unary_stream", method, request_serializer, response_deserializer,
-            _registered_method,
-        )  # fmt: skip
-
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.aio.StreamUnaryMultiCallable:
-        return _StreamUnary(
-            self, "stream_unary", method, request_serializer, response_deserializer,
-            _registered_method,
-        )  # fmt: skip
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.aio.StreamStreamMultiCallable:
-        return _StreamStream(
-            self, "stream_stream", method, request_serializer, response_deserializer,
-            _registered_method,
-        )  # fmt: skip
-
-    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
-        """The state of one lane (the channel's state is its lanes'; one stands for them)."""
-        return self._any_channel().get_state(try_to_connect)
-
-    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
-        await self._any_channel().wait_for_state_change(last_observed_state)
-
-    async def channel_ready(self) -> None:
-        await self._any_channel().channel_ready()
 
     async def close(self, grace: float | None = None) -> None:
         """Stop the maintenance task and close every lane (``grace`` as grpc.aio's close)."""
         if not self._closed:  # once per channel (one loop: no race)
             self.detector.lanes_opened(False)
         self._closed = True
+        if self._finalizer is not None:
+            self._finalizer.detach()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for follower in list(self._followers):
-            follower.cancel()
         await self._close_lanes(self.pool.close(), grace)
+        await self._connectivity.close()
 
     async def __aenter__(self) -> BalancedChannel:
         return self
@@ -681,12 +381,15 @@ def balanced_channel(
     observe: ObserveOptions | bool = True,
     factory: AioChannelFactory | None = None,
     retry: RetryPolicy = NO_RETRY,
+    compression: grpc.Compression | None = None,
+    interceptors: Interceptors | None = None,
 ) -> BalancedChannel:
     """A balanced ``grpc.aio`` channel to ``target``, made as ``grpc.aio.secure_channel`` (with
     ``credentials``) or ``grpc.aio.insecure_channel`` would make one; the arguments are those
     of :func:`grpc_balance_mw.channel.balanced_channel` (``factory`` also takes the lane's
-    interceptors)."""
-    if factory is not None and (credentials is not None or options):
+    interceptors), plus ``interceptors``: the user's client interceptors, on every lane, as
+    ``grpc.aio.insecure_channel(interceptors=...)`` takes them."""
+    if factory is not None and (credentials is not None or options or compression):
         raise ConfigurationError("pass either a factory or credentials/options, not both")
     if retry.max_attempts > 1:
         warn_if_native_retry(options, target)
@@ -700,9 +403,12 @@ def balanced_channel(
         rotation=rotation,
     )
     return BalancedChannel(
-        factory if factory is not None else channel_factory(target, credentials, options),
+        factory
+        if factory is not None
+        else channel_factory(target, credentials, options, compression),
         target,
         pool=pool,
         observe=observe,
         retry=retry,
+        interceptors=interceptors,
     )

@@ -19,13 +19,13 @@ Differences from the sync adapter:
   a time: back to back, about 70 % of calls find one ready. Dialling several at once (a task
   per dial) measured no better here (the handshakes share the loop's one thread), so it stays
   as it is.
-- Calls are observed by the affinity core through
-  :class:`~grpc_balance_mw.aio.client.AffinityInterceptors`'s interceptors, one set per channel
-  shared by every connection it dials.
-- A retried unary-response call runs its attempts in a task; ``code()``, ``details()`` and the
-  metadata are the last attempt's. A retried response stream retries in its first ``read()``
-  (or the first step of ``async for``), until its first message. A call sent once is the
-  fresh connection's own call, wrapped so that the connection closes when the call is done.
+- Calls are observed by the affinity core from their done-callbacks (as aio ``observe()``
+  observes a channel), by one observer shared by every connection the channel dials.
+- The per-call routine is the aio routing core's (:mod:`grpc_balance_mw.aio.routed_channel`):
+  a retried unary-response call runs its attempts in a task (``code()``, ``details()`` and
+  the metadata are the last attempt's); a retried response stream retries in its first
+  ``read()`` (or the first step of ``async for``), until its first message. A unary call sent
+  once is the fresh connection's own call; its connection closes when the call is done.
 """
 
 from __future__ import annotations
@@ -33,53 +33,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
 
-from grpc_balance_mw.aio.client import AffinityInterceptors
+from grpc_balance_mw._routing import ConnectionRoutes, Lease, Outcome
+from grpc_balance_mw.affinity.observer import CallObserver
+from grpc_balance_mw.aio.routed_channel import (
+    Connectivity,
+    RetryingCall,
+    RoutedChannel,
+    check_interceptors,
+    failed_as_error,
+    spawn_soon,
+)
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.observing import ObserveOptions, build_observer, chosen_options
-from grpc_balance_mw.retry import (
-    NO_RETRY,
-    Deadline,
-    RetryPolicy,
-    acall_with_retries,
-    code_of,
-    warn_if_native_retry,
-)
+from grpc_balance_mw.retry import NO_RETRY, RetryPolicy, warn_if_native_retry
 
 __all__ = ["DialPerRequestChannel", "RetryingCall", "dial_per_request_channel", "failed_as_error"]
 
 FRESH_CONNECTION = ("grpc.use_local_subchannel_pool", 1)  # see grpc_balance_mw.redial
 _PREDIAL_RETRY_S = 0.5
-
-
-class _Lease:
-    """One call's connection; closed once, however many ends of the call report it."""
-
-    def __init__(
-        self, owner: DialPerRequestChannel, channel: grpc.aio.Channel, predialled: bool
-    ) -> None:
-        self.owner = owner
-        self.channel = channel
-        self.predialled = predialled
-        self._released = False
-
-    async def release(self) -> None:
-        if self._released:
-            return
-        self._released = True
-        await self.channel.close()
-        self.owner.stats["closed"] += 1
-        if self.predialled:
-            self.owner.call_ended()
-
-    def release_soon(self, _call: object = None) -> None:
-        """For done-callbacks: close in a task of the channel's (kept until it ends)."""
-        if not self._released:
-            self.owner.spawn(self.release())
 
 
 class _Predialler:
@@ -164,305 +140,14 @@ class _Predialler:
             self._owner.stats["closed"] += 1
 
 
-class _SingleCall:
-    """A call sent once: the fresh connection's own call; the connection closes when it is done
-    (or when its responses have been read to the end)."""
-
-    def __init__(self, call: Any, lease: _Lease) -> None:
-        self._call = call
-        self._lease = lease
-        call.add_done_callback(lease.release_soon)
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        return self._call.__await__()  # type: ignore[no-any-return]
-
-    async def _responses(self) -> AsyncIterator[Any]:
-        try:
-            async for response in self._call:
-                yield response
-        finally:
-            await self._lease.release()
-
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._responses()
-
-    async def read(self) -> Any:
-        response = await self._call.read()
-        if response is grpc.aio.EOF:
-            await self._lease.release()
-        return response
-
-    def __getattr__(self, name: str) -> Any:
-        # write, done_writing, code, details, metadata, cancel, done, ...: the call's own.
-        return getattr(self._call, name)
-
-
-async def failed_as_error(call: Any, response: Any) -> Any:
-    """``response`` of a stream's first ``read()``, or the call's error if that read ended the
-    stream with a failure: an intercepted grpc.aio stream can end a failed read with EOF and
-    leave the status in ``code()``, which a retry would otherwise take for an empty stream."""
-    if response is not grpc.aio.EOF:
-        return response
-    code = await call.code()
-    if code is grpc.StatusCode.OK:
-        return response
-    raise grpc.aio.AioRpcError(
-        code,
-        await call.initial_metadata() or grpc.aio.Metadata(),
-        await call.trailing_metadata() or grpc.aio.Metadata(),
-        await call.details(),
-    )
-
-
-class _RetryingStream:
-    """A response stream sent again, on a new connection, when it fails before its first
-    message (nothing has reached the caller yet); after that, a failure is the caller's. The
-    first attempt starts at once; the retries happen in the first ``read()``."""
-
-    def __init__(
-        self,
-        start: Callable[[], tuple[Any, _Lease]],
-        policy: RetryPolicy,
-        deadline: Deadline,
-        sleep: Callable[[float], Awaitable[None]],
-    ) -> None:
-        self._start = start
-        self._policy = policy
-        self._deadline = deadline
-        self._sleep = sleep
-        self._committed = False
-        self._call, self._lease = start()
-        self._call.add_done_callback(self._lease.release_soon)
-
-    async def _read_once(self) -> Any:
-        try:
-            response = await self._call.read()
-            if not self._committed:
-                response = await failed_as_error(self._call, response)
-        except StopAsyncIteration:
-            # grpcio before 1.6x: an intercepted stream that failed ends its reads this way,
-            # not with the error; raise the error the caller is owed.
-            await self._lease.release()
-            code = await self._call.code()
-            if code is grpc.StatusCode.OK:
-                return grpc.aio.EOF
-            raise grpc.aio.AioRpcError(
-                code,
-                await self._call.initial_metadata(),
-                await self._call.trailing_metadata(),
-                await self._call.details(),
-            ) from None
-        except grpc.aio.AioRpcError:
-            await self._lease.release()
-            raise
-        if response is grpc.aio.EOF:
-            await self._lease.release()
-        return response
-
-    async def read(self) -> Any:
-        if self._committed:
-            return await self._read_once()
-        first = True
-
-        async def attempt() -> Any:
-            nonlocal first
-            if not first:
-                self._call, self._lease = self._start()
-                self._call.add_done_callback(self._lease.release_soon)
-            first = False
-            return await self._read_once()
-
-        try:
-            return await acall_with_retries(self._policy, self._deadline, attempt, self._sleep)
-        finally:
-            self._committed = True
-
-    async def _responses(self) -> AsyncIterator[Any]:
-        try:
-            while (response := await self.read()) is not grpc.aio.EOF:
-                yield response
-        finally:
-            await self._lease.release()
-
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._responses()
-
-    def __getattr__(self, name: str) -> Any:
-        # write, done_writing, code, details, metadata, cancel, done, ...: the attempt's own.
-        return getattr(self._call, name)
-
-
-class RetryingCall:
-    """A retried unary-response call: its attempts run in a task, each on a new connection (or,
-    in the balanced channel, another lane); ``code()``, ``details()`` and the metadata are the
-    last attempt's."""
-
-    def __init__(self, run: Callable[[RetryingCall], Coroutine[Any, Any, Any]]) -> None:
-        self.last: Any = None  # the current (last) attempt's call
-        self._callbacks: list[Callable[[Any], None]] = []
-        self._task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(run(self))
-        self._task.add_done_callback(self._done)
-
-    def _done(self, _task: object) -> None:
-        for callback in self._callbacks:
-            callback(self)
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        return self._task.__await__()
-
-    async def _settled(self) -> Any:
-        await asyncio.wait([self._task])
-        return self.last
-
-    async def code(self) -> grpc.StatusCode:
-        last = await self._settled()
-        if self._task.cancelled():
-            return grpc.StatusCode.CANCELLED
-        if last is None:  # no attempt got a call (e.g. no connection): the error says why
-            return code_of(self._task.exception()) or grpc.StatusCode.UNKNOWN
-        return await last.code()
-
-    async def details(self) -> str | None:
-        last = await self._settled()
-        if last is None:
-            error = None if self._task.cancelled() else self._task.exception()
-            return None if error is None else str(getattr(error, "details", lambda: error)())
-        details: str | None = await last.details()
-        return details
-
-    async def initial_metadata(self) -> Any:
-        last = await self._settled()
-        return None if last is None else await last.initial_metadata()
-
-    async def trailing_metadata(self) -> Any:
-        last = await self._settled()
-        return None if last is None else await last.trailing_metadata()
-
-    async def wait_for_connection(self) -> None:
-        while self.last is None and not self._task.done():
-            await asyncio.sleep(0)
-        if self.last is not None:
-            await self.last.wait_for_connection()
-
-    def cancel(self) -> bool:
-        return self._task.cancel()
-
-    def cancelled(self) -> bool:
-        return self._task.cancelled()
-
-    def done(self) -> bool:
-        return self._task.done()
-
-    def time_remaining(self) -> float | None:
-        return None if self.last is None else self.last.time_remaining()
-
-    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
-        if self._task.done():
-            callback(self)
-        else:
-            self._callbacks.append(callback)
-
-
-class _Method:
-    """One method of the channel; each call (each attempt) on a connection of its own."""
-
-    def __init__(
-        self,
-        owner: DialPerRequestChannel,
-        kind: str,
-        method: str,
-        request_serializer: Any,
-        response_deserializer: Any,
-        registered: bool,
-    ) -> None:
-        self._owner = owner
-        self._kind = kind
-        self._method = method
-        self._serializer = request_serializer
-        self._deserializer = response_deserializer
-        self._registered = registered
-
-    def _start(self, lease: _Lease, request: Any, timeout: float | None, kwargs: Any) -> Any:
-        make = getattr(lease.channel, self._kind)
-        if self._registered:
-            multicallable = make(
-                self._method, self._serializer, self._deserializer, _registered_method=True
-            )
-        else:
-            multicallable = make(self._method, self._serializer, self._deserializer)
-        return multicallable(request, timeout=timeout, **kwargs)
-
-    def __call__(
-        self,
-        request: Any = None,
-        *,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: Any = None,
-        wait_for_ready: bool | None = None,
-        compression: Any = None,
-    ) -> Any:
-        owner = self._owner
-        policy = owner.retry
-        policy.record_call()
-        kwargs = {
-            "metadata": metadata,
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
-        streaming = self._kind.startswith("stream")
-        retryable = policy.retryable(self._method, request, streaming=streaming)
-        deadline = Deadline(timeout)
-
-        def start() -> tuple[Any, _Lease]:
-            lease = owner.connection()
-            try:
-                return self._start(lease, request, deadline.remaining(), kwargs), lease
-            except BaseException:
-                lease.release_soon()
-                raise
-
-        if not retryable:
-            return _SingleCall(*start())
-        if not self._kind.endswith("unary"):
-            return _RetryingStream(start, policy, deadline, owner.sleep)
-
-        async def run(holder: RetryingCall) -> Any:
-            async def attempt() -> Any:
-                lease = owner.connection()
-                try:
-                    holder.last = self._start(lease, request, deadline.remaining(), kwargs)
-                    return await holder.last
-                finally:
-                    await lease.release()
-
-            return await acall_with_retries(policy, deadline, attempt, owner.sleep)
-
-        return RetryingCall(run)
-
-
-class _UnaryUnary(_Method, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
-    pass
-
-
-class _UnaryStream(_Method, grpc.aio.UnaryStreamMultiCallable):  # type: ignore[misc]
-    pass
-
-
-class _StreamUnary(_Method, grpc.aio.StreamUnaryMultiCallable):  # type: ignore[misc]
-    pass
-
-
-class _StreamStream(_Method, grpc.aio.StreamStreamMultiCallable):  # type: ignore[misc]
-    pass
-
-
-class DialPerRequestChannel(grpc.aio.Channel):  # type: ignore[misc]
+class DialPerRequestChannel(ConnectionRoutes, RoutedChannel[Lease]):
     """A ``grpc.aio.Channel`` that makes every call on a connection of its own.
 
     Arguments as for the sync :class:`grpc_balance_mw.redial.DialPerRequestChannel`, plus
-    ``interceptors`` (for every connection, after the observing ones); ``sleep`` is awaited.
+    ``interceptors`` (the user's, for every connection; checked here, as grpc.aio checks
+    them); ``sleep`` is awaited. The channel is its own router
+    (:class:`~grpc_balance_mw.aio.routed_channel.AioRouter`): each call's pod is observed from
+    its done-callback; ``close()`` cancels the calls still running, as grpc.aio's does.
     """
 
     def __init__(
@@ -496,18 +181,17 @@ class DialPerRequestChannel(grpc.aio.Channel):  # type: ignore[misc]
         self._refill_defer_s = refill_defer_s
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._active: set[Lease] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._interceptors = check_interceptors(interceptors)
+        self._connectivity = Connectivity(self._dial)
         warn_if_native_retry(self._options, target)
-        self.affinity: AffinityInterceptors | None = None
-        chain: list[grpc.aio.ClientInterceptor] = []
+        self._observer: CallObserver | None = None
         chosen = chosen_options(observe)
         if chosen is not None:
+            # No probe: every call is a fresh connection, a probe of its own.
             per_call = chosen.but(probe=False, lane=chosen.lane or "dial-per-request")
-            self.affinity = AffinityInterceptors(
-                target, observer=build_observer(target, per_call, fresh_connections=True)
-            )
-            chain.extend(self.affinity.interceptors)
-        chain.extend(interceptors or ())
-        self._interceptors = chain
+            self._observer = build_observer(target, per_call, fresh_connections=True)
         self._predialler: _Predialler | None = None
         with contextlib.suppress(RuntimeError):  # no running loop yet: started by the first call
             asyncio.get_running_loop()
@@ -535,9 +219,18 @@ class DialPerRequestChannel(grpc.aio.Channel):  # type: ignore[misc]
 
     # -- connections -----------------------------------------------------------------------
 
+    def start(self) -> None:
+        """Called by every call, on the running loop: the loop the connections belong to."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._start_predial()
+
     def dial(self) -> grpc.aio.Channel:
         """A new channel on a connection of its own (the hook tests and subclasses override)."""
         self.stats["dialled"] += 1
+        return self._dial()
+
+    def _dial(self) -> grpc.aio.Channel:
         if self._credentials is None:
             return grpc.aio.insecure_channel(
                 self.target, self._options, self._compression, self._interceptors
@@ -546,16 +239,38 @@ class DialPerRequestChannel(grpc.aio.Channel):  # type: ignore[misc]
             self.target, self._credentials, self._options, self._compression, self._interceptors
         )
 
-    def connection(self) -> _Lease:
+    def connection(self) -> Lease:
         """The channel for one call: a predialled one if ready, else a new one."""
         if self._closed:
             raise grpc.aio.UsageError("Cannot invoke RPC on closed channel!")
         self._start_predial()
         channel = self._predialler.take() if self._predialler is not None else None
         if channel is None:
-            return _Lease(self, self.dial(), predialled=False)
-        self.stats["predialled"] += 1
-        return _Lease(self, channel, predialled=True)
+            lease = Lease(self.dial(), predialled=False)
+        else:
+            self.stats["predialled"] += 1
+            lease = Lease(channel, predialled=True)
+        self._active.add(lease)
+        return lease
+
+    # -- the router -------------------------------------------------------------------------
+
+    def observer(self, lease: Lease) -> CallObserver | None:
+        return self._observer
+
+    def release(self, lease: Lease, outcome: Outcome, in_callback: bool) -> None:
+        """Close the call's connection, in a task of the channel's (from a done-callback, a
+        finalizer or the caller alike)."""
+        if lease not in self._active:  # closed by close()
+            return
+        self._active.discard(lease)
+        spawn_soon(self._loop, lambda: self.spawn(self._finish(lease)))
+
+    async def _finish(self, lease: Lease) -> None:
+        await lease.channel.close()
+        self.stats["closed"] += 1
+        if lease.predialled:
+            self.call_ended()
 
     def call_ended(self) -> None:
         if self._predialler is not None:
@@ -567,79 +282,18 @@ class DialPerRequestChannel(grpc.aio.Channel):  # type: ignore[misc]
 
     # -- grpc.aio.Channel ------------------------------------------------------------------
 
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.aio.UnaryUnaryMultiCallable:
-        return _UnaryUnary(
-            self, "unary_unary", method, request_serializer, response_deserializer,
-            bool(_registered_method),
-        )  # fmt: skip
-
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.aio.UnaryStreamMultiCallable:
-        return _UnaryStream(
-            self, "unary_stream", method, request_serializer, response_deserializer,
-            bool(_registered_method),
-        )  # fmt: skip
-
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.aio.StreamUnaryMultiCallable:
-        return _StreamUnary(
-            self, "stream_unary", method, request_serializer, response_deserializer,
-            bool(_registered_method),
-        )  # fmt: skip
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.aio.StreamStreamMultiCallable:
-        return _StreamStream(
-            self, "stream_stream", method, request_serializer, response_deserializer,
-            bool(_registered_method),
-        )  # fmt: skip
-
-    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
-        """READY while a predialled connection waits, else IDLE (no connection between calls)."""
-        return grpc.ChannelConnectivity.READY if self.ready() else grpc.ChannelConnectivity.IDLE
-
-    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
-        while self.get_state() == last_observed_state and not self._closed:
-            await asyncio.sleep(0.05)
-
-    async def channel_ready(self) -> None:
-        """Returns when a predialled connection is ready; at once without predial (each call
-        dials its own)."""
-        self._start_predial()
-        while self._predialler is not None and not self.ready() and not self._closed:
-            await asyncio.sleep(0.005)
-
     async def close(self, grace: float | None = None) -> None:
-        """Close the predialled connections and stop the predial task; calls under way finish
-        on their own connections (within ``grace``, if given, as grpc.aio does)."""
+        """Close every connection: the calls under way are cancelled (after ``grace``, if
+        given, as grpc.aio's ``close``), the predialled ones closed, the predial task stopped."""
         self._closed = True
+        active, self._active = self._active, set()
+        await asyncio.gather(*(lease.channel.close(grace) for lease in active))
+        self.stats["closed"] += len(active)
         if self._predialler is not None:
             await self._predialler.close()
-        if self._tasks:  # connections of finished calls being closed; ``grace`` bounds the wait
+        if self._tasks:  # connections of finished calls being closed
             await asyncio.wait(list(self._tasks), timeout=grace)
-        if self.affinity is not None:
-            await self.affinity.settle()
+        await self._connectivity.close()
 
     async def __aenter__(self) -> DialPerRequestChannel:
         return self
@@ -656,5 +310,6 @@ def dial_per_request_channel(
     interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
     **kwargs: Any,
 ) -> DialPerRequestChannel:
-    """Made like ``grpc.aio.insecure_channel`` / ``grpc.aio.secure_channel``."""
+    """Made like ``grpc.aio.insecure_channel`` / ``grpc.aio.secure_channel``; see
+    :class:`DialPerRequestChannel` for ``retry``, ``predial`` and the rest."""
     return DialPerRequestChannel(target, credentials, options, compression, interceptors, **kwargs)

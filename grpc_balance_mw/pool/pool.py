@@ -350,7 +350,7 @@ class LanePool:
             lane.calls += 1
             return lane
 
-    def release(self, lane: Lane, *, unavailable: bool = False) -> None:
+    def release(self, lane: Lane, *, unavailable: bool = False, timed_out: bool = False) -> None:
         """A call on ``lane`` ended; ``unavailable``: it failed with UNAVAILABLE (the pod went
         away), so the lane takes no more calls and is replaced."""
         with self._lock:

@@ -1,0 +1,354 @@
+"""The per-call routing core: the decisions every routing channel shares, with no grpc I/O.
+
+A call on the balanced channel or the dial-per-request channel, sync or ``grpc.aio``, goes
+through the same steps: acquire a route (a lane of the pool, a fresh connection), attempt the
+call on the route's channel, classify how the attempt ended, decide whether to send it again
+(:class:`~grpc_balance_mw.retry.RetryPolicy`), and give the route back exactly once. The
+adapters do the I/O; what they decide is decided here, once, so the four adapters cannot drift
+(as tenacity's ``BaseRetrying`` decides and its sync and async drivers are short loops).
+
+- :class:`Router`: what a channel flavour plugs in: it hands out routes and is told
+  ``release(route, outcome, in_callback)`` once per route. The balanced channel's routes are
+  its lanes, dial-per-request's are fresh connections (the sync and aio facades,
+  :mod:`grpc_balance_mw.routed_channel` and :mod:`grpc_balance_mw.aio.routed_channel`, add
+  ``acquire`` and ``multicallable``).
+- :class:`Outcome` / :func:`outcome_of`: how an attempt ended, as a router needs to know it
+  (its pod went away; it ran out of time).
+- :class:`Ticket`: one call's hold on its route, released once however many ends of the call
+  report it (the response iterator's end, a done-callback, ``cancel()``, the call object being
+  garbage-collected: grpcio runs no done-callback for a stream dropped half-read).
+- :func:`never_sent`: whether a failure proves the call never left the client, so sending it
+  again cannot repeat anything (see :mod:`grpc_balance_mw.retry`).
+- :func:`check_metadata`: grpc's own metadata check, done before a route is taken.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+
+import grpc
+
+from grpc_balance_mw.errors import BalanceError, ConfigurationError
+from grpc_balance_mw.pool import Lane, LanePool, LaneState, NoLane
+from grpc_balance_mw.pool.health import names_a_pod
+
+__all__ = [
+    "CALL_KINDS",
+    "NEVER_SENT",
+    "NO_OUTCOME",
+    "OK",
+    "ConnectionRoutes",
+    "LaneRoutes",
+    "Lease",
+    "MethodSpec",
+    "NoRoute",
+    "Outcome",
+    "Router",
+    "Ticket",
+    "channel_method",
+    "check_channel_options",
+    "check_metadata",
+    "error_outcome",
+    "never_sent",
+    "outcome_of",
+    "request_for_attempt",
+]
+
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+_DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
+
+#: What grpc core (and this package) says of a call that never left the client: no connection
+#: could be made for it, so no server saw it. Matched at the start of the details only.
+NEVER_SENT = (
+    "failed to connect to all addresses",  # grpc core's pick_first / round_robin, every grpcio
+    "the balanced channel has no lane",  # this package's own: no route at all
+)
+
+Route = TypeVar("Route")
+
+
+class Outcome(NamedTuple):
+    """How one attempt ended, as the router needs it.
+
+    Attributes:
+        code: its status (None: not known, e.g. a stream dropped half-read).
+        pod_named: its trailers name the pod that sent the status (the pod is alive).
+    """
+
+    code: grpc.StatusCode | None
+    pod_named: bool = False
+
+    @property
+    def pod_gone(self) -> bool:
+        """Failed UNAVAILABLE and no pod sent that status: its connection or its pod is gone,
+        so the route takes no more calls. A pod that answers UNAVAILABLE itself (overloaded,
+        say) names itself in the trailers: it is alive, and its lane stays (redialling on
+        every such answer would add connections to the load of an outage)."""
+        return self.code is _UNAVAILABLE and not self.pod_named
+
+    @property
+    def timed_out(self) -> bool:
+        """It passed its deadline (a hung pod's calls do, while other lanes answer)."""
+        return self.code is _DEADLINE_EXCEEDED
+
+
+#: A call that ended without a status the router could read (dropped, or cancelled).
+NO_OUTCOME = Outcome(None)
+OK = Outcome(grpc.StatusCode.OK)
+
+
+def outcome_of(code: grpc.StatusCode | None, trailing: Any = None) -> Outcome:
+    """The outcome of an attempt that ended with ``code`` and ``trailing`` metadata."""
+    if code is None or code is grpc.StatusCode.OK:
+        return NO_OUTCOME if code is None else OK
+    return Outcome(code, code is _UNAVAILABLE and names_a_pod(trailing))
+
+
+def error_outcome(error: BaseException) -> Outcome:
+    """The outcome of an attempt that raised ``error`` (a ``grpc.Call`` error, sync or aio)."""
+    code = getattr(error, "code", None)
+    trailing = getattr(error, "trailing_metadata", None)
+    if not callable(code):
+        return NO_OUTCOME
+    value = code()
+    return outcome_of(
+        value if isinstance(value, grpc.StatusCode) else None,
+        trailing() if callable(trailing) and value is _UNAVAILABLE else None,
+    )
+
+
+def never_sent(error: BaseException | None) -> bool:
+    """Whether a failed attempt provably never left the client: UNAVAILABLE because no
+    connection could be made (grpc core's "failed to connect to all addresses"), or no route
+    (the balanced channel without a connected lane). No server saw such a call, so sending it
+    again repeats nothing, whether or not its method is idempotent.
+
+    Deliberately narrow. A call that reached a server shutting down (``server.stop(grace)``)
+    before any handler ran cannot be told, on the client, from a call whose handler ran and
+    was then cut off at the end of the grace: grpcio ends both alike (UNAVAILABLE "Cancelling
+    all calls", or CANCELLED), with no headers and no trailers, hence no pod stamp. Those are
+    left to the idempotent-method rules (UNAVAILABLE is retryable for marked methods, and the
+    lane is drained since no pod named itself); the server half of the remedy (a drain:
+    NOT_SERVING first, keep serving longer than the clients' health-check interval, then stop)
+    keeps new calls away from a stopping pod instead.
+    """
+    code = getattr(error, "code", None)
+    details = getattr(error, "details", None)
+    if not callable(code) or not callable(details):
+        return False
+    try:
+        if code() is not _UNAVAILABLE:
+            return False
+        text = details()
+    except TypeError:  # accessors that are not grpc's zero-argument ones
+        return False
+    return isinstance(text, str) and text.startswith(NEVER_SENT)
+
+
+class NoRoute(BalanceError):
+    """No route can take a call now (no lane has a connection); the facades turn it into the
+    UNAVAILABLE a grpc channel without a connection gives. Its message starts with one of
+    :data:`NEVER_SENT`."""
+
+
+class Router(Protocol[Route]):  # type: ignore[misc]
+    """What a channel flavour plugs into the routing core (the facades add how a route makes
+    its calls and, for ``wait_for_ready``, whether to wait for one)."""
+
+    def release(self, route: Route, outcome: Outcome, in_callback: bool) -> None:
+        """The attempt on ``route`` ended with ``outcome``; called exactly once per route.
+        ``in_callback``: called from a done-callback (grpcio's thread, or the event loop's
+        callback): do not wait there."""
+
+
+class Ticket(Generic[Route]):
+    """One call's hold on its route: released once, however many ends of the call report it.
+
+    It holds no reference to the call or its wrapper, so ``weakref.finalize(wrapper,
+    ticket.release)`` can give the route back when a dropped call is garbage-collected.
+    """
+
+    __slots__ = ("__weakref__", "_lock", "_route", "_router")
+
+    def __init__(self, router: Router[Route], route: Route) -> None:
+        self._router = router
+        self._route: Route | None = route
+        self._lock = threading.Lock()
+
+    @property
+    def route(self) -> Route | None:
+        """The route, until it is released."""
+        return self._route
+
+    def release(self, outcome: Outcome = NO_OUTCOME, in_callback: bool = False) -> bool:
+        """Give the route back with ``outcome``; False if it was given back already."""
+        with self._lock:
+            route, self._route = self._route, None
+        if route is None:
+            return False
+        self._router.release(route, outcome, in_callback)
+        return True
+
+
+def request_for_attempt(stream_request: bool, request: Any) -> Any:
+    """The request to hand one attempt: grpcio calls ``next()`` on a request stream, so a list
+    or tuple (replayable, hence retryable) becomes a fresh iterator for each attempt."""
+    if stream_request and isinstance(request, (list, tuple)):
+        return iter(request)
+    return request
+
+
+def check_metadata(metadata: Any) -> None:
+    """Raise TypeError, as grpc does when the call is made, for metadata that is not a sequence
+    of (str key, str or bytes value) pairs. Checked before a route is taken, so a call that
+    cannot start never holds a lane nor reaches an interceptor that would wait for it."""
+    if metadata is None:
+        return
+    try:
+        pairs = tuple(metadata)
+    except TypeError:
+        raise TypeError(f"metadata must be a sequence of pairs, not {type(metadata)}") from None
+    for pair in pairs:
+        try:
+            key, value = pair
+        except (TypeError, ValueError):
+            raise TypeError(f"metadata entries must be (key, value) pairs, got {pair!r}") from None
+        if not isinstance(key, str):
+            raise TypeError(f"Expected str, not {type(key)}")
+        if not isinstance(value, (str, bytes)):
+            raise TypeError(f"Expected str or bytes, not {type(value)}")
+
+
+def check_channel_options(options: Iterable[Any] | None, where: str) -> tuple[Any, ...]:
+    """Channel options as a tuple of (key, value) pairs, or a ConfigurationError that says how
+    to pass them (the common slip: ``ObserveOptions`` passed where grpc channel options go)."""
+    if options is None:
+        return ()
+    if isinstance(options, (str, bytes)) or not isinstance(options, Iterable):
+        raise ConfigurationError(
+            f"{where}: options must be grpc channel options, a sequence of (key, value) pairs, "
+            f"got {type(options).__name__}"
+            + (
+                "; ObserveOptions go to observe(channel, ObserveOptions(...)), not to the "
+                "channel factory"
+                if type(options).__name__ == "ObserveOptions"
+                else ""
+            )
+        )
+    pairs = tuple(options)
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise ConfigurationError(
+                f"{where}: each channel option must be a (str key, value) pair, got {pair!r}"
+            )
+    return pairs
+
+
+class MethodSpec(NamedTuple):
+    """One method of a channel, as each route's channel makes its multicallable."""
+
+    kind: str
+    method: str
+    request_serializer: Any
+    response_deserializer: Any
+    registered: bool
+
+    def make(self, channel: Any) -> Any:
+        """This method's multicallable on ``channel`` (a ``grpc.Channel`` or ``grpc.aio`` one)."""
+        make = getattr(channel, self.kind)
+        args = (self.method, self.request_serializer, self.response_deserializer)
+        if self.registered:
+            try:
+                return make(*args, _registered_method=True)
+            except TypeError:  # a channel (a factory's, a wrapper) that predates the flag
+                return make(*args)
+        return make(*args)
+
+
+#: The four call kinds of ``grpc.Channel`` and ``grpc.aio.Channel``.
+CALL_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+
+
+def channel_method(kind: str) -> Callable[..., Any]:
+    """The ``grpc.Channel`` (or ``grpc.aio.Channel``) method for one call kind, for a facade
+    whose ``_method(spec)`` makes the multicallable: the four are one table, not four copies."""
+
+    def method(
+        self: Any,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        spec = MethodSpec(
+            kind, method, request_serializer, response_deserializer, bool(_registered_method)
+        )
+        return self._method(spec)
+
+    method.__name__ = method.__qualname__ = kind
+    return method
+
+
+class LaneRoutes:
+    """The router half of a balanced channel, sync or aio: its routes are the pool's lanes.
+
+    The lane's connection (``lane.connection``) keeps ``channel`` (what calls are made on) and
+    ``callables`` (each method's multicallable, made once per lane).
+    """
+
+    pool: LanePool
+
+    def acquire(self, wait_for_ready: bool) -> Lane:
+        """A lane for one attempt; with ``wait_for_ready``, only once a lane's pod answered (a
+        lane still being checked may be on its way out, cancelling the waiting call)."""
+        pool = self.pool
+        if wait_for_ready and not any(lane.state is LaneState.ACTIVE for lane in pool.lanes):
+            raise NoRoute("the balanced channel has no lane with a connection yet")
+        try:
+            return pool.acquire()
+        except NoLane as error:
+            raise NoRoute(str(error)) from error
+
+    def multicallable(self, lane: Lane, spec: MethodSpec) -> Any:
+        connection = lane.connection
+        inner = connection.callables.get(spec)
+        if inner is None:
+            inner = connection.callables[spec] = spec.make(connection.channel)
+        return inner
+
+    def release(self, lane: Lane, outcome: Outcome, in_callback: bool) -> None:
+        """Tell the pool: a lane whose pod went away takes no more calls; a call that passed
+        its deadline is evidence against a hung pod."""
+        self.pool.release(lane, unavailable=outcome.pod_gone, timed_out=outcome.timed_out)
+
+
+class Lease:
+    """Dial-per-request's route: one call's own connection, closed once."""
+
+    __slots__ = ("channel", "predialled")
+
+    def __init__(self, channel: Any, predialled: bool) -> None:
+        self.channel = channel
+        self.predialled = predialled
+
+
+class ConnectionRoutes:
+    """The router half of a dial-per-request channel, sync or aio: a connection per attempt
+    (``connection()``; grpc itself waits for it with ``wait_for_ready``)."""
+
+    _closed: bool
+
+    def connection(self) -> Lease:
+        raise NotImplementedError
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def acquire(self, wait_for_ready: bool) -> Lease:
+        return self.connection()
+
+    def multicallable(self, lease: Lease, spec: MethodSpec) -> Any:
+        return spec.make(lease.channel)
