@@ -39,8 +39,6 @@ AIO_WRAPPERS = (*SYNC_WRAPPERS, "observe_intercepted")
 INTERCEPTED = frozenset({"interceptors", "observe_intercepted"})
 #: Made of several connections, each health-checked: the server sees RPCs the caller did not make.
 MULTI_CONNECTION = frozenset({"balanced", "rebalanced"})
-#: A sync balanced channel dials its lanes when it is made: fresh, it is not IDLE.
-DIALS_WHEN_MADE = frozenset({"balanced"})
 
 #: Bounds for every wait in the contract tests (the server answers on loopback in ms).
 WAIT_S = 3.0
@@ -73,20 +71,11 @@ def has_no_lane(channel: Any) -> bool:
 
 
 _ROUTING = "issue 20 {}: routing core"
-_TIME_REMAINING = "contract (aio time_remaining() on a lane's intercepted call)"
 #: (form, wrapper, behaviour) -> the issue item: behaviours the routing core is rebuilding.
 #: Each is a strict xfail, so it turns into a failure the day it starts to pass.
-GAPS: dict[tuple[str, str, str], str] = {
-    **{(form, "balanced", "wait_for_ready"): "item 4" for form in ("sync", "aio")},
-    **{(form, "rebalanced", "wait_for_ready"): "item 4" for form in ("sync", "aio")},
-    **{(form, "dial_per_request", "close"): "item 5" for form in ("sync", "aio")},
-    **{(form, "dial_per_request", "connectivity"): "item 5" for form in ("sync", "aio")},
-    **{(form, "balanced", "compression"): "item 7" for form in ("sync", "aio")},
-    ("aio", "balanced", "user_interceptor"): "item 7",
-    ("aio", "dial_per_request", "positional_timeout"): "item 2",
-    **{("aio", wrapper, "deadline"): _TIME_REMAINING for wrapper in MULTI_CONNECTION},
-    ("aio", "dial_per_request", "deadline"): _TIME_REMAINING,
-}
+#: Behaviours a wrapper does not keep yet, as (form, wrapper, behaviour) -> the issue item: each
+#: is a strict xfail, so it fails the day the behaviour is fixed. None today.
+GAPS: dict[tuple[str, str, str], str] = {}
 
 
 def cases(form: str, behaviour: str) -> list[Any]:

@@ -13,7 +13,6 @@ import pytest
 from channel_contract_fixtures import (
     BAD_METADATA,
     CANCELLED,
-    DIALS_WHEN_MADE,
     HAS_FAILED_S,
     LATE_START_S,
     METER,
@@ -197,11 +196,9 @@ def test_connectivity_subscribe_and_channel_ready_future(wrapper: str, sync_pod:
     try:
         channel.subscribe(states.put, try_to_connect=True)
         first = states.get(timeout=SHORT_S)
-        if wrapper in DIALS_WHEN_MADE:
-            # Documented difference: its lanes are dialled when it is made.
-            assert first in (grpc.ChannelConnectivity.CONNECTING, grpc.ChannelConnectivity.READY)
-        else:
-            assert first is grpc.ChannelConnectivity.IDLE  # a fresh channel is IDLE
+        # A fresh channel is IDLE; so is a routed one's own connectivity connection
+        # (docs/channel_contract.md).
+        assert first is grpc.ChannelConnectivity.IDLE
         seen = first
         while seen is not grpc.ChannelConnectivity.READY:
             seen = states.get(timeout=SHORT_S)
