@@ -62,7 +62,7 @@ from grpc_balance_mw.pool import (
     Signals,
     Stuck,
 )
-from grpc_balance_mw.pool.health import CHECK_GRACE_S, names_a_pod, read_check
+from grpc_balance_mw.pool.health import CHECK_GRACE_S, CheckFaults, names_a_pod, read_check
 from grpc_balance_mw.pool.pool import pool_for_channel
 from grpc_balance_mw.response_stream import ResponseStream
 from grpc_balance_mw.retry import (
@@ -543,6 +543,7 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
         self._tick_s = tick_s
         self._stop = threading.Event()
         self._subscriptions: dict[Any, grpc.Channel] = {}
+        self._faults = CheckFaults(_log, target)
         forking.track(self)
         # Open the first lanes now (lazily, as grpc channels are) so calls can start at once;
         # their checks run on the maintenance thread.
@@ -612,19 +613,30 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
             _log.warning("balanced channel %s: %s", self.target, plan.stuck.message)
         for lane in plan.drain:
             _log.debug("balanced channel %s: %r drains", self.target, lane)
+        # Every lane handed out is reported to the pool whatever fails (a factory that raises
+        # once, say while a certificate file is rotated): a lane never reported would stay
+        # CHECKING for good, and the pool dials nothing new while a lane is pending.
         checks: list[tuple[Lane, Any]] = []
         for lane in (*plan.dial, *plan.check):
             if self._stop.is_set():
                 return
-            if lane.connection is None:
-                self._open(lane)
-            connection: _LaneConnection = lane.connection
-            future = connection.check.future("", timeout=self._check_timeout_s)
+            try:
+                if lane.connection is None:
+                    self._open(lane)
+                connection: _LaneConnection = lane.connection
+                future = connection.check.future("", timeout=self._check_timeout_s)
+            except Exception as error:  # background maintenance: logged, the lane reported
+                self.pool.checked(lane, self._faults.failed(lane, error))
+                continue
             checks.append((lane, future))
         # Every check was given check_timeout_s; past it and a grace, none is waited for.
         deadline = time.monotonic() + self._check_timeout_s + CHECK_GRACE_S
         for lane, future in checks:
-            self.pool.checked(lane, check_result(future, max(0.0, deadline - time.monotonic())))
+            try:
+                result = check_result(future, max(0.0, deadline - time.monotonic()))
+            except Exception as error:  # background maintenance: logged, the lane reported
+                result = self._faults.failed(lane, error)
+            self.pool.checked(lane, result)
 
     def _close_lane(self, lane: Lane) -> None:
         connection: _LaneConnection | None = lane.connection

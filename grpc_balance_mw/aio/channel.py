@@ -47,7 +47,7 @@ from grpc_balance_mw.pool import (
     Signals,
     Stuck,
 )
-from grpc_balance_mw.pool.health import CHECK_GRACE_S, names_a_pod, read_check
+from grpc_balance_mw.pool.health import CHECK_GRACE_S, CheckFaults, names_a_pod, read_check
 from grpc_balance_mw.pool.pool import pool_for_channel
 from grpc_balance_mw.retry import (
     NO_RETRY,
@@ -452,6 +452,7 @@ class BalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
         self._task: asyncio.Task[None] | None = None
         self._followers: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._faults = CheckFaults(_log, target)
         self._first: Plan | None = self.pool.plan(signals=self._signals())
         # grpc.aio channels belong to the loop they are made in: without a running loop here,
         # the lanes are opened (and the task started) by the first call.
@@ -545,12 +546,22 @@ class BalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
             _log.warning("balanced channel %s: %s", self.target, plan.stuck.message)
         for lane in plan.drain:
             _log.debug("balanced channel %s: %r drains", self.target, lane)
-        lanes = [*plan.dial, *plan.check]
-        for lane in lanes:
-            if lane.connection is None:
-                self._open(lane)
-        results = await asyncio.gather(*(self._check(lane) for lane in lanes))
+        # Every lane handed out is reported to the pool whatever fails (see the sync channel).
+        lanes = []
+        for lane in (*plan.dial, *plan.check):
+            try:
+                if lane.connection is None:
+                    self._open(lane)
+            except Exception as error:  # background maintenance: logged, the lane reported
+                self.pool.checked(lane, self._faults.failed(lane, error))
+                continue
+            lanes.append(lane)
+        results = await asyncio.gather(
+            *(self._check(lane) for lane in lanes), return_exceptions=True
+        )
         for lane, result in zip(lanes, results, strict=True):
+            if isinstance(result, BaseException):
+                result = self._faults.failed(lane, result)
             self.pool.checked(lane, result)
 
     async def _check(self, lane: Lane) -> CheckResult:
@@ -559,7 +570,7 @@ class BalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
         try:
             # Bounded past the check's own deadline as in sync (see check_result).
             response = await asyncio.wait_for(call, self._check_timeout_s + CHECK_GRACE_S)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             call.cancel()
             return read_check("DEADLINE_EXCEEDED", False)
         except grpc.aio.AioRpcError as error:
