@@ -91,6 +91,7 @@ ChannelFactory = Callable[[Options], grpc.Channel]
 #: gives each lane a connection of its own.
 LOCAL_POOL_OPTION = ("grpc.use_local_subchannel_pool", 1)
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+_DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
 #: Maintenance rounds that run back to back while lanes are being redialled.
 _BURST_ROUNDS = 16
 
@@ -228,15 +229,15 @@ class _Ticket:
         self.lane: Lane | None = lane
         self._lock = threading.Lock()
 
-    def release(self, unavailable: bool) -> None:
+    def release(self, unavailable: bool, timed_out: bool = False) -> None:
         with self._lock:
             lane, self.lane = self.lane, None
         if lane is not None:
-            self.pool.release(lane, unavailable=unavailable)
+            self.pool.release(lane, unavailable, timed_out=timed_out)
 
     def done(self, call: Any) -> None:
         """A done-callback: the call has ended, so ``code()`` does not wait."""
-        self.release(_pod_gone(call))
+        self.release(_pod_gone(call), call.code() is _DEADLINE_EXCEEDED)
 
 
 class _LaneStream(ResponseStream):
@@ -258,7 +259,7 @@ class _LaneStream(ResponseStream):
             self._ticket.release(False)
             raise
         except grpc.RpcError as error:
-            self._ticket.release(_failed_unavailable(error))
+            self._ticket.release(_failed_unavailable(error), _failed_timed_out(error))
             raise
 
 
@@ -272,6 +273,10 @@ def _pod_gone(call: Any) -> bool:
 
 def _failed_unavailable(error: BaseException) -> bool:
     return isinstance(error, grpc.Call) and _pod_gone(error)
+
+
+def _failed_timed_out(error: BaseException) -> bool:
+    return isinstance(error, grpc.Call) and error.code() is _DEADLINE_EXCEEDED
 
 
 class _RetryingLaneStream(_LaneStream):
@@ -368,14 +373,15 @@ class _UnaryResponse(_Balanced):
         """One attempt on one lane (``how``: ``__call__`` or ``with_call``)."""
         pool = self._pool
         lane = _acquire(pool)
-        unavailable = False
+        unavailable = timed_out = False
         try:
             return getattr(self._inner(lane), how)(self._request(request), timeout, *rest)
         except grpc.RpcError as error:
             unavailable = _failed_unavailable(error)
+            timed_out = _failed_timed_out(error)
             raise
         finally:
-            pool.release(lane, unavailable=unavailable)
+            pool.release(lane, unavailable, timed_out=timed_out)
 
     def _invoke(self, how: str, request: Any, timeout: float | None, rest: tuple[Any, ...]) -> Any:
         if not self._retryable(request):

@@ -68,6 +68,7 @@ AioChannelFactory = Callable[[Options, Interceptors], grpc.aio.Channel]
 #: gRPC core shares one connection between channels with the same target and arguments.
 LOCAL_POOL_OPTION = ("grpc.use_local_subchannel_pool", 1)
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+_DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 _BURST_ROUNDS = 16
 #: The health check's method name as grpc.aio hands it to interceptors (bytes), and as str.
 _HEALTH_CHECK = (b"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Check")
@@ -482,7 +483,11 @@ class BalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
     def released(self, lane: Lane, call: Any) -> None:
         """A call on ``lane`` ended (its done-callback): give the lane back."""
         code = _status_code(call)
-        self.pool.release(lane, unavailable=code == _UNAVAILABLE and not _answered_by_pod(call))
+        self.pool.release(
+            lane,
+            code == _UNAVAILABLE and not _answered_by_pod(call),
+            timed_out=code == _DEADLINE_EXCEEDED,
+        )
         if code is None and not self._closed:
             follower = asyncio.get_running_loop().create_task(self._follow(lane, call))
             self._followers.add(follower)

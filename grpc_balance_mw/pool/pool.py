@@ -294,6 +294,7 @@ class LanePool:
         self._down: dict[str, float] = {}  # pod -> when it was found NOT_SERVING / gone
         self._recent: deque[str] = deque(maxlen=self.config.affinity_dials)
         self._checked_at: dict[int, float] = {}
+        self._answers = 0  # calls answered on any lane (see Lane.heard)
         self._next_scout = 0.0
         self._burst = 0  # scouts left in the current burst
         self._next_dial = 0.0
@@ -350,13 +351,30 @@ class LanePool:
             lane.calls += 1
             return lane
 
-    def release(self, lane: Lane, *, unavailable: bool = False) -> None:
-        """A call on ``lane`` ended; ``unavailable``: it failed with UNAVAILABLE (the pod went
-        away), so the lane takes no more calls and is replaced."""
+    def release(self, lane: Lane, unavailable: bool = False, *, timed_out: bool = False) -> None:
+        """A call on ``lane`` ended.
+
+        Args:
+            lane: the lane :meth:`acquire` gave the call.
+            unavailable: it failed with UNAVAILABLE and no pod sent that status (the pod or
+                its connection went away): the lane takes no more calls and is replaced.
+            timed_out: it failed with DEADLINE_EXCEEDED. If other lanes answered calls since
+                this lane last did, its pod may hang (stopped, deadlocked, out of threads: the
+                connection stays open and nothing answers): the lane becomes suspect, takes no
+                new calls, and is health-checked in the next round, which keeps it or drains it.
+                Waiting for its periodic checks instead cost a burst of calls per deadline: its
+                stuck calls expire together, its in-flight count drops to 0, and the picker
+                sends it a fresh burst.
+        """
         with self._lock:
             lane.in_flight -= 1
             if unavailable:
                 self._failed(lane)
+            elif timed_out:
+                self._timed_out(lane)
+            else:
+                self._answers += 1
+                lane.heard = self._answers
 
     def lane_failed(self, lane: Lane) -> None:
         """A call on ``lane`` failed with UNAVAILABLE, learnt after :meth:`release`."""
@@ -371,10 +389,18 @@ class LanePool:
             if lane.pod is not None:
                 self._pod_down(lane.pod, now)
 
+    def _timed_out(self, lane: Lane) -> None:
+        if lane.state is not LaneState.ACTIVE or lane.suspect or self._answers <= lane.heard:
+            return  # no other lane answered since this one last did: not this pod alone
+        lane.suspect = True
+        self._available.remove(lane)
+        self._checked_at.pop(lane.id, None)  # checked in the next round
+
     def _fallback(self) -> list[Lane]:
         if self.closed:
             raise PoolClosed("the balanced channel is closed")
-        for wanted in (LaneState.CHECKING, LaneState.DRAINING):
+        # Suspect lanes first: they are active lanes whose pod is only in doubt.
+        for wanted in (LaneState.ACTIVE, LaneState.CHECKING, LaneState.DRAINING):
             lanes = [
                 lane for lane in self.lanes if lane.state is wanted and lane.connection is not None
             ]
@@ -408,6 +434,7 @@ class LanePool:
                 for lane in self._available
                 if now - self._checked_at.get(lane.id, now) >= self.config.health_interval_s
             ]
+            plan.check += [lane for lane in self._suspects() if lane.id not in self._checked_at]
             for lane in plan.check:
                 self._checked_at[lane.id] = now
             plan.close, self._to_close = self._to_close, []
@@ -478,12 +505,17 @@ class LanePool:
             plan.dial.append(self._new_lane(now, LanePurpose.REPLACE, replaces=lane.id))
             self.rotations += 1
 
+    def _suspects(self) -> list[Lane]:
+        return [lane for lane in self.lanes if lane.suspect and lane.state is LaneState.ACTIVE]
+
     def _fill(self, now: float, plan: Plan) -> None:
         if now < self._next_dial:
             return
+        # A suspect lane keeps its slot: its check, in this round, keeps or drains it.
         missing = (
             self._wanted()
             - len(self._available)
+            - len(self._suspects())
             - sum(lane.purpose is LanePurpose.FILL for lane in self._pending())
         )
         for _ in range(missing):
@@ -620,6 +652,9 @@ class LanePool:
         return max(doubled, key=lambda lane: lane.id) if doubled else None
 
     def _recheck(self, lane: Lane, result: CheckResult, now: float) -> None:
+        if lane.suspect:
+            self._cleared_or_drained(lane, result, now)
+            return
         if not result.reachable:
             # One lost check is not a lost pod (a reconnect); several in a row are a pod that
             # hangs, which no call will report as UNAVAILABLE: its calls only time out.
@@ -637,6 +672,25 @@ class LanePool:
         if result.pod is not None:
             lane.pod = result.pod  # a reconnect may have reached another pod
             self._reached(result.pod, now)
+
+    def _cleared_or_drained(self, lane: Lane, result: CheckResult, now: float) -> None:
+        """A suspect lane's check: its calls timed out while other lanes answered, so one
+        unanswered check is enough to drain it."""
+        lane.suspect = False
+        if result.reachable and result.serving:
+            lane.unanswered = 0
+            lane.heard = self._answers  # judged afresh from here
+            self._available.append(lane)
+            if result.pod is not None:
+                lane.pod = result.pod
+                self._reached(result.pod, now)
+            return
+        self._drain(
+            lane, now, "unresponsive: calls timed out" if not result.reachable else "not serving"
+        )
+        pod = result.pod if result.pod is not None else lane.pod
+        if pod is not None:
+            self._pod_down(pod, now)
 
     def _reached(self, pod: str, now: float) -> None:
         """A fresh connection or a check reached ``pod``; watch for session affinity."""
@@ -669,6 +723,7 @@ class LanePool:
         lane.activated_at = now
         lane.rotate_at = self.rotation.rotate_at(now, self._rng)
         lane.reason = ""
+        lane.heard = self._answers
         self._checked_at[lane.id] = now
         self._available.append(lane)
 
@@ -676,6 +731,7 @@ class LanePool:
         if lane in self._available:
             self._available.remove(lane)
         lane.state = LaneState.DRAINING
+        lane.suspect = False
         lane.draining_since = now
         lane.reason = reason
         self._drained.append(lane)
