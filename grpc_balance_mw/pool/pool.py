@@ -298,7 +298,8 @@ class LanePool:
         self._next_scout = 0.0
         self._burst = 0  # scouts left in the current burst
         self._next_dial = 0.0
-        self._backoff = 0.0
+        self._backoff = 0.0  # after dials that reached no serving pod
+        self._drain_backoff = 0.0  # after lanes drained for UNAVAILABLE
         self._signals = Signals()
         self.stuck: Stuck | None = None
         self._new_stuck: Stuck | None = None
@@ -375,6 +376,7 @@ class LanePool:
             else:
                 self._answers += 1
                 lane.heard = self._answers
+                self._drain_backoff = 0.0
 
     def lane_failed(self, lane: Lane) -> None:
         """A call on ``lane`` failed with UNAVAILABLE, learnt after :meth:`release`."""
@@ -388,6 +390,13 @@ class LanePool:
             self._drain(lane, now, "unavailable")
             if lane.pod is not None:
                 self._pod_down(lane.pod, now)
+            # The first replacement is dialled at once (a pod was killed); the next ones wait,
+            # longer after each such drain until a call is answered again: a sidecar that
+            # answers every call UNAVAILABLE itself ("no healthy upstream", no pod named) would
+            # otherwise cost a new connection per failed call.
+            hold, self._drain_backoff = self._drain_backoff, _longer(self._drain_backoff)
+            if hold:
+                self._next_dial = max(self._next_dial, now + hold)
 
     def _timed_out(self, lane: Lane) -> None:
         if lane.state is not LaneState.ACTIVE or lane.suspect or self._answers <= lane.heard:
@@ -598,8 +607,8 @@ class LanePool:
         if not result.reachable or not result.serving:
             if result.pod is not None:
                 self._pod_down(result.pod, now)
-            self._backoff = min(max(self._backoff * 2, 0.1), _MAX_BACKOFF_S)
-            self._next_dial = now + self._backoff
+            self._backoff = _longer(self._backoff)
+            self._next_dial = max(self._next_dial, now + self._backoff)
             lane.pod = result.pod
             self._retire(lane, now, "unreachable" if not result.reachable else "not serving")
             return
@@ -751,6 +760,11 @@ class LanePool:
         self._checked_at.pop(lane.id, None)
         self.lanes.remove(lane)
         self._to_close.append(lane)
+
+
+def _longer(backoff: float) -> float:
+    """The next backoff after ``backoff``: doubled, from 0.1 s up to ``_MAX_BACKOFF_S``."""
+    return min(max(backoff * 2, 0.1), _MAX_BACKOFF_S)
 
 
 def pool_for_channel(
