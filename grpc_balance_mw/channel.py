@@ -42,7 +42,7 @@ import grpc
 from grpc_balance_mw.affinity import forking
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.errors import BalanceError, ConfigurationError
-from grpc_balance_mw.health_check import SERVING, check_method
+from grpc_balance_mw.health_check import check_method
 from grpc_balance_mw.observed_channel import ObservedChannel
 from grpc_balance_mw.observing import (
     ObserveOptions,
@@ -62,7 +62,13 @@ from grpc_balance_mw.pool import (
     Signals,
     Stuck,
 )
-from grpc_balance_mw.pool.health import CHECK_GRACE_S, CheckFaults, names_a_pod, read_check
+from grpc_balance_mw.pool.health import (
+    CHECK_GRACE_S,
+    CheckFaults,
+    names_a_pod,
+    read_check,
+    read_reply,
+)
 from grpc_balance_mw.pool.pool import pool_for_channel
 from grpc_balance_mw.response_stream import ResponseStream
 from grpc_balance_mw.retry import (
@@ -127,9 +133,7 @@ def check_result(future: Any, timeout: float) -> CheckResult:
         return read_check("DEADLINE_EXCEEDED", False)
     except grpc.RpcError as error:
         return read_check(error.code().name, False, None, error.trailing_metadata())
-    return read_check(
-        "OK", response == SERVING, future.initial_metadata(), future.trailing_metadata()
-    )
+    return read_reply(response, future.initial_metadata(), future.trailing_metadata())
 
 
 class _LaneConnection:
@@ -140,7 +144,7 @@ class _LaneConnection:
     def __init__(self, raw: grpc.Channel, channel: grpc.Channel) -> None:
         self.raw = raw
         self.channel = channel
-        self.check = check_method(raw)
+        self.check = check_method(raw, lenient=True)
         self.callables: dict[Any, Any] = {}
 
 
@@ -642,7 +646,7 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
                 result = check_result(future, max(0.0, deadline - time.monotonic()))
             except Exception as error:  # background maintenance: logged, the lane reported
                 result = self._faults.failed(lane, error)
-            self.pool.checked(lane, result)
+            self.pool.checked(lane, self._faults.seen(lane, result))
 
     def _close_lane(self, lane: Lane) -> None:
         connection: _LaneConnection | None = lane.connection

@@ -33,7 +33,7 @@ from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.aio.client import affinity_interceptors
 from grpc_balance_mw.aio.redial import RetryingCall, failed_as_error
 from grpc_balance_mw.errors import ConfigurationError
-from grpc_balance_mw.health_check import SERVING, check_method
+from grpc_balance_mw.health_check import check_method
 from grpc_balance_mw.observing import ObserveOptions, chosen_options, detector_for
 from grpc_balance_mw.pool import (
     CheckResult,
@@ -47,7 +47,13 @@ from grpc_balance_mw.pool import (
     Signals,
     Stuck,
 )
-from grpc_balance_mw.pool.health import CHECK_GRACE_S, CheckFaults, names_a_pod, read_check
+from grpc_balance_mw.pool.health import (
+    CHECK_GRACE_S,
+    CheckFaults,
+    names_a_pod,
+    read_check,
+    read_reply,
+)
 from grpc_balance_mw.pool.pool import pool_for_channel
 from grpc_balance_mw.retry import (
     NO_RETRY,
@@ -155,7 +161,7 @@ class _LaneConnection:
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self.channel = channel
-        self.check = check_method(channel)
+        self.check = check_method(channel, lenient=True)
         self.callables: dict[Any, Any] = {}
 
 
@@ -567,7 +573,7 @@ class BalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
         for lane, result in zip(lanes, results, strict=True):
             if isinstance(result, BaseException):
                 result = self._faults.failed(lane, result)
-            self.pool.checked(lane, result)
+            self.pool.checked(lane, self._faults.seen(lane, result))
 
     async def _check(self, lane: Lane) -> CheckResult:
         connection: _LaneConnection = lane.connection
@@ -580,12 +586,7 @@ class BalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
             return read_check("DEADLINE_EXCEEDED", False)
         except grpc.aio.AioRpcError as error:
             return read_check(error.code().name, False, None, error.trailing_metadata())
-        return read_check(
-            "OK",
-            response == SERVING,
-            await call.initial_metadata(),
-            await call.trailing_metadata(),
-        )
+        return read_reply(response, await call.initial_metadata(), await call.trailing_metadata())
 
     async def _close_lanes(self, lanes: Sequence[Lane], grace: float | None = None) -> None:
         channels = []

@@ -7,10 +7,18 @@ from collections.abc import Iterable
 from typing import Any
 
 from grpc_balance_mw.errors import MalformedPodHeader
+from grpc_balance_mw.health_check import MALFORMED, MAX_REPLY_BYTES, OVERSIZED, SERVING
 from grpc_balance_mw.identity import pod_from_metadata
 from grpc_balance_mw.pool.pool import CheckResult
 
-__all__ = ["CHECK_GRACE_S", "UNREACHED", "CheckFaults", "names_a_pod", "read_check"]
+__all__ = [
+    "CHECK_GRACE_S",
+    "UNREACHED",
+    "CheckFaults",
+    "names_a_pod",
+    "read_check",
+    "read_reply",
+]
 
 Metadata = Iterable[tuple[str, Any]] | None
 
@@ -60,6 +68,12 @@ class CheckFaults:
         )
         return UNREACHED
 
+    def seen(self, lane: Any, result: CheckResult) -> CheckResult:
+        """``result`` as it is, its :attr:`~CheckResult.fault` logged (see :meth:`note`)."""
+        if result.fault is not None:
+            self.note(lane, result.fault)
+        return result
+
     def failed(self, lane: Any, error: BaseException) -> CheckResult:
         """``lane`` could not be opened or checked because of ``error``; see :meth:`note`."""
         return self.note(lane, f"could not open or check it: {type(error).__name__}", error)
@@ -89,6 +103,19 @@ def read_check(
         return CheckResult(True, pod, True)
     # Any other error: reached only if a pod named itself, and then it is not serving.
     return CheckResult(pod is not None, pod, False)
+
+
+def read_reply(reply: int, initial: Metadata = None, trailing: Metadata = None) -> CheckResult:
+    """A check answered OK with ``reply`` (from ``check_method(channel, lenient=True)``). A
+    reply that is no health status is not a pod's answer: the connection does not count as
+    reaching a pod, whatever pod its metadata names."""
+    if reply == MALFORMED:
+        return CheckResult(False, fault="its health reply is no HealthCheckResponse: not a pod")
+    if reply == OVERSIZED:
+        return CheckResult(
+            False, fault=f"its health reply is over {MAX_REPLY_BYTES} bytes: not a pod"
+        )
+    return read_check("OK", reply == SERVING, initial, trailing)
 
 
 def names_a_pod(trailing: Metadata) -> bool:

@@ -194,11 +194,14 @@ class CheckResult:
         reachable: the check got an answer from a pod (any status the pod sent).
         pod: the pod named in the answer's identity header, None if it named none.
         serving: the pod said SERVING (False: NOT_SERVING, or it answered with an error).
+        fault: why an answer was not believed (a reply that is no health status), for the
+            adapter's log; None otherwise.
     """
 
     reachable: bool
     pod: str | None = None
     serving: bool = True
+    fault: str | None = None
 
 
 @dataclass(frozen=True)
