@@ -623,11 +623,17 @@ class BalancedChannel(grpc.Channel):  # type: ignore[misc]
             _log.warning("balanced channel %s: %s", self.target, plan.stuck.message)
         for lane in plan.drain:
             _log.debug("balanced channel %s: %r drains", self.target, lane)
+        lanes = [*plan.dial, *plan.check]
+        while lanes and not self._stop.is_set():
+            self._check(lanes)
+            lanes = self.pool.confirmations()  # new pods' names, checked once more
+
+    def _check(self, lanes: Sequence[Lane]) -> None:
         # Every lane handed out is reported to the pool whatever fails (a factory that raises
         # once, say while a certificate file is rotated): a lane never reported would stay
         # CHECKING for good, and the pool dials nothing new while a lane is pending.
         checks: list[tuple[Lane, Any]] = []
-        for lane in (*plan.dial, *plan.check):
+        for lane in lanes:
             if self._stop.is_set():
                 return
             try:

@@ -557,9 +557,15 @@ class BalancedChannel(grpc.aio.Channel):  # type: ignore[misc]
             _log.warning("balanced channel %s: %s", self.target, plan.stuck.message)
         for lane in plan.drain:
             _log.debug("balanced channel %s: %r drains", self.target, lane)
+        lanes = [*plan.dial, *plan.check]
+        while lanes:
+            await self._check_lanes(lanes)
+            lanes = self.pool.confirmations()  # new pods' names, checked once more
+
+    async def _check_lanes(self, planned: Sequence[Lane]) -> None:
         # Every lane handed out is reported to the pool whatever fails (see the sync channel).
         lanes = []
-        for lane in (*plan.dial, *plan.check):
+        for lane in planned:
             try:
                 if lane.connection is None:
                     self._open(lane)

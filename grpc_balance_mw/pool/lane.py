@@ -51,6 +51,12 @@ class Lane:
         in_flight: calls (and open streams) on it now.
         unavailable: its calls that failed with UNAVAILABLE (its pod killed or gone).
         unanswered: its health checks in a row that got no answer (its pod hangs).
+        claimed: the pod its first check named, when never seen before: believed once a
+            second check names it too.
+        renamed: its two checks named two pods while no other lane's pod was known (an L7
+            proxy, or one pod renaming itself): kept unnamed for now.
+        moved: a health check named another pod than the one it had (a reconnect, or an
+            L7 proxy balancing the checks too).
         suspect: active, but a call on it passed its deadline while other lanes answered: it
             takes no new calls until a health check says its pod answers.
         heard: the pool's count of answered calls when this lane last answered one (or
@@ -63,6 +69,7 @@ class Lane:
         "activated_at",
         "attempt",
         "calls",
+        "claimed",
         "connection",
         "created_at",
         "draining_since",
@@ -70,10 +77,12 @@ class Lane:
         "id",
         "in_flight",
         "last_picked",
+        "moved",
         "name",
         "pod",
         "purpose",
         "reason",
+        "renamed",
         "replaces",
         "rotate_at",
         "state",
@@ -108,6 +117,9 @@ class Lane:
         self.unanswered = 0
         self.suspect = False
         self.heard = 0
+        self.claimed: str | None = None
+        self.renamed = False
+        self.moved = False
         self.last_picked = 0
         self.reason = ""
         self.connection: Any = None

@@ -298,6 +298,8 @@ class LanePool:
         self._recent: deque[str] = deque(maxlen=self.config.affinity_dials)
         self._checked_at: dict[int, float] = {}
         self._answers = 0  # calls answered on any lane (see Lane.heard)
+        self._to_confirm: list[Lane] = []  # new lanes whose pod's name needs a second check
+        self._renamed_at: float | None = None  # when a pod last named itself anew
         self._next_scout = 0.0
         self._burst = 0  # scouts left in the current burst
         self._next_dial = 0.0
@@ -433,6 +435,7 @@ class LanePool:
                 plan.close, self._to_close = self._to_close, []
                 return plan
             self._expire_pods(now)
+            self._drain_renamed(now)
             self._check_l7(now)
             self._rotate(now, plan)
             self._fill(now, plan)
@@ -447,6 +450,7 @@ class LanePool:
                 if now - self._checked_at.get(lane.id, now) >= self.config.health_interval_s
             ]
             plan.check += [lane for lane in self._suspects() if lane.id not in self._checked_at]
+            plan.check += self._confirmations()
             for lane in plan.check:
                 self._checked_at[lane.id] = now
             plan.close, self._to_close = self._to_close, []
@@ -463,6 +467,18 @@ class LanePool:
             elif lane.state is LaneState.ACTIVE:
                 self._recheck(lane, result, now)
 
+    def confirmations(self) -> list[Lane]:
+        """New lanes to check once more before the round ends: their first check named a pod
+        never seen, which is believed once a second check on the connection names it too.
+        Report them with :meth:`checked` as any check (the adapters ask until none is left)."""
+        with self._lock:
+            return self._confirmations()
+
+    def _confirmations(self) -> list[Lane]:
+        lanes = [lane for lane in self._to_confirm if lane.state is LaneState.CHECKING]
+        self._to_confirm = []
+        return lanes
+
     def close(self) -> list[Lane]:
         """Close the pool: every lane whose connection the adapter must close now."""
         with self._lock:
@@ -476,7 +492,10 @@ class LanePool:
     # -- internals (all under the lock) ----------------------------------------------------
 
     def _known(self) -> int:
-        return max(self.config.expected_pods or 0, self._signals.known_pods, len(self._seen))
+        # The detector counts every name calls carried: while a pod that renames itself on
+        # every call is about, its count is its names, so the pool counts on its own checks.
+        signalled = self._signals.known_pods if self._renamed_at is None else 0
+        return max(self.config.expected_pods or 0, signalled, len(self._seen))
 
     def _covered(self, without: int | None = None) -> set[str]:
         return {lane.pod for lane in self._available if lane.pod is not None and lane.id != without}
@@ -567,7 +586,7 @@ class LanePool:
     def _room(self) -> bool:
         """Could a scout that finds a pod no lane covers get a lane for it?"""
         most = self.config.max_lanes if self.config.follow_pods else self.config.min_lanes
-        return len(self._available) < most or self._doubled() is not None
+        return len(self._available) < most or self._spare() is not None
 
     def _burst_size(self) -> int:
         """Scouts in a burst: with the default 5 per pod, one more pod is found with >= 99.3 %."""
@@ -590,10 +609,20 @@ class LanePool:
                 self._close(lane, lane.reason or "drained")
 
     def _expire_pods(self, now: float) -> None:
+        if self._renamed_at is not None and now - self._renamed_at >= self.config.pod_ttl_s:
+            self._renamed_at = None
         for pods in (self._seen, self._down):
             for pod, at in list(pods.items()):
                 if now - at >= self.config.pod_ttl_s:
                     del pods[pod]
+
+    def _drain_renamed(self, now: float) -> None:
+        """Lanes kept unnamed because their checks named two pods (see ``_renamed``) are drained
+        once other lanes' pods keep their names: the renaming is that pod's, not a balancer's."""
+        if not self._steady():
+            return
+        for lane in [lane for lane in self._available if lane.renamed]:
+            self._drain(lane, now, "its pod names itself anew on every call")
 
     def _check_l7(self, now: float) -> None:
         if self._signals.alarm == "l7-balanced":
@@ -601,6 +630,7 @@ class LanePool:
                 self._set_stuck(Stuck("l7-proxy", None, 0, self._known(), now))
         elif self.stuck is not None and self.stuck.cause == "l7-proxy":
             self.stuck = None
+            self._next_scout = now  # scouting resumes at once
 
     def _set_stuck(self, stuck: Stuck) -> None:
         self.stuck = self._new_stuck = stuck
@@ -615,8 +645,26 @@ class LanePool:
             lane.pod = result.pod
             self._retire(lane, now, "unreachable" if not result.reachable else "not serving")
             return
+        pod = result.pod
+        if (
+            pod is not None
+            and lane.claimed is None
+            and pod not in self._seen
+            and pod not in self._down
+            and pod not in self._covered()
+        ):
+            # A name never seen is believed once a second check on the same connection names
+            # it too: a pod that stamps a new name on every call would otherwise count as a
+            # new pod on every scout that reaches it (each a burst, a lane, a known pod).
+            lane.claimed = pod
+            self._to_confirm.append(lane)
+            return
+        if lane.claimed is not None and pod != lane.claimed:
+            pod = self._renamed(lane, now)
+            if lane.is_closed() or lane.is_draining():
+                return
         self._backoff = 0.0
-        pod = lane.pod = result.pod
+        lane.pod = pod
         unseen = pod is not None and pod not in self._seen
         if pod is not None:
             self._reached(pod, now)
@@ -641,6 +689,19 @@ class LanePool:
         if replaced is not None and replaced.state is LaneState.ACTIVE:
             self._drain(replaced, now, replaced.reason.removeprefix("rotating: ") or "rotated")
 
+    def _renamed(self, lane: Lane, now: float) -> str | None:
+        """Two checks on one new connection named two pods. While other lanes' pods keep their
+        names, that is one pod naming itself anew on every call (a bug, or a hostile server),
+        not a balancer: the lane is not kept, and the names count as no pod. With no such lane
+        (an L7 proxy balances every request, the checks included), the lane is kept unnamed,
+        and drained once lanes with named pods exist. Returns the pod to record: None."""
+        self._renamed_at = now
+        if self._steady():
+            self._retire(lane, now, "its pod names itself anew on every call")
+        else:
+            lane.renamed = True
+        return None
+
     def _scouted(self, lane: Lane, fresh: bool, now: float) -> bool:
         """Keep a scout that reached a pod no lane covers; returns whether it was kept."""
         if not fresh or lane.pod is None:
@@ -649,13 +710,29 @@ class LanePool:
         if len(self._available) < self._wanted():
             self._activate(lane, now)
             return True
-        doubled = self._doubled()
-        if doubled is None:
+        spare = self._spare()
+        if spare is None:
             self._retire(lane, now, "no lane to spare for a new pod")
             return False
         self._activate(lane, now)
-        self._drain(doubled, now, f"pod {doubled.pod} doubled, {lane.pod} was not covered")
+        why = f"pod {spare.pod} doubled" if spare.pod is not None else "no pod named"
+        self._drain(spare, now, f"{why}, {lane.pod} was not covered")
         return True
+
+    def _steady(self) -> bool:
+        """Whether an active lane's pod keeps its name: named by two checks when the lane was
+        new, and by every check since. Behind an L7 proxy a lane's checks reach pod after pod
+        (two may agree by chance, later ones soon do not)."""
+        return any(lane.pod is not None and not lane.moved for lane in self._available)
+
+    def _spare(self) -> Lane | None:
+        """The lane a scout's new pod takes over: a doubled pod's, else one whose pod names
+        none (a pod a lane can name is worth more than one it cannot tell apart)."""
+        doubled = self._doubled()
+        if doubled is not None:
+            return doubled
+        unnamed = [lane for lane in self._available if lane.pod is None]
+        return max(unnamed, key=lambda lane: lane.id) if unnamed else None
 
     def _doubled(self) -> Lane | None:
         """The newest active lane whose pod another active lane covers too."""
@@ -681,7 +758,8 @@ class LanePool:
             if result.pod is not None:
                 self._pod_down(result.pod, now)
             return
-        if result.pod is not None:
+        if result.pod is not None and not lane.renamed:
+            lane.moved = lane.moved or result.pod != lane.pod
             lane.pod = result.pod  # a reconnect may have reached another pod
             self._reached(result.pod, now)
 
