@@ -6,13 +6,17 @@ them, health-check lanes, close connections) and the adapter does it outside the
 reports back with :meth:`LanePool.checked` (httpcore's connection-pool style).
 
 The life of a lane: ``plan`` creates it (DIALING) and hands it to the adapter (CHECKING), which
-opens its connection and makes one health check that names the pod; ``checked`` then keeps it
+opens its connection and makes one health check that names the pod (a name never seen before is
+believed once a second check, which :meth:`LanePool.confirmations` asks for, names it too: a pod
+that names itself anew on every call is no new pod each time); ``checked`` then keeps it
 (ACTIVE) or, if it reached a pod another lane covers while a pod no lane covers is known, closes it
 and plans a redial, at most ``redials`` times per slot (kube-proxy picks at random: 3 connections
 reach 3 distinct pods only 22 % of the time). A lane due for rotation gets a replacement first;
 the old lane drains (no new calls) once the replacement is active, and closes when idle or after
-``drain_grace_s``. A scout, every ``scout_interval_s``, is a fresh connection kept only if it
-reached a pod no lane covers: that is how pods added by a scale-up get traffic within seconds.
+``drain_grace_s``. A lane whose calls pass their deadlines while other lanes answer is suspect (no
+new calls) until a health check, in the next round, keeps or drains it. A scout, every
+``scout_interval_s``, is a fresh connection kept only if it reached a pod no lane covers: that is
+how pods added by a scale-up get traffic within seconds.
 A scout that finds a pod never seen before (a scale-up, which seldom adds one pod alone) starts
 a burst: more scouts at once, several a round, so the scale-up's other new pods are found in
 the same second instead of one random draw per interval each.
@@ -131,9 +135,9 @@ class PoolConfig:
         stuck_recheck_s: while stuck, one scout this often checks whether that is still so.
         unanswered_checks: an active lane whose health checks go unanswered this many times in
             a row (its pod accepts connections but hangs: stopped, deadlocked, out of threads) is
-            drained and replaced (2: one lost check during a reconnect is forgiven). Its calls
-            end at their own deadlines; the picker sends it few meanwhile, as their calls stay
-            in flight.
+            drained and replaced (2: one lost check during a reconnect is forgiven). Sooner if
+            its calls pass their deadlines while other lanes answer: it is then suspect at once,
+            and one unanswered check drains it (see :meth:`LanePool.release`).
     """
 
     min_lanes: int = 3
