@@ -49,7 +49,7 @@ from grpc_balance_mw._routing import LaneRoutes, check_channel_options
 from grpc_balance_mw.affinity import forking
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.errors import BalanceError, ConfigurationError
-from grpc_balance_mw.health_check import SERVING, check_method
+from grpc_balance_mw.health_check import check_method
 from grpc_balance_mw.observed_channel import ObservedChannel
 from grpc_balance_mw.observing import (
     ObserveOptions,
@@ -68,7 +68,12 @@ from grpc_balance_mw.pool import (
     Signals,
     Stuck,
 )
-from grpc_balance_mw.pool.health import CHECK_GRACE_S, read_check
+from grpc_balance_mw.pool.health import (
+    CHECK_GRACE_S,
+    CheckFaults,
+    read_check,
+    read_reply,
+)
 from grpc_balance_mw.pool.pool import pool_for_channel
 from grpc_balance_mw.retry import NO_RETRY, RetryPolicy, warn_if_native_retry
 from grpc_balance_mw.routed_channel import Connectivity, NoLaneError, RoutedChannel
@@ -131,9 +136,7 @@ def check_result(future: Any, timeout: float) -> CheckResult:
         return read_check("DEADLINE_EXCEEDED", False)
     except grpc.RpcError as error:
         return read_check(error.code().name, False, None, error.trailing_metadata())
-    return read_check(
-        "OK", response == SERVING, future.initial_metadata(), future.trailing_metadata()
-    )
+    return read_reply(response, future.initial_metadata(), future.trailing_metadata())
 
 
 class _LaneConnection:
@@ -144,7 +147,7 @@ class _LaneConnection:
     def __init__(self, raw: grpc.Channel, channel: grpc.Channel) -> None:
         self.raw = raw
         self.channel = channel
-        self.check = check_method(raw)
+        self.check = check_method(raw, lenient=True)
         self.callables: dict[Any, Any] = {}
 
 
@@ -246,6 +249,7 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
         self._tick_s = tick_s
         self._stop = threading.Event()
         self._connectivity = Connectivity(lambda: factory((LOCAL_POOL_OPTION,)))
+        self._faults = CheckFaults(_log, target)
         forking.track(self)
         # Open the first lanes now (lazily, as grpc channels are) so calls can start at once;
         # their checks run on the maintenance thread.
@@ -327,19 +331,36 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
             _log.warning("balanced channel %s: %s", self.target, plan.stuck.message)
         for lane in plan.drain:
             _log.debug("balanced channel %s: %r drains", self.target, lane)
+        lanes = [*plan.dial, *plan.check]
+        while lanes and not self._stop.is_set():
+            self._check(lanes)
+            lanes = self.pool.confirmations()  # new pods' names, checked once more
+
+    def _check(self, lanes: Sequence[Lane]) -> None:
+        # Every lane handed out is reported to the pool whatever fails (a factory that raises
+        # once, say while a certificate file is rotated): a lane never reported would stay
+        # CHECKING for good, and the pool dials nothing new while a lane is pending.
         checks: list[tuple[Lane, Any]] = []
-        for lane in (*plan.dial, *plan.check):
+        for lane in lanes:
             if self._stop.is_set():
                 return
-            if lane.connection is None:
-                self._open(lane)
-            connection: _LaneConnection = lane.connection
-            future = connection.check.future("", timeout=self._check_timeout_s)
+            try:
+                if lane.connection is None:
+                    self._open(lane)
+                connection: _LaneConnection = lane.connection
+                future = connection.check.future("", timeout=self._check_timeout_s)
+            except Exception as error:  # background maintenance: logged, the lane reported
+                self.pool.checked(lane, self._faults.failed(lane, error))
+                continue
             checks.append((lane, future))
         # Every check was given check_timeout_s; past it and a grace, none is waited for.
         deadline = time.monotonic() + self._check_timeout_s + CHECK_GRACE_S
         for lane, future in checks:
-            self.pool.checked(lane, check_result(future, max(0.0, deadline - time.monotonic())))
+            try:
+                result = check_result(future, max(0.0, deadline - time.monotonic()))
+            except Exception as error:  # background maintenance: logged, the lane reported
+                result = self._faults.failed(lane, error)
+            self.pool.checked(lane, self._faults.seen(lane, result))
 
     def _close_lane(self, lane: Lane) -> None:
         connection: _LaneConnection | None = lane.connection

@@ -14,17 +14,27 @@ from typing import Any
 
 __all__ = [
     "CHECK_METHOD",
+    "MALFORMED",
+    "MAX_REPLY_BYTES",
     "NOT_SERVING",
+    "OVERSIZED",
     "SERVING",
     "UNKNOWN",
     "check_method",
     "decode_status",
     "encode_request",
+    "read_status",
 ]
 
 CHECK_METHOD = "/grpc.health.v1.Health/Check"
 #: ``grpc.health.v1.HealthCheckResponse.ServingStatus``.
 UNKNOWN, SERVING, NOT_SERVING, SERVICE_UNKNOWN = 0, 1, 2, 3
+#: What :func:`read_status` answers for a reply that is no ``HealthCheckResponse``, and for one
+#: longer than :data:`MAX_REPLY_BYTES` (neither is a ServingStatus).
+MALFORMED, OVERSIZED = -1, -2
+#: A ``HealthCheckResponse`` is 2 bytes (a status) plus whatever fields a newer server adds;
+#: a reply longer than this comes from something that is not a health service worth believing.
+MAX_REPLY_BYTES = 1024
 _STATUS_TAG = 0x08  # field 1, varint
 _SERVICE_TAG = 0x0A  # field 1, length-delimited
 
@@ -86,9 +96,26 @@ def decode_status(data: bytes) -> int:
     return status
 
 
-def check_method(channel: Any) -> Any:
+def read_status(data: bytes) -> int:
+    """:func:`decode_status` that never raises: :data:`OVERSIZED` for a reply longer than
+    :data:`MAX_REPLY_BYTES` (not parsed at all), :data:`MALFORMED` for bytes that are no
+    protobuf message. For checks made again and again (a balanced channel's lanes and scouts):
+    grpcio logs a traceback for every response whose deserializer raises."""
+    if len(data) > MAX_REPLY_BYTES:
+        return OVERSIZED
+    try:
+        return decode_status(data)
+    except ValueError:
+        return MALFORMED
+
+
+def check_method(channel: Any, *, lenient: bool = False) -> Any:
     """``Health/Check`` on ``channel`` (sync or aio): call it with a service name ("" for the
-    server as a whole); it answers the status number."""
+    server as a whole); it answers the status number. ``lenient``: a reply that is no health
+    status answers :data:`MALFORMED` or :data:`OVERSIZED` (:func:`read_status`) instead of
+    failing the call with INTERNAL."""
     return channel.unary_unary(
-        CHECK_METHOD, request_serializer=encode_request, response_deserializer=decode_status
+        CHECK_METHOD,
+        request_serializer=encode_request,
+        response_deserializer=read_status if lenient else decode_status,
     )

@@ -41,7 +41,7 @@ def scripted(pods: Iterable[str]) -> Callable[[Lane], CheckResult]:
     order: Iterator[str] = iter(pods)
 
     def check(lane: Lane) -> CheckResult:
-        return CheckResult(reachable=True, pod=lane.pod if lane.pod else next(order))
+        return CheckResult(reachable=True, pod=lane.pod or lane.claimed or next(order))
 
     return check
 
@@ -52,13 +52,16 @@ def run(
     now: float | None = None,
     signals: Signals | None = None,
 ) -> Plan:
-    """One maintenance round as an adapter does it: plan, dial and check, report back."""
+    """One maintenance round as an adapter does it: plan, dial and check, report back, check
+    again the lanes whose pod's name needs confirming."""
     plan = pool.plan(now, signals)
     for lane in plan.dial:
         lane.connection = object()
-        pool.checked(lane, check(lane), now)
-    for lane in plan.check:
-        pool.checked(lane, check(lane), now)
+    lanes = [*plan.dial, *plan.check]
+    while lanes:
+        for lane in lanes:
+            pool.checked(lane, check(lane), now)
+        lanes = pool.confirmations()
     return plan
 
 

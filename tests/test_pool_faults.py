@@ -73,3 +73,40 @@ def test_failed_dials_back_off_at_most_a_second() -> None:
 def test_unanswered_checks_must_be_at_least_one() -> None:
     with pytest.raises(ConfigurationError, match="unanswered_checks"):
         PoolConfig(unanswered_checks=0)
+
+
+def test_lanes_drained_for_unavailable_are_replaced_with_backoff() -> None:
+    """A sidecar that answers every call UNAVAILABLE itself ("no healthy upstream", no pod
+    named) while health checks pass: each failed call drains its lane. Replacements must back
+    off (before: a new connection per failed call, 76 a second under 32 threads)."""
+    clock = FakeClock(0.0)
+    lanes = LanePool(
+        PoolConfig(expected_pods=3, scout_interval_s=None),
+        rotation=rotate_never(),
+        clock=clock,
+        rng=random.Random(1),
+    )
+    reach = lambda lane: CheckResult(True, lane.pod or f"pod-{lane.id % 3}")  # noqa: E731
+    run(lanes, reach)
+    first = lanes.dials
+    while clock.now < 10.0:  # rounds as the channels run them: back to back after a dial
+        plan = run(lanes, reach)
+        for _ in range(32):  # calls from 32 threads, each failing UNAVAILABLE
+            lanes.release(lanes.acquire(), unavailable=True)
+        clock.advance(0.005 if plan.dial else 0.25)
+    assert lanes.dials - first <= 40  # at most a lane's worth a second, once backed off
+    assert lanes.dials - first >= 9  # but it keeps trying: the sidecar may heal
+
+
+def test_a_drain_for_unavailable_after_an_answered_call_is_replaced_at_once() -> None:
+    lanes = pool(PoolConfig(min_lanes=1, expected_pods=1, scout_interval_s=None))
+    reach = lambda lane: CheckResult(True, "pod-0")  # noqa: E731
+    run(lanes, reach, now=0.0)
+    lanes.release(lanes.acquire(), unavailable=True)  # a pod killed: replaced at once
+    assert run(lanes, reach, now=0.0).dial
+    lanes.release(lanes.acquire(), unavailable=True)  # again, no call answered since: backoff
+    assert not run(lanes, reach, now=0.05).dial
+    assert run(lanes, reach, now=0.1).dial
+    lanes.release(lanes.acquire())  # a call answered: the next drain is replaced at once
+    lanes.release(lanes.acquire(), unavailable=True)
+    assert run(lanes, reach, now=0.1).dial

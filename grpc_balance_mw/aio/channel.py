@@ -41,7 +41,7 @@ from grpc_balance_mw.aio.routed_channel import (
     spawn_soon,
 )
 from grpc_balance_mw.errors import ConfigurationError
-from grpc_balance_mw.health_check import SERVING, check_method
+from grpc_balance_mw.health_check import check_method
 from grpc_balance_mw.observing import (
     ObserveOptions,
     build_observer,
@@ -59,7 +59,12 @@ from grpc_balance_mw.pool import (
     Signals,
     Stuck,
 )
-from grpc_balance_mw.pool.health import CHECK_GRACE_S, read_check
+from grpc_balance_mw.pool.health import (
+    CHECK_GRACE_S,
+    CheckFaults,
+    read_check,
+    read_reply,
+)
 from grpc_balance_mw.pool.pool import pool_for_channel
 from grpc_balance_mw.retry import (
     NO_RETRY,
@@ -130,7 +135,7 @@ class _LaneConnection:
     def __init__(self, channel: grpc.aio.Channel, observer: CallObserver | None) -> None:
         self.channel = channel
         self.observer = observer
-        self.check = check_method(channel)
+        self.check = check_method(channel, lenient=True)
         self.callables: dict[Any, Any] = {}
 
 
@@ -224,6 +229,7 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
         self._task: asyncio.Task[None] | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._closed = False
+        self._faults = CheckFaults(_log, target)
         self._first: Plan | None = self.pool.plan(signals=self._signals())
         # grpc.aio channels belong to the loop they are made in: without a running loop here,
         # the lanes are opened (and the task started) by the first call.
@@ -300,12 +306,28 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
         for lane in plan.drain:
             _log.debug("balanced channel %s: %r drains", self.target, lane)
         lanes = [*plan.dial, *plan.check]
-        for lane in lanes:
-            if lane.connection is None:
-                self._open(lane)
-        results = await asyncio.gather(*(self._check(lane) for lane in lanes))
+        while lanes:
+            await self._check_lanes(lanes)
+            lanes = self.pool.confirmations()  # new pods' names, checked once more
+
+    async def _check_lanes(self, planned: Sequence[Lane]) -> None:
+        # Every lane handed out is reported to the pool whatever fails (see the sync channel).
+        lanes = []
+        for lane in planned:
+            try:
+                if lane.connection is None:
+                    self._open(lane)
+            except Exception as error:  # background maintenance: logged, the lane reported
+                self.pool.checked(lane, self._faults.failed(lane, error))
+                continue
+            lanes.append(lane)
+        results = await asyncio.gather(
+            *(self._check(lane) for lane in lanes), return_exceptions=True
+        )
         for lane, result in zip(lanes, results, strict=True):
-            self.pool.checked(lane, result)
+            if isinstance(result, BaseException):
+                result = self._faults.failed(lane, result)
+            self.pool.checked(lane, self._faults.seen(lane, result))
 
     async def _check(self, lane: Lane) -> CheckResult:
         connection: _LaneConnection = lane.connection
@@ -313,17 +335,12 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
         try:
             # Bounded past the check's own deadline as in sync (see check_result).
             response = await asyncio.wait_for(call, self._check_timeout_s + CHECK_GRACE_S)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             call.cancel()
             return read_check("DEADLINE_EXCEEDED", False)
         except grpc.aio.AioRpcError as error:
             return read_check(error.code().name, False, None, error.trailing_metadata())
-        return read_check(
-            "OK",
-            response == SERVING,
-            await call.initial_metadata(),
-            await call.trailing_metadata(),
-        )
+        return read_reply(response, await call.initial_metadata(), await call.trailing_metadata())
 
     async def _close_lanes(self, lanes: Sequence[Lane], grace: float | None = None) -> None:
         channels = []

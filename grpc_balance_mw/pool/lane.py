@@ -51,6 +51,16 @@ class Lane:
         in_flight: calls (and open streams) on it now.
         unavailable: its calls that failed with UNAVAILABLE (its pod killed or gone).
         unanswered: its health checks in a row that got no answer (its pod hangs).
+        claimed: the pod its first check named, when never seen before: believed once a
+            second check names it too.
+        renamed: its two checks named two pods while no other lane's pod was known (an L7
+            proxy, or one pod renaming itself): kept unnamed for now.
+        moved: a health check named another pod than the one it had (a reconnect, or an
+            L7 proxy balancing the checks too).
+        suspect: active, but a call on it passed its deadline while other lanes answered: it
+            takes no new calls until a health check says its pod answers.
+        heard: the pool's count of answered calls when this lane last answered one (or
+            started taking calls): other lanes answered since if the count went past it.
         reason: why it drains or closed, for logs and ``__repr__``.
         connection: what the adapter keeps for it (its channel); the pool never touches it.
     """
@@ -59,19 +69,24 @@ class Lane:
         "activated_at",
         "attempt",
         "calls",
+        "claimed",
         "connection",
         "created_at",
         "draining_since",
+        "heard",
         "id",
         "in_flight",
         "last_picked",
+        "moved",
         "name",
         "pod",
         "purpose",
         "reason",
+        "renamed",
         "replaces",
         "rotate_at",
         "state",
+        "suspect",
         "unanswered",
         "unavailable",
     )
@@ -100,6 +115,11 @@ class Lane:
         self.in_flight = 0
         self.unavailable = 0
         self.unanswered = 0
+        self.suspect = False
+        self.heard = 0
+        self.claimed: str | None = None
+        self.renamed = False
+        self.moved = False
         self.last_picked = 0
         self.reason = ""
         self.connection: Any = None
@@ -107,14 +127,14 @@ class Lane:
     def __repr__(self) -> str:
         pod = f" {self.pod}" if self.pod else ""
         why = f" ({self.reason})" if self.reason else ""
+        state = f"{self.state.value}, suspect" if self.suspect else self.state.value
         return (
-            f"<Lane {self.name} {self.state.value}{pod}: {self.calls} calls, "
-            f"{self.in_flight} in flight{why}>"
+            f"<Lane {self.name} {state}{pod}: {self.calls} calls, {self.in_flight} in flight{why}>"
         )
 
     def is_available(self) -> bool:
         """Takes new calls."""
-        return self.state is LaneState.ACTIVE
+        return self.state is LaneState.ACTIVE and not self.suspect
 
     def is_pending(self) -> bool:
         """Dialled or being checked: not yet decided."""

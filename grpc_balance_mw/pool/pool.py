@@ -6,13 +6,17 @@ them, health-check lanes, close connections) and the adapter does it outside the
 reports back with :meth:`LanePool.checked` (httpcore's connection-pool style).
 
 The life of a lane: ``plan`` creates it (DIALING) and hands it to the adapter (CHECKING), which
-opens its connection and makes one health check that names the pod; ``checked`` then keeps it
+opens its connection and makes one health check that names the pod (a name never seen before is
+believed once a second check, which :meth:`LanePool.confirmations` asks for, names it too: a pod
+that names itself anew on every call is no new pod each time); ``checked`` then keeps it
 (ACTIVE) or, if it reached a pod another lane covers while a pod no lane covers is known, closes it
 and plans a redial, at most ``redials`` times per slot (kube-proxy picks at random: 3 connections
 reach 3 distinct pods only 22 % of the time). A lane due for rotation gets a replacement first;
 the old lane drains (no new calls) once the replacement is active, and closes when idle or after
-``drain_grace_s``. A scout, every ``scout_interval_s``, is a fresh connection kept only if it
-reached a pod no lane covers: that is how pods added by a scale-up get traffic within seconds.
+``drain_grace_s``. A lane whose calls pass their deadlines while other lanes answer is suspect (no
+new calls) until a health check, in the next round, keeps or drains it. A scout, every
+``scout_interval_s``, is a fresh connection kept only if it reached a pod no lane covers: that is
+how pods added by a scale-up get traffic within seconds.
 A scout that finds a pod never seen before (a scale-up, which seldom adds one pod alone) starts
 a burst: more scouts at once, several a round, so the scale-up's other new pods are found in
 the same second instead of one random draw per interval each.
@@ -131,9 +135,9 @@ class PoolConfig:
         stuck_recheck_s: while stuck, one scout this often checks whether that is still so.
         unanswered_checks: an active lane whose health checks go unanswered this many times in
             a row (its pod accepts connections but hangs: stopped, deadlocked, out of threads) is
-            drained and replaced (2: one lost check during a reconnect is forgiven). Its calls
-            end at their own deadlines; the picker sends it few meanwhile, as their calls stay
-            in flight.
+            drained and replaced (2: one lost check during a reconnect is forgiven). Sooner if
+            its calls pass their deadlines while other lanes answer: it is then suspect at once,
+            and one unanswered check drains it (see :meth:`LanePool.release`).
     """
 
     min_lanes: int = 3
@@ -194,11 +198,14 @@ class CheckResult:
         reachable: the check got an answer from a pod (any status the pod sent).
         pod: the pod named in the answer's identity header, None if it named none.
         serving: the pod said SERVING (False: NOT_SERVING, or it answered with an error).
+        fault: why an answer was not believed (a reply that is no health status), for the
+            adapter's log; None otherwise.
     """
 
     reachable: bool
     pod: str | None = None
     serving: bool = True
+    fault: str | None = None
 
 
 @dataclass(frozen=True)
@@ -294,10 +301,14 @@ class LanePool:
         self._down: dict[str, float] = {}  # pod -> when it was found NOT_SERVING / gone
         self._recent: deque[str] = deque(maxlen=self.config.affinity_dials)
         self._checked_at: dict[int, float] = {}
+        self._answers = 0  # calls answered on any lane (see Lane.heard)
+        self._to_confirm: list[Lane] = []  # new lanes whose pod's name needs a second check
+        self._renamed_at: float | None = None  # when a pod last named itself anew
         self._next_scout = 0.0
         self._burst = 0  # scouts left in the current burst
         self._next_dial = 0.0
-        self._backoff = 0.0
+        self._backoff = 0.0  # after dials that reached no serving pod
+        self._drain_backoff = 0.0  # after lanes drained for UNAVAILABLE
         self._signals = Signals()
         self.stuck: Stuck | None = None
         self._new_stuck: Stuck | None = None
@@ -350,13 +361,31 @@ class LanePool:
             lane.calls += 1
             return lane
 
-    def release(self, lane: Lane, *, unavailable: bool = False, timed_out: bool = False) -> None:
-        """A call on ``lane`` ended; ``unavailable``: it failed with UNAVAILABLE (the pod went
-        away), so the lane takes no more calls and is replaced."""
+    def release(self, lane: Lane, unavailable: bool = False, *, timed_out: bool = False) -> None:
+        """A call on ``lane`` ended.
+
+        Args:
+            lane: the lane :meth:`acquire` gave the call.
+            unavailable: it failed with UNAVAILABLE and no pod sent that status (the pod or
+                its connection went away): the lane takes no more calls and is replaced.
+            timed_out: it failed with DEADLINE_EXCEEDED. If other lanes answered calls since
+                this lane last did, its pod may hang (stopped, deadlocked, out of threads: the
+                connection stays open and nothing answers): the lane becomes suspect, takes no
+                new calls, and is health-checked in the next round, which keeps it or drains it.
+                Waiting for its periodic checks instead cost a burst of calls per deadline: its
+                stuck calls expire together, its in-flight count drops to 0, and the picker
+                sends it a fresh burst.
+        """
         with self._lock:
             lane.in_flight -= 1
             if unavailable:
                 self._failed(lane)
+            elif timed_out:
+                self._timed_out(lane)
+            else:
+                self._answers += 1
+                lane.heard = self._answers
+                self._drain_backoff = 0.0
 
     def lane_failed(self, lane: Lane) -> None:
         """A call on ``lane`` failed with UNAVAILABLE, learnt after :meth:`release`."""
@@ -370,11 +399,26 @@ class LanePool:
             self._drain(lane, now, "unavailable")
             if lane.pod is not None:
                 self._pod_down(lane.pod, now)
+            # The first replacement is dialled at once (a pod was killed); the next ones wait,
+            # longer after each such drain until a call is answered again: a sidecar that
+            # answers every call UNAVAILABLE itself ("no healthy upstream", no pod named) would
+            # otherwise cost a new connection per failed call.
+            hold, self._drain_backoff = self._drain_backoff, _longer(self._drain_backoff)
+            if hold:
+                self._next_dial = max(self._next_dial, now + hold)
+
+    def _timed_out(self, lane: Lane) -> None:
+        if lane.state is not LaneState.ACTIVE or lane.suspect or self._answers <= lane.heard:
+            return  # no other lane answered since this one last did: not this pod alone
+        lane.suspect = True
+        self._available.remove(lane)
+        self._checked_at.pop(lane.id, None)  # checked in the next round
 
     def _fallback(self) -> list[Lane]:
         if self.closed:
             raise PoolClosed("the balanced channel is closed")
-        for wanted in (LaneState.CHECKING, LaneState.DRAINING):
+        # Suspect lanes first: they are active lanes whose pod is only in doubt.
+        for wanted in (LaneState.ACTIVE, LaneState.CHECKING, LaneState.DRAINING):
             lanes = [
                 lane for lane in self.lanes if lane.state is wanted and lane.connection is not None
             ]
@@ -395,6 +439,7 @@ class LanePool:
                 plan.close, self._to_close = self._to_close, []
                 return plan
             self._expire_pods(now)
+            self._drain_renamed(now)
             self._check_l7(now)
             self._rotate(now, plan)
             self._fill(now, plan)
@@ -408,6 +453,8 @@ class LanePool:
                 for lane in self._available
                 if now - self._checked_at.get(lane.id, now) >= self.config.health_interval_s
             ]
+            plan.check += [lane for lane in self._suspects() if lane.id not in self._checked_at]
+            plan.check += self._confirmations()
             for lane in plan.check:
                 self._checked_at[lane.id] = now
             plan.close, self._to_close = self._to_close, []
@@ -424,6 +471,18 @@ class LanePool:
             elif lane.state is LaneState.ACTIVE:
                 self._recheck(lane, result, now)
 
+    def confirmations(self) -> list[Lane]:
+        """New lanes to check once more before the round ends: their first check named a pod
+        never seen, which is believed once a second check on the connection names it too.
+        Report them with :meth:`checked` as any check (the adapters ask until none is left)."""
+        with self._lock:
+            return self._confirmations()
+
+    def _confirmations(self) -> list[Lane]:
+        lanes = [lane for lane in self._to_confirm if lane.state is LaneState.CHECKING]
+        self._to_confirm = []
+        return lanes
+
     def close(self) -> list[Lane]:
         """Close the pool: every lane whose connection the adapter must close now."""
         with self._lock:
@@ -437,7 +496,10 @@ class LanePool:
     # -- internals (all under the lock) ----------------------------------------------------
 
     def _known(self) -> int:
-        return max(self.config.expected_pods or 0, self._signals.known_pods, len(self._seen))
+        # The detector counts every name calls carried: while a pod that renames itself on
+        # every call is about, its count is its names, so the pool counts on its own checks.
+        signalled = self._signals.known_pods if self._renamed_at is None else 0
+        return max(self.config.expected_pods or 0, signalled, len(self._seen))
 
     def _covered(self, without: int | None = None) -> set[str]:
         return {lane.pod for lane in self._available if lane.pod is not None and lane.id != without}
@@ -478,12 +540,17 @@ class LanePool:
             plan.dial.append(self._new_lane(now, LanePurpose.REPLACE, replaces=lane.id))
             self.rotations += 1
 
+    def _suspects(self) -> list[Lane]:
+        return [lane for lane in self.lanes if lane.suspect and lane.state is LaneState.ACTIVE]
+
     def _fill(self, now: float, plan: Plan) -> None:
         if now < self._next_dial:
             return
+        # A suspect lane keeps its slot: its check, in this round, keeps or drains it.
         missing = (
             self._wanted()
             - len(self._available)
+            - len(self._suspects())
             - sum(lane.purpose is LanePurpose.FILL for lane in self._pending())
         )
         for _ in range(missing):
@@ -523,7 +590,7 @@ class LanePool:
     def _room(self) -> bool:
         """Could a scout that finds a pod no lane covers get a lane for it?"""
         most = self.config.max_lanes if self.config.follow_pods else self.config.min_lanes
-        return len(self._available) < most or self._doubled() is not None
+        return len(self._available) < most or self._spare() is not None
 
     def _burst_size(self) -> int:
         """Scouts in a burst: with the default 5 per pod, one more pod is found with >= 99.3 %."""
@@ -546,10 +613,20 @@ class LanePool:
                 self._close(lane, lane.reason or "drained")
 
     def _expire_pods(self, now: float) -> None:
+        if self._renamed_at is not None and now - self._renamed_at >= self.config.pod_ttl_s:
+            self._renamed_at = None
         for pods in (self._seen, self._down):
             for pod, at in list(pods.items()):
                 if now - at >= self.config.pod_ttl_s:
                     del pods[pod]
+
+    def _drain_renamed(self, now: float) -> None:
+        """Lanes kept unnamed because their checks named two pods (see ``_renamed``) are drained
+        once other lanes' pods keep their names: the renaming is that pod's, not a balancer's."""
+        if not self._steady():
+            return
+        for lane in [lane for lane in self._available if lane.renamed]:
+            self._drain(lane, now, "its pod names itself anew on every call")
 
     def _check_l7(self, now: float) -> None:
         if self._signals.alarm == "l7-balanced":
@@ -557,6 +634,7 @@ class LanePool:
                 self._set_stuck(Stuck("l7-proxy", None, 0, self._known(), now))
         elif self.stuck is not None and self.stuck.cause == "l7-proxy":
             self.stuck = None
+            self._next_scout = now  # scouting resumes at once
 
     def _set_stuck(self, stuck: Stuck) -> None:
         self.stuck = self._new_stuck = stuck
@@ -566,13 +644,31 @@ class LanePool:
         if not result.reachable or not result.serving:
             if result.pod is not None:
                 self._pod_down(result.pod, now)
-            self._backoff = min(max(self._backoff * 2, 0.1), _MAX_BACKOFF_S)
-            self._next_dial = now + self._backoff
+            self._backoff = _longer(self._backoff)
+            self._next_dial = max(self._next_dial, now + self._backoff)
             lane.pod = result.pod
             self._retire(lane, now, "unreachable" if not result.reachable else "not serving")
             return
+        pod = result.pod
+        if (
+            pod is not None
+            and lane.claimed is None
+            and pod not in self._seen
+            and pod not in self._down
+            and pod not in self._covered()
+        ):
+            # A name never seen is believed once a second check on the same connection names
+            # it too: a pod that stamps a new name on every call would otherwise count as a
+            # new pod on every scout that reaches it (each a burst, a lane, a known pod).
+            lane.claimed = pod
+            self._to_confirm.append(lane)
+            return
+        if lane.claimed is not None and pod != lane.claimed:
+            pod = self._renamed(lane, now)
+            if lane.is_closed() or lane.is_draining():
+                return
         self._backoff = 0.0
-        pod = lane.pod = result.pod
+        lane.pod = pod
         unseen = pod is not None and pod not in self._seen
         if pod is not None:
             self._reached(pod, now)
@@ -597,6 +693,19 @@ class LanePool:
         if replaced is not None and replaced.state is LaneState.ACTIVE:
             self._drain(replaced, now, replaced.reason.removeprefix("rotating: ") or "rotated")
 
+    def _renamed(self, lane: Lane, now: float) -> str | None:
+        """Two checks on one new connection named two pods. While other lanes' pods keep their
+        names, that is one pod naming itself anew on every call (a bug, or a hostile server),
+        not a balancer: the lane is not kept, and the names count as no pod. With no such lane
+        (an L7 proxy balances every request, the checks included), the lane is kept unnamed,
+        and drained once lanes with named pods exist. Returns the pod to record: None."""
+        self._renamed_at = now
+        if self._steady():
+            self._retire(lane, now, "its pod names itself anew on every call")
+        else:
+            lane.renamed = True
+        return None
+
     def _scouted(self, lane: Lane, fresh: bool, now: float) -> bool:
         """Keep a scout that reached a pod no lane covers; returns whether it was kept."""
         if not fresh or lane.pod is None:
@@ -605,13 +714,29 @@ class LanePool:
         if len(self._available) < self._wanted():
             self._activate(lane, now)
             return True
-        doubled = self._doubled()
-        if doubled is None:
+        spare = self._spare()
+        if spare is None:
             self._retire(lane, now, "no lane to spare for a new pod")
             return False
         self._activate(lane, now)
-        self._drain(doubled, now, f"pod {doubled.pod} doubled, {lane.pod} was not covered")
+        why = f"pod {spare.pod} doubled" if spare.pod is not None else "no pod named"
+        self._drain(spare, now, f"{why}, {lane.pod} was not covered")
         return True
+
+    def _steady(self) -> bool:
+        """Whether an active lane's pod keeps its name: named by two checks when the lane was
+        new, and by every check since. Behind an L7 proxy a lane's checks reach pod after pod
+        (two may agree by chance, later ones soon do not)."""
+        return any(lane.pod is not None and not lane.moved for lane in self._available)
+
+    def _spare(self) -> Lane | None:
+        """The lane a scout's new pod takes over: a doubled pod's, else one whose pod names
+        none (a pod a lane can name is worth more than one it cannot tell apart)."""
+        doubled = self._doubled()
+        if doubled is not None:
+            return doubled
+        unnamed = [lane for lane in self._available if lane.pod is None]
+        return max(unnamed, key=lambda lane: lane.id) if unnamed else None
 
     def _doubled(self) -> Lane | None:
         """The newest active lane whose pod another active lane covers too."""
@@ -620,6 +745,9 @@ class LanePool:
         return max(doubled, key=lambda lane: lane.id) if doubled else None
 
     def _recheck(self, lane: Lane, result: CheckResult, now: float) -> None:
+        if lane.suspect:
+            self._cleared_or_drained(lane, result, now)
+            return
         if not result.reachable:
             # One lost check is not a lost pod (a reconnect); several in a row are a pod that
             # hangs, which no call will report as UNAVAILABLE: its calls only time out.
@@ -634,9 +762,29 @@ class LanePool:
             if result.pod is not None:
                 self._pod_down(result.pod, now)
             return
-        if result.pod is not None:
+        if result.pod is not None and not lane.renamed:
+            lane.moved = lane.moved or result.pod != lane.pod
             lane.pod = result.pod  # a reconnect may have reached another pod
             self._reached(result.pod, now)
+
+    def _cleared_or_drained(self, lane: Lane, result: CheckResult, now: float) -> None:
+        """A suspect lane's check: its calls timed out while other lanes answered, so one
+        unanswered check is enough to drain it."""
+        lane.suspect = False
+        if result.reachable and result.serving:
+            lane.unanswered = 0
+            lane.heard = self._answers  # judged afresh from here
+            self._available.append(lane)
+            if result.pod is not None:
+                lane.pod = result.pod
+                self._reached(result.pod, now)
+            return
+        self._drain(
+            lane, now, "unresponsive: calls timed out" if not result.reachable else "not serving"
+        )
+        pod = result.pod if result.pod is not None else lane.pod
+        if pod is not None:
+            self._pod_down(pod, now)
 
     def _reached(self, pod: str, now: float) -> None:
         """A fresh connection or a check reached ``pod``; watch for session affinity."""
@@ -669,6 +817,7 @@ class LanePool:
         lane.activated_at = now
         lane.rotate_at = self.rotation.rotate_at(now, self._rng)
         lane.reason = ""
+        lane.heard = self._answers
         self._checked_at[lane.id] = now
         self._available.append(lane)
 
@@ -676,6 +825,7 @@ class LanePool:
         if lane in self._available:
             self._available.remove(lane)
         lane.state = LaneState.DRAINING
+        lane.suspect = False
         lane.draining_since = now
         lane.reason = reason
         self._drained.append(lane)
@@ -695,6 +845,11 @@ class LanePool:
         self._checked_at.pop(lane.id, None)
         self.lanes.remove(lane)
         self._to_close.append(lane)
+
+
+def _longer(backoff: float) -> float:
+    """The next backoff after ``backoff``: doubled, from 0.1 s up to ``_MAX_BACKOFF_S``."""
+    return min(max(backoff * 2, 0.1), _MAX_BACKOFF_S)
 
 
 def pool_for_channel(
