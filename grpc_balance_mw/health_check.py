@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from grpc_balance_mw._suppress import suppressed
+
 __all__ = [
     "CHECK_METHOD",
     "MALFORMED",
@@ -109,13 +111,40 @@ def read_status(data: bytes) -> int:
         return MALFORMED
 
 
+class _Unseen:
+    """A multicallable whose calls start with OpenTelemetry's instrumentation suppressed: the
+    package's own health checks (lanes, scouts, the probe, the doctor) are not the user's calls
+    and must not bill the user's tracing (an idle balanced channel checks several times a
+    second). The suppression holds while the call is started, which is when both grpc's and
+    grpc.aio's interceptors read the context."""
+
+    __slots__ = ("_inner",)
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with suppressed():
+            return self._inner(*args, **kwargs)
+
+    def future(self, *args: Any, **kwargs: Any) -> Any:
+        with suppressed():
+            return self._inner.future(*args, **kwargs)
+
+    def with_call(self, *args: Any, **kwargs: Any) -> Any:
+        with suppressed():
+            return self._inner.with_call(*args, **kwargs)
+
+
 def check_method(channel: Any, *, lenient: bool = False) -> Any:
     """``Health/Check`` on ``channel`` (sync or aio): call it with a service name ("" for the
     server as a whole); it answers the status number. ``lenient``: a reply that is no health
     status answers :data:`MALFORMED` or :data:`OVERSIZED` (:func:`read_status`) instead of
-    failing the call with INTERNAL."""
-    return channel.unary_unary(
-        CHECK_METHOD,
-        request_serializer=encode_request,
-        response_deserializer=read_status if lenient else decode_status,
+    failing the call with INTERNAL. Its calls make no OpenTelemetry span."""
+    return _Unseen(
+        channel.unary_unary(
+            CHECK_METHOD,
+            request_serializer=encode_request,
+            response_deserializer=read_status if lenient else decode_status,
+        )
     )

@@ -100,10 +100,13 @@ def channel_factory(
     base = check_channel_options(options, "channel_factory")
 
     def make(extra: Options, interceptors: Interceptors) -> grpc.aio.Channel:
+        # By keyword: opentelemetry-instrumentation-grpc's aio instrumentor wraps these
+        # functions and sets ``interceptors=`` itself, so a positional one is given twice.
         merged = (*base, *extra)
+        kwargs = {"options": merged, "compression": compression, "interceptors": interceptors}
         if credentials is not None:
-            return grpc.aio.secure_channel(target, credentials, merged, compression, interceptors)
-        return grpc.aio.insecure_channel(target, merged, compression, interceptors)
+            return grpc.aio.secure_channel(target, credentials, **kwargs)
+        return grpc.aio.insecure_channel(target, **kwargs)
 
     return make
 

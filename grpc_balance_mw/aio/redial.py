@@ -231,13 +231,16 @@ class DialPerRequestChannel(ConnectionRoutes, RoutedChannel[Lease]):
         return self._dial()
 
     def _dial(self) -> grpc.aio.Channel:
+        # By keyword: opentelemetry-instrumentation-grpc's aio instrumentor wraps these
+        # functions and sets ``interceptors=`` itself, so a positional one is given twice.
+        kwargs = {
+            "options": self._options,
+            "compression": self._compression,
+            "interceptors": self._interceptors,
+        }
         if self._credentials is None:
-            return grpc.aio.insecure_channel(
-                self.target, self._options, self._compression, self._interceptors
-            )
-        return grpc.aio.secure_channel(
-            self.target, self._credentials, self._options, self._compression, self._interceptors
-        )
+            return grpc.aio.insecure_channel(self.target, **kwargs)
+        return grpc.aio.secure_channel(self.target, self._credentials, **kwargs)
 
     def connection(self) -> Lease:
         """The channel for one call: a predialled one if ready, else a new one."""
