@@ -34,6 +34,7 @@ import grpc
 from grpc_balance_mw._routing import LaneRoutes, check_channel_options
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.observer import CallObserver
+from grpc_balance_mw.aio.client import AffinityInterceptors, append_interceptors, has_interceptors
 from grpc_balance_mw.aio.routed_channel import (
     Connectivity,
     RoutedChannel,
@@ -130,6 +131,16 @@ class _PastHealthChecks(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[m
         return await self._interceptor.intercept_unary_unary(
             continuation, client_call_details, request
         )
+
+
+def _past_health_checks(observer: CallObserver) -> list[Any]:
+    """Observing interceptors for ``observer``'s lane that let the lane's health checks by."""
+    return [
+        _PastHealthChecks(interceptor)
+        if isinstance(interceptor, grpc.aio.UnaryUnaryClientInterceptor)
+        else interceptor
+        for interceptor in AffinityInterceptors(observer.target, observer=observer).interceptors
+    ]
 
 
 class _LaneConnection:
@@ -267,9 +278,19 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
     # -- lanes -----------------------------------------------------------------------------
 
     def _open(self, lane: Lane) -> None:
-        lane.connection = _LaneConnection(
-            self._factory((LOCAL_POOL_OPTION,), self._user_interceptors), self._observer(lane)
-        )
+        channel = self._factory((LOCAL_POOL_OPTION,), self._user_interceptors)
+        observer = self._observer(lane)
+        # A lane made with interceptors (a user's, or opentelemetry-instrumentation-grpc's aio
+        # instrumentor's) is observed by interceptors appended after them, as aio observe()
+        # does: their span is then current when the pod is read, and is enriched instead of a
+        # second span made. Otherwise a done-callback observes each call, at less cost.
+        if (
+            observer is not None
+            and has_interceptors(channel)
+            and append_interceptors(channel, _past_health_checks(observer))
+        ):
+            observer = None
+        lane.connection = _LaneConnection(channel, observer)
 
     def _observer(self, lane: Lane) -> CallObserver | None:
         """The one place a lane's calls are observed (from their done-callbacks; the lane's

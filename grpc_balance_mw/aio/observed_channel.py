@@ -21,20 +21,17 @@ import grpc
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.observer import CallObserver
 from grpc_balance_mw.aio.call_end import read_end, when_ended
-from grpc_balance_mw.aio.client import AffinityInterceptors
+from grpc_balance_mw.aio.client import (
+    AffinityInterceptors,
+    append_interceptors,
+    has_interceptors,
+)
 from grpc_balance_mw.aio.multicallables import StreamRequestMethod, UnaryRequestMethod
 from grpc_balance_mw.aio.rebalance import Rebalancer, rerouted
 from grpc_balance_mw.observing import ObserveOptions, observe_parts
 from grpc_balance_mw.rebalance import Rebalance
 
 __all__ = ["ObservedChannel", "observe"]
-
-_INTERCEPTOR_LISTS = (
-    "_unary_unary_interceptors",
-    "_unary_stream_interceptors",
-    "_stream_unary_interceptors",
-    "_stream_stream_interceptors",
-)
 
 
 class _Observed:
@@ -109,34 +106,6 @@ _KINDS: dict[str, type[_Observed]] = {
     "stream_unary": _StreamUnary,
     "stream_stream": _StreamStream,
 }
-
-
-def has_interceptors(channel: Any) -> bool:
-    """Whether an aio channel was made with client interceptors."""
-    return any(getattr(channel, name, None) for name in _INTERCEPTOR_LISTS)
-
-
-def append_interceptors(channel: Any, interceptors: list[Any]) -> bool:
-    """Put ``interceptors`` after the ones ``channel`` was made with; False if it has no lists.
-
-    grpc.aio reads a channel's interceptor lists when a method's multicallable is made, and
-    registers an object under the first kind it implements, so each per-kind object goes to the
-    list of its kind.
-    """
-    if not all(isinstance(getattr(channel, name, None), list) for name in _INTERCEPTOR_LISTS):
-        return False
-    kinds = (
-        grpc.aio.UnaryUnaryClientInterceptor,
-        grpc.aio.UnaryStreamClientInterceptor,
-        grpc.aio.StreamUnaryClientInterceptor,
-        grpc.aio.StreamStreamClientInterceptor,
-    )
-    for interceptor in interceptors:
-        for kind, name in zip(kinds, _INTERCEPTOR_LISTS, strict=True):
-            if isinstance(interceptor, kind):
-                getattr(channel, name).append(interceptor)
-                break
-    return True
 
 
 class ObservedChannel(grpc.aio.Channel):  # type: ignore[misc]
