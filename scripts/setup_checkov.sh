@@ -33,7 +33,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     python3 -m venv "$VENV" || fail "python3 -m venv failed"
 fi
 log="$VENV/setup.log"
-say "installing checkov $VERSION into .venv-checkov (the first time takes about a minute; log: .venv-checkov/setup.log)"
+say "installing checkov $VERSION into .venv-checkov (the first time takes one to two minutes; log: .venv-checkov/setup.log)"
 if ! { "$VENV/bin/python" -m pip install --upgrade pip &&
     "$VENV/bin/python" -m pip install "checkov==$VERSION"; } >"$log" 2>&1; then
     tail -n 30 "$log" >&2
