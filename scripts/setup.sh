@@ -25,6 +25,8 @@ fi
 
 # promtool, for the shipped Prometheus rules (tests/test_prometheus.py).
 bash "$ROOT/scripts/setup_prometheus.sh"
+# checkov, in its own .venv-checkov, for the manifests' checks (tests/test_kubernetes_examples.py).
+bash "$ROOT/scripts/setup_checkov.sh"
 # Node.js's grpc-js and Go's grpc-go pods of examples/ (tests/test_grpc_js_server.py).
 bash "$ROOT/scripts/setup_node.sh"
 bash "$ROOT/scripts/setup_go.sh"
