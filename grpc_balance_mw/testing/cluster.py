@@ -35,7 +35,7 @@ from grpc_balance_mw.testing.dnsmasq import DnsmasqDNS, dnsmasq_path
 from grpc_balance_mw.testing.endpoints import Endpoint, Frontend
 from grpc_balance_mw.testing.haproxy import HAProxyL7, HAProxyService, haproxy_path
 from grpc_balance_mw.testing.kube_proxy import IptablesService
-from grpc_balance_mw.testing.netns import Bridge, NetworkNamespace, privileged
+from grpc_balance_mw.testing.netns import Bridge, NamespaceError, NetworkNamespace, privileged
 from grpc_balance_mw.testing.nginx import NginxL7, nginx_path
 from grpc_balance_mw.testing.pods import (
     CommandProgram,
@@ -112,12 +112,13 @@ class LocalCluster:
         pods: how many pods to start with.
         service: the L4 ClusterIP Service: ``userspace`` (embedded proxy, the default),
             ``haproxy`` (``mode tcp``, ``balance random``) or ``iptables`` (kube-proxy's chains
-            in a network namespace that the pods run in; needs root).
-        dns: the cluster DNS for the headless Service, or None for none. ``auto``: embedded,
-            except with ``iptables``, whose pod IPs the host cannot reach, so none.
+            in a network namespace that the pods run in; needs root). With ``iptables`` each pod
+            address is also reachable from the host, through a forwarder listening on the same
+            IP and port here, so the DNS's A records and the L7 proxy's upstreams work as in a
+            routed pod network.
+        dns: the cluster DNS for the headless Service, or None for none (``auto``: embedded).
         l7: the L7 proxy standing in for an Envoy sidecar: ``haproxy`` (``mode http``, h2) or
-            ``nginx`` (``grpc_pass``); None for none (not with
-            ``iptables``, for the same reason).
+            ``nginx`` (``grpc_pass``); None for none.
         l7_balance: its per-call algorithm.
         service_time_ms: how long each pod takes per call.
         max_concurrent: each pod's capacity (0: unlimited).
@@ -165,7 +166,7 @@ class LocalCluster:
         if service not in ("userspace", "haproxy", "iptables"):
             raise ConfigurationError(f"unknown service implementation {service!r}")
         if dns == AUTO:
-            dns = None if service == "iptables" else "embedded"
+            dns = "embedded"
         if dns not in (None, "embedded", "dnsmasq"):
             raise ConfigurationError(f"unknown dns implementation {dns!r}")
         if l7 not in (None, "haproxy", "nginx"):
@@ -174,11 +175,6 @@ class LocalCluster:
             raise ConfigurationError("session_affinity must be None or 'ClientIP'")
         if session_affinity and service != "iptables":
             raise ConfigurationError("session_affinity='ClientIP' needs service='iptables'")
-        if service == "iptables" and (dns is not None or l7 is not None):
-            raise ConfigurationError(
-                "service='iptables' runs the pods in a network namespace the host has no route "
-                "into, so it takes neither a cluster DNS nor an L7 proxy: pass dns=None, l7=None"
-            )
         self.name = name
         self.namespace = namespace
         self.service_kind = service
@@ -204,7 +200,7 @@ class LocalCluster:
         self._l7: Frontend | None = None
         self._published: list[Endpoint] | None = None
         self._netns: NetworkNamespace | None = None
-        self._admin_bridges: dict[str, Bridge] = {}
+        self._pod_routes: dict[str, Bridge] = {}
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
@@ -276,9 +272,9 @@ class LocalCluster:
             for pod in self.pods:
                 pod.stop()
             self.pods = []
-            for bridge in self._admin_bridges.values():
+            for bridge in self._pod_routes.values():
                 bridge.close()
-            self._admin_bridges = {}
+            self._pod_routes = {}
             if self._netns is not None:
                 self._netns.close()
                 self._netns = None
@@ -312,6 +308,11 @@ class LocalCluster:
     def l7_target(self) -> str:
         """The L7 proxy, ``host:port``."""
         return self._frontend(self._l7, "l7").address
+
+    @property
+    def network_namespace(self) -> NetworkNamespace | None:
+        """The namespace the pods and kube-proxy's rules live in (``iptables``), else None."""
+        return self._netns
 
     # -- ground truth ------------------------------------------------------------------------
 
@@ -356,7 +357,7 @@ class LocalCluster:
                     pod.terminate()
                 for pod in leaving:
                     pod.stop()
-                    bridge = self._admin_bridges.pop(pod.name, None)
+                    bridge = self._pod_routes.pop(pod.name, None)
                     if bridge is not None:
                         bridge.close()
             self.refresh()
@@ -419,9 +420,13 @@ class LocalCluster:
         self.pods.extend(new)
         if self._netns is not None:
             for pod in new:
-                bridge = self._netns.bridge(pod.address)
-                self._admin_bridges[pod.name] = bridge
-                pod.admin_address = bridge.target
+                # The pod's own ip:port on the host, forwarded inside: the route into the
+                # namespace that the DNS's clients, the L7 proxy and the admin calls take.
+                try:
+                    bridge = self._netns.bridge(pod.address, listen=(pod.ip, pod.port))
+                except NamespaceError as exc:
+                    raise ClusterError(f"{pod.name}: {exc}") from exc
+                self._pod_routes[pod.name] = bridge
 
     def _launch_first(self, new: list[Pod]) -> None:
         """The first pod picks the shared target port; the others bind the same port on their
