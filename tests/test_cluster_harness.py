@@ -206,14 +206,6 @@ def test_session_affinity_needs_the_iptables_backend() -> None:
         LocalCluster(service="userspace", session_affinity="ClientIP")
 
 
-def test_the_iptables_backend_takes_no_dns_or_l7_proxy() -> None:
-    assert LocalCluster(service="iptables").dns_kind is None
-    with pytest.raises(ConfigurationError, match="dns=None"):
-        LocalCluster(service="iptables", dns="embedded")
-    with pytest.raises(ConfigurationError, match="l7=None"):
-        LocalCluster(service="iptables", l7="haproxy")
-
-
 def test_iptables_pods_are_driven_inside_their_namespace(local_cluster_factory: Factory) -> None:
     cluster = local_cluster_factory(pods=2, service="iptables")
     USED_ADDRESSES.append(cluster.service_target)

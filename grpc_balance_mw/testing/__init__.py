@@ -13,6 +13,7 @@ from grpc_balance_mw.testing.cluster import (
 from grpc_balance_mw.testing.endpoints import Endpoint, Frontend
 from grpc_balance_mw.testing.pods import Overflow, Pod, PodSettings
 from grpc_balance_mw.testing.process import ClusterError, live_children
+from grpc_balance_mw.testing.user_pod import PodInfo, RegisterServicer
 
 __all__ = [
     "ClusterError",
@@ -23,7 +24,9 @@ __all__ = [
     "LocalCluster",
     "Overflow",
     "Pod",
+    "PodInfo",
     "PodSettings",
+    "RegisterServicer",
     "ServiceKind",
     "live_children",
     "missing_components",

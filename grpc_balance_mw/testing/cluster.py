@@ -7,6 +7,10 @@ Usage::
         ...
         assert cluster.served() == {"charge-points-0": 100, ...}
 
+The pods run the harness's charge-points server unless given the user's own service: a
+servicer (``servicer="myapp.testing:register"``, see :mod:`grpc_balance_mw.testing.user_pod`)
+or a command (``pod_command=["python", "server.py", "--port", "{port}"]``); docs/testing.md.
+
 Every part is a real process started by the harness and stopped by :meth:`LocalCluster.stop`.
 The cluster is its own Endpoints controller: a pod is an endpoint while it is alive and its
 health is SERVING, and each harness action (scale, kill, restart, set_serving) has been applied
@@ -19,6 +23,7 @@ import random
 import shutil
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
@@ -30,10 +35,18 @@ from grpc_balance_mw.testing.dnsmasq import DnsmasqDNS, dnsmasq_path
 from grpc_balance_mw.testing.endpoints import Endpoint, Frontend
 from grpc_balance_mw.testing.haproxy import HAProxyL7, HAProxyService, haproxy_path
 from grpc_balance_mw.testing.kube_proxy import IptablesService
-from grpc_balance_mw.testing.netns import Bridge, NetworkNamespace, privileged
+from grpc_balance_mw.testing.netns import Bridge, NamespaceError, NetworkNamespace, privileged
 from grpc_balance_mw.testing.nginx import NginxL7, nginx_path
-from grpc_balance_mw.testing.pods import Overflow, Pod, PodSettings
+from grpc_balance_mw.testing.pods import (
+    CommandProgram,
+    Overflow,
+    Pod,
+    PodProgram,
+    PodSettings,
+    ServicerProgram,
+)
 from grpc_balance_mw.testing.process import ClusterError
+from grpc_balance_mw.testing.user_pod import RegisterServicer, resolve_register
 from grpc_balance_mw.testing.userspace_proxy import UserspaceService
 
 __all__ = ["DNSKind", "L7Kind", "LocalCluster", "ServiceKind", "missing_components"]
@@ -68,19 +81,44 @@ def missing_components(
     return missing
 
 
+def servicer_reference(servicer: str | RegisterServicer) -> str:
+    """The ``module:function`` form of a register function, checked to import here.
+
+    A pod is another process, so the function must be importable there by name: a module-level
+    function of an importable module, not a lambda, a nested function or ``__main__``'s.
+    """
+    if isinstance(servicer, str):
+        reference = servicer
+    else:
+        module = getattr(servicer, "__module__", None)
+        qualname = getattr(servicer, "__qualname__", None)
+        if not module or not qualname or "<" in qualname or module == "__main__":
+            raise ConfigurationError(
+                f"servicer {servicer!r} cannot be imported in a pod process: pass a "
+                "module-level function of an importable module, or a 'module:function' string"
+            )
+        reference = f"{module}:{qualname}"
+    try:
+        resolve_register(reference)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigurationError(f"servicer {reference!r} does not import: {exc}") from exc
+    return reference
+
+
 class LocalCluster:
-    """A Kubernetes-like cluster on loopback for one Service of charge-points pods.
+    """A Kubernetes-like cluster on loopback for one Service of pods.
 
     Args:
         pods: how many pods to start with.
         service: the L4 ClusterIP Service: ``userspace`` (embedded proxy, the default),
             ``haproxy`` (``mode tcp``, ``balance random``) or ``iptables`` (kube-proxy's chains
-            in a network namespace that the pods run in; needs root).
-        dns: the cluster DNS for the headless Service, or None for none. ``auto``: embedded,
-            except with ``iptables``, whose pod IPs the host cannot reach, so none.
+            in a network namespace that the pods run in; needs root). With ``iptables`` each pod
+            address is also reachable from the host, through a forwarder listening on the same
+            IP and port here, so the DNS's A records and the L7 proxy's upstreams work as in a
+            routed pod network.
+        dns: the cluster DNS for the headless Service, or None for none (``auto``: embedded).
         l7: the L7 proxy standing in for an Envoy sidecar: ``haproxy`` (``mode http``, h2) or
-            ``nginx`` (``grpc_pass``); None for none (not with
-            ``iptables``, for the same reason).
+            ``nginx`` (``grpc_pass``); None for none.
         l7_balance: its per-call algorithm.
         service_time_ms: how long each pod takes per call.
         max_concurrent: each pod's capacity (0: unlimited).
@@ -91,6 +129,16 @@ class LocalCluster:
         namespace: the Kubernetes namespace the pods report.
         name: the Service name; pods are ``<name>-0``, ``<name>-1``, ...
         dns_ttl_s: the TTL of the DNS answers.
+        servicer: run the user's service in each pod instead of charge-points: a
+            ``register(server, pod)`` function (:class:`~grpc_balance_mw.testing.user_pod.
+            RegisterServicer`) given as a ``"module:function"`` string or the function itself
+            (module-level, so the pod process can import it). The harness adds the pod
+            identity, health and a per-pod call count (:meth:`served`).
+        pod_command: run this command as each pod instead (``{port}``, ``{ip}``, ``{name}``,
+            ``{namespace}``, ``{bind}`` filled in; ``PORT``, ``POD_IP``, ``POD_NAME``,
+            ``POD_NAMESPACE`` in its environment). It must stamp the identity itself; the
+            harness has no counts (:meth:`served` raises) and cannot flip its health.
+        pod_ready_timeout_s: how long a ``pod_command`` pod may take to accept connections.
     """
 
     def __init__(
@@ -109,13 +157,16 @@ class LocalCluster:
         namespace: str = "ev",
         name: str = "charge-points",
         dns_ttl_s: int = 1,
+        servicer: str | RegisterServicer | None = None,
+        pod_command: Sequence[str] | None = None,
+        pod_ready_timeout_s: float = 20.0,
     ) -> None:
         if not 0 <= pods <= _MAX_PODS:
             raise ConfigurationError(f"pods must be between 0 and {_MAX_PODS}, got {pods}")
         if service not in ("userspace", "haproxy", "iptables"):
             raise ConfigurationError(f"unknown service implementation {service!r}")
         if dns == AUTO:
-            dns = None if service == "iptables" else "embedded"
+            dns = "embedded"
         if dns not in (None, "embedded", "dnsmasq"):
             raise ConfigurationError(f"unknown dns implementation {dns!r}")
         if l7 not in (None, "haproxy", "nginx"):
@@ -124,11 +175,6 @@ class LocalCluster:
             raise ConfigurationError("session_affinity must be None or 'ClientIP'")
         if session_affinity and service != "iptables":
             raise ConfigurationError("session_affinity='ClientIP' needs service='iptables'")
-        if service == "iptables" and (dns is not None or l7 is not None):
-            raise ConfigurationError(
-                "service='iptables' runs the pods in a network namespace the host has no route "
-                "into, so it takes neither a cluster DNS nor an L7 proxy: pass dns=None, l7=None"
-            )
         self.name = name
         self.namespace = namespace
         self.service_kind = service
@@ -142,6 +188,7 @@ class LocalCluster:
                 f"max_connection_age_s must be > 0 or None, got {max_connection_age_s}"
             )
         self.settings = PodSettings(service_time_ms, max_concurrent, overflow, max_connection_age_s)
+        self.program = _program(servicer, pod_command, pod_ready_timeout_s, self.settings)
         self.pods: list[Pod] = []
         self.target_port = 0
         self._initial_pods = pods
@@ -153,7 +200,7 @@ class LocalCluster:
         self._l7: Frontend | None = None
         self._published: list[Endpoint] | None = None
         self._netns: NetworkNamespace | None = None
-        self._admin_bridges: dict[str, Bridge] = {}
+        self._pod_routes: dict[str, Bridge] = {}
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
@@ -225,9 +272,9 @@ class LocalCluster:
             for pod in self.pods:
                 pod.stop()
             self.pods = []
-            for bridge in self._admin_bridges.values():
+            for bridge in self._pod_routes.values():
                 bridge.close()
-            self._admin_bridges = {}
+            self._pod_routes = {}
             if self._netns is not None:
                 self._netns.close()
                 self._netns = None
@@ -261,6 +308,11 @@ class LocalCluster:
     def l7_target(self) -> str:
         """The L7 proxy, ``host:port``."""
         return self._frontend(self._l7, "l7").address
+
+    @property
+    def network_namespace(self) -> NetworkNamespace | None:
+        """The namespace the pods and kube-proxy's rules live in (``iptables``), else None."""
+        return self._netns
 
     # -- ground truth ------------------------------------------------------------------------
 
@@ -305,7 +357,7 @@ class LocalCluster:
                     pod.terminate()
                 for pod in leaving:
                     pod.stop()
-                    bridge = self._admin_bridges.pop(pod.name, None)
+                    bridge = self._pod_routes.pop(pod.name, None)
                     if bridge is not None:
                         bridge.close()
             self.refresh()
@@ -356,31 +408,43 @@ class LocalCluster:
         new = [self._new_pod() for _ in range(count)]
         if not new:
             return
-        if self.target_port == 0:
-            # The first pod picks the shared target port; the others bind the same port on
-            # their own IPs. If one of those is taken there, draw a new port for all.
-            for attempt in range(_PORT_ATTEMPTS):
-                first = new[0]
-                first.port = 0
-                first.start()
-                self.target_port = first.port
-                try:
-                    self._launch_all(new[1:])
-                    break
-                except ClusterError:
-                    for pod in new:
-                        pod.stop()
-                    self.target_port = 0
-                    if attempt == _PORT_ATTEMPTS - 1:
-                        raise
-        else:
-            self._launch_all(new)
+        try:
+            if self.target_port == 0:
+                self._launch_first(new)
+            else:
+                self._launch_all(new)
+        except BaseException:
+            for pod in new:  # not in self.pods yet: stop() would not reap them
+                pod.stop()
+            raise
         self.pods.extend(new)
         if self._netns is not None:
             for pod in new:
-                bridge = self._netns.bridge(pod.address)
-                self._admin_bridges[pod.name] = bridge
-                pod.admin_address = bridge.target
+                # The pod's own ip:port on the host, forwarded inside: the route into the
+                # namespace that the DNS's clients, the L7 proxy and the admin calls take.
+                try:
+                    bridge = self._netns.bridge(pod.address, listen=(pod.ip, pod.port))
+                except NamespaceError as exc:
+                    raise ClusterError(f"{pod.name}: {exc}") from exc
+                self._pod_routes[pod.name] = bridge
+
+    def _launch_first(self, new: list[Pod]) -> None:
+        """The first pod picks the shared target port; the others bind the same port on their
+        own IPs. If one of those is taken there, draw a new port for all."""
+        for attempt in range(_PORT_ATTEMPTS):
+            first = new[0]
+            first.port = 0
+            first.start()
+            self.target_port = first.port
+            try:
+                self._launch_all(new[1:])
+                return
+            except ClusterError:
+                for pod in new:
+                    pod.stop()
+                self.target_port = 0
+                if attempt == _PORT_ATTEMPTS - 1:
+                    raise
 
     def _launch_all(self, pods: list[Pod]) -> None:
         for pod in pods:
@@ -403,6 +467,7 @@ class LocalCluster:
             settings=self.settings,
             log_dir=self._dir,
             launcher=self._netns.exec_prefix if self._netns is not None else (),
+            program=self.program,
         )
 
     def _make_service(self, log_dir: Path) -> Frontend:
@@ -443,3 +508,34 @@ class LocalCluster:
     def _require_running(self) -> None:
         if not self.running:
             raise ClusterError("the cluster is not running")
+
+
+def _program(
+    servicer: str | RegisterServicer | None,
+    pod_command: Sequence[str] | None,
+    ready_timeout_s: float,
+    settings: PodSettings,
+) -> PodProgram:
+    """What the pods run, checked: the user's servicer or command, or None (charge-points)."""
+    if servicer is None and pod_command is None:
+        return None
+    if servicer is not None and pod_command is not None:
+        raise ConfigurationError("pass servicer or pod_command, not both")
+    own = PodSettings(max_connection_age_s=settings.max_connection_age_s)
+    if settings != own:
+        raise ConfigurationError(
+            "service_time_ms, max_concurrent and overflow shape the harness's own pods; "
+            "the user's service has its own"
+        )
+    if servicer is not None:
+        return ServicerProgram(servicer_reference(servicer))
+    assert pod_command is not None
+    if isinstance(pod_command, str) or not pod_command:
+        raise ConfigurationError("pod_command must be a non-empty list of arguments")
+    if settings.max_connection_age_s is not None:
+        raise ConfigurationError(
+            "max_connection_age_s is set by the harness's server; a pod_command sets its own"
+        )
+    if not ready_timeout_s > 0:
+        raise ConfigurationError(f"pod_ready_timeout_s must be > 0, got {ready_timeout_s}")
+    return CommandProgram(tuple(pod_command), ready_timeout_s)

@@ -182,9 +182,10 @@ class NetworkNamespace:
         out = _run(["ip", "netns", "pids", self.name])
         return [int(word) for word in out.split()]
 
-    def bridge(self, address: str) -> Bridge:
-        """A host-side ``127.0.0.1:PORT`` whose connections are forwarded to ``address`` inside."""
-        return Bridge(self, address)
+    def bridge(self, address: str, listen: tuple[str, int] = ("127.0.0.1", 0)) -> Bridge:
+        """A host-side ``listen`` address (default ``127.0.0.1:PORT``) whose connections are
+        forwarded to ``address`` inside."""
+        return Bridge(self, address, listen=listen)
 
     def close(self) -> None:
         """Kill what we started (by pid), then delete the namespace. Idempotent."""
@@ -210,17 +211,31 @@ class Bridge:
     The listening socket is bound here, in the host namespace, and handed to a forwarder process
     (:mod:`grpc_balance_mw.testing.ns_bridge`) that runs inside the namespace: it accepts on the
     host socket and connects inside. The port is known, and connectable, before the forwarder runs.
+    ``listen`` may be the inside address itself (a loopback IP is free on the host while a pod
+    holds it inside): the host then reaches the pod at the pod's own address, as a routed
+    cluster network would let it.
     """
 
     def __init__(
-        self, netns: NetworkNamespace, address: str, ready_timeout_s: float = 15.0
+        self,
+        netns: NetworkNamespace,
+        address: str,
+        ready_timeout_s: float = 15.0,
+        *,
+        listen: tuple[str, int] = ("127.0.0.1", 0),
     ) -> None:
         self.netns = netns
         self.address = address
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            listener.bind(("127.0.0.1", 0))
+            try:
+                listener.bind(listen)
+            except OSError as exc:
+                raise NamespaceError(
+                    f"bridge to {address} in {netns.name}: cannot listen on {listen}: {exc}"
+                ) from exc
             listener.listen(128)
+            self.host: str = listener.getsockname()[0]
             self.port: int = listener.getsockname()[1]
             self._process = netns.spawn(
                 [
@@ -252,8 +267,8 @@ class Bridge:
 
     @property
     def target(self) -> str:
-        """Where host code connects: ``127.0.0.1:PORT``."""
-        return f"127.0.0.1:{self.port}"
+        """Where host code connects: ``HOST:PORT`` (default ``127.0.0.1:PORT``)."""
+        return f"{self.host}:{self.port}"
 
     @property
     def pid(self) -> int:

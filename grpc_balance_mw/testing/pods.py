@@ -1,13 +1,20 @@
-"""Pods of the local cluster: real charge-points servers, one process each.
+"""Pods of the local cluster: real servers, one process each.
 
-A pod is :mod:`grpc_balance_mw.testing.charge_points.pod` bound to its own loopback IP on the
-cluster's shared target port, so a headless Service can list it as an A record, as a real pod
-IP would be.
+A pod is bound to its own loopback IP on the cluster's shared target port, so a headless
+Service can list it as an A record, as a real pod IP would be. What it runs is its program:
+the harness's charge-points server (:mod:`grpc_balance_mw.testing.charge_points.pod`, the
+default), the user's servicer inside :mod:`grpc_balance_mw.testing.user_pod`
+(:class:`ServicerProgram`), or the user's own command (:class:`CommandProgram`).
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +25,14 @@ import grpc
 from grpc_balance_mw.testing.charge_points.v1 import pod_admin_pb2 as admin_pb
 from grpc_balance_mw.testing.charge_points.v1 import pod_admin_pb2_grpc as admin_grpc
 from grpc_balance_mw.testing.endpoints import Endpoint
-from grpc_balance_mw.testing.process import ChildProcess, ClusterError, python_module
+from grpc_balance_mw.testing.process import (
+    ChildProcess,
+    ClusterError,
+    python_module,
+    reserve_port,
+)
 
-__all__ = ["Overflow", "Pod", "PodSettings"]
+__all__ = ["CommandProgram", "Overflow", "Pod", "PodProgram", "PodSettings", "ServicerProgram"]
 
 Overflow = Literal["queue", "reject"]
 _ADMIN_TIMEOUT_S = 5.0
@@ -51,6 +63,42 @@ class PodSettings:
         return args
 
 
+@dataclass(frozen=True)
+class ServicerProgram:
+    """Run the user's servicer: ``register`` is a ``module:function`` reference, imported in the
+    pod process (see :mod:`grpc_balance_mw.testing.user_pod`)."""
+
+    register: str
+
+
+@dataclass(frozen=True)
+class CommandProgram:
+    """Run the user's command as the pod. ``{port}``, ``{ip}``, ``{name}``, ``{namespace}``
+    and ``{bind}`` (``ip:port``) in ``argv`` are filled in; the environment carries the same
+    as ``PORT``, ``POD_IP``, ``POD_NAME``, ``POD_NAMESPACE``. It is ready once its port accepts
+    a TCP connection, within ``ready_timeout_s``."""
+
+    argv: tuple[str, ...]
+    ready_timeout_s: float = 20.0
+
+
+#: None: the harness's own charge-points server.
+PodProgram = ServicerProgram | CommandProgram | None
+
+#: Run inside the pod's network namespace when the harness cannot connect from here.
+_CONNECT_LOOP = """
+import socket, sys, time
+ip, port, deadline = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+while time.monotonic() < deadline:
+    try:
+        socket.create_connection((ip, port), timeout=1.0).close()
+        sys.exit(0)
+    except OSError:
+        time.sleep(0.05)
+sys.exit(1)
+"""
+
+
 class Pod:
     """One pod process. ``port`` 0 lets the first pod pick the cluster's target port.
 
@@ -62,6 +110,7 @@ class Pod:
         settings: service time and capacity.
         log_dir: where its stderr goes.
         launcher: a prefix for its command, e.g. ``ip netns exec NS``.
+        program: what it runs (None: the charge-points server).
     """
 
     def __init__(
@@ -74,8 +123,10 @@ class Pod:
         settings: PodSettings,
         log_dir: Path,
         launcher: Sequence[str] = (),
+        program: PodProgram = None,
     ) -> None:
         self.name = name
+        self.program = program
         self.ip = ip
         self.port = port
         self.namespace = namespace
@@ -116,31 +167,96 @@ class Pod:
 
     def launch(self) -> None:
         """Start the process without waiting; :meth:`wait_ready` finishes the start."""
-        argv = [
-            *self._launcher,
-            *python_module(
-                "grpc_balance_mw.testing.charge_points.pod",
-                "--pod-name",
-                self.name,
-                "--pod-ip",
-                self.ip,
-                "--namespace",
-                self.namespace,
-                "--bind",
-                self.address,
-                "--shutdown-grace-s",
-                "0.5",
-                "--stop-on-stdin-eof",
-                *self.settings.args(),
-            ),
+        if isinstance(self.program, CommandProgram):
+            self._launch_command(self.program)
+            return
+        common = [
+            *("--pod-name", self.name, "--pod-ip", self.ip, "--namespace", self.namespace),
+            *("--bind", self.address, "--stop-on-stdin-eof"),
         ]
+        env = None
+        if isinstance(self.program, ServicerProgram):
+            age = self.settings.max_connection_age_s
+            args = ["--register", self.program.register, *common]
+            args += [] if age is None else ["--max-connection-age-s", str(age)]
+            argv = python_module("grpc_balance_mw.testing.user_pod", *args)
+            # The child imports the reference: give it every path this process imports from.
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        else:
+            args = [*common, "--shutdown-grace-s", "0.5", *self.settings.args()]
+            argv = python_module("grpc_balance_mw.testing.charge_points.pod", *args)
         self._process = ChildProcess(
-            argv, name=self.name, log_dir=self._log_dir, control=True
+            [*self._launcher, *argv], name=self.name, log_dir=self._log_dir, control=True, env=env
         ).start()
+
+    def _launch_command(self, program: CommandProgram) -> None:
+        if self.port == 0:
+            self.port = reserve_port(self.ip)
+        fields = {
+            "port": str(self.port),
+            "ip": self.ip,
+            "name": self.name,
+            "namespace": self.namespace,
+            "bind": self.address,
+        }
+        try:
+            argv = [arg.format(**fields) for arg in program.argv]
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ClusterError(f"pod_command has a placeholder the harness lacks: {exc}") from exc
+        env = {
+            **os.environ,
+            "PORT": fields["port"],
+            "POD_IP": self.ip,
+            "POD_NAME": self.name,
+            "POD_NAMESPACE": self.namespace,
+        }
+        self._process = ChildProcess(
+            [*self._launcher, *argv], name=self.name, log_dir=self._log_dir, env=env
+        ).start()
+
+    def _wait_command_ready(self, process: ChildProcess, timeout: float) -> None:
+        """Until the command's port accepts a connection; ClusterError if it exits or not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not process.alive:
+                raise ClusterError(
+                    f"{self.name} exited before it listened on {self.address}"
+                    f"{process.log_excerpt()}"
+                )
+            if self._accepts(min(1.0, max(0.05, deadline - time.monotonic()))):
+                return
+            time.sleep(0.05)
+        raise ClusterError(
+            f"{self.name} did not accept connections on {self.address} in {timeout}s"
+            f"{process.log_excerpt()}"
+        )
+
+    def _accepts(self, timeout: float) -> bool:
+        if self._launcher:  # its IP is inside a namespace: connect from there
+            check = [*self._launcher, sys.executable, "-c", _CONNECT_LOOP, self.ip]
+            try:
+                done = subprocess.run(
+                    [*check, str(self.port), str(timeout)],
+                    timeout=timeout + 10,
+                    capture_output=True,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                return False
+            return done.returncode == 0
+        try:
+            socket.create_connection((self.ip, self.port), timeout=timeout).close()
+        except OSError:
+            return False
+        return True
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         if self._process is None:
             raise ClusterError(f"{self.name} was never launched")
+        if isinstance(self.program, CommandProgram):
+            self._wait_command_ready(self._process, self.program.ready_timeout_s)
+            self.serving = True
+            return
         port = self._process.wait_ready(timeout)
         if self.port not in (0, port):
             raise ClusterError(f"{self.name} bound port {port}, not {self.port}")
@@ -172,12 +288,14 @@ class Pod:
 
     def stats(self, *, reset: bool = False) -> admin_pb.PodStats:
         """Its own count of what it served (``PodAdmin.GetStats``)."""
+        self._require_admin("counts")
         stats: admin_pb.PodStats = self._admin().GetStats(
             admin_pb.GetStatsRequest(reset=reset), timeout=_ADMIN_TIMEOUT_S
         )
         return stats
 
     def set_serving(self, serving: bool) -> None:
+        self._require_admin("health")
         self._admin().SetServing(
             admin_pb.SetServingRequest(serving=serving), timeout=_ADMIN_TIMEOUT_S
         )
@@ -187,6 +305,10 @@ class Pod:
         self, *, service_time_ms: float | None = None, max_concurrent: int | None = None
     ) -> None:
         """Change service time or capacity on the running pod (None: leave as is)."""
+        if self.program is not None:
+            raise ClusterError(
+                f"{self.name} runs the user's program: service time and capacity are its own"
+            )
         request = admin_pb.ConfigureRequest(
             service_time_ms=-1 if service_time_ms is None else round(service_time_ms),
             max_concurrent=-1 if max_concurrent is None else max_concurrent,
@@ -198,6 +320,13 @@ class Pod:
             self.settings.overflow,
             self.settings.max_connection_age_s,
         )
+
+    def _require_admin(self, what: str) -> None:
+        if isinstance(self.program, CommandProgram):
+            raise ClusterError(
+                f"{self.name} runs pod_command, which the harness has no {what} of: count "
+                "the pod identity (x-balance-pod) in the responses instead"
+            )
 
     def _admin(self) -> admin_grpc.PodAdminStub:
         if not self.alive:

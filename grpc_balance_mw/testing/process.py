@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from grpc_balance_mw.errors import BalanceError
@@ -59,12 +59,20 @@ class ChildProcess:
         name: what error messages call it, and the name of its log file.
         log_dir: where ``<name>.log`` (its stderr) goes.
         control: keep stdin open so :meth:`request` can send it lines.
+        env: its environment (None: this process's).
     """
 
     def __init__(
-        self, argv: Sequence[str], *, name: str, log_dir: Path, control: bool = False
+        self,
+        argv: Sequence[str],
+        *,
+        name: str,
+        log_dir: Path,
+        control: bool = False,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.argv = list(argv)
+        self.env = dict(env) if env is not None else None
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._control = control
@@ -95,6 +103,7 @@ class ChildProcess:
                 stderr=log,
                 start_new_session=True,
                 close_fds=True,
+                env=self.env,
             )
         with _LIVE_LOCK:
             _LIVE[self._popen.pid] = self
@@ -109,7 +118,7 @@ class ChildProcess:
         while b"\n" not in self._buffer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ClusterError(f"{self.name}: no output in {timeout}s{self._log_excerpt()}")
+                raise ClusterError(f"{self.name}: no output in {timeout}s{self.log_excerpt()}")
             ready, _, _ = select.select([fd], [], [], remaining)
             if not ready:
                 continue
@@ -117,7 +126,7 @@ class ChildProcess:
             if not chunk:
                 popen.wait(timeout=5)
                 raise ClusterError(
-                    f"{self.name} exited with {popen.returncode}{self._log_excerpt()}"
+                    f"{self.name} exited with {popen.returncode}{self.log_excerpt()}"
                 )
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
@@ -140,7 +149,7 @@ class ChildProcess:
             popen.stdin.write(line.encode() + b"\n")
             popen.stdin.flush()
         except BrokenPipeError as exc:
-            raise ClusterError(f"{self.name} is gone{self._log_excerpt()}") from exc
+            raise ClusterError(f"{self.name} is gone{self.log_excerpt()}") from exc
         answer = self.read_line(timeout)
         if not answer.startswith("OK"):
             raise ClusterError(f"{self.name} refused {line!r}: {answer}")
@@ -182,7 +191,7 @@ class ChildProcess:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def _log_excerpt(self) -> str:
+    def log_excerpt(self) -> str:
         tail = self.log_tail()
         return f"; its log ends:\n{tail}" if tail else ""
 
