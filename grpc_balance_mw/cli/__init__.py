@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("userspace", "haproxy", "iptables"),
         default="userspace",
         help="the ClusterIP Service: embedded proxy (default), HAProxy mode tcp, or kube-proxy's "
-        "iptables chains in a network namespace (root; no DNS or L7 proxy then)",
+        "iptables chains in a network namespace (root)",
     )
     bench.add_argument(
         "--strategy",

@@ -106,9 +106,8 @@ class Settings:
 
 
 def cluster_parts(l4: ServiceKind) -> dict[str, Any]:
-    """The DNS and L7 proxy a cluster of this L4 kind can have on this machine."""
-    if l4 == "iptables":
-        return {"service": l4, "dns": None, "l7": None}
+    """The DNS and L7 proxy a cluster of this L4 kind can have on this machine (with iptables
+    the harness forwards each pod's address into its network namespace, so both work)."""
     l7 = None if missing_components(l7="haproxy") else "haproxy"
     return {"service": l4, "dns": "embedded", "l7": l7}
 

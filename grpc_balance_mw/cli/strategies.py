@@ -170,11 +170,7 @@ def unavailable_strategies(cluster: LocalCluster) -> dict[str, str]:
     if cluster.dns_kind is None:
         missing["headless-round-robin"] = f"no cluster DNS with service={cluster.service_kind}"
     if cluster.l7_kind is None:
-        missing["l7-proxy"] = (
-            "no L7 proxy (haproxy is not installed)"
-            if cluster.service_kind != "iptables"
-            else "no L7 proxy with service=iptables"
-        )
+        missing["l7-proxy"] = "no L7 proxy (haproxy is not installed)"
     return missing
 
 
