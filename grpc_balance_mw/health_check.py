@@ -1,34 +1,42 @@
-"""The client side of ``grpc.health.v1.Health/Check``, without generated code.
+"""``grpc.health.v1.Health`` messages without generated code, and the client side of ``Check``.
 
 The probe, the balanced channel's lanes, the dial-per-request predial and the doctor each ask a
-fresh connection for its health and read which pod answered. Two fields of the wire format are
-all they need (the request's ``service`` string, the response's ``status`` enum), so the client
-side needs neither grpcio-health-checking nor protobuf: an application pinned to an old grpcio
-keeps its pin (grpcio-health-checking N requires grpcio >= N). The server side,
-:func:`grpc_balance_mw.server.add_health`, does use grpcio-health-checking (the ``server`` extra).
+fresh connection for its health and read which pod answered; the server side,
+:func:`grpc_balance_mw.server.add_health`, answers them. Each message has one field that
+matters (the request's ``service`` string, the response's ``status`` enum), so neither side
+needs grpcio-health-checking nor protobuf: an application pinned to an old grpcio keeps its pin
+(grpcio-health-checking N requires grpcio >= N).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from grpc_balance_mw._suppress import suppressed
 
 __all__ = [
     "CHECK_METHOD",
+    "HEALTH_SERVICE",
     "MALFORMED",
     "MAX_REPLY_BYTES",
     "NOT_SERVING",
     "OVERSIZED",
+    "SERVICE_UNKNOWN",
     "SERVING",
     "UNKNOWN",
+    "WATCH_METHOD",
     "check_method",
+    "decode_request",
     "decode_status",
     "encode_request",
+    "encode_status",
     "read_status",
 ]
 
-CHECK_METHOD = "/grpc.health.v1.Health/Check"
+HEALTH_SERVICE = "grpc.health.v1.Health"
+CHECK_METHOD = f"/{HEALTH_SERVICE}/Check"
+WATCH_METHOD = f"/{HEALTH_SERVICE}/Watch"
 #: ``grpc.health.v1.HealthCheckResponse.ServingStatus``.
 UNKNOWN, SERVING, NOT_SERVING, SERVICE_UNKNOWN = 0, 1, 2, 3
 #: What :func:`read_status` answers for a reply that is no ``HealthCheckResponse``, and for one
@@ -72,30 +80,54 @@ def _read_varint(data: bytes, offset: int) -> tuple[int, int]:
             return value, offset
 
 
-def decode_status(data: bytes) -> int:
-    """The ``status`` of a ``HealthCheckResponse`` (UNKNOWN when absent); other fields are
-    skipped as protobuf would; ValueError for bytes that are no protobuf message."""
-    status = UNKNOWN
+def _fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """Each (field number, value) of a protobuf message: varints as ints, length-delimited
+    fields as bytes; fixed-width fields are skipped. ValueError for bytes that are no message."""
     offset = 0
     while offset < len(data):
         key, offset = _read_varint(data, offset)
         field, wire = key >> 3, key & 7
         if wire == 0:
             value, offset = _read_varint(data, offset)
-            if field == 1:
-                status = value
-        elif wire == 2:
+            yield field, value
+            continue
+        if wire == 2:
             length, offset = _read_varint(data, offset)
+            if offset + length > len(data):
+                raise ValueError("truncated field")
+            yield field, data[offset : offset + length]
             offset += length
-        elif wire == 1:
-            offset += 8
-        elif wire == 5:
-            offset += 4
+        elif wire in (1, 5):
+            offset += 8 if wire == 1 else 4
+            if offset > len(data):
+                raise ValueError("truncated field")
         else:
             raise ValueError(f"unsupported wire type {wire}")
-        if offset > len(data):
-            raise ValueError("truncated field")
+
+
+def decode_status(data: bytes) -> int:
+    """The ``status`` of a ``HealthCheckResponse`` (UNKNOWN when absent); other fields are
+    skipped as protobuf would; ValueError for bytes that are no protobuf message."""
+    status = UNKNOWN
+    for field, value in _fields(data):
+        if field == 1 and isinstance(value, int):
+            status = value
     return status
+
+
+def encode_status(status: int) -> bytes:
+    """A ``HealthCheckResponse`` with ``status`` (UNKNOWN, the default, is no bytes at all)."""
+    return _STATUS_TAG.to_bytes(1, "big") + _varint(status) if status else b""
+
+
+def decode_request(data: bytes) -> str:
+    """The ``service`` of a ``HealthCheckRequest`` ("" when absent); ValueError for bytes that
+    are no protobuf message or a name that is not UTF-8 (protobuf refuses both too)."""
+    service = b""
+    for field, value in _fields(data):
+        if field == 1 and isinstance(value, bytes):
+            service = value
+    return service.decode("utf-8")
 
 
 def read_status(data: bytes) -> int:

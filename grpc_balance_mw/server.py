@@ -28,9 +28,10 @@ import grpc
 from grpc_balance_mw._health import (
     DRAIN_S,
     GRACE_S,
+    UNKNOWN_SERVICE,
     HealthReport,
     check_drain,
-    require_health_checking,
+    health_handler,
 )
 from grpc_balance_mw._stamping import StampedStatus, handler_kind, rebuild_handler
 from grpc_balance_mw.identity import PodIdentity, merge_identity
@@ -152,26 +153,77 @@ class PodIdentityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
 
 class PodHealth(HealthReport):
-    """The standard ``grpc.health.v1`` service of one server, flipped to NOT_SERVING on shutdown."""
+    """The standard ``grpc.health.v1`` service of one server (``Check`` and ``Watch``), flipped
+    to NOT_SERVING on shutdown.
 
-    def __init__(self, servicer: Any, services: tuple[str, ...]) -> None:
+    Answers as grpcio-health-checking's ``HealthServicer`` does, with the same :meth:`set` and
+    :meth:`enter_graceful_shutdown`, without needing that package. A ``Watch`` holds one of the
+    server's threads while it is open, as a watch through any server interceptor does.
+    """
+
+    def __init__(self, services: tuple[str, ...]) -> None:
         super().__init__(services)
-        self.servicer = servicer
+        self._changed = threading.Condition()
+
+    @property
+    def servicer(self) -> PodHealth:
+        """This object: what had ``set()`` and ``enter_graceful_shutdown()`` before 0.3."""
+        return self
+
+    def set(self, service: str, status: int) -> None:
+        """Report ``status`` (a ``ServingStatus`` number) for ``service``; ignored once the
+        graceful shutdown began."""
+        with self._changed:
+            if self._record(service, status):
+                self._changed.notify_all()
 
     def set_serving(self, serving: bool) -> None:
         """Report every registered service (and the server as a whole, ``""``) as (not) serving."""
-        for service, status in self._statuses(serving):
-            self.servicer.set(service, status)
+        with self._changed:
+            for service, status in self._statuses(serving):
+                self.set(service, status)
 
     def enter_graceful_shutdown(self) -> None:
         """Permanently report NOT_SERVING, so clients and DNS stop sending new work."""
-        self._shutting_down = True
-        self.servicer.enter_graceful_shutdown()
+        with self._changed:
+            if self._record_shutdown():
+                self._changed.notify_all()
+
+    def _check(self, service: str, context: grpc.ServicerContext) -> int:
+        with self._changed:
+            status = self.check_status(service)
+        if status is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, UNKNOWN_SERVICE)
+            raise AssertionError("unreachable: abort() raises")
+        return status
+
+    def _watch(self, service: str, context: grpc.ServicerContext) -> Iterator[int]:
+        ended = threading.Event()
+
+        def end() -> None:
+            with self._changed:
+                ended.set()
+                self._changed.notify_all()
+
+        if not context.add_callback(end):
+            return  # the call is over already
+        sent: int | None = None
+        while True:
+            with self._changed:
+                while not ended.is_set() and self.watch_status(service) == sent:
+                    self._changed.wait()
+                if ended.is_set():
+                    return
+                sent = self.watch_status(service)
+            yield sent
 
 
 def add_health(server: grpc.Server, services: tuple[str, ...] = ()) -> PodHealth:
     """Serve ``grpc.health.v1.Health`` on ``server`` and flip it to NOT_SERVING on ``stop()``.
 
+    ``Check`` and ``Watch`` answer for the server as a whole (``""``) and for each of
+    ``services``, all SERVING until :meth:`PodHealth.set_serving` or :meth:`PodHealth.set`
+    says otherwise; other names are NOT_FOUND (``Check``) or SERVICE_UNKNOWN (``Watch``).
     ``server.stop`` is wrapped so that the health status turns NOT_SERVING first, then the
     server's own graceful stop begins at once. That alone does not drain: a stopping server
     refuses new calls at once, and clients that have not re-checked health yet still send them
@@ -183,12 +235,8 @@ def add_health(server: grpc.Server, services: tuple[str, ...] = ()) -> PodHealth
         server: a ``grpc.server``, before ``start()``.
         services: fully qualified service names to report besides the server as a whole.
     """
-    require_health_checking()
-    from grpc_health.v1 import health, health_pb2_grpc
-
-    servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    pod_health = PodHealth(servicer, tuple(services))
+    pod_health = PodHealth(tuple(services))
+    server.add_generic_rpc_handlers((health_handler(pod_health._check, pod_health._watch),))
     pod_health.set_serving(True)
     stop = server.stop
 

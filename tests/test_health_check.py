@@ -1,10 +1,8 @@
-"""The hand-encoded health check the client side uses instead of grpcio-health-checking: the same
-bytes as the generated messages, a real server understood, and a clear error where the server
-side's extra is missing."""
+"""The hand-encoded health messages both sides use instead of grpcio-health-checking: the same
+bytes as the generated messages, and a real server understood (tests/test_health_service.py
+serves them)."""
 
 from __future__ import annotations
-
-import sys
 
 import grpc
 import pytest
@@ -13,15 +11,15 @@ from grpc_health.v1 import health_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.health_check import (
     NOT_SERVING,
     SERVING,
     check_method,
+    decode_request,
     decode_status,
     encode_request,
+    encode_status,
 )
-from grpc_balance_mw.server import add_health
 
 
 @given(st.text(max_size=300))
@@ -37,6 +35,27 @@ def test_statuses_read_as_the_generated_message_says(status: int) -> None:
     assert (
         decode_status(health_pb2.HealthCheckResponse(status=status).SerializeToString()) == status
     )
+
+
+@given(st.integers(min_value=0, max_value=2**31 - 1))
+def test_statuses_are_the_generated_message_bytes(status: int) -> None:
+    assert (
+        encode_status(status) == health_pb2.HealthCheckResponse(status=status).SerializeToString()
+    )
+
+
+@given(st.text(max_size=300), st.binary(max_size=20))
+def test_requests_read_as_the_generated_message_says(service: str, unknown: bytes) -> None:
+    message = health_pb2.HealthCheckRequest(service=service)
+    # A newer client's fields (here field 2, length-delimited) are skipped.
+    data = message.SerializeToString() + b"\x12" + bytes([len(unknown)]) + unknown
+    assert decode_request(data) == service
+
+
+def test_requests_that_are_no_message_are_refused() -> None:
+    for garbage in (b"\x0a\x05ab", b"\x0a\x02\xff\xfe", b"\x0f"):
+        with pytest.raises(ValueError):
+            decode_request(garbage)
 
 
 def test_unknown_fields_are_skipped_and_garbage_is_refused() -> None:
@@ -57,14 +76,3 @@ def test_a_real_health_service_answers_the_raw_check(sync_pod: SyncPod) -> None:
         with pytest.raises(grpc.RpcError) as raised:
             check_method(channel)("no.such.Service", timeout=5)
     assert raised.value.code() is grpc.StatusCode.NOT_FOUND
-
-
-def test_add_health_without_its_extra_says_which_to_install(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    for name in [n for n in sys.modules if n.startswith("grpc_health")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "grpc_health", None)  # as if not installed
-    server = grpc.server(thread_pool=None)  # type: ignore[arg-type]
-    with pytest.raises(ConfigurationError, match=r"grpc_balance_mw\[server\]"):
-        add_health(server)

@@ -26,9 +26,10 @@ import grpc
 from grpc_balance_mw._health import (
     DRAIN_S,
     GRACE_S,
+    UNKNOWN_SERVICE,
     HealthReport,
     check_drain,
-    require_health_checking,
+    health_handler,
 )
 from grpc_balance_mw._stamping import StampedStatus, handler_kind, rebuild_handler
 from grpc_balance_mw.identity import PodIdentity, merge_identity
@@ -161,21 +162,55 @@ class PodIdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 class PodHealth(HealthReport):
-    """The standard ``grpc.health.v1`` service of one aio server."""
+    """The standard ``grpc.health.v1`` service of one aio server (``Check`` and ``Watch``).
 
-    def __init__(self, servicer: Any, services: tuple[str, ...]) -> None:
+    See :class:`grpc_balance_mw.server.PodHealth`; :meth:`set`, :meth:`set_serving` and
+    :meth:`enter_graceful_shutdown` are coroutines, as on grpcio-health-checking's aio servicer.
+    Use it from the server's event loop.
+    """
+
+    def __init__(self, services: tuple[str, ...]) -> None:
         super().__init__(services)
-        self.servicer = servicer
+        self._changed = asyncio.Condition()
+
+    @property
+    def servicer(self) -> PodHealth:
+        """This object: what had ``set()`` and ``enter_graceful_shutdown()`` before 0.3."""
+        return self
+
+    async def set(self, service: str, status: int) -> None:
+        """Report ``status`` (a ``ServingStatus`` number) for ``service``; ignored once the
+        graceful shutdown began."""
+        async with self._changed:
+            if self._record(service, status):
+                self._changed.notify_all()
 
     async def set_serving(self, serving: bool) -> None:
         """Report every registered service (and the server as a whole, ``""``) as (not) serving."""
         for service, status in self._statuses(serving):
-            await self.servicer.set(service, status)
+            await self.set(service, status)
 
     async def enter_graceful_shutdown(self) -> None:
         """Permanently report NOT_SERVING, so clients and DNS stop sending new work."""
-        self._shutting_down = True
-        await self.servicer.enter_graceful_shutdown()
+        async with self._changed:
+            if self._record_shutdown():
+                self._changed.notify_all()
+
+    async def _check(self, service: str, context: grpc.aio.ServicerContext) -> int:
+        status = self.check_status(service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, UNKNOWN_SERVICE)
+            raise AssertionError("unreachable: abort() raises")
+        return status
+
+    async def _watch(self, service: str, context: grpc.aio.ServicerContext) -> AsyncIterator[int]:
+        sent: int | None = None
+        while True:  # ends when the call does: grpc cancels the task that runs it
+            async with self._changed:
+                while self.watch_status(service) == sent:
+                    await self._changed.wait()
+                sent = self.watch_status(service)
+            yield sent
 
 
 async def add_health(server: grpc.aio.Server, services: tuple[str, ...] = ()) -> PodHealth:
@@ -185,13 +220,8 @@ async def add_health(server: grpc.aio.Server, services: tuple[str, ...] = ()) ->
     NOT_SERVING before the graceful stop begins, but only :func:`drain` gives clients the time
     to see it.
     """
-    require_health_checking()
-    from grpc_health.v1 import health_pb2_grpc
-    from grpc_health.v1._async import HealthServicer
-
-    servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    pod_health = PodHealth(servicer, tuple(services))
+    pod_health = PodHealth(tuple(services))
+    server.add_generic_rpc_handlers((health_handler(pod_health._check, pod_health._watch),))
     await pod_health.set_serving(True)
     stop = server.stop
 
