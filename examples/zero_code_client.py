@@ -3,7 +3,8 @@
 Run it under OpenTelemetry's launcher and the package's instrumentor (entry point
 ``grpc_balance_mw``) observes every channel it makes, sync or ``grpc.aio``::
 
-    pip install 'grpc_balance_mw[instrument]' opentelemetry-instrumentation-grpc
+    pip install 'grpc_balance_mw[instrument]' opentelemetry-instrumentation-grpc \\
+        grpcio-health-checking
     OTEL_TRACES_EXPORTER=console OTEL_METRICS_EXPORTER=none OTEL_LOGS_EXPORTER=none \\
     OTEL_PYTHON_GRPC_BALANCE_EXPECTED_PODS='charge-points.ev.svc.cluster.local:80=3' \\
         opentelemetry-instrument python examples/zero_code_client.py \\
