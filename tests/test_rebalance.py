@@ -56,6 +56,7 @@ def shared() -> Iterator[LocalCluster]:
     missing = missing_components("userspace")
     require(not missing, "; ".join(missing))
     with LocalCluster(pods=3, service="userspace", dns=None) as running:
+        running.reset_counts()  # the admin connections now: the module's, not the first test's
         yield running
 
 
@@ -180,7 +181,7 @@ def test_a_pinned_channel_moves_its_calls_onto_lanes_through_stubs_made_before(
     asyncio.run(main())
 
 
-@pytest.mark.heavy
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_retry_through_the_move_survives_a_sigkilled_pod(cluster: LocalCluster, mode: str) -> None:
     """``Rebalance(retry=)`` reaches the balanced channel: a rebalanced client keeps its
@@ -231,6 +232,7 @@ def _ours(thread: threading.Thread) -> bool:
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.slow
 def test_close_closes_the_lanes_it_opened_and_leaks_nothing(
     cluster: LocalCluster, mode: str
 ) -> None:
