@@ -14,8 +14,9 @@ Ignored, each for a reason:
 
 - grpcio's aio poller thread (``_poll_wrapper``): it starts with the first aio channel object and
   stops when the collector frees the last one, so its presence says when gc ran.
-- AF_UNIX sockets: grpcio's aio poller wakes itself through a socket pair that lives as long as
-  the poller thread; the sockets that matter here, connections and listeners, are TCP.
+- sockets other than TCP: grpcio's aio poller wakes itself through an AF_UNIX pair that lives as
+  long as the poller thread, and a name lookup's UDP socket ends with the lookup; what a test can
+  leak that matters, connections and listeners, is TCP.
 - zombie children: they have ended and hold nothing but their exit status; what matters is a
   process still running.
 
@@ -24,8 +25,9 @@ outlive the bounded wait at their production idle times; ``IDLE_WORKERS`` shorte
 tests (``short_idle_workers``), so such a thread must still end, only sooner.
 
 A test that starts something meant to outlive it says so with
-``@pytest.mark.leaves(threads=("name prefix", ...), reason="...")``; only threads whose names
-start with a listed prefix are then let through, for that test only.
+``@pytest.mark.leaves(threads=("name prefix", ...), sockets=True, reason="...")``; only threads
+whose names start with a listed prefix (and, with ``sockets=True``, its sockets) are then let
+through, for that test only.
 """
 
 from __future__ import annotations
@@ -95,19 +97,10 @@ def child_processes() -> dict[int, str]:
     return found
 
 
-def _unix_socket_inodes() -> set[str]:
-    try:
-        with open("/proc/net/unix") as table:
-            next(table)  # the header
-            return {line.split()[6] for line in table if len(line.split()) > 6}
-    except (OSError, StopIteration):
-        return set()
-
-
 def _tcp_sockets() -> dict[str, str]:
     """inode -> ``local -> remote (state)`` for this network namespace's TCP sockets."""
     found = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
         try:
             with open(table) as rows:
                 next(rows)
@@ -135,17 +128,17 @@ def _address(field: str) -> str:
 
 
 def describe_sockets(sockets: Iterable[str]) -> list[str]:
-    """``socket:[inode]`` names with their TCP addresses where this namespace has them."""
+    """``socket:[inode]`` names with their TCP addresses."""
     tcp = _tcp_sockets()
     return [f"{s} {tcp.get(s[len('socket:[') : -1], '(not TCP)')}" for s in sorted(sockets)]
 
 
-def network_sockets(sockets: set[str]) -> set[str]:
-    """``sockets`` without the AF_UNIX ones (grpcio's aio poller wakes itself with a pair)."""
+def tcp_sockets(sockets: set[str]) -> set[str]:
+    """The TCP ones among ``sockets`` (``socket:[inode]`` names)."""
     if not sockets:
         return sockets
-    unix = _unix_socket_inodes()
-    return {s for s in sockets if s[len("socket:[") : -1] not in unix}
+    tcp = _tcp_sockets()
+    return {s for s in sockets if s[len("socket:[") : -1] in tcp}
 
 
 def open_sockets() -> set[str]:
@@ -178,7 +171,9 @@ class Snapshot:
         )
 
 
-def leftovers(before: Snapshot, allowed_thread_prefixes: Iterable[str] = ()) -> list[str]:
+def leftovers(
+    before: Snapshot, allowed_thread_prefixes: Iterable[str] = (), allow_sockets: bool = False
+) -> list[str]:
     """What is alive now and was not in ``before``; empty when nothing is left."""
     prefixes = tuple(allowed_thread_prefixes)
     threads = sorted(
@@ -191,28 +186,38 @@ def leftovers(before: Snapshot, allowed_thread_prefixes: Iterable[str] = ()) -> 
         for pid, cmd in child_processes().items()
         if pid not in before.children
     )
-    sockets = sorted(network_sockets(open_sockets() - before.sockets))
+    sockets = [] if allow_sockets else sorted(tcp_sockets(open_sockets() - before.sockets))
     if sockets:
         sockets = [f"{len(sockets)} socket(s): " + ", ".join(describe_sockets(sockets[:5]))]
     return threads + processes + sockets
 
 
 def wait_for_no_leftovers(
-    before: Snapshot, allowed_thread_prefixes: Iterable[str] = (), wait_s: float = WIND_DOWN_S
+    before: Snapshot,
+    allowed_thread_prefixes: Iterable[str] = (),
+    allow_sockets: bool = False,
+    wait_s: float | None = None,
 ) -> list[str]:
-    """Poll, bounded by ``wait_s``, until nothing new is left; what is left at the end."""
-    left = leftovers(before, allowed_thread_prefixes)
+    """Poll, bounded by ``wait_s`` (``WIND_DOWN_S``), until nothing new is left; what is left."""
+    left = leftovers(before, allowed_thread_prefixes, allow_sockets)
     if not left:
         return left
-    deadline = time.monotonic() + wait_s
+    deadline = time.monotonic() + (WIND_DOWN_S if wait_s is None else wait_s)
+    # grpcio closes a dropped channel or server from its finaliser: collect, then poll for
+    # what winds down, collecting again now and then (a collection is not free in a big heap).
+    gc.collect()
+    collected_at = time.monotonic()
     pause = 0.005
     while True:
-        gc.collect()  # grpcio closes a dropped channel/server from its finaliser
-        left = leftovers(before, allowed_thread_prefixes)
-        if not left or time.monotonic() >= deadline:
+        left = leftovers(before, allowed_thread_prefixes, allow_sockets)
+        now = time.monotonic()
+        if not left or now >= deadline:
             return left
-        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-        pause = min(pause * 2, 0.2)
+        time.sleep(min(pause, deadline - now))
+        pause = min(pause * 2, 0.1)
+        if time.monotonic() - collected_at >= 0.5:
+            gc.collect()
+            collected_at = time.monotonic()
 
 
 def check_no_leaks(request: pytest.FixtureRequest, before: Snapshot) -> None:
@@ -224,11 +229,13 @@ def check_no_leaks(request: pytest.FixtureRequest, before: Snapshot) -> None:
         funcargs.clear()
     marker = request.node.get_closest_marker("leaves")
     allowed: tuple[str, ...] = ()
+    allow_sockets = False
     if marker is not None:
         allowed = tuple(marker.kwargs.get("threads", ()))
+        allow_sockets = bool(marker.kwargs.get("sockets", False))
         if not marker.kwargs.get("reason"):
             pytest.fail("@pytest.mark.leaves needs a reason=", pytrace=False)
-    left = wait_for_no_leftovers(before, allowed)
+    left = wait_for_no_leftovers(before, allowed, allow_sockets)
     if left:
         pytest.fail(
             f"{request.node.nodeid} left running after its teardown "
