@@ -25,8 +25,9 @@ outlive the bounded wait at their production idle times; ``IDLE_WORKERS`` shorte
 tests (``short_idle_workers``), so such a thread must still end, only sooner.
 
 A test that starts something meant to outlive it says so with
-``@pytest.mark.leaves(threads=("name prefix", ...), sockets=True, reason="...")``; only threads
-whose names start with a listed prefix (and, with ``sockets=True``, its sockets) are then let
+``@pytest.mark.leaves(threads=("name prefix", ...), processes=("in the command line", ...),
+sockets=True, reason="...")``; only threads whose names start with a listed prefix, processes
+whose command lines contain a listed part (and, with ``sockets=True``, its sockets) are then let
 through, for that test only.
 """
 
@@ -172,10 +173,14 @@ class Snapshot:
 
 
 def leftovers(
-    before: Snapshot, allowed_thread_prefixes: Iterable[str] = (), allow_sockets: bool = False
+    before: Snapshot,
+    allowed_thread_prefixes: Iterable[str] = (),
+    allow_sockets: bool = False,
+    allowed_commands: Iterable[str] = (),
 ) -> list[str]:
     """What is alive now and was not in ``before``; empty when nothing is left."""
     prefixes = tuple(allowed_thread_prefixes)
+    commands = tuple(allowed_commands)
     threads = sorted(
         f"thread {t.name!r}"
         for t in live_threads() - before.threads
@@ -184,7 +189,7 @@ def leftovers(
     processes = sorted(
         f"process {pid}: {cmd}"
         for pid, cmd in child_processes().items()
-        if pid not in before.children
+        if pid not in before.children and not any(part in cmd for part in commands)
     )
     sockets = [] if allow_sockets else sorted(tcp_sockets(open_sockets() - before.sockets))
     if sockets:
@@ -196,10 +201,11 @@ def wait_for_no_leftovers(
     before: Snapshot,
     allowed_thread_prefixes: Iterable[str] = (),
     allow_sockets: bool = False,
+    allowed_commands: Iterable[str] = (),
     wait_s: float | None = None,
 ) -> list[str]:
     """Poll, bounded by ``wait_s`` (``WIND_DOWN_S``), until nothing new is left; what is left."""
-    left = leftovers(before, allowed_thread_prefixes, allow_sockets)
+    left = leftovers(before, allowed_thread_prefixes, allow_sockets, allowed_commands)
     if not left:
         return left
     deadline = time.monotonic() + (WIND_DOWN_S if wait_s is None else wait_s)
@@ -209,7 +215,7 @@ def wait_for_no_leftovers(
     collected_at = time.monotonic()
     pause = 0.005
     while True:
-        left = leftovers(before, allowed_thread_prefixes, allow_sockets)
+        left = leftovers(before, allowed_thread_prefixes, allow_sockets, allowed_commands)
         now = time.monotonic()
         if not left or now >= deadline:
             return left
@@ -229,13 +235,15 @@ def check_no_leaks(request: pytest.FixtureRequest, before: Snapshot) -> None:
         funcargs.clear()
     marker = request.node.get_closest_marker("leaves")
     allowed: tuple[str, ...] = ()
+    commands: tuple[str, ...] = ()
     allow_sockets = False
     if marker is not None:
         allowed = tuple(marker.kwargs.get("threads", ()))
+        commands = tuple(marker.kwargs.get("processes", ()))
         allow_sockets = bool(marker.kwargs.get("sockets", False))
         if not marker.kwargs.get("reason"):
             pytest.fail("@pytest.mark.leaves needs a reason=", pytrace=False)
-    left = wait_for_no_leftovers(before, allowed, allow_sockets)
+    left = wait_for_no_leftovers(before, allowed, allow_sockets, commands)
     if left:
         pytest.fail(
             f"{request.node.nodeid} left running after its teardown "
