@@ -136,6 +136,7 @@ def lane_calls(balanced: Any) -> int:
 
 @pytest.mark.parametrize("when", ["alarm", "always"])
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.slow
 def test_a_pinned_channel_moves_its_calls_onto_lanes_through_stubs_made_before(
     cluster: LocalCluster, mode: str, when: str
 ) -> None:
