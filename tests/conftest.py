@@ -94,9 +94,26 @@ def idle_workers_end_soon() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_leaks_per_module(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A ``leaks_per_module`` module is checked as a whole, after its shared fixtures end."""
+    marker = request.node.get_closest_marker("leaks_per_module")
+    if marker is None:
+        yield
+        return
+    if not marker.kwargs.get("reason"):
+        pytest.fail("@pytest.mark.leaks_per_module needs a reason=", pytrace=False)
+    before = Snapshot.take()
+    yield
+    check_no_leaks(request, before)
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail the test that leaves a thread, child process or socket behind (leak_fixtures.py)."""
+    if request.node.get_closest_marker("leaks_per_module") is not None:
+        yield  # checked with its module (no_leaks_per_module)
+        return
     before = Snapshot.take()
     yield
     check_no_leaks(request, before)

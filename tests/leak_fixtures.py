@@ -20,6 +20,12 @@ Ignored, each for a reason:
 - zombie children: they have ended and hold nothing but their exit status; what matters is a
   process still running.
 
+A module whose shared fixtures (a module-scoped local cluster, a pod with its executor) open
+connections, restart pods or start executor threads during its tests says
+``pytestmark = pytest.mark.leaks_per_module(reason="...")``: its tests are then checked together,
+from before its first test to after its module-scoped fixtures are torn down, and a leak fails
+the module's last test, naming the module.
+
 Threads the package ends by itself once idle (the ``on_alarm`` worker, the name resolver) would
 outlive the bounded wait at their production idle times; ``IDLE_WORKERS`` shortens those for the
 tests (``short_idle_workers``), so such a thread must still end, only sooner.

@@ -77,3 +77,71 @@ def test_each_leak_fails_its_own_test_by_name(
         "test_b_leaks_a_process",
         "test_c_leaks_a_listener",
     ]
+
+
+PER_MODULE_CONFTEST = """
+import pytest
+from leak_fixtures import Snapshot, check_no_leaks
+
+@pytest.fixture(scope="module", autouse=True)
+def no_leaks_per_module(request):
+    before = Snapshot.take()
+    yield
+    check_no_leaks(request, before)
+"""
+
+SHARED = """
+import threading
+import pytest
+
+STOP = threading.Event()
+
+@pytest.fixture(scope="module")
+def shared():
+    workers = []
+
+    def use():
+        workers.append(threading.Thread(target=STOP.wait, name="shared-worker"))
+        workers[-1].start()
+
+    yield use
+    STOP.set()
+    for worker in workers:
+        worker.join()
+
+def test_first_use_starts_the_worker(shared):
+    shared()
+
+def test_a_second_test(shared):
+    pass
+"""
+
+LEAKY = """
+import threading
+import time
+
+def test_leaves_a_thread():
+    # Ends by itself in 0.6 s: after the check inside, before the one around this run.
+    threading.Thread(target=time.sleep, args=(0.6,), name="left-by-module", daemon=True).start()
+
+def test_last():
+    pass
+"""
+
+
+def test_a_module_checked_as_a_whole_fails_its_last_test_naming_the_module(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(leak_fixtures, "WIND_DOWN_S", 0.2)
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makeconftest(PER_MODULE_CONFTEST)
+    pytester.makepyfile(test_shared=SHARED, test_zleaky=LEAKY)
+    pytester.syspathinsert(Path(__file__).parent)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_last*",
+            "*test_zleaky.py left running after its teardown*thread 'left-by-module'*",
+        ]
+    )
