@@ -64,7 +64,8 @@ class HeaderPod:
         self, headers: Sequence[tuple[str, str]] = (), identity: PodIdentity | None = None
     ) -> None:
         interceptors = [sync_server.PodIdentityInterceptor(identity)] if identity else []
-        self.server = grpc.server(ThreadPoolExecutor(4), interceptors=interceptors)
+        self.executor = ThreadPoolExecutor(4)
+        self.server = grpc.server(self.executor, interceptors=interceptors)
         pb_grpc.add_ChargePointsServicer_to_server(
             _HeaderServicer(identity.name if identity else "anonymous", headers), self.server
         )
@@ -74,6 +75,7 @@ class HeaderPod:
 
     def stop(self) -> None:
         self.server.stop(None).wait()
+        self.executor.shutdown(wait=True)  # grpc leaves its workers to the collector
 
 
 async def call_twice(

@@ -96,8 +96,9 @@ class PeerPod:
         self, server_credentials: grpc.ServerCredentials | None = None, port: int = 0
     ) -> None:
         identity = PodIdentity(name="redial-pod", ip="10.244.9.9", namespace="ev")
+        self.executor = ThreadPoolExecutor(8)
         self.server = grpc.server(
-            ThreadPoolExecutor(8), interceptors=[sync_server.PodIdentityInterceptor(identity)]
+            self.executor, interceptors=[sync_server.PodIdentityInterceptor(identity)]
         )
         self.servicer = PeerServicer()
         pb_grpc.add_ChargePointsServicer_to_server(self.servicer, self.server)
@@ -114,6 +115,7 @@ class PeerPod:
 
     def stop(self) -> None:
         self.server.stop(None).wait()
+        self.executor.shutdown(wait=True)  # grpc leaves its workers to the collector
 
 
 class Driver:

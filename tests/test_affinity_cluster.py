@@ -33,7 +33,12 @@ from grpc_balance_mw.probe import PodProbe
 from grpc_balance_mw.telemetry import AffinityTelemetry
 from grpc_balance_mw.testing import LocalCluster, missing_components
 
-pytestmark = pytest.mark.cluster
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.leaks_per_module(
+        reason="the module's cluster opens its pods' admin connections when first asked"
+    ),
+]
 
 DEFAULTS = AffinityConfig()
 #: With the pod count known, the alarm comes after exactly this many calls on one pod.

@@ -172,6 +172,7 @@ def test_a_per_request_lane_whose_calls_stop_naming_a_pod_goes_unverified_once()
     assert detector.snapshot(now=calls.now).state is U
 
 
+@pytest.mark.slow
 def test_many_fresh_channels_on_a_shared_detector_never_alarm() -> None:
     """30 channels of 10 calls, each its own connection at random over 3 pods, 300 times."""
     alarms = 0

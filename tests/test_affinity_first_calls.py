@@ -11,7 +11,7 @@
 - sessionAffinity ClientIP is named by the probe and in the advice; a pod added by a scale-up
   from 3 to 4 is known within one probe round.
 
-The two large checks are marked ``heavy`` (CI runs them): they cost about 30,000 calls each,
+The two large checks are marked ``slow`` (CI runs them): they cost about 30,000 calls each,
 mostly the pods' CPU, so the channels run at once (threads sync, tasks of one loop aio) and the
 background load is paced.
 """
@@ -277,7 +277,7 @@ async def waves_aio(target: str, options: ObserveOptions, channel_options: Any) 
     return [made for made, _ in await asyncio.gather(*runs)]
 
 
-@pytest.mark.heavy
+@pytest.mark.slow
 @pytest.mark.parametrize("route", ["headless", "l7"])
 @pytest.mark.parametrize("mode", ["sync", "aio"])
 async def test_fresh_channels_balanced_by_round_robin_or_a_proxy_never_alarm(
@@ -329,7 +329,7 @@ async def short_channels_aio(target: str, options: ObserveOptions) -> None:
         assert [made for made, _ in await asyncio.gather(*runs)] == [SHORT_CALLS] * WAVE
 
 
-@pytest.mark.heavy
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sync", "aio"])
 async def test_a_detector_shared_by_many_short_channels_never_alarms(
     spread_cluster: LocalCluster, mode: str

@@ -39,7 +39,12 @@ from grpc_balance_mw.testing.charge_points.servicer import SERVICE_NAME, SyncCha
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.cluster
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.leaks_per_module(
+        reason="module-scoped pods: admin connections and executor threads start when used"
+    ),
+]
 
 MODES = ("sync", "aio")
 Factory = Callable[..., LocalCluster]

@@ -70,6 +70,7 @@ def test_a_bad_argument_is_one_usage_line_and_exit_2(
     assert len(err.splitlines()) == 1 and ": error: " in err and "--help" in err, err
 
 
+@pytest.mark.slow
 def test_help_lists_the_subcommands_from_the_console_script_module() -> None:
     done = run("--help")
     assert done.returncode == 0, done.stderr
@@ -89,6 +90,7 @@ def test_a_configuration_error_is_one_line_and_exit_1(
     assert capsys.readouterr().err.splitlines() == [f"grpc-balance: error: {reason}"]
 
 
+@pytest.mark.slow
 def test_a_missing_extra_is_one_line_naming_it() -> None:
     # As on a plain install: the OpenTelemetry SDK cannot be imported.
     code = (
@@ -104,6 +106,7 @@ def test_a_missing_extra_is_one_line_naming_it() -> None:
     ]
 
 
+@pytest.mark.slow
 def test_overhead_prints_results_on_stdout_and_progress_on_stderr() -> None:
     done = run("overhead", "--rounds", "2", "--calls", "20", "--warmup", "5")
     assert done.returncode == 0, done.stderr
@@ -115,6 +118,7 @@ def test_overhead_prints_results_on_stdout_and_progress_on_stderr() -> None:
     assert "round 1/2" not in done.stdout
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_with_130() -> None:
     process = subprocess.Popen(
         [*COMMAND, "overhead", "--rounds", "100", "--calls", "10000"],
@@ -139,6 +143,7 @@ def test_ctrl_c_stops_cleanly_with_130() -> None:
     assert out == ""
 
 
+@pytest.mark.slow
 def test_ctrl_c_among_many_callers_ends_the_calls_in_flight_and_leaves_no_process() -> None:
     """Ctrl-C from a terminal reaches the whole process group, the pod process too, while 32
     threads have calls in flight to it: the pod ends them as it stops (it used to leave them to

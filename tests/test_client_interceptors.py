@@ -37,7 +37,7 @@ async def pod(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, str]]:
     if request.param != "aio":
         sync_pod = SyncPod()
         yield request.param, sync_pod.target
-        sync_pod.server.stop(None).wait()
+        sync_pod.stop()
     else:
         aio_pod = await AioPod().start()
         yield "aio", aio_pod.target

@@ -76,6 +76,7 @@ def test_a_malformed_query_is_formerr() -> None:
     assert reply[3] & 0x0F == 1
 
 
+@pytest.mark.slow
 def test_the_embedded_dns_answers_over_tcp(local_cluster_factory: Factory) -> None:
     cluster = remember(local_cluster_factory(pods=2))
     host, port = cluster.dns_address.rsplit(":", 1)
@@ -93,12 +94,14 @@ def test_the_embedded_dns_answers_over_tcp(local_cluster_factory: Factory) -> No
 
 
 @pytest.mark.local_cluster(pods=2, service="userspace")
+@pytest.mark.slow
 def test_the_marker_configures_the_fixture(local_cluster: LocalCluster) -> None:
     remember(local_cluster)
     assert [pod.name for pod in local_cluster.pods] == ["charge-points-0", "charge-points-1"]
     assert local_cluster.running
 
 
+@pytest.mark.slow
 def test_pods_share_a_target_port_on_their_own_ips_and_the_service_port_differs(
     local_cluster_factory: Factory,
 ) -> None:
@@ -111,6 +114,7 @@ def test_pods_share_a_target_port_on_their_own_ips_and_the_service_port_differs(
     )
 
 
+@pytest.mark.slow
 def test_each_pod_stamps_its_own_identity(local_cluster_factory: Factory) -> None:
     cluster = remember(local_cluster_factory(pods=2, namespace="fleet", name="meters"))
     for pod in cluster.pods:
@@ -122,6 +126,7 @@ def test_each_pod_stamps_its_own_identity(local_cluster_factory: Factory) -> Non
     assert cluster.served() == {"meters-0": 0, "meters-1": 0}
 
 
+@pytest.mark.cluster
 def test_a_not_serving_pod_leaves_the_endpoints_and_comes_back(
     local_cluster_factory: Factory,
 ) -> None:
@@ -138,6 +143,7 @@ def test_a_not_serving_pod_leaves_the_endpoints_and_comes_back(
     assert cluster.pods[0].ip in (lookup_a(cluster.dns_address, cluster.fqdn) or [])
 
 
+@pytest.mark.cluster
 def test_a_killed_pod_restarts_on_its_address(local_cluster_factory: Factory) -> None:
     cluster = remember(local_cluster_factory(pods=2, service="haproxy", dns="dnsmasq"))
     pod = cluster.pod("charge-points-1")
@@ -153,6 +159,7 @@ def test_a_killed_pod_restarts_on_its_address(local_cluster_factory: Factory) ->
     assert pod_from_metadata(get(pod.address).initial_metadata()).name == pod.name  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_scaling_down_removes_the_newest_pods(local_cluster_factory: Factory) -> None:
     cluster = remember(local_cluster_factory(pods=3))
     removed = cluster.pods[1:]
@@ -164,6 +171,7 @@ def test_scaling_down_removes_the_newest_pods(local_cluster_factory: Factory) ->
     assert cluster.pods[1].name == "charge-points-3"  # a new pod, a new name and IP
 
 
+@pytest.mark.slow
 def test_a_pod_beyond_capacity_rejects_when_so_configured(local_cluster_factory: Factory) -> None:
     cluster = remember(local_cluster_factory(pods=1, dns=None, overflow="reject"))
     pod = cluster.pods[0]
@@ -179,6 +187,7 @@ def test_a_pod_beyond_capacity_rejects_when_so_configured(local_cluster_factory:
     assert stats.max_in_flight == 1
 
 
+@pytest.mark.slow
 def test_a_pod_beyond_capacity_queues_by_default(local_cluster_factory: Factory) -> None:
     cluster = remember(
         local_cluster_factory(pods=1, dns=None, service_time_ms=100, max_concurrent=2)
@@ -206,6 +215,7 @@ def test_session_affinity_needs_the_iptables_backend() -> None:
         LocalCluster(service="userspace", session_affinity="ClientIP")
 
 
+@pytest.mark.cluster
 def test_iptables_pods_are_driven_inside_their_namespace(local_cluster_factory: Factory) -> None:
     cluster = local_cluster_factory(pods=2, service="iptables")
     USED_ADDRESSES.append(cluster.service_target)
@@ -253,6 +263,7 @@ def test_targets_of_a_stopped_cluster_say_so() -> None:
     cluster.stop()  # idempotent, also before start
 
 
+@pytest.mark.cluster
 def test_stop_leaves_no_process_port_or_file() -> None:
     cluster = LocalCluster(pods=2, service="haproxy", dns="dnsmasq", l7="haproxy")
     with cluster:
@@ -270,6 +281,7 @@ def test_stop_leaves_no_process_port_or_file() -> None:
         assert not _accepts(address), address
 
 
+@pytest.mark.slow
 def test_no_cluster_here_left_a_port_open() -> None:
     """Runs last in this module; every cluster above was torn down by its fixture."""
     leaked = [address for address in USED_ADDRESSES if _accepts(address)]

@@ -60,6 +60,7 @@ def pod_process() -> Iterator[str]:
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork() with threads running
+@pytest.mark.slow
 def test_across_fork_the_parents_channel_is_refused_in_the_child_and_carries_on(
     pod_process: str,
 ) -> None:

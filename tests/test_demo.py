@@ -84,6 +84,7 @@ def test_without_matplotlib_one_line_says_how_to_get_the_chart(
     assert not path.exists()
 
 
+@pytest.mark.slow
 def test_the_chart_has_a_panel_per_act(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     timelines = [

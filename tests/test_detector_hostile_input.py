@@ -31,6 +31,7 @@ class FakeClock:
         return self.now
 
 
+@pytest.mark.slow
 def test_a_server_that_names_a_new_pod_per_call_cannot_grow_the_known_pods() -> None:
     clock = FakeClock()
     config = AffinityConfig(max_known_pods=64, warmup_s=0)

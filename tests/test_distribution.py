@@ -19,7 +19,7 @@ from conftest import require
 ROOT = Path(__file__).resolve().parent.parent
 PINS = ("grpcio==1.62.3", "protobuf==4.25.8")  # a production client's, as in test_floors.sh
 
-pytestmark = [pytest.mark.packaging, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.packaging, pytest.mark.slow, pytest.mark.timeout(900)]
 
 # Run inside the fresh environment: a sync and an aio server with add_health() and the identity
 # interceptor, checked with the package's own hand-encoded client on loopback.

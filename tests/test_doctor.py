@@ -39,6 +39,7 @@ def cluster() -> Iterator[LocalCluster]:
         yield running
 
 
+@pytest.mark.cluster
 def test_a_clusterip_service_balances_per_connection(cluster: LocalCluster) -> None:
     findings = diagnose(cluster.service_target, QUICK)
     assert judge(findings).code == "per-connection" and judge(findings).problem
@@ -46,10 +47,12 @@ def test_a_clusterip_service_balances_per_connection(cluster: LocalCluster) -> N
     assert not any(connection.switched for connection in findings.answered)
 
 
+@pytest.mark.cluster
 def test_a_headless_name_under_pick_first_is_a_problem(cluster: LocalCluster) -> None:
     assert _verdict(cluster.headless_target) == "headless-pick-first"
 
 
+@pytest.mark.cluster
 def test_a_headless_name_under_round_robin_is_fine(cluster: LocalCluster) -> None:
     findings = diagnose(cluster.headless_target, DoctorOptions(lb_policy="round_robin"))
     verdict = judge(findings)
@@ -57,6 +60,7 @@ def test_a_headless_name_under_round_robin_is_fine(cluster: LocalCluster) -> Non
     assert len(findings.pods) == 3
 
 
+@pytest.mark.cluster
 def test_the_service_port_on_the_headless_name_is_the_port_gotcha(cluster: LocalCluster) -> None:
     service_port = cluster.service_target.rsplit(":", 1)[1]
     wrong = f"dns://{cluster.dns_address}/{cluster.fqdn}:{service_port}"
@@ -65,6 +69,7 @@ def test_the_service_port_on_the_headless_name_is_the_port_gotcha(cluster: Local
 
 
 @pytest.mark.parametrize("proxy", ["haproxy", "nginx"])
+@pytest.mark.cluster
 def test_an_l7_proxy_balances_per_request(
     cluster: LocalCluster, local_cluster_factory: Factory, proxy: str
 ) -> None:
@@ -77,6 +82,7 @@ def test_an_l7_proxy_balances_per_request(
     assert (verdict.code, verdict.problem) == ("per-request", False)
 
 
+@pytest.mark.slow
 def test_a_dead_dns_server_is_a_clear_verdict(local_cluster_factory: Factory) -> None:
     cluster = local_cluster_factory(pods=1, dns="embedded")
     target = cluster.headless_target
@@ -88,6 +94,7 @@ def test_a_dead_dns_server_is_a_clear_verdict(local_cluster_factory: Factory) ->
 
 
 @pytest.mark.local_cluster(pods=3, service="iptables", session_affinity="ClientIP")
+@pytest.mark.cluster
 def test_client_ip_session_affinity_is_named(local_cluster: LocalCluster) -> None:
     target = local_cluster.service_target
     verdict = judge(diagnose(target, DoctorOptions(**{**QUICK.__dict__, "expected_pods": 3})))
@@ -177,6 +184,7 @@ def _doctor(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.cluster
 def test_the_command_prints_json_and_exits_1_on_a_problem(cluster: LocalCluster) -> None:
     done = _doctor(cluster.service_target, "--json", "--samples", "6")
     assert done.returncode == 1, done.stderr
@@ -186,12 +194,14 @@ def test_the_command_prints_json_and_exits_1_on_a_problem(cluster: LocalCluster)
     assert "doctor: fresh connection" in done.stderr  # progress goes to stderr
 
 
+@pytest.mark.cluster
 def test_the_command_exits_0_when_nothing_is_wrong(cluster: LocalCluster) -> None:
     done = _doctor(cluster.headless_target, "--lb-policy", "round_robin", "--samples", "4")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "verdict:    OK headless-round-robin" in done.stdout
 
 
+@pytest.mark.slow
 def test_an_unreadable_target_is_one_clear_line() -> None:
     done = _doctor("unix:/tmp/nothing.sock")
     assert done.returncode == 1

@@ -41,7 +41,13 @@ from grpc_balance_mw.pool import PoolConfig
 from grpc_balance_mw.retry import RetryPolicy
 from grpc_balance_mw.testing import LocalCluster, missing_components
 
-pytestmark = [pytest.mark.cluster, pytest.mark.heavy]
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.slow,
+    pytest.mark.leaks_per_module(
+        reason="the module's cluster restarts the pods, proxy and DNS its tests stop"
+    ),
+]
 
 TIMEOUT_S = 10.0
 #: How far past its deadline a call may end on a busy 2-core machine (grpcio's own timer).

@@ -43,6 +43,7 @@ def test_no_answer_is_not_an_empty_answer() -> None:
     assert "127.0.0.1" in (resolve_addresses(DnsTarget(None, "localhost", 80)) or [])
 
 
+@pytest.mark.slow
 def test_the_probe_counts_pods_from_the_headless_answer() -> None:
     missing = missing_components("userspace", "embedded")
     require(not missing, "; ".join(missing))

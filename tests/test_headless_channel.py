@@ -90,6 +90,7 @@ def _until_all_pods(calls: Callable[[], list[str]], pods: int) -> None:
 
 
 @pytest.mark.parametrize("mode", ["sync", "aio"])
+@pytest.mark.slow
 async def test_the_builder_spreads_calls_evenly(local_cluster_factory: Factory, mode: str) -> None:
     cluster = local_cluster_factory(pods=3, dns="embedded")
     if mode == "sync":
@@ -108,6 +109,7 @@ async def test_the_builder_spreads_calls_evenly(local_cluster_factory: Factory, 
     assert cluster.served() == {pod.name: 30 for pod in cluster.pods}
 
 
+@pytest.mark.slow
 def test_a_not_serving_pod_gets_no_calls_while_dns_still_lists_it(
     local_cluster_factory: Factory,
 ) -> None:
@@ -124,6 +126,7 @@ def test_a_not_serving_pod_gets_no_calls_while_dns_still_lists_it(
         assert leaving.name not in _sync_calls(channel, 60)
 
 
+@pytest.mark.slow
 def test_a_clusterip_name_is_flagged_once(
     local_cluster_factory: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -139,6 +142,7 @@ def test_a_clusterip_name_is_flagged_once(
     assert [r.message for r in caplog.records].count(f"headless channel to {target}: {problems[0]}")
 
 
+@pytest.mark.slow
 def test_the_service_port_on_a_headless_name_is_the_port_gotcha(
     local_cluster_factory: Factory,
 ) -> None:
@@ -152,6 +156,7 @@ def test_the_service_port_on_a_headless_name_is_the_port_gotcha(
     assert check_headless(cluster.headless_target).problems == ()
 
 
+@pytest.mark.slow
 def test_a_dead_dns_server_is_a_clear_problem_not_an_error(
     local_cluster_factory: Factory,
 ) -> None:

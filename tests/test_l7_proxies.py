@@ -15,6 +15,8 @@ from grpc_balance_mw.identity import POD_HEADER
 from grpc_balance_mw.testing import LocalCluster
 
 Factory = Callable[..., LocalCluster]
+pytestmark = pytest.mark.cluster
+
 PROXIES = ("haproxy", "nginx")
 
 

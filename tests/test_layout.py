@@ -72,6 +72,7 @@ SYNC_ADAPTERS = (
 PURE = ("affinity", "pool")
 
 
+@pytest.mark.slow
 def test_aio_does_not_import_the_sync_adapters() -> None:
     assert importing(modules_under("aio"), SYNC_ADAPTERS) == []
 

@@ -3,7 +3,7 @@ call kind, for a bounded time; what the client counted reconciles exactly with w
 counted. Then rotations by the hundred leave no thread, fd or channel object behind (thousands:
 ``scripts/soak_rotations.py``, outside the suite).
 
-Heavy: marked ``heavy`` (a few seconds of full load each).
+Slow: marked ``slow`` (a few seconds of full load each).
 """
 
 from __future__ import annotations
@@ -43,7 +43,13 @@ from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.pool import LanePool, PoolConfig, rotate_after_age, rotate_after_calls
 from grpc_balance_mw.testing import LocalCluster, missing_components
 
-pytestmark = [pytest.mark.cluster, pytest.mark.heavy]
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.slow,
+    pytest.mark.leaks_per_module(
+        reason="the module's cluster opens its pods' admin connections when first asked"
+    ),
+]
 
 SECONDS = 3.0
 MAX_CALLS = 20_000  # per run: the time bound ends it first on this machine

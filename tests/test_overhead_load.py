@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from conftest import SyncPod
 
 from grpc_balance_mw.affinity import AffinityRegistry, AffinityState
@@ -14,6 +15,7 @@ from grpc_balance_mw.cli import overhead, overhead_load
 from grpc_balance_mw.observing import ObserveOptions
 
 
+@pytest.mark.slow
 def test_many_callers_measure_every_variant_on_a_real_pod(sync_pod: SyncPod) -> None:
     threads = overhead_load.measure_threads(sync_pod.target, rounds=1, threads=2, calls_each=3)
     tasks = overhead_load.measure_tasks(sync_pod.target, rounds=1, tasks=3, calls_each=2)
@@ -74,6 +76,7 @@ def test_the_report_gives_the_noise_floor_and_judges_on_paired_rounds() -> None:
     )
 
 
+@pytest.mark.slow
 def test_own_work_times_observe_apart_from_any_call(sync_pod: SyncPod) -> None:
     """Detection's own work is measured on a channel whose calls end at once: it is positive
     (observe() does work the bare channel does not), and the report sets it against a real

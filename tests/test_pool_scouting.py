@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+import pytest
 from pool_fakes import FakeClock, KubeProxy, active_pods, drive, run, scripted
 
 from grpc_balance_mw.pool import LanePool, LanePurpose, PoolConfig, rotate_never
@@ -111,6 +112,7 @@ def fraction_within(config: PoolConfig, seconds: float, runs: int = 400) -> dict
     }
 
 
+@pytest.mark.slow
 def test_both_new_pods_of_a_scale_up_get_a_lane_within_5_s_by_design() -> None:
     """The PoolConfig arithmetic, simulated: missed within 5 s 0.024 % of the time, within 2 s
     4.8 %. Without the bursts, one scout per 0.5 s misses 5 s in one case out of four or five."""

@@ -68,6 +68,7 @@ def test_pod_from_metadata_returns_an_identity_or_raises_malformed(md: Any) -> N
         assert pod_from_metadata(identity.to_metadata()) == identity  # a round trip
 
 
+@pytest.mark.slow
 @FAST
 @given(st.lists(st.tuples(metadata, metadata), max_size=8))
 def test_the_reader_never_raises_and_a_pod_is_never_malformed(
@@ -131,6 +132,7 @@ def _transition_ok(transition: Any) -> None:
         assert not transition.stale or transition.current is AffinityState.UNVERIFIED
 
 
+@pytest.mark.slow
 @FAST
 @given(st.sampled_from(CONFIGS), st.lists(step, max_size=60))
 def test_the_detector_keeps_its_invariants_whatever_it_is_fed(
@@ -237,7 +239,10 @@ def _change_facts(
     return True
 
 
-@pytest.mark.parametrize("seed", range(100))
+# The sweep is slow; the fast tier keeps its first seeds.
+@pytest.mark.parametrize(
+    "seed", [*range(3), *(pytest.param(s, marks=pytest.mark.slow) for s in range(3, 100))]
+)
 def test_a_settled_verdict_is_the_verdict_judging_in_full_would_give(seed: int) -> None:
     """The detector skips working out the verdict while nothing it reads has changed since the
     last call that stayed in its state; fed the same calls, it moves exactly when a detector
@@ -246,6 +251,7 @@ def test_a_settled_verdict_is_the_verdict_judging_in_full_would_give(seed: int) 
     _replay(seed)
 
 
+@pytest.mark.slow
 def test_verdicts_from_per_request_balancing_settle_too() -> None:
     """A lane balanced per request settles on what its verdict reads (the share of per-request
     calls), not on pod shares that change with every call: the shortcut is taken there too."""
@@ -404,7 +410,10 @@ def _replay_batched(seed: int) -> _Moves:
     return batched
 
 
-@pytest.mark.parametrize("seed", range(60))
+# The sweep is slow; the fast tier keeps its first seeds.
+@pytest.mark.parametrize(
+    "seed", [*range(3), *(pytest.param(s, marks=pytest.mark.slow) for s in range(3, 60))]
+)
 def test_calls_judged_in_a_batch_move_the_detector_as_calls_judged_one_by_one(seed: int) -> None:
     """Calls counted without the lock (``count``, as 32 threads on one channel do) are judged
     in batches, where a run of like calls on a settled verdict is taken without judging each:
@@ -413,6 +422,7 @@ def test_calls_judged_in_a_batch_move_the_detector_as_calls_judged_one_by_one(se
     _replay_batched(seed)
 
 
+@pytest.mark.slow
 def test_runs_of_like_calls_take_the_steady_path() -> None:
     assert sum(_replay_batched(seed).like_calls for seed in range(10)) > 1000
 

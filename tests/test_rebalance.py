@@ -56,6 +56,7 @@ def shared() -> Iterator[LocalCluster]:
     missing = missing_components("userspace")
     require(not missing, "; ".join(missing))
     with LocalCluster(pods=3, service="userspace", dns=None) as running:
+        running.reset_counts()  # the admin connections now: the module's, not the first test's
         yield running
 
 
@@ -68,6 +69,7 @@ def cluster(shared: LocalCluster) -> Iterator[LocalCluster]:
             shared.restart(pod.name)
         else:
             shared.configure(pod.name, service_time_ms=0)
+    shared.reset_counts()  # a restarted pod's admin connection now, with its test's leaves
 
 
 def options() -> ObserveOptions:
@@ -134,6 +136,7 @@ def lane_calls(balanced: Any) -> int:
 
 @pytest.mark.parametrize("when", ["alarm", "always"])
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.slow
 def test_a_pinned_channel_moves_its_calls_onto_lanes_through_stubs_made_before(
     cluster: LocalCluster, mode: str, when: str
 ) -> None:
@@ -180,7 +183,12 @@ def test_a_pinned_channel_moves_its_calls_onto_lanes_through_stubs_made_before(
     asyncio.run(main())
 
 
-@pytest.mark.heavy
+@pytest.mark.slow
+@pytest.mark.leaves(
+    processes=("charge_points.pod",),
+    sockets=True,  # the admin connection to it
+    reason="the module's cluster restarts the pod this test kills: the pod is the module's",
+)
 @pytest.mark.parametrize("mode", MODES)
 def test_retry_through_the_move_survives_a_sigkilled_pod(cluster: LocalCluster, mode: str) -> None:
     """``Rebalance(retry=)`` reaches the balanced channel: a rebalanced client keeps its
@@ -231,6 +239,7 @@ def _ours(thread: threading.Thread) -> bool:
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.slow
 def test_close_closes_the_lanes_it_opened_and_leaks_nothing(
     cluster: LocalCluster, mode: str
 ) -> None:

@@ -258,6 +258,7 @@ def _client_threads(driver: Driver) -> set[str]:
     return {t.name for t in threading.enumerate() if not t.name.startswith("ThreadPoolExecutor")}
 
 
+@pytest.mark.slow
 def test_close_leaves_no_threads_tasks_or_fds(driver: Driver, pod: PeerPod) -> None:
     warm = driver.channel(pod.target, predial=1)
     for kind in CALL_KINDS:
@@ -288,6 +289,7 @@ async def _other_tasks() -> list[asyncio.Task[Any]]:
 
 
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
+@pytest.mark.slow
 def test_tls_on_every_dial_never_plaintext(driver: Driver, tmp_path: Path, mutual: bool) -> None:
     require(shutil.which("openssl") is not None, "openssl CLI not installed")
     certs = make_certificates(tmp_path)
@@ -326,6 +328,7 @@ def test_tls_on_every_dial_never_plaintext(driver: Driver, tmp_path: Path, mutua
 
 @pytest.mark.local_cluster(pods=3, service_time_ms=50)
 @pytest.mark.parametrize("retryable", [True, False], ids=["retryable", "not-retryable"])
+@pytest.mark.slow
 def test_a_killed_pod_costs_no_retryable_call(
     driver: Driver, local_cluster: LocalCluster, retryable: bool
 ) -> None:

@@ -34,6 +34,7 @@ def test_several_dials_are_under_way_at_once(silent_server: str) -> None:
     assert wait_until(lambda: driver.stats(channel)[2] == 3, driver)
 
 
+@pytest.mark.slow
 def test_a_dial_that_fails_is_not_handed_out_and_is_dialled_again(driver: Driver) -> None:
     with socket.socket() as probe:  # a port nothing listens on, until the pod below takes it
         probe.bind(("127.0.0.1", 0))

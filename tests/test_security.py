@@ -154,6 +154,7 @@ def secrets_of(cluster: LocalCluster) -> list[str]:
     return [*pods, OPAQUE_KEY, SECRET, SECRET.split()[1]]
 
 
+@pytest.mark.slow
 def test_opaque_pods_and_metadata_leak_nothing_through_the_remedy_or_the_logs(
     opaque_cluster: LocalCluster, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -187,6 +187,9 @@ class AffinityInterceptors:
         a unary call is observed by the time awaiting it returns."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            # Since Python 3.12 gathering tasks that are all done returns without a pass of the
+            # event loop, so the done-callbacks that take them out of the set have not run yet.
+            self._tasks.difference_update([task for task in self._tasks if task.done()])
         await settle_followers()
 
 
