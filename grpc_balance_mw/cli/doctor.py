@@ -584,7 +584,7 @@ def render(findings: Findings, verdict: Verdict) -> str:
     marker = "PROBLEM" if verdict.problem else "OK"
     lines += ["", f"verdict:    {marker} {verdict.code}: {verdict.summary}"]
     if verdict.fix:
-        lines += ["", "fix:", *(f"  {line}" for line in verdict.fix.splitlines())]
+        lines += ["", "fix:", *(f"  {line}".rstrip() for line in verdict.fix.splitlines())]
     return "\n".join(lines)
 
 
