@@ -253,6 +253,7 @@ class Demo:
         in_flight: dict[str, int] | None = None,
     ) -> None:
         result.finish(latencies, pods)
+        timeline.pods = sorted(result.per_pod)  # idle pods too: the chart draws them at 0
         self.results.append(result)
         self.timelines.append(timeline)
         total = sum(result.per_pod.values()) or 1

@@ -24,6 +24,7 @@ import ipaddress
 import json
 import socket
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -41,7 +42,7 @@ from grpc_balance_mw.headless import (
 from grpc_balance_mw.health_check import check_method
 from grpc_balance_mw.identity import pod_from_metadata
 
-__all__ = ["Findings", "Verdict", "diagnose", "judge", "run"]
+__all__ = ["Findings", "TargetNames", "Verdict", "diagnose", "judge", "run"]
 
 LOCAL_POOL = ("grpc.use_local_subchannel_pool", 1)
 #: Chance that n fresh connections all land on one of k pods at random is k * (1/k)**n; below
@@ -101,14 +102,18 @@ class Verdict:
 
 
 def judge(findings: Findings) -> Verdict:
-    """The verdict the findings support (pure: tested without sockets)."""
+    """The verdict the findings support (pure: tested without sockets).
+
+    Every fix names the target the doctor was given (see :class:`TargetNames`), so that it can
+    be pasted as it is.
+    """
+    names = TargetNames.of(findings.target)
     if findings.dns_error is not None:
         return Verdict(
             "dns-failure",
             True,
             f"the name did not resolve: {findings.dns_error}",
-            "Check the Service name and namespace (NAME.NAMESPACE.svc.cluster.local) and that "
-            "the cluster DNS answers from where the client runs.",
+            _dns_fix(names),
         )
     addresses = findings.addresses or []
     if addresses and len(findings.unreachable) == len(addresses):
@@ -116,7 +121,7 @@ def judge(findings: Findings) -> Verdict:
             "port-unreachable",
             True,
             f"nothing answers on the target's port at {', '.join(findings.unreachable)}",
-            _PORT_FIX if len(addresses) > 1 else "Check the port and that the pods are ready.",
+            _port_fix(names) if len(addresses) > 1 else _closed_port_fix(names),
         )
     answered = findings.answered
     if not answered:
@@ -126,8 +131,7 @@ def judge(findings: Findings) -> Verdict:
             True,
             "no fresh connection got a health answer"
             + (f" ({'; '.join(errors)})" if errors else ""),
-            "Serve grpc.health.v1 on the pods (grpc_balance_mw.server.add_health) and check the "
-            "target, port and TLS settings.",
+            _unreachable_fix(names),
         )
     if not findings.pods:
         return Verdict(
@@ -135,7 +139,7 @@ def judge(findings: Findings) -> Verdict:
             True,
             "the server answers but does not say which pod it is, so no client can tell how "
             "calls spread",
-            _IDENTITY_FIX,
+            _identity_fix(names),
         )
     pods = findings.pods
     if any(connection.switched for connection in answered):
@@ -145,16 +149,14 @@ def judge(findings: Findings) -> Verdict:
                 False,
                 f"round_robin over {len(addresses)} pod addresses: calls spread per request over "
                 f"{len(pods)} pods",
-                _ROTATION_NOTE,
+                _rotation_note(names),
             )
         return Verdict(
             "per-request",
             False,
             f"the pod changes from call to call on one connection: something in front balances "
             f"per request (an L7 proxy or mesh sidecar); {len(pods)} pods seen",
-            "Nothing to do on the client: per-request balancing already spreads one channel's "
-            "calls. Keep it (Envoy LEAST_REQUEST with maxRequestsPerConnection, as in "
-            "examples/kubernetes/istio-destinationrule.yaml).",
+            _per_request_note(names),
         )
     if len(addresses) > 1:
         return Verdict(
@@ -162,7 +164,7 @@ def judge(findings: Findings) -> Verdict:
             True,
             f"{len(addresses)} pod addresses (a headless Service), but {findings.lb_policy} "
             "sends all of a channel's calls to one of them",
-            _HEADLESS_FIX,
+            _headless_fix(names),
         )
     known = max(len(pods), findings.expected_pods or 0)
     if len(pods) == 1:
@@ -173,65 +175,222 @@ def judge(findings: Findings) -> Verdict:
                 True,
                 f"{n} fresh connections all reached {pods[0]} while {known} pods exist: the "
                 "Service pins each client to one pod (sessionAffinity: ClientIP)",
-                _AFFINITY_FIX,
+                _affinity_fix(names),
             )
         return Verdict(
             "one-pod",
             False,
             f"{n} fresh connections all reached {pods[0]}: one pod serves this Service (or the "
             "Service pins clients: pass --expected-pods to tell)",
-            "If the Deployment has more replicas, look for sessionAffinity: ClientIP on the "
-            "Service.",
+            _one_pod_note(names),
         )
     return Verdict(
         "per-connection",
         True,
         f"one address (a ClusterIP) and {len(pods)} pods, one per connection: kube-proxy "
         "balances connections, so each channel sends all its calls to one pod",
-        _CLUSTERIP_FIX,
+        _clusterip_fix(names),
     )
 
 
-_PORT_FIX = """\
-A headless Service maps no ports: dial the pods' containerPort (the Service's targetPort),
-e.g. dns:///charge-points-headless.ev.svc.cluster.local:50051, not the Service port."""
+# -- the fixes, each naming the target ------------------------------------------------------------
 
-_IDENTITY_FIX = """\
-Stamp the pod identity on the server (and give it the downward-API env, see
-examples/kubernetes/deployment.yaml):
+#: Stands for the pods' port in a suggested headless target: a headless Service maps no ports,
+#: and the doctor, dialling a Service port, cannot see the pods' containerPort.
+TARGET_PORT = "<targetPort>"
 
-    from grpc_balance_mw import PodIdentity
-    from grpc_balance_mw.server import PodIdentityInterceptor, add_health
-    server = grpc.server(pool, interceptors=[PodIdentityInterceptor(PodIdentity.from_env())])
-    add_health(server)"""
 
-_HEADLESS_FIX = """\
-Use round_robin with health checking on the headless name (all four parts in one call):
+@dataclass(frozen=True)
+class TargetNames:
+    """The names a fix gives, derived from the target the doctor was given (pure).
 
-    from grpc_balance_mw.headless_channel import headless_channel
-    channel = headless_channel("charge-points-headless.ev.svc.cluster.local:50051")"""
+    ``service`` is the Kubernetes Service the host names (``NAME``, ``NAME.NAMESPACE`` or
+    ``NAME.NAMESPACE.svc[.DOMAIN]``), None for an address or another kind of name;
+    ``headless`` the name a headless Service beside it would have by the examples' convention
+    (``NAME-headless``, same namespace and domain).
+    """
 
-_ROTATION_NOTE = """\
-Pods added later get no calls until a connection drops (gRPC re-resolves DNS only then): set
-connection_age_options() on the server, or use the balanced channel."""
+    target: str
+    authority: str | None
+    host: str
+    port: int
 
-_AFFINITY_FIX = """\
-Remove the Service's session affinity (no client-side fix can reach other pods through it):
+    @classmethod
+    def of(cls, target: str) -> TargetNames:
+        parsed = _parse(target)
+        # The DNS server as the user wrote it (the parser adds the default port).
+        authority = target[len("dns://") :].partition("/")[0] if target.startswith("dns://") else ""
+        return cls(target, authority or None, parsed.host, parsed.port)
 
-    spec:
-      sessionAffinity: None"""
+    @property
+    def hostport(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
-_CLUSTERIP_FIX = """\
-Either spread calls over several connections from the client (no cluster change):
+    @property
+    def _labels(self) -> list[str] | None:
+        """The host's DNS labels when it reads as a Service name, else None."""
+        try:
+            ipaddress.ip_address(self.host)
+            return None
+        except ValueError:
+            pass
+        labels = self.host.rstrip(".").split(".")
+        if self.host == "localhost" or not all(labels):
+            return None
+        if len(labels) <= 2 or labels[2] == "svc":
+            return labels
+        return None
 
-    from grpc_balance_mw import balanced_channel
-    channel = balanced_channel("charge-points.ev.svc.cluster.local:80")
+    @property
+    def service(self) -> tuple[str, str | None] | None:
+        """(name, namespace or None) of the Service the host names, or None."""
+        labels = self._labels
+        if labels is None:
+            return None
+        return labels[0], labels[1] if len(labels) > 1 else None
 
-or add a headless Service (examples/kubernetes/service-headless.yaml) and dial it with
-round_robin:
+    @property
+    def service_phrase(self) -> str:
+        """How a sentence names the Service: by its name, else by the address dialled."""
+        if self.service is None:
+            return f"the Service at {self.hostport}"
+        return f"the Service {self.host} (port {self.port})"
 
-    from grpc_balance_mw.headless_channel import headless_channel
-    channel = headless_channel("charge-points-headless.ev.svc.cluster.local:50051")"""
+    @property
+    def headless(self) -> str:
+        """The headless Service's name, or a pattern to fill in when the host is an address."""
+        labels = self._labels
+        if labels is None:
+            return "<name>-headless.<namespace>.svc.cluster.local"
+        if labels[0].endswith("-headless"):
+            return ".".join(labels)
+        return ".".join([f"{labels[0]}-headless", *labels[1:]])
+
+    def dns(self, host: str, port: int | str) -> str:
+        """A target for ``host:port``, asking the same DNS server as the given target did."""
+        return f"dns://{self.authority or ''}/{host}:{port}"
+
+
+def _fill(text: str) -> str:
+    """Prose of a fix, wrapped (never inside a name: targets carry hyphens)."""
+    return textwrap.fill(text, 92, break_long_words=False, break_on_hyphens=False)
+
+
+def _with_code(prose: str, code: str) -> str:
+    """A fix's prose, then the code or YAML to paste, indented."""
+    return f"{_fill(prose)}\n\n{textwrap.indent(code, '    ')}"
+
+
+def _dns_fix(names: TargetNames) -> str:
+    server = f"the DNS server {names.authority}" if names.authority else "the cluster DNS"
+    return _fill(
+        f"Check the name {names.host} in {names.target} (a Service is "
+        f"NAME.NAMESPACE.svc.cluster.local) and that {server} answers from where the client runs."
+    )
+
+
+def _port_fix(names: TargetNames) -> str:
+    return _fill(
+        f"A headless Service maps no ports: dial {names.host} on the pods' containerPort (the "
+        f"Service's targetPort), e.g. {names.dns(names.host, TARGET_PORT)}, not the Service "
+        f"port {names.port}."
+    )
+
+
+def _closed_port_fix(names: TargetNames) -> str:
+    return _fill(
+        f"Check the port {names.port} of {names.host} and that the pods behind it are ready."
+    )
+
+
+def _unreachable_fix(names: TargetNames) -> str:
+    return _fill(
+        f"Serve grpc.health.v1 on the pods behind {names.hostport} "
+        "(grpc_balance_mw.server.add_health) and check the target, port and TLS settings."
+    )
+
+
+def _identity_fix(names: TargetNames) -> str:
+    return _with_code(
+        f"Stamp the pod identity on the servers behind {names.hostport} (and give them the "
+        "downward-API env, see examples/kubernetes/deployment.yaml):",
+        "from grpc_balance_mw import PodIdentity\n"
+        "from grpc_balance_mw.server import PodIdentityInterceptor, add_health\n"
+        "server = grpc.server(\n"
+        "    pool, interceptors=[PodIdentityInterceptor(PodIdentity.from_env())]\n"
+        ")\n"
+        "add_health(server)",
+    )
+
+
+def _per_request_note(names: TargetNames) -> str:
+    return _fill(
+        f"Nothing to do on the client for {names.hostport}: per-request balancing already "
+        "spreads one channel's calls. Keep it (Envoy LEAST_REQUEST with "
+        "maxRequestsPerConnection, as in examples/kubernetes/istio-destinationrule.yaml)."
+    )
+
+
+def _headless_fix(names: TargetNames) -> str:
+    return _with_code(
+        f"Use round_robin with health checking on the headless name {names.host} (all four "
+        "parts in one call):",
+        "from grpc_balance_mw.headless_channel import headless_channel\n"
+        f'channel = headless_channel("{names.target}")',
+    )
+
+
+def _rotation_note(names: TargetNames) -> str:
+    return _fill(
+        f"Pods added behind {names.hostport} get no calls until a connection drops (gRPC "
+        "re-resolves DNS only then): set connection_age_options() on the server, or use the "
+        "balanced channel."
+    )
+
+
+def _one_pod_note(names: TargetNames) -> str:
+    return _fill(
+        f"If the Deployment behind {names.service_phrase} has more replicas, look for "
+        "sessionAffinity: ClientIP on that Service."
+    )
+
+
+def _affinity_fix(names: TargetNames) -> str:
+    service = names.service
+    if service is None:
+        patch = "kubectl patch service <name> -n <namespace>"
+    else:
+        name, namespace = service
+        patch = f"kubectl patch service {name}" + (f" -n {namespace}" if namespace else "")
+    fix = _with_code(
+        f"Remove the session affinity of {names.service_phrase}: no client-side fix can reach "
+        "other pods through it.",
+        "spec:\n  sessionAffinity: None",
+    )
+    return f"""{fix}\n\nor: {patch} -p '{{"spec":{{"sessionAffinity":"None"}}}}'"""
+
+
+def _clusterip_fix(names: TargetNames) -> str:
+    service = names.service
+    beside = (
+        f"a headless Service {service[0]}-headless beside {service[0]}"
+        if service is not None and not service[0].endswith("-headless")
+        else f"a headless Service beside the one at {names.hostport}"
+    )
+    spread = _with_code(
+        "Either spread calls over several connections from the client (no cluster change):",
+        "from grpc_balance_mw import balanced_channel\n"
+        f'channel = balanced_channel("{names.target}")',
+    )
+    headless = _with_code(
+        f"or add {beside} (clusterIP: None, the same selector; "
+        "examples/kubernetes/service-headless.yaml) and dial it on the pods' port with "
+        "round_robin:",
+        "from grpc_balance_mw.headless_channel import headless_channel\n"
+        f'channel = headless_channel("{names.dns(names.headless, TARGET_PORT)}")',
+    )
+    return f"{spread}\n\n{headless}"
 
 
 # -- looking --------------------------------------------------------------------------------------
@@ -425,7 +584,7 @@ def render(findings: Findings, verdict: Verdict) -> str:
     marker = "PROBLEM" if verdict.problem else "OK"
     lines += ["", f"verdict:    {marker} {verdict.code}: {verdict.summary}"]
     if verdict.fix:
-        lines += ["", "fix:", *(f"  {line}" for line in verdict.fix.splitlines())]
+        lines += ["", "fix:", *(f"  {line}".rstrip() for line in verdict.fix.splitlines())]
     return "\n".join(lines)
 
 
