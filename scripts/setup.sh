@@ -7,6 +7,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 say() { echo "setup: $*" >&2; }
+began=$SECONDS
 
 missing=()
 for tool in haproxy:haproxy dnsmasq:dnsmasq-base nginx:nginx-light iptables:iptables ip:iproute2; do
@@ -14,7 +15,7 @@ for tool in haproxy:haproxy dnsmasq:dnsmasq-base nginx:nginx-light iptables:ipta
 done
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]]; then
-        say "installing ${missing[*]} with apt-get (the local cluster's parts)"
+        say "installing ${missing[*]} with apt-get (the local cluster's parts; a minute or more on a bare machine)"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
@@ -45,12 +46,29 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] &&
     exit 0
 fi
 log="$VENV/setup.log"
+: >"$log"
+# pip in the background, and a line every 15 s while it runs (a first install takes about a
+# minute, and a silent minute reads as a hang).
+pip_install() {
+    local started=$SECONDS next=$((SECONDS + 15)) pid last
+    "$VENV/bin/python" -m pip install --progress-bar off "$@" >>"$log" 2>&1 &
+    pid=$!
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 1
+        if ((SECONDS >= next)); then
+            last="$(grep -E '^(Collecting|Downloading|Installing|Building|Processing)' "$log" |
+                tail -n 1 | cut -c1-80 || true)"
+            say "  ... $((SECONDS - started)) s${last:+: $last}"
+            next=$((SECONDS + 15))
+        fi
+    done
+    wait "$pid"
+}
 say "installing grpc_balance_mw[dev] into .venv, editable (the first time takes about a minute; log: .venv/setup.log)"
-if ! { "$VENV/bin/python" -m pip install --upgrade pip &&
-    "$VENV/bin/python" -m pip install -e "$ROOT[dev]"; } >"$log" 2>&1; then
+if ! pip_install --upgrade pip || ! pip_install -e "$ROOT[dev]"; then
     tail -n 30 "$log" >&2
     say "pip failed; the whole log is in $log"
     exit 1
 fi
 echo "$want" >"$stamp"
-say "done"
+say "done in $((SECONDS - began)) s"
