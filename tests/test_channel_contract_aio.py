@@ -253,6 +253,7 @@ async def _failing_channel(wrapper: str, target: str) -> Any:
     raise AssertionError("unreachable")
 
 
+@pytest.mark.slow  # seconds each: a late server, a drain, or a subprocess
 @pytest.mark.parametrize("wrapper", cases("aio", "wait_for_ready"))
 async def test_wait_for_ready_waits_for_a_server_that_starts_later(wrapper: str) -> None:
     port = free_port()

@@ -151,6 +151,7 @@ def _failing_channel(wrapper: str, target: str) -> grpc.Channel:
     raise AssertionError("unreachable")
 
 
+@pytest.mark.slow  # seconds each: a late server, a drain, or a subprocess
 @pytest.mark.parametrize("wrapper", cases("sync", "wait_for_ready"))
 def test_wait_for_ready_waits_for_a_server_that_starts_later(wrapper: str) -> None:
     port = free_port()

@@ -23,6 +23,9 @@ from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.identity import pod_from_metadata
 from grpc_balance_mw.testing import ClusterError, LocalCluster, live_children
 
+#: Each test starts pods or servers of its own and takes seconds: the slow tier.
+pytestmark = pytest.mark.slow
+
 Factory = Callable[..., LocalCluster]
 FRESH = [("grpc.use_local_subchannel_pool", 1)]
 CALLS = 300

@@ -22,6 +22,9 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure
 from grpc_balance_mw.cli import main
 
+#: Each test starts pods or servers of its own and takes seconds: the slow tier.
+pytestmark = pytest.mark.slow
+
 drawn = []
 save = Figure.savefig
 

@@ -16,6 +16,9 @@ import pytest
 
 import grpc_balance_mw
 
+#: Each test runs the script in a copy of the repo layout: the slow tier.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE_PARENT = Path(grpc_balance_mw.__file__).resolve().parent.parent
 

@@ -27,6 +27,9 @@ from grpc_balance_mw.testing import LocalCluster
 from grpc_balance_mw.testing.dns_server import EmbeddedDNS
 from grpc_balance_mw.testing.endpoints import Endpoint
 
+#: Each test starts pods or servers of its own and takes seconds: the slow tier.
+pytestmark = pytest.mark.slow
+
 #: The user's Service, as Kubernetes would name it; the local cluster's DNS name is its headless
 #: twin, by the examples' convention.
 SERVICE = "meter-readings.grid.svc.cluster.local"

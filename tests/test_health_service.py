@@ -136,6 +136,7 @@ def test_cancelled_watches_give_their_threads_back(served: Served) -> None:
         assert stub.Check(_request(), timeout=5).status == SERVING
 
 
+@pytest.mark.slow  # seconds each: a late server, a drain, or a subprocess
 def test_a_drain_reports_not_serving_for_good_while_it_still_serves(served: Served) -> None:
     drain = (sync_server if served.loop is None else aio_server).drain
     with grpc.insecure_channel(served.target) as channel:

@@ -27,6 +27,9 @@ from grpc_balance_mw.health_check import (
 )
 from grpc_balance_mw.pool import PoolConfig
 
+#: Each test starts pods or servers of its own and takes seconds: the slow tier.
+pytestmark = pytest.mark.slow
+
 MODES = ("sync", "aio")
 #: Field 1 (status) SERVING, then a length-delimited field 2 of 3 MiB: a protobuf parser reads
 #: it as SERVING after skipping the rest, so without a cap it named a pod on every scout.

@@ -321,6 +321,7 @@ def console_spans(text: str) -> list[dict[str, Any]]:
 @pytest.mark.parametrize(
     ("flavour", "otel_grpc"), [("sync", True), ("aio", True), ("sync", False), ("aio", False)]
 )
+@pytest.mark.slow  # seconds each: a late server, a drain, or a subprocess
 def test_opentelemetry_instrument_observes_a_client_that_knows_nothing_of_it(
     flavour: str, otel_grpc: bool, sync_pod: SyncPod, tmp_path: Path
 ) -> None:

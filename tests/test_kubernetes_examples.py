@@ -255,6 +255,7 @@ def _run_checkov(directory: Path) -> tuple[int, dict[str, Any]]:
     return done.returncode, json.loads(done.stdout)
 
 
+@pytest.mark.slow  # seconds each: a late server, a drain, or a subprocess
 def test_checkov_passes_on_the_manifests() -> None:
     returncode, report = _run_checkov(EXAMPLES)
     results, summary = report["results"], report["summary"]
@@ -276,6 +277,7 @@ def test_checkov_passes_on_the_manifests() -> None:
     assert skipped == _skips()
 
 
+@pytest.mark.slow  # seconds each: a late server, a drain, or a subprocess
 def test_checkov_would_catch_a_container_that_may_escalate(tmp_path: Path) -> None:
     broken = yaml.safe_load((EXAMPLES / "deployment.yaml").read_text())
     del broken["spec"]["template"]["spec"]["containers"][0]["securityContext"]

@@ -23,6 +23,9 @@ from grpc_balance_mw.channel import BalancedChannel, channel_factory
 from grpc_balance_mw.health_check import CHECK_METHOD
 from grpc_balance_mw.pool import LanePool, PoolConfig, rotate_never
 
+#: Each test starts pods or servers of its own and takes seconds: the slow tier.
+pytestmark = pytest.mark.slow
+
 MODES = ("sync", "aio")
 
 

@@ -236,6 +236,7 @@ def _pump(stream: IO[str], lines: queue.Queue[str]) -> None:
         lines.put(line)
 
 
+@pytest.mark.slow  # seconds each: a late server, a drain, or a subprocess
 def test_the_example_app_serves_the_state_on_its_metrics_port(sync_pod: SyncPod) -> None:
     """examples/prometheus/app.py as a user runs it, with the package's defaults."""
     _require_exporter()

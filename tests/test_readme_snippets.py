@@ -13,6 +13,9 @@ from conftest import SyncPod, require
 
 from grpc_balance_mw.testing import missing_components
 
+#: Each test starts pods or servers of its own and takes seconds: the slow tier.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -31,6 +31,9 @@ from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.testing.charge_points.servicer import SERVICE_NAME, SyncChargePointsServicer
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
+#: Each test starts pods or servers of its own and takes seconds: the slow tier.
+pytestmark = pytest.mark.slow
+
 CALLS = 300
 
 

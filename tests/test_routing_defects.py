@@ -170,6 +170,7 @@ def test_sync_invalid_metadata_fails_at_once(sync_pod: SyncPod, flavour: str) ->
 # -- 4: wait_for_ready, subscribe, the connectivity thread ---------------------------------
 
 
+@pytest.mark.slow  # seconds each: a late server, a drain, or a subprocess
 def test_sync_balanced_wait_for_ready_waits_for_a_late_server() -> None:
     port = free_port()
     with make("sync", "balanced", f"127.0.0.1:{port}") as channel:
@@ -186,6 +187,7 @@ def test_sync_balanced_wait_for_ready_waits_for_a_late_server() -> None:
                 pod.server.stop(None).wait()
 
 
+@pytest.mark.slow  # seconds each: a late server, a drain, or a subprocess
 def test_sync_balanced_wait_for_ready_stream_without_a_deadline_waits_too() -> None:
     port = free_port()
     with make("sync", "balanced", f"127.0.0.1:{port}") as channel:
@@ -203,6 +205,7 @@ def test_sync_balanced_wait_for_ready_stream_without_a_deadline_waits_too() -> N
                 pod.server.stop(None).wait()
 
 
+@pytest.mark.slow  # seconds each: a late server, a drain, or a subprocess
 async def test_aio_balanced_wait_for_ready_waits_for_a_late_server() -> None:
     port = free_port()
     channel = make("aio", "balanced", f"127.0.0.1:{port}")
@@ -222,6 +225,7 @@ async def test_aio_balanced_wait_for_ready_waits_for_a_late_server() -> None:
             pod.server.stop(None).wait()
 
 
+@pytest.mark.slow  # seconds each: a late server, a drain, or a subprocess
 async def test_aio_balanced_wait_for_ready_stream_is_written_to_while_it_waits() -> None:
     port = free_port()
     channel = make("aio", "balanced", f"127.0.0.1:{port}")

@@ -34,6 +34,9 @@ from grpc_balance_mw.pool.health import CHECK_GRACE_S
 from grpc_balance_mw.testing.endpoints import Endpoint
 from grpc_balance_mw.testing.userspace_proxy import UserspaceService
 
+#: Each test starts pods or servers of its own and takes seconds: the slow tier.
+pytestmark = pytest.mark.slow
+
 HEALTH_INTERVAL_S = 0.5
 DRAIN = {"drain_s": 1.5, "grace_s": 1.0}  # 1.5 s > 0.5 s interval + a check + a tick
 MAX_CALLS = 20_000  # per worker: a bound, never reached in the time the test runs
