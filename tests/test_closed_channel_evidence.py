@@ -29,7 +29,13 @@ from grpc_balance_mw.observing import ObserveOptions, build_observer, detector_f
 from grpc_balance_mw.pool import PoolConfig
 from grpc_balance_mw.testing import LocalCluster, missing_components
 
-pytestmark = pytest.mark.cluster
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.slow,
+    pytest.mark.leaks_per_module(
+        reason="a module-scoped local cluster: its admin connections live as long as it does"
+    ),
+]
 
 PLAIN_CALLS, BALANCED_CALLS = 60, 150
 ALARMS = (AffinityState.PINNED, AffinityState.SKEWED)

@@ -22,9 +22,6 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure
 from grpc_balance_mw.cli import main
 
-#: Each test starts pods or servers of its own and takes seconds: the slow tier.
-pytestmark = pytest.mark.slow
-
 drawn = []
 save = Figure.savefig
 
@@ -47,6 +44,7 @@ sys.exit(code)
 
 
 @pytest.mark.cluster
+@pytest.mark.slow  # runs the real demo: pods, a Service, about 15 s
 def test_the_demo_chart_draws_every_pod_of_every_act(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     drawn_path, chart = tmp_path / "drawn.json", tmp_path / "demo.png"

@@ -49,7 +49,13 @@ from grpc_balance_mw.testing.charge_points.servicer import SERVICE_NAME
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.cluster
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.slow,
+    pytest.mark.leaks_per_module(
+        reason="module-scoped pods per language (node, go, python) behind one Service each"
+    ),
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = ROOT / "examples" / "node"
