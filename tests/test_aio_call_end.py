@@ -62,7 +62,7 @@ async def test_a_call_that_never_starts_ends_its_span(
     exporter, options = traced
     interceptors = AffinityInterceptors(aio_pod.target, options)
     if wrapper == "observe":
-        channel = observe(grpc.aio.insecure_channel(aio_pod.target), options)
+        channel = observe(grpc.aio.insecure_channel(aio_pod.target), options, target=aio_pod.target)
     else:
         channel = grpc.aio.insecure_channel(aio_pod.target, interceptors=interceptors.interceptors)
     async with channel:

@@ -133,7 +133,9 @@ def test_the_probe_of_a_tls_channel_dials_with_its_credentials(
     else:
 
         async def main() -> PodProbe:
-            channel = aio_observe(grpc.aio.secure_channel(target, credentials), options)
+            channel = aio_observe(
+                grpc.aio.secure_channel(target, credentials), options, target=target
+            )
             try:
                 assert (await call_aio(channel, "unary_unary")).code is grpc.StatusCode.OK
                 probe = _probe_of(channel)
@@ -163,7 +165,7 @@ def test_probe_true_without_credentials_is_refused_naming_how_to_pass_them(
             return observe(grpc.secure_channel(target, credentials), options)
 
         async def main() -> Any:
-            return aio_observe(grpc.aio.secure_channel(target, credentials), options)
+            return aio_observe(grpc.aio.secure_channel(target, credentials), options, target=target)
 
         return asyncio.run(main())
 
