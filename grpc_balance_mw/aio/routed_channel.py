@@ -22,6 +22,7 @@ and send the call again when the policy says so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Sequence
@@ -366,7 +367,7 @@ class RoutedStream:
     async def _attempt(self, first: bool) -> Any:
         assert self._plan is not None
         if self._call is None or not first:
-            self._bind(*await self._method.route_and_start(self._plan, self._start))
+            await self._route()
         try:
             return await failed_as_error(self._call, await self._call.read())
         except grpc.aio.AioRpcError as error:
@@ -414,9 +415,21 @@ class RoutedStream:
         """An awaited method of a call still waiting for a route (``wait_for_ready``): wait for
         the route (up to the deadline), start the call, then ask it."""
         if self._call is None:
-            assert self._plan is not None
-            self._bind(*await self._method.route_and_start(self._plan, self._start))
+            # A call that failed before it started: _route leaves a failed call to ask.
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self._route()
         return await getattr(self._call, name)(*args)
+
+    async def _route(self) -> None:
+        """Start an attempt on a route; with none to be had (and not waiting for one), the
+        call is a failed one from then on, so that ``code()`` and ``details()`` answer as a
+        grpc.aio call's do instead of raising."""
+        assert self._plan is not None
+        try:
+            self._bind(*await self._method.route_and_start(self._plan, self._start))
+        except grpc.aio.AioRpcError as error:
+            self._call = _Unavailable(error.details() or "")
+            raise
 
 
 #: The awaited methods of a grpc.aio call, which a stream waiting for a route can defer.
