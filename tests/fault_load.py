@@ -147,6 +147,16 @@ async def load(
     return list(await asyncio.gather(*(one_aio() for _ in range(calls))))
 
 
+def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    """Whether ``condition`` came true within ``timeout_s`` (the sync twin of :func:`until`)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while not condition():

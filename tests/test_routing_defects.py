@@ -20,6 +20,7 @@ import grpc
 import pytest
 import tenacity
 from conftest import SyncPod
+from fault_load import until, wait_for
 
 from grpc_balance_mw import channel as sync_balanced
 from grpc_balance_mw import redial as sync_redial
@@ -121,24 +122,6 @@ def in_flight(channel: Any) -> int:
     return sum(lane.in_flight for lane in channel.pool.lanes)
 
 
-def wait_until(condition: Callable[[], bool], limit: float = 5.0) -> bool:
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
-
-
-async def await_until(condition: Callable[[], bool], limit: float = 5.0) -> bool:
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        if condition():
-            return True
-        await asyncio.sleep(0.01)
-    return condition()
-
-
 FLAVOURS = ["balanced", "dial"]
 
 
@@ -174,7 +157,7 @@ def test_sync_invalid_metadata_fails_at_once(sync_pod: SyncPod, flavour: str) ->
 def test_sync_balanced_wait_for_ready_waits_for_a_late_server() -> None:
     port = free_port()
     with make("sync", "balanced", f"127.0.0.1:{port}") as channel:
-        assert wait_until(lambda: no_connection(channel))  # the first checks failed
+        assert wait_for(lambda: no_connection(channel))  # the first checks failed
         stub = pb_grpc.ChargePointsStub(channel)
         starter, started = late_pod(port, 1.0)
         try:
@@ -191,7 +174,7 @@ def test_sync_balanced_wait_for_ready_waits_for_a_late_server() -> None:
 def test_sync_balanced_wait_for_ready_stream_without_a_deadline_waits_too() -> None:
     port = free_port()
     with make("sync", "balanced", f"127.0.0.1:{port}") as channel:
-        assert wait_until(lambda: no_connection(channel))
+        assert wait_for(lambda: no_connection(channel))
         stub = pb_grpc.ChargePointsStub(channel)
         starter, started = late_pod(port, 1.0)
         try:
@@ -212,7 +195,7 @@ async def test_aio_balanced_wait_for_ready_waits_for_a_late_server() -> None:
     starter: threading.Thread | None = None
     started: list[SyncPod] = []
     try:
-        assert await await_until(lambda: no_connection(channel))  # the first checks failed
+        assert await until(lambda: no_connection(channel))  # the first checks failed
         starter, started = late_pod(port, 1.0)
         stub = pb_grpc.ChargePointsStub(channel)
         call = stub.GetChargePoint(REQUEST, timeout=6, wait_for_ready=True)
@@ -232,7 +215,7 @@ async def test_aio_balanced_wait_for_ready_stream_is_written_to_while_it_waits()
     starter: threading.Thread | None = None
     started: list[SyncPod] = []
     try:
-        assert await await_until(lambda: no_connection(channel))
+        assert await until(lambda: no_connection(channel))
         starter, started = late_pod(port, 1.0)
         call = pb_grpc.ChargePointsStub(channel).Session(timeout=6, wait_for_ready=True)
         await asyncio.wait_for(call.write(pb.SessionMessage(command="start")), HANG_S)
@@ -258,9 +241,9 @@ def test_sync_balanced_subscribe_without_a_connection_and_lanes_retired() -> Non
     states: list[grpc.ChannelConnectivity] = []
     try:
         with make("sync", "balanced", f"127.0.0.1:{port}") as channel:
-            assert wait_until(lambda: no_connection(channel))
+            assert wait_for(lambda: no_connection(channel))
             channel.subscribe(states.append, try_to_connect=True)
-            assert wait_until(lambda: bool(states))
+            assert wait_for(lambda: bool(states))
             for lane in list(channel.pool.lanes):  # what a rotation does to a lane
                 channel._close_lane(lane)
             threads = [t for t in threading.enumerate() if t is not threading.current_thread()]
@@ -314,9 +297,7 @@ async def test_aio_dial_connectivity_is_real(sync_pod: SyncPod) -> None:
     dead = make("aio", "dial", f"127.0.0.1:{free_port()}")
     try:
         dead.get_state(try_to_connect=True)
-        assert await await_until(
-            lambda: dead.get_state() is grpc.ChannelConnectivity.TRANSIENT_FAILURE
-        )
+        assert await until(lambda: dead.get_state() is grpc.ChannelConnectivity.TRANSIENT_FAILURE)
     finally:
         await dead.close()
 
@@ -330,7 +311,7 @@ def test_sync_unclosed_balanced_channel_is_released(sync_pod: SyncPod) -> None:
     assert pb_grpc.ChargePointsStub(channel).GetChargePoint(REQUEST, timeout=5).id == "cp-1"
     gone = weakref.ref(channel)
     del channel
-    assert wait_until(lambda: gc.collect() >= 0 and gone() is None)
+    assert wait_for(lambda: gc.collect() >= 0 and gone() is None)
     thread.join(5)
     assert not thread.is_alive()
 
@@ -342,12 +323,12 @@ async def test_aio_unclosed_balanced_channel_is_released(sync_pod: SyncPod) -> N
     task, lanes = channel._task, list(channel.pool.lanes)
     gone = weakref.ref(channel)
     del channel, stub
-    assert await await_until(lambda: gc.collect() >= 0 and gone() is None)
+    assert await until(lambda: gc.collect() >= 0 and gone() is None)
     await asyncio.wait_for(asyncio.wait({task}), 5)  # the maintenance task ends
     assert task.done()
     for lane in lanes:  # and every lane's connection is closed
         if lane.connection is not None:
-            assert await await_until(
+            assert await until(
                 lambda lane=lane: (
                     lane.connection.channel.get_state() is grpc.ChannelConnectivity.SHUTDOWN
                 )
@@ -412,7 +393,7 @@ def test_sync_stream_dropped_half_read_gives_its_route_back(
             for _update in stub.WatchStatus(LONG_WATCH, timeout=30):
                 break
         gc.collect()
-        assert wait_until(lambda: held(channel) == 0), repr(channel)
+        assert wait_for(lambda: held(channel) == 0), repr(channel)
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -426,7 +407,7 @@ async def test_aio_stream_dropped_half_read_gives_its_route_back(
             async for _update in stub.WatchStatus(LONG_WATCH, timeout=30):
                 break
         gc.collect()
-        assert await await_until(lambda: held(channel) == 0), repr(channel)
+        assert await until(lambda: held(channel) == 0), repr(channel)
     finally:
         await channel.close()
 
@@ -451,7 +432,7 @@ def test_sync_balanced_reports_a_deadline_to_the_pool(sync_pod: SyncPod) -> None
         with pytest.raises(grpc.RpcError) as failed:
             list(pb_grpc.ChargePointsStub(channel).WatchStatus(LONG_WATCH, timeout=0.2))
         assert failed.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-        assert wait_until(lambda: True in pool.timed_out)
+        assert wait_for(lambda: True in pool.timed_out)
 
 
 async def test_aio_balanced_reports_a_deadline_to_the_pool(sync_pod: SyncPod) -> None:
@@ -462,7 +443,7 @@ async def test_aio_balanced_reports_a_deadline_to_the_pool(sync_pod: SyncPod) ->
         call = pb_grpc.ChargePointsStub(channel).WatchStatus(LONG_WATCH, timeout=0.2)
         with pytest.raises(grpc.aio.AioRpcError):
             [_ async for _ in call]
-        assert await await_until(lambda: True in pool.timed_out)
+        assert await until(lambda: True in pool.timed_out)
     finally:
         await channel.close()
 

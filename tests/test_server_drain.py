@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import grpc
 import pytest
 from calls import call_aio, call_sync
 from conftest import AioPod, SyncPod
-from fault_load import covered
+from fault_load import covered, wait_for
 
 from grpc_balance_mw import server as sync_server
 from grpc_balance_mw._health import DRAIN_S, GRACE_S
@@ -108,15 +107,6 @@ def service(tmp_path: Path, pods: Pods) -> Iterator[UserspaceService]:
     proxy.stop()
 
 
-def _wait(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 class Load:
     """Calls on the channel from WORKERS workers until stopped, every status kept."""
 
@@ -139,15 +129,15 @@ class Load:
 
 def _drain_under_load(pods: Pods, service: UserspaceService, channel: Any, load: Load) -> int:
     """Take pod 1 out of the Service and drain it; return how many calls ended meanwhile."""
-    assert _wait(lambda: len(covered(channel)) == 3), channel
-    assert _wait(lambda: len(load.codes) >= 100), "no load"
+    assert wait_for(lambda: len(covered(channel)) == 3), channel
+    assert wait_for(lambda: len(load.codes) >= 100), "no load"
     service.update([e for e in pods.endpoints if e.name != "charge-points-1"])
     before = len(load.codes)
     pods.drain(1)
     during = len(load.codes) - before
     assert "charge-points-1" not in covered(channel), channel
     after = len(load.codes)
-    assert _wait(lambda: len(load.codes) >= after + 100), "calls stopped after the drain"
+    assert wait_for(lambda: len(load.codes) >= after + 100), "calls stopped after the drain"
     load.stop.set()
     return during
 
@@ -215,7 +205,7 @@ def test_sync_drain_on_signals_drains_then_stops() -> None:
             pod.server, pod.health, drain_s=0.5, grace_s=0.5, signals=(signal.SIGUSR1,)
         )
         signal.raise_signal(signal.SIGUSR1)
-        assert _wait(lambda: pod.health.shutting_down, 5)
+        assert wait_for(lambda: pod.health.shutting_down, 5)
         with grpc.insecure_channel(pod.target) as channel:  # still serving while draining
             assert call_sync(channel, "unary_unary", timeout=5).code is grpc.StatusCode.OK
         assert stopped.wait(10)
