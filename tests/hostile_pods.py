@@ -9,6 +9,7 @@ prints its port, so a test can SIGKILL it.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -67,7 +68,19 @@ def handler(behaviour: str) -> grpc.GenericRpcHandler:
 
 def serve(behaviour: str | None) -> tuple[grpc.Server, str]:
     """A started server on loopback; ``behaviour`` None: no methods at all (UNIMPLEMENTED)."""
-    server = grpc.server(ThreadPoolExecutor(4))
+    executor = ThreadPoolExecutor(4)
+    server = grpc.server(executor)
+    # grpcio 1.50's server keeps its executor for a while after stop(): its idle worker would
+    # outlive the test that stopped the server, so it ends when the stop is done.
+    stop = server.stop
+
+    def stop_and_end_workers(grace: float | None) -> threading.Event:
+        done = stop(grace)
+        done.wait()
+        executor.shutdown(wait=True)
+        return done
+
+    server.stop = stop_and_end_workers  # type: ignore[method-assign]
     if behaviour is not None:
         server.add_generic_rpc_handlers([handler(behaviour)])
     port = server.add_insecure_port("127.0.0.1:0")

