@@ -166,6 +166,20 @@ async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
     return True
 
 
+def count_calls(owner: Any, name: str) -> list[float]:
+    """Wrap ``owner.name`` (a method, on this instance only) to note when each call to it
+    starts: a negative claim waits for enough of them instead of sleeping."""
+    seen: list[float] = []
+    method = getattr(owner, name)
+
+    def noted(*args: Any, **kwargs: Any) -> Any:
+        seen.append(time.monotonic())
+        return method(*args, **kwargs)
+
+    setattr(owner, name, noted)
+    return seen
+
+
 def covered(channel: Any) -> set[str]:
     return {lane.pod for lane in channel.pool.lanes if lane.is_available() and lane.pod}
 

@@ -22,7 +22,7 @@ import grpc
 import pytest
 from calls import CALL_KINDS, call_aio, call_sync
 from conftest import IDENTITY, require
-from fault_load import threads_left, threads_now
+from fault_load import count_calls, covered, threads_left, threads_now, until
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -98,19 +98,6 @@ def run(mode: str, target: str, body: Body, **kwargs: Any) -> None:
                 await channel.close()
 
     asyncio.run(main())
-
-
-def covered(channel: Any) -> set[str]:
-    return {lane.pod for lane in channel.pool.lanes if lane.is_available() and lane.pod}
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -232,7 +219,9 @@ def test_client_ip_session_affinity_is_recognised_and_redialling_stops(
         assert channel.stuck.cause == "session-affinity"
         dials = channel.pool.dials
         assert set(await calls.many(30)) == {grpc.StatusCode.OK}
-        await asyncio.sleep(1.0)  # four maintenance ticks: no redial, no scout
+        # A negative claim: four maintenance rounds plan their work, and none dials or scouts.
+        plans = count_calls(channel.pool, "plan")
+        assert await until(lambda: len(plans) >= 4, 10), plans
         assert channel.pool.dials == dials
         assert "stuck (session-affinity)" in repr(channel)
 

@@ -24,6 +24,7 @@ from fault_load import (
     MODES,
     OK,
     close_channel,
+    count_calls,
     covered,
     load,
     retry_policy,
@@ -347,8 +348,11 @@ def test_without_an_alarm_calls_stay_on_the_channel(sync_pod: Any, mode: str) ->
             mode, sync_pod.target, rebalance, ObserveOptions(registry=AffinityRegistry())
         )
         try:
+            looks = count_calls(channel.rebalancer, "due")
             assert await Stub(mode, channel).get(30) == {OK}
-            await asyncio.sleep(0.1)  # a negative claim: the watcher had five looks at it
+            # A negative claim: the watcher has looked at the detector five times since.
+            seen = len(looks)
+            assert await until(lambda: len(looks) >= seen + 5, 10), looks
             assert channel.rebalancer.balanced is None and "watching" in repr(channel.rebalancer)
         finally:
             await close_channel(mode, channel)
