@@ -10,10 +10,12 @@ re-send elsewhere. The move is one-way: calls already under way finish on the or
 which stays open until the wrapper is closed; closing the wrapper closes the lanes.
 
 One core for both forms: :class:`Rebalance` (the settings), :class:`RebalanceCore` (when to
-move, the pool the lanes get, what the detector is told) and :class:`Rerouted` (a method that
-follows the move) are shared by the sync driver here (:class:`Rebalancer`: a watcher thread and a
-:class:`~grpc_balance_mw.channel.BalancedChannel`) and the ``grpc.aio`` one
-(:class:`grpc_balance_mw.aio.rebalance.Rebalancer`: a watcher task and an aio balanced channel).
+move, the pool the lanes get, what the detector is told, which methods follow) and
+:class:`Rerouted` (a method that follows the move) are shared by the sync driver here
+(:class:`Rebalancer`: a watcher thread and a :class:`~grpc_balance_mw.channel.BalancedChannel`)
+and the ``grpc.aio`` one (:class:`grpc_balance_mw.aio.rebalance.Rebalancer`: a watcher task and
+an aio balanced channel). The calls that moved are the balanced channel's: its routing core
+(:mod:`grpc_balance_mw.routed_channel`) attempts, retries and releases them.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+from grpc_balance_mw._routing import MethodSpec
 from grpc_balance_mw.affinity.detector import AffinityDetector
+from grpc_balance_mw.call_kinds import SYNC_MULTICALLABLES, by_response, kind_classes
+from grpc_balance_mw.channel import BalancedChannel
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.pool import LanePool, Picker, PoolConfig, Rotation
@@ -104,9 +109,17 @@ class Rebalance:
 class RebalanceCore:
     """When one observed channel's calls move, and what the move opens; no I/O of its own.
 
-    The sync and aio drivers subclass it: they look at :meth:`due` on a thread or a task, and
-    make their kind of balanced channel in :meth:`_open`.
+    The sync and aio drivers subclass it: they say what their factory is called with, which
+    balanced channel the move opens and which methods follow it, and look at :meth:`look` on
+    a thread or a task (:meth:`_watch_from_now`).
     """
+
+    #: How this driver's lanes call the factory (checked when the channel is observed).
+    _FACTORY_ARGUMENTS: ClassVar[tuple[object, ...]] = ((),)
+    _FORM: ClassVar[str] = "sync"
+    #: The balanced channel the calls move to, and each call kind's method that follows them.
+    _BALANCED: ClassVar[type[Any]]
+    _REROUTED: ClassVar[dict[str, Any]]
 
     def __init__(
         self,
@@ -115,14 +128,25 @@ class RebalanceCore:
         options: ObserveOptions,
         rebalance: Rebalance,
     ) -> None:
+        rebalance.check_factory(*self._FACTORY_ARGUMENTS, form=self._FORM)
         self.target = target
         self.detector = detector
         self.rebalance = rebalance
         self._options = options
         self._lock = threading.Lock()
-        self._closed = False
+        #: Set once closed: no move from then on (the sync watcher waits on it).
+        self._stop = threading.Event()
         #: The balanced channel calls go to once moved; None until then (and once closed).
         self.balanced: Any = None
+        why = self.due()
+        if why is not None:
+            self.activate(why)  # at once, in the caller: a bad factory is the caller's error
+        else:
+            self._watch_from_now()
+
+    @property
+    def _closed(self) -> bool:
+        return self._stop.is_set()
 
     def __repr__(self) -> str:
         if self._closed:
@@ -131,12 +155,27 @@ class RebalanceCore:
             where = "on lanes" if self.balanced is not None else "watching"
         return f"<{type(self).__name__} {self.target} {where}>"
 
+    def _watch_from_now(self) -> None:
+        """Start looking at the detector (a thread, a task) until :meth:`look` says moved."""
+        raise NotImplementedError
+
     def due(self) -> str | None:
         """Why the calls should move now, if they should."""
         if self.rebalance.when == "always":
             return "asked to always"
         state = self.detector.state
         return f"the affinity detector says {state.value}" if state.is_alarm else None
+
+    def look(self) -> bool:
+        """One look of the watcher: move if it is time (errors logged); True once moved."""
+        why = self.due()
+        if why is None:
+            return False
+        try:
+            self.activate(why)
+        except Exception:  # a watcher: nothing above it would see it; calls stay where they are
+            _log.exception("grpc_balance_mw: calls to %s could not move onto lanes", self.target)
+        return True
 
     def pool(self) -> LanePool:
         """The lanes' bookkeeping, from the settings."""
@@ -153,7 +192,10 @@ class RebalanceCore:
 
     def _open(self, pool: LanePool) -> Any:
         """The balanced channel (of this driver's kind) the calls move to."""
-        raise NotImplementedError
+        rebalance = self.rebalance
+        return self._BALANCED(
+            rebalance.factory, self.target, pool=pool, observe=self._options, retry=rebalance.retry
+        )
 
     def activate(self, why: str) -> None:
         """Open the lanes (once); later calls go to them."""
@@ -170,43 +212,31 @@ class RebalanceCore:
             why,
         )
 
-    def _activate_in_background(self, why: str) -> None:
-        try:
-            self.activate(why)
-        except Exception:  # a watcher: nothing above it would see it; calls stay where they are
-            _log.exception("grpc_balance_mw: calls to %s could not move onto lanes", self.target)
-
     def _take(self) -> Any:
         """Closing: no move from now on; the balanced channel to close, if one was opened."""
         with self._lock:
-            self._closed = True
+            self._stop.set()
             balanced, self.balanced = self.balanced, None
         if balanced is not None:
             self.detector.lanes_opened(False)
         return balanced
 
+    def rerouted(self, here: Any, spec: MethodSpec) -> Any:
+        """``spec``'s method that follows the move: ``here`` (the observed channel's own
+        multicallable) until the lanes open, theirs after."""
+        return self._REROUTED[spec.kind](here, self, spec)
+
 
 class Rerouted:
     """A method of an observed channel that follows the move: to the rebalancer's lanes once
     they are open (stubs keep the multicallable they were given, so the move happens per call).
-    The sync and aio adapters add the ``grpc`` / ``grpc.aio`` multicallable base and, where the
-    kind has them, ``with_call`` and ``future``."""
+    Each driver adds the ``grpc`` / ``grpc.aio`` multicallable base of each call kind and,
+    where the kind has them, ``with_call`` and ``future``."""
 
-    def __init__(
-        self,
-        here: Any,
-        rebalancer: RebalanceCore,
-        kind: str,
-        method: str,
-        serializers: tuple[Any, Any],
-        registered: bool | None,
-    ) -> None:
+    def __init__(self, here: Any, rebalancer: RebalanceCore, spec: MethodSpec) -> None:
         self._here = here
         self._rebalancer = rebalancer
-        self._kind = kind
-        self._method = method
-        self._serializers = serializers
-        self._registered = registered
+        self._spec = spec
         self._moved: Any = None
         self._moved_to: Any = None
 
@@ -215,8 +245,7 @@ class Rerouted:
         if balanced is None:
             return self._here
         if self._moved_to is not balanced:
-            make = getattr(balanced, self._kind)
-            self._moved = make(self._method, *self._serializers, bool(self._registered))
+            self._moved = self._spec.make(balanced)
             self._moved_to = balanced
         return self._moved
 
@@ -224,48 +253,35 @@ class Rerouted:
         return self._route()(*args, **kwargs)
 
 
+class _ReroutedUnaryResponse(Rerouted):
+    def with_call(self, *args: Any, **kwargs: Any) -> Any:
+        return self._route().with_call(*args, **kwargs)
+
+    def future(self, *args: Any, **kwargs: Any) -> Any:
+        return self._route().future(*args, **kwargs)
+
+
 class Rebalancer(RebalanceCore):
     """The sync driver: a thread looks at the detector and opens a
     :class:`~grpc_balance_mw.channel.BalancedChannel` when it is time."""
 
-    def __init__(
-        self,
-        target: str,
-        detector: AffinityDetector,
-        options: ObserveOptions,
-        rebalance: Rebalance,
-    ) -> None:
-        rebalance.check_factory((), form="sync")
-        super().__init__(target, detector, options, rebalance)
-        self._stop = threading.Event()
-        self._watcher: threading.Thread | None = None
-        why = self.due()
-        if why is not None:
-            self.activate(why)  # at once, in the caller: a bad factory is the caller's error
-        else:
-            self._watcher = threading.Thread(
-                target=self._watch, name=f"rebalance {target}", daemon=True
-            )
-            self._watcher.start()
+    _BALANCED = BalancedChannel
+    _REROUTED = kind_classes(by_response(_ReroutedUnaryResponse, Rerouted), SYNC_MULTICALLABLES)
+    _watcher: threading.Thread | None = None
+
+    def _watch_from_now(self) -> None:
+        self._watcher = threading.Thread(
+            target=self._watch, name=f"rebalance {self.target}", daemon=True
+        )
+        self._watcher.start()
 
     def _watch(self) -> None:
         while not self._stop.wait(self.rebalance.check_interval_s):
-            why = self.due()
-            if why is not None:
-                self._activate_in_background(why)
+            if self.look():
                 return
-
-    def _open(self, pool: LanePool) -> Any:
-        from grpc_balance_mw.channel import BalancedChannel  # it observes lanes with this module
-
-        rebalance = self.rebalance
-        return BalancedChannel(
-            rebalance.factory, self.target, pool=pool, observe=self._options, retry=rebalance.retry
-        )
 
     def close(self) -> None:
         """Stop watching and close the lanes, if calls moved onto them."""
-        self._stop.set()
         balanced = self._take()
         if balanced is not None:
             balanced.close()
