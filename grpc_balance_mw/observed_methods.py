@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from grpc_balance_mw._routing import MethodSpec, channel_method
-from grpc_balance_mw.affinity.detector import JUDGE_EVERY_CALLS, AffinityDetector
+from grpc_balance_mw.affinity.detector import JUDGE_EVERY_CALLS
 from grpc_balance_mw.affinity.observer import CallObserver
 from grpc_balance_mw.call_kinds import SYNC_MULTICALLABLES, by_response, kind_classes
 from grpc_balance_mw.instrumentation import ObservedCore, instrumentation_parts
@@ -37,6 +37,7 @@ from grpc_balance_mw.observed_calls import (
     final_metadata,
     finish_call,
 )
+from grpc_balance_mw.observing import ObservedMethod, Observes
 
 if TYPE_CHECKING:
     from grpc_balance_mw.rebalance import Rebalancer
@@ -44,18 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["ObservedChannel"]
 
 
-class _Observed:
-    """One method of the observed channel: the inner multicallable and the observer."""
-
-    def __init__(self, inner: Any, observer: CallObserver, method: str | bytes, kind: str) -> None:
-        self._inner = inner
-        self._observer = observer
-        self._method = method
-        self._kind = kind
-        self._stream = kind != "unary_unary"
-
-
-class _UnaryResponse(_Observed):
+class _UnaryResponse(ObservedMethod):
     """``__call__``, ``with_call`` and ``future`` of unary-unary and stream-unary methods.
 
     Arguments go to the inner multicallable as they were given: it is grpc's own (or the
@@ -214,7 +204,7 @@ class _CountedUnaryResponse(_UnaryResponse):
             self._observer.count(started, self._stream, *final_metadata(failed))
 
 
-class _StreamResponse(_Observed):
+class _StreamResponse(ObservedMethod):
     """``__call__`` of unary-stream and stream-stream methods (arguments as given)."""
 
     def __call__(self, request: Any, *args: Any, **kwargs: Any) -> ObservedStream:
@@ -256,7 +246,7 @@ def _accepts_registered_method(channel: grpc.Channel) -> bool:
     return known
 
 
-class ObservedChannel(grpc.Channel):  # type: ignore[misc]
+class ObservedChannel(Observes, grpc.Channel):  # type: ignore[misc]
     """A channel that observes every call it makes through another channel; sync only.
 
     Args:
@@ -291,10 +281,6 @@ class ObservedChannel(grpc.Channel):  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"<ObservedChannel {self.observer!r}>"
-
-    @property
-    def detector(self) -> AffinityDetector:
-        return self.observer.detector
 
     def _method(self, spec: MethodSpec) -> Any:
         here = self._here(spec)

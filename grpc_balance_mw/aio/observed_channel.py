@@ -19,7 +19,6 @@ from typing import Any
 import grpc
 
 from grpc_balance_mw._routing import MethodSpec, channel_method
-from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.observer import CallObserver
 from grpc_balance_mw.aio.call_end import read_end, when_ended
 from grpc_balance_mw.aio.client import (
@@ -30,21 +29,15 @@ from grpc_balance_mw.aio.client import (
 from grpc_balance_mw.aio.multicallables import StreamRequestMethod, UnaryRequestMethod
 from grpc_balance_mw.aio.rebalance import Rebalancer
 from grpc_balance_mw.call_kinds import AIO_MULTICALLABLES, by_request, kind_classes
-from grpc_balance_mw.observing import ObserveOptions, observe_parts
+from grpc_balance_mw.observing import ObservedMethod, ObserveOptions, Observes, observe_parts
 from grpc_balance_mw.rebalance import Rebalance
 
 __all__ = ["ObservedChannel", "observe"]
 
 
-class _Observed:
-    """One method of the observed channel: the inner multicallable and the observer."""
-
-    def __init__(self, inner: Any, observer: CallObserver, method: str | bytes, kind: str) -> None:
-        self._inner = inner
-        self._observer = observer
-        self._method = method
-        self._kind = kind
-        self._stream = kind != "unary_unary"
+class _Observed(ObservedMethod):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
         #: The done-callback of a detection-only unary call: bound once, not per call.
         self._counted_unary = partial(read_end, self._count_unary)
 
@@ -89,7 +82,7 @@ class _StreamRequest(_Observed, StreamRequestMethod):
 _KINDS = kind_classes(by_request(_UnaryRequest, _StreamRequest), AIO_MULTICALLABLES)
 
 
-class ObservedChannel(grpc.aio.Channel):  # type: ignore[misc]
+class ObservedChannel(Observes, grpc.aio.Channel):  # type: ignore[misc]
     """A ``grpc.aio`` channel that observes every call it makes through another one.
 
     Args:
@@ -115,10 +108,6 @@ class ObservedChannel(grpc.aio.Channel):  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"<aio.ObservedChannel {self.observer!r}>"
-
-    @property
-    def detector(self) -> AffinityDetector:
-        return self.observer.detector
 
     def _method(self, spec: MethodSpec) -> Any:
         inner = spec.make(self._channel)
