@@ -39,7 +39,7 @@ from grpc_balance_mw.observed_calls import (
 )
 from grpc_balance_mw.observing import ObservedMethod, Observes
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the sync rebalancer opens a balanced channel, which observes with this
     from grpc_balance_mw.rebalance import Rebalancer
 
 __all__ = ["ObservedChannel"]

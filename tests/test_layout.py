@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,7 @@ def _type_checking_only(node: ast.AST) -> list[ast.AST]:
     return skipped
 
 
+@functools.cache
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     """Which package modules each package module imports, function-level (lazy) imports
     included, ``TYPE_CHECKING`` ones not. ``from a import b`` counts as importing ``a.b`` when
@@ -191,3 +193,22 @@ def test_the_package_has_no_import_cycle() -> None:
     graph = import_graph()
     assert len(graph) > 50
     assert cycles(graph) == []
+
+
+def imported_from(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module that importing ``start`` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for name in graph[todo.pop()] - seen:
+            seen.add(name)
+            todo.append(name)
+    return seen
+
+
+def test_aio_does_not_import_the_sync_adapters_even_through_shared_modules() -> None:
+    graph = import_graph()
+    aio = [name for name in graph if name.startswith("grpc_balance_mw.aio.")]
+    assert len(aio) > 5
+    reached = {name: sorted(imported_from(graph, name) & set(SYNC_ADAPTERS)) for name in aio}
+    assert {name: found for name, found in reached.items() if found} == {}

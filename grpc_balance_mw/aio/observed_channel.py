@@ -30,7 +30,7 @@ from grpc_balance_mw.aio.multicallables import StreamRequestMethod, UnaryRequest
 from grpc_balance_mw.aio.rebalance import Rebalancer
 from grpc_balance_mw.call_kinds import AIO_MULTICALLABLES, by_request, kind_classes
 from grpc_balance_mw.observing import ObservedMethod, ObserveOptions, Observes, observe_parts
-from grpc_balance_mw.rebalance import Rebalance
+from grpc_balance_mw.rebalancing import Rebalance
 
 __all__ = ["ObservedChannel", "observe"]
 

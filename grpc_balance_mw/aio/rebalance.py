@@ -17,7 +17,7 @@ from typing import Any
 from grpc_balance_mw._routing import MethodSpec
 from grpc_balance_mw.aio.channel import BalancedChannel
 from grpc_balance_mw.call_kinds import AIO_MULTICALLABLES, by_response, kind_classes
-from grpc_balance_mw.rebalance import RebalanceCore, Rerouted
+from grpc_balance_mw.rebalancing import RebalanceCore, Rerouted
 
 __all__ = ["Rebalancer", "rerouted"]
 
