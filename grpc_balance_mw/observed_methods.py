@@ -143,13 +143,22 @@ class _CountedUnaryResponse(_UnaryResponse):
         self._last_unary: tuple[Any, Any, Any] = (None, None, None)
         self._waiting = observer.detector.waiting
 
-    def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
         observer = self._observer
         blocking = self._blocking
         if blocking is not None:  # unary-unary: no duration to weigh, no clock to read first
             try:
-                # grpcio's _blocking takes __call__'s parameters, by the same names (checked).
-                state, core_call = blocking(request, *args, **kwargs)
+                state, core_call = blocking(
+                    request, timeout, metadata, credentials, wait_for_ready, compression
+                )
             except BaseException as error:  # e.g. the request did not serialize
                 self._count_failed(None, error)
                 raise
@@ -176,7 +185,9 @@ class _CountedUnaryResponse(_UnaryResponse):
             return self._end(state, core_call, False, None)  # type: ignore[misc]
         started = observer.clock()
         try:
-            response, call = self._inner.with_call(request, *args, **kwargs)
+            response, call = self._inner.with_call(
+                request, timeout, metadata, credentials, wait_for_ready, compression
+            )
         except BaseException as error:  # count it as the interceptor does, re-raise as is
             self._count_failed(started, error)
             raise
