@@ -4,6 +4,7 @@ See which pod served each call, detect pod affinity, and fix it on the channels 
 have. The sync API is here; :mod:`grpc_balance_mw.aio` has the same names for ``grpc.aio``.
 """
 
+from grpc_balance_mw._version import __version__
 from grpc_balance_mw.affinity import AffinityConfig, AffinityRegistry, AffinityState
 from grpc_balance_mw.channel import BalancedChannel, balanced_channel, channel_factory
 from grpc_balance_mw.client import AffinityInterceptor, affinity_interceptors
@@ -24,8 +25,6 @@ from grpc_balance_mw.rebalance import Rebalance
 from grpc_balance_mw.redial import DialPerRequestChannel, dial_per_request_channel
 from grpc_balance_mw.retry import RetryBudget, RetryPolicy
 from grpc_balance_mw.telemetry import AffinityTelemetry
-
-__version__ = "0.2.0"
 
 __all__ = [
     "IDENTITY_HEADERS",

@@ -8,7 +8,10 @@ from typing import Any
 
 import grpc
 
-from grpc_balance_mw.identity import merge_identity
+from grpc_balance_mw.identity import PodIdentity, merge_identity
+
+#: Wraps a handler's behavior so that what it sends carries the stamp.
+Wrap = Callable[[Callable[..., Any], tuple[tuple[str, str], ...]], Callable[..., Any]]
 
 _FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
     "unary_unary": grpc.unary_unary_rpc_method_handler,
@@ -51,3 +54,48 @@ class StampedStatus(grpc.Status):  # type: ignore[misc]
             details=status.details,
             trailing_metadata=merge_identity(getattr(status, "trailing_metadata", None), stamp),
         )
+
+
+class StampingContext:
+    """What the sync and aio stamping servicer contexts share: the identity goes out in the
+    trailing metadata, set up front so that every status (aborts and exceptions included)
+    carries it, and in the initial metadata once, as late as possible (the handler's own
+    ``send_initial_metadata``, the first streamed message, or the handler's end), so that a
+    handler that sends its own initial metadata still can. Anything else is the context's."""
+
+    def __init__(self, context: Any, stamp: tuple[tuple[str, str], ...]) -> None:
+        self._context = context
+        self._stamp = stamp
+        self._initial_sent = False
+        context.set_trailing_metadata(stamp)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
+        self._context.set_trailing_metadata(merge_identity(trailing_metadata, self._stamp))
+
+    def _flush_due(self) -> bool:
+        """Whether the identity has still to go out as initial metadata (True once: nothing
+        else went out before)."""
+        due = not self._initial_sent
+        self._initial_sent = True
+        return due
+
+
+class IdentityStamper:
+    """What the sync and aio ``PodIdentityInterceptor`` share: the identity, and each method
+    handler rebuilt with its behavior stamped (``_wrap(unary_response, stream_response)``)."""
+
+    _wraps: tuple[Wrap, Wrap]
+
+    def __init__(self, identity: PodIdentity | None = None) -> None:
+        self.identity = identity if identity is not None else PodIdentity.from_env()
+        self._stamp = self.identity.to_metadata()
+
+    def _stamped(self, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+        if handler is None:
+            return None
+        kind = handler_kind(handler)
+        wrap = self._wraps[1 if handler.response_streaming else 0]
+        return rebuild_handler(handler, kind, wrap(getattr(handler, kind), self._stamp))

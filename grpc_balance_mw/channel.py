@@ -50,7 +50,7 @@ from grpc_balance_mw.affinity import forking
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.errors import BalanceError, ConfigurationError
 from grpc_balance_mw.health_check import check_method
-from grpc_balance_mw.observed_channel import ObservedChannel
+from grpc_balance_mw.observed_methods import ObservedChannel
 from grpc_balance_mw.observing import (
     ObserveOptions,
     build_observer,

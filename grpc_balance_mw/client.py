@@ -29,9 +29,8 @@ from typing import Any
 
 import grpc
 
-from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.observed_calls import ObservedStream, as_call, finish_call, metadata_now
-from grpc_balance_mw.observing import ObserveOptions, build_observer
+from grpc_balance_mw.observing import ObserveOptions, ObservingInterceptor, build_observer
 
 __all__ = ["AffinityInterceptor", "affinity_interceptors"]
 
@@ -115,6 +114,7 @@ def _count_failed(
 
 
 class AffinityInterceptor(
+    ObservingInterceptor,
     grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
     grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
     grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
@@ -149,15 +149,6 @@ class AffinityInterceptor(
 
     def __repr__(self) -> str:
         return f"<AffinityInterceptor {self.observer!r}>"
-
-    @property
-    def detector(self) -> AffinityDetector:
-        return self.observer.detector
-
-    def close(self) -> None:
-        """Stop the probe made for this interceptor (``probe=True``); closing the channel does
-        not reach an interceptor, so call this when the channel is closed."""
-        self.observer.close()
 
     def _unary_response(self, continuation: Any, details: Any, request: Any, kind: str) -> Any:
         observer = self.observer

@@ -3,9 +3,9 @@
 When that instrumentation's client interceptor runs outside ours, its span is current while our
 code runs, and :mod:`grpc_balance_mw.telemetry` enriches it instead of starting a second span.
 ``GrpcInstrumentorClient`` wraps every channel when it is made, which would put it inside
-anything the user adds; :class:`~grpc_balance_mw.client.ObservedChannel` undoes that order with
-:func:`instrumentation_parts` and :class:`ObservedCore`. Nothing here imports the instrumentation:
-it is found in ``sys.modules`` if the application loaded it.
+anything the user adds; :class:`~grpc_balance_mw.observed_methods.ObservedChannel` undoes that
+order with :func:`instrumentation_parts` and :class:`ObservedCore`. Nothing here imports the
+instrumentation: it is found in ``sys.modules`` if the application loaded it.
 """
 
 from __future__ import annotations

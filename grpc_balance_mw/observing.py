@@ -22,6 +22,9 @@ from grpc_balance_mw.probe import PodProbe, resolve_in_background
 
 __all__ = [
     "ObserveOptions",
+    "ObservedMethod",
+    "Observes",
+    "ObservingInterceptor",
     "build_observer",
     "channel_target",
     "chosen_options",
@@ -95,6 +98,37 @@ class ObserveOptions:
     def but(self, **changes: Any) -> ObserveOptions:
         """A copy with some fields changed (e.g. ``options.but(lane="lane-2")``)."""
         return replace(self, **changes)
+
+
+class Observes:
+    """What reports calls to one :class:`CallObserver` (a channel, interceptors), sync or aio."""
+
+    observer: CallObserver
+
+    @property
+    def detector(self) -> AffinityDetector:
+        return self.observer.detector
+
+
+class ObservingInterceptor(Observes):
+    """The interceptor form's share, sync and aio."""
+
+    def close(self) -> None:
+        """Stop the probe made for this interceptor (``probe=True``); closing the channel does
+        not reach an interceptor, so call this when the channel is closed."""
+        self.observer.close()
+
+
+class ObservedMethod:
+    """One method of an observed channel, sync or aio: the inner multicallable and the
+    observer its calls are reported to."""
+
+    def __init__(self, inner: Any, observer: CallObserver, method: str | bytes, kind: str) -> None:
+        self._inner = inner
+        self._observer = observer
+        self._method = method
+        self._kind = kind
+        self._stream = kind != "unary_unary"
 
 
 def chosen_options(observe: ObserveOptions | bool) -> ObserveOptions | None:

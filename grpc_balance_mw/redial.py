@@ -82,7 +82,7 @@ from grpc_balance_mw._routing import ConnectionRoutes, Lease, Outcome
 from grpc_balance_mw.affinity.observer import CallObserver
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.health_check import NOT_SERVING, check_method
-from grpc_balance_mw.observed_channel import ObservedChannel
+from grpc_balance_mw.observed_methods import ObservedChannel
 from grpc_balance_mw.observing import ObserveOptions, build_observer, chosen_options
 from grpc_balance_mw.retry import NO_RETRY, RetryPolicy, warn_if_native_retry
 from grpc_balance_mw.routed_channel import Connectivity, RoutedChannel

@@ -33,8 +33,12 @@ from grpc_balance_mw._health import (
     check_drain,
     health_handler,
 )
-from grpc_balance_mw._stamping import StampedStatus, handler_kind, rebuild_handler
-from grpc_balance_mw.identity import PodIdentity, merge_identity
+from grpc_balance_mw._stamping import (
+    IdentityStamper,
+    StampedStatus,
+    StampingContext,
+)
+from grpc_balance_mw.identity import merge_identity
 
 _log = logging.getLogger(__name__)
 
@@ -49,30 +53,13 @@ __all__ = [
 ]
 
 
-class _StampingContext:
-    """A ``grpc.ServicerContext`` that adds the pod identity to whatever metadata goes out.
-
-    Initial metadata is sent at the latest possible moment (the handler's own
-    ``send_initial_metadata``, the first streamed message, or the handler's end) so a handler that
-    sends its own initial metadata still can; trailing metadata is set up front so every status,
-    including aborts and exceptions, carries the identity.
-    """
-
-    def __init__(self, context: grpc.ServicerContext, stamp: tuple[tuple[str, str], ...]) -> None:
-        self._context = context
-        self._stamp = stamp
-        self._initial_sent = False
-        context.set_trailing_metadata(stamp)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
+class _StampingContext(StampingContext):
+    """A ``grpc.ServicerContext`` that adds the pod identity to whatever metadata goes out
+    (see :class:`~grpc_balance_mw._stamping.StampingContext`)."""
 
     def send_initial_metadata(self, initial_metadata: Any) -> None:
         self._initial_sent = True
         self._context.send_initial_metadata(merge_identity(initial_metadata, self._stamp))
-
-    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
-        self._context.set_trailing_metadata(merge_identity(trailing_metadata, self._stamp))
 
     def abort(self, code: grpc.StatusCode, details: str) -> None:
         self.flush()
@@ -84,9 +71,8 @@ class _StampingContext:
 
     def flush(self) -> None:
         """Send the identity as initial metadata unless something already went out."""
-        if self._initial_sent:
+        if not self._flush_due():
             return
-        self._initial_sent = True
         try:
             self._context.send_initial_metadata(self._stamp)
         except (ValueError, grpc.RpcError) as exc:
@@ -123,7 +109,7 @@ def _stream_response(behavior: Callable[..., Any], stamp: Any) -> Callable[..., 
     return stamped
 
 
-class PodIdentityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class PodIdentityInterceptor(IdentityStamper, grpc.ServerInterceptor):  # type: ignore[misc]
     """Stamps the serving pod's identity on every response, all four call kinds.
 
     The identity goes into the initial metadata (a streaming client learns it with the first
@@ -134,22 +120,14 @@ class PodIdentityInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             missing ``POD_NAME``/``HOSTNAME`` fails here, at start-up, not on each call.
     """
 
-    def __init__(self, identity: PodIdentity | None = None) -> None:
-        self.identity = identity if identity is not None else PodIdentity.from_env()
-        self._stamp = self.identity.to_metadata()
+    _wraps = (_unary_response, _stream_response)
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        kind = handler_kind(handler)
-        inner = getattr(handler, kind)
-        wrap = _stream_response if handler.response_streaming else _unary_response
-        return rebuild_handler(handler, kind, wrap(inner, self._stamp))
+        return self._stamped(continuation(handler_call_details))
 
 
 class PodHealth(HealthReport):

@@ -27,6 +27,7 @@ from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from grpc_balance_mw._version import __version__
 from grpc_balance_mw.affinity import forking
 from grpc_balance_mw.affinity.detector import AffinityDetector, Clock
 from grpc_balance_mw.affinity.observer import CallObserver, ObservedCall
@@ -267,8 +268,6 @@ class AffinityTelemetry:
         max_pod_values: int = 64,
         clock: Clock = time.monotonic,
     ) -> None:
-        from grpc_balance_mw import __version__
-
         self._tracer: trace.Tracer | None = None
         if spans:
             try:

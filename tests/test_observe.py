@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import pytest
-from calls import ABORT, CALL_KINDS, OK, RAISE, call_aio
-from conftest import IDENTITY, AioPod
+from calls import ABORT, CALL_KINDS, OK, RAISE, call_aio, call_sync
+from conftest import IDENTITY, AioPod, SyncPod
 
 from grpc_balance_mw.affinity import AffinityConfig, AffinityRegistry
 from grpc_balance_mw.aio.observed_channel import ObservedChannel as AioObservedChannel
@@ -185,3 +186,43 @@ async def test_trailers_that_contradict_headers_seen_before_are_malformed(
         assert snapshot.calls == len(_SEQUENCE)
         assert set(snapshot.pods) == {"pod-a"} and "pod-b" not in snapshot.known_pods
         assert snapshot.pods["pod-a"].calls == len(_SEQUENCE) - _SEQUENCE.count(b"b")
+
+
+class _Forward:
+    """A channel wrapper whose four methods take ``_registered_method`` (``flag``: and always
+    pass it on, as stubs of grpcio-tools 1.62+ do) or predate it (not ``flag``)."""
+
+    def __init__(self, inner: Any, flag: bool) -> None:
+        self._inner = inner
+        self._flag = flag
+
+    def __getattr__(self, name: str) -> Any:
+        make = getattr(self._inner, name)
+        if name not in CALL_KINDS:
+            return make
+        if self._flag:
+            return lambda method, request_serializer=None, response_deserializer=None: make(
+                method, request_serializer, response_deserializer, _registered_method=True
+            )
+        return lambda method, request_serializer=None, response_deserializer=None: make(
+            method, request_serializer, response_deserializer
+        )
+
+
+@pytest.mark.parametrize("flavour", ["sync", "aio"])
+async def test_registering_stubs_work_over_a_channel_that_predates_the_flag(
+    sync_pod: SyncPod, aio_pod: AioPod, flavour: str
+) -> None:
+    options = ObserveOptions(registry=AffinityRegistry(NO_WARMUP))
+    if flavour == "sync":
+        inner: Any = _Forward(grpc.insecure_channel(sync_pod.target), flag=False)
+        observed: Any = observe(inner, options, target=sync_pod.target)
+        seen = [call_sync(_Forward(observed, flag=True), kind) for kind in CALL_KINDS]
+        observed.close()
+    else:
+        inner = _Forward(grpc.aio.insecure_channel(aio_pod.target), flag=False)
+        observed = observe_aio(inner, options, target=aio_pod.target)
+        seen = [await call_aio(_Forward(observed, flag=True), kind) for kind in CALL_KINDS]
+        await observed.close()
+    assert [s.code for s in seen] == [grpc.StatusCode.OK] * 4
+    assert observed.detector.snapshot().pods[IDENTITY.name].calls == 4

@@ -10,9 +10,9 @@ three connections on one of three pods happen by chance one time in nine, eight 
 from __future__ import annotations
 
 import math
-from collections import deque
 
 from grpc_balance_mw.affinity.counts import TopCounter
+from grpc_balance_mw.affinity.window import SampleWindow
 
 __all__ = ["ConnectionWindow", "all_on_one_chance", "top_count_chance"]
 
@@ -37,7 +37,7 @@ def top_count_chance(top: int, connections: int, pods: int) -> float:
     return min(1.0, pods * tail)
 
 
-class ConnectionWindow:
+class ConnectionWindow(SampleWindow[tuple[float, str, bool]]):
     """The pods that the last connections landed on: at most ``max_connections``, none older
     than ``max_age_s``; the top pod's count in O(1).
 
@@ -45,15 +45,10 @@ class ConnectionWindow:
     """
 
     def __init__(self, max_connections: int, max_age_s: float) -> None:
+        super().__init__(max_age_s)
         self.max_connections = max_connections
-        self.max_age_s = max_age_s
-        self._samples: deque[tuple[float, str, bool]] = deque()
         self.pods: TopCounter[str] = TopCounter()
         self.probed = 0
-        self.version = 0
-
-    def __len__(self) -> int:
-        return len(self._samples)
 
     def __repr__(self) -> str:
         return f"<ConnectionWindow {len(self._samples)} connections on {len(self.pods)} pods>"
@@ -71,12 +66,6 @@ class ConnectionWindow:
         if len(self._samples) > self.max_connections:
             self._drop_oldest()
         self.evict(at)
-
-    def evict(self, now: float) -> None:
-        horizon = now - self.max_age_s
-        samples = self._samples
-        while samples and samples[0][0] < horizon:
-            self._drop_oldest()
 
     def _drop_oldest(self) -> None:
         _, pod, probe = self._samples.popleft()

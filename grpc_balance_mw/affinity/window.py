@@ -3,17 +3,45 @@
 from __future__ import annotations
 
 from collections import deque
+from typing import Any, Generic, TypeVar
 
 from grpc_balance_mw.affinity.counts import TopCounter
+
+__all__ = ["L7_HEADERS", "PER_REQUEST", "PodWindow", "SampleWindow"]
 
 #: Flags of a call in the window: it carried an L7 proxy's headers; its lane balances per request.
 L7_HEADERS = 1
 PER_REQUEST = 2
 #: One call: (at, pod, weight, flags). A plain tuple: building it is on every call's path.
 _Sample = tuple[float, str | None, int, int]
+S = TypeVar("S", bound=tuple[Any, ...])
 
 
-class PodWindow:
+class SampleWindow(Generic[S]):
+    """Samples, oldest first, each with its time first, none older than ``max_age_s``; a
+    subclass keeps its totals and says in :meth:`_drop_oldest` how one leaves them.
+    ``version`` changes with every total, so a verdict on the window can be cached."""
+
+    def __init__(self, max_age_s: float) -> None:
+        self.max_age_s = max_age_s
+        self._samples: deque[S] = deque()
+        self.version = 0
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def evict(self, now: float) -> None:
+        """Forget samples older than the window."""
+        horizon = now - self.max_age_s
+        samples = self._samples
+        while samples and samples[0][0] < horizon:
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        raise NotImplementedError
+
+
+class PodWindow(SampleWindow[_Sample]):
     """Calls of the last ``max_age_s`` seconds, at most ``max_calls`` of them, with running totals.
 
     Totals are kept incrementally, the top pod's weight included (:class:`TopCounter`), so adding
@@ -27,17 +55,12 @@ class PodWindow:
     """
 
     def __init__(self, max_calls: int, max_age_s: float) -> None:
+        super().__init__(max_age_s)
         self.max_calls = max_calls
-        self.max_age_s = max_age_s
-        self._samples: deque[_Sample] = deque()
         self.calls: dict[str | None, int] = {}
         self.weights: TopCounter[str] = TopCounter()
         self.l7_calls = 0
         self.per_request_calls = 0
-        self.version = 0
-
-    def __len__(self) -> int:
-        return len(self._samples)
 
     @property
     def samples(self) -> deque[_Sample]:
@@ -77,13 +100,6 @@ class PodWindow:
             return self._samples[0][0] < now - self.max_age_s
         except IndexError:
             return False
-
-    def evict(self, now: float) -> None:
-        """Forget calls older than the window."""
-        horizon = now - self.max_age_s
-        samples = self._samples
-        while samples and samples[0][0] < horizon:
-            self._drop_oldest()
 
     def _drop_oldest(self) -> None:
         self.version += 1

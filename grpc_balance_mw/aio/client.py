@@ -21,15 +21,15 @@ you compose interceptors.
 from __future__ import annotations
 
 import asyncio
-from functools import partial
+from functools import partial, partialmethod
 from typing import Any
 
 import grpc
 
-from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.observer import CallObserver, ObservedCall
 from grpc_balance_mw.aio.call_end import settle_followers, when_ended
-from grpc_balance_mw.observing import ObserveOptions, build_observer
+from grpc_balance_mw.call_kinds import kind_classes
+from grpc_balance_mw.observing import ObserveOptions, ObservingInterceptor, build_observer
 
 __all__ = [
     "AffinityInterceptors",
@@ -66,64 +66,47 @@ def channel_of(continuation: Any) -> object | None:
     return getattr(call, "_channel", None)
 
 
+#: grpc.aio's client interceptor type of each call kind, in call-kind order.
+_INTERCEPTOR_TYPES: dict[str, type] = {
+    "unary_unary": grpc.aio.UnaryUnaryClientInterceptor,
+    "unary_stream": grpc.aio.UnaryStreamClientInterceptor,
+    "stream_unary": grpc.aio.StreamUnaryClientInterceptor,
+    "stream_stream": grpc.aio.StreamStreamClientInterceptor,
+}
+
+
 class _KindInterceptor:
+    """The interceptor of one call kind (its class's grpc.aio type says which)."""
+
     def __init__(self, owner: AffinityInterceptors) -> None:
         self._owner = owner
         self._observer = owner.observer
 
-
-class _UnaryUnary(_KindInterceptor, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    async def intercept_unary_unary(
-        self, continuation: Any, client_call_details: Any, request: Any
+    async def _intercept(
+        self, kind: str, continuation: Any, client_call_details: Any, request: Any
     ) -> Any:
-        observed = self._observer.begin(
-            client_call_details.method, "unary_unary", channel_of(continuation)
-        )
+        observed = self._observer.begin(client_call_details.method, kind, channel_of(continuation))
         call = await continuation(client_call_details, request)
-        # Returned at once, read when it ends (see call_end): awaiting it here would hang on a
-        # call that fails before it starts, and take the RPC down with a cancelled caller.
-        when_ended(call, observed.finish)
+        if kind == "unary_unary":
+            # Returned at once, read when it ends (see call_end): awaiting it here would hang
+            # on a call that fails before it starts, and take the RPC down with a cancelled
+            # caller.
+            when_ended(call, observed.finish)
+        else:
+            # Not awaited here: a caller that writes with call.write() needs the call back.
+            self._owner.follow(call, observed)
         return call
 
-
-class _UnaryStream(_KindInterceptor, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
-    async def intercept_unary_stream(
-        self, continuation: Any, client_call_details: Any, request: Any
-    ) -> Any:
-        observed = self._observer.begin(
-            client_call_details.method, "unary_stream", channel_of(continuation)
-        )
-        call = await continuation(client_call_details, request)
-        self._owner.follow(call, observed)
-        return call
+    intercept_unary_unary = partialmethod(_intercept, "unary_unary")
+    intercept_unary_stream = partialmethod(_intercept, "unary_stream")
+    intercept_stream_unary = partialmethod(_intercept, "stream_unary")
+    intercept_stream_stream = partialmethod(_intercept, "stream_stream")
 
 
-class _StreamUnary(_KindInterceptor, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
-    async def intercept_stream_unary(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        observed = self._observer.begin(
-            client_call_details.method, "stream_unary", channel_of(continuation)
-        )
-        call = await continuation(client_call_details, request_iterator)
-        # Not awaited here: a caller that writes with call.write() needs the call back first.
-        self._owner.follow(call, observed)
-        return call
+_KINDS = kind_classes(dict.fromkeys(_INTERCEPTOR_TYPES, _KindInterceptor), _INTERCEPTOR_TYPES)
 
 
-class _StreamStream(_KindInterceptor, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
-    async def intercept_stream_stream(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        observed = self._observer.begin(
-            client_call_details.method, "stream_stream", channel_of(continuation)
-        )
-        call = await continuation(client_call_details, request_iterator)
-        self._owner.follow(call, observed)
-        return call
-
-
-class AffinityInterceptors:
+class AffinityInterceptors(ObservingInterceptor):
     """The four per-kind interceptors of a ``grpc.aio`` channel, sharing one observer.
 
     ``grpc.aio`` registers an interceptor object under only the first call kind it implements,
@@ -156,23 +139,11 @@ class AffinityInterceptors:
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self.interceptors: list[grpc.aio.ClientInterceptor] = [
-            _UnaryUnary(self),
-            _UnaryStream(self),
-            _StreamUnary(self),
-            _StreamStream(self),
+            interceptor(self) for interceptor in _KINDS.values()
         ]
 
     def __repr__(self) -> str:
         return f"<aio.AffinityInterceptors {self.observer!r}, {len(self._tasks)} streams followed>"
-
-    @property
-    def detector(self) -> AffinityDetector:
-        return self.observer.detector
-
-    def close(self) -> None:
-        """Stop the probe made for this interceptor (``probe=True``); closing the channel does
-        not reach an interceptor, so call this when the channel is closed."""
-        self.observer.close()
 
     def follow(self, call: Any, observed: ObservedCall) -> None:
         """Observe a stream: its headers in a task of its own (kept referenced until the call
@@ -224,14 +195,8 @@ def append_interceptors(channel: Any, interceptors: list[Any]) -> bool:
     """
     if not all(isinstance(getattr(channel, name, None), list) for name in _INTERCEPTOR_LISTS):
         return False
-    kinds = (
-        grpc.aio.UnaryUnaryClientInterceptor,
-        grpc.aio.UnaryStreamClientInterceptor,
-        grpc.aio.StreamUnaryClientInterceptor,
-        grpc.aio.StreamStreamClientInterceptor,
-    )
     for interceptor in interceptors:
-        for kind, name in zip(kinds, _INTERCEPTOR_LISTS, strict=True):
+        for kind, name in zip(_INTERCEPTOR_TYPES.values(), _INTERCEPTOR_LISTS, strict=True):
             if isinstance(interceptor, kind):
                 getattr(channel, name).append(interceptor)
                 break

@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from grpc_balance_mw.affinity.detector import AffinityDetector
+from grpc_balance_mw._routing import MethodSpec, channel_method
 from grpc_balance_mw.affinity.observer import CallObserver
 from grpc_balance_mw.aio.call_end import read_end, when_ended
 from grpc_balance_mw.aio.client import (
@@ -27,33 +27,28 @@ from grpc_balance_mw.aio.client import (
     has_interceptors,
 )
 from grpc_balance_mw.aio.multicallables import StreamRequestMethod, UnaryRequestMethod
-from grpc_balance_mw.aio.rebalance import Rebalancer, rerouted
-from grpc_balance_mw.observing import ObserveOptions, observe_parts
-from grpc_balance_mw.rebalance import Rebalance
+from grpc_balance_mw.aio.rebalance import Rebalancer
+from grpc_balance_mw.call_kinds import AIO_MULTICALLABLES, by_request, kind_classes
+from grpc_balance_mw.observing import ObservedMethod, ObserveOptions, Observes, observe_parts
+from grpc_balance_mw.rebalancing import Rebalance
 
 __all__ = ["ObservedChannel", "observe"]
 
 
-class _Observed:
-    """One method of the observed channel: the inner multicallable and the observer."""
-
-    def __init__(self, inner: Any, observer: CallObserver, method: str | bytes, kind: str) -> None:
-        self._inner = inner
-        self._observer = observer
-        self._method = method
-        self._kind = kind
-        self._stream = kind != "unary_unary"
+class _Observed(ObservedMethod):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
         #: The done-callback of a detection-only unary call: bound once, not per call.
         self._counted_unary = partial(read_end, self._count_unary)
 
-    def _call(self, request: Any, **options: Any) -> Any:
+    def _call(self, request: Any, *args: Any, **options: Any) -> Any:
         observer = self._observer
         if observer.telemetry is None:
             # A unary call's duration weighs nothing: no clock to read, no partial to build.
             # A call that fails before it starts runs no done-callback until its channel
             # closes and cancels it; it then counts as any cancelled call without headers.
             started = observer.clock() if self._stream else None
-            call = self._inner(request, **options)
+            call = self._inner(request, *args, **options)
             call.add_done_callback(
                 self._counted_unary
                 if started is None
@@ -62,7 +57,7 @@ class _Observed:
             return call
         observed = observer.begin(self._method, self._kind)
         try:
-            call = self._inner(request, **options)
+            call = self._inner(request, *args, **options)
         except BaseException:  # e.g. a bad argument: end what begin() started, re-raise as is
             observed.finish(None, None, None)
             raise
@@ -84,31 +79,10 @@ class _StreamRequest(_Observed, StreamRequestMethod):
     pass
 
 
-class _UnaryUnary(_UnaryRequest, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
-    pass
+_KINDS = kind_classes(by_request(_UnaryRequest, _StreamRequest), AIO_MULTICALLABLES)
 
 
-class _UnaryStream(_UnaryRequest, grpc.aio.UnaryStreamMultiCallable):  # type: ignore[misc]
-    pass
-
-
-class _StreamUnary(_StreamRequest, grpc.aio.StreamUnaryMultiCallable):  # type: ignore[misc]
-    pass
-
-
-class _StreamStream(_StreamRequest, grpc.aio.StreamStreamMultiCallable):  # type: ignore[misc]
-    pass
-
-
-_KINDS: dict[str, type[_Observed]] = {
-    "unary_unary": _UnaryUnary,
-    "unary_stream": _UnaryStream,
-    "stream_unary": _StreamUnary,
-    "stream_stream": _StreamStream,
-}
-
-
-class ObservedChannel(grpc.aio.Channel):  # type: ignore[misc]
+class ObservedChannel(Observes, grpc.aio.Channel):  # type: ignore[misc]
     """A ``grpc.aio`` channel that observes every call it makes through another one.
 
     Args:
@@ -135,72 +109,18 @@ class ObservedChannel(grpc.aio.Channel):  # type: ignore[misc]
     def __repr__(self) -> str:
         return f"<aio.ObservedChannel {self.observer!r}>"
 
-    @property
-    def detector(self) -> AffinityDetector:
-        return self.observer.detector
-
-    def _observed(
-        self,
-        kind: str,
-        method: str,
-        request_serializer: Any,
-        response_deserializer: Any,
-        registered: bool | None,
-    ) -> Any:
-        make = getattr(self._channel, kind)
-        if registered:
-            inner = make(method, request_serializer, response_deserializer, _registered_method=True)
-        else:
-            inner = make(method, request_serializer, response_deserializer)
-        here = inner if self._intercepted else _KINDS[kind](inner, self.observer, method, kind)
+    def _method(self, spec: MethodSpec) -> Any:
+        inner = spec.make(self._channel)
+        if not self._intercepted:
+            inner = _KINDS[spec.kind](inner, self.observer, spec.method, spec.kind)
         if self.rebalancer is None:
-            return here
-        serializers = (request_serializer, response_deserializer)
-        return rerouted(here, self.rebalancer, kind, method, serializers, registered)
+            return inner
+        return self.rebalancer.rerouted(inner, spec)
 
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return self._observed(
-            "unary_unary", method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return self._observed(
-            "unary_stream", method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return self._observed(
-            "stream_unary", method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return self._observed(
-            "stream_stream", method, request_serializer, response_deserializer, _registered_method
-        )
+    unary_unary = channel_method("unary_unary")
+    unary_stream = channel_method("unary_stream")
+    stream_unary = channel_method("stream_unary")
+    stream_stream = channel_method("stream_stream")
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         return self._channel.get_state(try_to_connect)

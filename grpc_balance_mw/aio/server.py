@@ -31,8 +31,12 @@ from grpc_balance_mw._health import (
     check_drain,
     health_handler,
 )
-from grpc_balance_mw._stamping import StampedStatus, handler_kind, rebuild_handler
-from grpc_balance_mw.identity import PodIdentity, merge_identity
+from grpc_balance_mw._stamping import (
+    IdentityStamper,
+    StampedStatus,
+    StampingContext,
+)
+from grpc_balance_mw.identity import merge_identity
 
 _log = logging.getLogger(__name__)
 
@@ -47,31 +51,14 @@ __all__ = [
 ]
 
 
-class _StampingContext:
-    """A ``grpc.aio.ServicerContext`` that adds the pod identity to the metadata that goes out.
-
-    Same policy as the sync one: initial metadata as late as possible (the handler's own
-    ``send_initial_metadata``, the first ``write``/yielded message, or the handler's end),
-    trailing metadata set up front.
-    """
-
-    def __init__(
-        self, context: grpc.aio.ServicerContext, stamp: tuple[tuple[str, str], ...]
-    ) -> None:
-        self._context = context
-        self._stamp = stamp
-        self._initial_sent = False
-        context.set_trailing_metadata(stamp)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
+class _StampingContext(StampingContext):
+    """A ``grpc.aio.ServicerContext`` that adds the pod identity to the metadata that goes out,
+    as the sync one does (see :class:`~grpc_balance_mw._stamping.StampingContext`); its
+    ``write`` sends the identity first."""
 
     async def send_initial_metadata(self, initial_metadata: Any) -> None:
         self._initial_sent = True
         await self._context.send_initial_metadata(merge_identity(initial_metadata, self._stamp))
-
-    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
-        self._context.set_trailing_metadata(merge_identity(trailing_metadata, self._stamp))
 
     async def write(self, message: Any) -> None:
         await self.flush()
@@ -91,9 +78,8 @@ class _StampingContext:
 
     async def flush(self) -> None:
         """Send the identity as initial metadata unless something already went out."""
-        if self._initial_sent:
+        if not self._flush_due():
             return
-        self._initial_sent = True
         try:
             await self._context.send_initial_metadata(self._stamp)
         except (grpc.aio.UsageError, grpc.RpcError, ValueError) as exc:
@@ -136,29 +122,21 @@ def _stream_response(behavior: Callable[..., Any], stamp: Any) -> Callable[..., 
     return stamped
 
 
-class PodIdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class PodIdentityInterceptor(IdentityStamper, grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Stamps the serving pod's identity on every response, all four call kinds.
 
     See :class:`grpc_balance_mw.server.PodIdentityInterceptor`; handlers may be async
     generators or coroutines that ``await context.write()``.
     """
 
-    def __init__(self, identity: PodIdentity | None = None) -> None:
-        self.identity = identity if identity is not None else PodIdentity.from_env()
-        self._stamp = self.identity.to_metadata()
+    _wraps = (_unary_response, _stream_response)
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        kind = handler_kind(handler)
-        inner = getattr(handler, kind)
-        wrap = _stream_response if handler.response_streaming else _unary_response
-        return rebuild_handler(handler, kind, wrap(inner, self._stamp))
+        return self._stamped(await continuation(handler_call_details))
 
 
 class PodHealth(HealthReport):
