@@ -20,12 +20,13 @@ import grpc
 
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.observer import CallObserver
-from grpc_balance_mw.aio.call_end import read_end, when_ended
-from grpc_balance_mw.aio.client import (
-    AffinityInterceptors,
+from grpc_balance_mw.aio._grpcio import (
+    accepts_registered_method,
     append_interceptors,
     has_interceptors,
 )
+from grpc_balance_mw.aio.call_end import read_end, when_ended
+from grpc_balance_mw.aio.client import AffinityInterceptors
 from grpc_balance_mw.aio.multicallables import StreamRequestMethod, UnaryRequestMethod
 from grpc_balance_mw.aio.rebalance import Rebalancer, rerouted
 from grpc_balance_mw.observing import ObserveOptions, observe_parts
@@ -148,7 +149,7 @@ class ObservedChannel(grpc.aio.Channel):  # type: ignore[misc]
         registered: bool | None,
     ) -> Any:
         make = getattr(self._channel, kind)
-        if registered:
+        if registered and accepts_registered_method(self._channel):
             inner = make(method, request_serializer, response_deserializer, _registered_method=True)
         else:
             inner = make(method, request_serializer, response_deserializer)
