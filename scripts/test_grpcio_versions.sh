@@ -53,9 +53,13 @@ install() {  # install WHICH: the venv $WORK/WHICH, its grpcio version in $WORK/
     # The package and the tests' needs, grpcio held where it is (a pre-release stays).
     echo "grpcio==$(cat "$WORK/$which.version")" >"$WORK/$which.txt"
     # shellcheck disable=SC2086  # pytest_deps: one requirement per word
-    pip_quiet "$venv/bin/python" -m pip install -q "$ROOT[testing,bench]" $pytest_deps \
+    pip_quiet "$venv/bin/python" -m pip install -q "$wheel[testing,bench]" $pytest_deps \
         -c "$WORK/$which.txt"
 }
+
+# The package's wheel, built once (builds of one source tree side by side collide).
+pip_quiet "$PYTHON" -m pip wheel -q --no-deps -w "$WORK/dist" "$ROOT"
+wheel="$(ls "$WORK"/dist/grpc_balance_mw-*.whl)"
 
 kinds=(${GRPCIO_VERSIONS:-floor release pre})
 say "installing ${kinds[*]} (floor: grpcio $floor; tests need: $pytest_deps)"
@@ -74,6 +78,12 @@ for i in "${!kinds[@]}"; do
         continue
     fi
     version="$(cat "$WORK/$which.version")"
+    tested="${tested:-} "
+    if [[ "$tested" == *" $version "* ]]; then
+        say "$which: grpcio $version (no newer pre-release): tested above"
+        continue
+    fi
+    tested+="$version"
     say "$which: grpcio $version installed; running ${TESTS[*]}"
     if (cd "$WORK" && "$WORK/$which/bin/python" -m pytest -q -p no:cacheprovider \
         "${TESTS[@]/#/$ROOT/}" --rootdir "$ROOT" -c "$ROOT/pyproject.toml"); then
