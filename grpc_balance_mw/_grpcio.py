@@ -254,7 +254,9 @@ def blocking_unary_path(inner: Any) -> tuple[Callable[..., Any], Callable[..., A
 _REGISTERED_BY_TYPE: dict[type, bool] = {}
 #: grpcio's own channels take ``_registered_method`` from this release on (generated stubs pass
 #: it to have the method registered with the core channel once).
-_REGISTERED_SINCE = (1, 62)
+REGISTERED_SINCE = (1, 62)
+#: ... and grpc.aio's core channel shows its target (``cygrpc.AioChannel.target``).
+AIO_TARGET_SINCE = (1, 62)
 
 
 def accepts_registered_method(channel: Any) -> bool:
@@ -277,7 +279,7 @@ def accepts_registered_method(channel: Any) -> bool:
             _REGISTERED_BY_TYPE[kind] = known
         if (
             not known
-            and _GRPCIO_RELEASE >= _REGISTERED_SINCE
+            and _GRPCIO_RELEASE >= REGISTERED_SINCE
             and kind.__module__ in ("grpc._channel", "grpc.aio._channel")
         ):
             warn_once(
@@ -379,7 +381,10 @@ def channel_target(channel: Any) -> str | None:
                 return value.decode("utf-8", "replace")
             return value if isinstance(value, str) else None
         seen = core
-    if _grpcio_made(seen, "grpc._channel", "grpc.aio._channel"):
+    # grpc.aio channels before grpcio 1.62 keep their target where Python cannot read it.
+    if _grpcio_made(seen, "grpc._channel") or (
+        _GRPCIO_RELEASE >= AIO_TARGET_SINCE and _grpcio_made(seen, "grpc.aio._channel")
+    ):
         warn_once("Channel._target", "observe() must be told the target (observe(target=...))")
     return None
 

@@ -45,10 +45,13 @@ def options() -> ObserveOptions:
     return ObserveOptions(registry=AffinityRegistry(NO_WARMUP))
 
 
-def expected_live(paths: dict[str, bool]) -> dict[str, bool]:
-    """Every path live, but ``registered_method`` only where grpcio has the flag."""
-    has_flag = _grpcio._release(grpc.__version__) >= _grpcio._REGISTERED_SINCE
-    return {name: has_flag if name == "registered_method" else True for name in paths}
+def expected_live(paths: dict[str, bool], aio: bool = False) -> dict[str, bool]:
+    """Every path live, but the ones a grpcio of this age does not have yet."""
+    release = _grpcio._release(grpc.__version__)
+    newer = {"registered_method": _grpcio.REGISTERED_SINCE}
+    if aio:
+        newer["channel_target"] = _grpcio.AIO_TARGET_SINCE
+    return {name: release >= newer.get(name, (0, 0)) for name in paths}
 
 
 def hide(monkeypatch: pytest.MonkeyPatch, cls: type, name: str, owner: str = "grpc.") -> None:
@@ -106,7 +109,7 @@ def test_every_sync_fast_path_is_live(sync_pod: SyncPod, warnings: Any) -> None:
 async def test_every_aio_fast_path_is_live(aio_pod: AioPod, warnings: Any) -> None:
     live = await aio_grpcio.live_fast_paths(aio_pod.target)
     assert set(live) == set(aio_grpcio.FAST_PATHS)
-    assert live == expected_live(live)
+    assert live == expected_live(live, aio=True)
     assert warnings() == []
 
 
@@ -236,7 +239,8 @@ async def test_without_the_core_call_an_aio_call_end_is_awaited(
     aio_pod: AioPod, monkeypatch: pytest.MonkeyPatch, warnings: Any
 ) -> None:
     hide(monkeypatch, aio_call.Call, "_cython_call")
-    async with observe_aio(grpc.aio.insecure_channel(aio_pod.target), options()) as channel:
+    raw = grpc.aio.insecure_channel(aio_pod.target)
+    async with observe_aio(raw, options(), target=aio_pod.target) as channel:
         for kind in ("unary_unary", "unary_stream"):
             assert (await call_aio(channel, kind, OK)).code is grpc.StatusCode.OK
         await aio_grpcio_settled()

@@ -92,9 +92,16 @@ def interceptor_channel(continuation: Any) -> object | None:
 
     grpc.aio's continuation is a ``functools.partial`` of the intercepted call's
     ``_run_interceptor``; that call keeps the channel's ``cygrpc.AioChannel`` as ``_channel``.
-    A grpcio laid out otherwise gives None: the interceptors' calls then share one lane.
+    Before grpcio 1.5x it is a partial of a closure over that call (``self``). A grpcio laid out
+    otherwise gives None: the interceptors' calls then share one lane.
     """
-    call = getattr(getattr(continuation, "func", None), "__self__", None)
+    run = getattr(continuation, "func", None)
+    call = getattr(run, "__self__", None)
+    if call is None:
+        try:
+            call = run.__closure__[run.__code__.co_freevars.index("self")].cell_contents  # type: ignore[union-attr]
+        except (AttributeError, ValueError, IndexError, TypeError):
+            call = None
     channel = getattr(call, "_channel", None)
     if channel is None:
         warn_once(
