@@ -20,7 +20,7 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/grpc-balance-grpcio.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 trap 'exit 130' INT TERM
 say() { echo "test_grpcio_versions: [$((SECONDS - started)) s] $*" >&2; }
-pip_quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location .* is ignored" || true; } >&2; }
+pip_quiet() { PIP_DISABLE_PIP_VERSION_CHECK=1 "$@" 2>&1 | { grep -v "^WARNING: Location .* is ignored" || true; } >&2; }
 TESTS=(tests/test_grpcio_internals.py tests/test_channel_contract_sync.py tests/test_channel_contract_aio.py)
 
 # The grpcio floor, and what the three test files need from the test extra (pytest and its
@@ -48,12 +48,12 @@ install() {  # install WHICH: the venv $WORK/WHICH, its grpcio version in $WORK/
         *) echo "unknown version kind $which (floor, release, pre)" >&2; return 2 ;;
     esac
     "$PYTHON" -m venv "$venv"
-    pip_quiet "$venv/bin/python" -m pip install -q "${spec[@]}"
+    pip_quiet "$venv/bin/python" -m pip install -q --no-compile "${spec[@]}"
     "$venv/bin/python" -c 'import grpc; print(grpc.__version__)' >"$WORK/$which.version"
     # The package and the tests' needs, grpcio held where it is (a pre-release stays).
     echo "grpcio==$(cat "$WORK/$which.version")" >"$WORK/$which.txt"
     # shellcheck disable=SC2086  # pytest_deps: one requirement per word
-    pip_quiet "$venv/bin/python" -m pip install -q "$wheel[testing,bench]" $pytest_deps \
+    pip_quiet "$venv/bin/python" -m pip install -q --no-compile "$wheel[testing,bench]" $pytest_deps \
         -c "$WORK/$which.txt"
 }
 
@@ -63,27 +63,31 @@ wheel="$(ls "$WORK"/dist/grpc_balance_mw-*.whl)"
 
 kinds=(${GRPCIO_VERSIONS:-floor release pre})
 say "installing ${kinds[*]} (floor: grpcio $floor; tests need: $pytest_deps)"
-pids=()
+declare -A kind_of  # install pid -> floor/release/pre
 for which in "${kinds[@]}"; do
     install "$which" >"$WORK/$which.log" 2>&1 &
-    pids+=($!)
+    kind_of[$!]="$which"
 done
+# Each venv's tests run as soon as it is installed, while the others still install.
 failed=()
-for i in "${!kinds[@]}"; do
-    which="${kinds[$i]}"
-    if ! wait "${pids[$i]}"; then
+tested=" "
+while ((${#kind_of[@]})); do
+    status=0
+    wait -n -p done_pid "${!kind_of[@]}" || status=$?
+    which="${kind_of[$done_pid]}"
+    unset "kind_of[$done_pid]"
+    if ((status)); then
         say "$which: install FAILED:"
         cat "$WORK/$which.log" >&2
         failed+=("$which=install")
         continue
     fi
     version="$(cat "$WORK/$which.version")"
-    tested="${tested:-} "
     if [[ "$tested" == *" $version "* ]]; then
-        say "$which: grpcio $version (no newer pre-release): tested above"
+        say "$which: grpcio $version, the version of a run above (no newer pre-release): not run again"
         continue
     fi
-    tested+="$version"
+    tested+="$version "
     say "$which: grpcio $version installed; running ${TESTS[*]}"
     if (cd "$WORK" && "$WORK/$which/bin/python" -m pytest -q -p no:cacheprovider \
         "${TESTS[@]/#/$ROOT/}" --rootdir "$ROOT" -c "$ROOT/pyproject.toml"); then
@@ -92,6 +96,7 @@ for i in "${!kinds[@]}"; do
         say "$which: grpcio $version FAILED"
         failed+=("$which=$version")
     fi
+    rm -rf "${WORK:?}/$which"
 done
 if ((${#failed[@]})); then
     say "FAILED: ${failed[*]}"
