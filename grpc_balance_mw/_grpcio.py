@@ -529,10 +529,11 @@ def live_fast_paths(target: str, timeout_s: float = 5.0) -> dict[str, bool]:
     live = dict.fromkeys(FAST_PATHS, False)
     with grpc.insecure_channel(target) as channel:
         inner = channel.unary_unary(PROBE_METHOD)
+        failed: Any = None
         try:
             inner(b"", timeout=timeout_s)
         except grpc.RpcError as error:
-            failed: Any = error
+            failed = error
         future = inner.future(b"", timeout=timeout_s)
         with contextlib.suppress(grpc.RpcError):
             future.result()
