@@ -30,11 +30,15 @@ import grpc
 from opentelemetry import context as otel_context
 
 __all__ = [
+    "AIO_TARGET_SINCE",
     "CONNECTING",
     "FAST_PATHS",
     "GRPCIO_VERSION",
     "IDLE",
+    "INSTRUMENTATION_MODULE",
+    "PROBE_METHOD",
     "READY",
+    "REGISTERED_SINCE",
     "SHUTDOWN",
     "SUPPRESS_KEYS",
     "TRANSIENT_FAILURE",
