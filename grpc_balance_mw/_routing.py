@@ -30,6 +30,7 @@ from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import grpc
 
+from grpc_balance_mw._grpcio import accepts_registered_method
 from grpc_balance_mw.errors import BalanceError, ConfigurationError
 from grpc_balance_mw.pool import Lane, LanePool, LaneState, NoLane
 from grpc_balance_mw.pool.health import names_a_pod
@@ -259,12 +260,9 @@ class MethodSpec(NamedTuple):
         """This method's multicallable on ``channel`` (a ``grpc.Channel`` or ``grpc.aio`` one)."""
         make = getattr(channel, self.kind)
         args = (self.method, self.request_serializer, self.response_deserializer)
-        if self.registered:
-            try:
-                return make(*args, _registered_method=True)
-            except TypeError:  # a channel (a factory's, a wrapper) that predates the flag
-                return make(*args)
-        return make(*args)
+        if self.registered and accepts_registered_method(channel):
+            return make(*args, _registered_method=True)
+        return make(*args)  # not registered, or a channel (a wrapper) that predates the flag
 
 
 #: The four call kinds of ``grpc.Channel`` and ``grpc.aio.Channel``.

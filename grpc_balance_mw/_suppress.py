@@ -14,15 +14,13 @@ from contextlib import contextmanager
 
 from opentelemetry import context
 
+from grpc_balance_mw._grpcio import SUPPRESS_KEYS
+
 __all__ = ["suppressed"]
 
 #: opentelemetry-api's key (``create_key("suppress_instrumentation")``), and the plain string
 #: that opentelemetry-instrumentation's ``is_instrumentation_enabled`` also honours.
-_KEYS = tuple(
-    key
-    for key in (getattr(context, "_SUPPRESS_INSTRUMENTATION_KEY", None), "suppress_instrumentation")
-    if isinstance(key, str)
-)
+_KEYS = SUPPRESS_KEYS
 
 
 @contextmanager

@@ -21,72 +21,16 @@ from the channel: prefer it unless you compose interceptors.
 
 from __future__ import annotations
 
-import contextlib
-import weakref
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import grpc
 
+from grpc_balance_mw._grpcio import interceptor_channel as channel_of
 from grpc_balance_mw.observed_calls import ObservedStream, as_call, finish_call, metadata_now
 from grpc_balance_mw.observing import ObserveOptions, ObservingInterceptor, build_observer
 
 __all__ = ["AffinityInterceptor", "affinity_interceptors"]
-
-
-#: Where the continuations of the last code seen keep ``self``: (that code, the cell's index).
-_self_cell: tuple[Any, int] = (None, 0)
-#: The last multicallable whose channel was found, and that channel, both weakly referenced.
-_last_found: tuple[Callable[[], Any], Callable[[], Any]] = (lambda: None, lambda: None)
-
-
-def channel_of(continuation: Any) -> object | None:
-    """The channel a sync interceptor's ``continuation`` calls into, or None if unknown.
-
-    grpcio gives an interceptor no way to ask which channel a call runs on; its continuation is
-    a closure over the multicallable (``self``), whose ``_thunk`` closes over the intercepting
-    ``grpc._interceptor._Channel`` (``self``) and so the channel it wraps. Intercepting wrappers
-    are followed down to the channel that owns the connection. A grpcio laid out otherwise gives
-    None: the interceptor's calls then share one lane. The walk is remembered for the last
-    multicallable (one stub method called in a loop walks once): 0.5 -> 0.15 us per call.
-    """
-    global _self_cell, _last_found
-    try:
-        code = continuation.__code__
-        seen, index = _self_cell
-        if code is not seen:
-            index = code.co_freevars.index("self")
-            _self_cell = (code, index)
-        multicallable = continuation.__closure__[index].cell_contents
-    except (AttributeError, ValueError, IndexError, TypeError):
-        return None
-    found_for, found = _last_found
-    if found_for() is multicallable:
-        known: object | None = found()
-        if known is not None:
-            return known
-    channel = _channel_under(multicallable)
-    if channel is not None:
-        with contextlib.suppress(TypeError):  # not weakly referenceable: walk every time
-            _last_found = (weakref.ref(multicallable), weakref.ref(channel))
-    return channel
-
-
-def _channel_under(multicallable: Any) -> object | None:
-    """The channel under an intercepting multicallable (see :func:`channel_of`)."""
-    try:
-        thunk = multicallable._thunk
-        channel: object = thunk.__closure__[thunk.__code__.co_freevars.index("self")].cell_contents
-    except (AttributeError, ValueError, IndexError, TypeError):
-        return None
-    for _ in range(16):  # intercept_channel(intercept_channel(...)): the channel underneath
-        if type(channel).__module__ != "grpc._interceptor":
-            return channel
-        channel = getattr(channel, "_channel", None)
-        if channel is None:
-            return None
-    return None
 
 
 def _count_unary_done(observer: Any, call: Any) -> None:

@@ -10,20 +10,22 @@ instrumentation: it is found in ``sys.modules`` if the application loaded it.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from typing import Any
 
 import grpc
 
-INSTRUMENTATION_MODULE = "opentelemetry.instrumentation.grpc"
+from grpc_balance_mw._grpcio import (
+    INSTRUMENTATION_MODULE,
+    instrumentation_parts,
+    instrumentor_active,
+)
 
-
-def instrumentor_active() -> bool:
-    """Whether ``GrpcInstrumentorClient`` is instrumenting (without importing it if unused)."""
-    module = sys.modules.get(INSTRUMENTATION_MODULE)
-    instrumentor = getattr(getattr(module, "GrpcInstrumentorClient", None), "_instance", None)
-    return bool(getattr(instrumentor, "is_instrumented_by_opentelemetry", False))
+__all__ = [
+    "INSTRUMENTATION_MODULE",
+    "ObservedCore",
+    "instrumentation_parts",
+    "instrumentor_active",
+]
 
 
 class ObservedCore(grpc.Channel):  # type: ignore[misc]
@@ -58,18 +60,3 @@ class ObservedCore(grpc.Channel):  # type: ignore[misc]
 
     def close(self) -> None:
         self._owner.close()
-
-
-def instrumentation_parts(channel: Any) -> tuple[Any, Any, Callable[..., Any]] | None:
-    """(wrapped channel, interceptor, intercept_channel) of a channel that
-    opentelemetry-instrumentation-grpc intercepted, or None for any other channel."""
-    if not type(channel).__module__.startswith(INSTRUMENTATION_MODULE):
-        return None
-    raw = getattr(channel, "_channel", None)
-    interceptor = getattr(channel, "_interceptor", None)
-    intercept = getattr(
-        sys.modules.get("opentelemetry.instrumentation.grpc.grpcext"), "intercept_channel", None
-    )
-    if raw is None or interceptor is None or intercept is None:
-        return None
-    return raw, interceptor, intercept

@@ -18,13 +18,13 @@ sits above them and wraps the user's channel with it.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from grpc_balance_mw._grpcio import accepts_registered_method, blocking_unary_path
 from grpc_balance_mw._routing import MethodSpec, channel_method
 from grpc_balance_mw.affinity.detector import JUDGE_EVERY_CALLS
 from grpc_balance_mw.affinity.observer import CallObserver
@@ -79,48 +79,6 @@ class _UnaryResponse(ObservedMethod):
         return future
 
 
-#: grpcio's blocking unary-unary path, by multicallable class: ``end``, where
-#: ``inner._blocking(request, timeout, metadata, credentials, wait_for_ready, compression)``
-#: returns ``(state, call)`` and ``end(state, call, False, None)`` gives the response or raises
-#: the call's error; None for a class laid out otherwise.
-_CORE_PATHS: dict[type, Callable[..., Any] | None] = {}
-_BLOCKING_PARAMETERS = [
-    "self",
-    "request",
-    "timeout",
-    "metadata",
-    "credentials",
-    "wait_for_ready",
-    "compression",
-]
-_END_PARAMETERS = ["state", "call", "with_call", "deadline"]
-
-
-def _core_path(inner: Any) -> Callable[..., Any] | None:
-    """How grpcio itself makes a blocking unary-unary call on ``inner``, if it is grpcio's own
-    multicallable (or a subclass) laid out as grpcio 1.50-1.85 lay it out (checked once per
-    class)."""
-    cls = type(inner)
-    if cls in _CORE_PATHS:
-        return _CORE_PATHS[cls]
-    path = None
-    try:
-        from grpc import _channel
-
-        end = _channel._end_unary_response_blocking
-        blocking = cls._blocking
-        if (
-            issubclass(cls, _channel._UnaryUnaryMultiCallable)
-            and list(inspect.signature(blocking).parameters) == _BLOCKING_PARAMETERS
-            and list(inspect.signature(end).parameters) == _END_PARAMETERS
-        ):
-            path = end
-    except (ImportError, AttributeError, TypeError, ValueError):
-        path = None
-    _CORE_PATHS[cls] = path
-    return path
-
-
 class _CountedUnaryResponse(_UnaryResponse):
     """Detection only (no telemetry): the plain ``__call__``, the hot path, counts the call
     straight into the observer, without an :class:`ObservedCall` or a wrapping frame.
@@ -133,9 +91,9 @@ class _CountedUnaryResponse(_UnaryResponse):
 
     def __init__(self, inner: Any, observer: CallObserver, method: str | bytes, kind: str) -> None:
         super().__init__(inner, observer, method, kind)
-        end = _core_path(inner) if kind == "unary_unary" else None
-        self._blocking: Callable[..., Any] | None = None if end is None else inner._blocking
-        self._end = end
+        path = blocking_unary_path(inner) if kind == "unary_unary" else None
+        self._blocking: Callable[..., Any] | None = None if path is None else path[0]
+        self._end = None if path is None else path[1]
         # What CallObserver.count_unary reads when it has seen a call like this one; and the
         # last such call's (headers, trailers, what): the next call's headers are most often
         # equal, and comparing is cheaper than hashing the new strings gRPC made of them.
@@ -222,30 +180,6 @@ _TRACED = kind_classes(by_response(_UnaryResponse, _StreamResponse), SYNC_MULTIC
 _COUNTED = kind_classes(by_response(_CountedUnaryResponse, _StreamResponse), SYNC_MULTICALLABLES)
 
 
-#: ``_accepts_registered_method`` by channel type: ``inspect.signature`` took half the time of
-#: making an observed channel, and a type's signature does not change.
-_REGISTERED_BY_TYPE: dict[type, bool] = {}
-
-
-def _accepts_registered_method(channel: grpc.Channel) -> bool:
-    """Whether ``channel.unary_unary`` takes grpcio's private ``_registered_method`` flag."""
-    kind = type(channel)
-    known = _REGISTERED_BY_TYPE.get(kind)
-    if known is None:
-        try:
-            parameters = inspect.signature(channel.unary_unary).parameters.values()
-        except (TypeError, ValueError):
-            known = False
-        else:
-            known = any(
-                p.name == "_registered_method" or p.kind is inspect.Parameter.VAR_KEYWORD
-                for p in parameters
-            )
-        if len(_REGISTERED_BY_TYPE) < 64:
-            _REGISTERED_BY_TYPE[kind] = known
-    return known
-
-
 class ObservedChannel(Observes, grpc.Channel):  # type: ignore[misc]
     """A channel that observes every call it makes through another channel; sync only.
 
@@ -276,8 +210,8 @@ class ObservedChannel(Observes, grpc.Channel):  # type: ignore[misc]
             raw, interceptor, intercept = instrumented
             self._channel = raw
             self._front = intercept(ObservedCore(self), interceptor)
-        self._registered_method = _accepts_registered_method(self._channel)
-        self._front_registered = self._front is not None and _accepts_registered_method(self._front)
+        self._registered_method = accepts_registered_method(self._channel)
+        self._front_registered = self._front is not None and accepts_registered_method(self._front)
 
     def __repr__(self) -> str:
         return f"<ObservedChannel {self.observer!r}>"

@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 
 import grpc
 
+from grpc_balance_mw._grpcio import channel_target
 from grpc_balance_mw.affinity.config import AffinityConfig
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.observer import CallObserver, CallTelemetry
@@ -179,36 +180,6 @@ def build_observer(
         owns_probe=probe is True,
         fresh_connections=fresh_connections,
     )
-
-
-def channel_target(channel: Any) -> str | None:
-    """The target string a grpcio channel (sync or aio, intercepted or not) was made with.
-
-    grpcio exposes no public accessor; its channels keep a core channel whose ``target()`` gives
-    the string back. Wrappers (``grpc.intercept_channel``, opentelemetry-instrumentation-grpc,
-    this package's own) keep the channel they wrap as ``_channel``, so the chain is followed a
-    few steps. None when no step has it: the caller must then be told the target.
-    """
-    seen = channel
-    for _ in range(8):
-        if type(seen).__module__ == "grpc._channel":
-            # The sync channel keeps the string as given; its core has it canonicalised
-            # ("host:port" becomes "dns:///host:port"), which would be another detector's key.
-            given = getattr(seen, "_target", None)
-            if isinstance(given, str):
-                return given
-        core = getattr(seen, "_channel", None)
-        if core is None:
-            return None
-        target = getattr(core, "target", None)
-        if target is not None and type(core).__module__.startswith("grpc._cython"):
-            # cygrpc.Channel has a target() method; cygrpc.AioChannel a target attribute.
-            value = target() if callable(target) else target
-            if isinstance(value, bytes):
-                return value.decode("utf-8", "replace")
-            return value if isinstance(value, str) else None
-        seen = core
-    return None
 
 
 def observe_parts(

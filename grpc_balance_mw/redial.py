@@ -78,6 +78,7 @@ from typing import Any
 
 import grpc
 
+from grpc_balance_mw._grpcio import READY, SHUTDOWN, TRANSIENT_FAILURE, core_channel
 from grpc_balance_mw._routing import ConnectionRoutes, Lease, Outcome
 from grpc_balance_mw.affinity.observer import CallObserver
 from grpc_balance_mw.errors import ConfigurationError
@@ -169,31 +170,8 @@ def connect(channel: grpc.Channel, timeout_s: float) -> bool:
     return bool(status != NOT_SERVING)
 
 
-#: ``grpc_connectivity_state`` (grpc/impl/connectivity_state.h), as a core channel reports it.
-_IDLE, _CONNECTING, _READY, _TRANSIENT_FAILURE, _SHUTDOWN = range(5)
-
-
-def core_channel(channel: Any) -> Any | None:
-    """The C-core channel under a sync grpcio channel, or None if there is none to be found.
-
-    grpcio has no public way to start a channel's connection and read its state without a
-    thread per channel (``subscribe`` and ``channel_ready_future`` each start a polling thread;
-    "we'd rather not poll", grpc/grpc#3064). Its ``grpc._channel.Channel`` keeps a
-    ``cygrpc.Channel`` as ``_channel``, whose ``check_connectivity_state(try_to_connect)``
-    (what that polling thread calls) starts the connection and reads the state without
-    blocking. Wrappers (``grpc.intercept_channel``, this package's) keep what they wrap as
-    ``_channel`` too, so the chain is followed a few steps.
-    """
-    seen = channel
-    for _ in range(8):
-        seen = getattr(seen, "_channel", None)
-        if seen is None:
-            return None
-        if type(seen).__module__.startswith("grpc._cython") and callable(
-            getattr(seen, "check_connectivity_state", None)
-        ):
-            return seen
-    return None
+#: ``grpc_connectivity_state``, as a core channel reports it (see :func:`core_channel`).
+_READY, _TRANSIENT_FAILURE, _SHUTDOWN = READY, TRANSIENT_FAILURE, SHUTDOWN
 
 
 class _Dialled:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh) and run what CI runs: lint, types, every test tier, the tests that need
-# no cluster on the oldest declared dependencies (scripts/test_floors.sh), every tier again on
+# no cluster on the oldest declared dependencies (scripts/test_floors.sh), grpcio's internals on
+# three grpcio versions (scripts/test_grpcio_versions.sh), every tier again on
 # Python 3.10 and the fast tier on 3.13 (scripts/test_python.sh).
 #
 #   bash scripts/test.sh --fast [pytest args]   setup, lint, types and the fast tier only
@@ -9,7 +10,7 @@
 # Tiers (markers in pyproject.toml): the fast tier is -m "not slow and not cluster", the pure core
 # and in-process loopback servers, under 90 s on 2 cores; `cluster` needs haproxy, dnsmasq,
 # iptables and network namespaces; `slow` is subprocess CLI runs, sweeps, faults, load, fork.
-# Plain `pytest` runs every tier. SKIP_FLOORS=1 / SKIP_PYTHONS=1 skip those steps.
+# Plain `pytest` runs every tier. SKIP_FLOORS=1 / SKIP_GRPCIO=1 / SKIP_PYTHONS=1 skip those steps.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -53,6 +54,10 @@ say "every tier passed in $((SECONDS - tier_started)) s"
 # The declared dependency floors, in throwaway venvs (a few minutes).
 if [[ "${SKIP_FLOORS:-}" != 1 ]]; then
     bash scripts/test_floors.sh
+fi
+# grpcio's internals on its floor, newest release and newest pre-release (a few minutes).
+if [[ "${SKIP_GRPCIO:-}" != 1 ]]; then
+    bash scripts/test_grpcio_versions.sh
 fi
 # The other declared Pythons, each in a venv of its own (.venv310, .venv313).
 if [[ "${SKIP_PYTHONS:-}" != 1 ]]; then

@@ -175,7 +175,7 @@ def test_plain_unary_calls_run_as_grpcio_runs_them_and_any_other_multicallable_a
     ``__call__`` does (no call object built for ``with_call``); on any other (here an
     intercepted channel's) it falls back to ``with_call``. Both answer as the bare channel
     does and count the call."""
-    from grpc_balance_mw.observed_methods import _core_path
+    from grpc_balance_mw._grpcio import blocking_unary_path as _core_path
 
     with grpc.insecure_channel(sync_pod.target) as bare:
         intercepted = grpc.intercept_channel(bare, _NoopInterceptor())

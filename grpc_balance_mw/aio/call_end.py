@@ -18,6 +18,8 @@ from typing import Any
 
 import grpc
 
+from grpc_balance_mw.aio._grpcio import call_starter, final_state
+
 __all__ = ["Ended", "final_state", "read_end", "settle_followers", "when_ended"]
 
 #: ``ended(initial metadata, trailing metadata, status code number)`` (its result is ignored);
@@ -25,20 +27,7 @@ __all__ = ["Ended", "final_state", "read_end", "settle_followers", "when_ended"]
 Ended = Callable[[Any, Any, "int | None"], object]
 
 _CANCELLED = grpc.StatusCode.CANCELLED
-#: Where grpc.aio keeps the task that starts a call: a unary response's, a response stream's.
-_STARTERS = ("_call_response", "_preparation")
-
 _followers: set[asyncio.Task[None]] = set()
-
-
-def final_state(call: Any) -> tuple[Any, Any, int | None] | None:
-    """(initial metadata, trailing metadata, status code) of a finished aio call, read off its
-    core call without awaiting; None if this grpcio keeps them elsewhere."""
-    core = getattr(call, "_cython_call", None)
-    status = getattr(core, "_status", None)
-    if status is None:
-        return None
-    return getattr(core, "_initial_metadata", None), status.trailing_metadata(), status.code()
 
 
 def when_ended(call: Any, ended: Ended) -> None:
@@ -47,8 +36,8 @@ def when_ended(call: Any, ended: Ended) -> None:
     done-callbacks only if it is cancelled later, when its channel closes)."""
     once = _Once(ended)
     call.add_done_callback(once.done)
-    starter = next((getattr(call, name, None) for name in _STARTERS if hasattr(call, name)), None)
-    if isinstance(starter, asyncio.Future):
+    starter = call_starter(call)
+    if starter is not None:
         starter.add_done_callback(partial(once.start_failed, call))
 
 

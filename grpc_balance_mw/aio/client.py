@@ -27,6 +27,8 @@ from typing import Any
 import grpc
 
 from grpc_balance_mw.affinity.observer import CallObserver, ObservedCall
+from grpc_balance_mw.aio._grpcio import append_interceptors, has_interceptors
+from grpc_balance_mw.aio._grpcio import interceptor_channel as channel_of
 from grpc_balance_mw.aio.call_end import settle_followers, when_ended
 from grpc_balance_mw.call_kinds import kind_classes
 from grpc_balance_mw.observing import ObserveOptions, ObservingInterceptor, build_observer
@@ -53,17 +55,6 @@ def _stream_ended(
 ) -> None:
     headers.cancel()  # the call has ended: its headers are in ``initial``, or never came
     observed.finish(initial, trailing, code)
-
-
-def channel_of(continuation: Any) -> object | None:
-    """The core channel a ``grpc.aio`` interceptor's ``continuation`` calls into, or None.
-
-    grpc.aio's continuation is a ``functools.partial`` of the intercepted call's
-    ``_run_interceptor``; that call keeps the channel's ``cygrpc.AioChannel`` as ``_channel``.
-    A grpcio laid out otherwise gives None: the interceptors' calls then share one lane.
-    """
-    call = getattr(getattr(continuation, "func", None), "__self__", None)
-    return getattr(call, "_channel", None)
 
 
 #: grpc.aio's client interceptor type of each call kind, in call-kind order.
@@ -170,34 +161,3 @@ def affinity_interceptors(
     """The interceptors to pass as ``grpc.aio.*_channel(..., interceptors=...)``: four, one per
     call kind (``grpc_balance_mw.affinity_interceptors`` gives the one a sync channel needs)."""
     return AffinityInterceptors(target, options).interceptors
-
-
-#: grpc.aio keeps a channel's client interceptors in these lists (one per call kind).
-_INTERCEPTOR_LISTS = (
-    "_unary_unary_interceptors",
-    "_unary_stream_interceptors",
-    "_stream_unary_interceptors",
-    "_stream_stream_interceptors",
-)
-
-
-def has_interceptors(channel: Any) -> bool:
-    """Whether an aio channel was made with client interceptors."""
-    return any(getattr(channel, name, None) for name in _INTERCEPTOR_LISTS)
-
-
-def append_interceptors(channel: Any, interceptors: list[Any]) -> bool:
-    """Put ``interceptors`` after the ones ``channel`` was made with; False if it has no lists.
-
-    grpc.aio reads a channel's interceptor lists when a method's multicallable is made, and
-    registers an object under the first kind it implements, so each per-kind object goes to the
-    list of its kind.
-    """
-    if not all(isinstance(getattr(channel, name, None), list) for name in _INTERCEPTOR_LISTS):
-        return False
-    for interceptor in interceptors:
-        for kind, name in zip(_INTERCEPTOR_TYPES.values(), _INTERCEPTOR_LISTS, strict=True):
-            if isinstance(interceptor, kind):
-                getattr(channel, name).append(interceptor)
-                break
-    return True

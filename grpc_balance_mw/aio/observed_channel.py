@@ -20,12 +20,12 @@ import grpc
 
 from grpc_balance_mw._routing import MethodSpec, channel_method
 from grpc_balance_mw.affinity.observer import CallObserver
-from grpc_balance_mw.aio.call_end import read_end, when_ended
-from grpc_balance_mw.aio.client import (
-    AffinityInterceptors,
+from grpc_balance_mw.aio._grpcio import (
     append_interceptors,
     has_interceptors,
 )
+from grpc_balance_mw.aio.call_end import read_end, when_ended
+from grpc_balance_mw.aio.client import AffinityInterceptors
 from grpc_balance_mw.aio.multicallables import StreamRequestMethod, UnaryRequestMethod
 from grpc_balance_mw.aio.rebalance import Rebalancer
 from grpc_balance_mw.call_kinds import AIO_MULTICALLABLES, by_request, kind_classes

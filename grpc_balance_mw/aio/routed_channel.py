@@ -44,6 +44,7 @@ from grpc_balance_mw._routing import (
     request_for_attempt,
 )
 from grpc_balance_mw.affinity.observer import CallObserver, ObservedCall
+from grpc_balance_mw.aio._grpcio import final_state
 from grpc_balance_mw.retry import Deadline, RetryPolicy, acall_with_retries, code_of
 
 __all__ = [
@@ -100,22 +101,6 @@ def check_interceptors(interceptors: Sequence[Any] | None) -> list[Any]:
     return list(interceptors or ())
 
 
-def _final_state(call: Any) -> tuple[Any, Any, int | None] | None:
-    """(initial metadata, trailing metadata, code number) of a finished aio call, read off its
-    core call without awaiting (a done-callback cannot await); an intercepted call holds the
-    call its interceptors made. None when grpcio keeps them elsewhere."""
-    core = getattr(call, "_cython_call", None)
-    if core is None:
-        task = getattr(call, "_interceptors_task", None)
-        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
-            return None
-        core = getattr(task.result(), "_cython_call", None)
-    status = getattr(core, "_status", None)
-    if status is None:
-        return None
-    return getattr(core, "_initial_metadata", None), status.trailing_metadata(), status.code()
-
-
 class _Watch:
     """What one attempt reports when it ends: its route's ticket and its observer."""
 
@@ -137,7 +122,7 @@ class _Watch:
 
     def ended(self, call: Any) -> None:
         """The call's done-callback."""
-        state = _final_state(call)
+        state = final_state(call)
         if state is None:  # another grpcio's layout, or an intercepted call that failed
             _follow(self, call)
         else:
