@@ -5,11 +5,11 @@ asserted as such; docs/channel_contract.md lists them)."""
 from __future__ import annotations
 
 import socket
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 import pytest
+from leak_fixtures import server_with_own_workers
 
 from grpc_balance_mw import (
     affinity_interceptors,
@@ -225,7 +225,7 @@ class MethodLog(grpc.ServerInterceptor):  # type: ignore[misc]
 
 def sync_server(port: int = 0, log: MethodLog | None = None) -> tuple[grpc.Server, str]:
     """A sync charge-points server with health on loopback, started."""
-    server = grpc.server(ThreadPoolExecutor(4), interceptors=[log] if log is not None else [])
+    server = server_with_own_workers(4, interceptors=[log] if log is not None else [])
     pb_grpc.add_ChargePointsServicer_to_server(SyncChargePointsServicer("late"), server)
     add_health(server, services=(SERVICE_NAME,))
     bound = server.add_insecure_port(f"127.0.0.1:{port}")

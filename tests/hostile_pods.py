@@ -9,12 +9,11 @@ prints its port, so a test can SIGKILL it.
 from __future__ import annotations
 
 import sys
-import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+from leak_fixtures import server_with_own_workers
 
 from grpc_balance_mw.identity import PodIdentity
 
@@ -68,19 +67,7 @@ def handler(behaviour: str) -> grpc.GenericRpcHandler:
 
 def serve(behaviour: str | None) -> tuple[grpc.Server, str]:
     """A started server on loopback; ``behaviour`` None: no methods at all (UNIMPLEMENTED)."""
-    executor = ThreadPoolExecutor(4)
-    server = grpc.server(executor)
-    # grpcio 1.50's server keeps its executor for a while after stop(): its idle worker would
-    # outlive the test that stopped the server, so it ends when the stop is done.
-    stop = server.stop
-
-    def stop_and_end_workers(grace: float | None) -> threading.Event:
-        done = stop(grace)
-        done.wait()
-        executor.shutdown(wait=True)
-        return done
-
-    server.stop = stop_and_end_workers  # type: ignore[method-assign]
+    server = server_with_own_workers(4)
     if behaviour is not None:
         server.add_generic_rpc_handlers([handler(behaviour)])
     port = server.add_insecure_port("127.0.0.1:0")

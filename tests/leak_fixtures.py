@@ -44,7 +44,9 @@ import os
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -121,7 +123,8 @@ def live_grpc_objects() -> list[str]:
     live = []
     for obj in gc.get_objects():
         kind = type(obj)
-        module = kind.__module__ or ""
+        module = getattr(kind, "__module__", "")
+        module = module if isinstance(module, str) else ""
         if isinstance(obj, (grpc.Channel, grpc.aio.Channel, grpc.Server)) or (
             module.startswith("grpc._cython") and kind.__name__ in _CYGRPC_LIVE
         ):
@@ -283,3 +286,21 @@ def check_no_leaks(request: pytest.FixtureRequest, before: Snapshot) -> None:
             f"(waited {WIND_DOWN_S:g} s): " + "; ".join(left),
             pytrace=False,
         )
+
+
+def server_with_own_workers(workers: int, **kwargs: Any) -> grpc.Server:
+    """``grpc.server`` on an executor of its own that ends with ``stop()``: grpcio 1.50's server
+    keeps its executor for a while after the stop, and the idle workers would outlive the test
+    that stopped it."""
+    executor = ThreadPoolExecutor(workers)
+    server = grpc.server(executor, **kwargs)
+    stop = server.stop
+
+    def stop_and_end_workers(grace: float | None) -> threading.Event:
+        done = stop(grace)
+        done.wait()
+        executor.shutdown(wait=True)
+        return done
+
+    server.stop = stop_and_end_workers  # type: ignore[method-assign]
+    return server
