@@ -41,7 +41,6 @@ from typing import Any
 import grpc
 
 from grpc_balance_mw.affinity import forking
-from grpc_balance_mw.affinity.advice import Cause
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.targets import literal_addresses
 from grpc_balance_mw.errors import ConfigurationError, MalformedPodHeader
@@ -107,7 +106,6 @@ class PodProbe:
         self._credentials = credentials
         self._options = (*options, LOCAL_POOL_OPTION)
         self._dns_target = _name_of(target)
-        self._named_affinity = False
         self._lock = threading.Lock()
         self._next_at = 0.0
         self._running: threading.Thread | None = None
@@ -197,21 +195,10 @@ class PodProbe:
         return True
 
     def _name_affinity(self) -> None:
-        """Say once in the log when fresh connections all land on one pod (ClientIP)."""
-        if self._named_affinity:
-            return
-        snapshot = self.detector.snapshot()
-        if snapshot.cause == Cause.SAME_POD_EVERY_CONNECTION.value:
-            self._named_affinity = True
-            _log.warning(
-                "grpc_balance_mw: every fresh connection to %s (%d, the probe's included) "
-                "landed on pod %s while %d pods are known: %s",
-                self.target,
-                snapshot.connections,
-                next(iter(snapshot.connection_pods)),
-                snapshot.known_count,
-                snapshot.advice,
-            )
+        """Say once in the log what the round's connections showed, if it is a cause to fix:
+        all on one pod while more are known (ClientIP), or with no other pod known (one pod or
+        ClientIP); the detector words it from the one table of causes."""
+        self.detector.announce()  # once per cause: the detector remembers what it said
 
     def connections_per_round(self) -> int:
         """How many new connections the next round makes (see ``connections``)."""

@@ -28,9 +28,10 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from grpc_balance_mw.affinity import forking
-from grpc_balance_mw.affinity.detector import AffinityDetector, Clock
+from grpc_balance_mw.affinity.advice import Cause, advice, say
+from grpc_balance_mw.affinity.detector import AffinityDetector, Clock, evidence_of
 from grpc_balance_mw.affinity.observer import CallObserver, ObservedCall
-from grpc_balance_mw.affinity.state import Transition
+from grpc_balance_mw.affinity.state import AffinityState, Transition
 from grpc_balance_mw.instrumentation import instrumentor_active
 
 _log = logging.getLogger(__name__)
@@ -480,7 +481,7 @@ class AffinityTelemetry:
         if not owned and call.observer.lane is not None:
             attributes[ATTR_LANE] = _lane_name(call)
         state = call.observer.detector.state
-        if state.is_alarm:
+        if state.is_alarm or state is AffinityState.UNIDENTIFIED:
             attributes[ATTR_STATE] = state.value
         if owned and code is not None:
             attributes["rpc.grpc.status_code"] = code
@@ -620,18 +621,11 @@ class AffinityTelemetry:
         if now - state.warned_at < self._warn_interval_s:
             return
         state.warned_at = now
+        if transition.announced:  # the detector just said it, in the same words
+            return
         snapshot = transition.snapshot
-        _log.warning(
-            "grpc_balance_mw: calls to %s are %s: %.0f%% of recent calls went to pod %s, "
-            "%d pods are known (%s); %d connection(s) seen on %d lane(s). Cause: %s. Fix: %s.",
-            transition.target,
-            transition.current.value,
-            snapshot.top_share * 100,
-            snapshot.top_pod,
-            snapshot.known_count,
-            ", ".join(f"{n} from {source}" for source, n in snapshot.known_from.items() if n),
-            snapshot.connections,
-            snapshot.lanes,
-            snapshot.cause or "unknown",
-            snapshot.advice or "spread the calls over several connections",
-        )
+        cause = Cause(snapshot.cause) if snapshot.cause is not None else Cause.SINGLE_CONNECTION
+        line = say(transition.target, cause, transition.current.value, evidence_of(snapshot))
+        if snapshot.advice is not None and snapshot.advice != advice(cause):
+            line += f" Now: {snapshot.advice}."  # the calls already moved onto lanes
+        _log.warning("%s", line)
