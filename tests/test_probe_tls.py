@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import socket
 import threading
@@ -177,3 +178,44 @@ def test_probe_true_without_credentials_is_refused_naming_how_to_pass_them(
 def test_probe_credentials_of_the_wrong_type_are_refused() -> None:
     with pytest.raises(ConfigurationError, match="probe_credentials"):
         ObserveOptions(probe=True, probe_credentials=b"ca.pem")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["sync", "aio"])
+def test_the_default_probe_never_sends_a_tls_target_plaintext(
+    relay: CountingRelay, certificates: Certificates, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """observe() with no options probes by itself, and is not told the credentials: it looks
+    whether the target speaks plaintext HTTP/2 unasked, which a TLS server never does, and then
+    stops, saying how to give it the credentials."""
+    target = f"127.0.0.1:{relay.port}"
+    credentials = grpc.ssl_channel_credentials(certificates.ca)
+    options = ObserveOptions(registry=AffinityRegistry())
+    caplog.set_level(logging.INFO, logger="grpc_balance_mw.probe")
+
+    def first_round(channel: Any) -> PodProbe:
+        probe = _probe_of(channel)
+        deadline = time.monotonic() + 10
+        while probe.rounds < 1 and time.monotonic() < deadline:
+            probe.join(0.1)
+        return probe
+
+    if mode == "sync":
+        with observe(grpc.secure_channel(target, credentials), options) as channel:
+            assert call_sync(channel, "unary_unary").code is grpc.StatusCode.OK
+            probe = first_round(channel)
+    else:
+
+        async def main() -> PodProbe:
+            channel = aio_observe(
+                grpc.aio.secure_channel(target, credentials), options, target=target
+            )
+            try:
+                assert (await call_aio(channel, "unary_unary")).code is grpc.StatusCode.OK
+                return await asyncio.to_thread(first_round, channel)
+            finally:
+                await channel.close()
+
+        probe = asyncio.run(main())
+    assert probe.rounds == 1 and probe.stopped, probe
+    assert relay.plaintext == 0, relay.first_bytes
+    assert any("probe_credentials" in r.getMessage() for r in caplog.records)

@@ -87,7 +87,7 @@ class Voice:
 _IDENTITY_FIX = (
     "add the server half to the servers (grpc_balance_mw.server.PodIdentityInterceptor, "
     "with add_health), or, if they already send their pod name in a response header, name "
-    "that header on the client (identity_headers=('x-pod-name',) in ObserveOptions)"
+    "that header on the client (ObserveOptions(pod_headers=('x-pod-name',)))"
 )
 
 #: The one table of causes and fixes.
@@ -120,15 +120,13 @@ VOICES: Mapping[Cause, Voice] = MappingProxyType(
             "skewed",
             "connections are already being replaced (server connection age or GOAWAY), yet "
             "the calls stay uneven",
-            f"lower max_connection_age on the server, or spread the calls with "
-            f"{_BALANCED_CHANNEL}",
+            f"lower max_connection_age on the server, or spread the calls with {_BALANCED_CHANNEL}",
         ),
         Cause.FEW_CONNECTIONS: Voice(
             "skewed",
             "the calls ride a few long-lived connections, more of them on one pod than "
             "chance explains",
-            f"use more connections ({_BALANCED_CHANNEL}) or set max_connection_age on the "
-            "server",
+            f"use more connections ({_BALANCED_CHANNEL}) or set max_connection_age on the server",
         ),
         Cause.PER_REQUEST: Voice(
             "l7-balanced",

@@ -110,6 +110,9 @@ class AffinityDetector:
         self._dns_answered = False
         #: Set by whoever starts resolving the target's name (once per detector).
         self.resolution_started = False
+        #: When the next probe round of the target is due, for probes that share a schedule
+        #: (the default probe of every channel observed to this target).
+        self.next_probe_at = 0.0
         self._from_probe: set[str] = set()
         self._skew_verdict = (-1, 0, False)  # (connections.version, known pods, significant)
         #: Changes with whatever the judging reads besides the window and the connections:
