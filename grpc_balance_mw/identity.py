@@ -237,16 +237,7 @@ def pod_name_from_metadata(
     if headers == DEFAULT_POD_HEADERS:
         identity = pod_from_metadata(metadata)
         return identity.name if identity is not None else None
-    found: dict[str, str | bytes] = {}
-    for key, value in metadata or ():
-        lowered = key.lower()
-        if lowered not in headers:
-            continue
-        if lowered in found and found[lowered] != value:
-            raise MalformedPodHeader(
-                lowered, value, f"repeated with another value {found[lowered]!r}"
-            )
-        found[lowered] = value
+    found = _values(metadata, headers)
     for header in headers:
         if header in found:
             if header == POD_HEADER:
@@ -254,6 +245,25 @@ def pod_name_from_metadata(
                 return identity.name if identity is not None else None
             return check_value(header, found[header])
     return None
+
+
+def _values(metadata: Metadata | None, headers: Iterable[str]) -> dict[str, str | bytes]:
+    """The value of each of ``headers`` in ``metadata`` (keys in any case).
+
+    Raises:
+        MalformedPodHeader: a header is repeated with another value.
+    """
+    values: dict[str, str | bytes] = {}
+    for key, value in metadata or ():
+        lowered = key.lower()
+        if lowered not in headers:
+            continue
+        if lowered in values and values[lowered] != value:
+            raise MalformedPodHeader(
+                lowered, value, f"repeated with another value {values[lowered]!r}"
+            )
+        values[lowered] = value
+    return values
 
 
 def pod_from_metadata(metadata: Metadata | None) -> PodIdentity | None:
@@ -267,16 +277,7 @@ def pod_from_metadata(metadata: Metadata | None) -> PodIdentity | None:
         MalformedPodHeader: the header is there but is not a valid identity (not ASCII, empty,
             repeated with different values, an IP that does not parse).
     """
-    values: dict[str, str | bytes] = {}
-    for key, value in metadata or ():
-        lowered = key.lower()
-        if lowered not in IDENTITY_HEADERS:
-            continue
-        if lowered in values and values[lowered] != value:
-            raise MalformedPodHeader(
-                lowered, value, f"repeated with another value {values[lowered]!r}"
-            )
-        values[lowered] = value
+    values = _values(metadata, IDENTITY_HEADERS)
     if POD_HEADER not in values:
         return None
     name = check_value(POD_HEADER, values[POD_HEADER])

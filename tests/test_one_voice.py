@@ -123,6 +123,14 @@ def test_client_ip_affinity_one_cause_from_alarm_pool_and_doctor(
         pods=3, service="iptables", session_affinity="ClientIP", dns=None
     )
     target = cluster.service_target
+    # Default options: every fresh connection on one pod, no other known. Not "OK": said so.
+    snapshot, warnings = _alarm(mode, target, caplog)
+    assert snapshot.cause == Cause.ONE_POD_OR_CLIENT_IP.value, snapshot
+    assert snapshot.probe_connections >= 16 and len(snapshot.connection_pods) == 1, snapshot
+    _said(Cause.ONE_POD_OR_CLIENT_IP, warnings)
+    verdict = _doctor(target)
+    _doctor_says(verdict, Cause.ONE_POD_OR_CLIENT_IP)
+    assert verdict.code == "one-pod-or-client-ip" and verdict.problem  # not "OK", not exit 0
     # The pods' count known (expected_pods, the Deployment's replicas): ClientIP, by name.
     snapshot, warnings = _alarm(mode, target, caplog, expected_pods=3)
     assert snapshot.cause == Cause.CLIENT_IP.value, snapshot
@@ -153,24 +161,6 @@ def _stuck(mode: str, target: str) -> Any:
                 await channel.close()
 
     return asyncio.run(main())
-
-
-@pytest.mark.cluster
-@pytest.mark.parametrize("mode", MODES)
-def test_client_ip_or_one_pod_is_said_as_such_with_default_options(
-    local_cluster_factory: Factory, mode: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    cluster = local_cluster_factory(
-        pods=3, service="iptables", session_affinity="ClientIP", dns=None
-    )
-    target = cluster.service_target
-    snapshot, warnings = _alarm(mode, target, caplog)
-    assert snapshot.cause == Cause.ONE_POD_OR_CLIENT_IP.value, snapshot
-    assert snapshot.probe_connections >= 16 and len(snapshot.connection_pods) == 1, snapshot
-    _said(Cause.ONE_POD_OR_CLIENT_IP, warnings)
-    verdict = _doctor(target)
-    _doctor_says(verdict, Cause.ONE_POD_OR_CLIENT_IP)
-    assert verdict.code == "one-pod-or-client-ip" and verdict.problem  # not "OK", not exit 0
 
 
 @pytest.mark.parametrize("mode", MODES)
