@@ -28,7 +28,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from grpc_balance_mw.affinity import forking
-from grpc_balance_mw.affinity.advice import Cause, advice, say
+from grpc_balance_mw.affinity.advice import VOICES, Cause, advice, say
 from grpc_balance_mw.affinity.detector import AffinityDetector, Clock, evidence_of
 from grpc_balance_mw.affinity.observer import CallObserver, ObservedCall
 from grpc_balance_mw.affinity.state import AffinityState, Transition
@@ -411,10 +411,15 @@ class AffinityTelemetry:
             span = call.span
             if span is not None:
                 for event in events:
-                    span.add_event(
-                        EVENT_POD_PREFIX + event.kind,
-                        {ATTR_POD: event.pod, ATTR_TARGET: event.target, "source": event.source},
-                    )
+                    attributes = {
+                        ATTR_POD: event.pod,
+                        ATTR_TARGET: event.target,
+                        "source": event.source,
+                    }
+                    if event.kind == "pod_gone":  # the table's words, as every voice's
+                        attributes[ATTR_CAUSE] = Cause.PODS_LEAVING.value
+                        attributes[ATTR_ADVICE] = advice(Cause.PODS_LEAVING)
+                    span.add_event(EVENT_POD_PREFIX + event.kind, attributes)
             state = self._target(call.observer)
             now = self._clock()
             if now - state.pod_logged_at >= self._alarm_interval_s:
@@ -423,10 +428,12 @@ class AffinityTelemetry:
                 self.pod_events_unlogged += len(events)
                 return
             state.pod_logs += 1
+            leaving = any(e.kind == "pod_gone" for e in events)
             _log.info(
-                "grpc_balance_mw: %s: %s",
+                "grpc_balance_mw: %s: %s%s",
                 call.observer.target,
                 ", ".join(f"{e.kind} {e.pod} (from {e.source})" for e in events),
+                f". {VOICES[Cause.PODS_LEAVING].sentence}" if leaving else "",
             )
         except Exception:  # telemetry must never fail the call
             _log.debug("could not report the pod events", exc_info=True)

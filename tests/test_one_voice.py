@@ -20,8 +20,16 @@ import grpc
 import pytest
 from calls import call_aio, call_sync
 from fault_load import until
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from grpc_balance_mw.affinity import AffinityRegistry, AffinitySnapshot
+from grpc_balance_mw.affinity import (
+    AffinityDetector,
+    AffinityRegistry,
+    AffinitySnapshot,
+    CallObserver,
+)
 from grpc_balance_mw.affinity.advice import VOICES, Cause, cause_of_stuck
 from grpc_balance_mw.aio.channel import balanced_channel as aio_balanced_channel
 from grpc_balance_mw.aio.observed_channel import observe as aio_observe
@@ -30,6 +38,7 @@ from grpc_balance_mw.cli.doctor import DoctorOptions, Verdict, diagnose, judge
 from grpc_balance_mw.observed_channel import observe
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.probe import PodProbe
+from grpc_balance_mw.telemetry import ATTR_CAUSE, AffinityTelemetry
 from grpc_balance_mw.testing import LocalCluster
 
 Factory = Callable[..., LocalCluster]
@@ -207,3 +216,23 @@ def test_an_l7_proxy_balancing_each_call(
     assert snapshot.state.value == "l7-balanced" and snapshot.cause == "per_request", snapshot
     assert warnings == []  # nothing to fix: nothing said at warning level
     _doctor_says(_doctor(cluster.l7_target), Cause.PER_REQUEST)
+
+
+def test_pods_leaving_are_said_in_the_tables_words_on_spans_and_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = AffinityTelemetry(tracer_provider=provider, metrics=False)
+    detector = AffinityDetector("charge-points.ev.svc:80")
+    observer = CallObserver(detector, telemetry=telemetry)
+    caplog.set_level(logging.INFO, logger="grpc_balance_mw.telemetry")
+    detector.add_known_pods(["pod-a", "pod-b"], fresh=False)
+    detector.forget_pods(["pod-b"])  # a headless answer without it: it left
+    observer.begin("/svc.S/M", "unary_unary").finish([("x-balance-pod", "pod-a")], None, 0)
+    provider.shutdown()
+    (span,) = exporter.get_finished_spans()
+    (gone,) = [e for e in span.events if e.name.endswith("pod_gone")]
+    assert (gone.attributes or {})[ATTR_CAUSE] == Cause.PODS_LEAVING.value
+    assert any(VOICES[Cause.PODS_LEAVING].sentence in r.getMessage() for r in caplog.records)
