@@ -25,8 +25,17 @@ probability 1 - (3/4)^20 = 99.7 %, so it is learned by the first round after the
 one round. That is about 40 ms of CPU (client and pods together) per round: 0.15 % of one core
 at the default interval. It runs on a daemon thread, never on the
 call path, and never raises: a failed probe only means nothing new was learned.
-:meth:`PodProbe.stop` (``close``) ends it: a round in flight has its health-check channel
-closed, so it ends at once.
+
+``observe()`` makes one by default (``ObserveOptions(probe="auto")``): 16 connections at the
+first call, enough to tell "one pod, or ClientIP affinity hiding the others" from bad luck, then
+a round per 5 minutes on a schedule shared by every channel to the target. Told no credentials,
+it first opens one TCP connection and sends nothing: a plaintext HTTP/2 server speaks first (its
+SETTINGS frame), a TLS server waits for the client's hello, and is then never dialed at all
+(:func:`speaks_plaintext_http2`).
+
+:meth:`PodProbe.stop` (``close``) ends it: a round in flight has its health-check channels
+closed, so it ends at once. A round dials its connections all at once, so it lasts about one
+handshake and one health check, not one per connection.
 """
 
 from __future__ import annotations

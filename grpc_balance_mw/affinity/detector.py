@@ -612,7 +612,11 @@ class AffinityDetector:
         known = self._known_count()
         if known <= 1:
             connections = self._connections
-            if one_pod_or_client_ip(len(connections), connections.top, known, cfg.chance_alpha):
+            if (
+                current is AffinityState.UNVERIFIED and Cause.ONE_POD_OR_CLIENT_IP not in self._said
+            ) and one_pod_or_client_ip(
+                len(connections), connections.top, known, cfg.chance_alpha
+            ):  # said once: after that, this costs a set lookup per judged call
                 self._announce(self._clock())
             return AffinityState.UNVERIFIED
         pinned_line = (
