@@ -28,6 +28,7 @@ from grpc_balance_mw.affinity import AffinityRegistry, AffinityState
 from grpc_balance_mw.affinity.advice import VOICES, Cause
 from grpc_balance_mw.aio.client import AffinityInterceptors
 from grpc_balance_mw.aio.observed_channel import observe as aio_observe
+from grpc_balance_mw.cli import build_parser, doctor
 from grpc_balance_mw.client import AffinityInterceptor
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.observed_channel import observe
@@ -180,3 +181,13 @@ def test_the_warning_is_the_tables_words() -> None:
     voice = VOICES[Cause.UNIDENTIFIED]
     assert voice.state == AffinityState.UNIDENTIFIED.value
     assert "grpc_balance_mw.server" in voice.fix and "pod_headers" in voice.fix
+
+
+def test_doctor_takes_the_fleet_s_header_names_in_order(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["doctor", "127.0.0.1:1", "--pod-header", "x-pod-name", "--pod-header", "x-balance-pod"]
+    args = build_parser().parse_args([*argv, "--timeout", "0.1", "--max-seconds", "1", "--json"])
+    assert args.pod_header == ["x-pod-name", "x-balance-pod"]
+    assert doctor.run(args) == 1  # nothing listens there: port-unreachable, in bounded time
+    assert '"code": "port-unreachable"' in capsys.readouterr().out
+    with pytest.raises(ConfigurationError):
+        doctor.DoctorOptions(pod_headers=("X-Pod",))
