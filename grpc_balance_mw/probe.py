@@ -268,7 +268,8 @@ class PodProbe:
         _log.info(
             "grpc_balance_mw: %s did not show it speaks plaintext HTTP/2 (a TLS server waits "
             "for the client), so observe() does not probe its pods; to count them, pass the "
-            "channel's credentials: ObserveOptions(probe_credentials=...)",
+            "channel's credentials: ObserveOptions(probe_credentials=...), or "
+            "probe_credentials='insecure' for a plaintext server",
             self.target,
         )
         return False
