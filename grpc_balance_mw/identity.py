@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -22,6 +23,10 @@ POD_IP_HEADER = "x-balance-pod-ip"
 #: The serving pod's namespace; never sent in opaque mode.
 POD_NAMESPACE_HEADER = "x-balance-pod-namespace"
 IDENTITY_HEADERS = (POD_HEADER, POD_IP_HEADER, POD_NAMESPACE_HEADER)
+#: The headers a client reads the serving pod's name from, by default: this package's own.
+DEFAULT_POD_HEADERS = (POD_HEADER,)
+#: Names a response header can have (gRPC metadata keys: lower case; ``-bin`` values are bytes).
+_HEADER_NAME = re.compile(r"^[0-9a-z_.-]+$")
 
 #: A Kubernetes object name is a DNS subdomain: at most 253 characters.
 MAX_VALUE_LENGTH = 253
@@ -184,6 +189,83 @@ def merge_identity(
     return kept + stamp
 
 
+def check_pod_headers(headers: object) -> tuple[str, ...]:
+    """The response headers to read the pod's name from, in order, checked.
+
+    A fleet that already returns its pod name in a header of its own (``x-pod-name``, say) is
+    read as it is: ``("x-pod-name",)``, or ``("x-balance-pod", "x-pod-name")`` while servers
+    move to the server half. The first header present in a response names the pod.
+
+    Raises:
+        ConfigurationError: not a non-empty sequence of distinct metadata keys (lower case,
+            no ``grpc-`` prefix, no ``-bin`` suffix: a pod name is text).
+    """
+    if isinstance(headers, str | bytes) or not isinstance(headers, tuple | list):
+        raise ConfigurationError(
+            f"pod headers must be a tuple of header names, e.g. ('x-pod-name',), not {headers!r}"
+        )
+    names = tuple(headers)
+    if not names or len(set(names)) != len(names):
+        raise ConfigurationError(f"pod headers must be distinct and at least one: {names!r}")
+    for name in names:
+        if (
+            not isinstance(name, str)
+            or not _HEADER_NAME.match(name)
+            or name.startswith("grpc-")
+            or name.endswith("-bin")
+        ):
+            raise ConfigurationError(
+                f"{name!r} is not a header a pod name can be read from: a lower-case "
+                "metadata key, not grpc-* nor *-bin"
+            )
+    return names
+
+
+def pod_name_from_metadata(
+    metadata: Metadata | None, headers: tuple[str, ...] = DEFAULT_POD_HEADERS
+) -> str | None:
+    """The serving pod's name, read from the first of ``headers`` the response carries.
+
+    With the default headers this is :func:`pod_from_metadata`'s name (the IP and namespace
+    headers are checked too); a header of the fleet's own is read as one name, checked as an
+    identity value.
+
+    Raises:
+        MalformedPodHeader: the header is there but is not a valid name, or is repeated with
+            different values.
+    """
+    if headers == DEFAULT_POD_HEADERS:
+        identity = pod_from_metadata(metadata)
+        return identity.name if identity is not None else None
+    found = _values(metadata, headers)
+    for header in headers:
+        if header in found:
+            if header == POD_HEADER:
+                identity = pod_from_metadata(metadata)
+                return identity.name if identity is not None else None
+            return check_value(header, found[header])
+    return None
+
+
+def _values(metadata: Metadata | None, headers: Iterable[str]) -> dict[str, str | bytes]:
+    """The value of each of ``headers`` in ``metadata`` (keys in any case).
+
+    Raises:
+        MalformedPodHeader: a header is repeated with another value.
+    """
+    values: dict[str, str | bytes] = {}
+    for key, value in metadata or ():
+        lowered = key.lower()
+        if lowered not in headers:
+            continue
+        if lowered in values and values[lowered] != value:
+            raise MalformedPodHeader(
+                lowered, value, f"repeated with another value {values[lowered]!r}"
+            )
+        values[lowered] = value
+    return values
+
+
 def pod_from_metadata(metadata: Metadata | None) -> PodIdentity | None:
     """Read the serving pod from response metadata.
 
@@ -195,16 +277,7 @@ def pod_from_metadata(metadata: Metadata | None) -> PodIdentity | None:
         MalformedPodHeader: the header is there but is not a valid identity (not ASCII, empty,
             repeated with different values, an IP that does not parse).
     """
-    values: dict[str, str | bytes] = {}
-    for key, value in metadata or ():
-        lowered = key.lower()
-        if lowered not in IDENTITY_HEADERS:
-            continue
-        if lowered in values and values[lowered] != value:
-            raise MalformedPodHeader(
-                lowered, value, f"repeated with another value {values[lowered]!r}"
-            )
-        values[lowered] = value
+    values = _values(metadata, IDENTITY_HEADERS)
     if POD_HEADER not in values:
         return None
     name = check_value(POD_HEADER, values[POD_HEADER])

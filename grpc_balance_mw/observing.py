@@ -19,6 +19,7 @@ from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.observer import CallObserver, CallTelemetry
 from grpc_balance_mw.affinity.registry import AffinityRegistry, default_registry
 from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.identity import DEFAULT_POD_HEADERS, check_pod_headers
 from grpc_balance_mw.probe import PodProbe, resolve_in_background
 
 __all__ = [
@@ -37,6 +38,12 @@ R = TypeVar("R")
 
 _lanes = itertools.count()
 
+#: The default probe's rounds after the first, at most one per this many seconds.
+AUTO_PROBE_INTERVAL_S = 300.0
+#: The default probe's first round: enough fresh connections to tell one pod (or ClientIP)
+#: from bad luck with two pods (all 16 on one of two: 1 in 32,768).
+AUTO_PROBE_FIRST_CONNECTIONS = 16
+
 
 @dataclass(frozen=True)
 class ObserveOptions:
@@ -46,9 +53,20 @@ class ObserveOptions:
         expected_pods: how many pods the target should have (e.g. the Deployment's replicas),
             if known: with it, one channel's pinning is recognised from its first calls.
         telemetry: an ``AffinityTelemetry`` for spans, metrics and alarms; None: detection only.
-        probe: True for a :class:`PodProbe` with defaults (a fresh connection and a health check
-            now and then, to find pods the channel cannot see), or a configured one.
-        probe_credentials: how the probe made by ``probe=True`` dials: the channel's own
+        probe: how the channel learns the pods it cannot see (one channel through a ClusterIP
+            reaches one pod). ``"auto"`` (the default): a round of 16 fresh connections, each
+            with one health check, all at once with the channel's first call (one round per
+            target, whatever the number of channels to it), then a round of at
+            most 24 every ``AUTO_PROBE_INTERVAL_S`` (5 minutes) while calls are made: each
+            connection is a TCP and HTTP/2 handshake and one health check (about 2 ms of CPU,
+            client and pod together), so about 30 ms once and at most 50 ms per 5 minutes
+            after, on a daemon thread, never on the call path. It dials with
+            ``probe_credentials``; without them only a target that speaks plaintext HTTP/2
+            unasked is probed (a TLS server is never sent plaintext: the probe then stops and
+            says once at INFO level how to give it credentials). True: a :class:`PodProbe`
+            with its own defaults (a round every 30 s once calls are made; needs
+            ``probe_credentials``); a configured :class:`PodProbe`; or False: none.
+        probe_credentials: how the probe dials: the channel's own
             ``grpc.ChannelCredentials`` for a TLS target, or ``"insecure"`` for a plaintext
             one. Required with ``probe=True``: grpcio does not tell what credentials a channel
             was made with, and a guess would dial a TLS server in plaintext.
@@ -57,18 +75,29 @@ class ObserveOptions:
         config: thresholds and windows; the first config given for a target wins.
         registry: where the target's detector lives; default the process-wide registry.
         lane: the connection's name in telemetry; default ``lane-N``.
+        pod_headers: the response headers that name the serving pod, in order: the first one
+            a response carries names it. Default this package's own (``x-balance-pod``, which
+            the server half stamps); a fleet that already returns its pod name in a header of
+            its own names it here, e.g. ``("x-pod-name",)``.
     """
 
     expected_pods: int | None = None
     telemetry: CallTelemetry | None = None
-    probe: PodProbe | bool = False
+    probe: PodProbe | bool | Literal["auto"] = "auto"
     probe_credentials: grpc.ChannelCredentials | Literal["insecure"] | None = None
     probe_options: tuple[tuple[str, Any], ...] = ()
     config: AffinityConfig | None = None
     registry: AffinityRegistry | None = None
     lane: str | None = None
+    pod_headers: tuple[str, ...] = DEFAULT_POD_HEADERS
 
     def __post_init__(self) -> None:
+        check_pod_headers(self.pod_headers)
+        if not (isinstance(self.probe, bool | PodProbe) or self.probe == "auto"):
+            raise ConfigurationError(
+                f"ObserveOptions: probe must be 'auto', True, False or a PodProbe, "
+                f"not {self.probe!r}"
+            )
         if self.expected_pods is not None and (
             isinstance(self.expected_pods, bool)
             or not isinstance(self.expected_pods, int)
@@ -159,26 +188,47 @@ def build_observer(
     options = options if options is not None else ObserveOptions()
     detector = detector_for(target, options)
     probe = options.probe
-    pod_probe = (
-        PodProbe(
-            target,
-            detector,
-            credentials=None
-            if options.probe_credentials == "insecure"
-            else options.probe_credentials,
-            options=options.probe_options,
-        )
-        if probe is True
-        else probe or None
-    )
+    auto = probe == "auto" and not fresh_connections  # fresh connections need no probe
+    pod_probe = _own_probe(target, detector, options, auto) if probe is True or auto else None
+    if isinstance(probe, PodProbe):
+        pod_probe = probe
     resolve_in_background(detector)
-    return CallObserver(
+    observer = CallObserver(
         detector,
         telemetry=options.telemetry,
         probe=pod_probe,
         lane=options.lane if options.lane is not None else f"lane-{next(_lanes)}",
-        owns_probe=probe is True,
+        owns_probe=pod_probe is not None and pod_probe is not probe,
         fresh_connections=fresh_connections,
+        pod_headers=options.pod_headers,
+    )
+    return observer
+
+
+def _own_probe(
+    target: str, detector: AffinityDetector, options: ObserveOptions, auto: bool
+) -> PodProbe:
+    """The probe ``probe=True`` or ``"auto"`` makes (see :class:`ObserveOptions`)."""
+    credentials = options.probe_credentials
+    given = None if credentials == "insecure" else credentials
+    if not auto:
+        return PodProbe(
+            target,
+            detector,
+            credentials=given,
+            options=options.probe_options,
+            pod_headers=options.pod_headers,
+        )
+    return PodProbe(
+        target,
+        detector,
+        interval_s=AUTO_PROBE_INTERVAL_S,
+        credentials=given,
+        options=options.probe_options,
+        first_connections=AUTO_PROBE_FIRST_CONNECTIONS,
+        plaintext_if_spoken=credentials is None,
+        pod_headers=options.pod_headers,
+        shared_schedule=True,
     )
 
 

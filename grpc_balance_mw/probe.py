@@ -25,13 +25,23 @@ probability 1 - (3/4)^20 = 99.7 %, so it is learned by the first round after the
 one round. That is about 40 ms of CPU (client and pods together) per round: 0.15 % of one core
 at the default interval. It runs on a daemon thread, never on the
 call path, and never raises: a failed probe only means nothing new was learned.
-:meth:`PodProbe.stop` (``close``) ends it: a round in flight has its health-check channel
-closed, so it ends at once.
+
+``observe()`` makes one by default (``ObserveOptions(probe="auto")``): 16 connections at the
+first call, enough to tell "one pod, or ClientIP affinity hiding the others" from bad luck, then
+a round per 5 minutes on a schedule shared by every channel to the target. Told no credentials,
+it first opens one TCP connection and sends nothing: a plaintext HTTP/2 server speaks first (its
+SETTINGS frame), a TLS server waits for the client's hello, and is then never dialed at all
+(:func:`speaks_plaintext_http2`).
+
+:meth:`PodProbe.stop` (``close``) ends it: a round in flight has its health-check channels
+closed, so it ends at once. A round dials its connections all at once, so it lasts about one
+handshake and one health check, not one per connection.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import weakref
 from collections import deque
@@ -41,13 +51,12 @@ from typing import Any
 import grpc
 
 from grpc_balance_mw.affinity import forking
-from grpc_balance_mw.affinity.advice import Cause
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.targets import literal_addresses
 from grpc_balance_mw.errors import ConfigurationError, MalformedPodHeader
 from grpc_balance_mw.headless import DnsTarget, parse_dns_target, resolve_addresses
 from grpc_balance_mw.health_check import check_method
-from grpc_balance_mw.identity import pod_from_metadata
+from grpc_balance_mw.identity import DEFAULT_POD_HEADERS, pod_name_from_metadata
 
 _log = logging.getLogger(__name__)
 
@@ -71,6 +80,18 @@ class PodProbe:
         timeout_s: deadline of each health check.
         credentials: channel credentials for a TLS target; None for plaintext.
         options: extra channel options (e.g. the authority the target needs).
+        first_connections: connections of the first round, if not as many as later ones: the
+            default probe of ``observe()`` makes 16, enough to tell "one pod, or ClientIP" from
+            bad luck (16 fresh connections all on one of two pods: 1 in 32,768).
+        plaintext_if_spoken: without ``credentials``, dial in plaintext only if the target
+            speaks HTTP/2 in clear unasked (see :func:`speaks_plaintext_http2`); if it does
+            not (a TLS server waits for the client's hello), the probe stops and says once
+            how to give it the channel's credentials. Nothing is ever sent in plaintext to a
+            server that did not show it speaks plaintext.
+        pod_headers: the response headers that name the pod, in order.
+        shared_schedule: rounds follow the detector's schedule, not this probe's own: of the
+            channels to one target (each with its probe), one round per ``interval_s`` in all;
+            the probe then holds the detector weakly (it is the channels' to keep).
     """
 
     def __init__(
@@ -85,6 +106,10 @@ class PodProbe:
         timeout_s: float = 2.0,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        first_connections: int | None = None,
+        plaintext_if_spoken: bool = False,
+        pod_headers: tuple[str, ...] = DEFAULT_POD_HEADERS,
+        shared_schedule: bool = False,
     ) -> None:
         if (
             interval_s <= 0
@@ -92,26 +117,34 @@ class PodProbe:
             or max_connections < 3
             or max_addresses < 1
             or timeout_s <= 0
+            or (first_connections is not None and first_connections < 1)
         ):
             raise ConfigurationError(
                 "PodProbe needs interval_s > 0, connections >= 1 (or None), max_connections >= 3,"
                 " max_addresses >= 1 and timeout_s > 0"
             )
         self.target = target
-        self.detector = detector
+        # With a shared schedule (the probe observe() makes), held weakly: a round under way (a
+        # DNS timeout, say) must not keep a closed channel's detector; a round whose detector
+        # is gone ends. A probe made by hand holds the detector it was given.
+        self._detector = weakref.ref(detector)
+        self._held = None if shared_schedule else detector
+        self.shared_schedule = shared_schedule
         self.interval_s = interval_s
         self.connections = connections
         self.max_connections = max_connections
         self.max_addresses = max_addresses
         self.timeout_s = timeout_s
         self._credentials = credentials
+        self.first_connections = first_connections
+        self._plaintext_unproven = plaintext_if_spoken and credentials is None
+        self.pod_headers = pod_headers
         self._options = (*options, LOCAL_POOL_OPTION)
         self._dns_target = _name_of(target)
-        self._named_affinity = False
         self._lock = threading.Lock()
         self._next_at = 0.0
         self._running: threading.Thread | None = None
-        self._dialing: grpc.Channel | None = None
+        self._dialing: list[grpc.Channel] = []
         self.stopped = False
         self.rounds = 0
         self.failures = 0
@@ -121,20 +154,32 @@ class PodProbe:
         """In a forked child: a fresh lock; the parent's round thread does not exist here."""
         self._lock = threading.Lock()
         self._running = None
-        self._dialing = None
+        self._dialing = []
 
     def __repr__(self) -> str:
         stopped = ", stopped" if self.stopped else ""
         return f"<PodProbe {self.target} every {self.interval_s}s: {self.rounds} rounds{stopped}>"
+
+    @property
+    def detector(self) -> AffinityDetector:
+        """Where the pods found go.
+
+        Raises:
+            ReferenceError: the detector was collected (every channel to the target is gone).
+        """
+        detector = self._detector()
+        if detector is None:
+            raise ReferenceError(f"the detector of {self.target} is gone")
+        return detector
 
     def stop(self) -> None:
         """Probe no more; a round in flight ends at once (its channel is closed)."""
         with self._lock:
             self.stopped = True
             self._next_at = float("inf")
-            dialing, self._dialing = self._dialing, None
-        if dialing is not None:
-            dialing.close()  # cancels the health check in flight
+            dialing, self._dialing = self._dialing, []
+        for channel in dialing:
+            channel.close()  # cancels the health check in flight
 
     close = stop
 
@@ -145,6 +190,12 @@ class PodProbe:
         with self._lock:
             if now < self._next_at or self._running is not None or self.stopped:
                 return
+            if self.shared_schedule:
+                detector = self._detector()
+                if detector is None or now < detector.next_probe_at:
+                    self._next_at = detector.next_probe_at if detector is not None else now
+                    return
+                detector.next_probe_at = now + self.interval_s
             self._next_at = now + self.interval_s
             running = threading.Thread(
                 target=self._round, name=f"pod-probe {self.target}", daemon=True
@@ -162,11 +213,15 @@ class PodProbe:
 
     def _round(self) -> None:
         try:
+            if self.stopped or (self._plaintext_unproven and not self._prove_plaintext()):
+                return
             if self._dns_target is None or not self._round_by_name(self._dns_target):
                 pods = self.probe_once()
                 if pods and not self.stopped:
                     self.detector.add_known_pods(pods)
                     self._name_affinity()
+        except ReferenceError:  # every channel to the target is gone: nothing to tell
+            self.stop()
         except Exception:  # a background thread: nothing above it would ever see the error
             if not self.stopped:  # stop() closing the channel under a round is no failure
                 _log.exception("pod probe of %s failed", self.target)
@@ -184,7 +239,7 @@ class PodProbe:
         if len(addresses) <= 1:  # a ClusterIP Service's name: fresh connections through it
             return False
         dialed = addresses[: self.max_addresses]
-        pods = [self._dial(_address_target(address, name.port)) for address in dialed]
+        pods = self._dial_all([_address_target(address, name.port) for address in dialed])
         found = [pod for pod in pods if pod is not None]
         if self.stopped:
             return True
@@ -197,77 +252,142 @@ class PodProbe:
         return True
 
     def _name_affinity(self) -> None:
-        """Say once in the log when fresh connections all land on one pod (ClientIP)."""
-        if self._named_affinity:
-            return
-        snapshot = self.detector.snapshot()
-        if snapshot.cause == Cause.SAME_POD_EVERY_CONNECTION.value:
-            self._named_affinity = True
-            _log.warning(
-                "grpc_balance_mw: every fresh connection to %s (%d, the probe's included) "
-                "landed on pod %s while %d pods are known: %s",
-                self.target,
-                snapshot.connections,
-                next(iter(snapshot.connection_pods)),
-                snapshot.known_count,
-                snapshot.advice,
-            )
+        """Say once in the log what the round's connections showed, if it is a cause to fix:
+        all on one pod while more are known (ClientIP), or with no other pod known (one pod or
+        ClientIP); the detector words it from the one table of causes."""
+        self.detector.announce()  # once per cause: the detector remembers what it said
+
+    def _prove_plaintext(self) -> bool:
+        """Whether the target showed it speaks plaintext HTTP/2 (checked once); if not, the
+        probe stops, saying once how to give it credentials."""
+        address = sniff_address(self.target, self.timeout_s)
+        if address is not None and speaks_plaintext_http2(*address, self.timeout_s):
+            self._plaintext_unproven = False
+            return True
+        self.stop()
+        _log.info(
+            "grpc_balance_mw: %s did not show it speaks plaintext HTTP/2 (a TLS server waits "
+            "for the client), so observe() does not probe its pods; to count them, pass the "
+            "channel's credentials: ObserveOptions(probe_credentials=...), or "
+            "probe_credentials='insecure' for a plaintext server",
+            self.target,
+        )
+        return False
 
     def connections_per_round(self) -> int:
         """How many new connections the next round makes (see ``connections``)."""
+        if self.rounds == 0 and self.first_connections is not None:
+            return self.first_connections
         if self.connections is not None:
             return self.connections
         known = self.detector.snapshot().known_count
         return min(self.max_connections, max(3, 5 * (known + 1)))
 
     def probe_once(self) -> list[str]:
-        """Dial :meth:`connections_per_round` new connections; the pods that answered."""
-        pods: list[str] = []
-        for _ in range(self.connections_per_round()):
-            if self.stopped:
-                break
-            pod = self._dial(self.target)
-            if pod is not None:
-                pods.append(pod)
-        return pods
+        """Dial :meth:`connections_per_round` new connections at once; the pods that
+        answered."""
+        pods = self._dial_all([self.target] * self.connections_per_round())
+        return [pod for pod in pods if pod is not None]
 
-    def _dial(self, target: str) -> str | None:
+    def _open(self, target: str) -> grpc.Channel:
         options = self._options
         if target != self.target and self._dns_target is not None:
             # One pod's address: the authority (and TLS name) stays the Service's name.
             authority = f"{self._dns_target.host}:{self._dns_target.port}"
             options = (*options, ("grpc.default_authority", authority))
-        channel = (
-            grpc.secure_channel(target, self._credentials, options=options)
-            if self._credentials is not None
-            else grpc.insecure_channel(target, options=options)
-        )
+        if self._credentials is not None:
+            return grpc.secure_channel(target, self._credentials, options=options)
+        return grpc.insecure_channel(target, options=options)
+
+    def _dial_all(self, targets: list[str]) -> list[str | None]:
+        """One health check on a fresh connection to each target, all under way at once (a
+        round takes about one handshake's time, not one per connection); the pod each named."""
+        channels = [self._open(target) for target in targets]
         with self._lock:
             if self.stopped:
-                channel.close()
-                return None
-            self._dialing = channel  # for stop() to close
+                for channel in channels:
+                    channel.close()
+                return []
+            self._dialing = channels  # for stop() to close
         try:
-            _, call = check_method(channel).with_call("", timeout=self.timeout_s)
-            identity = pod_from_metadata(call.initial_metadata()) or pod_from_metadata(
-                call.trailing_metadata()
-            )
+            calls = [
+                check_method(channel).future("", timeout=self.timeout_s) for channel in channels
+            ]
+            return [self._pod_of(call) for call in calls]
+        finally:
+            with self._lock:
+                if self._dialing is channels:
+                    self._dialing = []
+            for channel in channels:
+                channel.close()
+
+    def _dial(self, target: str) -> str | None:
+        """One health check on a fresh connection to ``target``; the pod it named."""
+        return self._dial_all([target])[0]
+
+    def _pod_of(self, call: Any) -> str | None:
+        """The pod a health check's answer named, None if none (or a malformed name)."""
+        headers = self.pod_headers
+        try:
+            call.result()
+            return pod_name_from_metadata(
+                call.initial_metadata(), headers
+            ) or pod_name_from_metadata(call.trailing_metadata(), headers)
         except grpc.RpcError as err:
             # An error status still carries the pod in its trailers if the pod answered.
             self.failures += 1
             try:
-                identity = pod_from_metadata(err.trailing_metadata())
+                return pod_name_from_metadata(err.trailing_metadata(), headers)
             except MalformedPodHeader:
                 return None
         except MalformedPodHeader:
             self.failures += 1
             return None
-        finally:
-            with self._lock:
-                if self._dialing is channel:
-                    self._dialing = None
-            channel.close()
-        return identity.name if identity is not None else None
+
+
+def sniff_address(target: str, timeout_s: float = 2.0) -> tuple[str, int] | None:
+    """The host and port a target's first connection goes to, for :func:`speaks_plaintext_http2`
+    (a name resolved as the channel resolves it); None for what is not a TCP address
+    (``unix:``, ``xds:``, ...) or a name that does not resolve."""
+    name = _name_of(target)
+    if name is not None:
+        addresses = resolve_addresses(name, timeout_s)
+        return (addresses[0], name.port) if addresses else None
+    rest = target
+    for scheme in ("ipv4:", "ipv6:"):
+        if rest.startswith(scheme):
+            rest = rest[len(scheme) :].split(",")[0]
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+#: The frame header of an HTTP/2 SETTINGS frame on stream 0: type 0x4 at byte 3, the stream
+#: id (bytes 5-8) zero. A plaintext HTTP/2 server sends one first, before the client says
+#: anything (RFC 9113 section 3.4: grpc-core, grpc-go, Netty, nghttp2 do so at once).
+_SETTINGS_TYPE = 0x4
+
+
+def speaks_plaintext_http2(host: str, port: int, timeout_s: float) -> bool:
+    """Whether ``host:port`` opens with an HTTP/2 SETTINGS frame in clear, unasked.
+
+    The client sends nothing: a TLS server says nothing until the client's hello, so it is never
+    sent a plaintext byte; a plaintext gRPC server sends its SETTINGS frame at once. One TCP
+    connection, closed at once.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as connection:
+            connection.settimeout(timeout_s)
+            header = b""
+            while len(header) < 9:
+                chunk = connection.recv(9 - len(header))
+                if not chunk:
+                    return False
+                header += chunk
+    except OSError:
+        return False
+    return header[3] == _SETTINGS_TYPE and int.from_bytes(header[5:9], "big") & 0x7FFFFFFF == 0
 
 
 class _Resolver:

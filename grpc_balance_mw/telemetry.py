@@ -29,9 +29,10 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from grpc_balance_mw._version import __version__
 from grpc_balance_mw.affinity import forking
-from grpc_balance_mw.affinity.detector import AffinityDetector, Clock
+from grpc_balance_mw.affinity.advice import VOICES, Cause, advice, say
+from grpc_balance_mw.affinity.detector import AffinityDetector, Clock, evidence_of
 from grpc_balance_mw.affinity.observer import CallObserver, ObservedCall
-from grpc_balance_mw.affinity.state import Transition
+from grpc_balance_mw.affinity.state import AffinityState, Transition
 from grpc_balance_mw.instrumentation import instrumentor_active
 
 _log = logging.getLogger(__name__)
@@ -409,10 +410,15 @@ class AffinityTelemetry:
             span = call.span
             if span is not None:
                 for event in events:
-                    span.add_event(
-                        EVENT_POD_PREFIX + event.kind,
-                        {ATTR_POD: event.pod, ATTR_TARGET: event.target, "source": event.source},
-                    )
+                    attributes = {
+                        ATTR_POD: event.pod,
+                        ATTR_TARGET: event.target,
+                        "source": event.source,
+                    }
+                    if event.kind == "pod_gone":  # the table's words, as every voice's
+                        attributes[ATTR_CAUSE] = Cause.PODS_LEAVING.value
+                        attributes[ATTR_ADVICE] = advice(Cause.PODS_LEAVING)
+                    span.add_event(EVENT_POD_PREFIX + event.kind, attributes)
             state = self._target(call.observer)
             now = self._clock()
             if now - state.pod_logged_at >= self._alarm_interval_s:
@@ -421,10 +427,12 @@ class AffinityTelemetry:
                 self.pod_events_unlogged += len(events)
                 return
             state.pod_logs += 1
+            leaving = any(e.kind == "pod_gone" for e in events)
             _log.info(
-                "grpc_balance_mw: %s: %s",
+                "grpc_balance_mw: %s: %s%s",
                 call.observer.target,
                 ", ".join(f"{e.kind} {e.pod} (from {e.source})" for e in events),
+                f". {VOICES[Cause.PODS_LEAVING].sentence}" if leaving else "",
             )
         except Exception:  # telemetry must never fail the call
             _log.debug("could not report the pod events", exc_info=True)
@@ -479,7 +487,7 @@ class AffinityTelemetry:
         if not owned and call.observer.lane is not None:
             attributes[ATTR_LANE] = _lane_name(call)
         state = call.observer.detector.state
-        if state.is_alarm:
+        if state.is_alarm or state is AffinityState.UNIDENTIFIED:
             attributes[ATTR_STATE] = state.value
         if owned and code is not None:
             attributes["rpc.grpc.status_code"] = code
@@ -619,18 +627,11 @@ class AffinityTelemetry:
         if now - state.warned_at < self._warn_interval_s:
             return
         state.warned_at = now
+        if transition.announced:  # the detector just said it, in the same words
+            return
         snapshot = transition.snapshot
-        _log.warning(
-            "grpc_balance_mw: calls to %s are %s: %.0f%% of recent calls went to pod %s, "
-            "%d pods are known (%s); %d connection(s) seen on %d lane(s). Cause: %s. Fix: %s.",
-            transition.target,
-            transition.current.value,
-            snapshot.top_share * 100,
-            snapshot.top_pod,
-            snapshot.known_count,
-            ", ".join(f"{n} from {source}" for source, n in snapshot.known_from.items() if n),
-            snapshot.connections,
-            snapshot.lanes,
-            snapshot.cause or "unknown",
-            snapshot.advice or "spread the calls over several connections",
-        )
+        cause = Cause(snapshot.cause) if snapshot.cause is not None else Cause.SINGLE_CONNECTION
+        line = say(transition.target, cause, transition.current.value, evidence_of(snapshot))
+        if snapshot.advice is not None and snapshot.advice != advice(cause):
+            line += f" Now: {snapshot.advice}."  # the calls already moved onto lanes
+        _log.warning("%s", line)

@@ -38,6 +38,9 @@ def observe_sync(channel: grpc.Channel, target: str, wrapper: str, **kwargs: Any
     Returns:
         (the observed channel, the object that has the detector)
     """
+    # One loopback pod stands for a pinned ClusterIP here: the default probe's fresh
+    # connections, all on that pod, would rightly blame ClientIP affinity instead.
+    kwargs.setdefault("probe", False)
     if wrapper == "channel":
         observed = observe(channel, ObserveOptions(**kwargs), target=target)
         return observed, observed

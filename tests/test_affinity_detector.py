@@ -142,7 +142,8 @@ def test_l7_headers_mark_the_target_l7_balanced() -> None:
 def test_unknown_pods_do_not_decide_and_are_counted() -> None:
     detector = AffinityDetector("t", CFG)
     detector.expected_pods = 3
-    assert feed(detector, [None] * 100) == []
+    # Not one call named a pod: no spread is judged, the state says so (issue 21).
+    assert feed(detector, [None] * 100) == [AffinityState.UNIDENTIFIED]
     detector.record(None, malformed=True)
     snapshot = detector.snapshot()
     assert (snapshot.unknown_calls, snapshot.malformed_calls, snapshot.top_pod) == (100, 1, None)

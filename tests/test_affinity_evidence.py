@@ -159,17 +159,18 @@ def test_pods_switching_on_one_address_are_balanced_per_request_in_front() -> No
     assert snapshot.cause == "per_request" and snapshot.l7_share == 0.0
 
 
-def test_a_per_request_lane_whose_calls_stop_naming_a_pod_goes_unverified_once() -> None:
+def test_a_per_request_lane_whose_calls_stop_naming_a_pod_goes_unidentified_once() -> None:
     """The server stops stamping its pod (a rollout without the header) on a lane that was
-    switching pods: the state goes stale once and stays, not back and forth call after call
-    (the lane's per-request flag outlives the pods it was learned from)."""
+    switching pods: the state says so once (unidentified) and stays, not back and forth call
+    after call (the lane's per-request flag outlives the pods it was learned from)."""
     detector = AffinityDetector("127.0.0.1:8080", AffinityConfig(window_calls=40))
     detector.expected_pods = 3
     calls, lane = Calls(detector), Lane()
     assert calls.run(lane, list("abc" * 20)) == [L7]
     unnamed: list[str | None] = [None] * 200
-    assert calls.run(lane, unnamed) == [U]  # type: ignore[arg-type]
-    assert detector.snapshot(now=calls.now).state is U
+    unidentified = AffinityState.UNIDENTIFIED
+    assert calls.run(lane, unnamed) == [U, unidentified]  # type: ignore[arg-type]
+    assert detector.snapshot(now=calls.now).state is unidentified
 
 
 @pytest.mark.slow

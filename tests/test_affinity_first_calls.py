@@ -82,6 +82,7 @@ class Alarms:
 
 def _options(registry: AffinityRegistry, alarms: Alarms | None = None, **kw: Any) -> Any:
     telemetry = AffinityTelemetry(spans=False, metrics=False, on_alarm=alarms) if alarms else None
+    kw.setdefault("probe", False)  # judged from the calls alone (test_default_probe.py: with)
     return ObserveOptions(registry=registry, telemetry=telemetry, **kw)
 
 

@@ -179,7 +179,7 @@ def test_every_verdict_names_the_target(target: str, host: str, port: int) -> No
         "per-request",
         "headless-pick-first",
         "session-affinity",
-        "one-pod",
+        "one-pod-or-client-ip",
         "per-connection",
     }
     for verdict in verdicts:

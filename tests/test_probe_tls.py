@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import socket
 import threading
@@ -113,6 +114,33 @@ def _probe_of(channel: Any) -> PodProbe:
     return probe
 
 
+def _first_round(mode: str, target: str, credentials: Any, options: ObserveOptions) -> PodProbe:
+    """One call through ``observe(secure channel, options)``, then its probe once the round
+    that call started has ended."""
+
+    def ended(channel: Any) -> PodProbe:
+        probe = _probe_of(channel)
+        deadline = time.monotonic() + 10
+        while probe.rounds < 1 and time.monotonic() < deadline:
+            probe.join(0.1)
+        return probe
+
+    if mode == "sync":
+        with observe(grpc.secure_channel(target, credentials), options) as channel:
+            assert call_sync(channel, "unary_unary").code is grpc.StatusCode.OK
+            return ended(channel)
+
+    async def main() -> PodProbe:
+        channel = aio_observe(grpc.aio.secure_channel(target, credentials), options, target=target)
+        try:
+            assert (await call_aio(channel, "unary_unary")).code is grpc.StatusCode.OK
+            return await asyncio.to_thread(ended, channel)
+        finally:
+            await channel.close()
+
+    return asyncio.run(main())
+
+
 @pytest.mark.parametrize("mode", ["sync", "aio"])
 def test_the_probe_of_a_tls_channel_dials_with_its_credentials(
     relay: CountingRelay, certificates: Certificates, mode: str
@@ -120,33 +148,7 @@ def test_the_probe_of_a_tls_channel_dials_with_its_credentials(
     target = f"127.0.0.1:{relay.port}"
     credentials = grpc.ssl_channel_credentials(certificates.ca)
     options = ObserveOptions(probe=True, probe_credentials=credentials, registry=AffinityRegistry())
-    if mode == "sync":
-        channel = observe(grpc.secure_channel(target, credentials), options)
-        try:
-            assert call_sync(channel, "unary_unary").code is grpc.StatusCode.OK
-            probe = _probe_of(channel)
-            deadline = time.monotonic() + 10
-            while probe.rounds < 1 and time.monotonic() < deadline:
-                probe.join(0.1)
-        finally:
-            channel.close()
-    else:
-
-        async def main() -> PodProbe:
-            channel = aio_observe(
-                grpc.aio.secure_channel(target, credentials), options, target=target
-            )
-            try:
-                assert (await call_aio(channel, "unary_unary")).code is grpc.StatusCode.OK
-                probe = _probe_of(channel)
-                deadline = time.monotonic() + 10
-                while probe.rounds < 1 and time.monotonic() < deadline:
-                    await asyncio.to_thread(probe.join, 0.1)
-                return probe
-            finally:
-                await channel.close()
-
-        probe = asyncio.run(main())
+    probe = _first_round(mode, target, credentials, options)
     assert probe.rounds >= 1 and probe.failures == 0, probe
     assert relay.plaintext == 0, relay.first_bytes
     assert relay.tls >= 2, relay.first_bytes  # the channel's connection and the probe's
@@ -177,3 +179,20 @@ def test_probe_true_without_credentials_is_refused_naming_how_to_pass_them(
 def test_probe_credentials_of_the_wrong_type_are_refused() -> None:
     with pytest.raises(ConfigurationError, match="probe_credentials"):
         ObserveOptions(probe=True, probe_credentials=b"ca.pem")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["sync", "aio"])
+def test_the_default_probe_never_sends_a_tls_target_plaintext(
+    relay: CountingRelay, certificates: Certificates, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """observe() with no options probes by itself, and is not told the credentials: it looks
+    whether the target speaks plaintext HTTP/2 unasked, which a TLS server never does, and then
+    stops, saying how to give it the credentials."""
+    target = f"127.0.0.1:{relay.port}"
+    credentials = grpc.ssl_channel_credentials(certificates.ca)
+    options = ObserveOptions(registry=AffinityRegistry())
+    caplog.set_level(logging.INFO, logger="grpc_balance_mw.probe")
+    probe = _first_round(mode, target, credentials, options)
+    assert probe.rounds == 1 and probe.stopped, probe
+    assert relay.plaintext == 0, relay.first_bytes
+    assert any("probe_credentials" in r.getMessage() for r in caplog.records)

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
 from grpc_balance_mw.affinity import forking
-from grpc_balance_mw.affinity.advice import advice, alarm_cause
+from grpc_balance_mw.affinity.advice import (
+    VOICES,
+    Cause,
+    advice,
+    alarm_cause,
+    one_pod_or_client_ip,
+    say,
+)
 from grpc_balance_mw.affinity.config import AffinityConfig
 from grpc_balance_mw.affinity.evidence import ConnectionWindow, top_count_chance
 from grpc_balance_mw.affinity.lanes import Lane, LaneStep
@@ -21,6 +29,8 @@ from grpc_balance_mw.affinity.state import (
 )
 from grpc_balance_mw.affinity.targets import literal_addresses
 from grpc_balance_mw.affinity.window import L7_HEADERS, PER_REQUEST, PodWindow
+
+_log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 #: Stale known pods are looked for at most this often, to keep ``record`` O(1) in the pod count.
@@ -40,6 +50,8 @@ _Waiting = tuple[Counted, float]
 _MAX_LANES = 4096
 _FIRST, _ROTATED = LaneStep.FIRST, LaneStep.ROTATED
 _MAX_POD_EVENTS = 64
+#: Causes said once each even when the state's warning was already given (see ``_announce``).
+_SAID_BY_CAUSE = frozenset({Cause.CLIENT_IP, Cause.ONE_POD_OR_CLIENT_IP, Cause.UNIDENTIFIED})
 
 
 class AffinityDetector:
@@ -98,6 +110,9 @@ class AffinityDetector:
         self._dns_answered = False
         #: Set by whoever starts resolving the target's name (once per detector).
         self.resolution_started = False
+        #: When the next probe round of the target is due, for probes that share a schedule
+        #: (the default probe of every channel observed to this target).
+        self.next_probe_at = 0.0
         self._from_probe: set[str] = set()
         self._skew_verdict = (-1, 0, False)  # (connections.version, known pods, significant)
         #: Changes with whatever the judging reads besides the window and the connections:
@@ -116,6 +131,8 @@ class AffinityDetector:
         self._unreported: Transition | None = None
         #: Balanced channels that took over calls of this target (``observe(rebalance=)``).
         self._on_lanes = 0
+        #: The situations this detector said once at warning level (``_announce``).
+        self._said: set[Cause | str] = set()
         #: Observers (channels, lanes, interceptors) feeding this detector now (``attach``),
         #: and whether the last of them went since (their calls are then a closed channel's).
         self._observers = 0
@@ -381,8 +398,11 @@ class AffinityDetector:
     def _go_stale(self, now: float) -> Transition | None:
         """Back to UNVERIFIED if no call in the window names a pod or carries L7 headers."""
         window = self._window
-        if self._state is AffinityState.UNVERIFIED or window.identified_calls or window.l7_calls:
+        state = self._state
+        if state is AffinityState.UNVERIFIED or window.identified_calls or window.l7_calls:
             return None
+        if state is AffinityState.UNIDENTIFIED and len(window):
+            return None  # still calls, none naming a pod: that is the state itself
         previous, self._state = self._state, AffinityState.UNVERIFIED
         self._pending, self._pending_calls = None, 0
         self._top_share = 0.0
@@ -572,6 +592,9 @@ class AffinityDetector:
         if not window.identified_calls and not window.l7_calls:
             # Per-request flags alone, on calls that name no pod: nothing to judge, or the
             # state would go stale (``_go_stale``) on the next call, and back, call after call.
+            # Enough calls and not one named a pod: the servers stamp no identity.
+            if calls >= cfg.min_samples:
+                return AffinityState.UNIDENTIFIED
             return AffinityState.UNVERIFIED
         if calls >= cfg.min_samples:
             if window.l7_calls >= cfg.l7_enter_share * calls:
@@ -588,6 +611,13 @@ class AffinityDetector:
             return None
         known = self._known_count()
         if known <= 1:
+            connections = self._connections
+            if (
+                current is AffinityState.UNVERIFIED and Cause.ONE_POD_OR_CLIENT_IP not in self._said
+            ) and one_pod_or_client_ip(
+                len(connections), connections.top, known, cfg.chance_alpha
+            ):  # said once: after that, this costs a set lookup per judged call
+                self._announce(self._clock())
             return AffinityState.UNVERIFIED
         pinned_line = (
             cfg.pinned_exit_share if current is AffinityState.PINNED else cfg.pinned_enter_share
@@ -736,7 +766,39 @@ class AffinityDetector:
             return None
         previous, self._state = self._state, candidate
         self._pending, self._pending_calls = None, 0
-        return Transition(self.target, previous, candidate, self._snapshot(now))
+        snapshot = self._snapshot(now)
+        announced = self._announce(now, snapshot)
+        return Transition(self.target, previous, candidate, snapshot, announced=announced)
+
+    def announce(self, *, now: float | None = None) -> bool:
+        """Say the current cause at warning level if it was never said for this target (a probe
+        round that just changed the evidence asks); whether it was said now."""
+        at = self._clock() if now is None else now
+        with self._lock:
+            self._judge_counted()
+            return self._announce(at)
+
+    def _announce(self, now: float, snapshot: AffinitySnapshot | None = None) -> bool:
+        """Log the snapshot's cause once per target, in the table's words; the lock is held.
+
+        Every cause the user has something to fix for is said once, whoever watches (with
+        telemetry or without): a pinned channel, servers that stamp nothing, one pod or
+        ClientIP. Telemetry repeats alarms at its own interval.
+        """
+        if snapshot is None:
+            snapshot = self._snapshot(now)
+        if snapshot.cause is None:
+            return False
+        cause = Cause(snapshot.cause)
+        voice = VOICES[cause]
+        # Said once per situation: the causes that need a fix of their own (on the Service, on
+        # the servers) each; a pinned or skewed spread once whatever the connections suggest.
+        said = cause if cause in _SAID_BY_CAUSE else snapshot.state.value
+        if said in self._said or not voice.problem:
+            return False
+        self._said.add(said)
+        _log.warning("%s", say(self.target, cause, snapshot.state.value, evidence_of(snapshot)))
+        return True
 
     def snapshot(self, *, now: float | None = None) -> AffinitySnapshot:
         """The numbers behind the current state."""
@@ -756,7 +818,13 @@ class AffinityDetector:
         per_request = sum(lane.per_request for lane in lanes)
         known = self._known_count()
         cause = None
-        if self._state.is_alarm or self._state is AffinityState.L7_BALANCED or per_request:
+        if self._state is AffinityState.UNIDENTIFIED:
+            cause = Cause.UNIDENTIFIED
+        elif self._state is AffinityState.UNVERIFIED and one_pod_or_client_ip(
+            len(connections), connections.top, known, self.config.chance_alpha
+        ):
+            cause = Cause.ONE_POD_OR_CLIENT_IP
+        elif self._state.is_alarm or self._state is AffinityState.L7_BALANCED or per_request:
             cause = alarm_cause(
                 connections=len(connections),
                 on_top=connections.top,
@@ -800,6 +868,18 @@ class AffinityDetector:
             advice=advice(cause, on_lanes=self._on_lanes > 0) if cause is not None else None,
             known_pods_dropped=self._known_dropped,
         )
+
+
+def evidence_of(snapshot: AffinitySnapshot) -> str:
+    """What was seen, for a warning: calls, the top pod, pods known, where connections went."""
+    parts = [f"{snapshot.calls} recent calls"]
+    if snapshot.top_pod is not None:
+        parts.append(f"{snapshot.top_share:.0%} on pod {snapshot.top_pod}")
+    parts.append(f"{snapshot.known_count} pod(s) known")
+    if snapshot.connections:
+        on = ", ".join(f"{pod}: {n}" for pod, n in snapshot.connection_pods.items())
+        parts.append(f"{snapshot.connections} fresh connection(s) ({on})")
+    return "; ".join(parts)
 
 
 def _is_like(what: Counted, pod: str, lane: Lane, unit_s: float) -> bool:

@@ -16,11 +16,20 @@ from grpc_balance_mw.affinity.detector import AffinityDetector, Clock, Counted
 from grpc_balance_mw.affinity.lanes import ChannelLanes, Lane
 from grpc_balance_mw.affinity.state import Transition
 from grpc_balance_mw.errors import MalformedPodHeader
-from grpc_balance_mw.identity import IDENTITY_HEADERS, pod_from_metadata
+from grpc_balance_mw.identity import DEFAULT_POD_HEADERS, IDENTITY_HEADERS, pod_name_from_metadata
 
 #: Response headers by which Envoy shows it balanced the call itself (per request, at L7).
 ENVOY_TIME_HEADER = "x-envoy-upstream-service-time"
 _WATCHED = frozenset((*IDENTITY_HEADERS, ENVOY_TIME_HEADER, "server"))
+
+
+def _watched(headers: tuple[str, ...]) -> frozenset[str]:
+    """The response headers a reader keeps: the pod headers, and the L7 proxies' marks."""
+    if headers == DEFAULT_POD_HEADERS:
+        return _WATCHED
+    return _WATCHED | frozenset(headers)
+
+
 #: Distinct header combinations remembered; a server that varies them per call cannot grow memory.
 #: 4,096 keeps every pod of a 3,000-pod Deployment read from the cache (at 1,024 each call of
 #: such a spread parsed its headers again: 17 us instead of 3.8 per call).
@@ -43,9 +52,16 @@ _NOTHING = PodReading(None, False, False)
 
 
 class PodReader:
-    """Reads pod identities from metadata, parsing each distinct header combination once."""
+    """Reads pod identities from metadata, parsing each distinct header combination once.
 
-    def __init__(self) -> None:
+    Args:
+        headers: the response headers that name the pod, in order (see
+            :func:`~grpc_balance_mw.identity.check_pod_headers`); default this package's own.
+    """
+
+    def __init__(self, headers: tuple[str, ...] = DEFAULT_POD_HEADERS) -> None:
+        self.headers = headers
+        self._watched = _watched(headers)
         self._cache: dict[tuple[tuple[str, Any], ...], PodReading] = {}
         #: Readings by whole metadata tuple as gRPC hands it over: a pod stamps the same
         #: headers on every response, so one dict lookup (``by_metadata.get``) usually reads it.
@@ -64,8 +80,9 @@ class PodReader:
 
     def _read(self, metadata: Iterable[tuple[str, Any]] | None) -> PodReading:
         found: list[tuple[str, Any]] | None = None
+        watched = self._watched
         for item in metadata or ():
-            if item[0] in _WATCHED:
+            if item[0] in watched:
                 if found is None:
                     found = []
                 found.append((item[0], item[1]))
@@ -80,17 +97,16 @@ class PodReader:
             self._cache[key] = reading
         return reading
 
-    @staticmethod
-    def _parse(pairs: tuple[tuple[str, Any], ...]) -> PodReading:
+    def _parse(self, pairs: tuple[tuple[str, Any], ...]) -> PodReading:
         l7 = any(
             key == ENVOY_TIME_HEADER or (key == "server" and value in ("envoy", b"envoy"))
             for key, value in pairs
         )
         try:
-            identity = pod_from_metadata(pairs)
+            pod = pod_name_from_metadata(pairs, self.headers)
         except MalformedPodHeader:
             return PodReading(None, l7, True)
-        return PodReading(identity.name if identity is not None else None, l7, False)
+        return PodReading(pod, l7, False)
 
 
 def merge_readings(first: PodReading, second: PodReading) -> PodReading:
@@ -245,6 +261,7 @@ class CallObserver:
         owns_probe: whether :meth:`close` stops the probe (one made for this observer); a
             probe passed in by the user is theirs to stop.
         fresh_connections: every call of this observer runs on a new connection.
+        pod_headers: the response headers that name the pod, in order.
     """
 
     def __init__(
@@ -257,6 +274,7 @@ class CallObserver:
         clock: Clock = time.monotonic,
         owns_probe: bool = False,
         fresh_connections: bool = False,
+        pod_headers: tuple[str, ...] = DEFAULT_POD_HEADERS,
     ) -> None:
         self.detector = detector
         self.target = detector.target
@@ -264,7 +282,7 @@ class CallObserver:
         self.probe = probe
         self.lane = lane
         self.clock = clock
-        self.reader = PodReader()
+        self.reader = PodReader(pod_headers)
         #: What this lane's calls showed, in order (fed by the detector, under its lock); None
         #: when every call has a connection of its own (dial-per-request): each call is then
         #: one connection's evidence, and pods changing from call to call mean nothing more.

@@ -22,6 +22,9 @@ class AffinityState(enum.Enum):
     #: Something in front balances every call (an L7 proxy: Envoy, HAProxy, nginx, Linkerd);
     #: the client cannot and need not.
     L7_BALANCED = "l7-balanced"
+    #: Calls come back, but none of the window's names its pod: the servers stamp no identity
+    #: (or not in the headers the client reads), so nothing can tell how the calls spread.
+    UNIDENTIFIED = "unidentified"
 
     @property
     def is_alarm(self) -> bool:
@@ -114,6 +117,8 @@ class Transition:
         stale: the change is a return to ``UNVERIFIED`` because no call in the window named a
             pod any more (calls stopped and aged out, or stopped being identified), not a
             judgement of calls.
+        announced: the detector logged this cause's one-time warning with this change (so
+            telemetry need not repeat it at once).
     """
 
     target: str
@@ -121,6 +126,7 @@ class Transition:
     current: AffinityState
     snapshot: AffinitySnapshot
     stale: bool = False
+    announced: bool = False
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the replicas the Deployment has, if known (tells ClientIP affinity from one pod)",
     )
+    doctor.add_argument(
+        "--pod-header",
+        action="append",
+        default=None,
+        help="a response header the servers name their pod in (repeatable, in order); "
+        "default x-balance-pod, the server half's",
+    )
     doctor.add_argument("--tls", action="store_true", help="TLS with the system's roots")
     doctor.add_argument("--ca-cert", help="PEM file of the roots to trust (implies TLS)")
     doctor.add_argument("--client-cert", help="PEM client certificate (mutual TLS)")

@@ -32,6 +32,7 @@ from typing import Any
 
 import grpc
 
+from grpc_balance_mw.affinity.advice import VOICES, Cause
 from grpc_balance_mw.errors import ConfigurationError, MalformedPodHeader
 from grpc_balance_mw.headless import (
     DnsTarget,
@@ -40,7 +41,7 @@ from grpc_balance_mw.headless import (
     resolve_addresses,
 )
 from grpc_balance_mw.health_check import check_method
-from grpc_balance_mw.identity import pod_from_metadata
+from grpc_balance_mw.identity import DEFAULT_POD_HEADERS, check_pod_headers, pod_name_from_metadata
 
 __all__ = ["Findings", "TargetNames", "Verdict", "diagnose", "judge", "run"]
 
@@ -93,12 +94,31 @@ class Findings:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The diagnosis: a short code, whether it is a problem, what it means, and the fix."""
+    """The diagnosis: a short code, whether it is a problem, what it means, and the fix.
+
+    ``cause``: the situation in the package's one table of causes
+    (:data:`~grpc_balance_mw.affinity.advice.VOICES`), the same value the affinity detector's
+    snapshot and alarm give; None for what only the doctor sees (DNS, ports, reachability).
+    """
 
     code: str
     problem: bool
     summary: str
     fix: str = ""
+    cause: str | None = None
+
+
+def _voiced(code: str, cause: Cause, evidence: str, fix: str) -> Verdict:
+    """A verdict worded from the table: the evidence, the cause's words, and its fix followed
+    by the steps for this target."""
+    voice = VOICES[cause]
+    return Verdict(
+        code,
+        voice.problem,
+        f"{evidence}: {voice.cause}",
+        f"{_fill(voice.fix[0].upper() + voice.fix[1:] + '.')}\n\n{fix}",
+        cause.value,
+    )
 
 
 def judge(findings: Findings) -> Verdict:
@@ -134,34 +154,32 @@ def judge(findings: Findings) -> Verdict:
             _unreachable_fix(names),
         )
     if not findings.pods:
-        return Verdict(
+        return _voiced(
             "no-identity",
-            True,
-            "the server answers but does not say which pod it is, so no client can tell how "
-            "calls spread",
+            Cause.UNIDENTIFIED,
+            f"{len(answered)} fresh connections got health answers naming no pod",
             _identity_fix(names),
         )
     pods = findings.pods
     if any(connection.switched for connection in answered):
         if len(addresses) > 1 and findings.lb_policy == "round_robin":
-            return Verdict(
+            return _voiced(
                 "headless-round-robin",
-                False,
-                f"round_robin over {len(addresses)} pod addresses: calls spread per request over "
-                f"{len(pods)} pods",
+                Cause.PER_REQUEST,
+                f"round_robin over {len(addresses)} pod addresses spreads calls per request "
+                f"over {len(pods)} pods",
                 _rotation_note(names),
             )
-        return Verdict(
+        return _voiced(
             "per-request",
-            False,
-            f"the pod changes from call to call on one connection: something in front balances "
-            f"per request (an L7 proxy or mesh sidecar); {len(pods)} pods seen",
+            Cause.PER_REQUEST,
+            f"the pod changes from call to call on one connection ({len(pods)} pods seen)",
             _per_request_note(names),
         )
     if len(addresses) > 1:
-        return Verdict(
+        return _voiced(
             "headless-pick-first",
-            True,
+            Cause.SINGLE_CONNECTION,
             f"{len(addresses)} pod addresses (a headless Service), but {findings.lb_policy} "
             "sends all of a channel's calls to one of them",
             _headless_fix(names),
@@ -170,25 +188,23 @@ def judge(findings: Findings) -> Verdict:
     if len(pods) == 1:
         n = len(answered)
         if known > 1 and known * (1 / known) ** n < _NOT_LUCK:
-            return Verdict(
+            return _voiced(
                 "session-affinity",
-                True,
-                f"{n} fresh connections all reached {pods[0]} while {known} pods exist: the "
-                "Service pins each client to one pod (sessionAffinity: ClientIP)",
+                Cause.CLIENT_IP,
+                f"{n} fresh connections all reached {pods[0]} while {known} pods exist",
                 _affinity_fix(names),
             )
-        return Verdict(
-            "one-pod",
-            False,
-            f"{n} fresh connections all reached {pods[0]}: one pod serves this Service (or the "
-            "Service pins clients: pass --expected-pods to tell)",
+        # Not "OK": a client cannot tell one ready pod from ClientIP affinity hiding others.
+        return _voiced(
+            "one-pod-or-client-ip",
+            Cause.ONE_POD_OR_CLIENT_IP,
+            f"{n} fresh connection(s) all reached {pods[0]}",
             _one_pod_note(names),
         )
-    return Verdict(
+    return _voiced(
         "per-connection",
-        True,
-        f"one address (a ClusterIP) and {len(pods)} pods, one per connection: kube-proxy "
-        "balances connections, so each channel sends all its calls to one pod",
+        Cause.SINGLE_CONNECTION,
+        f"one address (a ClusterIP) and {len(pods)} pods, one per connection",
         _clusterip_fix(names),
     )
 
@@ -312,15 +328,23 @@ def _unreachable_fix(names: TargetNames) -> str:
 
 
 def _identity_fix(names: TargetNames) -> str:
-    return _with_code(
-        f"Stamp the pod identity on the servers behind {names.hostport} (and give them the "
-        "downward-API env, see examples/kubernetes/deployment.yaml):",
-        "from grpc_balance_mw import PodIdentity\n"
-        "from grpc_balance_mw.server import PodIdentityInterceptor, add_health\n"
-        "server = grpc.server(\n"
-        "    pool, interceptors=[PodIdentityInterceptor(PodIdentity.from_env())]\n"
-        ")\n"
-        "add_health(server)",
+    return (
+        _with_code(
+            f"Stamp the pod identity on the servers behind {names.hostport} (and give them the "
+            "downward-API env, see examples/kubernetes/deployment.yaml):",
+            "from grpc_balance_mw import PodIdentity\n"
+            "from grpc_balance_mw.server import PodIdentityInterceptor, add_health\n"
+            "server = grpc.server(\n"
+            "    pool, interceptors=[PodIdentityInterceptor(PodIdentity.from_env())]\n"
+            ")\n"
+            "add_health(server)",
+        )
+        + "\n\n"
+        + _fill(
+            "If they already send their pod name in a header of their own, name it: "
+            f"grpc-balance doctor {names.target} --pod-header x-pod-name, and on the client "
+            "ObserveOptions(pod_headers=('x-pod-name',))."
+        )
     )
 
 
@@ -352,7 +376,9 @@ def _rotation_note(names: TargetNames) -> str:
 def _one_pod_note(names: TargetNames) -> str:
     return _fill(
         f"If the Deployment behind {names.service_phrase} has more replicas, look for "
-        "sessionAffinity: ClientIP on that Service."
+        "sessionAffinity: ClientIP on that Service, or run the doctor again with "
+        f"--expected-pods N to tell; a Service with one ready pod at {names.hostport} is "
+        "what it looks like, and nothing is wrong."
     )
 
 
@@ -408,6 +434,10 @@ class DoctorOptions:
     expected_pods: int | None = None
     credentials: grpc.ChannelCredentials | None = None
     channel_options: tuple[tuple[str, Any], ...] = ()
+    pod_headers: tuple[str, ...] = DEFAULT_POD_HEADERS
+
+    def __post_init__(self) -> None:
+        check_pod_headers(self.pod_headers)
 
 
 def _parse(target: str) -> DnsTarget:
@@ -494,13 +524,16 @@ def _sample(target: str, options: DoctorOptions, findings: Findings, deadline: f
                     connection.error = f"{err.code().name}: {printable(err.details() or '')}"
                     return connection
             try:
-                identity = pod_from_metadata(initial) or pod_from_metadata(trailing)
+                headers = options.pod_headers
+                pod = pod_name_from_metadata(initial, headers) or pod_name_from_metadata(
+                    trailing, headers
+                )
             except MalformedPodHeader as err:
                 connection.error = printable(str(err))
                 return connection
-            if identity is None:
+            if pod is None:
                 findings.unstamped += 1
-            connection.pods.append(identity.name if identity is not None else None)
+            connection.pods.append(pod)
     finally:
         channel.close()
     return connection
@@ -596,6 +629,7 @@ def run(args: argparse.Namespace) -> int:
         max_seconds=args.max_seconds,
         lb_policy=args.lb_policy,
         expected_pods=args.expected_pods,
+        pod_headers=tuple(args.pod_header) if args.pod_header else DEFAULT_POD_HEADERS,
         credentials=_credentials(args),
         channel_options=(("grpc.ssl_target_name_override", args.server_name),)
         if args.server_name

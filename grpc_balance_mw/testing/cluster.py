@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import Literal
 
 from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.identity import POD_HEADER, check_pod_headers
 from grpc_balance_mw.testing.charge_points.v1 import pod_admin_pb2 as admin_pb
 from grpc_balance_mw.testing.dns_server import EmbeddedDNS
 from grpc_balance_mw.testing.dnsmasq import DnsmasqDNS, dnsmasq_path
@@ -139,6 +140,10 @@ class LocalCluster:
             ``POD_NAMESPACE`` in its environment). It must stamp the identity itself; the
             harness has no counts (:meth:`served` raises) and cannot flip its health.
         pod_ready_timeout_s: how long a ``pod_command`` pod may take to accept connections.
+        identity_header: the response header each pod names itself in (the harness's own
+            pods): ``x-balance-pod`` (the server half's), another name (a fleet that sends its
+            pod name in a header of its own, read with ``ObserveOptions(pod_headers=)``), or
+            None: the pods stamp no identity at all, as servers without the server half.
     """
 
     def __init__(
@@ -160,6 +165,7 @@ class LocalCluster:
         servicer: str | RegisterServicer | None = None,
         pod_command: Sequence[str] | None = None,
         pod_ready_timeout_s: float = 20.0,
+        identity_header: str | None = POD_HEADER,
     ) -> None:
         if not 0 <= pods <= _MAX_PODS:
             raise ConfigurationError(f"pods must be between 0 and {_MAX_PODS}, got {pods}")
@@ -187,7 +193,11 @@ class LocalCluster:
             raise ConfigurationError(
                 f"max_connection_age_s must be > 0 or None, got {max_connection_age_s}"
             )
-        self.settings = PodSettings(service_time_ms, max_concurrent, overflow, max_connection_age_s)
+        if identity_header is not None:
+            check_pod_headers((identity_header,))
+        self.settings = PodSettings(
+            service_time_ms, max_concurrent, overflow, max_connection_age_s, identity_header
+        )
         self.program = _program(servicer, pod_command, pod_ready_timeout_s, self.settings)
         self.pods: list[Pod] = []
         self.target_port = 0
@@ -524,7 +534,8 @@ def _program(
     own = PodSettings(max_connection_age_s=settings.max_connection_age_s)
     if settings != own:
         raise ConfigurationError(
-            "service_time_ms, max_concurrent and overflow shape the harness's own pods; "
+            "service_time_ms, max_concurrent, overflow and identity_header shape the "
+            "harness's own pods; "
             "the user's service has its own"
         )
     if servicer is not None:

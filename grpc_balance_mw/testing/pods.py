@@ -22,6 +22,7 @@ from typing import Literal
 
 import grpc
 
+from grpc_balance_mw.identity import POD_HEADER
 from grpc_balance_mw.testing.charge_points.v1 import pod_admin_pb2 as admin_pb
 from grpc_balance_mw.testing.charge_points.v1 import pod_admin_pb2_grpc as admin_grpc
 from grpc_balance_mw.testing.endpoints import Endpoint
@@ -48,6 +49,9 @@ class PodSettings:
     max_concurrent: int = 0
     overflow: Overflow = "queue"
     max_connection_age_s: float | None = None
+    #: The response header the pod names itself in; None: it stamps no identity at all (a
+    #: fleet before it adopts the server half).
+    identity_header: str | None = POD_HEADER
 
     def args(self) -> list[str]:
         args = [
@@ -60,6 +64,8 @@ class PodSettings:
         ]
         if self.max_connection_age_s is not None:
             args += ["--max-connection-age-s", str(self.max_connection_age_s)]
+        if self.identity_header != POD_HEADER:
+            args += ["--identity-header", self.identity_header or ""]
         return args
 
 
@@ -319,6 +325,7 @@ class Pod:
             self.settings.max_concurrent if max_concurrent is None else max_concurrent,
             self.settings.overflow,
             self.settings.max_connection_age_s,
+            self.settings.identity_header,
         )
 
     def _require_admin(self, what: str) -> None:

@@ -20,7 +20,7 @@ import grpc
 
 from grpc_balance_mw.aio.server import PodIdentityInterceptor, add_health
 from grpc_balance_mw.connection_age import connection_age_options
-from grpc_balance_mw.identity import PodIdentity
+from grpc_balance_mw.identity import POD_HEADER, PodIdentity
 from grpc_balance_mw.testing.charge_points.servicer import (
     SERVICE_NAME,
     ChargePointsServicer,
@@ -39,6 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-concurrent", type=int, default=0, help="0: unlimited")
     parser.add_argument("--overflow", choices=("queue", "reject"), default="queue")
     parser.add_argument("--opaque-key", default=None, help="stamp a keyed hash, not the name")
+    parser.add_argument(
+        "--identity-header",
+        default=POD_HEADER,
+        help="the header the pod names itself in; empty: it stamps no identity",
+    )
     parser.add_argument("--max-connection-age-s", type=float, default=None)
     parser.add_argument("--max-connection-age-grace-s", type=float, default=10.0)
     parser.add_argument("--shutdown-grace-s", type=float, default=2.0)
@@ -62,6 +67,23 @@ def identity_from(args: argparse.Namespace) -> PodIdentity:
     return PodIdentity.from_env(env, opaque_key=args.opaque_key)
 
 
+class _NamedInHeader(PodIdentityInterceptor):
+    """Stamps only the pod's name, in a header of the fleet's own (``x-pod-name``, say)."""
+
+    def __init__(self, identity: PodIdentity, header: str) -> None:
+        super().__init__(identity)
+        self._stamp = ((header, identity.name),)
+
+
+def stamping(identity: PodIdentity, header: str) -> list[grpc.aio.ServerInterceptor]:
+    """The interceptors that stamp ``identity`` in ``header`` (none for an empty header)."""
+    if not header:
+        return []
+    if header == POD_HEADER:
+        return [PodIdentityInterceptor(identity)]
+    return [_NamedInHeader(identity, header)]
+
+
 async def serve(args: argparse.Namespace) -> None:
     identity = identity_from(args)
     # Without SO_REUSEPORT a second pod on the same IP and port fails to bind instead of
@@ -71,7 +93,7 @@ async def serve(args: argparse.Namespace) -> None:
         options += connection_age_options(
             args.max_connection_age_s, args.max_connection_age_grace_s
         )
-    server = grpc.aio.server(interceptors=[PodIdentityInterceptor(identity)], options=options)
+    server = grpc.aio.server(interceptors=stamping(identity, args.identity_header), options=options)
     charge_points = ChargePointsServicer(
         identity.name,
         service_time_s=args.service_time_ms / 1000,
