@@ -275,7 +275,6 @@ def measure_sync(cluster: LocalCluster, settings: Settings) -> list[Workload]:
                 progress(f"sync workloads, round {index + 1}/{settings.rounds}")
                 for name in _order(names, index):
                     cpu, latencies = _one_caller(rpcs[name], settings.calls)
-                    tracer.force_flush()
                     one.add(name, cpu + _flushed(tracer), settings.calls, latencies)
                 for name in _order(names, index + 1):
                     cpu, latencies = _threads(
