@@ -164,8 +164,9 @@ class Router(Protocol[Route]):  # type: ignore[misc]
 
 
 #: Held by a ticket only to take its route (two attribute operations, nothing called inside):
-#: one lock for every ticket costs no contention worth a lock allocated per call.
-_TAKING = threading.Lock()
+#: one lock for every ticket costs no contention worth a lock allocated per call. Re-entrant:
+#: a dropped stream's finalizer (another ticket's release) may run inside it, on this thread.
+_TAKING = threading.RLock()
 
 
 class Ticket(Generic[Route]):
