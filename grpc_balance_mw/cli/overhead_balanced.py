@@ -14,8 +14,10 @@ own CPU is all that is timed: ``time.process_time()`` of this process, every thr
   the default);
 * ``balanced-unobserved``: the same with ``observe=False``, to tell observing from routing;
 * ``balanced+spans``: the balanced channel making a CLIENT span per call, against
-* ``plain+otel``: the plain channel with opentelemetry-instrumentation-grpc's client interceptor
-  (both on one SDK tracer provider whose exporter drops the spans).
+* ``plain+otel``: the plain channel with opentelemetry-instrumentation-grpc's client interceptor,
+  and ``native-rr+otel``: native round_robin with it (balancing over several connections costs
+  a caller more than a pinned channel does, whoever picks; all span variants share one SDK
+  tracer provider whose exporter drops the spans).
 
 Workloads: one caller making unary calls back to back; ``--threads`` threads on one channel;
 ``--aio-tasks`` tasks on one ``grpc.aio`` channel (the aio forms of the same variants); a server
@@ -75,12 +77,14 @@ VARIANTS = (
     "balanced-unobserved",
     "balanced+spans",
     "plain+otel",
+    "native-rr+otel",
 )
 #: (variant, baseline): the ratios the table shows, in its column order.
 COMPARISONS = (
     ("balanced", "native-rr"),
     ("balanced-unobserved", "native-rr"),
     ("balanced+spans", "plain+otel"),
+    ("balanced+spans", "native-rr+otel"),
     ("native-rr", "plain"),
     ("plain-again", "plain"),
 )
@@ -197,6 +201,10 @@ def _sync_channels(cluster: LocalCluster, tracer: TracerProvider) -> Iterator[di
             "native-rr": native,
             "plain+otel": grpcext.intercept_channel(  # type: ignore[no-untyped-call]
                 plain,
+                client_interceptor(tracer_provider=tracer),  # type: ignore[no-untyped-call]
+            ),
+            "native-rr+otel": grpcext.intercept_channel(  # type: ignore[no-untyped-call]
+                native,
                 client_interceptor(tracer_provider=tracer),  # type: ignore[no-untyped-call]
             ),
         }
@@ -322,6 +330,9 @@ async def _measure_aio(cluster: LocalCluster, settings: Settings) -> Workload:
             service, observe=ObserveOptions(expected_pods=_PODS, telemetry=spans)
         ),
         "plain+otel": grpc.aio.insecure_channel(service, interceptors=otel),
+        "native-rr+otel": grpc.aio.insecure_channel(
+            _native_target(cluster), _NATIVE_OPTIONS, interceptors=otel
+        ),
     }
     workload = Workload(f"{settings.tasks} aio tasks", "call")
     try:
