@@ -164,6 +164,12 @@ class Router(Protocol[Route]):  # type: ignore[misc]
         callback): do not wait there."""
 
 
+#: Held by a ticket only to take its route (two attribute operations, nothing called inside):
+#: one lock for every ticket costs no contention worth a lock allocated per call. Re-entrant:
+#: a dropped stream's finalizer (another ticket's release) may run inside it, on this thread.
+_TAKING = threading.RLock()
+
+
 class Ticket(Generic[Route]):
     """One call's hold on its route: released once, however many ends of the call report it.
 
@@ -171,12 +177,11 @@ class Ticket(Generic[Route]):
     ticket.release)`` can give the route back when a dropped call is garbage-collected.
     """
 
-    __slots__ = ("__weakref__", "_lock", "_route", "_router")
+    __slots__ = ("__weakref__", "_route", "_router")
 
     def __init__(self, router: Router[Route], route: Route) -> None:
         self._router = router
         self._route: Route | None = route
-        self._lock = threading.Lock()
 
     @property
     def route(self) -> Route | None:
@@ -185,7 +190,7 @@ class Ticket(Generic[Route]):
 
     def release(self, outcome: Outcome = NO_OUTCOME, in_callback: bool = False) -> bool:
         """Give the route back with ``outcome``; False if it was given back already."""
-        with self._lock:
+        with _TAKING:
             route, self._route = self._route, None
         if route is None:
             return False
@@ -302,12 +307,18 @@ class LaneRoutes:
         """A lane for one attempt; with ``wait_for_ready``, only once a lane's pod answered (a
         lane still being checked may be on its way out, cancelling the waiting call)."""
         pool = self.pool
+        if pool.forked:
+            raise self.forked_error()
         if wait_for_ready and not any(lane.state is LaneState.ACTIVE for lane in pool.lanes):
             raise NoRoute("the balanced channel has no lane with a connection yet")
         try:
             return pool.acquire()
         except NoLane as error:
             raise NoRoute(str(error)) from error
+
+    def forked_error(self) -> BalanceError:
+        """What a call on a channel made before ``os.fork()`` raises in the child."""
+        return NoRoute("the balanced channel was made before os.fork()")
 
     def multicallable(self, lane: Lane, spec: MethodSpec) -> Any:
         connection = lane.connection
@@ -319,7 +330,10 @@ class LaneRoutes:
     def release(self, lane: Lane, outcome: Outcome, in_callback: bool) -> None:
         """Tell the pool: a lane whose pod went away takes no more calls; a call that passed
         its deadline is evidence against a hung pod."""
-        self.pool.release(lane, unavailable=outcome.pod_gone, timed_out=outcome.timed_out)
+        if outcome is OK:  # most calls: nothing to read off the outcome
+            self.pool.release(lane)
+        else:
+            self.pool.release(lane, unavailable=outcome.pod_gone, timed_out=outcome.timed_out)
 
 
 class Lease:

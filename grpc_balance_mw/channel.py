@@ -374,12 +374,10 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
     def closed(self) -> bool:
         return self._stop.is_set()
 
-    def acquire(self, wait_for_ready: bool) -> Lane:
-        if self.pool.forked:
-            raise ForkedChannelError(
-                "this balanced channel was made before os.fork(); make one in the child process"
-            )
-        return super().acquire(wait_for_ready)
+    def forked_error(self) -> BalanceError:
+        return ForkedChannelError(
+            "this balanced channel was made before os.fork(); make one in the child process"
+        )
 
     # -- grpc.Channel ----------------------------------------------------------------------
 

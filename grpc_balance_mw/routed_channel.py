@@ -269,15 +269,23 @@ class _UnaryResponse(_Method[Route]):
         rest: tuple[Any, ...],
     ) -> Any:  # fmt: skip
         """One attempt on one route (``how``: ``__call__`` or ``with_call``)."""
-        route = self._route(rest[2], deadline)
+        router = self._router
+        if rest[2]:
+            route = self._route(True, deadline)
+        else:  # _route without waiting, one frame less on the common call
+            try:
+                route = router.acquire(False)
+            except NoRoute as error:
+                raise NoLaneError(str(error)) from error
         if deadline is not None:
             timeout = deadline.remaining()
-        router = self._router
         outcome = OK
         try:
             inner = router.multicallable(route, self._spec)
             return getattr(inner, how)(
-                request_for_attempt(self._stream_request, request), timeout, *rest
+                request_for_attempt(True, request) if self._stream_request else request,
+                timeout,
+                *rest,
             )
         except grpc.RpcError as error:
             outcome = error_outcome(error)
@@ -313,8 +321,13 @@ class _UnaryResponse(_Method[Route]):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
+        policy = self._owner.retry
         rest = (metadata, credentials, wait_for_ready, compression)
-        return self._invoke("__call__", request, timeout, rest)
+        if wait_for_ready or policy.max_attempts > 1:
+            return self._invoke("__call__", request, timeout, rest)
+        # The common call, sent once on a route had now: no retry plan to make.
+        policy.record_call()
+        return self._attempt("__call__", request, timeout, None, rest)
 
     def with_call(
         self,

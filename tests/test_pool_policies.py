@@ -166,3 +166,47 @@ def test_policies_compose_with_or_and_the_first_reason_wins() -> None:
     assert policy.why(lane, RotationContext(40.0)) == "age"
     assert not rotate_never()(lane, RotationContext(1e9))
     assert rotate_never().rotate_at(0.0, random.Random()) is None
+
+
+class _Reference:
+    """LeastOutstanding's rule as first written (``min`` with a key), to check the picker
+    against: the fewest in flight, then the least recently picked, of all lanes (up to 8) or of
+    ``choices`` drawn; a run stays on its lane unless it is busier than the best or a lane that
+    is active and was never picked is the best, or the run's lane is gone."""
+
+    def __init__(self, choices: int, run: int, rng: random.Random) -> None:
+        self.choices, self.run, self._rng = choices, run, rng
+        self._last: Lane | None = None
+        self._left = 0
+
+    def __call__(self, lanes: list[Lane]) -> Lane:
+        drawn = (
+            lanes if len(lanes) <= max(self.choices, 8) else self._rng.sample(lanes, self.choices)
+        )
+        best = min(drawn, key=lambda lane: (lane.in_flight, lane.last_picked))
+        last, fresh = self._last, best.last_picked == 0 and best.is_available()
+        stays = self._left > 0 and last is not None and last.in_flight <= best.in_flight
+        if stays and not fresh and last in lanes:
+            assert last is not None
+            self._left -= 1
+            return last
+        self._last, self._left = best, self.run - 1
+        return best
+
+
+@pytest.mark.parametrize("count", [1, 3, 8, 12])
+def test_least_outstanding_picks_as_its_rule_says(count: int) -> None:
+    states = random.Random(count)
+    lanes = [active_lane(i) for i in range(count)]
+    pick = LeastOutstanding(choices=2, run=4, rng=random.Random(7))
+    reference = _Reference(2, 4, random.Random(7))
+    for sequence in range(1, 2001):
+        for lane in lanes:  # calls come and go; lanes are checked, replaced, never picked
+            lane.in_flight = max(0, lane.in_flight + states.choice((-1, 0, 0, 1)))
+            lane.state = states.choice([LaneState.ACTIVE] * 5 + [LaneState.CHECKING])
+            if states.random() < 0.02:
+                lane.last_picked = 0
+        offered = [lane for lane in lanes if states.random() < 0.9] or lanes[:1]
+        chosen = pick(offered)
+        assert chosen is reference(offered), sequence
+        chosen.last_picked = sequence

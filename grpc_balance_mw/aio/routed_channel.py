@@ -33,6 +33,7 @@ import grpc
 
 from grpc_balance_mw._routing import (
     NO_OUTCOME,
+    OK,
     MethodSpec,
     NoRoute,
     Outcome,
@@ -64,6 +65,7 @@ Route = TypeVar("Route")
 #: How often a ``wait_for_ready`` call asks again for a route while there is none.
 WAIT_POLL_S = 0.02
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+_OK = grpc.StatusCode.OK.value[0]
 _INTERCEPTOR_KINDS = (
     grpc.aio.UnaryUnaryClientInterceptor,
     grpc.aio.UnaryStreamClientInterceptor,
@@ -101,20 +103,21 @@ def check_interceptors(interceptors: Sequence[Any] | None) -> list[Any]:
     return list(interceptors or ())
 
 
-class _Watch:
-    """What one attempt reports when it ends: its route's ticket and its observer."""
+class _Watch(Ticket[Any]):
+    """One attempt's hold on its route (a :class:`Ticket`) and what it reports when it ends:
+    one object per call, whose ``ended`` is the call's done-callback."""
 
-    __slots__ = ("observed", "observer", "started", "stream", "ticket")
+    __slots__ = ("observed", "observer", "started", "stream")
 
     def __init__(
-        self, ticket: Ticket[Any], observer: CallObserver | None, spec: MethodSpec
+        self, router: AioRouter[Any], route: Any, observer: CallObserver | None, spec: MethodSpec
     ) -> None:
-        self.ticket = ticket
+        super().__init__(router, route)
         self.observer = observer
-        self.stream = spec.kind != "unary_unary"
         self.observed: ObservedCall | None = None
         self.started: float | None = None
         if observer is not None:
+            self.stream = spec.kind != "unary_unary"
             if observer.telemetry is not None:
                 self.observed = observer.begin(spec.method, spec.kind)
             elif self.stream:
@@ -129,8 +132,10 @@ class _Watch:
             self.report(*state)
 
     def report(self, initial: Any, trailing: Any, number: int | None) -> None:
-        code = None if number is None else _CODES.get(number)
-        self.ticket.release(outcome_of(code, trailing), True)
+        if number == _OK:
+            self.release(OK, True)
+        else:
+            self.release(outcome_of(None if number is None else _CODES.get(number), trailing), True)
         observer = self.observer
         if observer is None:
             return
@@ -312,6 +317,10 @@ class RetryingCall:
             self._callbacks.append(callback)
 
 
+#: A call's metadata, credentials, wait_for_ready and compression, as given.
+_Rest = tuple[Any, Any, Any, Any]
+
+
 class _Plan(NamedTuple):
     """How one call is sent: its deadline, whether it may be sent again and why."""
 
@@ -442,19 +451,22 @@ class _Method(Generic[Route]):
         self._stream_response = spec.kind.endswith("stream")
         self.sleep = owner.sleep
 
-    def _on(self, route: Route, request: Any, timeout: float | None, kwargs: Any) -> Any:
+    def _on(self, route: Route, request: Any, timeout: float | None, rest: _Rest) -> Any:
         """Make the call on ``route``; its done-callback gives the route back."""
         router = self._router
+        metadata, credentials, wait_for_ready, compression = rest
         try:
             call = router.multicallable(route, self._spec)(
-                request_for_attempt(self._stream_request, request), timeout=timeout, **kwargs
-            )
+                request_for_attempt(True, request) if self._stream_request else request,
+                timeout=timeout, metadata=metadata, credentials=credentials,
+                wait_for_ready=wait_for_ready, compression=compression,
+            )  # fmt: skip
         except BaseException:  # the call never started: give the route back, re-raise as is
             router.release(route, NO_OUTCOME, False)
             raise
-        ticket = Ticket(router, route)
-        call.add_done_callback(_Watch(ticket, router.observer(route), self._spec).ended)
-        return call, ticket
+        watch = _Watch(router, route, router.observer(route), self._spec)
+        call.add_done_callback(watch.ended)
+        return call, watch
 
     async def route_and_start(self, plan: _Plan, start: Callable[[], Any]) -> Any:
         """``start()``, waiting for a route up to the deadline if the call waits for ready."""
@@ -477,18 +489,21 @@ class _Method(Generic[Route]):
         wait_for_ready: bool | None = None,
         compression: Any = None,
     ) -> Any:
-        check_metadata(metadata)
+        if metadata is not None:
+            check_metadata(metadata)
         owner = self._owner
         owner.start()
-        kwargs = {
-            "metadata": metadata,
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
+        rest = (metadata, credentials, wait_for_ready, compression)
         router = self._router
         policy = owner.retry
         policy.record_call()
+        if policy.max_attempts < 2 and not wait_for_ready and not self._stream_response:
+            # The common call: sent once, on a route had now, returned as grpc.aio's own call.
+            try:
+                route = router.acquire(False)
+            except NoRoute as error:  # as a grpc.aio channel without a connection
+                return _Unavailable(str(error))
+            return self._on(route, request, timeout, rest)[0]
         streaming = self._stream_request
         idempotent = policy.retryable(self._spec.method, request, streaming=streaming)
         resend = idempotent or policy.may_resend(request, streaming=streaming)
@@ -499,7 +514,7 @@ class _Method(Generic[Route]):
                 if not wait_for_ready:  # as a grpc.aio channel without a connection
                     return _Unavailable(str(error))
             else:
-                started = self._on(route, request, timeout, kwargs)
+                started = self._on(route, request, timeout, rest)
                 if self._stream_response:
                     return RoutedStream(self, None, lambda: started)
                 return started[0]
@@ -507,7 +522,7 @@ class _Method(Generic[Route]):
 
         def start() -> Any:
             route = router.acquire(plan.wait_for_ready)
-            return self._on(route, request, plan.deadline.remaining(), kwargs)
+            return self._on(route, request, plan.deadline.remaining(), rest)
 
         if self._stream_response:
             return RoutedStream(self, plan, start)

@@ -131,6 +131,35 @@ def build_parser() -> argparse.ArgumentParser:
         default=500,
         help="aio tasks on one channel (0: skip)",
     )
+    overhead.add_argument(
+        "--balanced",
+        action="store_true",
+        help="the balanced channel's client CPU per call against grpcio's native round_robin "
+        "and a plain channel (3 pods, one caller, threads, aio tasks, streaming; idle CPU)",
+    )
+    overhead.add_argument(
+        "--quick", action="store_true", help="--balanced: 2 short rounds (a smoke run)"
+    )
+    overhead.add_argument("--json", action="store_true", help="--balanced: one JSON document")
+    overhead.add_argument(
+        "--service",
+        choices=("auto", "haproxy", "userspace", "iptables"),
+        default="auto",
+        help="--balanced: the pods' L4 Service (auto: HAProxy if installed, else userspace)",
+    )
+    overhead.add_argument(
+        "--idle-s",
+        type=bounded_float(0.1, 600.0),
+        default=5.0,
+        help="--balanced: the idle window timed per kind of channel",
+    )
+    overhead.add_argument(
+        "--idle-settle-s",
+        type=bounded_float(0.0, 600.0),
+        default=3.0,
+        help="--balanced: how long channels sit idle before the window (60: a minute of a "
+        "stable pod set)",
+    )
     doctor = commands.add_parser(
         "doctor",
         help="what balances a target's calls, what does not, and the fix (bounded: about 5 s)",

@@ -275,6 +275,10 @@ def report(samples: dict[str, list[float]], calls: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "balanced", False):
+        from grpc_balance_mw.cli import overhead_balanced
+
+        return overhead_balanced.run(args)
     # the bench pod is one pod of "3": the pinned warning would be right, and noise here
     logging.getLogger("grpc_balance_mw").setLevel(logging.ERROR)
     # The detector alone, first: before any gRPC runs in this process (the threads an aio run

@@ -76,22 +76,32 @@ class LeastOutstanding:
         self._rng = rng if rng is not None else random.Random()
         self._last: Lane | None = None
         self._left = 0
+        self._exhaustive = max(choices, _EXHAUSTIVE)
 
     def __repr__(self) -> str:
         return f"LeastOutstanding(choices={self.choices}, run={self.run})"
 
     def __call__(self, lanes: Sequence[Lane]) -> Lane:
-        if len(lanes) <= max(self.choices, _EXHAUSTIVE):
+        # On every call, under the pool's lock: a plain loop, no key tuples nor helper calls.
+        if len(lanes) <= self._exhaustive:
             drawn: Sequence[Lane] = lanes
         else:
             drawn = self._rng.sample(lanes, self.choices)
-        best = min(drawn, key=_load)
+        best = drawn[0]
+        fewest, oldest = best.in_flight, best.last_picked
+        for lane in drawn:  # the first of the fewest in flight, then least recently picked
+            flight = lane.in_flight
+            if flight < fewest or (flight == fewest and lane.last_picked < oldest):
+                best, fewest, oldest = lane, flight, lane.last_picked
         last = self._last
         if (
             self._left > 0
             and last is not None
-            and last.in_flight <= best.in_flight
-            and not _new(best)
+            and last.in_flight <= fewest
+            # An active lane never picked (just activated) goes first. Lanes still being
+            # checked, which take calls only while no lane is active, do not count: a run
+            # then stays on the one lane whose connection is known to be up.
+            and not (oldest == 0 and best.is_available())
             and last in lanes
         ):
             self._left -= 1
@@ -99,14 +109,3 @@ class LeastOutstanding:
         self._last = best
         self._left = self.run - 1
         return best
-
-
-def _new(lane: Lane) -> bool:
-    """Active and never picked: a lane that just started taking calls. (Lanes still being
-    checked, which take calls only while no lane is active, do not count: a run then stays on
-    the one lane whose connection is known to be up.)"""
-    return lane.last_picked == 0 and lane.is_available()
-
-
-def _load(lane: Lane) -> tuple[int, int]:
-    return lane.in_flight, lane.last_picked
