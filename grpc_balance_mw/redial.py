@@ -71,9 +71,10 @@ import logging
 import math
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import grpc
@@ -101,12 +102,27 @@ _JOIN_S = 5.0
 
 @dataclass
 class RedialStats:
-    """Connections a channel made: ``predialled`` were connected before their call was made."""
+    """Connections a dial-per-request channel made (sync and ``grpc.aio`` alike):
+    ``predialled`` were connected before their call was made."""
 
     dialled: int = 0
     predialled: int = 0
     predial_failures: int = 0
     closed: int = 0
+
+    def __getitem__(self, name: str) -> int:
+        """``stats["dialled"]``: the ``grpc.aio`` channel's stats were a dict; deprecated."""
+        warnings.warn(
+            "stats[name] is deprecated: read stats.name (RedialStats)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if name not in _STATS_FIELDS:
+            raise KeyError(name)
+        return int(getattr(self, name))
+
+
+_STATS_FIELDS = frozenset(field.name for field in fields(RedialStats))
 
 
 def _observed(channel: grpc.Channel, observer: CallObserver | None) -> grpc.Channel:
@@ -513,13 +529,7 @@ class DialPerRequestChannel(ConnectionRoutes, RoutedChannel[Lease]):
         self.close()
 
 
-def dial_per_request_channel(
-    target: str,
-    credentials: grpc.ChannelCredentials | None = None,
-    options: Sequence[tuple[str, Any]] | None = None,
-    compression: grpc.Compression | None = None,
-    **kwargs: Any,
-) -> DialPerRequestChannel:
-    """Made like ``grpc.insecure_channel`` / ``grpc.secure_channel``; see
-    :class:`DialPerRequestChannel` for ``retry``, ``predial`` and the rest."""
-    return DialPerRequestChannel(target, credentials, options, compression, **kwargs)
+#: Made like ``grpc.insecure_channel`` / ``grpc.secure_channel``;
+#: the class itself, so that the factory's parameters are the constructor's, typed, and
+#: cannot drift from them.
+dial_per_request_channel = DialPerRequestChannel

@@ -125,7 +125,7 @@ async def run_bench_aio(
                     started = clock()
                     await call(request, timeout=5)
                     out.append((clock() - started) * 1000)
-        share = predialled.stats["predialled"] / max(predialled.stats["dialled"], 1)
+        share = predialled.stats.predialled / max(predialled.stats.dialled, 1)
         return {"samples": samples, "predialled_share": share, "spread": {}}
     finally:
         for channel in channels.values():

@@ -174,15 +174,12 @@ class Driver:
         """(dialled, predialled, closed)."""
         if self.loop is not None:
             self.run(asyncio.sleep(0))
-            s = channel.stats
-            return s["dialled"], s["predialled"], s["closed"]
         s = channel.stats
         return s.dialled, s.predialled, s.closed
 
     def predial_failures(self, channel: Any) -> int:
         if self.loop is not None:
             self.run(asyncio.sleep(0))
-            return channel.stats["predial_failures"]  # type: ignore[no-any-return]
         return channel.stats.predial_failures  # type: ignore[no-any-return]
 
     def close(self, channel: Any) -> None:

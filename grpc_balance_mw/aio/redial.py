@@ -50,9 +50,16 @@ from grpc_balance_mw.aio.routed_channel import (
 )
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.observing import ObserveOptions, build_observer, chosen_options
+from grpc_balance_mw.redial import RedialStats
 from grpc_balance_mw.retry import NO_RETRY, RetryPolicy, warn_if_native_retry
 
-__all__ = ["DialPerRequestChannel", "RetryingCall", "dial_per_request_channel", "failed_as_error"]
+__all__ = [
+    "DialPerRequestChannel",
+    "RedialStats",
+    "RetryingCall",
+    "dial_per_request_channel",
+    "failed_as_error",
+]
 
 FRESH_CONNECTION = ("grpc.use_local_subchannel_pool", 1)  # see grpc_balance_mw.redial
 _PREDIAL_RETRY_S = 0.5
@@ -111,13 +118,13 @@ class _Predialler:
                 await asyncio.wait_for(channel.channel_ready(), self._timeout_s)
             except asyncio.TimeoutError:
                 await channel.close()
-                self._owner.stats["closed"] += 1
-                self._owner.stats["predial_failures"] += 1
+                self._owner.stats.closed += 1
+                self._owner.stats.predial_failures += 1
                 self._owed.appendleft(self._loop.time() + _PREDIAL_RETRY_S)
                 continue
             except asyncio.CancelledError:
                 await channel.close()
-                self._owner.stats["closed"] += 1
+                self._owner.stats.closed += 1
                 raise
             self._ready.append(channel)
 
@@ -137,7 +144,7 @@ class _Predialler:
             task.exception()  # retrieved, so asyncio does not log it as never retrieved
         while self._ready:
             await self._ready.popleft().close()
-            self._owner.stats["closed"] += 1
+            self._owner.stats.closed += 1
 
 
 class DialPerRequestChannel(ConnectionRoutes, RoutedChannel[Lease]):
@@ -172,7 +179,7 @@ class DialPerRequestChannel(ConnectionRoutes, RoutedChannel[Lease]):
         self.target = target
         self.retry = retry
         self.sleep = sleep
-        self.stats = {"dialled": 0, "predialled": 0, "predial_failures": 0, "closed": 0}
+        self.stats = RedialStats()
         self._credentials = credentials
         self._options = [*(options or ()), FRESH_CONNECTION]
         self._compression = compression
@@ -201,8 +208,8 @@ class DialPerRequestChannel(ConnectionRoutes, RoutedChannel[Lease]):
         s = self.stats
         state = "closed" if self._closed else "open"
         return (
-            f"<aio.DialPerRequestChannel {self.target} {state}: {s['dialled']} dialled "
-            f"({s['predialled']} predialled, {self.ready()} ready), {s['closed']} closed>"
+            f"<aio.DialPerRequestChannel {self.target} {state}: {s.dialled} dialled "
+            f"({s.predialled} predialled, {self.ready()} ready), {s.closed} closed>"
         )
 
     def _start_predial(self) -> None:
@@ -227,7 +234,7 @@ class DialPerRequestChannel(ConnectionRoutes, RoutedChannel[Lease]):
 
     def dial(self) -> grpc.aio.Channel:
         """A new channel on a connection of its own (the hook tests and subclasses override)."""
-        self.stats["dialled"] += 1
+        self.stats.dialled += 1
         return self._dial()
 
     def _dial(self) -> grpc.aio.Channel:
@@ -251,7 +258,7 @@ class DialPerRequestChannel(ConnectionRoutes, RoutedChannel[Lease]):
         if channel is None:
             lease = Lease(self.dial(), predialled=False)
         else:
-            self.stats["predialled"] += 1
+            self.stats.predialled += 1
             lease = Lease(channel, predialled=True)
         self._active.add(lease)
         return lease
@@ -271,7 +278,7 @@ class DialPerRequestChannel(ConnectionRoutes, RoutedChannel[Lease]):
 
     async def _finish(self, lease: Lease) -> None:
         await lease.channel.close()
-        self.stats["closed"] += 1
+        self.stats.closed += 1
         if lease.predialled:
             self.call_ended()
 
@@ -291,7 +298,7 @@ class DialPerRequestChannel(ConnectionRoutes, RoutedChannel[Lease]):
         self._closed = True
         active, self._active = self._active, set()
         await asyncio.gather(*(lease.channel.close(grace) for lease in active))
-        self.stats["closed"] += len(active)
+        self.stats.closed += len(active)
         if self._predialler is not None:
             await self._predialler.close()
         if self._tasks:  # connections of finished calls being closed
@@ -305,14 +312,7 @@ class DialPerRequestChannel(ConnectionRoutes, RoutedChannel[Lease]):
         await self.close()
 
 
-def dial_per_request_channel(
-    target: str,
-    credentials: grpc.ChannelCredentials | None = None,
-    options: Sequence[tuple[str, Any]] | None = None,
-    compression: grpc.Compression | None = None,
-    interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
-    **kwargs: Any,
-) -> DialPerRequestChannel:
-    """Made like ``grpc.aio.insecure_channel`` / ``grpc.aio.secure_channel``; see
-    :class:`DialPerRequestChannel` for ``retry``, ``predial`` and the rest."""
-    return DialPerRequestChannel(target, credentials, options, compression, interceptors, **kwargs)
+#: Made like ``grpc.aio.insecure_channel`` / ``grpc.aio.secure_channel``;
+#: the class itself, so that the factory's parameters are the constructor's, typed, and
+#: cannot drift from them.
+dial_per_request_channel = DialPerRequestChannel
