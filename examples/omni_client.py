@@ -55,8 +55,9 @@ def make_channel(mode: str, target: str, expected_pods: int | None) -> grpc.Chan
         return observe(grpc.insecure_channel(target), options)
     if mode == "rebalance":
 
-        def more_like_mine(extra: Sequence[tuple[str, Any]]) -> grpc.Channel:
-            return grpc.insecure_channel(target, options=list(extra))
+        def more_like_mine(extra: Sequence[tuple[str, Any]], interceptors: Any) -> grpc.Channel:
+            channel = grpc.insecure_channel(target, options=list(extra))
+            return grpc.intercept_channel(channel, *interceptors)
 
         return observe(grpc.insecure_channel(target), options, rebalance=Rebalance(more_like_mine))
     if mode == "balanced":

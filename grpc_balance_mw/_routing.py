@@ -24,8 +24,10 @@ adapters do the I/O; what they decide is decided here, once, so the four adapter
 
 from __future__ import annotations
 
+import inspect
 import threading
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import grpc
@@ -40,6 +42,7 @@ __all__ = [
     "NEVER_SENT",
     "NO_OUTCOME",
     "OK",
+    "ChannelFactory",
     "ConnectionRoutes",
     "LaneRoutes",
     "Lease",
@@ -48,10 +51,14 @@ __all__ = [
     "Outcome",
     "Router",
     "Ticket",
+    "can_call",
     "channel_method",
     "check_channel_options",
+    "check_form",
     "check_metadata",
     "error_outcome",
+    "lane_factory",
+    "made_for",
     "never_sent",
     "outcome_of",
     "request_for_attempt",
@@ -68,6 +75,84 @@ NEVER_SENT = (
 )
 
 Route = TypeVar("Route")
+Channel = TypeVar("Channel", covariant=True)
+Made = TypeVar("Made")
+MadeFor = TypeVar("MadeFor", bound=Callable[..., Any])
+
+
+class ChannelFactory(Protocol[Channel]):
+    """Makes one more channel like the user's, for a lane; the same form in both flavours.
+
+    Called as ``factory(extra_options, interceptors)``: ``extra_options`` are the lane's own
+    channel options (``grpc.use_local_subchannel_pool``, so that it gets a connection of its
+    own), to add after the user's; ``interceptors`` are client interceptors to give the channel
+    after the user's (``grpc.aio`` lanes pass the user's; sync lanes pass none, as they observe
+    by wrapping the channel). ``channel_factory(target, credentials, options)`` of either
+    flavour makes one. A sync factory of one argument, ``factory(extra_options)`` (the form
+    before), is still accepted for one release, with a ``DeprecationWarning``.
+    """
+
+    def __call__(
+        self, extra_options: Sequence[tuple[str, Any]], interceptors: Sequence[Any], /
+    ) -> Channel: ...
+
+
+def can_call(factory: Callable[..., Any], *arguments: object) -> bool | None:
+    """Whether ``factory`` can be called with ``arguments`` (None: Python cannot tell)."""
+    try:
+        inspect.signature(factory).bind(*arguments)
+    except TypeError:
+        return False
+    except ValueError:  # a callable Python cannot describe
+        return None
+    return True
+
+
+def made_for(factory: MadeFor, form: str) -> MadeFor:
+    """Mark ``factory`` as making channels of ``form`` ("sync" or "grpc.aio"), so that a
+    factory of the other flavour is refused when it is given, not when a lane is opened."""
+    factory._grpc_balance_form = form  # type: ignore[attr-defined]
+    return factory
+
+
+def check_form(factory: Callable[..., Any], form: str, where: str) -> None:
+    """Refuse a factory :func:`made_for` the other flavour."""
+    made = getattr(factory, "_grpc_balance_form", None)
+    if made is not None and made != form:
+        package = "grpc_balance_mw" if form == "sync" else "grpc_balance_mw.aio"
+        raise ConfigurationError(
+            f"{where}: this factory makes {made} channels; a {form} channel needs one of "
+            f"{package}.channel_factory"
+        )
+
+
+def lane_factory(factory: Callable[..., Made], form: str) -> ChannelFactory[Made]:
+    """``factory`` as ``form``'s lanes call it, ``factory(extra_options, interceptors)``; a
+    sync factory of the old one-argument form is wrapped (with a ``DeprecationWarning``), for
+    one release."""
+    check_form(factory, form, "channel factory")
+    if (
+        form != "sync"
+        or can_call(factory, (), ()) is not False
+        or can_call(factory, ()) is not True
+    ):
+        return factory  # the form of ChannelFactory, or one Python cannot tell: called as is
+    warnings.warn(
+        "a channel factory of one argument, factory(extra_options), is deprecated: take "
+        "factory(extra_options, interceptors), as grpc_balance_mw.channel.ChannelFactory says",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+    def old_form(extra_options: Sequence[tuple[str, Any]], interceptors: Sequence[Any]) -> Made:
+        if interceptors:
+            raise ConfigurationError(
+                "this channel factory takes no interceptors: take factory(extra_options, "
+                "interceptors)"
+            )
+        return factory(extra_options)
+
+    return old_form
 
 
 class Outcome(NamedTuple):

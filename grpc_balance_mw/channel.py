@@ -45,7 +45,8 @@ from typing import Any
 
 import grpc
 
-from grpc_balance_mw._routing import LaneRoutes, check_channel_options
+from grpc_balance_mw._routing import ChannelFactory as LaneChannelFactory
+from grpc_balance_mw._routing import LaneRoutes, check_channel_options, lane_factory, made_for
 from grpc_balance_mw.affinity import forking
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.errors import BalanceError, ConfigurationError
@@ -90,8 +91,9 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 Options = Sequence[tuple[str, Any]]
-#: Makes one lane's channel from the options given (the lane's own options included).
-ChannelFactory = Callable[[Options], grpc.Channel]
+#: Makes one lane's channel: ``factory(extra_options, interceptors)`` (see
+#: :class:`grpc_balance_mw._routing.ChannelFactory`, the same form as ``grpc.aio``'s).
+ChannelFactory = LaneChannelFactory[grpc.Channel]
 #: gRPC core shares one connection between channels with the same target and arguments; this
 #: gives each lane a connection of its own.
 LOCAL_POOL_OPTION = ("grpc.use_local_subchannel_pool", 1)
@@ -106,7 +108,8 @@ def channel_factory(
     compression: grpc.Compression | None = None,
 ) -> ChannelFactory:
     """The factory ``grpc.secure_channel`` / ``insecure_channel`` make: TLS for every lane when
-    ``credentials`` are given (never a downgrade on a redial).
+    ``credentials`` are given (never a downgrade on a redial); the interceptors it is given
+    wrap the channel (``grpc.intercept_channel``).
 
     Raises:
         ConfigurationError: ``options`` are not grpc channel options (``ObserveOptions`` go
@@ -114,13 +117,15 @@ def channel_factory(
     """
     base = check_channel_options(options, "channel_factory")
 
-    def make(extra: Options) -> grpc.Channel:
+    def make(extra: Options, interceptors: Sequence[Any] = ()) -> grpc.Channel:
         merged = (*base, *extra)
         if credentials is not None:
-            return grpc.secure_channel(target, credentials, merged, compression)
-        return grpc.insecure_channel(target, merged, compression)
+            channel = grpc.secure_channel(target, credentials, merged, compression)
+        else:
+            channel = grpc.insecure_channel(target, merged, compression)
+        return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
 
-    return make
+    return made_for(make, "sync")
 
 
 def check_result(future: Any, timeout: float) -> CheckResult:
@@ -240,7 +245,7 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
             if pool is not None
             else LanePool(PoolConfig(expected_pods=self._options.expected_pods))
         )
-        self._factory = factory
+        self._factory = factory = lane_factory(factory, "sync")
         self.detector: AffinityDetector = detector_for(target, self._options)
         # The target's calls (these at least) run on lanes: an alarm's advice is not to use them.
         self.detector.lanes_opened()
@@ -248,7 +253,7 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
         self._check_timeout_s = check_timeout_s
         self._tick_s = tick_s
         self._stop = threading.Event()
-        self._connectivity = Connectivity(lambda: factory((LOCAL_POOL_OPTION,)))
+        self._connectivity = Connectivity(lambda: factory((LOCAL_POOL_OPTION,), ()))
         self._faults = CheckFaults(_log, target)
         forking.track(self)
         # Open the first lanes now (lazily, as grpc channels are) so calls can start at once;
@@ -291,7 +296,7 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
     # -- lanes -----------------------------------------------------------------------------
 
     def _open(self, lane: Lane) -> None:
-        raw = self._factory((LOCAL_POOL_OPTION,))
+        raw = self._factory((LOCAL_POOL_OPTION,), ())
         lane.connection = _LaneConnection(raw, self._observed(raw, lane))
 
     def _observed(self, raw: grpc.Channel, lane: Lane) -> grpc.Channel:

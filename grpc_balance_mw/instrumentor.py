@@ -235,8 +235,9 @@ def _lane_factory(dial: Callable[..., Any], named: dict[str, Any]) -> Callable[.
     compression = named.get("compression")
     if "interceptors" not in named:
 
-        def sync_lane(extra: Sequence[tuple[str, Any]]) -> Any:
-            return dial(*head, options=(*base, *extra), compression=compression)
+        def sync_lane(extra: Sequence[tuple[str, Any]], interceptors: Sequence[Any] = ()) -> Any:
+            channel = dial(*head, options=(*base, *extra), compression=compression)
+            return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
 
         return sync_lane
     given = list(named.get("interceptors") or ())

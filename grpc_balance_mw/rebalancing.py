@@ -7,14 +7,13 @@ each brings its balanced channel, so neither flavour imports the other's adapter
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from grpc_balance_mw._routing import MethodSpec
+from grpc_balance_mw._routing import MethodSpec, can_call, check_form
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.observing import ObserveOptions
@@ -33,14 +32,15 @@ class Rebalance:
     """When and how an observed channel moves its calls onto lanes; the same for sync and aio.
 
     Attributes:
-        factory: makes one more channel like the user's, given extra channel options (each lane
-            adds ``grpc.use_local_subchannel_pool`` so it gets a connection of its own). Sync:
-            ``factory(extra) -> grpc.Channel``, e.g. ``channel_factory(target, creds, options)``
-            or ``lambda extra: grpc.secure_channel(target, creds, options=[*mine, *extra])``.
-            ``grpc.aio``: ``factory(extra, interceptors) -> grpc.aio.Channel`` (the
-            interceptors observe the lane), e.g. ``grpc_balance_mw.aio.channel_factory(target,
-            creds, options)``. Calls that moved run through these channels only: give them what
-            the user's channel has (credentials, options, interceptors of your own).
+        factory: makes one more channel like the user's, called as ``factory(extra_options,
+            interceptors)`` in both flavours (:data:`grpc_balance_mw.channel.ChannelFactory`):
+            each lane adds ``grpc.use_local_subchannel_pool`` so it gets a connection of its
+            own; ``grpc.aio`` lanes pass interceptors that observe the lane, sync lanes none.
+            E.g. ``channel_factory(target, creds, options)`` of the flavour, or ``lambda extra,
+            interceptors: grpc.secure_channel(target, creds, options=[*mine, *extra])``; a sync
+            ``factory(extra)`` is still accepted for one release (deprecated). Calls that moved
+            run through these channels only: give them what the user's channel has
+            (credentials, options, interceptors of your own).
         when: ``"alarm"``: once the detector says pinned or skewed; ``"always"``: from the start.
         lanes: lanes kept at least (see ``balanced_channel``).
         max_lanes: lanes kept at most while following the pods known.
@@ -75,21 +75,19 @@ class Rebalance:
         # Said now, not when the alarm comes on a background thread: the pool's own checks.
         PoolConfig(min_lanes=self.lanes, max_lanes=max(self.lanes, self.max_lanes))
 
-    def check_factory(self, *arguments: object, form: str) -> None:
-        """Refuse a factory that cannot take what ``form``'s lanes pass it (a sync factory given
-        to ``grpc_balance_mw.aio.observe``, or the reverse), now rather than at the move."""
-        try:
-            signature = inspect.signature(self.factory)
-        except (TypeError, ValueError):  # a callable Python cannot describe: trust it
-            return
-        try:
-            signature.bind(*arguments)
-        except TypeError:
-            shape = "(extra_options)" if len(arguments) == 1 else "(extra_options, interceptors)"
-            raise ConfigurationError(
-                f"Rebalance: a {form} factory is called as factory{shape}; see "
-                f"{'grpc_balance_mw' if form == 'sync' else 'grpc_balance_mw.aio'}.channel_factory"
-            ) from None
+    def check_factory(self, form: str) -> None:
+        """Refuse a factory that cannot take what ``form``'s lanes pass it, or one made for the
+        other flavour (a sync ``channel_factory`` given to ``grpc_balance_mw.aio.observe``, or
+        the reverse), now rather than at the move."""
+        check_form(self.factory, form, "Rebalance")
+        if can_call(self.factory, (), ()) is not False:
+            return  # the form of ChannelFactory, or one Python cannot describe: trusted
+        if form == "sync" and can_call(self.factory, ()):
+            return  # the deprecated one-argument sync form: the balanced channel adapts it
+        raise ConfigurationError(
+            f"Rebalance: a {form} factory is called as factory(extra_options, interceptors); "
+            f"see {'grpc_balance_mw' if form == 'sync' else 'grpc_balance_mw.aio'}.channel_factory"
+        )
 
 
 class RebalanceCore:
@@ -100,8 +98,7 @@ class RebalanceCore:
     a thread or a task (:meth:`_watch_from_now`).
     """
 
-    #: How this driver's lanes call the factory (checked when the channel is observed).
-    _FACTORY_ARGUMENTS: ClassVar[tuple[object, ...]] = ((),)
+    #: Which channels this driver's factory makes (checked when the channel is observed).
     _FORM: ClassVar[str] = "sync"
     #: The balanced channel the calls move to, and each call kind's method that follows them.
     _BALANCED: ClassVar[type[Any]]
@@ -114,7 +111,7 @@ class RebalanceCore:
         options: ObserveOptions,
         rebalance: Rebalance,
     ) -> None:
-        rebalance.check_factory(*self._FACTORY_ARGUMENTS, form=self._FORM)
+        rebalance.check_factory(self._FORM)
         self.target = target
         self.detector = detector
         self.rebalance = rebalance

@@ -71,9 +71,11 @@ class SyncRouter(Protocol[Route]):
 
 class NoLaneError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
     """UNAVAILABLE: the channel has no route with a connection now (as a grpc channel without
-    a connection fails a call); retryable like any UNAVAILABLE, and never sent."""
+    a connection fails a call); retryable like any UNAVAILABLE, and never sent. The
+    ``grpc.aio`` channels raise :class:`grpc_balance_mw.aio.routed_channel.NoLaneError`, a
+    subclass that is also a ``grpc.aio.AioRpcError``: ``except NoLaneError`` catches both."""
 
-    def __init__(self, details: str) -> None:
+    def __init__(self, details: str = "") -> None:
         super().__init__(details)
         self._details = details
 

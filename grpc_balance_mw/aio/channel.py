@@ -31,12 +31,19 @@ from typing import Any
 
 import grpc
 
-from grpc_balance_mw._routing import LaneRoutes, check_channel_options
+from grpc_balance_mw._routing import (
+    ChannelFactory,
+    LaneRoutes,
+    check_channel_options,
+    lane_factory,
+    made_for,
+)
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.affinity.observer import CallObserver
 from grpc_balance_mw.aio.client import AffinityInterceptors, append_interceptors, has_interceptors
 from grpc_balance_mw.aio.routed_channel import (
     Connectivity,
+    NoLaneError,
     RoutedChannel,
     check_interceptors,
     spawn_soon,
@@ -73,14 +80,21 @@ from grpc_balance_mw.retry import (
     warn_if_native_retry,
 )
 
-__all__ = ["AioChannelFactory", "BalancedChannel", "balanced_channel", "channel_factory"]
+__all__ = [
+    "AioChannelFactory",
+    "BalancedChannel",
+    "NoLaneError",
+    "balanced_channel",
+    "channel_factory",
+]
 
 _log = logging.getLogger(__name__)
 
 Options = Sequence[tuple[str, Any]]
 Interceptors = Sequence[grpc.aio.ClientInterceptor]
-#: Makes one lane's channel from options (the lane's own included) and interceptors.
-AioChannelFactory = Callable[[Options, Interceptors], grpc.aio.Channel]
+#: Makes one lane's channel: ``factory(extra_options, interceptors)``, the same form as the
+#: sync one's (:class:`grpc_balance_mw._routing.ChannelFactory`).
+AioChannelFactory = ChannelFactory[grpc.aio.Channel]
 #: gRPC core shares one connection between channels with the same target and arguments.
 LOCAL_POOL_OPTION = ("grpc.use_local_subchannel_pool", 1)
 _BURST_ROUNDS = 16
@@ -100,7 +114,7 @@ def channel_factory(
     """
     base = check_channel_options(options, "channel_factory")
 
-    def make(extra: Options, interceptors: Interceptors) -> grpc.aio.Channel:
+    def make(extra: Options, interceptors: Interceptors = ()) -> grpc.aio.Channel:
         # By keyword: opentelemetry-instrumentation-grpc's aio instrumentor wraps these
         # functions and sets ``interceptors=`` itself, so a positional one is given twice.
         merged = (*base, *extra)
@@ -109,7 +123,7 @@ def channel_factory(
             return grpc.aio.secure_channel(target, credentials, **kwargs)
         return grpc.aio.insecure_channel(target, **kwargs)
 
-    return make
+    return made_for(make, "grpc.aio")
 
 
 #: The health check's method name as grpc.aio hands it to interceptors (bytes), and as str.
@@ -233,7 +247,7 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
             if pool is not None
             else LanePool(PoolConfig(expected_pods=self._options.expected_pods))
         )
-        self._factory = factory
+        self._factory = factory = lane_factory(factory, "grpc.aio")
         self._connectivity = Connectivity(lambda: factory((LOCAL_POOL_OPTION,), ()))
         self.detector: AffinityDetector = detector_for(target, self._options)
         # The target's calls (these at least) run on lanes: an alarm's advice is not to use them.

@@ -38,7 +38,6 @@ class Rebalancer(RebalanceCore):
     is time. The task starts on the loop running when the channel is observed, or with the
     first call; it belongs to that loop, as the channels do."""
 
-    _FACTORY_ARGUMENTS = ((), ())
     _FORM = "grpc.aio"
     _BALANCED = BalancedChannel
     _REROUTED = kind_classes(by_response(_Rerouted, _Rerouted), AIO_MULTICALLABLES)

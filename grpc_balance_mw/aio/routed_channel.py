@@ -47,11 +47,13 @@ from grpc_balance_mw._routing import (
 from grpc_balance_mw.affinity.observer import CallObserver, ObservedCall
 from grpc_balance_mw.aio._grpcio import final_state
 from grpc_balance_mw.retry import Deadline, RetryPolicy, acall_with_retries, code_of
+from grpc_balance_mw.routed_channel import NoLaneError as SyncNoLaneError
 
 __all__ = [
     "AioRouter",
     "Connectivity",
     "MethodSpec",
+    "NoLaneError",
     "RetryingCall",
     "RoutedChannel",
     "RoutedStream",
@@ -170,14 +172,25 @@ async def _await_final_state(watch: _Watch, call: Any) -> None:
     watch.report(initial, trailing, code.value[0] if code is not None else None)
 
 
+class NoLaneError(grpc.aio.AioRpcError, SyncNoLaneError):  # type: ignore[misc]
+    """UNAVAILABLE: the channel has no route with a connection now. The sync channels'
+    :class:`grpc_balance_mw.routed_channel.NoLaneError` (``except NoLaneError`` catches both
+    flavours), and a ``grpc.aio.AioRpcError``, as a grpc.aio channel without a connection
+    fails a call; its ``code()``, ``details()`` and metadata are grpc.aio's."""
+
+    def __init__(self, details: str = "") -> None:
+        grpc.aio.AioRpcError.__init__(
+            self, grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details
+        )
+
+
 class _Unavailable:
-    """A call that could not start: no route has a connection. It fails UNAVAILABLE when
-    awaited or read, as a grpc.aio call on a channel without a connection does."""
+    """A call that could not start: no route has a connection. It fails UNAVAILABLE
+    (:class:`NoLaneError`) when awaited or read, as a grpc.aio call on a channel without a
+    connection does."""
 
     def __init__(self, details: str) -> None:
-        self.error = grpc.aio.AioRpcError(
-            grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details
-        )
+        self.error = NoLaneError(details)
 
     def __await__(self) -> Generator[Any, None, Any]:
         raise self.error
