@@ -27,7 +27,8 @@ from __future__ import annotations
 import inspect
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, fields
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import grpc
@@ -139,7 +140,7 @@ def lane_factory(factory: Callable[..., Made], form: str) -> ChannelFactory[Made
         return factory  # the form of ChannelFactory, or one Python cannot tell: called as is
     warnings.warn(
         "a channel factory of one argument, factory(extra_options), is deprecated: take "
-        "factory(extra_options, interceptors), as grpc_balance_mw.channel.ChannelFactory says",
+        "factory(extra_options, interceptors), as grpc_balance_mw.balanced.ChannelFactory says",
         DeprecationWarning,
         stacklevel=3,
     )
@@ -449,3 +450,88 @@ class ConnectionRoutes:
 
     def multicallable(self, lease: Lease, spec: MethodSpec) -> Any:
         return spec.make(lease.channel)
+
+
+class NoLaneError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    """UNAVAILABLE: the channel has no route with a connection now (as a grpc channel without
+    a connection fails a call); retryable like any UNAVAILABLE, and never sent. The
+    ``grpc.aio`` channels raise :class:`grpc_balance_mw.aio.routed_channel.NoLaneError`, a
+    subclass that is also a ``grpc.aio.AioRpcError``: ``except NoLaneError`` catches both."""
+
+    def __init__(self, details: str = "") -> None:
+        super().__init__(details)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._details
+
+    def initial_metadata(self) -> tuple[()]:
+        return ()
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Any) -> bool:
+        return False
+
+    # As a response stream and a future that failed before they started.
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        raise self
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        fn(self)
+
+    def done(self) -> bool:
+        return True
+
+    def running(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def result(self, timeout: float | None = None) -> Any:
+        raise self
+
+    def exception(self, timeout: float | None = None) -> BaseException:
+        return self
+
+
+@dataclass
+class RedialStats:
+    """Connections a dial-per-request channel made (sync and ``grpc.aio`` alike):
+    ``predialled`` were connected before their call was made."""
+
+    dialled: int = 0
+    predialled: int = 0
+    predial_failures: int = 0
+    closed: int = 0
+
+    def __getitem__(self, name: str) -> int:
+        """``stats["dialled"]``: the ``grpc.aio`` channel's stats were a dict; deprecated."""
+        warnings.warn(
+            "stats[name] is deprecated: read stats.name (RedialStats)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if name not in _STATS_FIELDS:
+            raise KeyError(name)
+        return int(getattr(self, name))
+
+
+_STATS_FIELDS = frozenset(field.name for field in fields(RedialStats))

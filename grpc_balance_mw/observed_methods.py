@@ -1,7 +1,7 @@
 """The sync observed channel: a ``grpc.Channel`` that sees which pod served each call.
 
 :class:`ObservedChannel` feeds the same :class:`CallObserver` as the interceptor form
-(:func:`grpc_balance_mw.client.affinity_interceptors`) but wraps the inner channel's
+(:func:`grpc_balance_mw.interceptors.affinity_interceptors`) but wraps the inner channel's
 multicallables directly: ``grpc.intercept_channel`` wraps every call in a client-call-details
 object, a continuation closure and an outcome future, a measurable part of a warm unary call.
 Stubs and ``grpc.intercept_channel`` accept it as they accept any channel.

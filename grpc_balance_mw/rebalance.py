@@ -13,7 +13,7 @@ One core for both forms (:mod:`grpc_balance_mw.rebalancing`, re-exported here):
 :class:`Rebalance` (the settings), :class:`RebalanceCore` (when to move, the pool the lanes
 get, what the detector is told, which methods follow) and :class:`Rerouted` (a method that
 follows the move) are shared by the sync driver here
-(:class:`Rebalancer`: a watcher thread and a :class:`~grpc_balance_mw.channel.BalancedChannel`)
+(:class:`Rebalancer`: a watcher thread and a :class:`~grpc_balance_mw.balanced.BalancedChannel`)
 and the ``grpc.aio`` one (:class:`grpc_balance_mw.aio.rebalance.Rebalancer`: a watcher task and
 an aio balanced channel). The calls that moved are the balanced channel's: its routing core
 (:mod:`grpc_balance_mw.routed_channel`) attempts, retries and releases them.
@@ -24,8 +24,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from grpc_balance_mw.balanced import BalancedChannel
 from grpc_balance_mw.call_kinds import SYNC_MULTICALLABLES, by_response, kind_classes
-from grpc_balance_mw.channel import BalancedChannel
 from grpc_balance_mw.rebalancing import Rebalance, RebalanceCore, Rerouted
 
 __all__ = ["Rebalance", "RebalanceCore", "Rebalancer", "Rerouted"]
@@ -41,7 +41,7 @@ class _ReroutedUnaryResponse(Rerouted):
 
 class Rebalancer(RebalanceCore):
     """The sync driver: a thread looks at the detector and opens a
-    :class:`~grpc_balance_mw.channel.BalancedChannel` when it is time."""
+    :class:`~grpc_balance_mw.balanced.BalancedChannel` when it is time."""
 
     _BALANCED = BalancedChannel
     _REROUTED = kind_classes(by_response(_ReroutedUnaryResponse, Rerouted), SYNC_MULTICALLABLES)

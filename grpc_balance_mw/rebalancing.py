@@ -33,7 +33,7 @@ class Rebalance:
 
     Attributes:
         factory: makes one more channel like the user's, called as ``factory(extra_options,
-            interceptors)`` in both flavours (:data:`grpc_balance_mw.channel.ChannelFactory`):
+            interceptors)`` in both flavours (:data:`grpc_balance_mw.balanced.ChannelFactory`):
             each lane adds ``grpc.use_local_subchannel_pool`` so it gets a connection of its
             own; ``grpc.aio`` lanes pass interceptors that observe the lane, sync lanes none.
             E.g. ``channel_factory(target, creds, options)`` of the flavour, or ``lambda extra,

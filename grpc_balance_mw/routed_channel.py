@@ -1,8 +1,8 @@
 """The sync ``grpc.Channel`` facade of the routing core: the four call kinds from one table.
 
 A :class:`RoutedChannel` makes its calls on routes that a :class:`SyncRouter` hands out: the
-balanced channel's lanes (:mod:`grpc_balance_mw.channel`) or dial-per-request's fresh
-connections (:mod:`grpc_balance_mw.redial`). The per-call routine is written once, here:
+balanced channel's lanes (:mod:`grpc_balance_mw.balanced`) or dial-per-request's fresh
+connections (:mod:`grpc_balance_mw.dial_per_request`). The per-call routine is written once, here:
 
 - take a route (with ``wait_for_ready=True``, wait for one up to the call's deadline, as a grpc
   channel waits for its connection);
@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
@@ -37,6 +37,7 @@ from grpc_balance_mw._routing import (
     NO_OUTCOME,
     OK,
     MethodSpec,
+    NoLaneError,
     NoRoute,
     Outcome,
     Ticket,
@@ -67,66 +68,6 @@ class SyncRouter(Protocol[Route]):
 
     def release(self, route: Route, outcome: Outcome, in_callback: bool) -> None:
         """The attempt on ``route`` ended; exactly once per route."""
-
-
-class NoLaneError(grpc.RpcError, grpc.Call):  # type: ignore[misc]
-    """UNAVAILABLE: the channel has no route with a connection now (as a grpc channel without
-    a connection fails a call); retryable like any UNAVAILABLE, and never sent. The
-    ``grpc.aio`` channels raise :class:`grpc_balance_mw.aio.routed_channel.NoLaneError`, a
-    subclass that is also a ``grpc.aio.AioRpcError``: ``except NoLaneError`` catches both."""
-
-    def __init__(self, details: str = "") -> None:
-        super().__init__(details)
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAVAILABLE
-
-    def details(self) -> str:
-        return self._details
-
-    def initial_metadata(self) -> tuple[()]:
-        return ()
-
-    def trailing_metadata(self) -> tuple[()]:
-        return ()
-
-    def is_active(self) -> bool:
-        return False
-
-    def time_remaining(self) -> float | None:
-        return None
-
-    def cancel(self) -> bool:
-        return False
-
-    def add_callback(self, callback: Any) -> bool:
-        return False
-
-    # As a response stream and a future that failed before they started.
-    def __iter__(self) -> Iterator[Any]:
-        return self
-
-    def __next__(self) -> Any:
-        raise self
-
-    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
-        fn(self)
-
-    def done(self) -> bool:
-        return True
-
-    def running(self) -> bool:
-        return False
-
-    def cancelled(self) -> bool:
-        return False
-
-    def result(self, timeout: float | None = None) -> Any:
-        raise self
-
-    def exception(self, timeout: float | None = None) -> BaseException:
-        return self
 
 
 def call_outcome(call: Any) -> Outcome:

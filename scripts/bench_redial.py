@@ -7,7 +7,8 @@ the client makes unary calls through three channels, interleaved in rounds so dr
 machine's speed hits them all alike:
 
 * ``plain``: one warm ``grpc.insecure_channel`` (every call on the same connection);
-* ``dial-per-request``: :class:`~grpc_balance_mw.redial.DialPerRequestChannel`, each call dials;
+* ``dial-per-request``: :class:`~grpc_balance_mw.dial_per_request.DialPerRequestChannel`,
+  each call dials;
 * ``dial-per-request-predial``: the same with ``predial`` connections dialled ahead by its thread.
 
 ``--gap-ms`` pauses between calls (not timed), as a real client's calls are spaced; with no gap
@@ -30,8 +31,8 @@ from typing import Any
 
 import grpc
 
-from grpc_balance_mw.aio.redial import DialPerRequestChannel as AioDialPerRequestChannel
-from grpc_balance_mw.redial import DialPerRequestChannel
+from grpc_balance_mw.aio.dial_per_request import DialPerRequestChannel as AioDialPerRequestChannel
+from grpc_balance_mw.dial_per_request import DialPerRequestChannel
 from grpc_balance_mw.testing import LocalCluster
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc

@@ -12,9 +12,9 @@ from calls import Seen, call_aio, call_sync
 
 from grpc_balance_mw import server as sync_server
 from grpc_balance_mw.affinity import AffinityConfig
-from grpc_balance_mw.aio import client as aio_client
-from grpc_balance_mw.client import AffinityInterceptor
+from grpc_balance_mw.aio import interceptors as aio_client
 from grpc_balance_mw.identity import PodIdentity
+from grpc_balance_mw.interceptors import AffinityInterceptor
 from grpc_balance_mw.observed_channel import observe
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.testing.charge_points.servicer import SyncChargePointsServicer

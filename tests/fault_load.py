@@ -19,10 +19,10 @@ from typing import Any
 import grpc
 from calls import call_aio, call_sync
 
-from grpc_balance_mw import redial
-from grpc_balance_mw.aio import redial as aio_redial
-from grpc_balance_mw.aio.channel import balanced_channel as aio_balanced_channel
-from grpc_balance_mw.channel import balanced_channel
+from grpc_balance_mw import dial_per_request as redial
+from grpc_balance_mw.aio import dial_per_request as aio_redial
+from grpc_balance_mw.aio.balanced import balanced_channel as aio_balanced_channel
+from grpc_balance_mw.balanced import balanced_channel
 from grpc_balance_mw.retry import RetryBudget, RetryPolicy, wait_full_jitter
 from grpc_balance_mw.testing import LocalCluster
 from grpc_balance_mw.testing.charge_points.servicer import SERVICE_NAME

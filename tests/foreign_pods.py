@@ -12,7 +12,7 @@ from typing import Any
 
 from grpc_balance_mw import POD_HEADER, PodIdentity
 from grpc_balance_mw.aio import balanced_channel as aio_balanced_channel
-from grpc_balance_mw.channel import balanced_channel
+from grpc_balance_mw.balanced import balanced_channel
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.testing import Endpoint
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb

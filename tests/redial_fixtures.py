@@ -17,9 +17,9 @@ from typing import Any
 import grpc
 from calls import Seen, call_aio, call_sync
 
-from grpc_balance_mw import redial
+from grpc_balance_mw import dial_per_request as redial
 from grpc_balance_mw import server as sync_server
-from grpc_balance_mw.aio import redial as aio_redial
+from grpc_balance_mw.aio import dial_per_request as aio_redial
 from grpc_balance_mw.identity import PodIdentity
 from grpc_balance_mw.testing.charge_points.servicer import SERVICE_NAME, SyncChargePointsServicer
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb

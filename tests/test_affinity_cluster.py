@@ -26,8 +26,8 @@ from grpc_balance_mw.affinity import (
     AffinityState,
     Transition,
 )
-from grpc_balance_mw.aio import client as aio_client
-from grpc_balance_mw.client import AffinityInterceptor
+from grpc_balance_mw.aio import interceptors as aio_client
+from grpc_balance_mw.interceptors import AffinityInterceptor
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.probe import PodProbe
 from grpc_balance_mw.telemetry import AffinityTelemetry

@@ -11,7 +11,7 @@ import pytest
 from grpc.aio import _call as aio_call
 
 from grpc_balance_mw import aio as balance_aio
-from grpc_balance_mw.aio.client import has_interceptors
+from grpc_balance_mw.aio.interceptors import has_interceptors
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc

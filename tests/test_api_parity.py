@@ -23,8 +23,8 @@ import grpc_balance_mw
 import grpc_balance_mw.aio
 from grpc_balance_mw import routed_channel
 from grpc_balance_mw._routing import ChannelFactory, lane_factory
+from grpc_balance_mw.dial_per_request import RedialStats
 from grpc_balance_mw.errors import ConfigurationError
-from grpc_balance_mw.redial import RedialStats
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
@@ -191,7 +191,7 @@ def test_a_call_with_no_lane_fails_the_same_in_both_flavours() -> None:
     aio_error = asyncio.run(aio_call())
     assert isinstance(aio_error, routed_channel.NoLaneError)
     assert isinstance(aio_error, grpc.aio.AioRpcError)
-    assert isinstance(aio_error, grpc_balance_mw.aio.channel.NoLaneError)
+    assert isinstance(aio_error, grpc_balance_mw.aio.balanced.NoLaneError)
     for error in (sync_error.value, aio_error):
         assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert sync_error.value.details() == aio_error.details()

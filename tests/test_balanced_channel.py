@@ -29,8 +29,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from grpc_balance_mw import server as sync_server
 from grpc_balance_mw.affinity import AffinityRegistry
-from grpc_balance_mw.aio.channel import balanced_channel as aio_balanced_channel
-from grpc_balance_mw.channel import balanced_channel
+from grpc_balance_mw.aio.balanced import balanced_channel as aio_balanced_channel
+from grpc_balance_mw.balanced import balanced_channel
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.pool import PoolConfig, rotate_after_age, rotate_after_calls
 from grpc_balance_mw.telemetry import AffinityTelemetry

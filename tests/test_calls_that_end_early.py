@@ -26,7 +26,7 @@ from affinity_fixtures import NO_WARMUP, SYNC_WRAPPERS, observe_sync
 from hostile_pods import CALL_KINDS, POD, method_path, serve
 
 from grpc_balance_mw.affinity import AffinityRegistry
-from grpc_balance_mw.aio import client as aio_client
+from grpc_balance_mw.aio import interceptors as aio_client
 from grpc_balance_mw.observing import ObserveOptions
 
 pytestmark = pytest.mark.timeout(30)

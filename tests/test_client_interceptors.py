@@ -24,8 +24,8 @@ from calls import ABORT, CALL_KINDS, OK, RAISE, call_sync
 from conftest import IDENTITY, AioPod, SyncPod
 
 from grpc_balance_mw.affinity import AffinityRegistry, AffinityState
-from grpc_balance_mw.aio import client as aio_client
-from grpc_balance_mw.client import AffinityInterceptor, channel_of
+from grpc_balance_mw.aio import interceptors as aio_client
+from grpc_balance_mw.interceptors import AffinityInterceptor, channel_of
 from grpc_balance_mw.observed_channel import ObservedChannel, observe
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb

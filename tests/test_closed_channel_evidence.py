@@ -21,9 +21,9 @@ from conftest import require
 from fault_load import covered, until
 
 from grpc_balance_mw.affinity import AffinityRegistry, AffinityState
-from grpc_balance_mw.aio.channel import balanced_channel as aio_balanced_channel
+from grpc_balance_mw.aio.balanced import balanced_channel as aio_balanced_channel
 from grpc_balance_mw.aio.observed_channel import observe as aio_observe
-from grpc_balance_mw.channel import balanced_channel
+from grpc_balance_mw.balanced import balanced_channel
 from grpc_balance_mw.observed_channel import observe
 from grpc_balance_mw.observing import ObserveOptions, build_observer, detector_for
 from grpc_balance_mw.pool import PoolConfig

@@ -18,7 +18,7 @@ from foreign_pods import wait_for_lanes
 from greeter_service import METHOD, register, say_hello
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from grpc_balance_mw.channel import balanced_channel
+from grpc_balance_mw.balanced import balanced_channel
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.identity import pod_from_metadata
 from grpc_balance_mw.testing import ClusterError, LocalCluster, live_children

@@ -22,8 +22,8 @@ from calls import call_aio, call_sync
 from conftest import SyncPod
 from test_fork import _in_child
 
-from grpc_balance_mw.aio.channel import balanced_channel as aio_balanced_channel
-from grpc_balance_mw.channel import ForkedChannelError, balanced_channel
+from grpc_balance_mw.aio.balanced import balanced_channel as aio_balanced_channel
+from grpc_balance_mw.balanced import ForkedChannelError, balanced_channel
 from grpc_balance_mw.errors import BalanceError
 
 OK = grpc.StatusCode.OK

@@ -25,7 +25,7 @@ from fault_load import until
 from grpc_balance_mw.affinity import AffinityRegistry, AffinityState
 from grpc_balance_mw.aio import channel_factory as aio_channel_factory
 from grpc_balance_mw.aio.observed_channel import observe as aio_observe
-from grpc_balance_mw.channel import channel_factory
+from grpc_balance_mw.balanced import channel_factory
 from grpc_balance_mw.observed_channel import observe
 from grpc_balance_mw.observing import AUTO_PROBE_INTERVAL_S, ObserveOptions
 from grpc_balance_mw.probe import PodProbe, sniff_address, speaks_plaintext_http2

@@ -28,10 +28,10 @@ from grpc.aio import _interceptor as aio_interceptor
 from grpc_balance_mw import _grpcio
 from grpc_balance_mw.affinity import AffinityConfig, AffinityRegistry
 from grpc_balance_mw.aio import _grpcio as aio_grpcio
-from grpc_balance_mw.aio.client import affinity_interceptors as aio_interceptors
+from grpc_balance_mw.aio.interceptors import affinity_interceptors as aio_interceptors
 from grpc_balance_mw.aio.observed_channel import observe as observe_aio
-from grpc_balance_mw.client import affinity_interceptors
 from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.interceptors import affinity_interceptors
 from grpc_balance_mw.observed_channel import observe
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb

@@ -16,8 +16,8 @@ from conftest import IDENTITY
 from fault_load import until
 
 from grpc_balance_mw import server as sync_server
-from grpc_balance_mw.aio.channel import balanced_channel as aio_balanced_channel
-from grpc_balance_mw.channel import balanced_channel
+from grpc_balance_mw.aio.balanced import balanced_channel as aio_balanced_channel
+from grpc_balance_mw.balanced import balanced_channel
 from grpc_balance_mw.health_check import (
     MALFORMED,
     MAX_REPLY_BYTES,

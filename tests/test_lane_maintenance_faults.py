@@ -17,9 +17,9 @@ from calls import call_aio, call_sync
 from conftest import SyncPod
 from fault_load import until
 
-from grpc_balance_mw.aio.channel import BalancedChannel as AioBalancedChannel
-from grpc_balance_mw.aio.channel import channel_factory as aio_channel_factory
-from grpc_balance_mw.channel import BalancedChannel, channel_factory
+from grpc_balance_mw.aio.balanced import BalancedChannel as AioBalancedChannel
+from grpc_balance_mw.aio.balanced import channel_factory as aio_channel_factory
+from grpc_balance_mw.balanced import BalancedChannel, channel_factory
 from grpc_balance_mw.health_check import CHECK_METHOD
 from grpc_balance_mw.pool import LanePool, PoolConfig, rotate_never
 

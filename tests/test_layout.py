@@ -59,13 +59,13 @@ def test_the_old_tool_packages_are_gone(name: str) -> None:
 
 #: The sync adapters; the asyncio ones share the pure core and ``observing`` with them instead.
 SYNC_ADAPTERS = (
-    "grpc_balance_mw.client",
+    "grpc_balance_mw.interceptors",
     "grpc_balance_mw.observed_channel",
     "grpc_balance_mw.observed_methods",
     "grpc_balance_mw.observed_calls",
     "grpc_balance_mw.response_stream",
-    "grpc_balance_mw.redial",
-    "grpc_balance_mw.channel",
+    "grpc_balance_mw.dial_per_request",
+    "grpc_balance_mw.balanced",
     "grpc_balance_mw.routed_channel",
     "grpc_balance_mw.headless_channel",
     "grpc_balance_mw.server",

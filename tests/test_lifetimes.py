@@ -14,13 +14,13 @@ import grpc
 import pytest
 
 from grpc_balance_mw.affinity import AffinityRegistry, default_registry
-from grpc_balance_mw.aio import channel as aio_channel_module
-from grpc_balance_mw.aio import client as aio_client
-from grpc_balance_mw.aio.channel import BalancedChannel as AioBalancedChannel
-from grpc_balance_mw.aio.channel import channel_factory as aio_channel_factory
-from grpc_balance_mw.channel import check_result
-from grpc_balance_mw.client import AffinityInterceptor
+from grpc_balance_mw.aio import balanced as aio_channel_module
+from grpc_balance_mw.aio import interceptors as aio_client
+from grpc_balance_mw.aio.balanced import BalancedChannel as AioBalancedChannel
+from grpc_balance_mw.aio.balanced import channel_factory as aio_channel_factory
+from grpc_balance_mw.balanced import check_result
 from grpc_balance_mw.health_check import check_method
+from grpc_balance_mw.interceptors import AffinityInterceptor
 from grpc_balance_mw.observed_channel import observe
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.pool import CheckResult

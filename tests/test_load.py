@@ -36,9 +36,9 @@ from fault_load import (
 )
 
 from grpc_balance_mw.affinity import AffinityRegistry
-from grpc_balance_mw.aio.channel import BalancedChannel as AioBalancedChannel
-from grpc_balance_mw.aio.channel import channel_factory as aio_channel_factory
-from grpc_balance_mw.channel import BalancedChannel, channel_factory
+from grpc_balance_mw.aio.balanced import BalancedChannel as AioBalancedChannel
+from grpc_balance_mw.aio.balanced import channel_factory as aio_channel_factory
+from grpc_balance_mw.balanced import BalancedChannel, channel_factory
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.pool import LanePool, PoolConfig, rotate_after_age, rotate_after_calls
 from grpc_balance_mw.testing import LocalCluster, missing_components

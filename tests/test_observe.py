@@ -16,9 +16,9 @@ from conftest import IDENTITY, AioPod, SyncPod
 from grpc_balance_mw.affinity import AffinityConfig, AffinityRegistry
 from grpc_balance_mw.aio.observed_channel import ObservedChannel as AioObservedChannel
 from grpc_balance_mw.aio.observed_channel import observe as observe_aio
-from grpc_balance_mw.client import affinity_interceptors
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.identity import PodIdentity
+from grpc_balance_mw.interceptors import affinity_interceptors
 from grpc_balance_mw.observed_channel import observe
 from grpc_balance_mw.observing import ObserveOptions, build_observer, channel_target
 

@@ -31,9 +31,9 @@ from grpc_balance_mw.affinity import (
     CallObserver,
 )
 from grpc_balance_mw.affinity.advice import VOICES, Cause, cause_of_stuck
-from grpc_balance_mw.aio.channel import balanced_channel as aio_balanced_channel
+from grpc_balance_mw.aio.balanced import balanced_channel as aio_balanced_channel
 from grpc_balance_mw.aio.observed_channel import observe as aio_observe
-from grpc_balance_mw.channel import balanced_channel
+from grpc_balance_mw.balanced import balanced_channel
 from grpc_balance_mw.cli.doctor import DoctorOptions, Verdict, diagnose, judge
 from grpc_balance_mw.observed_channel import observe
 from grpc_balance_mw.observing import ObserveOptions

@@ -125,7 +125,10 @@ def test_a_response_stream_is_retried_only_before_its_first_message(
 def test_the_deadline_holds_across_attempts(driver: Driver, pod: PeerPod) -> None:
     pod.servicer.unavailable = 1000
     fixed = wait_full_jitter(0.3, 1.0, 0.3, rand=lambda: 1.0)
-    channel = driver.channel(pod.target, retry=policy(max_attempts=50, backoff=fixed))
+    # An attempt starts only with 0.25 s left: time for a dial and a call on a busy machine,
+    # so the last attempt's own status (not its deadline running out) ends the call.
+    retry = policy(max_attempts=50, backoff=fixed, deadline_floor_s=0.25)
+    channel = driver.channel(pod.target, retry=retry)
     seen = driver.call(channel, timeout=1.0)
     # the call ends with the real status, not a retry that had no time left
     assert seen.code is UNAVAILABLE

@@ -24,7 +24,8 @@ def silent_server() -> Iterator[str]:
 
 
 def test_several_dials_are_under_way_at_once(silent_server: str) -> None:
-    # The sync predialler only: the aio one dials one at a time (see grpc_balance_mw.aio.redial).
+    # The sync predialler only: the aio one dials one at a time
+    # (see grpc_balance_mw.aio.dial_per_request).
     driver = Driver("sync")
     channel = driver.channel(silent_server, predial=3, dial_timeout_s=60)
     # one dial at a time would hold the other two until the first one's 60 s timeout

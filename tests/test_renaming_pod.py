@@ -24,8 +24,8 @@ from fault_load import MODES, close_channel, covered, until
 
 from grpc_balance_mw import server as sync_server
 from grpc_balance_mw.affinity import AffinityRegistry
-from grpc_balance_mw.aio.channel import balanced_channel as aio_balanced_channel
-from grpc_balance_mw.channel import balanced_channel
+from grpc_balance_mw.aio.balanced import balanced_channel as aio_balanced_channel
+from grpc_balance_mw.balanced import balanced_channel
 from grpc_balance_mw.identity import PodIdentity
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.testing.charge_points.servicer import SERVICE_NAME, SyncChargePointsServicer

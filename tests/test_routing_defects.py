@@ -22,11 +22,11 @@ import tenacity
 from conftest import SyncPod
 from fault_load import until, wait_for
 
-from grpc_balance_mw import channel as sync_balanced
-from grpc_balance_mw import redial as sync_redial
+from grpc_balance_mw import balanced as sync_balanced
+from grpc_balance_mw import dial_per_request as sync_redial
 from grpc_balance_mw import retry as retry_module
-from grpc_balance_mw.aio import channel as aio_balanced
-from grpc_balance_mw.aio import redial as aio_redial
+from grpc_balance_mw.aio import balanced as aio_balanced
+from grpc_balance_mw.aio import dial_per_request as aio_redial
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.pool import LanePool, PoolConfig

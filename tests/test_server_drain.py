@@ -24,8 +24,8 @@ from fault_load import covered, wait_for
 from grpc_balance_mw import server as sync_server
 from grpc_balance_mw._health import DRAIN_S, GRACE_S
 from grpc_balance_mw.aio import server as aio_server
-from grpc_balance_mw.aio.channel import balanced_channel as aio_balanced_channel
-from grpc_balance_mw.channel import balanced_channel
+from grpc_balance_mw.aio.balanced import balanced_channel as aio_balanced_channel
+from grpc_balance_mw.balanced import balanced_channel
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.identity import PodIdentity
 from grpc_balance_mw.pool import PoolConfig

@@ -26,11 +26,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from grpc_balance_mw.affinity import AffinityRegistry, AffinityState
 from grpc_balance_mw.affinity.advice import VOICES, Cause
-from grpc_balance_mw.aio.client import AffinityInterceptors
+from grpc_balance_mw.aio.interceptors import AffinityInterceptors
 from grpc_balance_mw.aio.observed_channel import observe as aio_observe
 from grpc_balance_mw.cli import build_parser, doctor
-from grpc_balance_mw.client import AffinityInterceptor
 from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.interceptors import AffinityInterceptor
 from grpc_balance_mw.observed_channel import observe
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.telemetry import ATTR_POD, ATTR_STATE, METRIC_STATE, AffinityTelemetry

@@ -25,7 +25,7 @@ from grpc_balance_mw.aio._grpcio import (
     has_interceptors,
 )
 from grpc_balance_mw.aio.call_end import read_end, when_ended
-from grpc_balance_mw.aio.client import AffinityInterceptors
+from grpc_balance_mw.aio.interceptors import AffinityInterceptors
 from grpc_balance_mw.aio.multicallables import StreamRequestMethod, UnaryRequestMethod
 from grpc_balance_mw.aio.rebalance import Rebalancer
 from grpc_balance_mw.call_kinds import AIO_MULTICALLABLES, by_request, kind_classes

@@ -3,7 +3,7 @@
 
 The settings (:class:`~grpc_balance_mw.rebalance.Rebalance`), the decision and the methods that
 follow the move are the sync driver's; here a task on the event loop looks at the detector and
-the move opens a :class:`~grpc_balance_mw.aio.channel.BalancedChannel`. The factory makes
+the move opens a :class:`~grpc_balance_mw.aio.balanced.BalancedChannel`. The factory makes
 ``grpc.aio`` channels: ``factory(extra_options, interceptors)``, as
 :func:`grpc_balance_mw.aio.channel_factory` makes one.
 """
@@ -15,7 +15,7 @@ import contextlib
 from typing import Any
 
 from grpc_balance_mw._routing import MethodSpec
-from grpc_balance_mw.aio.channel import BalancedChannel
+from grpc_balance_mw.aio.balanced import BalancedChannel
 from grpc_balance_mw.call_kinds import AIO_MULTICALLABLES, by_response, kind_classes
 from grpc_balance_mw.rebalancing import RebalanceCore, Rerouted
 

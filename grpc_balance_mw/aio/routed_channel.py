@@ -44,10 +44,10 @@ from grpc_balance_mw._routing import (
     outcome_of,
     request_for_attempt,
 )
+from grpc_balance_mw._routing import NoLaneError as SyncNoLaneError
 from grpc_balance_mw.affinity.observer import CallObserver, ObservedCall
 from grpc_balance_mw.aio._grpcio import final_state
 from grpc_balance_mw.retry import Deadline, RetryPolicy, acall_with_retries, code_of
-from grpc_balance_mw.routed_channel import NoLaneError as SyncNoLaneError
 
 __all__ = [
     "AioRouter",

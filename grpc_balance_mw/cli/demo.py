@@ -37,7 +37,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from grpc_balance_mw.affinity import AffinityRegistry, Transition
-from grpc_balance_mw.channel import balanced_channel
+from grpc_balance_mw.balanced import balanced_channel
 from grpc_balance_mw.cli.arguments import progress
 from grpc_balance_mw.cli.bench import (
     SURGE_CAPACITY,

@@ -53,8 +53,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 
 from grpc_balance_mw.affinity import AffinityConfig, AffinityRegistry
 from grpc_balance_mw.cli.arguments import progress
-from grpc_balance_mw.client import affinity_interceptors
 from grpc_balance_mw.identity import PodIdentity
+from grpc_balance_mw.interceptors import affinity_interceptors
 from grpc_balance_mw.observed_channel import observe
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.server import PodIdentityInterceptor

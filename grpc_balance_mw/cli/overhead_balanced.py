@@ -56,7 +56,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from grpc_balance_mw import aio as balance_aio
-from grpc_balance_mw.channel import balanced_channel
+from grpc_balance_mw.balanced import balanced_channel
 from grpc_balance_mw.cli.arguments import progress
 from grpc_balance_mw.cli.overhead_load import _DropSpans
 from grpc_balance_mw.cli.overhead_load import _rotated as _order

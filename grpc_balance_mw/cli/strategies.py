@@ -30,12 +30,12 @@ import grpc
 
 from grpc_balance_mw.affinity import AffinityRegistry
 from grpc_balance_mw.affinity.detector import AffinityDetector
-from grpc_balance_mw.channel import BalancedChannel, balanced_channel
+from grpc_balance_mw.balanced import BalancedChannel, balanced_channel
 from grpc_balance_mw.cli import STRATEGIES
+from grpc_balance_mw.dial_per_request import dial_per_request_channel
 from grpc_balance_mw.headless_channel import headless_channel
 from grpc_balance_mw.observed_channel import observe
 from grpc_balance_mw.observing import ObserveOptions
-from grpc_balance_mw.redial import dial_per_request_channel
 from grpc_balance_mw.retry import RetryPolicy
 from grpc_balance_mw.telemetry import AffinityTelemetry
 from grpc_balance_mw.testing import LocalCluster

@@ -1,7 +1,7 @@
 """The balanced channel's pure core: lanes, pickers, rotation policies and the pool's bookkeeping.
 
-No gRPC here: the sync (:mod:`grpc_balance_mw.channel`) and asyncio
-(:mod:`grpc_balance_mw.aio.channel`) channels drive the same :class:`LanePool`.
+No gRPC here: the sync (:mod:`grpc_balance_mw.balanced`) and asyncio
+(:mod:`grpc_balance_mw.aio.balanced`) channels drive the same :class:`LanePool`.
 """
 
 from grpc_balance_mw.pool.lane import Lane, LanePurpose, LaneState
