@@ -327,8 +327,8 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
     def _carry_out(self, plan: Plan) -> None:
         for lane in plan.close:
             self._close_lane(lane)
-        if plan.stuck is not None:
-            _log.warning("balanced channel %s: %s", self.target, plan.stuck.message)
+        for message in plan.warnings():
+            _log.warning("balanced channel %s: %s", self.target, message)
         for lane in plan.drain:
             _log.debug("balanced channel %s: %r drains", self.target, lane)
         lanes = [*plan.dial, *plan.check]

@@ -35,6 +35,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from grpc_balance_mw._membership import Membership, Source
 from grpc_balance_mw.errors import BalanceError, ConfigurationError
 from grpc_balance_mw.pool.lane import Lane, LanePurpose, LaneState
 from grpc_balance_mw.pool.pickers import LeastOutstanding, Picker
@@ -128,7 +129,10 @@ class PoolConfig:
             collector's tail). ``tests/test_pool_scouting.py`` simulates it.
         health_interval_s: each active lane's pod is health-checked this often (NOT_SERVING or a
             reconnect to another pod is noticed within it).
-        pod_ttl_s: a pod no lane or scout reached for this long is no longer counted as known.
+        pod_ttl_s: how long a pod found gone (NOT_SERVING, its connections refused or
+            dropped) is remembered as gone, so lanes that reach it again are rotated. Pods
+            are no longer forgotten by time: they leave on evidence (see
+            :mod:`grpc_balance_mw._membership`; :attr:`LanePool.membership`).
         affinity_dials: this many fresh connections in a row reaching one pod while more pods are
             known means Service sessionAffinity (16: with 2 random pods that happens by chance
             once in 32,768 runs of 16 dials).
@@ -253,6 +257,7 @@ class Plan:
         drain: lanes that stopped taking calls in this round (for logs).
         close: lanes whose connection to close now.
         stuck: set when the pool became stuck in this round (for one warning).
+        notices: warnings to log once (e.g. ``expected_pods`` overruled by the evidence).
     """
 
     dial: list[Lane] = field(default_factory=list)
@@ -260,9 +265,15 @@ class Plan:
     drain: list[Lane] = field(default_factory=list)
     close: list[Lane] = field(default_factory=list)
     stuck: Stuck | None = None
+    notices: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.dial or self.check or self.close)
+
+    def warnings(self) -> list[str]:
+        """What the adapter logs at WARNING level for this round (each said once)."""
+        stuck = [self.stuck.message] if self.stuck is not None else []
+        return [*stuck, *self.notices]
 
 
 class LanePool:
@@ -297,8 +308,10 @@ class LanePool:
         self._available: list[Lane] = []
         self._to_close: list[Lane] = []
         self._drained: list[Lane] = []
-        self._seen: dict[str, float] = {}  # pod -> last reached
-        self._down: dict[str, float] = {}  # pod -> when it was found NOT_SERVING / gone
+        #: The pods behind the target, from evidence (see :mod:`grpc_balance_mw._membership`).
+        self.membership = Membership(forget_gone_s=self.config.pod_ttl_s)
+        self.membership.expect(self.config.expected_pods)
+        self._now = 0.0  # the clock at the last plan or report, for the membership's count
         self._recent: deque[str] = deque(maxlen=self.config.affinity_dials)
         self._checked_at: dict[int, float] = {}
         self._answers = 0  # calls answered on any lane (see Lane.heard)
@@ -398,7 +411,7 @@ class LanePool:
             now = self.clock()
             self._drain(lane, now, "unavailable")
             if lane.pod is not None:
-                self._pod_down(lane.pod, now)
+                self._pod_down(lane.pod, now, "its calls failed UNAVAILABLE")
             # The first replacement is dialled at once (a pod was killed); the next ones wait,
             # longer after each such drain until a call is answered again: a sidecar that
             # answers every call UNAVAILABLE itself ("no healthy upstream", no pod named) would
@@ -432,6 +445,7 @@ class LanePool:
         """Decide the next round of work: dials, health checks, drains and closes."""
         now = self.clock() if now is None else now
         with self._lock:
+            self._now = now
             if signals is not None:
                 self._signals = signals
             plan = Plan(dial=[lane for lane in self.lanes if lane.state is LaneState.DIALING])
@@ -460,12 +474,14 @@ class LanePool:
             plan.close, self._to_close = self._to_close, []
             plan.drain, self._drained = self._drained, []
             plan.stuck, self._new_stuck = self._new_stuck, None
+            plan.notices = self.membership.take_notices()
             return plan
 
     def checked(self, lane: Lane, result: CheckResult, now: float | None = None) -> None:
         """Report a health check of ``lane`` (a new lane's first, or an active lane's)."""
         now = self.clock() if now is None else now
         with self._lock:
+            self._now = max(self._now, now)
             if lane.state is LaneState.CHECKING:
                 self._first_check(lane, result, now)
             elif lane.state is LaneState.ACTIVE:
@@ -499,7 +515,11 @@ class LanePool:
         # The detector counts every name calls carried: while a pod that renames itself on
         # every call is about, its count is its names, so the pool counts on its own checks.
         signalled = self._signals.known_pods if self._renamed_at is None else 0
-        return max(self.config.expected_pods or 0, signalled, len(self._seen))
+        # The detector's count (pods its calls reached) is a hint the evidence overrules: it
+        # remembers a pod that left for its own TTL, which kept a lane too many after a
+        # scale-down.
+        self.membership.called(signalled)
+        return self.membership.count(self._now)
 
     def _covered(self, without: int | None = None) -> set[str]:
         return {lane.pod for lane in self._available if lane.pod is not None and lane.id != without}
@@ -525,7 +545,7 @@ class LanePool:
 
     def _rotate(self, now: float, plan: Plan) -> None:
         context = RotationContext(
-            now, self._signals.alarm, self._signals.top_pod, frozenset(self._down)
+            now, self._signals.alarm, self._signals.top_pod, self.membership.down()
         )
         being_replaced = {lane.replaces for lane in self._pending()}
         for lane in list(self._available):
@@ -615,10 +635,6 @@ class LanePool:
     def _expire_pods(self, now: float) -> None:
         if self._renamed_at is not None and now - self._renamed_at >= self.config.pod_ttl_s:
             self._renamed_at = None
-        for pods in (self._seen, self._down):
-            for pod, at in list(pods.items()):
-                if now - at >= self.config.pod_ttl_s:
-                    del pods[pod]
 
     def _drain_renamed(self, now: float) -> None:
         """Lanes kept unnamed because their checks named two pods (see ``_renamed``) are drained
@@ -653,8 +669,7 @@ class LanePool:
         if (
             pod is not None
             and lane.claimed is None
-            and pod not in self._seen
-            and pod not in self._down
+            and not self.membership.knows(pod)
             and pod not in self._covered()
         ):
             # A name never seen is believed once a second check on the same connection names
@@ -669,9 +684,10 @@ class LanePool:
                 return
         self._backoff = 0.0
         lane.pod = pod
-        unseen = pod is not None and pod not in self._seen
+        unseen = False
         if pod is not None:
-            self._reached(pod, now)
+            source = Source.SCOUT if lane.purpose is LanePurpose.SCOUT else Source.LANE
+            unseen = self.membership.fresh(pod, source, now, self._covered())
             self._note_dial(pod, now)
         replaced = self._lane(lane.replaces)
         covered = self._covered(without=replaced.id if replaced is not None else None)
@@ -755,7 +771,7 @@ class LanePool:
             if lane.unanswered >= self.config.unanswered_checks:
                 self._drain(lane, now, "unresponsive")
                 if lane.pod is not None:
-                    self._pod_down(lane.pod, now)
+                    self._pod_down(lane.pod, now, "its health checks went unanswered")
             return
         lane.unanswered = 0
         if not result.serving:
@@ -763,9 +779,21 @@ class LanePool:
                 self._pod_down(result.pod, now)
             return
         if result.pod is not None and not lane.renamed:
-            lane.moved = lane.moved or result.pod != lane.pod
+            left, moved_before = lane.pod, lane.moved
+            lane.moved = lane.moved or result.pod != left
             lane.pod = result.pod  # a reconnect may have reached another pod
             self._reached(result.pod, now)
+            if (
+                left is not None
+                and left != result.pod
+                and not moved_before
+                and self.stuck is None
+                and left not in self._covered()
+            ):
+                # Its connection to ``left`` ended (GOAWAY, or broken) and the reconnect reached
+                # another pod: ``left`` counts again only if found again. (A lane that moves on
+                # every check is behind an L7 proxy: that says nothing of the pods.)
+                self._pod_down(left, now, f"its lane reconnected to {result.pod}")
 
     def _cleared_or_drained(self, lane: Lane, result: CheckResult, now: float) -> None:
         """A suspect lane's check: its calls timed out while other lanes answered, so one
@@ -787,9 +815,8 @@ class LanePool:
             self._pod_down(pod, now)
 
     def _reached(self, pod: str, now: float) -> None:
-        """A fresh connection or a check reached ``pod``; watch for session affinity."""
-        self._seen[pod] = now
-        self._down.pop(pod, None)
+        """A health check on a lane named ``pod``: it exists."""
+        self.membership.confirmed(pod, Source.CHECK, now)
 
     def _note_dial(self, pod: str, now: float) -> None:
         recent = self._recent
@@ -803,9 +830,8 @@ class LanePool:
         if len(recent) == recent.maxlen and len(set(recent)) == 1 and known >= 2:
             self._set_stuck(Stuck("session-affinity", pod, len(recent), known, now))
 
-    def _pod_down(self, pod: str, now: float) -> None:
-        self._down[pod] = now
-        self._seen.pop(pod, None)
+    def _pod_down(self, pod: str, now: float, cause: str = "not serving") -> None:
+        self.membership.gone(pod, cause, now)
 
     def _lane(self, lane_id: int | None) -> Lane | None:
         if lane_id is None:
