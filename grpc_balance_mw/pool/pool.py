@@ -107,6 +107,16 @@ class PoolConfig:
             of CPU a second with it, 6 ms with 0.5 s, 2 ms without scouts). 0.5 halves the
             cost; both new pods of a 3 -> 5 scale-up then miss 5 s 1.1 % of the time (see
             ``burst_per_pod``). None: no scouting (new pods then wait for rotation).
+        scout_idle_max_s: while the channel makes no calls and every scout reaches a pod
+            already known and covered, the scout interval doubles after each scout up to this
+            (8 s): an idle channel then dials one scout every 8 s instead of four a second. It
+            returns to ``scout_interval_s`` at once when a call is made, a scout finds a pod no
+            lane covers, a health check fails, a lane's pod goes away or its lane reconnects to
+            another pod. The trade-off: a scale-up that happens while the channel makes no
+            calls is found within the usual bound of the first calls after it (one scout
+            interval may pass first), not of the scale-up itself; a channel carrying calls keeps
+            the fast pace, and with it the scale-up bound below. None, or ``scout_interval_s``
+            or less: no back-off.
         burst_per_pod: a scout that found a pod never seen before and got a lane for it starts
             a burst of ``burst_per_pod * (pods known + 1)`` scouts (pods known counted up to
             ``max_lanes``), 4 a round, rounds back to back; a scout in the burst that finds
@@ -151,6 +161,7 @@ class PoolConfig:
     redials: int = 6
     drain_grace_s: float = 30.0
     scout_interval_s: float | None = 0.25
+    scout_idle_max_s: float | None = 8.0
     burst_per_pod: int = 5
     health_interval_s: float = 5.0
     pod_ttl_s: float = 30.0
@@ -177,6 +188,8 @@ class PoolConfig:
             raise ConfigurationError("need drain_grace_s >= 0, health_interval_s, pod_ttl_s > 0")
         if self.scout_interval_s is not None and self.scout_interval_s <= 0:
             raise ConfigurationError("scout_interval_s must be > 0 or None")
+        if self.scout_idle_max_s is not None and self.scout_idle_max_s <= 0:
+            raise ConfigurationError("scout_idle_max_s must be > 0 or None")
 
 
 @dataclass(frozen=True)
@@ -318,6 +331,8 @@ class LanePool:
         self._to_confirm: list[Lane] = []  # new lanes whose pod's name needs a second check
         self._renamed_at: float | None = None  # when a pod last named itself anew
         self._next_scout = 0.0
+        self._scout_pace = self.config.scout_interval_s or 0.0  # backs off while idle, stable
+        self._picks_at_scout = 0  # calls picked when the last scout was dialled
         self._burst = 0  # scouts left in the current burst
         self._next_dial = 0.0
         self._backoff = 0.0  # after dials that reached no serving pod
@@ -409,6 +424,7 @@ class LanePool:
         lane.unavailable += 1
         if lane.state is LaneState.ACTIVE:
             now = self.clock()
+            self._quicken(now)
             self._drain(lane, now, "unavailable")
             if lane.pod is not None:
                 self._pod_down(lane.pod, now, "its calls failed UNAVAILABLE")
@@ -452,6 +468,8 @@ class LanePool:
             if self.closed:
                 plan.close, self._to_close = self._to_close, []
                 return plan
+            if self._picks != self._picks_at_scout:
+                self._quicken(now)
             self._expire_pods(now)
             self._drain_renamed(now)
             self._check_l7(now)
@@ -603,9 +621,29 @@ class LanePool:
             return
         elif now < self._next_scout:
             return
+        else:
+            interval = self._scout_pace
         self._burst = 0
         self._next_scout = now + interval
+        self._picks_at_scout = self._picks
         plan.dial.append(self._new_lane(now, LanePurpose.SCOUT))
+
+    def _quicken(self, now: float) -> None:
+        """Something changed (or calls are made): scouts at ``scout_interval_s`` again, the
+        next one within that interval."""
+        base = self.config.scout_interval_s
+        if base is None or self._scout_pace <= base:
+            return
+        self._scout_pace = base
+        if self.stuck is None:
+            self._next_scout = min(self._next_scout, now + base)
+
+    def _slow_down(self) -> None:
+        """A scout found only what was known, and no call was made since it was dialled."""
+        most = self.config.scout_idle_max_s
+        if most is None or self._picks != self._picks_at_scout:
+            return
+        self._scout_pace = max(self._scout_pace, min(self._scout_pace * 2, most))
 
     def _room(self) -> bool:
         """Could a scout that finds a pod no lane covers get a lane for it?"""
@@ -658,6 +696,7 @@ class LanePool:
 
     def _first_check(self, lane: Lane, result: CheckResult, now: float) -> None:
         if not result.reachable or not result.serving:
+            self._quicken(now)
             if result.pod is not None:
                 self._pod_down(result.pod, now)
             self._backoff = _longer(self._backoff)
@@ -693,10 +732,15 @@ class LanePool:
         covered = self._covered(without=replaced.id if replaced is not None else None)
         fresh = pod is None or pod not in covered
         if lane.purpose is LanePurpose.SCOUT:
-            if self._scouted(lane, fresh, now) and unseen:
+            kept = self._scouted(lane, fresh, now)
+            if kept and unseen:
                 # A pod never seen before: likely a scale-up with more new pods; a burst of
                 # scouts finds them now rather than one random draw per interval each.
                 self._burst = self._burst_size()
+            if kept or unseen:
+                self._quicken(now)
+            else:
+                self._slow_down()
             return
         looking = self.stuck is None and lane.attempt < self.config.redials
         uncovered = self._known() > len(covered) or len(covered) < self._wanted()
@@ -767,6 +811,7 @@ class LanePool:
         if not result.reachable:
             # One lost check is not a lost pod (a reconnect); several in a row are a pod that
             # hangs, which no call will report as UNAVAILABLE: its calls only time out.
+            self._quicken(now)
             lane.unanswered += 1
             if lane.unanswered >= self.config.unanswered_checks:
                 self._drain(lane, now, "unresponsive")
@@ -832,6 +877,7 @@ class LanePool:
 
     def _pod_down(self, pod: str, now: float, cause: str = "not serving") -> None:
         self.membership.gone(pod, cause, now)
+        self._quicken(now)
 
     def _lane(self, lane_id: int | None) -> Lane | None:
         if lane_id is None:
