@@ -3,12 +3,13 @@ calls are made or something changes (the pure pool, a fake clock and kube-proxy)
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
-from pool_fakes import FakeClock, KubeProxy, active_pods, call, drive
+from pool_fakes import FakeClock, KubeProxy, active_pods, call, drive, run
 
-from grpc_balance_mw.pool import CheckResult, LanePool, PoolConfig, rotate_never
+from grpc_balance_mw.pool import CheckResult, LanePool, PoolConfig, Signals, rotate_never
 
 OLD, NEW = {"pod-0", "pod-1", "pod-2"}, {"pod-3", "pod-4"}
 
@@ -68,3 +69,26 @@ def test_a_scale_up_while_idle_is_found_within_5_s_of_the_first_calls(runs: int)
         took = drive(lanes, proxy, clock, lambda lanes=lanes: set(active_pods(lanes)) >= NEW, 5.0)
         missed += took is None
     assert missed <= runs // 100, missed
+
+
+def test_an_idle_pool_lets_its_rounds_wait_and_asks_for_signals_seldom() -> None:
+    lanes, proxy, clock = settled()
+    dials_over(lanes, proxy, clock, 60.0)
+    asked: list[float] = []
+
+    def signals() -> Signals:
+        asked.append(clock.now)
+        return Signals()
+
+    idle = []
+    for _ in range(40):  # most rounds wait (nothing due); a few check lanes
+        plan = run(lanes, proxy, signals=signals)  # type: ignore[arg-type]
+        idle.append(plan.idle_s)
+        clock.advance(plan.pause(0.25))
+    waits = [wait for wait in idle if wait is not None]
+    assert len(waits) >= 20 and all(0 <= wait <= 1.0 for wait in waits), idle
+    # Every 5 s at most while no call is made (every round before).
+    assert asked and all(b - a >= 5.0 for a, b in itertools.pairwise(asked)), asked
+    call(lanes)
+    assert run(lanes, proxy, signals=signals).idle_s is None  # type: ignore[arg-type]
+    assert asked[-1] == clock.now  # a call: the detector is asked at once, rounds every tick

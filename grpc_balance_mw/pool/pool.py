@@ -70,6 +70,12 @@ _BROKEN = frozenset({"unavailable", "pod down"})
 _MAX_BACKOFF_S = 1.0
 #: Scouts of a burst dialled in one round: a few connections at once, not dozens.
 _BURST_WIDTH = 4
+#: While the channel is idle and its scouting backed off, the adapter plans at most this far
+#: apart (not every tick), and the affinity detector is asked for its signals at most this
+#: often: an idle channel's rounds are most of its idle CPU. A call made in between is seen
+#: by the next round, this much later at most.
+_IDLE_ROUND_S = 1.0
+_IDLE_SIGNALS_S = 5.0
 
 
 class PoolClosed(BalanceError, ValueError):
@@ -271,6 +277,8 @@ class Plan:
         close: lanes whose connection to close now.
         stuck: set when the pool became stuck in this round (for one warning).
         notices: warnings to log once (e.g. ``expected_pods`` overruled by the evidence).
+        idle_s: set while the channel is idle and nothing is due sooner: how long the adapter
+            may wait before the next round (see :meth:`pause`).
     """
 
     dial: list[Lane] = field(default_factory=list)
@@ -279,6 +287,11 @@ class Plan:
     close: list[Lane] = field(default_factory=list)
     stuck: Stuck | None = None
     notices: list[str] = field(default_factory=list)
+    idle_s: float | None = None
+
+    def pause(self, tick_s: float) -> float:
+        """How long the adapter waits before the next round: its tick, or longer while idle."""
+        return max(tick_s, self.idle_s or 0.0)
 
     def __bool__(self) -> bool:
         return bool(self.dial or self.check or self.close)
@@ -333,6 +346,9 @@ class LanePool:
         self._next_scout = 0.0
         self._scout_pace = self.config.scout_interval_s or 0.0  # backs off while idle, stable
         self._picks_at_scout = 0  # calls picked when the last scout was dialled
+        self._picks_at_plan = 0  # ... when the last round was planned
+        self._picks_at_signals = -1  # ... when the detector was last asked
+        self._signals_at = 0.0
         self._burst = 0  # scouts left in the current burst
         self._next_dial = 0.0
         self._backoff = 0.0  # after dials that reached no serving pod
@@ -457,9 +473,23 @@ class LanePool:
 
     # -- maintenance ---------------------------------------------------------------------------
 
-    def plan(self, now: float | None = None, signals: Signals | None = None) -> Plan:
-        """Decide the next round of work: dials, health checks, drains and closes."""
+    def plan(
+        self,
+        now: float | None = None,
+        signals: Signals | Callable[[], Signals] | None = None,
+    ) -> Plan:
+        """Decide the next round of work: dials, health checks, drains and closes.
+
+        ``signals`` may be a function (the detector's snapshot costs more than a round): it is
+        then asked when calls were made since it last was, or every few seconds."""
         now = self.clock() if now is None else now
+        if callable(signals):
+            fresh = self._picks != self._picks_at_signals
+            if fresh or now - self._signals_at >= _IDLE_SIGNALS_S:
+                self._picks_at_signals, self._signals_at = self._picks, now
+                signals = signals()
+            else:
+                signals = None
         with self._lock:
             self._now = now
             if signals is not None:
@@ -493,6 +523,8 @@ class LanePool:
             plan.drain, self._drained = self._drained, []
             plan.stuck, self._new_stuck = self._new_stuck, None
             plan.notices = self.membership.take_notices()
+            plan.idle_s = self._idle_for(now, plan)
+            self._picks_at_plan = self._picks
             return plan
 
     def checked(self, lane: Lane, result: CheckResult, now: float | None = None) -> None:
@@ -627,6 +659,26 @@ class LanePool:
         self._next_scout = now + interval
         self._picks_at_scout = self._picks
         plan.dial.append(self._new_lane(now, LanePurpose.SCOUT))
+
+    def _idle_for(self, now: float, plan: Plan) -> float | None:
+        """How long the next round may wait: None (the adapter's tick) unless the channel is
+        idle (no call since the last round, none in flight), its scouting backed off, and
+        nothing is pending, draining, suspect or stuck."""
+        base = self.config.scout_interval_s
+        if (
+            plan
+            or base is None
+            or self._scout_pace <= base
+            or self._picks != self._picks_at_plan
+            or self._burst
+            or self.stuck is not None
+            or self._to_confirm
+            or any(not lane.is_available() or lane.in_flight for lane in self.lanes)
+        ):
+            return None
+        due = [self._next_scout]
+        due += [at + self.config.health_interval_s for at in self._checked_at.values()]
+        return max(0.0, min(_IDLE_ROUND_S, min(due) - now))
 
     def _quicken(self, now: float) -> None:
         """Something changed (or calls are made): scouts at ``scout_interval_s`` again, the
