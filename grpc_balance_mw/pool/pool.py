@@ -594,6 +594,9 @@ class LanePool:
         return [lane for lane in self.lanes if lane.is_pending()]
 
     def _rotate(self, now: float, plan: Plan) -> None:
+        idle = self._picks == self._picks_at_plan and not any(
+            lane.in_flight for lane in self._available
+        )
         context = RotationContext(
             now, self._signals.alarm, self._signals.top_pod, self.membership.down()
         )
@@ -603,6 +606,10 @@ class LanePool:
                 continue
             reason = self.rotation.why(lane, context)
             if reason is None or (self.stuck is not None and reason not in _BROKEN):
+                continue
+            if reason == "age" and idle:
+                # Rotating by age re-rolls where calls go: with no calls it only costs dials
+                # (a lane and its redials, several a minute). It rotates once calls come.
                 continue
             if now < self._next_dial:
                 return
