@@ -120,7 +120,7 @@ class Membership:
         self,
         *,
         confidence: float = CONFIDENCE,
-        hint_patience_s: float = 30.0,
+        hint_patience_s: float = 10.0,
         forget_gone_s: float = 30.0,
     ) -> None:
         if not 0 < confidence < 1 or hint_patience_s < 0 or forget_gone_s <= 0:

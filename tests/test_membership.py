@@ -9,7 +9,7 @@ import random
 import pytest
 
 from grpc_balance_mw._membership import Membership, Source, misses_to_forget
-from grpc_balance_mw.pool import CheckResult, LanePool, PoolConfig
+from grpc_balance_mw.pool import CheckResult, LanePool, Plan, PoolConfig
 from grpc_balance_mw.pool.lane import LaneState
 
 
@@ -145,7 +145,7 @@ def test_a_pod_still_there_is_dropped_about_as_rarely_as_the_confidence_says() -
 _turn = itertools.count()
 
 
-def drive(pool: LanePool, pods: list[str], now: float) -> None:
+def drive(pool: LanePool, pods: list[str], now: float) -> Plan:
     """One plan: each new lane reaches the next of ``pods`` (round robin, as a Service's random
     pick averages out); an active lane's check names its own pod."""
     plan = pool.plan(now)
@@ -156,8 +156,7 @@ def drive(pool: LanePool, pods: list[str], now: float) -> None:
         pool.checked(lane, CheckResult(True, lane.pod), now)
     for lane in pool.confirmations():  # a pod never seen is believed once named twice
         pool.checked(lane, CheckResult(True, lane.claimed), now)
-        for again in pool.confirmations():
-            pool.checked(again, CheckResult(True, again.claimed), now)
+    return plan
 
 
 def active_pods(pool: LanePool) -> list[str]:
@@ -179,4 +178,20 @@ def test_after_a_scale_down_the_pool_drains_the_lane_on_a_doubled_pod() -> None:
     while now < end and active_pods(pool) != ["a", "b", "c"]:
         drive(pool, ["a", "b", "c"], now)
         now += 0.25
+    assert active_pods(pool) == ["a", "b", "c"]
+
+
+def test_a_stale_expected_pods_yields_with_one_warning_and_the_lanes_follow() -> None:
+    """expected_pods=4 while 3 pods exist (the Deployment was scaled): the pool keeps a 4th lane
+    (doubling a pod) only until fresh connections contradict the hint for hint_patience_s."""
+    pool = LanePool(PoolConfig(expected_pods=4))
+    notices: list[str] = []
+    now = 0.0
+    while now < 40.0:
+        notices += drive(pool, ["a", "b", "c"], now).notices
+        if pool.lanes:
+            pool.release(pool.acquire())  # a channel in use: scouts at the fast pace
+        now += 0.25
+    (notice,) = notices
+    assert "expected_pods=4" in notice and "probably scaled" in notice
     assert active_pods(pool) == ["a", "b", "c"]
