@@ -210,6 +210,13 @@ class Membership:
         """Whether ``pod`` was ever learned (and is remembered: live, or recently gone)."""
         return pod in self.pods
 
+    def complete(self) -> bool:
+        """Whether fresh connections say no pod exists beyond the live ones: the ``m`` in a row
+        since the last new pod would all have missed one more with ``(n / (n + 1)) ** m`` below
+        ``confidence`` (n live pods)."""
+        live = len(self.live())
+        return live > 0 and self._run >= misses_to_forget(live + 1, self.confidence)
+
     def down(self) -> frozenset[str]:
         """Pods with gone evidence, still remembered."""
         return frozenset(n for n, r in self.pods.items() if r.gone_since is not None)

@@ -195,3 +195,17 @@ def test_a_stale_expected_pods_yields_with_one_warning_and_the_lanes_follow() ->
     (notice,) = notices
     assert "expected_pods=4" in notice and "probably scaled" in notice
     assert active_pods(pool) == ["a", "b", "c"]
+
+
+def test_complete_when_fresh_connections_make_one_more_pod_unlikely() -> None:
+    model = Membership()
+    for pod in "ab":
+        model.fresh(pod, Source.SCOUT, 0.0)
+    k = misses_to_forget(3)  # (2/3) ** k < 1e-3 if a third pod existed
+    for i in range(k - 1):
+        model.fresh("ab"[i % 2], Source.SCOUT, 1.0)
+    assert not model.complete()
+    model.fresh("a", Source.SCOUT, 1.0)
+    assert model.complete()
+    model.fresh("c", Source.SCOUT, 2.0)  # a new pod: the run starts again
+    assert not model.complete()

@@ -7,7 +7,7 @@ import itertools
 import random
 
 import pytest
-from pool_fakes import FakeClock, KubeProxy, active_pods, call, drive, run
+from pool_fakes import FakeClock, KubeProxy, active_pods, call, drive, run, scripted
 
 from grpc_balance_mw.pool import CheckResult, LanePool, PoolConfig, Signals, rotate_never
 
@@ -92,3 +92,30 @@ def test_an_idle_pool_lets_its_rounds_wait_and_asks_for_signals_seldom() -> None
     call(lanes)
     assert run(lanes, proxy, signals=signals).idle_s is None  # type: ignore[arg-type]
     assert asked[-1] == clock.now  # a call: the detector is asked at once, rounds every tick
+
+
+def test_an_idle_pool_checks_its_lanes_less_often_and_all_at_once_on_a_call() -> None:
+    lanes, proxy, clock = settled()
+    dials_over(lanes, proxy, clock, 60.0)
+    checked: list[float] = []
+    end = clock.now + 60.0
+    while clock.now < end:
+        plan = run(lanes, proxy)
+        checked += [clock.now for _ in plan.check]
+        clock.advance(plan.pause(0.25))
+    assert 3 <= len(checked) <= 3 * 4, checked  # every 20 s per lane (every 5 s: 36)
+    call(lanes)
+    clock.advance(5.0)
+    assert len(run(lanes, proxy).check) == 3  # in use again: every lane checked at once
+
+
+def test_scouting_stays_fast_while_a_lane_doubles_a_pod_and_a_third_may_exist() -> None:
+    """3 lanes on 2 of 3 pods (the third not met yet): no back-off until the scouts find it."""
+    lanes = LanePool(PoolConfig(redials=0), rotation=rotate_never(), clock=FakeClock())
+    run(lanes, scripted(["pod-0", "pod-1", "pod-1"]))
+    assert active_pods(lanes) == ["pod-0", "pod-1", "pod-1"]
+    before = lanes.dials
+    for _ in range(8):  # 2 s: each scout reaches a known pod
+        lanes.clock.advance(0.25)  # type: ignore[attr-defined]
+        run(lanes, scripted(["pod-0"]))
+    assert lanes.dials - before == 8  # still four a second

@@ -76,6 +76,10 @@ _BURST_WIDTH = 4
 #: by the next round, this much later at most.
 _IDLE_ROUND_S = 1.0
 _IDLE_SIGNALS_S = 5.0
+#: ... and its lanes are health-checked this often instead of every ``health_interval_s`` (a
+#: third of its idle CPU went to checks). The first round that sees a call checks every lane
+#: not checked within ``health_interval_s``, before the next calls if it can.
+_IDLE_CHECK_S = 20.0
 
 
 class PoolClosed(BalanceError, ValueError):
@@ -510,10 +514,11 @@ class LanePool:
             self._finish_drains(now)
             for lane in plan.dial:
                 lane.state = LaneState.CHECKING
+            every = self._check_interval()
             plan.check = [
                 lane
                 for lane in self._available
-                if now - self._checked_at.get(lane.id, now) >= self.config.health_interval_s
+                if now - self._checked_at.get(lane.id, now) >= every
             ]
             plan.check += [lane for lane in self._suspects() if lane.id not in self._checked_at]
             plan.check += self._confirmations()
@@ -684,8 +689,18 @@ class LanePool:
         ):
             return None
         due = [self._next_scout]
-        due += [at + self.config.health_interval_s for at in self._checked_at.values()]
+        due += [at + self._check_interval() for at in self._checked_at.values()]
         return max(0.0, min(_IDLE_ROUND_S, min(due) - now))
+
+    def _check_interval(self) -> float:
+        """``health_interval_s``, or longer once the channel has been idle, its pods stable, long
+        enough for its scouting to back off all the way (a few seconds after its last call, its
+        lanes are still checked at the usual pace: a lane whose pod went away then is relabelled
+        as soon as it would be under calls)."""
+        most, every = self.config.scout_idle_max_s, self.config.health_interval_s
+        if most is None or self._scout_pace < most or self._picks != self._picks_at_plan:
+            return every
+        return max(every, _IDLE_CHECK_S)
 
     def _quicken(self, now: float) -> None:
         """Something changed (or calls are made): scouts at ``scout_interval_s`` again, the
@@ -700,9 +715,20 @@ class LanePool:
     def _slow_down(self) -> None:
         """A scout found only what was known, and no call was made since it was dialled."""
         most = self.config.scout_idle_max_s
-        if most is None or self._picks != self._picks_at_scout:
+        if most is None or self._picks != self._picks_at_scout or not self._settled():
             return
         self._scout_pace = max(self._scout_pace, min(self._scout_pace * 2, most))
+
+    def _settled(self) -> bool:
+        """Whether the lanes cover the pods as well as they can: every live pod known has a lane
+        (up to ``max_lanes``) and none doubles a pod, or fresh connections make a pod not yet
+        seen unlikely (:meth:`Membership.complete`: e.g. 2 pods and 3 lanes)."""
+        live = self.membership.live()
+        covered = self._covered()
+        most = min(len(live), self.config.max_lanes)
+        if len(covered & set(live)) < most:
+            return False
+        return self._doubled() is None or self.membership.complete()
 
     def _room(self) -> bool:
         """Could a scout that finds a pod no lane covers get a lane for it?"""
