@@ -125,8 +125,11 @@ class PoolConfig:
             another pod. The trade-off: a scale-up that happens while the channel makes no
             calls is found within the usual bound of the first calls after it (one scout
             interval may pass first), not of the scale-up itself; a channel carrying calls keeps
-            the fast pace, and with it the scale-up bound below. None, or ``scout_interval_s``
-            or less: no back-off.
+            the fast pace, and with it the scale-up bound below. While idle the maintenance
+            rounds run at most 1 s apart and no lane is rotated by age; once backed off all the
+            way, lanes are health-checked every 20 s (the first round that sees a call checks
+            the lanes due). Scouting backs off only once the lanes have settled (every live pod
+            has a lane, none doubled unless another pod is unlikely). None: no back-off.
         burst_per_pod: a scout that found a pod never seen before and got a lane for it starts
             a burst of ``burst_per_pod * (pods known + 1)`` scouts (pods known counted up to
             ``max_lanes``), 4 a round, rounds back to back; a scout in the burst that finds
