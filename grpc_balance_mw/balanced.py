@@ -316,24 +316,25 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
         plan: Plan | None = first
         burst = 0
         while not self._stop.is_set():
+            pause = self._tick_s
             try:
                 if plan is None:
-                    plan = self.pool.plan(signals=self._signals())
-                busy = bool(plan.dial)
+                    plan = self.pool.plan(signals=self._signals)
+                busy, pause = bool(plan.dial), plan.pause(self._tick_s)
                 self._carry_out(plan)
             except Exception:  # a background thread: nothing above it would see the error
                 _log.exception("balanced channel %s: maintenance round failed", self.target)
                 busy = False
             plan = None
             burst = burst + 1 if busy and burst < _BURST_ROUNDS else 0
-            if not burst and self._stop.wait(self._tick_s):
+            if not burst and self._stop.wait(pause):
                 break
 
     def _carry_out(self, plan: Plan) -> None:
         for lane in plan.close:
             self._close_lane(lane)
-        if plan.stuck is not None:
-            _log.warning("balanced channel %s: %s", self.target, plan.stuck.message)
+        for message in plan.warnings():
+            _log.warning("balanced channel %s: %s", self.target, message)
         for lane in plan.drain:
             _log.debug("balanced channel %s: %r drains", self.target, lane)
         lanes = [*plan.dial, *plan.check]

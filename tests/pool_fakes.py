@@ -80,6 +80,12 @@ def active_pods(pool: LanePool) -> list[str | None]:
     return sorted((lane.pod for lane in pool.lanes if lane.is_available()), key=str)
 
 
+def call(pool: LanePool) -> None:
+    """One call on the pool, if it has a lane."""
+    if any(lane.connection is not None for lane in pool.lanes):
+        pool.release(pool.acquire())
+
+
 def drive(
     pool: LanePool,
     check: Callable[[Lane], CheckResult],
@@ -89,12 +95,16 @@ def drive(
     *,
     tick_s: float = 0.25,
     round_s: float = 0.005,
+    calls: bool = True,
 ) -> float | None:
     """Maintenance rounds as the channels' threads run them: back to back after a round that
-    dialled (at most 16 in a row, ``round_s`` each), else one per ``tick_s``. Returns the
+    dialled (at most 16 in a row, ``round_s`` each), else one per ``tick_s``; with ``calls``, a
+    call is made before each (a channel in use: an idle one scouts slower). Returns the
     seconds until ``until()`` held, None if not within ``seconds``."""
     began, busy = clock.now, 0
     while clock.now - began <= seconds:
+        if calls:
+            call(pool)
         plan = run(pool, check)
         if until():
             return clock.now - began

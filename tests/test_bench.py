@@ -28,6 +28,7 @@ FIELDS = {
     "p50_ms",
     "p99_ms",
     "alarm",
+    "windows",
 }
 
 
@@ -56,7 +57,7 @@ def test_steady_every_strategy_with_the_pods_own_counts() -> None:
     for strategy, entry in entries.items():
         assert set(entry) >= FIELDS, strategy
         assert "seconds_to_new_pod_traffic" not in entry
-        assert entry["name"] == "steady"
+        assert entry["name"] == "steady" and entry["windows"] == []  # no event to count from
         assert entry["calls"] == 150 and entry["errors"] == 0, entry
         assert sum(entry["per_pod"].values()) == 150, entry  # the pods' counts, no warm-up
         assert len(entry["per_pod"]) == 3
@@ -84,6 +85,10 @@ def test_scale_up_the_balanced_channel_and_the_fallback_reach_the_new_pods() -> 
     for name in ("balanced", "dial-per-request"):
         assert entries[name]["seconds_to_new_pod_traffic"] is not None, entries[name]
         assert new_pods & set(entries[name]["per_pod"]), entries[name]
+    for entry in entries.values():  # the calls after the scale-up, in 5 s windows
+        windows = entry["windows"]
+        assert windows and windows[0]["start_s"] == 0.0, entry
+        assert sum(sum(w["per_pod"].values()) for w in windows) == sum(entry["per_pod"].values())
 
 
 def pod_kill(*strategies: str) -> dict[str, dict[str, Any]]:
@@ -99,6 +104,11 @@ def test_pod_kill_the_fallback_loses_no_retryable_call() -> None:
     killed = entries["plain"]["note"].split()[1]
     for entry in entries.values():
         assert entry["per_pod"].get(killed, 0) < entry["calls"]
+        # Windows around the kill: none after it counts a call on the killed pod.
+        windows = entry["windows"]
+        assert windows[0]["start_s"] < 0 <= windows[-1]["start_s"], entry
+        after = [w for w in windows if w["start_s"] >= 0]
+        assert not [w for w in after if w["per_pod"].get(killed)], entry
 
 
 def test_pod_kill_the_balanced_channel_loses_no_retryable_call() -> None:

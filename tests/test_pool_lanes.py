@@ -6,7 +6,7 @@ import itertools
 import random
 
 import pytest
-from pool_fakes import FakeClock, KubeProxy, active_pods, run, scripted, settle
+from pool_fakes import FakeClock, KubeProxy, active_pods, call, run, scripted, settle
 
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.pool import (
@@ -137,6 +137,7 @@ def test_a_lane_that_fails_while_rotating_is_not_replaced_twice_for_long() -> No
     )
     settle(lanes, scripted(["pod-0", "pod-1", "pod-2"]))
     clock.advance(30)
+    call(lanes)  # a channel in use (an idle one rotates nothing by age)
     plan = lanes.plan()  # three replacements are dialled...
     failing = lanes.acquire()
     lanes.release(failing, unavailable=True)  # ...and one old lane fails meanwhile,

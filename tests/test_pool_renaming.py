@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from pool_fakes import FakeClock, KubeProxy, active_pods, run
+from pool_fakes import FakeClock, KubeProxy, active_pods, call, run
 
 from grpc_balance_mw.pool import CheckResult, Lane, LanePool, PoolConfig, Signals, rotate_never
 
@@ -48,6 +48,7 @@ def rounds(
 ) -> None:
     end = clock.now + seconds
     while clock.now < end:
+        call(lanes)  # a channel in use (an idle one scouts slower)
         plan = run(lanes, check, signals=signals())
         clock.advance(0.005 if plan.dial else 0.25)
 

@@ -327,10 +327,11 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
         plan = first
         burst = 0
         while True:
+            pause = self._tick_s
             try:
                 if plan is None:
-                    plan = self.pool.plan(signals=self._signals())
-                busy = bool(plan.dial)
+                    plan = self.pool.plan(signals=self._signals)
+                busy, pause = bool(plan.dial), plan.pause(self._tick_s)
                 await self._carry_out(plan)
             except asyncio.CancelledError:
                 raise
@@ -339,12 +340,12 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
                 busy = False
             plan = None
             burst = burst + 1 if busy and burst < _BURST_ROUNDS else 0
-            await asyncio.sleep(0 if burst else self._tick_s)
+            await asyncio.sleep(0 if burst else pause)
 
     async def _carry_out(self, plan: Plan) -> None:
         await self._close_lanes(plan.close)
-        if plan.stuck is not None:
-            _log.warning("balanced channel %s: %s", self.target, plan.stuck.message)
+        for message in plan.warnings():
+            _log.warning("balanced channel %s: %s", self.target, message)
         for lane in plan.drain:
             _log.debug("balanced channel %s: %r drains", self.target, lane)
         lanes = [*plan.dial, *plan.check]

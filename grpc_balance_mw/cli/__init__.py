@@ -27,7 +27,7 @@ __all__ = ["build_parser", "main"]
 #: The extra that brings what each subcommand imports beyond the core install.
 EXTRAS = {"demo": "demo", "overhead": "bench", "doctor": "cli", "bench": "bench"}
 #: ``bench``'s choices, here so that ``--help`` and usage errors import nothing optional.
-BENCH_SCENARIOS = ("steady", "scale-up", "surge", "pod-kill", "streaming")
+BENCH_SCENARIOS = ("steady", "scale-up", "surge", "pod-kill", "streaming", "scale-down")
 STRATEGIES = (
     "plain",
     "dial-per-request",

@@ -23,10 +23,22 @@ Scenarios (``--scenario``, or ``all`` in this order):
   ``calls``: streams opened; ``errors``: streams that failed; ``per_pod``: streams per pod;
   ``p50_ms``/``p99_ms``: time to the first message.
 
+* ``scale-down``: per strategy and variant a cluster of its own, 4 pods, calls at 100/s from
+  one thread; after 5 s the newest pod leaves (variant ``graceful``: ``cluster.scale(3)``, a
+  SIGTERM and drain; ``sigkill``: SIGKILL), and the calls go on for 30 s. Spread from the pods'
+  own counts, read every 5 s; ``per_pod`` and ``max_share_over_fair``: from 10 s after the
+  event (what a channel settles to). The observing strategies are told no ``expected_pods``.
+
+Every entry has ``"windows"``: ``[{"start_s", "end_s", "per_pod", "max_share_over_fair"}]``,
+5 s each, times relative to the scenario's event (the scale-up, the SIGKILL, the scale-down;
+negative: before it), fair shares over the pods alive in the window; empty for scenarios
+without one event (steady, surge, streaming). From the pods' own counts in ``scale-down``
+(each strategy has its cluster to itself), from the pod each response names otherwise.
+
 ``--json`` prints one document on stdout, ``{"schema": 1, "settings": {the run's settings},
 "scenarios": [{"name", "strategy", "calls", "errors", "error_codes", "per_pod",
-"max_share_over_fair", "p50_ms", "p99_ms", "alarm", "seconds_to_new_pod_traffic" (scale-up
-only), "note" (if any)}, ...], "machine": {...}}``;
+"max_share_over_fair", "p50_ms", "p99_ms", "alarm", "windows", "seconds_to_new_pod_traffic"
+(scale-up only), "variant" (scale-down only), "note" (if any)}, ...], "machine": {...}}``;
 otherwise a table. Progress goes to stderr. Every loop is bounded in calls and in time.
 """
 
@@ -35,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import sys
@@ -53,6 +66,7 @@ from grpc_balance_mw.cli.strategies import (
     STRATEGIES,
     Opened,
     Result,
+    max_share_over_fair,
     open_strategy,
     unavailable_strategies,
 )
@@ -71,6 +85,11 @@ SURGE_WAVES = 5
 SCALE_AFTER_S, SCALE_RATE = 2.0, 50.0
 KILL_RUN_S, KILL_WORKERS, KILL_RATE = 6.0, 2, 25.0
 STREAM_RUN_S = 8.0
+#: Windows of the spread after an event, and the scale-down scenario's shape.
+WINDOW_S = 5.0
+SCALE_DOWN_PODS, SCALE_DOWN_TO, SCALE_DOWN_RATE = 4, 3, 100.0
+SCALE_DOWN_BEFORE_S, SCALE_DOWN_AFTER_S, SCALE_DOWN_SETTLED_S = 5.0, 30.0, 10.0
+SCALE_DOWN_VARIANTS = ("graceful", "sigkill")
 #: The version of ``--json``'s document: raised when a field changes meaning or goes away.
 SCHEMA = 1
 #: Every scenario stops after this long, whatever its counts say.
@@ -204,6 +223,64 @@ def _turned(opened: Sequence[Opened], by: int) -> list[Opened]:
     return [*opened[by:], *opened[:by]]
 
 
+# -- windows ---------------------------------------------------------------------------------
+
+
+def window(start_s: float, end_s: float, per_pod: dict[str, int], pods: int) -> dict[str, Any]:
+    """One entry of ``"windows"``: calls per pod from ``start_s`` to ``end_s`` after the event."""
+    return {
+        "start_s": round(start_s, 3),
+        "end_s": round(end_s, 3),
+        "per_pod": dict(sorted(per_pod.items())),
+        "max_share_over_fair": max_share_over_fair(per_pod, pods),
+    }
+
+
+def windows_of(
+    samples: Sequence[tuple[float, str]], pods: Callable[[float], int], width: float = WINDOW_S
+) -> list[dict[str, Any]]:
+    """Calls, as (seconds after the event, pod), counted in windows of ``width`` aligned on the
+    event; ``pods(start_s)``: the pods alive then, which a fair share divides by."""
+    buckets: dict[int, dict[str, int]] = {}
+    for at, pod in samples:
+        per_pod = buckets.setdefault(math.floor(at / width), {})
+        per_pod[pod] = per_pod.get(pod, 0) + 1
+    return [
+        window(i * width, (i + 1) * width, buckets[i], pods(i * width)) for i in sorted(buckets)
+    ]
+
+
+class PodCounts:
+    """Windows from the pods' own counts: the cluster's counts read at each window's end, the
+    calls in the window the difference from the previous read (a pod that left took its
+    count along: it is left out of the windows after it left)."""
+
+    def __init__(self, cluster: LocalCluster, event_at: float) -> None:
+        self.cluster = cluster
+        self.event_at = event_at
+        self.windows: list[dict[str, Any]] = []
+        cluster.reset_counts()
+        self._read_at = time.monotonic()
+        self._counts: dict[str, int] = {}
+
+    def read(self, pods: int) -> None:
+        now = time.monotonic()
+        counts = self.cluster.served()
+        per_pod = {pod: count - self._counts.get(pod, 0) for pod, count in counts.items()}
+        start, end = self._read_at - self.event_at, now - self.event_at
+        self.windows.append(window(start, end, per_pod, pods))
+        self._read_at, self._counts = now, counts
+
+    def since(self, start_s: float) -> dict[str, int]:
+        """Calls per pod over the windows that start at ``start_s`` or later."""
+        total: dict[str, int] = {}
+        for entry in self.windows:
+            if entry["start_s"] >= start_s - 0.5:  # reads run a little late
+                for pod, count in entry["per_pod"].items():
+                    total[pod] = total.get(pod, 0) + count
+        return total
+
+
 # -- scenarios ------------------------------------------------------------------------------
 
 
@@ -330,11 +407,13 @@ def scale_up(settings: Settings) -> list[Result]:
         new_pods: set[str] = set()
         #: strategy -> when its cluster's new pods were in the Service
         scaled: dict[str, float] = {}
+        samples: dict[str, list[tuple[float, str]]] = {s.strategy: [] for s in opened}
 
         def on_pod(result: Result, pod: str) -> None:
             at = scaled.get(result.strategy)
             if at is None:
                 return
+            samples[result.strategy].append((time.monotonic() - at, pod))
             result.per_pod[pod] = result.per_pod.get(pod, 0) + 1
             if pod in new_pods and result.seconds_to_new_pod_traffic is None:
                 result.seconds_to_new_pod_traffic = round(time.monotonic() - at, 3)
@@ -357,11 +436,14 @@ def scale_up(settings: Settings) -> list[Result]:
                         scaled[strategy.strategy] = now
             progress(f"scale-up: watching for {settings.scale_wait_s:g} s")
             load.wait(settings.scale_wait_s)
-        results += load.finish(
+        finished = load.finish(
             SCALED_PODS,
             "per_pod and max_share_over_fair: the calls after the scale-up, by the pod each "
             "response names",
         )
+        for result in finished:
+            result.windows = windows_of(samples[result.strategy], lambda _start: SCALED_PODS)
+        results += finished
     return _in_order(results, settings)
 
 
@@ -447,8 +529,11 @@ def pod_kill(settings: Settings) -> list[Result]:
         opened_strategies(settings, cluster, aged, results, "pod-kill") as opened,
     ):
         victims = _victims(opened, cluster, aged)
+        samples: dict[str, list[tuple[float, str]]] = {s.strategy: [] for s in opened}
+        killed_at = time.monotonic()
 
         def on_pod(result: Result, pod: str) -> None:
+            samples[result.strategy].append((time.monotonic(), pod))
             result.per_pod[pod] = result.per_pod.get(pod, 0) + 1
 
         budget = max(1, settings.calls // KILL_WORKERS)
@@ -458,12 +543,17 @@ def pod_kill(settings: Settings) -> list[Result]:
         with load:
             progress(f"pod-kill: {KILL_WORKERS} threads per strategy for {KILL_RUN_S:g} s")
             load.wait(KILL_RUN_S / 2)
+            killed_at = time.monotonic()
             for target, victim in victims:
                 progress(f"pod-kill: SIGKILL {victim}")
                 target.kill(victim)
             load.wait(KILL_RUN_S / 2)
         killed = ", ".join(victim for _, victim in victims)
-        results += load.finish(PODS, f"killed {killed} (the plain channel's pod) half way")
+        finished = load.finish(PODS, f"killed {killed} (the plain channel's pod) half way")
+        for result in finished:
+            since_kill = [(at - killed_at, pod) for at, pod in samples[result.strategy]]
+            result.windows = windows_of(since_kill, lambda start: PODS if start < 0 else PODS - 1)
+        results += finished
     return _in_order(results, settings)
 
 
@@ -584,12 +674,71 @@ def streaming(settings: Settings) -> list[Result]:
     return _in_order(results, settings)
 
 
+def scale_down(settings: Settings) -> list[Result]:
+    results = [
+        _scale_down(settings, name, variant)
+        for variant in SCALE_DOWN_VARIANTS
+        for name in settings.strategies
+    ]
+    return _in_order(results, settings)
+
+
+def _scale_down(settings: Settings, name: str, variant: str) -> Result:
+    """One strategy, one variant, on a cluster of its own (so the pods' counts are its own)."""
+    aged = name == "server-max-age"
+    parts: dict[str, Any] = cluster_parts(settings.l4)
+    if aged:
+        parts = {"service": settings.l4, "dns": None, "max_connection_age_s": MAX_AGE_S}
+    progress(f"scale-down ({variant}): {name}")
+    with LocalCluster(SCALE_DOWN_PODS, **parts) as cluster:
+        unavailable = unavailable_strategies(cluster)
+        if name in unavailable:
+            note = f"left out: {unavailable[name]}"
+            return Result("scale-down", name, variant=variant, note=note)
+        strategy = open_strategy(
+            name, cluster, max_age_cluster=cluster if aged else None, expected_pods=None
+        )
+        try:
+            strategy.settle()
+            for i in range(20):
+                with contextlib.suppress(grpc.RpcError):
+                    strategy.get(f"warm-up-{i}")
+            budget = int((SCALE_DOWN_BEFORE_S + SCALE_DOWN_AFTER_S + 10) * SCALE_DOWN_RATE)
+            load = Load([strategy], "scale-down", rate=SCALE_DOWN_RATE, workers=1, budget=budget)
+            with load:
+                counts = PodCounts(cluster, time.monotonic() + SCALE_DOWN_BEFORE_S)
+                load.wait(SCALE_DOWN_BEFORE_S)
+                counts.event_at = time.monotonic()
+                counts.read(SCALE_DOWN_PODS)
+                leaving = cluster.pods[-1].name
+                if variant == "graceful":
+                    cluster.scale(SCALE_DOWN_TO)
+                else:
+                    cluster.kill(leaving)
+                for i in range(1, int(SCALE_DOWN_AFTER_S / WINDOW_S) + 1):
+                    load.wait(max(0.0, counts.event_at + i * WINDOW_S - time.monotonic()))
+                    counts.read(SCALE_DOWN_TO)
+            (result,) = load.finish(
+                SCALE_DOWN_TO,
+                f"{leaving} left ({variant}) {SCALE_DOWN_BEFORE_S:g} s in; per_pod and "
+                f"max_share_over_fair: from {SCALE_DOWN_SETTLED_S:g} s after, by the pods' counts",
+            )
+        finally:
+            strategy.close()
+    result.variant = variant
+    result.windows = counts.windows
+    result.per_pod = counts.since(SCALE_DOWN_SETTLED_S)
+    result.max_share_over_fair = max_share_over_fair(result.per_pod, SCALE_DOWN_TO)
+    return result
+
+
 RUNNERS: dict[str, Callable[[Settings], list[Result]]] = {
     "steady": steady,
     "scale-up": scale_up,
     "surge": surge,
     "pod-kill": pod_kill,
     "streaming": streaming,
+    "scale-down": scale_down,
 }
 
 

@@ -79,11 +79,14 @@ class Result:
     alarm: str | None = None
     seconds_to_new_pod_traffic: float | None = None
     note: str | None = None
+    variant: str | None = None
+    windows: list[dict[str, Any]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
-        if self.note is None:
-            del data["note"]
+        for optional in ("note", "variant"):
+            if data[optional] is None:
+                del data[optional]
         if self.name != "scale-up":
             del data["seconds_to_new_pod_traffic"]
         return data
@@ -174,7 +177,9 @@ def unavailable_strategies(cluster: LocalCluster) -> dict[str, str]:
     return missing
 
 
-def _observe_options(expected_pods: int, telemetry: AffinityTelemetry | None) -> ObserveOptions:
+def _observe_options(
+    expected_pods: int | None, telemetry: AffinityTelemetry | None
+) -> ObserveOptions:
     return ObserveOptions(
         expected_pods=expected_pods, telemetry=telemetry, registry=AffinityRegistry()
     )
@@ -186,7 +191,7 @@ def open_strategy(
     *,
     max_age_cluster: LocalCluster | None = None,
     telemetry: AffinityTelemetry | None = None,
-    expected_pods: int = 3,
+    expected_pods: int | None = 3,
 ) -> Opened:
     """Open one strategy's channel against ``cluster`` (``max_age_cluster`` for server-max-age).
 
@@ -196,7 +201,7 @@ def open_strategy(
         max_age_cluster: pods started with a connection age, for ``server-max-age``.
         telemetry: the spans and alarms of the observing strategies (``interceptors`` makes
             its own spans if None, dropped: what is measured is making them).
-        expected_pods: the replicas the observing strategies are told of.
+        expected_pods: the replicas the observing strategies are told of (None: not told).
     """
     retry = RetryPolicy(methods={GET_CHARGE_POINT})
     channel: grpc.Channel

@@ -35,6 +35,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from grpc_balance_mw._membership import Membership, Source
 from grpc_balance_mw.errors import BalanceError, ConfigurationError
 from grpc_balance_mw.pool.lane import Lane, LanePurpose, LaneState
 from grpc_balance_mw.pool.pickers import LeastOutstanding, Picker
@@ -69,6 +70,16 @@ _BROKEN = frozenset({"unavailable", "pod down"})
 _MAX_BACKOFF_S = 1.0
 #: Scouts of a burst dialled in one round: a few connections at once, not dozens.
 _BURST_WIDTH = 4
+#: While the channel is idle and its scouting backed off, the adapter plans at most this far
+#: apart (not every tick), and the affinity detector is asked for its signals at most this
+#: often: an idle channel's rounds are most of its idle CPU. A call made in between is seen
+#: by the next round, this much later at most.
+_IDLE_ROUND_S = 1.0
+_IDLE_SIGNALS_S = 5.0
+#: ... and its lanes are health-checked this often instead of every ``health_interval_s`` (a
+#: third of its idle CPU went to checks). The first round that sees a call checks every lane
+#: not checked within ``health_interval_s``, before the next calls if it can.
+_IDLE_CHECK_S = 20.0
 
 
 class PoolClosed(BalanceError, ValueError):
@@ -106,6 +117,19 @@ class PoolConfig:
             of CPU a second with it, 6 ms with 0.5 s, 2 ms without scouts). 0.5 halves the
             cost; both new pods of a 3 -> 5 scale-up then miss 5 s 1.1 % of the time (see
             ``burst_per_pod``). None: no scouting (new pods then wait for rotation).
+        scout_idle_max_s: while the channel makes no calls and every scout reaches a pod
+            already known and covered, the scout interval doubles after each scout up to this
+            (8 s): an idle channel then dials one scout every 8 s instead of four a second. It
+            returns to ``scout_interval_s`` at once when a call is made, a scout finds a pod no
+            lane covers, a health check fails, a lane's pod goes away or its lane reconnects to
+            another pod. The trade-off: a scale-up that happens while the channel makes no
+            calls is found within the usual bound of the first calls after it (one scout
+            interval may pass first), not of the scale-up itself; a channel carrying calls keeps
+            the fast pace, and with it the scale-up bound below. While idle the maintenance
+            rounds run at most 1 s apart and no lane is rotated by age; once backed off all the
+            way, lanes are health-checked every 20 s (the first round that sees a call checks
+            the lanes due). Scouting backs off only once the lanes have settled (every live pod
+            has a lane, none doubled unless another pod is unlikely). None: no back-off.
         burst_per_pod: a scout that found a pod never seen before and got a lane for it starts
             a burst of ``burst_per_pod * (pods known + 1)`` scouts (pods known counted up to
             ``max_lanes``), 4 a round, rounds back to back; a scout in the burst that finds
@@ -128,7 +152,10 @@ class PoolConfig:
             collector's tail). ``tests/test_pool_scouting.py`` simulates it.
         health_interval_s: each active lane's pod is health-checked this often (NOT_SERVING or a
             reconnect to another pod is noticed within it).
-        pod_ttl_s: a pod no lane or scout reached for this long is no longer counted as known.
+        pod_ttl_s: how long a pod found gone (NOT_SERVING, its connections refused or
+            dropped) is remembered as gone, so lanes that reach it again are rotated. Pods
+            are no longer forgotten by time: they leave on evidence (see
+            :mod:`grpc_balance_mw._membership`; :attr:`LanePool.membership`).
         affinity_dials: this many fresh connections in a row reaching one pod while more pods are
             known means Service sessionAffinity (16: with 2 random pods that happens by chance
             once in 32,768 runs of 16 dials).
@@ -147,6 +174,7 @@ class PoolConfig:
     redials: int = 6
     drain_grace_s: float = 30.0
     scout_interval_s: float | None = 0.25
+    scout_idle_max_s: float | None = 8.0
     burst_per_pod: int = 5
     health_interval_s: float = 5.0
     pod_ttl_s: float = 30.0
@@ -173,6 +201,8 @@ class PoolConfig:
             raise ConfigurationError("need drain_grace_s >= 0, health_interval_s, pod_ttl_s > 0")
         if self.scout_interval_s is not None and self.scout_interval_s <= 0:
             raise ConfigurationError("scout_interval_s must be > 0 or None")
+        if self.scout_idle_max_s is not None and self.scout_idle_max_s <= 0:
+            raise ConfigurationError("scout_idle_max_s must be > 0 or None")
 
 
 @dataclass(frozen=True)
@@ -253,6 +283,9 @@ class Plan:
         drain: lanes that stopped taking calls in this round (for logs).
         close: lanes whose connection to close now.
         stuck: set when the pool became stuck in this round (for one warning).
+        notices: warnings to log once (e.g. ``expected_pods`` overruled by the evidence).
+        idle_s: set while the channel is idle and nothing is due sooner: how long the adapter
+            may wait before the next round (see :meth:`pause`).
     """
 
     dial: list[Lane] = field(default_factory=list)
@@ -260,9 +293,20 @@ class Plan:
     drain: list[Lane] = field(default_factory=list)
     close: list[Lane] = field(default_factory=list)
     stuck: Stuck | None = None
+    notices: list[str] = field(default_factory=list)
+    idle_s: float | None = None
+
+    def pause(self, tick_s: float) -> float:
+        """How long the adapter waits before the next round: its tick, or longer while idle."""
+        return max(tick_s, self.idle_s or 0.0)
 
     def __bool__(self) -> bool:
         return bool(self.dial or self.check or self.close)
+
+    def warnings(self) -> list[str]:
+        """What the adapter logs at WARNING level for this round (each said once)."""
+        stuck = [self.stuck.message] if self.stuck is not None else []
+        return [*stuck, *self.notices]
 
 
 class LanePool:
@@ -297,14 +341,21 @@ class LanePool:
         self._available: list[Lane] = []
         self._to_close: list[Lane] = []
         self._drained: list[Lane] = []
-        self._seen: dict[str, float] = {}  # pod -> last reached
-        self._down: dict[str, float] = {}  # pod -> when it was found NOT_SERVING / gone
+        #: The pods behind the target, from evidence (see :mod:`grpc_balance_mw._membership`).
+        self.membership = Membership(forget_gone_s=self.config.pod_ttl_s)
+        self.membership.expect(self.config.expected_pods)
+        self._now = 0.0  # the clock at the last plan or report, for the membership's count
         self._recent: deque[str] = deque(maxlen=self.config.affinity_dials)
         self._checked_at: dict[int, float] = {}
         self._answers = 0  # calls answered on any lane (see Lane.heard)
         self._to_confirm: list[Lane] = []  # new lanes whose pod's name needs a second check
         self._renamed_at: float | None = None  # when a pod last named itself anew
         self._next_scout = 0.0
+        self._scout_pace = self.config.scout_interval_s or 0.0  # backs off while idle, stable
+        self._picks_at_scout = 0  # calls picked when the last scout was dialled
+        self._picks_at_plan = 0  # ... when the last round was planned
+        self._picks_at_signals = -1  # ... when the detector was last asked
+        self._signals_at = 0.0
         self._burst = 0  # scouts left in the current burst
         self._next_dial = 0.0
         self._backoff = 0.0  # after dials that reached no serving pod
@@ -396,9 +447,10 @@ class LanePool:
         lane.unavailable += 1
         if lane.state is LaneState.ACTIVE:
             now = self.clock()
+            self._quicken(now)
             self._drain(lane, now, "unavailable")
             if lane.pod is not None:
-                self._pod_down(lane.pod, now)
+                self._pod_down(lane.pod, now, "its calls failed UNAVAILABLE")
             # The first replacement is dialled at once (a pod was killed); the next ones wait,
             # longer after each such drain until a call is answered again: a sidecar that
             # answers every call UNAVAILABLE itself ("no healthy upstream", no pod named) would
@@ -428,16 +480,33 @@ class LanePool:
 
     # -- maintenance ---------------------------------------------------------------------------
 
-    def plan(self, now: float | None = None, signals: Signals | None = None) -> Plan:
-        """Decide the next round of work: dials, health checks, drains and closes."""
+    def plan(
+        self,
+        now: float | None = None,
+        signals: Signals | Callable[[], Signals] | None = None,
+    ) -> Plan:
+        """Decide the next round of work: dials, health checks, drains and closes.
+
+        ``signals`` may be a function (the detector's snapshot costs more than a round): it is
+        then asked when calls were made since it last was, or every few seconds."""
         now = self.clock() if now is None else now
+        if callable(signals):
+            fresh = self._picks != self._picks_at_signals
+            if fresh or now - self._signals_at >= _IDLE_SIGNALS_S:
+                self._picks_at_signals, self._signals_at = self._picks, now
+                signals = signals()
+            else:
+                signals = None
         with self._lock:
+            self._now = now
             if signals is not None:
                 self._signals = signals
             plan = Plan(dial=[lane for lane in self.lanes if lane.state is LaneState.DIALING])
             if self.closed:
                 plan.close, self._to_close = self._to_close, []
                 return plan
+            if self._picks != self._picks_at_scout:
+                self._quicken(now)
             self._expire_pods(now)
             self._drain_renamed(now)
             self._check_l7(now)
@@ -448,10 +517,11 @@ class LanePool:
             self._finish_drains(now)
             for lane in plan.dial:
                 lane.state = LaneState.CHECKING
+            every = self._check_interval()
             plan.check = [
                 lane
                 for lane in self._available
-                if now - self._checked_at.get(lane.id, now) >= self.config.health_interval_s
+                if now - self._checked_at.get(lane.id, now) >= every
             ]
             plan.check += [lane for lane in self._suspects() if lane.id not in self._checked_at]
             plan.check += self._confirmations()
@@ -460,12 +530,16 @@ class LanePool:
             plan.close, self._to_close = self._to_close, []
             plan.drain, self._drained = self._drained, []
             plan.stuck, self._new_stuck = self._new_stuck, None
+            plan.notices = self.membership.take_notices()
+            plan.idle_s = self._idle_for(now, plan)
+            self._picks_at_plan = self._picks
             return plan
 
     def checked(self, lane: Lane, result: CheckResult, now: float | None = None) -> None:
         """Report a health check of ``lane`` (a new lane's first, or an active lane's)."""
         now = self.clock() if now is None else now
         with self._lock:
+            self._now = max(self._now, now)
             if lane.state is LaneState.CHECKING:
                 self._first_check(lane, result, now)
             elif lane.state is LaneState.ACTIVE:
@@ -499,7 +573,11 @@ class LanePool:
         # The detector counts every name calls carried: while a pod that renames itself on
         # every call is about, its count is its names, so the pool counts on its own checks.
         signalled = self._signals.known_pods if self._renamed_at is None else 0
-        return max(self.config.expected_pods or 0, signalled, len(self._seen))
+        # The detector's count (pods its calls reached) is a hint the evidence overrules: it
+        # remembers a pod that left for its own TTL, which kept a lane too many after a
+        # scale-down.
+        self.membership.called(signalled)
+        return self.membership.count(self._now)
 
     def _covered(self, without: int | None = None) -> set[str]:
         return {lane.pod for lane in self._available if lane.pod is not None and lane.id != without}
@@ -524,8 +602,11 @@ class LanePool:
         return [lane for lane in self.lanes if lane.is_pending()]
 
     def _rotate(self, now: float, plan: Plan) -> None:
+        idle = self._picks == self._picks_at_plan and not any(
+            lane.in_flight for lane in self._available
+        )
         context = RotationContext(
-            now, self._signals.alarm, self._signals.top_pod, frozenset(self._down)
+            now, self._signals.alarm, self._signals.top_pod, self.membership.down()
         )
         being_replaced = {lane.replaces for lane in self._pending()}
         for lane in list(self._available):
@@ -533,6 +614,10 @@ class LanePool:
                 continue
             reason = self.rotation.why(lane, context)
             if reason is None or (self.stuck is not None and reason not in _BROKEN):
+                continue
+            if reason == "age" and idle:
+                # Rotating by age re-rolls where calls go: with no calls it only costs dials
+                # (a lane and its redials, several a minute). It rotates once calls come.
                 continue
             if now < self._next_dial:
                 return
@@ -583,9 +668,70 @@ class LanePool:
             return
         elif now < self._next_scout:
             return
+        else:
+            interval = self._scout_pace
         self._burst = 0
         self._next_scout = now + interval
+        self._picks_at_scout = self._picks
         plan.dial.append(self._new_lane(now, LanePurpose.SCOUT))
+
+    def _idle_for(self, now: float, plan: Plan) -> float | None:
+        """How long the next round may wait: None (the adapter's tick) unless the channel is
+        idle (no call since the last round, none in flight), its scouting backed off, and
+        nothing is pending, draining, suspect or stuck."""
+        base = self.config.scout_interval_s
+        if (
+            plan
+            or base is None
+            or self._scout_pace <= base
+            or self._picks != self._picks_at_plan
+            or self._burst
+            or self.stuck is not None
+            or self._to_confirm
+            or any(not lane.is_available() or lane.in_flight for lane in self.lanes)
+        ):
+            return None
+        due = [self._next_scout]
+        due += [at + self._check_interval() for at in self._checked_at.values()]
+        return max(0.0, min(_IDLE_ROUND_S, min(due) - now))
+
+    def _check_interval(self) -> float:
+        """``health_interval_s``, or longer once the channel has been idle, its pods stable, long
+        enough for its scouting to back off all the way (a few seconds after its last call, its
+        lanes are still checked at the usual pace: a lane whose pod went away then is relabelled
+        as soon as it would be under calls)."""
+        most, every = self.config.scout_idle_max_s, self.config.health_interval_s
+        if most is None or self._scout_pace < most or self._picks != self._picks_at_plan:
+            return every
+        return max(every, _IDLE_CHECK_S)
+
+    def _quicken(self, now: float) -> None:
+        """Something changed (or calls are made): scouts at ``scout_interval_s`` again, the
+        next one within that interval."""
+        base = self.config.scout_interval_s
+        if base is None or self._scout_pace <= base:
+            return
+        self._scout_pace = base
+        if self.stuck is None:
+            self._next_scout = min(self._next_scout, now + base)
+
+    def _slow_down(self) -> None:
+        """A scout found only what was known, and no call was made since it was dialled."""
+        most = self.config.scout_idle_max_s
+        if most is None or self._picks != self._picks_at_scout or not self._settled():
+            return
+        self._scout_pace = max(self._scout_pace, min(self._scout_pace * 2, most))
+
+    def _settled(self) -> bool:
+        """Whether the lanes cover the pods as well as they can: every live pod known has a lane
+        (up to ``max_lanes``) and none doubles a pod, or fresh connections make a pod not yet
+        seen unlikely (:meth:`Membership.complete`: e.g. 2 pods and 3 lanes)."""
+        live = self.membership.live()
+        covered = self._covered()
+        most = min(len(live), self.config.max_lanes)
+        if len(covered & set(live)) < most:
+            return False
+        return self._doubled() is None or self.membership.complete()
 
     def _room(self) -> bool:
         """Could a scout that finds a pod no lane covers get a lane for it?"""
@@ -615,10 +761,6 @@ class LanePool:
     def _expire_pods(self, now: float) -> None:
         if self._renamed_at is not None and now - self._renamed_at >= self.config.pod_ttl_s:
             self._renamed_at = None
-        for pods in (self._seen, self._down):
-            for pod, at in list(pods.items()):
-                if now - at >= self.config.pod_ttl_s:
-                    del pods[pod]
 
     def _drain_renamed(self, now: float) -> None:
         """Lanes kept unnamed because their checks named two pods (see ``_renamed``) are drained
@@ -642,6 +784,7 @@ class LanePool:
 
     def _first_check(self, lane: Lane, result: CheckResult, now: float) -> None:
         if not result.reachable or not result.serving:
+            self._quicken(now)
             if result.pod is not None:
                 self._pod_down(result.pod, now)
             self._backoff = _longer(self._backoff)
@@ -653,8 +796,7 @@ class LanePool:
         if (
             pod is not None
             and lane.claimed is None
-            and pod not in self._seen
-            and pod not in self._down
+            and not self.membership.knows(pod)
             and pod not in self._covered()
         ):
             # A name never seen is believed once a second check on the same connection names
@@ -669,18 +811,24 @@ class LanePool:
                 return
         self._backoff = 0.0
         lane.pod = pod
-        unseen = pod is not None and pod not in self._seen
+        unseen = False
         if pod is not None:
-            self._reached(pod, now)
+            source = Source.SCOUT if lane.purpose is LanePurpose.SCOUT else Source.LANE
+            unseen = self.membership.fresh(pod, source, now, self._covered())
             self._note_dial(pod, now)
         replaced = self._lane(lane.replaces)
         covered = self._covered(without=replaced.id if replaced is not None else None)
         fresh = pod is None or pod not in covered
         if lane.purpose is LanePurpose.SCOUT:
-            if self._scouted(lane, fresh, now) and unseen:
+            kept = self._scouted(lane, fresh, now)
+            if kept and unseen:
                 # A pod never seen before: likely a scale-up with more new pods; a burst of
                 # scouts finds them now rather than one random draw per interval each.
                 self._burst = self._burst_size()
+            if kept or unseen:
+                self._quicken(now)
+            else:
+                self._slow_down()
             return
         looking = self.stuck is None and lane.attempt < self.config.redials
         uncovered = self._known() > len(covered) or len(covered) < self._wanted()
@@ -751,11 +899,12 @@ class LanePool:
         if not result.reachable:
             # One lost check is not a lost pod (a reconnect); several in a row are a pod that
             # hangs, which no call will report as UNAVAILABLE: its calls only time out.
+            self._quicken(now)
             lane.unanswered += 1
             if lane.unanswered >= self.config.unanswered_checks:
                 self._drain(lane, now, "unresponsive")
                 if lane.pod is not None:
-                    self._pod_down(lane.pod, now)
+                    self._pod_down(lane.pod, now, "its health checks went unanswered")
             return
         lane.unanswered = 0
         if not result.serving:
@@ -763,9 +912,21 @@ class LanePool:
                 self._pod_down(result.pod, now)
             return
         if result.pod is not None and not lane.renamed:
-            lane.moved = lane.moved or result.pod != lane.pod
+            left, moved_before = lane.pod, lane.moved
+            lane.moved = lane.moved or result.pod != left
             lane.pod = result.pod  # a reconnect may have reached another pod
             self._reached(result.pod, now)
+            if (
+                left is not None
+                and left != result.pod
+                and not moved_before
+                and self.stuck is None
+                and left not in self._covered()
+            ):
+                # Its connection to ``left`` ended (GOAWAY, or broken) and the reconnect reached
+                # another pod: ``left`` counts again only if found again. (A lane that moves on
+                # every check is behind an L7 proxy: that says nothing of the pods.)
+                self._pod_down(left, now, f"its lane reconnected to {result.pod}")
 
     def _cleared_or_drained(self, lane: Lane, result: CheckResult, now: float) -> None:
         """A suspect lane's check: its calls timed out while other lanes answered, so one
@@ -787,9 +948,8 @@ class LanePool:
             self._pod_down(pod, now)
 
     def _reached(self, pod: str, now: float) -> None:
-        """A fresh connection or a check reached ``pod``; watch for session affinity."""
-        self._seen[pod] = now
-        self._down.pop(pod, None)
+        """A health check on a lane named ``pod``: it exists."""
+        self.membership.confirmed(pod, Source.CHECK, now)
 
     def _note_dial(self, pod: str, now: float) -> None:
         recent = self._recent
@@ -803,9 +963,9 @@ class LanePool:
         if len(recent) == recent.maxlen and len(set(recent)) == 1 and known >= 2:
             self._set_stuck(Stuck("session-affinity", pod, len(recent), known, now))
 
-    def _pod_down(self, pod: str, now: float) -> None:
-        self._down[pod] = now
-        self._seen.pop(pod, None)
+    def _pod_down(self, pod: str, now: float, cause: str = "not serving") -> None:
+        self.membership.gone(pod, cause, now)
+        self._quicken(now)
 
     def _lane(self, lane_id: int | None) -> Lane | None:
         if lane_id is None:
