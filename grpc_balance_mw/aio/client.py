@@ -1,25 +1,5 @@
-"""Deprecated name of :mod:`grpc_balance_mw.aio.interceptors`, kept for one release.
+"""Deprecated name of :mod:`grpc_balance_mw.aio.interceptors` (warns; kept for one release)."""
 
-Every name there is still found here; importing this module warns (``DeprecationWarning``).
-"""
+from grpc_balance_mw._renamed import moved
 
-from __future__ import annotations
-
-import importlib
-import warnings
-from typing import Any
-
-_NEW = "grpc_balance_mw.aio.interceptors"
-warnings.warn(
-    "grpc_balance_mw.aio.client is deprecated: import from grpc_balance_mw.aio.interceptors",
-    DeprecationWarning,
-    stacklevel=2,
-)
-
-
-def __getattr__(name: str) -> Any:
-    return getattr(importlib.import_module(_NEW), name)
-
-
-def __dir__() -> list[str]:
-    return dir(importlib.import_module(_NEW))
+__getattr__, __dir__ = moved(__name__, "grpc_balance_mw.aio.interceptors")
