@@ -47,7 +47,7 @@ EVENT_STATE_CHANGE = "grpc_balance_mw.affinity.state_change"
 EVENT_POD_PREFIX = "grpc_balance_mw.affinity."
 ATTR_CAUSE = "grpc_balance_mw.affinity.cause"
 ATTR_ADVICE = "grpc_balance_mw.affinity.advice"
-METRIC_CALLS = "grpc_balance_mw.interceptors.calls"
+METRIC_CALLS = "grpc_balance_mw.client.calls"
 METRIC_TOP_SHARE = "grpc_balance_mw.affinity.top_share"
 #: 1 for each target's current state, 0 for the detector's other states; the state is in
 #: ``ATTR_STATE``, as on spans. A state set (as kube-state-metrics' ``phase`` gauges): an alert
