@@ -120,7 +120,9 @@ def cases(form: str, behaviour: str) -> list[Any]:
 
 def options() -> ObserveOptions:
     # A registry of its own: no evidence shared with other tests' channels to the same address.
-    return ObserveOptions(registry=AffinityRegistry())
+    # No probe: its rounds are connections of their own, not the wrapped channel's behaviour
+    # (docs/channel_contract.md lists the Health RPCs they make; test_default_probe.py tests it).
+    return ObserveOptions(registry=AffinityRegistry(), probe=False)
 
 
 #: Channel options for a server that starts late: reconnect soon after it is up.
