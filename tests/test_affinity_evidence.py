@@ -15,7 +15,7 @@ from grpc_balance_mw.affinity import AffinityConfig, AffinityDetector, AffinityS
 from grpc_balance_mw.affinity.advice import Cause, advice
 from grpc_balance_mw.affinity.counts import TopCounter
 from grpc_balance_mw.affinity.evidence import all_on_one_chance, top_count_chance
-from grpc_balance_mw.affinity.lanes import Lane, LaneStep
+from grpc_balance_mw.affinity.lanes import LaneEvidence, LaneStep
 from grpc_balance_mw.affinity.targets import literal_addresses
 
 B, U, S, P, L7 = (
@@ -39,7 +39,7 @@ class Calls:
         self.entered: list[tuple[int, AffinityState]] = []
         self.made = 0
 
-    def run(self, lane: Lane, pods: str | list[str]) -> list[AffinityState]:
+    def run(self, lane: LaneEvidence, pods: str | list[str]) -> list[AffinityState]:
         entered = []
         for pod in pods:
             self.now += self.every_s
@@ -69,11 +69,11 @@ def test_top_counter_keeps_the_largest_count_under_adds_and_removes() -> None:
 
 
 def test_a_steady_lane_rotates_rarely_and_a_switching_lane_balances_per_request() -> None:
-    lane = Lane("one")
+    lane = LaneEvidence("one")
     steps = [lane.see(pod, float(i)) for i, pod in enumerate("a" * 30 + "b" * 30 + "c" * 5)]
     assert steps[0] is LaneStep.FIRST and steps.count(LaneStep.ROTATED) == 2
     assert (lane.epochs, lane.switches, lane.per_request, lane.rotated) == (3, 2, False, True)
-    switching = Lane("two")
+    switching = LaneEvidence("two")
     steps = [switching.see(pod, float(i)) for i, pod in enumerate("abc" * 10)]
     assert switching.per_request and steps[-1] is LaneStep.SWITCHED
     for i in range(33):  # a switch, then 32 calls without one: one connection again
@@ -88,7 +88,7 @@ def test_a_steady_lane_rotates_rarely_and_a_switching_lane_balances_per_request(
 def test_lane_warm_up_ends_with_its_cause(
     pods_to_see: int | None, seen: str, warming: bool
 ) -> None:
-    lane = Lane()
+    lane = LaneEvidence()
     for i, pod in enumerate(seen):
         lane.see(pod, 10.0 + i * 0.01)
     assert lane.warming(10.05, 1.0, pods_to_see) is warming
@@ -127,7 +127,7 @@ def test_one_channel_through_a_cluster_ip_alarms_within_its_first_calls(every_s:
     detector = AffinityDetector(CLUSTER_IP)  # defaults: warm-up and all
     detector.expected_pods = 3
     calls = Calls(detector, every_s)
-    calls.run(Lane(), "a" * 100)
+    calls.run(LaneEvidence(), "a" * 100)
     config = detector.config
     assert calls.entered == [(config.min_samples + config.dwell_calls - 1, P)]
     snapshot = detector.snapshot(now=calls.now)
@@ -140,7 +140,7 @@ def test_round_robin_first_calls_on_one_subchannel_raise_nothing() -> None:
     detector = AffinityDetector(HEADLESS, AffinityConfig(warmup_s=5.0))
     detector.set_dns_answer(["10.0.0.1", "10.0.0.2", "10.0.0.3"])
     calls = Calls(detector)
-    lane = Lane()
+    lane = LaneEvidence()
     # round_robin's start: the first subchannel that connected takes the first 45 calls; the
     # warm-up ends at the call that reaches the third pod (46 on a, then b: 47 warm-up calls).
     assert calls.run(lane, "a" * 45 + "abc" * 200) == [B]
@@ -154,7 +154,7 @@ def test_pods_switching_on_one_address_are_balanced_per_request_in_front() -> No
     detector.expected_pods = 3
     rng = random.Random(3)
     calls = Calls(detector)
-    assert calls.run(Lane(), [rng.choice("abc") for _ in range(300)]) == [L7]
+    assert calls.run(LaneEvidence(), [rng.choice("abc") for _ in range(300)]) == [L7]
     snapshot = detector.snapshot(now=calls.now)
     assert snapshot.cause == "per_request" and snapshot.l7_share == 0.0
 
@@ -165,7 +165,7 @@ def test_a_per_request_lane_whose_calls_stop_naming_a_pod_goes_unidentified_once
     after call (the lane's per-request flag outlives the pods it was learned from)."""
     detector = AffinityDetector("127.0.0.1:8080", AffinityConfig(window_calls=40))
     detector.expected_pods = 3
-    calls, lane = Calls(detector), Lane()
+    calls, lane = Calls(detector), LaneEvidence()
     assert calls.run(lane, list("abc" * 20)) == [L7]
     unnamed: list[str | None] = [None] * 200
     unidentified = AffinityState.UNIDENTIFIED
@@ -183,7 +183,7 @@ def test_many_fresh_channels_on_a_shared_detector_never_alarm() -> None:
         detector.expected_pods = 3
         calls = Calls(detector)
         for _ in range(30):
-            calls.run(Lane(), rng.choice("abc") * 10)
+            calls.run(LaneEvidence(), rng.choice("abc") * 10)
         alarms += sum(state.is_alarm for _, state in calls.entered)
     assert alarms == 0
     snapshot = detector.snapshot(now=calls.now)
@@ -197,7 +197,7 @@ def test_every_channel_on_one_pod_is_named_as_such() -> None:
     detector.expected_pods = 3
     calls = Calls(detector)
     for _ in range(10):
-        calls.run(Lane(), "a" * 10)
+        calls.run(LaneEvidence(), "a" * 10)
     assert [state for _, state in calls.entered] == [P]
     snapshot = detector.snapshot(now=calls.now)
     assert snapshot.cause == Cause.SAME_POD_EVERY_CONNECTION.value
@@ -208,7 +208,7 @@ def test_the_probe_s_fresh_connections_name_client_ip_affinity() -> None:
     detector = AffinityDetector(CLUSTER_IP)
     detector.expected_pods = 3
     calls = Calls(detector)
-    calls.run(Lane(), "a" * 40)
+    calls.run(LaneEvidence(), "a" * 40)
     assert detector.snapshot(now=calls.now).cause == "single_connection"
     detector.add_known_pods(["a"] * 6, now=calls.now)  # two probe rounds of three dials
     assert detector.snapshot(now=calls.now).cause == "single_connection"  # 1 in 729: not yet
@@ -222,7 +222,7 @@ def test_rotation_that_stays_skewed_is_named() -> None:
     shows no switch: the calls, weighed over many connections, tell)."""
     detector = AffinityDetector(CLUSTER_IP, AffinityConfig(window_calls=1000))
     detector.expected_pods = 3
-    calls, lane = Calls(detector), Lane()
+    calls, lane = Calls(detector), LaneEvidence()
     for pod in itertools.islice(itertools.cycle("aaaaabac"), 120):
         calls.run(lane, pod * 20)
     snapshot = detector.snapshot(now=calls.now)
@@ -235,7 +235,7 @@ def test_rotation_that_spreads_connections_raises_nothing_at_a_high_call_rate() 
     """max_connection_age at 1,000 calls/s: each connection lives longer than the window."""
     detector = AffinityDetector(CLUSTER_IP)
     detector.expected_pods = 3
-    calls, lane, rng = Calls(detector), Lane(), random.Random(5)
+    calls, lane, rng = Calls(detector), LaneEvidence(), random.Random(5)
     for pod in "abc":  # the first reconnects, each to another pod
         calls.run(lane, pod * 500)
     for _ in range(30):  # then a reconnect every 500 calls, each to a pod kube-proxy picks
@@ -248,13 +248,13 @@ def test_rotation_that_spreads_connections_raises_nothing_at_a_high_call_rate() 
 def test_one_pod_and_nothing_more_known_stays_unverified() -> None:
     detector = AffinityDetector(CLUSTER_IP)
     calls = Calls(detector)
-    assert calls.run(Lane(), "a" * 300) == [U] or detector.state is U
+    assert calls.run(LaneEvidence(), "a" * 300) == [U] or detector.state is U
     assert detector.snapshot(now=calls.now).known_from["calls"] == 1
 
 
 def test_pod_events_mark_pods_added_and_gone() -> None:
     detector = AffinityDetector(HEADLESS)
-    detector.record("a", now=1.0, lane=Lane())
+    detector.record("a", now=1.0, lane=LaneEvidence())
     detector.add_known_pods(["a", "b"], now=2.0, fresh=False)
     detector.forget_pods(["b"], now=3.0)
     events = [(e.kind, e.pod, e.source) for e in detector.take_pod_events()]
@@ -314,7 +314,7 @@ def test_an_observer_on_several_channels_keeps_a_lane_per_channel() -> None:
     gc.collect()
     assert len(observer.channel_lanes) == 1
     assert CallObserver(AffinityDetector(CLUSTER_IP), fresh_connections=True).lane_of(first) is None
-    lanes = ChannelLanes(Lane("x"), limit=2)
+    lanes = ChannelLanes(LaneEvidence("x"), limit=2)
     made = [lanes.lane(key) for key in (1, 2, 3)]
     assert lanes.get(1) is None and [lanes.get(2), lanes.get(3)] == made[1:]
 
@@ -324,7 +324,7 @@ def test_channels_pinned_each_to_its_own_pod_are_not_per_request_balancing() -> 
     spread over the pods; counted as one lane they would switch at every call."""
     spread, merged = AffinityDetector(CLUSTER_IP), AffinityDetector(CLUSTER_IP)
     spread.expected_pods = merged.expected_pods = 3
-    lanes, one = [Lane(), Lane(), Lane()], Lane()
+    lanes, one = [LaneEvidence(), LaneEvidence(), LaneEvidence()], LaneEvidence()
     feed_spread, feed_merged = Calls(spread), Calls(merged)
     for _ in range(60):
         for lane, pod in zip(lanes, "abc", strict=True):

@@ -25,7 +25,7 @@ from grpc_balance_mw.affinity import (
     PodReader,
     PodReading,
 )
-from grpc_balance_mw.affinity.lanes import Lane
+from grpc_balance_mw.affinity.lanes import LaneEvidence
 from grpc_balance_mw.errors import MalformedPodHeader
 from grpc_balance_mw.identity import (
     IDENTITY_HEADERS,
@@ -269,7 +269,7 @@ def _replay(seed: int) -> _Counting:
     fast = _Counting(target, config, clock=lambda: clock[0])
     full = _JudgesEveryCall(target, config, clock=lambda: clock[0])
     both = (fast, full)
-    lanes = {id(d): [Lane(f"lane-{i}") for i in range(4)] for d in both}
+    lanes = {id(d): [LaneEvidence(f"lane-{i}") for i in range(4)] for d in both}
     moves: dict[int, list[tuple[int, str, str]]] = {id(d): [] for d in both}
     calls = 0
     # Half the runs see one pod only, so that what the pods known say decides the verdict.
@@ -365,7 +365,7 @@ def _replay_batched(seed: int) -> _Moves:
     batched = _Moves(target, config, clock=lambda: clock[0])
     full = _MovesJudgingEveryCall(target, config, clock=lambda: clock[0])
     both = (batched, full)
-    lanes = {id(d): [Lane(f"lane-{i}") for i in range(4)] for d in both}
+    lanes = {id(d): [LaneEvidence(f"lane-{i}") for i in range(4)] for d in both}
     pods: list[str | None] = rng.choice([["a", "a", None], [None, "a", "a", "b", "c", "d"]])
     until_read = rng.randint(1, 80)
     # As an observer counts (``count_as``): one tuple for every call like another, so that
@@ -438,7 +438,7 @@ def test_like_calls_that_age_several_calls_out_are_judged_in_full() -> None:
         _MovesJudgingEveryCall("10.0.0.1:80", config, clock=lambda: 2.0),
     ):
         detector.expected_pods = 2
-        pinned, other = Lane("pinned"), Lane("other")
+        pinned, other = LaneEvidence("pinned"), LaneEvidence("other")
         for index in range(10):
             detector.record("a", now=index / 1000, lane=pinned)
         detector.record("b", now=0.5, lane=other)
@@ -457,7 +457,7 @@ def test_like_calls_of_a_lane_in_its_warm_up_stay_out_of_the_window() -> None:
         _Moves("charge-points.ev.svc:50051", config, clock=lambda: 2.0),
         _MovesJudgingEveryCall("charge-points.ev.svc:50051", config, clock=lambda: 2.0),
     ):
-        pinned, joining = Lane("pinned"), Lane("joining")
+        pinned, joining = LaneEvidence("pinned"), LaneEvidence("joining")
         detector.record("a", now=0.0, lane=pinned)
         for index in range(10):
             detector.record("a", now=1.0 + index / 1000, lane=pinned)

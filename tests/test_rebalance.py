@@ -37,7 +37,7 @@ from grpc_balance_mw import ObserveOptions, Rebalance, balanced_channel, channel
 from grpc_balance_mw import aio as balance_aio
 from grpc_balance_mw.affinity import AffinityConfig, AffinityDetector, AffinityRegistry
 from grpc_balance_mw.affinity.advice import Cause, advice
-from grpc_balance_mw.affinity.lanes import Lane
+from grpc_balance_mw.affinity.lanes import LaneEvidence
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.pool import rotate_when_pod_gone
 from grpc_balance_mw.testing import LocalCluster, missing_components
@@ -287,7 +287,7 @@ def test_after_a_move_the_advice_fits_a_client_already_on_lanes() -> None:
     detector = AffinityDetector("10.96.0.10:80")
     detector.expected_pods = 3
     now = 1000.0
-    pinned = Lane()
+    pinned = LaneEvidence()
     for _ in range(100):
         now += 0.001
         detector.record("a", now=now, lane=pinned)
@@ -295,7 +295,7 @@ def test_after_a_move_the_advice_fits_a_client_already_on_lanes() -> None:
     assert before.state.is_alarm and before.cause == Cause.SINGLE_CONNECTION.value
     assert "grpc_balance_mw.balanced_channel" in (before.advice or "")
     detector.lanes_opened()
-    lanes = [Lane(), Lane(), Lane()]
+    lanes = [LaneEvidence(), LaneEvidence(), LaneEvidence()]
     for _ in range(20):  # the lanes' first calls, on three pods
         for lane, pod in zip(lanes, "abc", strict=True):
             now += 0.001
@@ -410,7 +410,7 @@ def test_a_balanced_channel_made_directly_marks_its_target_on_lanes(mode: str) -
     options = ObserveOptions(registry=registry, expected_pods=3)
     detector = registry.detector(target)
     detector.expected_pods = 3
-    pinned = Lane()
+    pinned = LaneEvidence()
     for _ in range(100):
         detector.record("a", lane=pinned)
     plain = advice(Cause.SINGLE_CONNECTION)

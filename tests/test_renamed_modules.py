@@ -43,3 +43,12 @@ def test_the_package_itself_imports_no_old_name() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_affinity_lane_keeps_its_old_name_with_a_warning() -> None:
+    from grpc_balance_mw.affinity import lanes
+
+    with pytest.warns(DeprecationWarning, match="LaneEvidence"):
+        assert lanes.Lane is lanes.LaneEvidence
+    with pytest.raises(AttributeError):
+        lanes.NoSuchLane  # noqa: B018

@@ -19,7 +19,7 @@ from grpc_balance_mw.affinity.advice import (
 )
 from grpc_balance_mw.affinity.config import AffinityConfig
 from grpc_balance_mw.affinity.evidence import ConnectionWindow, top_count_chance
-from grpc_balance_mw.affinity.lanes import Lane, LaneStep
+from grpc_balance_mw.affinity.lanes import LaneEvidence, LaneStep
 from grpc_balance_mw.affinity.state import (
     AffinitySnapshot,
     AffinityState,
@@ -43,7 +43,7 @@ MAX_STREAM_WEIGHT = 1e6
 #: What a counted call was: (pod, duration_s, stream, l7, malformed, warming, lane). An observer
 #: hands over one such tuple for all its like calls (``count_as``), so that telling a like call
 #: from another is one identity check.
-Counted = tuple[str | None, float, bool, bool, bool, bool, Lane | None]
+Counted = tuple[str | None, float, bool, bool, bool, bool, LaneEvidence | None]
 #: One counted call waiting to be judged: (what it was, when it ended).
 _Waiting = tuple[Counted, float]
 #: Lanes remembered at once (the oldest are forgotten first), and pod events kept unread.
@@ -58,7 +58,7 @@ class AffinityDetector:
     """Judges how one target's calls spread over its pods.
 
     The evidence is connections, not calls: each call comes with its lane (one channel, see
-    :class:`~.lanes.Lane`), whose first call and reconnects are connection samples and whose
+    :class:`~.lanes.LaneEvidence`), whose first call and reconnects are connection samples and whose
     frequent pod switches mark per-request balancing. A call recorded without a lane counts as
     its own connection (an independent sample).
 
@@ -105,7 +105,7 @@ class AffinityDetector:
         #: ``judge_waiting`` once ``JUDGE_EVERY_CALLS`` wait.
         self.waiting: deque[_Waiting] = deque()
         self._connections = ConnectionWindow(self.config.window_calls, self.config.window_s)
-        self._lanes: dict[Lane, None] = {}
+        self._lanes: dict[LaneEvidence, None] = {}
         self._literal_addresses = literal_addresses(target)
         self._dns_answered = False
         #: Set by whoever starts resolving the target's name (once per detector).
@@ -313,7 +313,7 @@ class AffinityDetector:
         malformed: bool = False,
         now: float | None = None,
         warming: bool = False,
-        lane: Lane | None = None,
+        lane: LaneEvidence | None = None,
     ) -> Transition | None:
         """Count one finished call.
 
@@ -350,7 +350,7 @@ class AffinityDetector:
         malformed: bool,
         now: float,
         warming: bool = False,
-        lane: Lane | None = None,
+        lane: LaneEvidence | None = None,
     ) -> None:
         """Count one finished call like ``record``, but judge it later and without the lock.
 
@@ -497,7 +497,7 @@ class AffinityDetector:
         malformed: bool,
         at: float,
         warming: bool = False,
-        lane: Lane | None = None,
+        lane: LaneEvidence | None = None,
     ) -> Transition | None:
         if malformed:
             self._malformed += 1
@@ -543,7 +543,7 @@ class AffinityDetector:
         return self._judge(at, lane) or stale
 
     def _pods_to_see(self) -> int | None:
-        """How many pods a lane must see to end its warm-up (see ``Lane.warming``)."""
+        """How many pods a lane must see to end its warm-up (see ``LaneEvidence.warming``)."""
         addresses = self.addresses
         if addresses is None:
             return None
@@ -583,7 +583,7 @@ class AffinityDetector:
         self._known_dropped += len(known) - len(kept)
         self._from_probe &= kept.keys()
 
-    def _candidate(self, lane: Lane | None) -> AffinityState | None:
+    def _candidate(self, lane: LaneEvidence | None) -> AffinityState | None:
         """The state the evidence argues for now, or None when it is too little to argue."""
         cfg, window, current = self.config, self._window, self._state
         calls = len(window)
@@ -641,7 +641,9 @@ class AffinityDetector:
             return None  # as uneven as a random placement of so few connections is
         return AffinityState.BALANCED
 
-    def _by_connections(self, lane: Lane, known: int, pinned_line: float) -> AffinityState | None:
+    def _by_connections(
+        self, lane: LaneEvidence, known: int, pinned_line: float
+    ) -> AffinityState | None:
         """A rotating lane: argue from its connections, not from a window of calls that may all
         ride one of them.
 
@@ -683,7 +685,7 @@ class AffinityDetector:
             chance = memo[key] = top_count_chance(top, count, known)
         return chance
 
-    def _pinned_evidence(self, lane: Lane | None, known: int) -> bool:
+    def _pinned_evidence(self, lane: LaneEvidence | None, known: int) -> bool:
         """One lane long on one pod, or recent connections crowding one pod beyond chance.
 
         A lane whose connection was replaced within the window is not evidence on its own: at a
@@ -710,7 +712,7 @@ class AffinityDetector:
             self._skew_verdict = (connections.version, known, verdict)
         return verdict
 
-    def _settled_on(self, lane: Lane | None) -> tuple[object, ...] | None:
+    def _settled_on(self, lane: LaneEvidence | None) -> tuple[object, ...] | None:
         """What the last verdict worked out was read from, to tell whether it still holds.
 
         A verdict from the share of L7 or per-request calls (``_by_flags``) reads the window's
@@ -739,7 +741,7 @@ class AffinityDetector:
             return None
         return (window.version, self._connections.version, self._facts, self._state)
 
-    def _judge(self, now: float, lane: Lane | None = None) -> Transition | None:
+    def _judge(self, now: float, lane: LaneEvidence | None = None) -> Transition | None:
         if now >= self._next_prune:
             self._next_prune = now + _PRUNE_EVERY_S
             self._forget_stale_pods(now)
@@ -882,7 +884,7 @@ def evidence_of(snapshot: AffinitySnapshot) -> str:
     return "; ".join(parts)
 
 
-def _is_like(what: Counted, pod: str, lane: Lane, unit_s: float) -> bool:
+def _is_like(what: Counted, pod: str, lane: LaneEvidence, unit_s: float) -> bool:
     """Whether a counted call is like a judged one on ``pod`` and ``lane``: the same lane and
     pod, a unary weight, no L7 headers, not malformed, not warming."""
     call_pod, duration_s, stream, l7, malformed, warming, call_lane = what

@@ -25,9 +25,11 @@ from __future__ import annotations
 import contextlib
 import enum
 import itertools
+import warnings
 from collections.abc import Hashable
+from typing import Any
 
-__all__ = ["ChannelLanes", "Lane", "LaneStep"]
+__all__ = ["ChannelLanes", "LaneEvidence", "LaneStep"]
 
 #: A lane balances per request once this many of its last ``_RECENT`` calls switched pods...
 _RECENT_MASK = 0xFF
@@ -55,7 +57,7 @@ class LaneStep(enum.Enum):
     SWITCHED = "switched"
 
 
-class Lane:
+class LaneEvidence:
     """The evidence of one lane (one channel, one connection at a time).
 
     Args:
@@ -100,7 +102,7 @@ class Lane:
     def __repr__(self) -> str:
         how = "per-request" if self.per_request else f"{self.epochs} connection(s)"
         return (
-            f"<Lane {self.name}: {self.calls} calls on {len(self.pods)} pods, {how}, "
+            f"<LaneEvidence {self.name}: {self.calls} calls on {len(self.pods)} pods, {how}, "
             f"{self.switches} switches>"
         )
 
@@ -202,10 +204,10 @@ class ChannelLanes:
 
     __slots__ = ("_by_key", "_made", "first", "limit")
 
-    def __init__(self, first: Lane, limit: int = _MAX_CHANNELS) -> None:
+    def __init__(self, first: LaneEvidence, limit: int = _MAX_CHANNELS) -> None:
         self.first = first
         self.limit = limit
-        self._by_key: dict[Hashable, Lane] = {}
+        self._by_key: dict[Hashable, LaneEvidence] = {}
         self._made = itertools.count()
 
     def __len__(self) -> int:
@@ -214,18 +216,18 @@ class ChannelLanes:
     def __repr__(self) -> str:
         return f"<ChannelLanes of {self.first.name}: {len(self._by_key)} channel(s)>"
 
-    def get(self, key: Hashable) -> Lane | None:
+    def get(self, key: Hashable) -> LaneEvidence | None:
         """The lane of the channel named ``key``, None for a channel not seen yet."""
         return self._by_key.get(key)
 
-    def lane(self, key: Hashable) -> Lane:
+    def lane(self, key: Hashable) -> LaneEvidence:
         """The lane of the channel named ``key``; a new one for a channel not seen yet."""
         by_key = self._by_key
         lane = by_key.get(key)
         if lane is not None:
             return lane
         made = next(self._made)
-        lane = self.first if made == 0 else Lane(f"{self.first.name}.{made}")
+        lane = self.first if made == 0 else LaneEvidence(f"{self.first.name}.{made}")
         if len(by_key) >= self.limit:
             # Another thread may change the dict between iter and next, or pop the same key.
             with contextlib.suppress(RuntimeError, StopIteration, KeyError):
@@ -235,3 +237,16 @@ class ChannelLanes:
     def forget(self, key: Hashable) -> None:
         """The channel named ``key`` is gone (its key may name another channel next)."""
         self._by_key.pop(key, None)
+
+
+def __getattr__(name: str) -> Any:
+    """``Lane``, this class's old name (the pool has a ``Lane`` of its own): kept for one
+    release, with a ``DeprecationWarning``."""
+    if name == "Lane":
+        warnings.warn(
+            "grpc_balance_mw.affinity.lanes.Lane is deprecated: use LaneEvidence",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return LaneEvidence
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

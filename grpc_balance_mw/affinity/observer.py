@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Protocol
 
 from grpc_balance_mw.affinity.detector import AffinityDetector, Clock, Counted
-from grpc_balance_mw.affinity.lanes import ChannelLanes, Lane
+from grpc_balance_mw.affinity.lanes import ChannelLanes, LaneEvidence
 from grpc_balance_mw.affinity.state import Transition
 from grpc_balance_mw.errors import MalformedPodHeader
 from grpc_balance_mw.identity import DEFAULT_POD_HEADERS, IDENTITY_HEADERS, pod_name_from_metadata
@@ -184,7 +184,7 @@ class ObservedCall:
         method: MethodName,
         kind: str,
         now: float,
-        lane: Lane | None = None,
+        lane: LaneEvidence | None = None,
     ) -> None:
         self.observer = observer
         self.method = method
@@ -286,7 +286,7 @@ class CallObserver:
         #: What this lane's calls showed, in order (fed by the detector, under its lock); None
         #: when every call has a connection of its own (dial-per-request): each call is then
         #: one connection's evidence, and pods changing from call to call mean nothing more.
-        self.lane_evidence: Lane | None = None if fresh_connections else Lane(lane)
+        self.lane_evidence: LaneEvidence | None = None if fresh_connections else LaneEvidence(lane)
         #: The lanes of the channels an interceptor is installed on, the first being
         #: ``lane_evidence`` (see :meth:`lane_of`).
         self.channel_lanes = (
@@ -346,7 +346,7 @@ class CallObserver:
         initial: Metadata | None,
         trailing: Metadata | Callable[[], Metadata | None] | None,
         seen: PodReading | None = None,
-        lane: Lane | None = None,
+        lane: LaneEvidence | None = None,
     ) -> PodReading:
         """Detection only (no telemetry): count a call that began at ``started`` and ended now,
         on ``lane`` (default: this observer's own). ``started`` may be None for a unary call:
@@ -422,7 +422,7 @@ class CallObserver:
             )
             unary[initial] = (reading, trailing, what)
 
-    def lane_of(self, channel: object | None) -> Lane | None:
+    def lane_of(self, channel: object | None) -> LaneEvidence | None:
         """The lane of the calls made through ``channel``.
 
         A lane is a connection, and a channel has one at a time: an interceptor installed on
