@@ -51,6 +51,7 @@ from grpc_balance_mw.affinity import forking
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.errors import BalanceError, ConfigurationError
 from grpc_balance_mw.health_check import check_method
+from grpc_balance_mw.identity import DEFAULT_POD_HEADERS
 from grpc_balance_mw.observed_methods import ObservedChannel
 from grpc_balance_mw.observing import (
     ObserveOptions,
@@ -128,7 +129,9 @@ def channel_factory(
     return made_for(make, "sync")
 
 
-def check_result(future: Any, timeout: float) -> CheckResult:
+def check_result(
+    future: Any, timeout: float, headers: tuple[str, ...] = DEFAULT_POD_HEADERS
+) -> CheckResult:
     """What one health-check future says, waiting at most ``timeout`` seconds for it (called
     off grpcio's threads). The check carries its own deadline, so the wait normally ends with
     it; should the call outlive it (a gRPC core that never fires the deadline), the future is
@@ -140,8 +143,8 @@ def check_result(future: Any, timeout: float) -> CheckResult:
         future.cancel()
         return read_check("DEADLINE_EXCEEDED", False)
     except grpc.RpcError as error:
-        return read_check(error.code().name, False, None, error.trailing_metadata())
-    return read_reply(response, future.initial_metadata(), future.trailing_metadata())
+        return read_check(error.code().name, False, None, error.trailing_metadata(), headers)
+    return read_reply(response, future.initial_metadata(), future.trailing_metadata(), headers)
 
 
 class _LaneConnection:
@@ -363,7 +366,8 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
         deadline = time.monotonic() + self._check_timeout_s + CHECK_GRACE_S
         for lane, future in checks:
             try:
-                result = check_result(future, max(0.0, deadline - time.monotonic()))
+                left = max(0.0, deadline - time.monotonic())
+                result = check_result(future, left, self._options.pod_headers)
             except Exception as error:  # background maintenance: logged, the lane reported
                 result = self._faults.failed(lane, error)
             self.pool.checked(lane, self._faults.seen(lane, result))

@@ -382,8 +382,10 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
             call.cancel()
             return read_check("DEADLINE_EXCEEDED", False)
         except grpc.aio.AioRpcError as error:
-            return read_check(error.code().name, False, None, error.trailing_metadata())
-        return read_reply(response, await call.initial_metadata(), await call.trailing_metadata())
+            headers = self._options.pod_headers
+            return read_check(error.code().name, False, None, error.trailing_metadata(), headers)
+        initial, trailing = await call.initial_metadata(), await call.trailing_metadata()
+        return read_reply(response, initial, trailing, self._options.pod_headers)
 
     async def _close_lanes(self, lanes: Sequence[Lane], grace: float | None = None) -> None:
         channels = []

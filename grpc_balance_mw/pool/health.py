@@ -8,7 +8,7 @@ from typing import Any
 
 from grpc_balance_mw.errors import MalformedPodHeader
 from grpc_balance_mw.health_check import MALFORMED, MAX_REPLY_BYTES, OVERSIZED, SERVING
-from grpc_balance_mw.identity import pod_from_metadata
+from grpc_balance_mw.identity import DEFAULT_POD_HEADERS, pod_name_from_metadata
 from grpc_balance_mw.pool.pool import CheckResult
 
 __all__ = [
@@ -23,12 +23,11 @@ __all__ = [
 Metadata = Iterable[tuple[str, Any]] | None
 
 
-def _pod(metadata: Metadata) -> str | None:
+def _pod(metadata: Metadata, headers: tuple[str, ...] = DEFAULT_POD_HEADERS) -> str | None:
     try:
-        identity = pod_from_metadata(metadata or ())
+        return pod_name_from_metadata(metadata or (), headers)
     except MalformedPodHeader:
         return None
-    return identity.name if identity is not None else None
 
 
 #: What a lane whose connection could not be opened or checked reports: no pod reached. The
@@ -86,7 +85,11 @@ CHECK_GRACE_S = 1.0
 
 
 def read_check(
-    status: str, serving: bool, initial: Metadata = None, trailing: Metadata = None
+    status: str,
+    serving: bool,
+    initial: Metadata = None,
+    trailing: Metadata = None,
+    headers: tuple[str, ...] = DEFAULT_POD_HEADERS,
 ) -> CheckResult:
     """A ``grpc.health.v1`` check's outcome as the pool needs it.
 
@@ -95,8 +98,9 @@ def read_check(
         serving: the response said SERVING (only meaningful with ``"OK"``).
         initial: the response's initial metadata, where the pod names itself.
         trailing: its trailing metadata (an error status carries the pod only there).
+        headers: the headers that name the pod (``ObserveOptions.pod_headers``).
     """
-    pod = _pod(initial) or _pod(trailing)
+    pod = _pod(initial, headers) or _pod(trailing, headers)
     if status == "OK":
         return CheckResult(True, pod, serving)
     if status == "UNIMPLEMENTED":  # a server without the health service was still reached
@@ -105,7 +109,12 @@ def read_check(
     return CheckResult(pod is not None, pod, False)
 
 
-def read_reply(reply: int, initial: Metadata = None, trailing: Metadata = None) -> CheckResult:
+def read_reply(
+    reply: int,
+    initial: Metadata = None,
+    trailing: Metadata = None,
+    headers: tuple[str, ...] = DEFAULT_POD_HEADERS,
+) -> CheckResult:
     """A check answered OK with ``reply`` (from ``check_method(channel, lenient=True)``). A
     reply that is no health status is not a pod's answer: the connection does not count as
     reaching a pod, whatever pod its metadata names."""
@@ -115,7 +124,7 @@ def read_reply(reply: int, initial: Metadata = None, trailing: Metadata = None) 
         return CheckResult(
             False, fault=f"its health reply is over {MAX_REPLY_BYTES} bytes: not a pod"
         )
-    return read_check("OK", reply == SERVING, initial, trailing)
+    return read_check("OK", reply == SERVING, initial, trailing, headers)
 
 
 def names_a_pod(trailing: Metadata) -> bool:
