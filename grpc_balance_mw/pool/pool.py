@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from grpc_balance_mw._membership import Membership, Source
+from grpc_balance_mw.affinity.advice import VOICES, cause_of_stuck
 from grpc_balance_mw.errors import BalanceError, ConfigurationError
 from grpc_balance_mw.pool.lane import Lane, LanePurpose, LaneState
 from grpc_balance_mw.pool.pickers import LeastOutstanding, Picker
@@ -258,18 +259,16 @@ class Stuck:
 
     @property
     def message(self) -> str:
+        """The table's cause and fix (``affinity.advice.VOICES``), as every part says them."""
+        voice = VOICES[cause_of_stuck(self.cause)]
         if self.cause == "l7-proxy":
-            return (
-                "an L7 proxy in front of the target balances every call itself; the balanced "
-                "channel stops rotating lanes (they cannot help and are not needed)"
+            seen = "the balanced channel stops rotating lanes (they cannot help and are not needed)"
+        else:
+            seen = (
+                f"{self.dials} fresh connections in a row reached pod {self.pod} while "
+                f"{self.known_pods} pods are known; redialling stops"
             )
-        return (
-            f"{self.dials} fresh connections in a row reached pod {self.pod} while "
-            f"{self.known_pods} pods are known: the Service pins clients to one pod "
-            "(sessionAffinity: ClientIP), so rotating connections cannot help and redialling "
-            "stops. Fix: set the Service's sessionAffinity to None, or use a headless Service "
-            "with round_robin"
-        )
+        return f"{seen}. Cause: {voice.cause}. Fix: {voice.fix}"
 
 
 @dataclass
