@@ -72,7 +72,9 @@ class _Observed(ObservedMethod):
 
 
 class _UnaryRequest(_Observed, UnaryRequestMethod):
-    pass
+    # The hot path: called straight, without UnaryRequestMethod's forwarding frame; a
+    # positional option fails in grpc.aio's own multicallable, as on a bare channel.
+    __call__ = _Observed._call
 
 
 class _StreamRequest(_Observed, StreamRequestMethod):
