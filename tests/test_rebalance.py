@@ -75,7 +75,10 @@ def cluster(shared: LocalCluster) -> Iterator[LocalCluster]:
 
 def options() -> ObserveOptions:
     """Three pods expected, a registry (so a detector) of the test's own, no warm-up."""
-    return ObserveOptions(expected_pods=3, registry=AffinityRegistry(AffinityConfig(warmup_s=0)))
+    # No probe: these tests are about moving calls; test_default_probe.py covers the probe.
+    return ObserveOptions(
+        expected_pods=3, registry=AffinityRegistry(AffinityConfig(warmup_s=0)), probe=False
+    )
 
 
 def factory(mode: str, target: str) -> Callable[..., Any]:
