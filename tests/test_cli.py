@@ -108,7 +108,8 @@ def test_a_missing_extra_is_one_line_naming_it() -> None:
 
 @pytest.mark.slow
 def test_overhead_prints_results_on_stdout_and_progress_on_stderr() -> None:
-    done = run("overhead", "--rounds", "2", "--calls", "20", "--warmup", "5")
+    # A hang guard, not a time limit: the run takes 25-40 s on 2 shared cores, more under load.
+    done = run("overhead", "--rounds", "2", "--calls", "20", "--warmup", "5", timeout=240)
     assert done.returncode == 0, done.stderr
     assert "round 2/2" in done.stderr
     lines = done.stdout.splitlines()
