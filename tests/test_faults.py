@@ -35,6 +35,8 @@ from fault_load import (
     until,
 )
 
+from grpc_balance_mw import retry as retry_module
+from grpc_balance_mw._routing import never_sent
 from grpc_balance_mw.affinity import AffinityRegistry
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.pool import PoolConfig
@@ -111,9 +113,25 @@ async def opened(mode: str, remedy: str, target: str, **kwargs: Any) -> Any:
 )
 @pytest.mark.parametrize("mode", MODES)
 def test_a_pod_sigkilled_under_load(
-    cluster: LocalCluster, mode: str, remedy: str, kind: str, retryable: bool
+    cluster: LocalCluster,
+    mode: str,
+    remedy: str,
+    kind: str,
+    retryable: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     victim = cluster.pods[0].name
+    # The failures that provably never left the client (a dial that failed): the only ones a
+    # call of a method not marked idempotent may be sent again for.
+    unsent: set[int] = set()
+
+    def noted_never_sent(error: BaseException | None) -> bool:
+        unsent_now = never_sent(error)
+        if unsent_now:
+            unsent.add(id(error))
+        return unsent_now
+
+    monkeypatch.setattr(retry_module, "never_sent", noted_never_sent)
     # Backoff from 50 ms (this package's default) up to 500 ms (gRPC's own default starts at
     # 1 s). Tighter, the retries can all fall inside the kill itself: with ceilings of 10 to
     # 80 ms an aio fallback stream used up its five attempts within 32 ms of the kill (fresh-clone
@@ -163,7 +181,9 @@ def test_a_pod_sigkilled_under_load(
     else:
         assert set(codes) <= {OK, UNAVAILABLE}, codes
         assert UNAVAILABLE in codes or not hit  # calls in flight on the victim failed so
-        assert retries == 0
+        # Sent again only after a dial that failed (never sent): after the kill the Service can
+        # still hand a fresh connection to the dead pod for a moment.
+        assert retries <= len(unsent), (retries, len(unsent))
         # A failed call was never sent again to a survivor: they served only calls that passed.
         assert survivors <= codes.count(OK)
 
