@@ -11,6 +11,7 @@ import traceback
 from collections.abc import Callable, Iterator
 
 import pytest
+from fault_load import wait_for
 
 from grpc_balance_mw.affinity import (
     AffinityConfig,
@@ -60,13 +61,12 @@ def _no_aio_poller(timeout_s: float = 5.0) -> bool:
     while any aio channel or server object does, and a thread inside gRPC at the fork makes
     grpcio skip its fork handlers, so gRPC calls in the child never complete: on grpcio 1.50,
     after in-process aio tests, the poller stays for the rest of the process."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def gone() -> bool:
         gc.collect()
-        if not any("_poll_wrapper" in thread.name for thread in threading.enumerate()):
-            return True
-        time.sleep(0.05)
-    return False
+        return not any("_poll_wrapper" in thread.name for thread in threading.enumerate())
+
+    return wait_for(gone, timeout_s)
 
 
 def _in_child(work: Callable[[], None]) -> int:
