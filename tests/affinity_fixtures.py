@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 from calls import Seen, call_aio, call_sync
+from leak_fixtures import server_with_own_workers
 
 from grpc_balance_mw import server as sync_server
 from grpc_balance_mw.affinity import AffinityConfig
@@ -67,8 +67,7 @@ class HeaderPod:
         self, headers: Sequence[tuple[str, str]] = (), identity: PodIdentity | None = None
     ) -> None:
         interceptors = [sync_server.PodIdentityInterceptor(identity)] if identity else []
-        self.executor = ThreadPoolExecutor(4)
-        self.server = grpc.server(self.executor, interceptors=interceptors)
+        self.server = server_with_own_workers(4, interceptors=interceptors)
         pb_grpc.add_ChargePointsServicer_to_server(
             _HeaderServicer(identity.name if identity else "anonymous", headers), self.server
         )
@@ -77,8 +76,7 @@ class HeaderPod:
         self.target = f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        self.server.stop(None).wait()
-        self.executor.shutdown(wait=True)  # grpc leaves its workers to the collector
+        self.server.stop(None).wait()  # and its workers end
 
 
 async def call_twice(

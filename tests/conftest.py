@@ -3,7 +3,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +29,7 @@ pytest_plugins = ["grpc_balance_mw.testing.pytest_plugin"]
 from leak_fixtures import (  # noqa: E402  (tests/ is on sys.path now)
     Snapshot,
     check_no_leaks,
+    server_with_own_workers,
     short_idle_workers,
 )
 
@@ -53,9 +53,8 @@ class SyncPod:
     """
 
     def __init__(self, identity: PodIdentity = IDENTITY) -> None:
-        self.executor = ThreadPoolExecutor(8)
-        self.server = grpc.server(
-            self.executor, interceptors=[sync_server.PodIdentityInterceptor(identity)]
+        self.server = server_with_own_workers(
+            8, interceptors=[sync_server.PodIdentityInterceptor(identity)]
         )
         self.servicer = SyncChargePointsServicer(identity.name)
         pb_grpc.add_ChargePointsServicer_to_server(self.servicer, self.server)
@@ -65,8 +64,7 @@ class SyncPod:
         self.target = f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        self.server.stop(None).wait()
-        self.executor.shutdown(wait=True)
+        self.server.stop(None).wait()  # and its workers end
 
 
 class AioPod:

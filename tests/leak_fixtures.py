@@ -278,16 +278,27 @@ def check_no_leaks(request: pytest.FixtureRequest, before: Snapshot) -> None:
 def server_with_own_workers(workers: int, **kwargs: Any) -> grpc.Server:
     """``grpc.server`` on an executor of its own that ends with ``stop()``: grpcio 1.50's server
     keeps its executor for a while after the stop, and the idle workers would outlive the test
-    that stopped it."""
+    that stopped it. ``stop(None)`` returns once the workers have ended; ``stop(grace)`` returns
+    at once, as grpc's does, and its event is set once the server stopped and the workers ended."""
     executor = ThreadPoolExecutor(workers)
     server = grpc.server(executor, **kwargs)
     stop = server.stop
 
-    def stop_and_end_workers(grace: float | None) -> threading.Event:
-        done = stop(grace)
+    def end_workers(done: threading.Event, ended: threading.Event) -> None:
         done.wait()
         executor.shutdown(wait=True)
-        return done
+        ended.set()
+
+    def stop_and_end_workers(grace: float | None = None) -> threading.Event:
+        done = stop(grace)
+        ended = threading.Event()
+        if grace is None:
+            end_workers(done, ended)
+        else:
+            threading.Thread(
+                target=end_workers, args=(done, ended), name="test-server-stop", daemon=True
+            ).start()
+        return ended
 
     server.stop = stop_and_end_workers  # type: ignore[method-assign]
     return server

@@ -9,13 +9,13 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 from calls import Seen, call_aio, call_sync
+from leak_fixtures import server_with_own_workers
 
 from grpc_balance_mw import dial_per_request as redial
 from grpc_balance_mw import server as sync_server
@@ -96,9 +96,8 @@ class PeerPod:
         self, server_credentials: grpc.ServerCredentials | None = None, port: int = 0
     ) -> None:
         identity = PodIdentity(name="redial-pod", ip="10.244.9.9", namespace="ev")
-        self.executor = ThreadPoolExecutor(8)
-        self.server = grpc.server(
-            self.executor, interceptors=[sync_server.PodIdentityInterceptor(identity)]
+        self.server = server_with_own_workers(
+            8, interceptors=[sync_server.PodIdentityInterceptor(identity)]
         )
         self.servicer = PeerServicer()
         pb_grpc.add_ChargePointsServicer_to_server(self.servicer, self.server)
@@ -114,8 +113,7 @@ class PeerPod:
         return {a.peer for a in self.servicer.of(method)}
 
     def stop(self) -> None:
-        self.server.stop(None).wait()
-        self.executor.shutdown(wait=True)  # grpc leaves its workers to the collector
+        self.server.stop(None).wait()  # and its workers end
 
 
 class Driver:

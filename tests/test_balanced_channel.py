@@ -15,7 +15,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -23,6 +22,7 @@ import pytest
 from calls import CALL_KINDS, call_aio, call_sync
 from conftest import IDENTITY, require
 from fault_load import count_calls, covered, threads_left, threads_now, until
+from leak_fixtures import server_with_own_workers
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -347,9 +347,7 @@ def tls_pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, byt
          "-addext", "subjectAltName=DNS:localhost"],
         check=True, capture_output=True,
     )  # fmt: skip
-    server = grpc.server(
-        ThreadPoolExecutor(8), interceptors=[sync_server.PodIdentityInterceptor(IDENTITY)]
-    )
+    server = server_with_own_workers(8, interceptors=[sync_server.PodIdentityInterceptor(IDENTITY)])
     pb_grpc.add_ChargePointsServicer_to_server(SyncChargePointsServicer(IDENTITY.name), server)
     sync_server.add_health(server, services=(SERVICE_NAME,))
     credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])

@@ -9,11 +9,10 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2_grpc
+from leak_fixtures import server_with_own_workers
 
 from grpc_balance_mw.cli import main as cli_main
 from grpc_balance_mw.cli.doctor import Connection, DoctorOptions, Findings, diagnose, judge
@@ -104,7 +103,7 @@ def test_client_ip_session_affinity_is_named(local_cluster: LocalCluster) -> Non
 
 
 def test_a_server_that_stamps_no_identity_is_told_how_to() -> None:
-    server = grpc.server(ThreadPoolExecutor(2))
+    server = server_with_own_workers(2)
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

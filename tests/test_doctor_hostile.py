@@ -8,11 +8,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 import pytest
+from leak_fixtures import server_with_own_workers
 
 from grpc_balance_mw.cli.doctor import DoctorOptions, diagnose, printable
 
@@ -24,7 +24,7 @@ def _serve(check: Callable[[bytes, grpc.ServicerContext], bytes]) -> tuple[grpc.
     handler = grpc.method_handlers_generic_handler(
         "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(check)}
     )
-    server = grpc.server(ThreadPoolExecutor(4), handlers=[handler])
+    server = server_with_own_workers(4, handlers=[handler])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return server, f"127.0.0.1:{port}"

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2_grpc
+from leak_fixtures import server_with_own_workers
 from test_doctor import _doctor
 
 from grpc_balance_mw.cli.doctor import (
@@ -108,7 +107,7 @@ def test_the_port_gotcha_names_the_headless_name_and_the_wrong_port(
 
 
 def test_a_lone_server_without_identity_is_named(named: Callable[[str, str], str]) -> None:
-    server = grpc.server(ThreadPoolExecutor(2))
+    server = server_with_own_workers(2)
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

@@ -7,13 +7,13 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 import pytest
 from conftest import IDENTITY
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from leak_fixtures import server_with_own_workers
 from test_server_drain import LoopThread
 
 from grpc_balance_mw import pod_from_metadata
@@ -39,8 +39,8 @@ class Served:
         self.mode = mode
         self.loop = LoopThread() if mode == "aio" else None
         if self.loop is None:
-            self.server: Any = grpc.server(
-                ThreadPoolExecutor(THREADS),
+            self.server: Any = server_with_own_workers(
+                THREADS,
                 interceptors=[sync_server.PodIdentityInterceptor(IDENTITY)],
             )
             self.health: Any = sync_server.add_health(self.server, services=(SERVICE,))

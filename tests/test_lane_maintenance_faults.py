@@ -8,7 +8,6 @@ import asyncio
 import logging
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -16,6 +15,7 @@ import pytest
 from calls import call_aio, call_sync
 from conftest import SyncPod
 from fault_load import until
+from leak_fixtures import server_with_own_workers
 
 from grpc_balance_mw.aio.balanced import BalancedChannel as AioBalancedChannel
 from grpc_balance_mw.aio.balanced import channel_factory as aio_channel_factory
@@ -119,7 +119,7 @@ def hanging_health() -> Iterator[str]:
     handler = grpc.method_handlers_generic_handler(
         "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(check)}
     )
-    server = grpc.server(ThreadPoolExecutor(16))
+    server = server_with_own_workers(16)
     server.add_generic_rpc_handlers([handler])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

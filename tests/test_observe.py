@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 import pytest
 from calls import ABORT, CALL_KINDS, OK, RAISE, call_aio, call_sync
 from conftest import IDENTITY, AioPod, SyncPod
+from leak_fixtures import server_with_own_workers
 
 from grpc_balance_mw.affinity import AffinityConfig, AffinityRegistry
 from grpc_balance_mw.aio.observed_channel import ObservedChannel as AioObservedChannel
@@ -140,7 +140,7 @@ def trailers_pod() -> Iterator[str]:
         context.set_trailing_metadata(_TRAILERS[request])
         return request
 
-    server = grpc.server(ThreadPoolExecutor(2))
+    server = server_with_own_workers(2)
     handler = grpc.unary_unary_rpc_method_handler(unary)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.T", {"U": handler})])
     port = server.add_insecure_port("127.0.0.1:0")

@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import random
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -21,6 +20,7 @@ import pytest
 from calls import call_aio, call_sync
 from conftest import SyncPod
 from fault_load import MODES, close_channel, covered, until
+from leak_fixtures import server_with_own_workers
 
 from grpc_balance_mw import server as sync_server
 from grpc_balance_mw.affinity import AffinityRegistry
@@ -59,7 +59,7 @@ class RenamingIdentity(sync_server.PodIdentityInterceptor):
 
 class RenamingPod:
     def __init__(self) -> None:
-        self.server = grpc.server(ThreadPoolExecutor(8), interceptors=[RenamingIdentity()])
+        self.server = server_with_own_workers(8, interceptors=[RenamingIdentity()])
         self.servicer = SyncChargePointsServicer("renaming")
         pb_grpc.add_ChargePointsServicer_to_server(self.servicer, self.server)
         sync_server.add_health(self.server, services=(SERVICE_NAME,))

@@ -21,6 +21,7 @@ import pytest
 import tenacity
 from conftest import SyncPod
 from fault_load import until, wait_for
+from leak_fixtures import server_with_own_workers
 
 from grpc_balance_mw import balanced as sync_balanced
 from grpc_balance_mw import dial_per_request as sync_redial
@@ -84,7 +85,6 @@ def late_pod(port: int, after_s: float) -> tuple[threading.Thread, list[SyncPod]
     def start() -> None:
         time.sleep(after_s)
         pod = SyncPod.__new__(SyncPod)
-        from concurrent.futures import ThreadPoolExecutor
 
         from grpc_balance_mw import server as sync_server
         from grpc_balance_mw.testing.charge_points.servicer import (
@@ -92,7 +92,7 @@ def late_pod(port: int, after_s: float) -> tuple[threading.Thread, list[SyncPod]
             SyncChargePointsServicer,
         )
 
-        pod.server = grpc.server(ThreadPoolExecutor(4))
+        pod.server = server_with_own_workers(4)
         pod.servicer = SyncChargePointsServicer("late")
         pb_grpc.add_ChargePointsServicer_to_server(pod.servicer, pod.server)
         pod.health = sync_server.add_health(pod.server, services=(SERVICE_NAME,))

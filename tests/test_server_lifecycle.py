@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 from calls import call_aio, call_sync
 from conftest import IDENTITY, AioPod, SyncPod
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from leak_fixtures import server_with_own_workers
 
 from grpc_balance_mw import (
     POD_HEADER,
@@ -124,8 +124,8 @@ def test_connection_age_makes_clients_reconnect() -> None:
         peers.add(context.peer())
         return request
 
-    server = grpc.server(
-        ThreadPoolExecutor(4),
+    server = server_with_own_workers(
+        4,
         options=connection_age_options(max_age_s=0.3, grace_s=0.2),
         handlers=[
             grpc.method_handlers_generic_handler(
@@ -151,8 +151,8 @@ def _echo_server_with_own_metadata(stamp: PodIdentity) -> tuple[grpc.Server, int
         context.set_trailing_metadata([("x-user-trailing", "2")])
         return request
 
-    server = grpc.server(
-        ThreadPoolExecutor(4),
+    server = server_with_own_workers(
+        4,
         interceptors=[sync_server.PodIdentityInterceptor(stamp)],
         handlers=[
             grpc.method_handlers_generic_handler(

@@ -9,13 +9,13 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 import pytest
 from conftest import IDENTITY, SyncPod
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from leak_fixtures import server_with_own_workers
 from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcInstrumentorClient
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from otel_fixtures import CHECK, FLAVOURS, global_spans, instrumented, named
@@ -87,8 +87,8 @@ class CheckCounter(grpc.ServerInterceptor):  # type: ignore[misc]
 @pytest.fixture
 def counted_pod() -> Iterator[tuple[str, CheckCounter]]:
     counter = CheckCounter()
-    server = grpc.server(
-        ThreadPoolExecutor(4),
+    server = server_with_own_workers(
+        4,
         interceptors=[sync_server.PodIdentityInterceptor(IDENTITY), counter],
     )
     sync_server.add_health(server)
