@@ -1,9 +1,10 @@
 """The ``grpc-balance`` command: tools on top of the library, never imported by it.
 
 Subcommands: ``demo`` (the problem and its fixes on a local cluster), ``bench`` (every strategy
-under steady load and faults), ``doctor`` (what balances a target) and ``overhead`` (what
-observing adds to a call). Argument errors exit 2 with one usage line, a configuration or cluster
-error exits 1 with one line, Ctrl-C exits 130; progress goes to stderr, results to stdout.
+under steady load and faults), ``doctor`` (what balances a target), ``overhead`` (what
+observing adds to a call) and ``simulate`` (a fleet of many clients and pods, simulated).
+Argument errors exit 2 with one usage line, a configuration or cluster error exits 1 with one
+line, Ctrl-C exits 130; progress goes to stderr, results to stdout.
 
 The parser lives here and imports nothing optional, so ``--help`` and usage errors work on a plain
 install; a subcommand's module is imported only to run it.
@@ -266,7 +267,72 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="scale-up: how long to wait for a new pod's first call (1..120)",
     )
+    _add_simulate(commands)
     return parser
+
+
+def _add_simulate(commands: argparse._SubParsersAction[_Parser]) -> None:
+    simulate = commands.add_parser(
+        "simulate",
+        help="many clients' balanced channels behind one ClusterIP, simulated (seconds)",
+        description="A deterministic fleet simulation: kube-proxy's random pick per connection, "
+        "each client's lanes, rotation and picker, Poisson calls, pods with a capacity, and the "
+        "subset rule that redials away from pods holding far more connections than the mean. "
+        "Reports the busiest pod's share of calls over the fair share, connections per pod "
+        "(max over mean), lanes per client and latency.",
+    )
+    simulate.add_argument(
+        "--clients", type=bounded_int(1, 100_000), default=500, help="client replicas"
+    )
+    simulate.add_argument("--pods", type=bounded_int(1, 100_000), default=200, help="pods")
+    simulate.add_argument(
+        "--lanes", type=bounded_int(1, 1000), default=6, help="lanes per client (at most --pods)"
+    )
+    simulate.add_argument(
+        "--seconds", type=bounded_float(1.0, 3600.0), default=60.0, help="simulated seconds"
+    )
+    simulate.add_argument("--seed", type=bounded_int(0, 2**31), default=0, help="random seed")
+    simulate.add_argument(
+        "--runs",
+        type=bounded_int(1, 100),
+        default=1,
+        help="runs with seeds --seed, --seed + 1, ...; the medians are reported",
+    )
+    simulate.add_argument(
+        "--rebalance-subset",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="clients redial away from pods far above the mean of connections, by the pods' "
+        "load reports (default: on; --no-rebalance-subset: kube-proxy's random picks alone)",
+    )
+    simulate.add_argument(
+        "--load",
+        type=bounded_float(0.01, 2.0),
+        default=0.6,
+        help="the fleet's utilization, which sets each client's call rate (default 0.6)",
+    )
+    simulate.add_argument(
+        "--rate",
+        type=bounded_float(0.001, 1_000_000.0),
+        default=None,
+        help="calls per second per client (overrides --load)",
+    )
+    simulate.add_argument(
+        "--concurrency", type=bounded_int(1, 10_000), default=4, help="calls a pod serves at once"
+    )
+    simulate.add_argument(
+        "--service-ms",
+        type=bounded_float(0.001, 600_000.0),
+        default=100.0,
+        help="a call's mean service time on a pod (exponential)",
+    )
+    simulate.add_argument(
+        "--rotate-s",
+        type=bounded_float(0.0, 86_400.0),
+        default=60.0,
+        help="lanes are rotated after this (+/- 20 %%; 0: never)",
+    )
+    simulate.add_argument("--json", action="store_true", help="one JSON document on stdout")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,162 @@
+"""The fleet simulator and the subset rule: pure, seeded, no sockets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from grpc_balance_mw.cli import main
+from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.simulate import FleetConfig, simulate
+from grpc_balance_mw.subset import LoadBook, SubsetRule, rendezvous_rank, rendezvous_subset
+
+SMALL = FleetConfig(clients=20, pods=10, lanes=3, seconds=10.0, seed=7)
+
+
+@pytest.mark.parametrize("rule", [SubsetRule(), None], ids=["subset-rule", "random"])
+def test_a_seed_gives_the_same_run_and_another_seed_another(rule: SubsetRule | None) -> None:
+    config = FleetConfig(clients=20, pods=10, lanes=3, seconds=10.0, seed=7, subset_rule=rule)
+    first, again = simulate(config), simulate(config)
+    assert first == again
+    other = simulate(FleetConfig(clients=20, pods=10, lanes=3, seconds=10.0, seed=8))
+    assert other.served_per_pod != first.served_per_pod
+
+
+@pytest.mark.parametrize("rule", [SubsetRule(), None], ids=["subset-rule", "random"])
+def test_every_call_made_is_served_once(rule: SubsetRule | None) -> None:
+    # Saturated pods (load 1.5): calls queue, and those in flight at the end still finish.
+    config = FleetConfig(clients=30, pods=8, lanes=4, seconds=8.0, load=1.5, subset_rule=rule)
+    result = simulate(config)
+    assert result.calls > 1000
+    assert result.served == result.calls == sum(result.served_per_pod)
+    assert result.lanes_per_client_max == 4
+    assert result.connections_per_client_max >= 4
+
+
+def test_one_client_with_one_lane_never_rotated_is_pinned() -> None:
+    config = FleetConfig(
+        clients=1, pods=5, lanes=1, seconds=20.0, rate=50.0, rotate_s=None, subset_rule=None
+    )
+    result = simulate(config)
+    assert result.max_share_over_fair == 5.0
+    assert sorted(result.served_per_pod)[:4] == [0, 0, 0, 0]
+    assert result.connections_per_pod_max_over_mean == 5.0
+
+
+@pytest.mark.parametrize(
+    ("lanes", "rotate_s"),
+    [(5, 60.0), (5, None), (1, 0.1)],
+    ids=["a-lane-per-pod-rotated", "a-lane-per-pod", "one-lane-rotated-often"],
+)
+def test_lanes_and_rotation_spread_one_client_near_evenly(
+    lanes: int, rotate_s: float | None
+) -> None:
+    config = FleetConfig(
+        clients=1,
+        pods=5,
+        lanes=lanes,
+        seconds=120.0,
+        rate=50.0,
+        rotate_s=rotate_s,
+        subset_rule=None,
+    )
+    result = simulate(config)
+    assert result.max_share_over_fair < 1.2
+    assert result.min_share_over_fair > 0.8
+
+
+def test_the_subset_rule_evens_connections_of_a_large_fleet() -> None:
+    # 500 clients x 200 pods x 6 lanes: random picks put about 1.8x the mean of connections on
+    # the busiest pod; the rule about 1.3x (figures in docs/fleet.md).
+    def run(rule: SubsetRule | None) -> tuple[float, float]:
+        config = FleetConfig(seconds=10.0, load=0.2, seed=3, subset_rule=rule)
+        result = simulate(config)
+        assert result.lanes_per_client_max == 6
+        return result.connections_per_pod_max_over_mean, result.max_share_over_fair
+
+    random_conns, random_share = run(None)
+    rule_conns, rule_share = run(SubsetRule())
+    assert random_conns > 1.6
+    assert rule_conns < 1.5
+    assert rule_conns + 0.25 < random_conns
+    assert rule_share + 0.2 < random_share
+
+
+def test_the_rule_keeps_a_dial_near_the_mean_and_sends_the_excess_away() -> None:
+    rule = SubsetRule(slack=0.1, leave_slack=0.3, redials=2, leave_damping=0.5)
+    assert rule.accepts(11, 10.0, 0)
+    assert not rule.accepts(12, 10.0, 0)
+    assert rule.accepts(12, 10.0, 2)  # out of redials: the last dial is kept
+    assert rule.accepts(50, None, 0)  # no reports yet: nothing to judge by
+    assert rule.accepts(6, 5.33, 0)  # whole connections: mean + 1 is as even as it gets
+    assert rule.leave_probability(13, 10.0) == 0.0
+    assert rule.leave_probability(20, 10.0) == pytest.approx(0.25)  # 20 lanes, 5 should go
+    assert rule.leave_probability(20, None) == 0.0
+    with pytest.raises(ConfigurationError):
+        SubsetRule(slack=0.5, leave_slack=0.2)
+
+
+def test_the_load_book_forgets_old_reports() -> None:
+    book = LoadBook(ttl_s=10.0)
+    assert book.mean_connections(0.0) is None
+    book.record("a", 10, now=0.0)
+    book.record("b", 20, now=5.0, utilization=0.5)
+    assert book.mean_connections(6.0) == 15.0
+    assert book.get("a", 11.0) is None
+    assert book.mean_connections(11.0) == 20.0
+    assert len(book) == 1
+
+
+def test_rendezvous_subsets_move_only_for_the_pod_that_left() -> None:
+    pods = [f"10.0.0.{i}:50051" for i in range(20)]
+    before = rendezvous_subset("client-1", pods, 4)
+    assert before == rendezvous_rank("client-1", pods)[:4]
+    gone = before[0]
+    after = rendezvous_subset("client-1", [p for p in pods if p != gone], 4)
+    assert after[:3] == before[1:]
+    assert rendezvous_subset("client-2", pods, 4) != before
+
+
+def test_rendezvous_with_the_rule_skips_crowded_pods() -> None:
+    pods = [f"pod-{i}" for i in range(10)]
+    plain = rendezvous_subset("seed", pods, 3)
+    counts = {pod: (30.0 if pod == plain[0] else 10.0) for pod in pods}
+    kept = rendezvous_subset("seed", pods, 3, SubsetRule(), counts.get, mean=12.0)
+    assert plain[0] not in kept
+    assert kept[:2] == plain[1:]
+    # Every pod crowded: the first ones in order still fill the subset.
+    assert rendezvous_subset("seed", pods, 3, SubsetRule(), lambda _: 99.0, 10.0) == plain
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"lanes": 11}, {"clients": 0}, {"seconds": 0.0}, {"rotate_s": -1.0}, {"rate": 0.0}],
+)
+def test_a_fleet_that_cannot_be_is_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ConfigurationError):
+        FleetConfig(pods=10, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("flag", ["--rebalance-subset", "--no-rebalance-subset"])
+def test_cli_json_reports_the_fleet_figures(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["simulate", "--clients", "8", "--pods", "6", "--lanes", "4", "--seconds", "5"]
+    assert main([*argv, flag, "--runs", "2", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    for key in ("max_share_over_fair", "connections_per_pod_max_over_mean", "p50_ms", "p99_ms"):
+        assert isinstance(document[key], float)
+    assert document["lanes_per_client_max"] == 4
+    assert document["rebalance_subset"] is (flag == "--rebalance-subset")
+    assert document["runs"] == 2
+    assert [run["seed"] for run in document["per_run"]] == [0, 1]
+    assert document["served"] == document["calls"] > 0
+
+
+def test_cli_table_and_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--clients", "4", "--pods", "3", "--seconds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "4 clients x 3 pods x 3 lanes" in out
+    assert "max/fair" in out
+    with pytest.raises(SystemExit) as exited:
+        main(["simulate", "--clients", "0"])
+    assert exited.value.code == 2
