@@ -20,6 +20,8 @@ import grpc
 import pytest
 from calls import call_aio, call_sync
 from fault_load import covered, wait_for
+from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from grpc_health.v1.health_pb2_grpc import HealthStub
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -29,8 +31,10 @@ from test_server_drain import Pods  # three pods of one flavour on loopback
 
 from grpc_balance_mw.aio.balanced import balanced_channel as aio_balanced_channel
 from grpc_balance_mw.balanced import balanced_channel
+from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.telemetry import METRIC_EJECTIONS, AffinityTelemetry
+from grpc_balance_mw.testing import LocalCluster
 from grpc_balance_mw.testing.userspace_proxy import UserspaceService
 
 #: Each test starts pods of its own and makes thousands of calls: the slow tier.
@@ -176,3 +180,27 @@ def test_healthy_pods_are_never_ejected(
         assert ejection_logged(caplog) == []
 
     run_calls(pods.mode, service.address, check)
+
+
+@pytest.mark.cluster
+def test_a_local_cluster_pod_fails_every_call_while_serving(
+    local_cluster_factory: Callable[..., LocalCluster],
+) -> None:
+    """``LocalCluster(fail_with=)``: the benchmark's gray-failure pod, in its own process."""
+    cluster = local_cluster_factory(pods=2, dns=None, fail_with={1: "INTERNAL"})
+    for pod, code in (("charge-points-0", grpc.StatusCode.OK), (GRAY, grpc.StatusCode.INTERNAL)):
+        with grpc.insecure_channel(cluster.pod(pod).address) as channel:
+            assert call_sync(channel, "unary_unary", timeout=5).code is code
+            health = HealthStub(channel).Check(HealthCheckRequest(), timeout=5)
+            assert health.status == HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize(
+    ("fail_with", "error"),
+    [({1: "NOPE"}, "no failing status"), ({1: "OK"}, "no failing status")],
+)
+def test_local_cluster_refuses_a_status_it_cannot_fail_with(
+    fail_with: dict[int, str], error: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=error):
+        LocalCluster(pods=1, fail_with=fail_with)
