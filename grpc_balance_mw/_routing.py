@@ -37,6 +37,7 @@ from grpc_balance_mw._grpcio import accepts_registered_method
 from grpc_balance_mw.errors import BalanceError, ConfigurationError
 from grpc_balance_mw.pool import Lane, LanePool, LaneState, NoLane
 from grpc_balance_mw.pool.health import names_a_pod
+from grpc_balance_mw.pool.outliers import POD_FAILURES
 
 __all__ = [
     "CALL_KINDS",
@@ -67,6 +68,7 @@ __all__ = [
 
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 _DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
+_POD_FAILURES = frozenset(code for code in grpc.StatusCode if code.name in POD_FAILURES)
 
 #: What grpc core (and this package) says of a call that never left the client: no connection
 #: could be made for it, so no server saw it. Matched at the start of the details only.
@@ -174,6 +176,13 @@ class Outcome(NamedTuple):
         say) names itself in the trailers: it is alive, and its lane stays (redialling on
         every such answer would add connections to the load of an outage)."""
         return self.code is _UNAVAILABLE and not self.pod_named
+
+    @property
+    def pod_failed(self) -> bool:
+        """A status the pod that answered is to blame for (outlier ejection counts it; see
+        :data:`~grpc_balance_mw.pool.outliers.POD_FAILURES`): not CANCELLED, not an
+        application's NOT_FOUND or INVALID_ARGUMENT. DEADLINE_EXCEEDED is :attr:`timed_out`."""
+        return self.code in _POD_FAILURES and not self.pod_gone
 
     @property
     def timed_out(self) -> bool:
@@ -415,9 +424,12 @@ class LaneRoutes:
 
     def release(self, lane: Lane, outcome: Outcome, in_callback: bool) -> None:
         """Tell the pool: a lane whose pod went away takes no more calls; a call that passed
-        its deadline is evidence against a hung pod."""
+        its deadline is evidence against a hung pod; one its pod failed counts against it
+        for outlier ejection."""
         if outcome is OK:  # most calls: nothing to read off the outcome
             self.pool.release(lane)
+        elif outcome.pod_failed:  # the pod answered, with an error it is to blame for
+            self.pool.release(lane, failed=True)
         else:
             self.pool.release(lane, unavailable=outcome.pod_gone, timed_out=outcome.timed_out)
 

@@ -76,6 +76,7 @@ from grpc_balance_mw.pool.health import (
     read_check,
     read_reply,
 )
+from grpc_balance_mw.pool.outliers import OUTLIERS
 from grpc_balance_mw.pool.pool import pool_for_channel
 from grpc_balance_mw.retry import NO_RETRY, RetryPolicy, warn_if_native_retry
 from grpc_balance_mw.routed_channel import Connectivity, NoLaneError, RoutedChannel
@@ -340,6 +341,9 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
             _log.warning("balanced channel %s: %s", self.target, message)
         for lane in plan.drain:
             _log.debug("balanced channel %s: %r drains", self.target, lane)
+        for event in plan.outliers:  # the log, and an event on the next call's span
+            _log.log(event.level, "balanced channel %s: %s", self.target, event.message)
+            self.detector.note_pod_event(event.kind, event.endpoint, OUTLIERS, event.at)
         lanes = [*plan.dial, *plan.check]
         while lanes and not self._stop.is_set():
             self._check(lanes)

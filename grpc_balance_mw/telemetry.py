@@ -53,6 +53,9 @@ METRIC_TOP_SHARE = "grpc_balance_mw.affinity.top_share"
 #: ``ATTR_STATE``, as on spans. A state set (as kube-state-metrics' ``phase`` gauges): an alert
 #: reads ``== 1`` for one state, and a new state needs no new code number.
 METRIC_STATE = "grpc_balance_mw.affinity.state"
+#: Pods a balanced channel's outlier ejection ejected (a count), and those ejected now.
+METRIC_EJECTIONS = "grpc_balance_mw.pool.ejections"
+METRIC_EJECTED = "grpc_balance_mw.pool.ejected_pods"
 #: The pod value of calls whose response named no pod, and of pods beyond the cap.
 UNKNOWN_POD = "unknown"
 OTHER_POD = "other"
@@ -313,6 +316,19 @@ class AffinityTelemetry:
                     METRIC_STATE,
                     callbacks=[self._observe_state],
                     description="1 for the target's current affinity state, 0 for the others",
+                )
+                meter.create_observable_counter(
+                    METRIC_EJECTIONS,
+                    callbacks=[self._observe_ejections],
+                    unit="{ejection}",
+                    description="Pods ejected by the balanced channel's outlier detection "
+                    "(their calls failed while their health checks said SERVING)",
+                )
+                meter.create_observable_gauge(
+                    METRIC_EJECTED,
+                    callbacks=[self._observe_ejected],
+                    unit="{pod}",
+                    description="Pods of the target ejected by outlier detection now",
                 )
                 self._calls = True
             except Exception:  # telemetry must never fail the application
@@ -597,6 +613,22 @@ class AffinityTelemetry:
 
     def _observe_state(self, _options: Any) -> Iterable[otel_metrics.Observation]:
         return self._observe_each(_state_observations)
+
+    def _observe_ejections(self, _options: Any) -> Iterable[otel_metrics.Observation]:
+        return self._observe_each(
+            lambda state: [
+                otel_metrics.Observation(state.detector.ejections, {ATTR_TARGET: state.target})
+            ]
+        )
+
+    def _observe_ejected(self, _options: Any) -> Iterable[otel_metrics.Observation]:
+        return self._observe_each(
+            lambda state: [
+                otel_metrics.Observation(
+                    len(state.detector.ejected_pods), {ATTR_TARGET: state.target}
+                )
+            ]
+        )
 
     # alarms
 

@@ -127,6 +127,10 @@ class AffinityDetector:
         self._chances: dict[tuple[int, int, int], float] = {}
         #: Pod events not yet taken (``take_pod_events``); telemetry drains it per call.
         self.pod_events: deque[PodEvent] = deque(maxlen=_MAX_POD_EVENTS)
+        #: Outlier ejections of this target's pods by balanced channels (``note_pod_event``),
+        #: and the pods ejected now: read by telemetry's metrics.
+        self.ejections = 0
+        self.ejected_pods: set[str] = set()
         #: A stale transition found by a reader (not a call), for the next record or expire.
         self._unreported: Transition | None = None
         #: Balanced channels that took over calls of this target (``observe(rebalance=)``).
@@ -299,6 +303,17 @@ class AffinityDetector:
             events = list(self.pod_events)
             self.pod_events.clear()
         return events
+
+    def note_pod_event(self, kind: str, pod: str, source: str, at: float) -> None:
+        """A pod event from outside the detector (the balanced channel's pool ejected or
+        returned a pod): telemetry puts it on the next call's span, as the detector's own."""
+        with self._lock:
+            if kind == "pod_ejected":
+                self.ejections += 1
+                self.ejected_pods.add(pod)
+            elif kind == "pod_returned":
+                self.ejected_pods.discard(pod)
+            self._pod_event(kind, pod, source, at)
 
     def _pod_event(self, kind: str, pod: str, source: str, at: float) -> None:
         self.pod_events.append(PodEvent(kind, self.target, pod, source, at))

@@ -131,14 +131,17 @@ class Transition:
 
 @dataclass(frozen=True)
 class PodEvent:
-    """A pod became known (``pod_added``) or stopped being known (``pod_gone``).
+    """A pod became known (``pod_added``) or stopped being known (``pod_gone``), or the
+    balanced channel's outlier ejection ejected it (``pod_ejected``) or returned it
+    (``pod_returned``).
 
     Attributes:
-        kind: ``pod_added`` or ``pod_gone``.
+        kind: ``pod_added``, ``pod_gone``, ``pod_ejected`` or ``pod_returned``.
         target: the detector's target.
         pod: the pod's name.
         source: what told: ``calls``, ``probe``, ``dns`` (a probe round that dialed every address
-            of the DNS answer) or ``ttl`` (not seen for ``known_pods_ttl_s``).
+            of the DNS answer), ``ttl`` (not seen for ``known_pods_ttl_s``) or
+            ``outlier_detection``.
         at: the detector's clock when it happened.
     """
 

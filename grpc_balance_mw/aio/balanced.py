@@ -77,6 +77,7 @@ from grpc_balance_mw.pool.health import (
     read_check,
     read_reply,
 )
+from grpc_balance_mw.pool.outliers import OUTLIERS
 from grpc_balance_mw.pool.pool import pool_for_channel
 from grpc_balance_mw.retry import (
     NO_RETRY,
@@ -348,6 +349,9 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
             _log.warning("balanced channel %s: %s", self.target, message)
         for lane in plan.drain:
             _log.debug("balanced channel %s: %r drains", self.target, lane)
+        for event in plan.outliers:  # the log, and an event on the next call's span
+            _log.log(event.level, "balanced channel %s: %s", self.target, event.message)
+            self.detector.note_pod_event(event.kind, event.endpoint, OUTLIERS, event.at)
         lanes = [*plan.dial, *plan.check]
         while lanes:
             await self._check_lanes(lanes)

@@ -5,6 +5,7 @@ No gRPC here: the sync (:mod:`grpc_balance_mw.balanced`) and asyncio
 """
 
 from grpc_balance_mw.pool.lane import Lane, LanePurpose, LaneState
+from grpc_balance_mw.pool.outliers import OutlierDetection, OutlierEjector, OutlierEvent
 from grpc_balance_mw.pool.pickers import LeastOutstanding, Picker, RoundRobin
 from grpc_balance_mw.pool.pool import (
     CheckResult,
@@ -36,6 +37,9 @@ __all__ = [
     "LaneState",
     "LeastOutstanding",
     "NoLane",
+    "OutlierDetection",
+    "OutlierEjector",
+    "OutlierEvent",
     "Picker",
     "Plan",
     "PoolClosed",

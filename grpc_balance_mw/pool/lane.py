@@ -61,18 +61,25 @@ class Lane:
             takes no new calls until a health check says its pod answers.
         heard: the pool's count of answered calls when this lane last answered one (or
             started taking calls): other lanes answered since if the count went past it.
+        answered: its calls answered (any status its pod is not blamed for) since the last
+            outlier sweep; ``failed``: those its pod is blamed for (see
+            :mod:`grpc_balance_mw.pool.outliers`).
+        streak: its failed calls in a row, counted from ``streak_heard`` (its ``heard`` when
+            the streak began: an answer changes ``heard`` and so ends the streak).
         reason: why it drains or closed, for logs and ``__repr__``.
         connection: what the adapter keeps for it (its channel); the pool never touches it.
     """
 
     __slots__ = (
         "activated_at",
+        "answered",
         "attempt",
         "calls",
         "claimed",
         "connection",
         "created_at",
         "draining_since",
+        "failed",
         "heard",
         "id",
         "in_flight",
@@ -86,6 +93,8 @@ class Lane:
         "replaces",
         "rotate_at",
         "state",
+        "streak",
+        "streak_heard",
         "suspect",
         "unanswered",
         "unavailable",
@@ -117,6 +126,10 @@ class Lane:
         self.unanswered = 0
         self.suspect = False
         self.heard = 0
+        self.answered = 0
+        self.failed = 0
+        self.streak = 0
+        self.streak_heard = -1
         self.claimed: str | None = None
         self.renamed = False
         self.moved = False

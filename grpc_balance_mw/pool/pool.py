@@ -39,6 +39,7 @@ from grpc_balance_mw._membership import Membership, Source
 from grpc_balance_mw.affinity.advice import VOICES, cause_of_stuck
 from grpc_balance_mw.errors import BalanceError, ConfigurationError
 from grpc_balance_mw.pool.lane import Lane, LanePurpose, LaneState
+from grpc_balance_mw.pool.outliers import OutlierDetection, OutlierEjector, OutlierEvent
 from grpc_balance_mw.pool.pickers import LeastOutstanding, Picker
 from grpc_balance_mw.pool.rotation import (
     Rotation,
@@ -166,6 +167,9 @@ class PoolConfig:
             drained and replaced (2: one lost check during a reconnect is forgiven). Sooner if
             its calls pass their deadlines while other lanes answer: it is then suspect at once,
             and one unanswered check drains it (see :meth:`LanePool.release`).
+        outlier_detection: when a pod whose calls fail while its health checks say SERVING
+            (a gray failure) is ejected: its lanes take no calls for a while (gRFC A50, see
+            :class:`~grpc_balance_mw.pool.outliers.OutlierDetection`). None: never.
     """
 
     min_lanes: int = 3
@@ -182,6 +186,7 @@ class PoolConfig:
     affinity_dials: int = 16
     stuck_recheck_s: float = 30.0
     unanswered_checks: int = 2
+    outlier_detection: OutlierDetection | None = field(default_factory=OutlierDetection)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_lanes <= self.max_lanes:
@@ -282,6 +287,7 @@ class Plan:
         drain: lanes that stopped taking calls in this round (for logs).
         close: lanes whose connection to close now.
         stuck: set when the pool became stuck in this round (for one warning).
+        outliers: pods ejected or returned since the last round (log each at its ``level``).
         notices: warnings to log once (e.g. ``expected_pods`` overruled by the evidence).
         idle_s: set while the channel is idle and nothing is due sooner: how long the adapter
             may wait before the next round (see :meth:`pause`).
@@ -293,6 +299,7 @@ class Plan:
     close: list[Lane] = field(default_factory=list)
     stuck: Stuck | None = None
     notices: list[str] = field(default_factory=list)
+    outliers: list[OutlierEvent] = field(default_factory=list)
     idle_s: float | None = None
 
     def pause(self, tick_s: float) -> float:
@@ -362,6 +369,10 @@ class LanePool:
         self._signals = Signals()
         self.stuck: Stuck | None = None
         self._new_stuck: Stuck | None = None
+        detection = self.config.outlier_detection
+        #: Outlier ejection's state (None: off); its ``ejected`` are the pods ejected now.
+        self.outliers = OutlierEjector(detection) if detection is not None else None
+        self._ejected: set[str] = self.outliers.ejected if self.outliers is not None else set()
         self.closed = False
         #: Set in a forked child: the adapter refuses calls (its connections are the parent's).
         self.forked = False
@@ -404,6 +415,9 @@ class LanePool:
             lanes = self._available
             if not lanes:
                 lanes = self._fallback()
+            elif self._ejected:  # lanes of ejected pods wait, unless every lane's is ejected
+                ejected = self._ejected
+                lanes = [lane for lane in lanes if _endpoint(lane) not in ejected] or lanes
             lane = self.picker(lanes)
             self._picks += 1
             lane.last_picked = self._picks
@@ -411,7 +425,14 @@ class LanePool:
             lane.calls += 1
             return lane
 
-    def release(self, lane: Lane, unavailable: bool = False, *, timed_out: bool = False) -> None:
+    def release(
+        self,
+        lane: Lane,
+        unavailable: bool = False,
+        *,
+        timed_out: bool = False,
+        failed: bool = False,
+    ) -> None:
         """A call on ``lane`` ended.
 
         Args:
@@ -424,17 +445,24 @@ class LanePool:
                 new calls, and is health-checked in the next round, which keeps it or drains it.
                 Waiting for its periodic checks instead cost a burst of calls per deadline: its
                 stuck calls expire together, its in-flight count drops to 0, and the picker
-                sends it a fresh burst.
+                sends it a fresh burst. It also counts against its pod for outlier ejection.
+            failed: it failed with a status its pod is to blame for (``Outcome.pod_failed``):
+                counted for outlier ejection; several in a row eject the pod at once.
         """
         with self._lock:
             lane.in_flight -= 1
             if unavailable:
                 self._failed(lane)
             elif timed_out:
+                if self._answers > lane.heard:  # others answered: this pod's fault
+                    self._pod_failed(lane)
                 self._timed_out(lane)
+            elif failed:
+                self._pod_failed(lane)
             else:
                 self._answers += 1
                 lane.heard = self._answers
+                lane.answered += 1
                 self._drain_backoff = 0.0
 
     def lane_failed(self, lane: Lane) -> None:
@@ -457,6 +485,37 @@ class LanePool:
             hold, self._drain_backoff = self._drain_backoff, _longer(self._drain_backoff)
             if hold:
                 self._next_dial = max(self._next_dial, now + hold)
+
+    def _pod_failed(self, lane: Lane) -> None:
+        """A call its pod is to blame for failed (a counter; an ejection if one too many in a
+        row while other lanes answer)."""
+        lane.failed += 1
+        if self.outliers is None:
+            return
+        if lane.streak_heard != lane.heard:  # it answered since the last streak: a new one
+            lane.streak, lane.streak_heard = 0, lane.heard
+        lane.streak += 1
+        hosts = {_endpoint(each) for each in self._available} | self._ejected
+        if self.outliers.failed_in_row(
+            _endpoint(lane), lane.streak, self._answers > lane.heard, len(hosts), self.clock()
+        ):
+            lane.streak = 0  # back from ejection, it gets as many calls to prove itself
+
+    def _sweep_outliers(self, now: float, plan: Plan) -> None:
+        """Outlier ejection's interval (A50's timer) ends in the round after it is due: the
+        counts of every lane that takes calls, summed per pod, are judged and reset."""
+        outliers = self.outliers
+        if outliers is None:
+            return
+        if outliers.due(now):
+            counts: dict[str, tuple[int, int]] = {}
+            for lane in self.lanes:
+                if lane.state is LaneState.ACTIVE or lane.answered or lane.failed:
+                    answered, failed = counts.get(_endpoint(lane), (0, 0))
+                    counts[_endpoint(lane)] = (answered + lane.answered, failed + lane.failed)
+                    lane.answered = lane.failed = 0
+            outliers.sweep(now, counts)
+        plan.outliers = outliers.take_events()
 
     def _timed_out(self, lane: Lane) -> None:
         if lane.state is not LaneState.ACTIVE or lane.suspect or self._answers <= lane.heard:
@@ -514,6 +573,7 @@ class LanePool:
             self._shrink(now)
             self._scout(now, plan)
             self._finish_drains(now)
+            self._sweep_outliers(now, plan)
             for lane in plan.dial:
                 lane.state = LaneState.CHECKING
             every = self._check_interval()
@@ -1004,6 +1064,11 @@ class LanePool:
         self._checked_at.pop(lane.id, None)
         self.lanes.remove(lane)
         self._to_close.append(lane)
+
+
+def _endpoint(lane: Lane) -> str:
+    """What outlier ejection judges a lane's calls as: its pod, or the lane itself."""
+    return lane.pod if lane.pod is not None else lane.name
 
 
 def _longer(backoff: float) -> float:

@@ -23,10 +23,13 @@ import random
 import shutil
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
+
+import grpc
 
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.identity import POD_HEADER, check_pod_headers
@@ -144,6 +147,9 @@ class LocalCluster:
             pods): ``x-balance-pod`` (the server half's), another name (a fleet that sends its
             pod name in a header of its own, read with ``ObserveOptions(pod_headers=)``), or
             None: the pods stamp no identity at all, as servers without the server half.
+        fail_with: pods, by ordinal (``{1: "UNAVAILABLE"}``: ``charge-points-1``), that fail
+            every call with that status while their health says SERVING (a gray failure); a
+            pod started later with that ordinal fails too. The harness's own pods only.
     """
 
     def __init__(
@@ -166,6 +172,7 @@ class LocalCluster:
         pod_command: Sequence[str] | None = None,
         pod_ready_timeout_s: float = 20.0,
         identity_header: str | None = POD_HEADER,
+        fail_with: Mapping[int, str] | None = None,
     ) -> None:
         if not 0 <= pods <= _MAX_PODS:
             raise ConfigurationError(f"pods must be between 0 and {_MAX_PODS}, got {pods}")
@@ -199,6 +206,7 @@ class LocalCluster:
             service_time_ms, max_concurrent, overflow, max_connection_age_s, identity_header
         )
         self.program = _program(servicer, pod_command, pod_ready_timeout_s, self.settings)
+        self.fail_with = _failing_pods(fail_with, self.program)
         self.pods: list[Pod] = []
         self.target_port = 0
         self._initial_pods = pods
@@ -474,7 +482,7 @@ class LocalCluster:
             f"{self._subnet}.{ordinal + 1}",
             self.target_port,
             namespace=self.namespace,
-            settings=self.settings,
+            settings=replace(self.settings, fail_with=self.fail_with.get(ordinal)),
             log_dir=self._dir,
             launcher=self._netns.exec_prefix if self._netns is not None else (),
             program=self.program,
@@ -518,6 +526,17 @@ class LocalCluster:
     def _require_running(self) -> None:
         if not self.running:
             raise ClusterError("the cluster is not running")
+
+
+def _failing_pods(fail_with: Mapping[int, str] | None, program: PodProgram) -> dict[int, str]:
+    """``fail_with`` checked: pod ordinals to status names, for the harness's own pods only."""
+    failing = dict(fail_with or {})
+    if failing and program is not None:
+        raise ConfigurationError("fail_with shapes the harness's own pods; not a user's service")
+    for ordinal, name in failing.items():
+        if name not in grpc.StatusCode.__members__ or name == "OK":
+            raise ConfigurationError(f"fail_with: pod {ordinal}: no failing status named {name!r}")
+    return failing
 
 
 def _program(

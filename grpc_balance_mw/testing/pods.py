@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -52,6 +52,9 @@ class PodSettings:
     #: The response header the pod names itself in; None: it stamps no identity at all (a
     #: fleet before it adopts the server half).
     identity_header: str | None = POD_HEADER
+    #: A status name (``"UNAVAILABLE"``, ``"INTERNAL"``...): every call fails with it while the
+    #: pod's health says SERVING (a gray failure); None: calls succeed.
+    fail_with: str | None = None
 
     def args(self) -> list[str]:
         args = [
@@ -66,6 +69,8 @@ class PodSettings:
             args += ["--max-connection-age-s", str(self.max_connection_age_s)]
         if self.identity_header != POD_HEADER:
             args += ["--identity-header", self.identity_header or ""]
+        if self.fail_with is not None:
+            args += ["--fail-with", self.fail_with]
         return args
 
 
@@ -320,12 +325,14 @@ class Pod:
             max_concurrent=-1 if max_concurrent is None else max_concurrent,
         )
         self._admin().Configure(request, timeout=_ADMIN_TIMEOUT_S)
-        self.settings = PodSettings(
-            self.settings.service_time_ms if service_time_ms is None else service_time_ms,
-            self.settings.max_concurrent if max_concurrent is None else max_concurrent,
-            self.settings.overflow,
-            self.settings.max_connection_age_s,
-            self.settings.identity_header,
+        self.settings = replace(
+            self.settings,
+            service_time_ms=(
+                self.settings.service_time_ms if service_time_ms is None else service_time_ms
+            ),
+            max_concurrent=self.settings.max_concurrent
+            if max_concurrent is None
+            else max_concurrent,
         )
 
     def _require_admin(self, what: str) -> None:

@@ -44,6 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=POD_HEADER,
         help="the header the pod names itself in; empty: it stamps no identity",
     )
+    parser.add_argument(
+        "--fail-with",
+        default=None,
+        choices=[code.name for code in grpc.StatusCode if code is not grpc.StatusCode.OK],
+        help="fail every call with this status while health says SERVING (a gray failure)",
+    )
     parser.add_argument("--max-connection-age-s", type=float, default=None)
     parser.add_argument("--max-connection-age-grace-s", type=float, default=10.0)
     parser.add_argument("--shutdown-grace-s", type=float, default=2.0)
@@ -99,6 +105,7 @@ async def serve(args: argparse.Namespace) -> None:
         service_time_s=args.service_time_ms / 1000,
         max_concurrent=args.max_concurrent,
         overflow=args.overflow,
+        fail_with=grpc.StatusCode[args.fail_with] if args.fail_with else None,
     )
     charge_points_pb2_grpc.add_ChargePointsServicer_to_server(charge_points, server)
     health = await add_health(server, services=(SERVICE_NAME,))

@@ -78,7 +78,11 @@ class Capacity:
 
 
 class ChargePointsServicer(pb_grpc.ChargePointsServicer):
-    """All four call kinds; each honours ``fail_with_code`` so error paths can be tested."""
+    """All four call kinds; each honours ``fail_with_code`` so error paths can be tested.
+
+    ``fail_with``: every call fails with this status while the pod's health stays SERVING (a
+    gray failure: a bad config, a broken dependency); None: calls succeed.
+    """
 
     def __init__(
         self,
@@ -87,8 +91,10 @@ class ChargePointsServicer(pb_grpc.ChargePointsServicer):
         service_time_s: float = 0.0,
         max_concurrent: int = 0,
         overflow: Overflow = "queue",
+        fail_with: grpc.StatusCode | None = None,
     ) -> None:
         self.pod_name = pod_name
+        self.fail_with = fail_with
         self.service_time_s = service_time_s
         self.capacity = Capacity(max_concurrent, overflow)
         self.stats = PodStats()
@@ -108,9 +114,8 @@ class ChargePointsServicer(pb_grpc.ChargePointsServicer):
         if self.service_time_s > 0:
             await asyncio.sleep(self.service_time_s)
 
-    @staticmethod
-    async def _fail_if_asked(code: int, context: grpc.aio.ServicerContext) -> None:
-        status = _asked_failure(code)
+    async def _fail_if_asked(self, code: int, context: grpc.aio.ServicerContext) -> None:
+        status = _failure(self.fail_with, code)
         if status is not None:
             await context.abort(status, f"failed on request with {status.name}")
 
@@ -230,6 +235,11 @@ def _asked_failure(code: int) -> grpc.StatusCode | None:
     return _status_code(code) if code else None
 
 
+def _failure(fail_with: grpc.StatusCode | None, code: int) -> grpc.StatusCode | None:
+    """The status a call ends with: the pod's own failure if it has one, else the request's."""
+    return fail_with if fail_with is not None else _asked_failure(code)
+
+
 def _status_code(code: int) -> grpc.StatusCode:
     for status in grpc.StatusCode:
         if status.value[0] == code:
@@ -244,9 +254,16 @@ def _status_for(charge_point_id: str) -> Any:
 class SyncChargePointsServicer(pb_grpc.ChargePointsServicer):
     """The same four calls for a sync ``grpc.server``; a fixed service time, no capacity model."""
 
-    def __init__(self, pod_name: str, *, service_time_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        pod_name: str,
+        *,
+        service_time_s: float = 0.0,
+        fail_with: grpc.StatusCode | None = None,
+    ) -> None:
         self.pod_name = pod_name
         self.service_time_s = service_time_s
+        self.fail_with = fail_with
         self.calls: Counter[str] = Counter()
 
     def _work(self, method: str) -> None:
@@ -254,9 +271,8 @@ class SyncChargePointsServicer(pb_grpc.ChargePointsServicer):
         if self.service_time_s > 0:
             time.sleep(self.service_time_s)
 
-    @staticmethod
-    def _fail_if_asked(code: int, context: grpc.ServicerContext) -> None:
-        status = _asked_failure(code)
+    def _fail_if_asked(self, code: int, context: grpc.ServicerContext) -> None:
+        status = _failure(self.fail_with, code)
         if status is not None:
             context.abort(status, f"failed on request with {status.name}")
 
