@@ -5,7 +5,8 @@ second whose pod it could never learn, and its 3 lanes landed by chance (some ru
 call on one pod). Now the pool decides it cannot learn pods (``pool.blind``), dials no scout,
 keeps 8 lanes and re-rolls them one at a time, and returns to normal once the pods name
 themselves. Real pods behind the userspace L4 Service; ground truth from a relay that counts
-the connections it accepts and from the pods' own call counts.
+the connections it accepts and from the pods' own call counts. The re-roll pace and its bound
+on open connections are the pure pool's, driven by a fake clock.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from typing import Any
 
 import pytest
 from calls import call_aio, call_sync
+from pool_fakes import FakeClock, drive
 
 from grpc_balance_mw.aio.balanced import balanced_channel as aio_balanced_channel
 from grpc_balance_mw.balanced import balanced_channel
 from grpc_balance_mw.identity import POD_HEADER
-from grpc_balance_mw.pool import PoolConfig
+from grpc_balance_mw.pool import CheckResult, Lane, LanePool, LanePurpose, PoolConfig
 from grpc_balance_mw.testing import LocalCluster
 
 pytestmark = [pytest.mark.cluster]
@@ -215,3 +217,32 @@ def test_pods_that_start_naming_themselves_end_blind_balancing(
         assert await until(lambda: pool.dials > scouts, load, 10), "scouting did not resume"
 
     run(mode, unstamped.service_target, PoolConfig(), body)
+
+
+def unnamed(lane: Lane) -> CheckResult:
+    return CheckResult(reachable=True)
+
+
+def test_blind_rerolls_keep_their_pace_when_rounds_are_further_apart() -> None:
+    clock = FakeClock()
+    pool = LanePool(PoolConfig(blind_reroll_s=0.125), clock=clock)
+    filled = lambda: pool.blind and len([x for x in pool.lanes if x.is_available()]) == 8  # noqa: E731
+    assert drive(pool, unnamed, clock, filled, 5) is not None, pool
+    scouts, rerolls, began = pool.dials - pool.rerolls, pool.rerolls, clock.now
+    drive(pool, unnamed, clock, lambda: False, 30)  # rounds 0.25 s apart, calls between
+    pace = (pool.rerolls - rerolls) / (clock.now - began)
+    assert 7.5 <= pace <= 8.5, pace
+    assert pool.dials - pool.rerolls == scouts  # no scout, no refill
+    assert not [lane for lane in pool.lanes if lane.purpose is LanePurpose.SCOUT]
+
+
+def test_blind_rerolls_wait_while_long_streams_keep_old_lanes_draining() -> None:
+    clock = FakeClock()
+    pool = LanePool(PoolConfig(blind_reroll_s=0.125, drain_grace_s=600), clock=clock)
+    assert drive(pool, unnamed, clock, lambda: pool.blind, 5) is not None, pool
+    for _ in range(200):  # streams that never end, on every lane
+        drive(pool, unnamed, clock, lambda: True, 0, calls=False)
+        pool.acquire()
+        clock.advance(0.25)
+    draining = [lane for lane in pool.lanes if lane.is_draining()]
+    assert len(draining) == 8 and len(pool.lanes) == 16, pool

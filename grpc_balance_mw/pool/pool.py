@@ -79,6 +79,8 @@ _MAX_BACKOFF_S = 1.0
 #: pod is known, before the pool balances blind: the first lanes and a second of scouts. A pod
 #: that stamps its identity names itself on every check, so this never happens by chance.
 _BLIND_AFTER = 6
+#: Blind re-rolls dialled in one round at most (the periods due since the last round).
+_REROLL_WIDTH = 4
 #: Scouts of a burst dialled in one round: a few connections at once, not dozens.
 _BURST_WIDTH = 4
 #: While the channel is idle and its scouting backed off, the adapter plans at most this far
@@ -185,16 +187,21 @@ class PoolConfig:
             replacement is dialled, and the old lane drains once it is active, as rotation
             does. Each re-roll is a fresh random draw of a pod, so over a window of ``W``
             seconds a pod's share averages ``M = W / blind_reroll_s`` draws of equal weight
-            (with ``L`` lanes each lives ``L * blind_reroll_s``; the share depends on ``M``, the
-            lanes only smooth it within the window). With ``n`` pods of equal speed a pod's
-            share over fair is ``n * Binomial(M, 1/n) / M``: mean 1, standard deviation
-            ``sqrt((n - 1) / M)``. Default 0.25 s: ``M = 240`` in 60 s; with 3 pods the
-            standard deviation is 0.091, the expected max share over fair of the 3 pods about
-            1.08, and a max above 1.25 has probability below 1 % (union bound over the pods of
-            the binomial tail, 0.3 % each). Cost: 4 connections a second, the scouting's own
-            pace, each of which carries calls (docs/identity.md has the table). Only while calls
-            are made: an idle channel re-rolls nothing. None: lanes are not re-rolled (they
-            land by chance, as the Service spreads connections).
+            (each of the ``L`` lanes lives ``L * blind_reroll_s`` and takes ``1 / L`` of the
+            calls: the share depends on ``M`` only; the lanes smooth it within the window).
+            With ``n`` pods of equal speed a pod's share over fair is ``n * Binomial(M, 1/n) /
+            M``: mean 1, standard deviation ``sqrt((n - 1) / M)``. Default 0.125 s: ``M = 480``
+            draws a minute; with 3 pods the standard deviation is 0.065, the max share over
+            fair of one 60 s window averages 1.07 (99th percentile 1.16), and the worst of
+            the 13 windows (5 s apart) of a 2-minute run has a median of 1.11, 95th percentile
+            1.17, above 1.25 in 0.2 % of runs (a simulation of this model; the benchmark's
+            figures are in docs/identity.md). 0.25 s halves the cost and gives 1.15, 1.25 and
+            5 %; the bound grows with the pods (``n - 1`` above). Cost: 8 connections a second,
+            twice the scouting they replace, each a TCP and HTTP/2 handshake and one health
+            check, and each carries calls. Only while calls are made: an idle channel
+            re-rolls nothing; and while ``blind_lanes`` old lanes still drain (long streams
+            hold them up to ``drain_grace_s``), re-rolls wait: at most twice ``blind_lanes``
+            connections are open. None: lanes are not re-rolled (they land by chance).
     """
 
     min_lanes: int = 3
@@ -212,7 +219,7 @@ class PoolConfig:
     stuck_recheck_s: float = 30.0
     unanswered_checks: int = 2
     blind_lanes: int = 8
-    blind_reroll_s: float | None = 0.25
+    blind_reroll_s: float | None = 0.125
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_lanes <= self.max_lanes:
@@ -661,9 +668,10 @@ class LanePool:
             reason = self.rotation.why(lane, context)
             if reason is None or (self.stuck is not None and reason not in _BROKEN):
                 continue
-            if reason == "age" and idle:
+            if reason == "age" and (idle or self.blind):
                 # Rotating by age re-rolls where calls go: with no calls it only costs dials
                 # (a lane and its redials, several a minute). It rotates once calls come.
+                # Blind, the re-rolls do it, within their bound on draining lanes.
                 continue
             if now < self._next_dial:
                 return
@@ -672,33 +680,38 @@ class LanePool:
             self.rotations += 1
 
     def _reroll(self, now: float, plan: Plan) -> None:
-        """While blind, replace the oldest lane every ``blind_reroll_s``, one at a time: a fresh
-        connection is a fresh random pick of a pod, so the shares average out over a window
-        (the bound is in :class:`PoolConfig`). Not while idle: with no calls a re-roll only
-        costs a dial. A missed period is not made up (at most one re-roll a round)."""
+        """While blind, replace the oldest lane every ``blind_reroll_s``: a fresh connection is
+        a fresh random pick of a pod, so the shares average out over a window (the bound is in
+        :class:`PoolConfig`). The periods that came due since the last round are re-rolled
+        together (rounds may be further apart than the period), the oldest lanes first, at
+        most ``_REROLL_WIDTH`` a round. Not while idle (with no calls a re-roll only costs a
+        dial; the schedule restarts with the calls), nor while ``blind_lanes`` lanes are still
+        draining (long streams: open connections stay within twice the lanes)."""
         every = self.config.blind_reroll_s
-        if (
-            not self.blind
-            or every is None
-            or self.stuck is not None
-            or now < self._next_reroll
-            or now < self._next_dial
-            or self._idle()
-        ):
+        if not self.blind or every is None or self.stuck is not None:
+            return
+        if self._idle():
+            self._next_reroll = max(self._next_reroll, now)
+            return
+        if now < self._next_reroll or now < self._next_dial:
             return
         pending = self._pending()
-        if any(lane.purpose is LanePurpose.REPLACE for lane in pending):
-            return  # one re-roll at a time: the last one's replacement is still checked
+        draining = sum(lane.is_draining() for lane in self.lanes)
+        if draining >= self._wanted() or any(x.purpose is LanePurpose.REPLACE for x in pending):
+            return  # the last re-rolls' replacements are still checked, or old lanes drain
         being_replaced = {lane.replaces for lane in pending}
-        lanes = [lane for lane in self._available if lane.id not in being_replaced]
-        if not lanes:
-            return
-        oldest = min(lanes, key=lambda lane: lane.activated_at or 0.0)
-        oldest.reason = "rotating: blind re-roll"
-        plan.dial.append(self._new_lane(now, LanePurpose.REPLACE, replaces=oldest.id))
-        self.rotations += 1
-        self.rerolls += 1
-        self._next_reroll = max(self._next_reroll, now - every) + every
+        lanes = sorted(
+            (lane for lane in self._available if lane.id not in being_replaced),
+            key=lambda lane: lane.activated_at or 0.0,
+        )
+        room = self._wanted() - draining
+        due = min(_REROLL_WIDTH, len(lanes), room, 1 + int((now - self._next_reroll) / every))
+        for oldest in lanes[:due]:
+            oldest.reason = "rotating: blind re-roll"
+            plan.dial.append(self._new_lane(now, LanePurpose.REPLACE, replaces=oldest.id))
+        self.rotations += due
+        self.rerolls += due
+        self._next_reroll = max(self._next_reroll + due * every, now - every)
 
     def _suspects(self) -> list[Lane]:
         return [lane for lane in self.lanes if lane.suspect and lane.state is LaneState.ACTIVE]
