@@ -194,7 +194,7 @@ class PoolConfig:
             draws a minute; with 3 pods the standard deviation is 0.065, the max share over
             fair of one 60 s window averages 1.07 (99th percentile 1.16), and the worst of
             the 13 windows (5 s apart) of a 2-minute run has a median of 1.11, 95th percentile
-            1.17, above 1.25 in 0.2 % of runs (a simulation of this model; the benchmark's
+            1.17, above 1.25 in 0.2 % of runs (a simulation of this model; the measured
             figures are in docs/identity.md). 0.25 s halves the cost and gives 1.15, 1.25 and
             5 %; the bound grows with the pods (``n - 1`` above). Cost: 8 connections a second,
             twice the scouting they replace, each a TCP and HTTP/2 handshake and one health
