@@ -3,7 +3,7 @@
 Issue 21: behind pods that name themselves nowhere, the channel kept dialling about 4 scouts a
 second whose pod it could never learn, and its 3 lanes landed by chance (some runs put every
 call on one pod). Now the pool decides it cannot learn pods (``pool.blind``), dials no scout,
-keeps 8 lanes and re-rolls them one at a time, and returns to normal once the pods name
+keeps 8 lanes and re-rolls the oldest every 0.125 s, and returns to normal once the pods name
 themselves. Real pods behind the userspace L4 Service; ground truth from a relay that counts
 the connections it accepts and from the pods' own call counts. The re-roll pace and its bound
 on open connections are the pure pool's, driven by a fake clock.
