@@ -21,6 +21,12 @@ A scout that finds a pod never seen before (a scale-up, which seldom adds one po
 a burst: more scouts at once, several a round, so the scale-up's other new pods are found in
 the same second instead of one random draw per interval each.
 
+When the pods name themselves nowhere (servers without the server half: every check answers
+and none names a pod), the pool cannot tell its lanes' pods apart: it balances **blind** (see
+:attr:`PoolConfig.blind_lanes`): more lanes, re-rolled one at a time on a short period so each
+pod's share of the calls averages out, and no scout (a scout is kept only for a pod it can
+name). A check that names a pod ends it.
+
 When fresh connections keep reaching one pod while more pods are known (Service
 ``sessionAffinity: ClientIP``), or an L7 proxy balances per request, rotating cannot help: the
 pool stops redialling and says why in :attr:`LanePool.stuck`.
@@ -70,6 +76,12 @@ _BROKEN = frozenset({"unavailable", "pod down"})
 #: calls kept failing for up to 5 s after the Service was back. A failed dial costs one
 #: refused connection.
 _MAX_BACKOFF_S = 1.0
+#: Health checks in a row, on new lanes and scouts, that answer SERVING and name no pod while no
+#: pod is known, before the pool balances blind: the first lanes and a second of scouts. A pod
+#: that stamps its identity names itself on every check, so this never happens by chance.
+_BLIND_AFTER = 6
+#: Blind re-rolls dialled in one round at most (the periods due since the last round).
+_REROLL_WIDTH = 4
 #: Scouts of a burst dialled in one round: a few connections at once, not dozens.
 _BURST_WIDTH = 4
 #: While the channel is idle and its scouting backed off, the adapter plans at most this far
@@ -170,6 +182,30 @@ class PoolConfig:
         outlier_detection: when a pod whose calls fail while its health checks say SERVING
             (a gray failure) is ejected: its lanes take no calls for a while (gRFC A50, see
             :class:`~grpc_balance_mw.pool.outliers.OutlierDetection`). None: never.
+        blind_lanes: lanes kept while balancing blind (8): when new lanes' and scouts' health
+            checks answer and name no pod (servers that stamp no identity), the pool cannot
+            tell pods apart, so it dials no scout (it could never learn what a scout found)
+            and keeps this many lanes instead, each on a pod picked at random by the Service.
+            A check that names a pod ends blind balancing (the servers adopted the server half).
+        blind_reroll_s: while blind, one lane (the oldest) is re-rolled this often: a
+            replacement is dialled, and the old lane drains once it is active, as rotation
+            does. Each re-roll is a fresh random draw of a pod, so over a window of ``W``
+            seconds a pod's share averages ``M = W / blind_reroll_s`` draws of equal weight
+            (each of the ``L`` lanes lives ``L * blind_reroll_s`` and takes ``1 / L`` of the
+            calls: the share depends on ``M`` only; the lanes smooth it within the window).
+            With ``n`` pods of equal speed a pod's share over fair is ``n * Binomial(M, 1/n) /
+            M``: mean 1, standard deviation ``sqrt((n - 1) / M)``. Default 0.125 s: ``M = 480``
+            draws a minute; with 3 pods the standard deviation is 0.065, the max share over
+            fair of one 60 s window averages 1.07 (99th percentile 1.16), and the worst of
+            the 13 windows (5 s apart) of a 2-minute run has a median of 1.11, 95th percentile
+            1.17, above 1.25 in 0.2 % of runs (a simulation of this model; the measured
+            figures are in docs/identity.md). 0.25 s halves the cost and gives 1.15, 1.25 and
+            5 %; the bound grows with the pods (``n - 1`` above). Cost: 8 connections a second,
+            twice the scouting they replace, each a TCP and HTTP/2 handshake and one health
+            check, and each carries calls. Only while calls are made: an idle channel
+            re-rolls nothing; and while ``blind_lanes`` old lanes still drain (long streams
+            hold them up to ``drain_grace_s``), re-rolls wait: at most twice ``blind_lanes``
+            connections are open. None: lanes are not re-rolled (they land by chance).
     """
 
     min_lanes: int = 3
@@ -187,6 +223,8 @@ class PoolConfig:
     stuck_recheck_s: float = 30.0
     unanswered_checks: int = 2
     outlier_detection: OutlierDetection | None = field(default_factory=OutlierDetection)
+    blind_lanes: int = 8
+    blind_reroll_s: float | None = 0.125
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_lanes <= self.max_lanes:
@@ -209,6 +247,8 @@ class PoolConfig:
             raise ConfigurationError("scout_interval_s must be > 0 or None")
         if self.scout_idle_max_s is not None and self.scout_idle_max_s <= 0:
             raise ConfigurationError("scout_idle_max_s must be > 0 or None")
+        if self.blind_lanes < 1 or (self.blind_reroll_s is not None and self.blind_reroll_s <= 0):
+            raise ConfigurationError("need blind_lanes >= 1 and blind_reroll_s > 0 or None")
 
 
 @dataclass(frozen=True)
@@ -373,6 +413,10 @@ class LanePool:
         #: Outlier ejection's state (None: off); its ``ejected`` are the pods ejected now.
         self.outliers = OutlierEjector(detection) if detection is not None else None
         self._ejected: set[str] = self.outliers.ejected if self.outliers is not None else set()
+        #: The pods name themselves nowhere: lanes balance blind (see ``PoolConfig.blind_lanes``).
+        self.blind = False
+        self._unnamed = 0  # new lanes' and scouts' checks in a row that named no pod
+        self._next_reroll = 0.0
         self.closed = False
         #: Set in a forked child: the adapter refuses calls (its connections are the parent's).
         self.forked = False
@@ -380,6 +424,7 @@ class LanePool:
         self.dials = 0
         self.redials = 0
         self.rotations = 0
+        self.rerolls = 0  # blind re-rolls (also counted in rotations)
 
     def __repr__(self) -> str:
         with self._lock:
@@ -391,6 +436,8 @@ class LanePool:
             summary = f"{len(live)} lanes: {', '.join(parts)}" if parts else "0 lanes"
             if self.stuck is not None:
                 summary += f"; stuck ({self.stuck.cause})"
+            if self.blind:
+                summary += "; blind (no pod named)"
             if self.closed:
                 summary += "; closed"
             return f"<LanePool {summary}>"
@@ -569,6 +616,7 @@ class LanePool:
             self._drain_renamed(now)
             self._check_l7(now)
             self._rotate(now, plan)
+            self._reroll(now, plan)
             self._fill(now, plan)
             self._shrink(now)
             self._scout(now, plan)
@@ -642,6 +690,8 @@ class LanePool:
         return {lane.pod for lane in self._available if lane.pod is not None and lane.id != without}
 
     def _wanted(self) -> int:
+        if self.blind:
+            return max(self.config.blind_lanes, self.config.min_lanes)
         if not self.config.follow_pods:
             return self.config.min_lanes
         return min(max(self._known(), self.config.min_lanes), self.config.max_lanes)
@@ -660,10 +710,14 @@ class LanePool:
     def _pending(self) -> list[Lane]:
         return [lane for lane in self.lanes if lane.is_pending()]
 
-    def _rotate(self, now: float, plan: Plan) -> None:
-        idle = self._picks == self._picks_at_plan and not any(
+    def _idle(self) -> bool:
+        """No call picked since the last round and none in flight."""
+        return self._picks == self._picks_at_plan and not any(
             lane.in_flight for lane in self._available
         )
+
+    def _rotate(self, now: float, plan: Plan) -> None:
+        idle = self._idle()
         context = RotationContext(
             now, self._signals.alarm, self._signals.top_pod, self.membership.down()
         )
@@ -674,15 +728,50 @@ class LanePool:
             reason = self.rotation.why(lane, context)
             if reason is None or (self.stuck is not None and reason not in _BROKEN):
                 continue
-            if reason == "age" and idle:
+            if reason == "age" and (idle or self.blind):
                 # Rotating by age re-rolls where calls go: with no calls it only costs dials
                 # (a lane and its redials, several a minute). It rotates once calls come.
+                # Blind, the re-rolls do it, within their bound on draining lanes.
                 continue
             if now < self._next_dial:
                 return
             lane.reason = f"rotating: {reason}"
             plan.dial.append(self._new_lane(now, LanePurpose.REPLACE, replaces=lane.id))
             self.rotations += 1
+
+    def _reroll(self, now: float, plan: Plan) -> None:
+        """While blind, replace the oldest lane every ``blind_reroll_s``: a fresh connection is
+        a fresh random pick of a pod, so the shares average out over a window (the bound is in
+        :class:`PoolConfig`). The periods that came due since the last round are re-rolled
+        together (rounds may be further apart than the period), the oldest lanes first, at
+        most ``_REROLL_WIDTH`` a round. Not while idle (with no calls a re-roll only costs a
+        dial; the schedule restarts with the calls), nor while ``blind_lanes`` lanes are still
+        draining (long streams: open connections stay within twice the lanes)."""
+        every = self.config.blind_reroll_s
+        if not self.blind or every is None or self.stuck is not None:
+            return
+        if self._idle():
+            self._next_reroll = max(self._next_reroll, now)
+            return
+        if now < self._next_reroll or now < self._next_dial:
+            return
+        pending = self._pending()
+        draining = sum(lane.is_draining() for lane in self.lanes)
+        if draining >= self._wanted() or any(x.purpose is LanePurpose.REPLACE for x in pending):
+            return  # the last re-rolls' replacements are still checked, or old lanes drain
+        being_replaced = {lane.replaces for lane in pending}
+        lanes = sorted(
+            (lane for lane in self._available if lane.id not in being_replaced),
+            key=lambda lane: lane.activated_at or 0.0,
+        )
+        room = self._wanted() - draining
+        due = min(_REROLL_WIDTH, len(lanes), room, 1 + int((now - self._next_reroll) / every))
+        for oldest in lanes[:due]:
+            oldest.reason = "rotating: blind re-roll"
+            plan.dial.append(self._new_lane(now, LanePurpose.REPLACE, replaces=oldest.id))
+        self.rotations += due
+        self.rerolls += due
+        self._next_reroll = max(self._next_reroll + due * every, now - every)
 
     def _suspects(self) -> list[Lane]:
         return [lane for lane in self.lanes if lane.suspect and lane.state is LaneState.ACTIVE]
@@ -711,8 +800,8 @@ class LanePool:
 
     def _scout(self, now: float, plan: Plan) -> None:
         interval = self.config.scout_interval_s
-        if interval is None or now < self._next_dial:
-            return
+        if interval is None or now < self._next_dial or self.blind:
+            return  # blind: a scout is kept only for a pod it names, which none does
         if self.stuck is not None:
             self._burst = 0
             if self.stuck.cause == "l7-proxy" or now < self._next_scout:
@@ -870,6 +959,7 @@ class LanePool:
                 return
         self._backoff = 0.0
         lane.pod = pod
+        self._named(pod, lane.claimed is not None, now)
         unseen = False
         if pod is not None:
             source = Source.SCOUT if lane.purpose is LanePurpose.SCOUT else Source.LANE
@@ -971,6 +1061,7 @@ class LanePool:
                 self._pod_down(result.pod, now)
             return
         if result.pod is not None and not lane.renamed:
+            self._named(result.pod, False, now)
             left, moved_before = lane.pod, lane.moved
             lane.moved = lane.moved or result.pod != left
             lane.pod = result.pod  # a reconnect may have reached another pod
@@ -1005,6 +1096,25 @@ class LanePool:
         pod = result.pod if result.pod is not None else lane.pod
         if pod is not None:
             self._pod_down(pod, now)
+
+    def _named(self, pod: str | None, claimed: bool, now: float) -> None:
+        """A check that answered SERVING named ``pod`` (None: no pod; ``claimed``: its names
+        disagreed, which is no evidence of unstamped servers). Enough answers in a row that
+        name none, while no pod is known, start blind balancing; a name ends it."""
+        if pod is not None:
+            self._unnamed = 0
+            if self.blind:
+                self.blind = False
+                self._quicken(now)
+                self._next_scout = now  # scouting resumes at once; surplus lanes drain
+            return
+        if claimed or self.blind:
+            return
+        self._unnamed += 1
+        if self._unnamed >= _BLIND_AFTER and not self.membership.live():
+            self.blind = True
+            self._burst = 0
+            self._next_reroll = now + (self.config.blind_reroll_s or 0.0)
 
     def _reached(self, pod: str, now: float) -> None:
         """A health check on a lane named ``pod``: it exists."""
