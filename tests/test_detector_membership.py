@@ -206,3 +206,12 @@ def test_known_pods_ttl_s_is_an_upper_bound_on_an_unconfirmed_pod() -> None:
     assert detector.snapshot(now=150.0).known_pods == ("a", "b")
     detector.record("a", now=250.0)
     assert detector.snapshot(now=250.0).known_pods == ("a",)
+
+
+def test_pods_found_gone_are_not_remembered_for_ever_without_a_pool() -> None:
+    detector = AffinityDetector("svc:1")
+    detector.add_known_pods(["a", "b"], now=0.0)
+    detector.forget_pods(["b"], now=1.0)  # a DNS answer without it
+    assert detector.membership.down() == {"b"}
+    detector.record("a", now=100.0)  # pruning runs with the calls
+    assert detector.membership.down() == frozenset() and not detector.membership.knows("b")

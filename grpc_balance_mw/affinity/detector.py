@@ -628,6 +628,9 @@ class AffinityDetector:
 
     def _forget_stale_pods(self, now: float) -> None:
         self._facts += 1
+        # Pods found gone are remembered as gone for a while only: with no pool asking for the
+        # count, this is where that while ends.
+        self.membership.count(now)
         self._sync_members(now, added="lanes")  # what a balanced channel's pool found
         ttl = self.config.known_pods_ttl_s
         horizon = now - ttl
