@@ -294,6 +294,12 @@ class Membership:
         return self._count()
 
     @_locked
+    def expected(self) -> int | None:
+        """The ``expected_pods`` hint, None if there is none or evidence overruled it."""
+        hint = self._expected
+        return None if hint.overruled else hint.pods
+
+    @_locked
     def take_notices(self) -> list[str]:
         """Warnings to log once each (a hint overruled), and forget them."""
         notices, self._notices = self._notices, []

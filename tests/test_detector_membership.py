@@ -215,3 +215,17 @@ def test_pods_found_gone_are_not_remembered_for_ever_without_a_pool() -> None:
     assert detector.membership.down() == {"b"}
     detector.record("a", now=100.0)  # pruning runs with the calls
     assert detector.membership.down() == frozenset() and not detector.membership.knows("b")
+
+
+def test_a_stale_expected_pods_yields_to_fresh_connections_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """expected_pods=4 after a scale-down to 3: probe rounds keep finding 3 pods; after the
+    model's patience (10 s) the detector counts 3 and says why once."""
+    detector = AffinityDetector("svc:1", AffinityConfig(expected_pods=4))
+    for second in range(12):
+        detector.add_known_pods(["a", "b", "c"] * 10, now=float(second))
+        detector.record("a", now=float(second) + 0.5)
+    (said,) = [r.getMessage() for r in caplog.records if "expected_pods=4" in r.getMessage()]
+    assert "probably scaled" in said, said
+    assert detector.snapshot(now=12.0).known_count == 3

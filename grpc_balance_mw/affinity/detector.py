@@ -102,6 +102,9 @@ class AffinityDetector:
         #: pod leaves on evidence (see :mod:`grpc_balance_mw._membership`), or once it went
         #: unconfirmed for ``known_pods_ttl_s``, an upper bound.
         self.membership = Membership()
+        self.membership.expect(self._expected)
+        #: ``expected_pods`` as long as evidence has not overruled it (see the model's hints).
+        self._expected_counted = self._expected
         self._members_version = -1
         #: The pods that count (the model's live pods), each with when this detector last
         #: told the model a call reached it (or learned of it).
@@ -204,7 +207,8 @@ class AffinityDetector:
     def expected_pods(self, count: int | None) -> None:
         with self._lock:
             self._judge_counted()
-            self._expected = count
+            self._expected = self._expected_counted = count
+            self.membership.expect(count)
             self._facts += 1
 
     def add_known_pods(
@@ -577,7 +581,7 @@ class AffinityDetector:
         return self.addresses == 1
 
     def _known_count(self) -> int:
-        return max(len(self._known), self._expected or 0, self._dns_pods)
+        return max(len(self._known), self._expected_counted or 0, self._dns_pods)
 
     def _reached(self, pod: str, at: float) -> None:
         """A call named ``pod``: tell the model it exists (at most once per
@@ -628,13 +632,17 @@ class AffinityDetector:
 
     def _forget_stale_pods(self, now: float) -> None:
         self._facts += 1
-        # Pods found gone are remembered as gone for a while only: with no pool asking for the
-        # count, this is where that while ends.
-        self.membership.count(now)
+        # Pods found gone are remembered as gone for a while only, and expected_pods is a hint
+        # that evidence may overrule (with one warning): with no pool asking for the count,
+        # this is where both are judged.
+        membership = self.membership
+        membership.count(now)
+        self._expected_counted = membership.expected() if self._expected is not None else None
+        for notice in membership.take_notices():
+            _log.warning("grpc_balance_mw: %s: %s", self.target, notice)
         self._sync_members(now, added="lanes")  # what a balanced channel's pool found
         ttl = self.config.known_pods_ttl_s
         horizon = now - ttl
-        membership = self.membership
         for pod in [p for p, seen in self._known.items() if seen < horizon]:
             confirmed = membership.seen_since(pod)  # a pool's checks may have, since
             if confirmed is not None and confirmed >= horizon:
@@ -647,8 +655,8 @@ class AffinityDetector:
             del self._lanes[lane]
 
     def _make_room(self, newest: str, now: float) -> None:
-        """More than ``max_known_pods`` are known: forget the stale ones, and if that is not
-        enough, the half seen longest ago (``newest``, just seen, stays). Dropping half at once
+        """More than ``max_known_pods`` are known: forget the half seen longest ago
+        (``newest``, just seen, stays). Dropping half at once
         keeps the sort's cost O(log n) per pod learned however many a server makes up."""
         known = self._known
         keep = max(self._max_known // 2, 1)
