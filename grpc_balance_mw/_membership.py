@@ -190,13 +190,14 @@ class Membership:
     def confirmed(self, pod: str, source: Source, now: float, *, learn: bool = True) -> bool:
         """Evidence that ``pod`` exists now (a check named it, a call reached it...). Returns
         whether the pod was unknown (or counted as gone) before. ``learn=False``: only confirm
-        a pod already known (a balanced channel's calls reach only pods its lanes' checks
-        found; a pod naming itself anew on every call must not add pods through them)."""
+        a pod that counts now (a balanced channel's calls reach only pods its lanes' checks
+        found, and a pod naming itself anew on every call must not add pods through them; a
+        draining pod answers calls after its check said NOT_SERVING, and stays gone)."""
         record = self.pods.get(pod)
         new = record is None or record.gone_since is not None
+        if new and not learn:
+            return False
         if record is None:
-            if not learn:
-                return False
             record = self.pods[pod] = PodRecord(pod, first_seen=now)
             self.version += 1
         elif record.gone_since is not None:
