@@ -229,3 +229,5 @@ def test_a_stale_expected_pods_yields_to_fresh_connections_with_one_warning(
     (said,) = [r.getMessage() for r in caplog.records if "expected_pods=4" in r.getMessage()]
     assert "probably scaled" in said, said
     assert detector.snapshot(now=12.0).known_count == 3
+    detector.expected_pods = 4  # a new channel with the same options: the verdict stays
+    assert detector.snapshot(now=12.0).known_count == 3

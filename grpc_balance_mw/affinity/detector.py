@@ -207,8 +207,9 @@ class AffinityDetector:
     def expected_pods(self, count: int | None) -> None:
         with self._lock:
             self._judge_counted()
-            self._expected = self._expected_counted = count
-            self.membership.expect(count)
+            self._expected = count
+            self.membership.expect(count)  # the same count again keeps the model's verdict
+            self._expected_counted = self.membership.expected() if count is not None else None
             self._facts += 1
 
     def add_known_pods(
