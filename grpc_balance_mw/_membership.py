@@ -36,8 +36,10 @@ since is still the best guess):
   exist; below ``confidence`` the hint is contradicted. ``expected_pods`` is overruled once it
   has been contradicted (either way: fewer pods found, or more) for ``hint_patience_s``, and
   :meth:`Membership.take_notices` then returns one warning (the Deployment was probably scaled).
-  The detector's count is overruled as soon as it is contradicted (it remembers pods that left
-  for its own TTL; it is no configuration to warn about).
+  The detector's count is overruled as soon as it is contradicted (it judges from this model,
+  but also counts a DNS answer's addresses; it is no configuration to warn about). The detector
+  reads ``expected_pods`` through :meth:`Membership.expected`, so an overruled hint stops
+  counting for its alarm too.
 """
 
 from __future__ import annotations
