@@ -1,7 +1,11 @@
 """Which pods stand behind a target, from evidence: who reached them, and who found them gone.
 
-Pure (no gRPC, no I/O; the clock is passed in): the balanced channel's pool keeps one
-:class:`Membership` per target and sizes itself from :meth:`Membership.count`.
+Pure (no gRPC, no I/O; the clock is passed in): one :class:`Membership` per target, which the
+affinity detector owns (``AffinityDetector.membership``) and judges from, and which a balanced
+channel's pool shares (:meth:`LanePool.share_membership`) and sizes itself from
+(:meth:`Membership.count`). Both feed it from their own threads: every method takes the model's
+own lock, and :attr:`Membership.version` changes whenever the pods that count change, so a
+reader can tell without walking them.
 
 A pod is **known** once something reached it: a lane's health check, a fresh connection (a scout,
 a new lane), a call, a probe round, a DNS answer. It stays known until evidence says it left,
@@ -32,18 +36,41 @@ since is still the best guess):
   exist; below ``confidence`` the hint is contradicted. ``expected_pods`` is overruled once it
   has been contradicted (either way: fewer pods found, or more) for ``hint_patience_s``, and
   :meth:`Membership.take_notices` then returns one warning (the Deployment was probably scaled).
-  The detector's count is overruled as soon as it is contradicted (it remembers pods that left
-  for its own TTL; it is no configuration to warn about).
+  The detector's count is overruled as soon as it is contradicted (it judges from this model,
+  but also counts a DNS answer's addresses; it is no configuration to warn about). The detector
+  reads ``expected_pods`` through :meth:`Membership.expected`, so an overruled hint stops
+  counting for its alarm too.
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Collection
+import threading
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import Concatenate, ParamSpec, TypeVar
 
 __all__ = ["Membership", "PodRecord", "Source", "misses_to_forget"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _locked(
+    method: Callable[Concatenate[Membership, _P], _R],
+) -> Callable[Concatenate[Membership, _P], _R]:
+    """Run ``method`` under the model's lock: the detector and a pool feed one model from
+    their own threads, each under its own lock."""
+
+    def locked(self: Membership, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    locked.__name__, locked.__qualname__ = method.__name__, method.__qualname__
+    locked.__doc__ = method.__doc__
+    return locked
+
 
 #: Default confidence: a pod that still exists is dropped by misses at most this often per run.
 CONFIDENCE = 1e-3
@@ -129,6 +156,9 @@ class Membership:
         self.hint_patience_s = hint_patience_s
         self.forget_gone_s = forget_gone_s
         self.pods: dict[str, PodRecord] = {}
+        #: Changes whenever the pods that count (:meth:`live`) change.
+        self.version = 0
+        self._lock = threading.RLock()
         self._expected = _Hint()
         self._called = _Hint()
         self._run = 0  # fresh connections in a row that reached known pods only
@@ -137,34 +167,50 @@ class Membership:
         #: Pods dropped, and why, for logs and tests (the newest last; bounded).
         self.dropped: list[tuple[str, str]] = []
 
+    def reset_after_fork(self) -> None:
+        """In a forked child: a fresh lock (a parent's thread may have held it)."""
+        self._lock = threading.RLock()
+
     def __repr__(self) -> str:
         return f"<Membership {sorted(self.live())} count={self._count()}>"
 
     # -- evidence ----------------------------------------------------------------------------
 
+    @_locked
     def expect(self, pods: int | None) -> None:
         """The user's ``expected_pods`` (None: no hint)."""
         if pods != self._expected.pods:
             self._expected = _Hint(pods)
 
+    @_locked
     def called(self, pods: int) -> None:
         """How many pods the target's calls reached, by the affinity detector's count."""
         if pods != self._called.pods:
             self._called = _Hint(pods or None)
 
-    def confirmed(self, pod: str, source: Source, now: float) -> bool:
+    @_locked
+    def confirmed(self, pod: str, source: Source, now: float, *, learn: bool = True) -> bool:
         """Evidence that ``pod`` exists now (a check named it, a call reached it...). Returns
-        whether the pod was unknown (or counted as gone) before."""
+        whether the pod was unknown (or counted as gone) before. ``learn=False``: only confirm
+        a pod that counts now (a balanced channel's calls reach only pods its lanes' checks
+        found, and a pod naming itself anew on every call must not add pods through them; a
+        draining pod answers calls after its check said NOT_SERVING, and stays gone)."""
         record = self.pods.get(pod)
         new = record is None or record.gone_since is not None
+        if new and not learn:
+            return False
         if record is None:
             record = self.pods[pod] = PodRecord(pod, first_seen=now)
+            self.version += 1
+        elif record.gone_since is not None:
+            self.version += 1
         record.sources.add(source)
         record.confirmed_at = now
         record.misses = 0
         record.gone_since = record.gone_cause = None
         return new
 
+    @_locked
     def fresh(self, pod: str, source: Source, now: float, held: Collection[str] = ()) -> bool:
         """A fresh connection through the Service reached ``pod``: it exists, and every other
         pod counted a miss, except the pods in ``held`` (an open connection, e.g. a lane whose
@@ -189,6 +235,7 @@ class Membership:
                 self._drop(other, f"{record.misses} fresh connections in a row missed it")
         return new
 
+    @_locked
     def gone(self, pod: str, cause: str, now: float) -> bool:
         """Evidence that ``pod`` left (NOT_SERVING, connections refused or dropped, checks
         unanswered). Returns whether it counted until now (a change)."""
@@ -198,18 +245,35 @@ class Membership:
         was = record.gone_since is None
         if was:
             record.gone_since, record.gone_cause = now, cause
+            self.version += 1
         return was
+
+    @_locked
+    def forget(self, pod: str, why: str) -> None:
+        """Drop ``pod`` whatever the evidence (a bound on how many pods are remembered, or on
+        how long one is believed unconfirmed: ``AffinityConfig.known_pods_ttl_s``)."""
+        if pod in self.pods:
+            self._drop(pod, why)
+
+    @_locked
+    def seen_since(self, pod: str) -> float | None:
+        """When ``pod`` was last confirmed, None if not known."""
+        record = self.pods.get(pod)
+        return record.confirmed_at if record is not None else None
 
     # -- what is known -----------------------------------------------------------------------
 
+    @_locked
     def live(self) -> list[str]:
         """The pods that count: known, with no gone evidence since last confirmed."""
         return [name for name, record in self.pods.items() if record.gone_since is None]
 
+    @_locked
     def knows(self, pod: str) -> bool:
         """Whether ``pod`` was ever learned (and is remembered: live, or recently gone)."""
         return pod in self.pods
 
+    @_locked
     def complete(self) -> bool:
         """Whether fresh connections say no pod exists beyond the live ones: the ``m`` in a row
         since the last new pod would all have missed one more with ``(n / (n + 1)) ** m`` below
@@ -217,10 +281,12 @@ class Membership:
         live = len(self.live())
         return live > 0 and self._run >= misses_to_forget(live + 1, self.confidence)
 
+    @_locked
     def down(self) -> frozenset[str]:
         """Pods with gone evidence, still remembered."""
         return frozenset(n for n, r in self.pods.items() if r.gone_since is not None)
 
+    @_locked
     def count(self, now: float) -> int:
         """How many pods the target has, by the evidence and the hints evidence has not
         overruled."""
@@ -230,6 +296,13 @@ class Membership:
         self._forget_gone(now)
         return self._count()
 
+    @_locked
+    def expected(self) -> int | None:
+        """The ``expected_pods`` hint, None if there is none or evidence overruled it."""
+        hint = self._expected
+        return None if hint.overruled else hint.pods
+
+    @_locked
     def take_notices(self) -> list[str]:
         """Warnings to log once each (a hint overruled), and forget them."""
         notices, self._notices = self._notices, []
@@ -271,6 +344,7 @@ class Membership:
 
     def _drop(self, pod: str, why: str) -> None:
         del self.pods[pod]
+        self.version += 1
         self.dropped = [*self.dropped[-31:], (pod, why)]
 
     def _forget_gone(self, now: float) -> None:

@@ -251,6 +251,8 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
         )
         self._factory = factory = lane_factory(factory, "sync")
         self.detector: AffinityDetector = detector_for(target, self._options)
+        # One model of the target's pods: the detector judges from what the lanes found.
+        self.pool.share_membership(self.detector.membership)
         # The target's calls (these at least) run on lanes: an alarm's advice is not to use them.
         self.detector.lanes_opened()
         self._unmarked = threading.Lock()  # taken by the first close() only

@@ -55,6 +55,8 @@ def _count_failed(
         observer.count(started, stream, None, None, lane=lane)
     else:
         _count_done(observer, started, stream, lane, failed)
+        if failed.code() is grpc.StatusCode.UNAVAILABLE:
+            observer.unavailable(*metadata_now(failed), lane=lane)
 
 
 class AffinityInterceptor(

@@ -160,6 +160,8 @@ class _CountedUnaryResponse(_UnaryResponse):
             self._observer.count(started, self._stream, None, None)
         else:
             self._observer.count(started, self._stream, *final_metadata(failed))
+            if failed.code() is grpc.StatusCode.UNAVAILABLE:
+                self._observer.unavailable(*final_metadata(failed))
 
 
 class _StreamResponse(ObservedMethod):

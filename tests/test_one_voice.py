@@ -20,9 +20,12 @@ import grpc
 import pytest
 from calls import call_aio, call_sync
 from fault_load import until
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from test_prometheus import _states
 
 from grpc_balance_mw.affinity import (
     AffinityDetector,
@@ -30,7 +33,7 @@ from grpc_balance_mw.affinity import (
     AffinitySnapshot,
     CallObserver,
 )
-from grpc_balance_mw.affinity.advice import VOICES, Cause, cause_of_stuck
+from grpc_balance_mw.affinity.advice import VOICES, Cause, advice, cause_of_stuck
 from grpc_balance_mw.aio.balanced import balanced_channel as aio_balanced_channel
 from grpc_balance_mw.aio.observed_channel import observe as aio_observe
 from grpc_balance_mw.balanced import balanced_channel
@@ -38,7 +41,13 @@ from grpc_balance_mw.cli.doctor import DoctorOptions, Verdict, diagnose, judge
 from grpc_balance_mw.observed_channel import observe
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.probe import PodProbe
-from grpc_balance_mw.telemetry import ATTR_CAUSE, AffinityTelemetry
+from grpc_balance_mw.telemetry import (
+    ATTR_ADVICE,
+    ATTR_CAUSE,
+    ATTR_STATE,
+    EVENT_STATE_CHANGE,
+    AffinityTelemetry,
+)
 from grpc_balance_mw.testing import LocalCluster
 
 Factory = Callable[..., LocalCluster]
@@ -236,3 +245,77 @@ def test_pods_leaving_are_said_in_the_tables_words_on_spans_and_in_the_log(
     (gone,) = [e for e in span.events if e.name.endswith("pod_gone")]
     assert (gone.attributes or {})[ATTR_CAUSE] == Cause.PODS_LEAVING.value
     assert any(VOICES[Cause.PODS_LEAVING].sentence in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_skewed_calls_say_one_cause_in_the_alarm_span_event_and_state_metric(
+    local_cluster_factory: Factory, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Channels to one target whose calls go 80/10/10 over its 3 pods: ``skewed``, with the
+    table's cause for a few connections crowding one pod, in the detector's one warning, the
+    snapshot, the span event of the state change and the state gauge. (``doctor`` judges a
+    Service's fresh connections, which kube-proxy spreads at random: it has no skewed verdict.)"""
+    cluster = local_cluster_factory(pods=3, dns=None)
+    target = cluster.service_target
+    spans, metrics = InMemorySpanExporter(), InMemoryMetricReader()
+    tracer_provider, meter_provider = TracerProvider(), MeterProvider(metric_readers=[metrics])
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    telemetry = AffinityTelemetry(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    options = ObserveOptions(registry=AffinityRegistry(), probe=False, telemetry=telemetry)
+    # Each channel dials one pod (the test plays the Service), observed as the target's: 80 %
+    # of the connections and calls on one pod of 3 (over the skew line, 2/3, under the pinned
+    # one, 0.95); 24 of 30 connections on one pod happen by chance with p = 6e-7, below
+    # ``chance_alpha`` (1e-4).
+    crowded, other, third = (e.address for e in sorted(cluster.endpoints()))
+    dialled = [*[crowded] * 8, other, third] * 3
+    caplog.clear()
+
+    async def main() -> tuple[AffinitySnapshot, dict[str, Any]]:
+        if mode == "sync":
+            channels: list[Any] = [
+                observe(grpc.insecure_channel(a), options, target=target) for a in dialled
+            ]
+        else:
+            channels = [
+                aio_observe(grpc.aio.insecure_channel(a), options, target=target) for a in dialled
+            ]
+        try:
+            for _ in range(7):  # 210 calls: the window's 200 are all in the same proportions
+                for channel in channels:
+                    if mode == "sync":
+                        seen = await asyncio.to_thread(call_sync, channel, "unary_unary")
+                    else:
+                        seen = await call_aio(channel, "unary_unary")
+                    assert seen.code is grpc.StatusCode.OK
+            states = _states(metrics)  # while the target's channels are open
+            return channels[0].detector.snapshot(), {
+                state: value for (of, state), value in states.items() if of == target
+            }
+        finally:
+            for channel in channels:
+                if mode == "sync":
+                    channel.close()
+                else:
+                    await channel.close()
+
+    snapshot, states = asyncio.run(main())
+    tracer_provider.shutdown()
+    cause = Cause.FEW_CONNECTIONS
+    assert snapshot.state.value == "skewed" == VOICES[cause].state, snapshot
+    assert snapshot.cause == cause.value and snapshot.advice == advice(cause), snapshot
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name.startswith("grpc_balance_mw")
+    ]
+    _said(cause, warnings)
+    changes = [
+        e.attributes or {}
+        for span in spans.get_finished_spans()
+        for e in span.events
+        if e.name == EVENT_STATE_CHANGE
+    ]
+    assert changes and changes[-1][ATTR_STATE] == "skewed", changes
+    assert (changes[-1][ATTR_CAUSE], changes[-1][ATTR_ADVICE]) == (cause.value, advice(cause))
+    assert states["skewed"] == 1 and sum(states.values()) == 1, states
+    meter_provider.shutdown()

@@ -32,9 +32,12 @@ class AffinityConfig:
             one unlucky stretch does not flap the state (and its alarm) back and forth.
         l7_enter_share: L7-balanced when at least this share of the window carried an L7 proxy's
             response headers (Envoy's ``server: envoy``, ``x-envoy-upstream-service-time``).
-        known_pods_ttl_s: a pod seen in a call or by the probe counts as known for this long after
-            it was last seen; ten minutes outlives the window so a pinned channel still remembers
-            the pods that a probe found, without keeping long-gone pods forever.
+        known_pods_ttl_s: an upper bound: a pod that nothing confirmed (no call, probe round or
+            lane's check reached it) for this long stops counting. Pods leave on evidence well
+            before that (see :mod:`grpc_balance_mw._membership`: gone from a DNS answer, calls
+            failing UNAVAILABLE, fresh connections that keep missing it, a balanced channel's
+            lane finding it NOT_SERVING); ten minutes outlives the default probe's interval, so
+            a pinned channel still counts the pods its probe found.
         max_known_pods: at most this many pods are known at once. A server that names a new pod
             on every call would otherwise grow the known pods (and the client's memory) for
             ``known_pods_ttl_s``; past the bound, the pods seen longest ago are forgotten (half

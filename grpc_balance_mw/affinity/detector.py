@@ -8,6 +8,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
+from grpc_balance_mw._membership import Membership, Source
 from grpc_balance_mw.affinity import forking
 from grpc_balance_mw.affinity.advice import (
     VOICES,
@@ -35,6 +36,9 @@ _log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 #: Stale known pods are looked for at most this often, to keep ``record`` O(1) in the pod count.
 _PRUNE_EVERY_S = 1.0
+#: Calls tell the membership model that their pod exists at most this often per pod: enough to
+#: reset its misses (a run of misses takes many fresh connections), and O(1) per call.
+_CONFIRM_EVERY_S = 1.0
 #: Calls counted with ``count`` are judged at the latest once this many wait.
 JUDGE_EVERY_CALLS = 64
 #: The most one stream weighs, in calls (``AffinityConfig.stream_unit_s`` each): about eleven
@@ -92,7 +96,19 @@ class AffinityDetector:
         self._pending: AffinityState | None = None
         self._pending_calls = 0
         self._expected = self.config.expected_pods
-        self._known: dict[str, float] = {}  # pod -> last seen
+        #: The pods behind the target, from evidence: this detector's (calls, probe rounds,
+        #: DNS answers, calls that failed UNAVAILABLE) and, while a balanced channel runs on
+        #: the target, its pool's (lanes' health checks, scouts), which shares this model. A
+        #: pod leaves on evidence (see :mod:`grpc_balance_mw._membership`), or once it went
+        #: unconfirmed for ``known_pods_ttl_s``, an upper bound.
+        self.membership = Membership()
+        self.membership.expect(self._expected)
+        #: ``expected_pods`` as long as evidence has not overruled it (see the model's hints).
+        self._expected_counted = self._expected
+        self._members_version = -1
+        #: The pods that count (the model's live pods), each with when this detector last
+        #: told the model a call reached it (or learned of it).
+        self._known: dict[str, float] = {}
         self._max_known = self.config.max_known_pods
         self._known_dropped = 0
         self._dns_pods = 0
@@ -150,6 +166,7 @@ class AffinityDetector:
         """In a forked child: a fresh lock (the parent's may have been held by another thread)."""
         self._lock = threading.Lock()
         self._count_lock = threading.RLock()
+        self.membership.reset_after_fork()
 
     def __repr__(self) -> str:
         self._catch_up()
@@ -195,6 +212,8 @@ class AffinityDetector:
         with self._lock:
             self._judge_counted()
             self._expected = count
+            self.membership.expect(count)  # the same count again keeps the model's verdict
+            self._expected_counted = self.membership.expected() if count is not None else None
             self._facts += 1
 
     def add_known_pods(
@@ -210,18 +229,19 @@ class AffinityDetector:
                 they were dialed to each address directly.
         """
         at = self._clock() if now is None else now
+        membership = self.membership
         with self._lock:
             self._judge_counted()
             self._facts += 1
             for pod in pods:
-                if pod not in self._known:
-                    self._from_probe.add(pod)
-                    self._pod_event("pod_added", pod, "probe", at)
-                self._known[pod] = at
-                if len(self._known) > self._max_known:
-                    self._make_room(pod, at)
-                if fresh:
+                if fresh:  # a random pick of the Service's: the pods it missed count a miss
+                    membership.fresh(pod, Source.PROBE, at)
                     self._connections.add(pod, at, probe=True)
+                else:
+                    membership.confirmed(pod, Source.DNS, at)
+                self._sync_members(at, added="probe", gone="probe")
+                if pod in self._known:
+                    self._known[pod] = at
 
     def forget_pods(self, pods: Iterable[str], *, now: float | None = None) -> None:
         """Pods known to be gone (not in a DNS answer whose every address was dialed)."""
@@ -230,9 +250,22 @@ class AffinityDetector:
             self._judge_counted()
             self._facts += 1
             for pod in pods:
-                if self._known.pop(pod, None) is not None:
-                    self._from_probe.discard(pod)
-                    self._pod_event("pod_gone", pod, "dns", at)
+                if self.membership.knows(pod):
+                    self.membership.gone(pod, "not in the DNS answer", at)
+            self._sync_members(at, gone="dns")
+
+    def unavailable(self, lane: LaneEvidence | None, *, now: float | None = None) -> None:
+        """A call on ``lane`` failed UNAVAILABLE and no pod named the status: the connection
+        to the lane's pod was refused or dropped, which is gone evidence for that pod (it
+        counts again once a call or a probe reaches it)."""
+        pod = lane.pod if lane is not None else None
+        if pod is None:
+            return
+        at = self._clock() if now is None else now
+        with self._lock:
+            self._judge_counted()
+            if self.membership.gone(pod, "calls failed UNAVAILABLE naming no pod", at):
+                self._sync_members(at, gone="unavailable")
 
     def set_dns_answer(self, addresses: Iterable[str]) -> None:
         """The addresses the target's DNS name resolved to (a headless Service: one per ready
@@ -500,7 +533,7 @@ class AffinityDetector:
             taken += 1
             last_at = at
         if taken:
-            self._known[pod] = last_at
+            self._reached(pod, last_at)
             lane.steady(taken, last_at)
 
     def _add(
@@ -518,13 +551,7 @@ class AffinityDetector:
             self._malformed += 1
         flags = L7_HEADERS if l7 else 0
         if pod is not None:
-            known = self._known
-            if pod not in known:
-                self._pod_event("pod_added", pod, "calls", at)
-                self._facts += 1
-            known[pod] = at
-            if len(known) > self._max_known:
-                self._make_room(pod, at)
+            self._reached(pod, at)
             if lane is None:
                 self._connections.add(pod, at)
         if lane is not None:
@@ -570,30 +597,90 @@ class AffinityDetector:
         return self.addresses == 1
 
     def _known_count(self) -> int:
-        return max(len(self._known), self._expected or 0, self._dns_pods)
+        return max(len(self._known), self._expected_counted or 0, self._dns_pods)
+
+    def _reached(self, pod: str, at: float) -> None:
+        """A call named ``pod``: tell the model it exists (at most once per
+        ``_CONFIRM_EVERY_S`` per pod); the lock is held. While a balanced channel runs on the
+        target, calls only confirm pods the model knows: its lanes' checks find every pod its
+        calls reach, and a pod that names itself anew on every call must not add pods."""
+        seen = self._known.get(pod)
+        if seen is not None and at - seen < _CONFIRM_EVERY_S:
+            return
+        self.membership.confirmed(pod, Source.CALL, at, learn=self._on_lanes == 0)
+        self._sync_members(at, newest=pod)
+        if pod in self._known:
+            self._known[pod] = at
+
+    def _sync_members(
+        self, at: float, *, added: str = "calls", gone: str = "evidence", newest: str | None = None
+    ) -> None:
+        """Follow the model's live pods, with a pod event for each change; the lock is held.
+
+        Args:
+            at: the clock reading.
+            added: what told of pods new to this detector (for their events).
+            gone: what told of pods that left.
+            newest: a pod just seen, kept if the bound on known pods is hit.
+        """
+        membership = self.membership
+        version = membership.version
+        if version == self._members_version:
+            return
+        live = membership.live()
+        self._members_version = membership.version
+        known = self._known
+        if len(live) != len(known) or not known.keys() >= set(live):
+            counted = set(live)
+            for pod in [p for p in known if p not in counted]:
+                del known[pod]
+                self._from_probe.discard(pod)
+                self._pod_event("pod_gone", pod, gone, at)
+            for pod in live:
+                if pod not in known:
+                    known[pod] = at
+                    if added == "probe":
+                        self._from_probe.add(pod)
+                    self._pod_event("pod_added", pod, added, at)
+            self._facts += 1
+            if len(known) > self._max_known:
+                self._make_room(newest if newest is not None else live[-1], at)
 
     def _forget_stale_pods(self, now: float) -> None:
         self._facts += 1
-        horizon = now - self.config.known_pods_ttl_s
+        # Pods found gone are remembered as gone for a while only, and expected_pods is a hint
+        # that evidence may overrule (with one warning): with no pool asking for the count,
+        # this is where both are judged.
+        membership = self.membership
+        membership.count(now)
+        self._expected_counted = membership.expected() if self._expected is not None else None
+        for notice in membership.take_notices():
+            _log.warning("grpc_balance_mw: %s: %s", self.target, notice)
+        self._sync_members(now, added="lanes")  # what a balanced channel's pool found
+        ttl = self.config.known_pods_ttl_s
+        horizon = now - ttl
         for pod in [p for p, seen in self._known.items() if seen < horizon]:
-            del self._known[pod]
-            self._from_probe.discard(pod)
-            self._pod_event("pod_gone", pod, "ttl", now)
+            confirmed = membership.seen_since(pod)  # a pool's checks may have, since
+            if confirmed is not None and confirmed >= horizon:
+                self._known[pod] = confirmed
+            else:
+                membership.forget(pod, f"not confirmed for {ttl:g} s (known_pods_ttl_s)")
+        self._sync_members(now, gone="ttl")
         horizon = now - self.config.window_s
         for lane in [lane for lane in self._lanes if lane.last_at < horizon]:
             del self._lanes[lane]
 
     def _make_room(self, newest: str, now: float) -> None:
-        """More than ``max_known_pods`` are known: forget the stale ones, and if that is not
-        enough, the half seen longest ago (``newest``, just seen, stays). Dropping half at once
+        """More than ``max_known_pods`` are known: forget the half seen longest ago
+        (``newest``, just seen, stays). Dropping half at once
         keeps the sort's cost O(log n) per pod learned however many a server makes up."""
-        self._forget_stale_pods(now)
         known = self._known
-        if len(known) <= self._max_known:
-            return
         keep = max(self._max_known // 2, 1)
         kept = dict(sorted(known.items(), key=lambda item: item[1], reverse=True)[:keep])
         kept[newest] = now
+        for pod in known.keys() - kept.keys():
+            self.membership.forget(pod, "more pods than max_known_pods")
+        self._members_version = self.membership.version
         self._known = kept
         self._known_dropped += len(known) - len(kept)
         self._from_probe &= kept.keys()
@@ -757,6 +844,8 @@ class AffinityDetector:
         return (window.version, self._connections.version, self._facts, self._state)
 
     def _judge(self, now: float, lane: LaneEvidence | None = None) -> Transition | None:
+        if self.membership.version != self._members_version:  # a pool's evidence
+            self._sync_members(now, added="lanes")
         if now >= self._next_prune:
             self._next_prune = now + _PRUNE_EVERY_S
             self._forget_stale_pods(now)
@@ -822,6 +911,7 @@ class AffinityDetector:
         at = self._clock() if now is None else now
         with self._lock:
             self._judge_counted()
+            self._sync_members(at, added="lanes")
             self._expire(at)
             return self._snapshot(at)
 

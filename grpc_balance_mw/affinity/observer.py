@@ -18,6 +18,9 @@ from grpc_balance_mw.affinity.state import Transition
 from grpc_balance_mw.errors import MalformedPodHeader
 from grpc_balance_mw.identity import DEFAULT_POD_HEADERS, IDENTITY_HEADERS, pod_name_from_metadata
 
+#: ``grpc.StatusCode.UNAVAILABLE``'s number (this module imports no grpc).
+UNAVAILABLE = 14
+
 #: Response headers by which Envoy shows it balanced the call itself (per request, at L7).
 ENVOY_TIME_HEADER = "x-envoy-upstream-service-time"
 _WATCHED = frozenset((*IDENTITY_HEADERS, ENVOY_TIME_HEADER, "server"))
@@ -244,6 +247,8 @@ class ObservedCall:
             lane=self.lane,
         )
         telemetry.call_finished(self, code, transition)
+        if code == UNAVAILABLE and reading.pod is None:
+            observer.detector.unavailable(self.lane, now=now)
         if observer.probe is not None:
             observer.probe.maybe_probe(now)
         return transition
@@ -380,6 +385,18 @@ class CallObserver:
         if self.probe is not None:
             self.probe.maybe_probe(now)
         return reading
+
+    def unavailable(
+        self,
+        initial: Metadata | None,
+        trailing: Metadata | None,
+        lane: LaneEvidence | None = None,
+    ) -> None:
+        """A call on ``lane`` (default: this observer's own) failed UNAVAILABLE: unless a pod
+        named the response (it answered, so it is there), the lane's connection was refused or
+        dropped, gone evidence for its pod (``AffinityDetector.unavailable``)."""
+        if self.read_pod(initial, trailing).pod is None:
+            self.detector.unavailable(lane if lane is not None else self.lane_evidence)
 
     def count_unary(self, initial: Metadata | None, trailing: Metadata | None) -> None:
         """``count(None, False, initial, trailing)``: a unary-unary call on this observer's own

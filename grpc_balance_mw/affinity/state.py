@@ -139,9 +139,13 @@ class PodEvent:
         kind: ``pod_added``, ``pod_gone``, ``pod_ejected`` or ``pod_returned``.
         target: the detector's target.
         pod: the pod's name.
-        source: what told: ``calls``, ``probe``, ``dns`` (a probe round that dialed every address
-            of the DNS answer), ``ttl`` (not seen for ``known_pods_ttl_s``) or
-            ``outlier_detection``.
+        source: what told. Added: ``calls``, ``probe``, ``lanes`` (a balanced channel's pool,
+            which shares the detector's membership model). Gone: ``dns`` (a probe round that
+            dialed every address of the DNS answer), ``probe`` (a probe round's fresh
+            connections kept missing it), ``unavailable`` (calls on its connection failed
+            UNAVAILABLE naming no pod), ``evidence`` (the pool's: NOT_SERVING, unanswered
+            checks, scouts that kept missing it) or ``ttl`` (unconfirmed for
+            ``known_pods_ttl_s``). Ejected and returned: ``outlier_detection``.
         at: the detector's clock when it happened.
     """
 

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from grpc_balance_mw._routing import MethodSpec, channel_method
-from grpc_balance_mw.affinity.observer import CallObserver
+from grpc_balance_mw.affinity.observer import UNAVAILABLE, CallObserver
 from grpc_balance_mw.aio._grpcio import (
     append_interceptors,
     has_interceptors,
@@ -64,11 +64,15 @@ class _Observed(ObservedMethod):
         when_ended(call, observed.finish)
         return call
 
-    def _count_unary(self, initial: Any, trailing: Any, _code: int | None) -> None:
+    def _count_unary(self, initial: Any, trailing: Any, code: int | None) -> None:
         self._observer.count_unary(initial, trailing)
+        if code == UNAVAILABLE:
+            self._observer.unavailable(initial, trailing)
 
-    def _count(self, started: float, initial: Any, trailing: Any, _code: int | None) -> None:
+    def _count(self, started: float, initial: Any, trailing: Any, code: int | None) -> None:
         self._observer.count(started, self._stream, initial, trailing)
+        if code == UNAVAILABLE:
+            self._observer.unavailable(initial, trailing)
 
 
 class _UnaryRequest(_Observed, UnaryRequestMethod):

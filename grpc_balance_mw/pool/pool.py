@@ -642,6 +642,17 @@ class LanePool:
             self._picks_at_plan = self._picks
             return plan
 
+    def share_membership(self, membership: Membership) -> None:
+        """Keep the target's pods in ``membership``, the model the target's affinity detector
+        judges from (``AffinityDetector.membership``), so the pool and the detector count the
+        same pods from both their evidence: the pool's checks and scouts, the detector's calls
+        and probe rounds."""
+        with self._lock:
+            membership.forget_gone_s = self.config.pod_ttl_s
+            if self.config.expected_pods is not None:
+                membership.expect(self.config.expected_pods)
+            self.membership = membership
+
     def checked(self, lane: Lane, result: CheckResult, now: float | None = None) -> None:
         """Report a health check of ``lane`` (a new lane's first, or an active lane's)."""
         now = self.clock() if now is None else now
