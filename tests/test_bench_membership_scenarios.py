@@ -13,7 +13,9 @@ import pytest
 from conftest import require
 from test_bench import FIELDS, bench, bench_entries
 
-from grpc_balance_mw.cli.bench import sliding_windows, window
+from grpc_balance_mw.cli import bench_membership
+from grpc_balance_mw.cli.bench import Settings, sliding_windows, window
+from grpc_balance_mw.cli.strategies import Result
 from grpc_balance_mw.testing import missing_components
 
 CLIENT_IP_CAUSES = {"same_pod_every_connection", "one_pod_or_client_ip"}
@@ -38,6 +40,18 @@ def test_sliding_windows_join_consecutive_windows_at_their_step() -> None:
     assert joined[0]["max_share_over_fair"] == 1.8  # 6 of 10 calls where 3 pods share
     assert sliding_windows(short, 20.0, 3) == []  # the run was shorter than one window
     assert sliding_windows(short, 5.0, 3) == short
+
+
+def test_client_ip_is_left_out_with_a_note_where_iptables_cannot_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reason = "needs root for network namespaces and iptables"
+    monkeypatch.setattr(bench_membership, "missing_components", lambda **_kinds: [reason])
+    results = bench_membership.client_ip(Settings(strategies=("plain", "balanced")))
+    assert [r.as_json() for r in results] == [
+        Result("client-ip", name, note=f"left out: {reason}").as_json()
+        for name in ("plain", "balanced")
+    ]
 
 
 @pytest.fixture(scope="module")
