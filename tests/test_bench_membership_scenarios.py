@@ -1,12 +1,15 @@
 """``grpc-balance bench``'s membership scenarios (issue 21), through the command as a user runs
 it, shortened: ``client-ip`` (kube-proxy's iptables with sessionAffinity ClientIP),
 ``unidentified`` (pods that stamp no identity; spread from the pods' own counts) and
-``defaults`` (no options at all). Each strategy has a cluster of its own. What is asserted is
+``defaults`` (no options at all), for the sync and the ``grpc.aio`` forms of the observed and
+the balanced channel. Each strategy has a cluster of its own. What is asserted is
 what the entries must say on any machine; the figures against issue 21's targets come from
 full runs (docs/benchmarks.md), not from tests."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -54,15 +57,34 @@ def test_client_ip_is_left_out_with_a_note_where_iptables_cannot_run(
     ]
 
 
-@pytest.fixture(scope="module")
-def client_ip() -> dict[str, dict[str, Any]]:
+def test_aio_strategies_run_in_the_membership_scenarios_only() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "grpc_balance_mw.cli", "bench", "--scenario", "steady",
+         "--strategy", "aio-balanced"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1 and done.stdout == "", done
+    assert done.stderr.strip().endswith(
+        "run in client-ip, unidentified, defaults only, not in steady"
+    )
+
+
+#: The sync and the grpc.aio forms of the observing strategies: a strategy's name in each.
+FLAVOURS = {"sync": "", "aio": "aio-"}
+
+
+@pytest.fixture(scope="module", params=list(FLAVOURS))
+def client_ip(request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
+    """The client-ip entries of the observed and the balanced channel, by their sync names."""
     missing = missing_components(service="iptables")
     require(not missing, "; ".join(missing))
-    return bench(
+    prefix = FLAVOURS[request.param]
+    entries = bench(
         "--scenario", "client-ip", "--client-ip-s", "8",
-        "--strategy", "interceptors", "--strategy", "balanced",
+        "--strategy", f"{prefix}interceptors", "--strategy", f"{prefix}balanced",
         timeout=240,
     )  # fmt: skip
+    return {name.removeprefix(prefix): entry for name, entry in entries.items()}
 
 
 @pytest.mark.cluster
@@ -102,13 +124,14 @@ def test_client_ip_the_balanced_channel_stops_redialling(
 @pytest.mark.cluster
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_unidentified_windows_from_the_pods_own_counts() -> None:
+@pytest.mark.parametrize("balanced", ["balanced", "aio-balanced"])
+def test_unidentified_windows_from_the_pods_own_counts(balanced: str) -> None:
     entries = bench(
         "--scenario", "unidentified", "--long-window-s", "10",
-        "--strategy", "plain", "--strategy", "balanced",
+        "--strategy", "plain", "--strategy", balanced,
         timeout=240,
     )  # fmt: skip
-    assert list(entries) == ["plain", "balanced"]
+    assert list(entries) == ["plain", balanced]
     for name, entry in entries.items():
         assert set(entry) >= FIELDS | {"long_windows", "max_long_window_share"}, name
         assert entry["name"] == "unidentified" and entry["errors"] == 0, entry
@@ -126,22 +149,25 @@ def test_unidentified_windows_from_the_pods_own_counts() -> None:
         assert entry["max_long_window_share"] == max(shares)
     assert entries["plain"]["max_long_window_share"] == 3.0  # one connection, one pod
     assert entries["plain"]["unidentified_call"] is None  # nothing observes it
-    balanced = entries["balanced"]
-    assert balanced["cause"] == "unidentified" and balanced["alarm"] == "unidentified"
-    assert 1 <= balanced["unidentified_call"] <= 50, balanced  # issue 21: within 50 calls
-    assert balanced["connections_dialled"] >= 3, balanced
+    entry = entries[balanced]
+    assert entry["cause"] == "unidentified" and entry["alarm"] == "unidentified"
+    assert 1 <= entry["unidentified_call"] <= 50, entry  # issue 21: within 50 calls
+    assert entry["connections_dialled"] >= 3, entry
 
 
 @pytest.mark.cluster
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_defaults_the_alarm_and_rebalance_with_no_options() -> None:
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_defaults_the_alarm_and_rebalance_with_no_options(flavour: str) -> None:
+    prefix = FLAVOURS[flavour]
     entries: dict[Any, dict[str, Any]] = {}
     for entry in bench_entries(
-        "--scenario", "defaults", "--strategy", "interceptors", "--strategy", "balanced",
+        "--scenario", "defaults",
+        "--strategy", f"{prefix}interceptors", "--strategy", f"{prefix}balanced",
         timeout=240,
     ):  # fmt: skip
-        entries[entry["strategy"], entry.get("variant")] = entry
+        entries[entry["strategy"].removeprefix(prefix), entry.get("variant")] = entry
     assert list(entries) == [
         ("interceptors", None),
         ("interceptors", "rebalance"),

@@ -48,6 +48,9 @@ STRATEGIES = (
     "balanced",
     "balanced-predial",
 )
+#: The ``grpc.aio`` forms of the observing strategies: the membership scenarios only.
+AIO_STRATEGIES = ("aio-interceptors", "aio-balanced")
+MEMBERSHIP_SCENARIOS = ("client-ip", "unidentified", "defaults")
 #: Top-level packages a subcommand may lack on a plain install, and their distributions.
 _OPTIONAL = {
     "opentelemetry.sdk": "opentelemetry-sdk",
@@ -264,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--strategy",
         action="append",
-        choices=STRATEGIES,
-        help="run only this strategy (repeat for more); default: all",
+        choices=(*STRATEGIES, *AIO_STRATEGIES),
+        help="run only this strategy (repeat for more); default: all sync ones (the aio-* "
+        "forms: client-ip, unidentified and defaults only)",
     )
     bench.add_argument(
         "--surge",

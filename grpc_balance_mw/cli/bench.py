@@ -65,7 +65,7 @@ from typing import Any
 
 import grpc
 
-from grpc_balance_mw.cli import BENCH_SCENARIOS
+from grpc_balance_mw.cli import AIO_STRATEGIES, BENCH_SCENARIOS, MEMBERSHIP_SCENARIOS
 from grpc_balance_mw.cli.arguments import progress
 from grpc_balance_mw.cli.strategies import (
     MAX_AGE_S,
@@ -790,6 +790,13 @@ def run_scenarios(names: Sequence[str], settings: Settings) -> list[Result]:
     missing = missing_components(service=settings.l4)
     if missing:
         raise ConfigurationError("; ".join(missing))
+    aio = sorted(set(settings.strategies) & set(AIO_STRATEGIES))
+    other = [name for name in names if name not in MEMBERSHIP_SCENARIOS]
+    if aio and other:
+        raise ConfigurationError(
+            f"{', '.join(aio)} run in {', '.join(MEMBERSHIP_SCENARIOS)} only, not in "
+            f"{', '.join(other)}"
+        )
     results: list[Result] = []
     for name in names:
         began = time.monotonic()

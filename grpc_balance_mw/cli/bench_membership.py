@@ -1,7 +1,9 @@
 """``grpc-balance bench``'s membership scenarios: what the package learns of the pods behind a
 target when it is told nothing (issue 21). Each strategy gets a cluster of its own (3 pods), so
 the pods' counts are its calls alone, and is opened with default options: no ``expected_pods``,
-no probe or rebalance tuning.
+no probe or rebalance tuning. Besides the sync strategies, ``--strategy aio-interceptors`` and
+``--strategy aio-balanced`` run the ``grpc.aio`` forms (:mod:`grpc_balance_mw.cli.aio_strategies`)
+through the same loops.
 
 * ``client-ip``: kube-proxy's iptables Service with ``sessionAffinity: ClientIP`` (root and
   network namespaces; every entry is left out with a note where they are missing). Calls at 50/s
@@ -31,8 +33,8 @@ no probe or rebalance tuning.
   ``lanes_rotated``: of those, lanes replaced by rotation.
 
 * ``defaults``: ``DEFAULTS_CALLS`` (300) back-to-back calls per strategy from its first one,
-  on the L4 kind of ``--l4``; ``interceptors`` runs a second time as variant ``rebalance``:
-  ``observe(channel, rebalance=Rebalance(channel_factory(target)))``. ``alarm_call``: the
+  on the L4 kind of ``--l4``; ``interceptors`` (and ``aio-interceptors``) runs a second time as
+  variant ``rebalance``: ``observe(channel, rebalance=Rebalance(channel_factory(target)))``. ``alarm_call``: the
   call after which the detector first raised an alarm (pinned or skewed; null: none within the
   calls) and ``alarm_state`` that state; ``rebalanced_call`` (variant ``rebalance``): the call
   after which the calls had moved onto lanes; ``other_pod_call``: the first call a pod other
@@ -54,7 +56,9 @@ import grpc
 
 from grpc_balance_mw.affinity import AffinityRegistry, AffinityState
 from grpc_balance_mw.affinity.advice import Cause
+from grpc_balance_mw.aio import BalancedChannel as AioBalancedChannel
 from grpc_balance_mw.balanced import BalancedChannel, channel_factory
+from grpc_balance_mw.cli.aio_strategies import AIO_STRATEGIES, open_aio_strategy
 from grpc_balance_mw.cli.arguments import progress
 from grpc_balance_mw.cli.bench import (
     PODS,
@@ -77,7 +81,7 @@ from grpc_balance_mw.cli.strategies import (
     open_strategy,
     unavailable_strategies,
 )
-from grpc_balance_mw.observed_channel import ObservedChannel, observe
+from grpc_balance_mw.observed_channel import observe
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.pool import LanePool
 from grpc_balance_mw.rebalance import Rebalance
@@ -109,13 +113,14 @@ def alone(
         if name in unavailable:
             yield Result(scenario, name, note=f"left out: {unavailable[name]}")
             return
-        strategy = (
-            rebalancing(cluster)
-            if rebalance
-            else open_strategy(
+        if name in AIO_STRATEGIES:
+            strategy = open_aio_strategy(name, cluster, rebalance=rebalance)
+        elif rebalance:
+            strategy = rebalancing(cluster)
+        else:
+            strategy = open_strategy(
                 name, cluster, max_age_cluster=cluster if aged else None, expected_pods=None
             )
-        )
         try:
             yield strategy
         finally:
@@ -136,7 +141,8 @@ def rebalancing(cluster: LocalCluster) -> Opened:
 
 def pool_of(strategy: Opened) -> LanePool | None:
     """The balanced channel's pool, for the strategies that have one."""
-    return strategy.channel.pool if isinstance(strategy.channel, BalancedChannel) else None
+    channel: Any = strategy.channel
+    return channel.pool if isinstance(channel, (BalancedChannel, AioBalancedChannel)) else None
 
 
 def cause_of(strategy: Opened) -> str | None:
@@ -289,7 +295,7 @@ def defaults(settings: Settings) -> list[Result]:
     results = []
     for name in settings.strategies:
         results.append(_defaults(settings, name))
-        if name == "interceptors":
+        if name in ("interceptors", "aio-interceptors"):
             results.append(_defaults(settings, name, rebalance=True))
     return _in_order(results, settings)
 
@@ -305,9 +311,7 @@ def _defaults(settings: Settings, name: str, *, rebalance: bool = False) -> Resu
         figures: dict[str, Any] = {"alarm_call": None, "alarm_state": None, "other_pod_call": None}
         if rebalance:
             figures["rebalanced_call"] = None
-        rebalancer = (
-            strategy.channel.rebalancer if isinstance(strategy.channel, ObservedChannel) else None
-        )
+        rebalancer = getattr(strategy.channel, "rebalancer", None)
         samples: list[tuple[float, str]] = []
         latencies: list[float] = []
         strategy.cluster.reset_counts()
