@@ -57,6 +57,7 @@ def test_client_ip_is_left_out_with_a_note_where_iptables_cannot_run(
     ]
 
 
+@pytest.mark.slow  # a subprocess that imports grpc and the CLI
 def test_aio_strategies_run_in_the_membership_scenarios_only() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "grpc_balance_mw.cli", "bench", "--scenario", "steady",

@@ -34,12 +34,13 @@ through the same loops.
 
 * ``defaults``: ``DEFAULTS_CALLS`` (300) back-to-back calls per strategy from its first one,
   on the L4 kind of ``--l4``; ``interceptors`` (and ``aio-interceptors``) runs a second time as
-  variant ``rebalance``: ``observe(channel, rebalance=Rebalance(channel_factory(target)))``. ``alarm_call``: the
-  call after which the detector first raised an alarm (pinned or skewed; null: none within the
-  calls) and ``alarm_state`` that state; ``rebalanced_call`` (variant ``rebalance``): the call
-  after which the calls had moved onto lanes; ``other_pod_call``: the first call a pod other
-  than the first call's served. ``per_pod`` and ``max_share_over_fair``: every call, by the pods'
-  counts; ``windows``: 5 s from the first call, by the pod each response names.
+  variant ``rebalance``: ``observe(channel, rebalance=Rebalance(channel_factory(target)))``.
+  ``alarm_call``: the call after which the detector first raised an alarm (pinned or skewed;
+  null: none within the calls) and ``alarm_state`` that state; ``rebalanced_call`` (variant
+  ``rebalance``): the call after which the calls had moved onto lanes; ``other_pod_call``: the
+  first call a pod other than the first call's served. ``per_pod`` and
+  ``max_share_over_fair``: every call, by the pods' counts; ``windows``: 5 s from the first
+  call, by the pod each response names.
 
 Every loop is bounded in calls and in time: each strategy's run has a fixed length, the
 scenario's length is that times the strategies.
