@@ -67,7 +67,38 @@ TABLES: dict[str, tuple[str, list[Column]]] = {
             ("first message p50 ms", lambda e: e["p50_ms"], 2),
         ],
     ),
+    "client-ip": (
+        "ClientIP: iptables Service with sessionAffinity ClientIP, default options, 50 calls/s",
+        [
+            ("s to ClientIP named", lambda e: e.get("named_after_s"), 2),
+            ("connections dialled", lambda e: e.get("connections_dialled"), 0),
+            ("s to the last dial", lambda e: e.get("last_dial_s"), 1),
+            ("max share / fair", lambda e: e["max_share_over_fair"], 2),
+        ],
+    ),
+    "unidentified": (
+        "Unidentified: pods that stamp no identity, default options, 50 calls/s",
+        [
+            ("call of the warning", lambda e: e.get("unidentified_call"), 0),
+            ("max share / fair, any long window", lambda e: e.get("max_long_window_share"), 2),
+            ("connections dialled", lambda e: e.get("connections_dialled"), 0),
+        ],
+    ),
+    "defaults": (
+        "Defaults: no options at all, 300 back-to-back calls",
+        [
+            ("call of the alarm", lambda e: e.get("alarm_call"), 0),
+            ("call Rebalance moved at", lambda e: e.get("rebalanced_call"), 0),
+            ("max share / fair", lambda e: e["max_share_over_fair"], 2),
+        ],
+    ),
 }
+
+
+def _row(entry: Entry) -> str:
+    """A table row's name: the strategy, and its variant if it has one."""
+    variant = entry.get("variant")
+    return f"{entry['strategy']} ({variant})" if variant else str(entry["strategy"])
 
 
 def load(paths: Sequence[str]) -> list[dict[str, Any]]:
@@ -119,7 +150,7 @@ def render(documents: Sequence[dict[str, Any]]) -> str:
                 if entry["name"] == scenario and not str(entry.get("note", "")).startswith(
                     "left out"
                 ):
-                    rows.setdefault(entry["strategy"], []).append(entry)
+                    rows.setdefault(_row(entry), []).append(entry)
         if not rows:
             continue
         lines += ["", f"## {heading}", ""]

@@ -34,6 +34,11 @@ FIELDS = {
 
 def bench(*args: str, timeout: float = 120) -> dict[str, dict[str, Any]]:
     """Run the command as a user does; its entries by strategy."""
+    return {entry["strategy"]: entry for entry in bench_entries(*args, timeout=timeout)}
+
+
+def bench_entries(*args: str, timeout: float = 120) -> list[dict[str, Any]]:
+    """Run the command as a user does; its entries in order."""
     done = subprocess.run(
         [sys.executable, "-m", "grpc_balance_mw.cli", "bench", "--json", *args],
         capture_output=True,
@@ -47,7 +52,8 @@ def bench(*args: str, timeout: float = 120) -> dict[str, dict[str, Any]]:
     assert document["schema"] == 1
     assert document["settings"]["calls"] > 0 and document["settings"]["strategies"]
     assert "scenario" in done.stderr  # progress goes to stderr
-    return {entry["strategy"]: entry for entry in document["scenarios"]}
+    entries: list[dict[str, Any]] = document["scenarios"]
+    return entries
 
 
 def test_steady_every_strategy_with_the_pods_own_counts() -> None:

@@ -67,3 +67,19 @@ def test_docs_benchmarks_md_is_generated_from_the_checked_in_runs() -> None:
         "docs/benchmarks.md is stale: python scripts/benchmarks_doc.py docs/bench/*.json"
         " > docs/benchmarks.md"
     )
+
+
+def test_a_variant_has_a_row_of_its_own(tmp_path: Path) -> None:
+    """``defaults`` runs the observed channel twice, once with Rebalance: two rows, not one."""
+    document = _document(1.0, 1.0)
+    document["scenarios"] = [
+        {"name": "defaults", "strategy": "interceptors", "max_share_over_fair": 3.0,
+         "alarm_call": 29},
+        {"name": "defaults", "strategy": "interceptors", "variant": "rebalance",
+         "max_share_over_fair": 1.3, "alarm_call": 31, "rebalanced_call": 40},
+    ]  # fmt: skip
+    done = _render(tmp_path, document)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if "| `" in line}
+    assert rows["`interceptors`"].endswith("| 29 | - | 3.00 |")
+    assert rows["`interceptors (rebalance)`"].endswith("| 31 | 40 | 1.30 |")

@@ -28,7 +28,17 @@ __all__ = ["build_parser", "main"]
 #: The extra that brings what each subcommand imports beyond the core install.
 EXTRAS = {"demo": "demo", "overhead": "bench", "doctor": "cli", "bench": "bench"}
 #: ``bench``'s choices, here so that ``--help`` and usage errors import nothing optional.
-BENCH_SCENARIOS = ("steady", "scale-up", "surge", "pod-kill", "streaming", "scale-down")
+BENCH_SCENARIOS = (
+    "steady",
+    "scale-up",
+    "surge",
+    "pod-kill",
+    "streaming",
+    "scale-down",
+    "client-ip",
+    "unidentified",
+    "defaults",
+)
 STRATEGIES = (
     "plain",
     "dial-per-request",
@@ -39,6 +49,9 @@ STRATEGIES = (
     "balanced",
     "balanced-predial",
 )
+#: The ``grpc.aio`` forms of the observing strategies: the membership scenarios only.
+AIO_STRATEGIES = ("aio-interceptors", "aio-balanced")
+MEMBERSHIP_SCENARIOS = ("client-ip", "unidentified", "defaults")
 #: Top-level packages a subcommand may lack on a plain install, and their distributions.
 _OPTIONAL = {
     "opentelemetry.sdk": "opentelemetry-sdk",
@@ -216,12 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="one JSON document on stdout")
     bench = commands.add_parser(
         "bench",
-        help="every strategy side by side under steady load, scale-up, surge, pod kill, streams",
+        help="every strategy side by side under steady load, faults, scale events and what "
+        "the package learns of the pods with default options",
         description="Runs each strategy (plain channel, dial-per-request, headless round_robin, "
         "server max-age, L7 proxy, observed channel, balanced channel, fallback with predial) "
         "against the local cluster, interleaved, and reports calls, errors, calls per pod (the "
         "pods' own counts), max share over fair share, p50/p99 and the affinity alarm. "
-        "--scenario all takes a few minutes.",
+        "client-ip, unidentified and defaults give each strategy a cluster of its own and "
+        "no options (see the module grpc_balance_mw.cli.bench_membership). --scenario all "
+        "takes about 40 minutes.",
     )
     bench.add_argument(
         "--scenario", choices=(*BENCH_SCENARIOS, "all"), default="steady", help="default: steady"
@@ -252,8 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--strategy",
         action="append",
-        choices=STRATEGIES,
-        help="run only this strategy (repeat for more); default: all",
+        choices=(*STRATEGIES, *AIO_STRATEGIES),
+        help="run only this strategy (repeat for more); default: all sync ones (the aio-* "
+        "forms: client-ip, unidentified and defaults only)",
     )
     bench.add_argument(
         "--surge",
@@ -266,6 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=bounded_float(1.0, 120.0),
         default=10.0,
         help="scale-up: how long to wait for a new pod's first call (1..120)",
+    )
+    bench.add_argument(
+        "--client-ip-s",
+        type=bounded_float(1.0, 600.0),
+        default=20.0,
+        help="client-ip: how long each strategy calls through the ClientIP Service (1..600)",
+    )
+    bench.add_argument(
+        "--long-window-s",
+        type=bounded_float(5.0, 600.0),
+        default=60.0,
+        help="unidentified: the long windows' length; each strategy calls for twice it (5..600)",
     )
     _add_simulate(commands)
     return parser

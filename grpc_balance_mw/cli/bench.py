@@ -29,6 +29,11 @@ Scenarios (``--scenario``, or ``all`` in this order):
   own counts, read every 5 s; ``per_pod`` and ``max_share_over_fair``: from 10 s after the
   event (what a channel settles to). The observing strategies are told no ``expected_pods``.
 
+* ``client-ip``, ``unidentified``, ``defaults``: what the package learns of the pods with default
+  options, each strategy on a cluster of its own: behind sessionAffinity ClientIP, from pods that
+  stamp no identity, and with no options at all. Their own fields are described in
+  :mod:`grpc_balance_mw.cli.bench_membership`.
+
 Every entry has ``"windows"``: ``[{"start_s", "end_s", "per_pod", "max_share_over_fair"}]``,
 5 s each, times relative to the scenario's event (the scale-up, the SIGKILL, the scale-down;
 negative: before it), fair shares over the pods alive in the window; empty for scenarios
@@ -38,7 +43,8 @@ without one event (steady, surge, streaming). From the pods' own counts in ``sca
 ``--json`` prints one document on stdout, ``{"schema": 1, "settings": {the run's settings},
 "scenarios": [{"name", "strategy", "calls", "errors", "error_codes", "per_pod",
 "max_share_over_fair", "p50_ms", "p99_ms", "alarm", "windows", "seconds_to_new_pod_traffic"
-(scale-up only), "variant" (scale-down only), "note" (if any)}, ...], "machine": {...}}``;
+(scale-up only), "variant" (scale-down and defaults), "note" (if any), and the membership
+scenarios' own fields}, ...], "machine": {...}}``;
 otherwise a table. Progress goes to stderr. Every loop is bounded in calls and in time.
 """
 
@@ -59,7 +65,7 @@ from typing import Any
 
 import grpc
 
-from grpc_balance_mw.cli import BENCH_SCENARIOS
+from grpc_balance_mw.cli import AIO_STRATEGIES, BENCH_SCENARIOS, MEMBERSHIP_SCENARIOS
 from grpc_balance_mw.cli.arguments import progress
 from grpc_balance_mw.cli.strategies import (
     MAX_AGE_S,
@@ -107,6 +113,8 @@ class Settings:
     surge: int = 48
     scale_wait_s: float = 10.0
     rate: float = 0.0
+    client_ip_s: float = 20.0
+    long_window_s: float = 60.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -118,6 +126,8 @@ class Settings:
             surge=args.surge,
             scale_wait_s=args.scale_wait_s,
             rate=args.rate,
+            client_ip_s=args.client_ip_s,
+            long_window_s=args.long_window_s,
         )
 
 
@@ -248,6 +258,23 @@ def windows_of(
     return [
         window(i * width, (i + 1) * width, buckets[i], pods(i * width)) for i in sorted(buckets)
     ]
+
+
+def sliding_windows(
+    windows: Sequence[dict[str, Any]], width: float, pods: int
+) -> list[dict[str, Any]]:
+    """Windows of ``width`` seconds made of consecutive ``windows`` (5 s each), one starting at
+    each of them: every span of that length the run had, at the short windows' step."""
+    count = max(1, round(width / WINDOW_S))
+    joined = []
+    for i in range(len(windows) - count + 1):
+        group = windows[i : i + count]
+        per_pod: dict[str, int] = {}
+        for entry in group:
+            for pod, calls in entry["per_pod"].items():
+                per_pod[pod] = per_pod.get(pod, 0) + calls
+        joined.append(window(group[0]["start_s"], group[-1]["end_s"], per_pod, pods))
+    return joined
 
 
 class PodCounts:
@@ -742,6 +769,15 @@ RUNNERS: dict[str, Callable[[Settings], list[Result]]] = {
 }
 
 
+def runner(name: str) -> Callable[[Settings], list[Result]]:
+    """The scenario's function (the membership scenarios live in a module of their own)."""
+    if name in RUNNERS:
+        return RUNNERS[name]
+    from grpc_balance_mw.cli import bench_membership
+
+    return bench_membership.RUNNERS[name]
+
+
 def _in_order(results: list[Result], settings: Settings) -> list[Result]:
     order = {name: i for i, name in enumerate(settings.strategies)}
     return sorted(results, key=lambda r: order.get(r.strategy, len(order)))
@@ -754,11 +790,18 @@ def run_scenarios(names: Sequence[str], settings: Settings) -> list[Result]:
     missing = missing_components(service=settings.l4)
     if missing:
         raise ConfigurationError("; ".join(missing))
+    aio = sorted(set(settings.strategies) & set(AIO_STRATEGIES))
+    other = [name for name in names if name not in MEMBERSHIP_SCENARIOS]
+    if aio and other:
+        raise ConfigurationError(
+            f"{', '.join(aio)} run in {', '.join(MEMBERSHIP_SCENARIOS)} only, not in "
+            f"{', '.join(other)}"
+        )
     results: list[Result] = []
     for name in names:
         began = time.monotonic()
         progress(f"scenario {name}")
-        results += RUNNERS[name](settings)
+        results += runner(name)(settings)
         progress(f"scenario {name}: done in {time.monotonic() - began:.1f} s")
     return results
 

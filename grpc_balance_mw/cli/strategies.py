@@ -81,6 +81,8 @@ class Result:
     note: str | None = None
     variant: str | None = None
     windows: list[dict[str, Any]] = field(default_factory=list)
+    #: A scenario's own figures, entries of the document beside the common fields.
+    figures: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -89,7 +91,7 @@ class Result:
                 del data[optional]
         if self.name != "scale-up":
             del data["seconds_to_new_pod_traffic"]
-        return data
+        return {**data.pop("figures"), **data}
 
     def count(self, served: dict[str, int]) -> None:
         for pod, calls in served.items():
