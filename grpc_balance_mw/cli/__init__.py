@@ -34,6 +34,7 @@ BENCH_SCENARIOS = (
     "surge",
     "pod-kill",
     "streaming",
+    "gray-failure",
     "scale-down",
     "client-ip",
     "unidentified",

@@ -22,13 +22,13 @@ Scenarios (``--scenario``, or ``all`` in this order):
   run, and short server streams opened every 0.25 s, while the cluster goes 3 -> 5 -> 3 pods.
   ``calls``: streams opened; ``errors``: streams that failed; ``per_pod``: streams per pod;
   ``p50_ms``/``p99_ms``: time to the first message.
-
+* ``gray-failure``: ``steady`` with pod 1 answering UNAVAILABLE to every call while its health
+  check says SERVING (a bad config, a broken dependency); ``errors`` per strategy.
 * ``scale-down``: per strategy and variant a cluster of its own, 4 pods, calls at 100/s from
   one thread; after 5 s the newest pod leaves (variant ``graceful``: ``cluster.scale(3)``, a
   SIGTERM and drain; ``sigkill``: SIGKILL), and the calls go on for 30 s. Spread from the pods'
   own counts, read every 5 s; ``per_pod`` and ``max_share_over_fair``: from 10 s after the
   event (what a channel settles to). The observing strategies are told no ``expected_pods``.
-
 * ``client-ip``, ``unidentified``, ``defaults``: what the package learns of the pods with default
   options, each strategy on a cluster of its own: behind sessionAffinity ClientIP, from pods that
   stamp no identity, and with no options at all. Their own fields are described in
@@ -312,17 +312,31 @@ class PodCounts:
 
 
 def steady(settings: Settings) -> list[Result]:
+    return _steady(settings, "steady")
+
+
+#: The gray-failure scenario's failing pod (by ordinal) and its status.
+GRAY_FAILURE = {1: "UNAVAILABLE"}
+
+
+def gray_failure(settings: Settings) -> list[Result]:
+    """``steady`` with one pod answering UNAVAILABLE to every call while its health check
+    says SERVING: the balanced channel ejects it (outlier detection); errors per strategy."""
+    return _steady(settings, "gray-failure", fail_with=GRAY_FAILURE)
+
+
+def _steady(settings: Settings, scenario: str, **pod_settings: Any) -> list[Result]:
     results: list[Result] = []
     with (
-        clusters(settings, settings.strategies) as (cluster, aged),
-        opened_strategies(settings, cluster, aged, results, "steady") as opened,
+        clusters(settings, settings.strategies, **pod_settings) as (cluster, aged),
+        opened_strategies(settings, cluster, aged, results, scenario) as opened,
     ):
-        by_name = {s.strategy: Result("steady", s.strategy) for s in opened}
+        by_name = {s.strategy: Result(scenario, s.strategy) for s in opened}
         latencies: dict[str, list[float]] = {s.strategy: [] for s in opened}
         rounds = min(settings.rounds, settings.calls)
         limit = time.monotonic() + SCENARIO_LIMIT_S
         for number in range(rounds):
-            progress(f"steady: round {number + 1}/{rounds}")
+            progress(f"{scenario}: round {number + 1}/{rounds}")
             calls = settings.calls // rounds + (number < settings.calls % rounds)
             for strategy in _turned(opened, number):
                 result = by_name[strategy.strategy]
@@ -766,6 +780,7 @@ RUNNERS: dict[str, Callable[[Settings], list[Result]]] = {
     "pod-kill": pod_kill,
     "streaming": streaming,
     "scale-down": scale_down,
+    "gray-failure": gray_failure,
 }
 
 
