@@ -129,7 +129,7 @@ def test_ctrl_c_stops_cleanly_with_130() -> None:
     )
     try:
         assert process.stderr is not None
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 240  # a hang guard: warming up is slow on a busy machine
         while "round 1/" not in process.stderr.readline():  # measuring has begun
             assert time.monotonic() < deadline and process.poll() is None
         process.send_signal(signal.SIGINT)
