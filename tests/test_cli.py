@@ -129,11 +129,11 @@ def test_ctrl_c_stops_cleanly_with_130() -> None:
     )
     try:
         assert process.stderr is not None
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 240  # a hang guard: warming up is slow on a busy machine
         while "round 1/" not in process.stderr.readline():  # measuring has begun
             assert time.monotonic() < deadline and process.poll() is None
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=30)
+        out, err = process.communicate(timeout=120)  # a hang guard too
     finally:
         if process.poll() is None:
             process.kill()
