@@ -377,7 +377,9 @@ def test_tls_credentials_are_used_for_every_redial(tls_pod: tuple[str, bytes], m
         credentials=grpc.ssl_channel_credentials(root_certificates=cert),
         options=[("grpc.ssl_target_name_override", "localhost")],
         rotation=rotate_after_calls(5),
-        pool_config=PoolConfig(min_lanes=2, scout_interval_s=None),
+        # One pod: without a large affinity_dials the pool would find every fresh connection
+        # on it ("one pod or ClientIP") and stop redialling, rotations included.
+        pool_config=PoolConfig(min_lanes=2, scout_interval_s=None, affinity_dials=1000),
     )
 
 

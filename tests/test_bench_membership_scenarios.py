@@ -109,11 +109,6 @@ def test_client_ip_is_named_with_default_options(client_ip: dict[str, dict[str, 
 @pytest.mark.cluster
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 21: with default options the balanced channel never names ClientIP (one pod "
-    "known) and keeps dialling scouts; remove this mark when the pool stops within 20",
-)
 def test_client_ip_the_balanced_channel_stops_redialling(
     client_ip: dict[str, dict[str, Any]],
 ) -> None:

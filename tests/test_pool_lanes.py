@@ -8,6 +8,7 @@ import random
 import pytest
 from pool_fakes import FakeClock, KubeProxy, active_pods, call, run, scripted, settle
 
+from grpc_balance_mw.affinity.advice import VOICES, Cause, cause_of_stuck
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.pool import (
     CheckResult,
@@ -176,6 +177,36 @@ def test_session_affinity_is_recognised_and_redialling_stops() -> None:
         run(lanes, anywhere, now=now)
         now += 0.5
     assert lanes.stuck is None and "pod-2" in active_pods(lanes)
+
+
+def test_one_pod_or_client_ip_with_no_pod_count_stops_redialling_within_20_dials() -> None:
+    """Default options behind ClientIP (or one ready pod): no other pod is ever known, yet the
+    fresh connections that all land on one pod say redialling cannot help."""
+    lanes = pool(PoolConfig(scout_interval_s=0.25))
+    always = scripted(["pod-1"] * 1000)
+    now = 0.0
+    for _ in range(40):
+        run(lanes, always, now=now)
+        now += 0.25
+        if lanes.stuck is not None:
+            break
+    stuck = lanes.stuck
+    assert stuck is not None and stuck.cause == "one-pod-or-client-ip", lanes
+    assert cause_of_stuck(stuck.cause) is Cause.ONE_POD_OR_CLIENT_IP
+    assert VOICES[Cause.ONE_POD_OR_CLIENT_IP].cause in stuck.message
+    assert "no other pod is known" in stuck.message
+    assert lanes.dials <= 20, lanes.dials
+    dials = lanes.dials
+    for _ in range(80):  # 20 s: nothing dialled
+        run(lanes, always, now=now)
+        now += 0.25
+    assert lanes.dials == dials
+    # A scale-up of a one-pod Service: the recheck scout (every 30 s) that finds another pod.
+    anywhere = scripted(itertools.cycle(["pod-2", "pod-0", "pod-1"]))
+    for _ in range(160):
+        run(lanes, anywhere, now=now)
+        now += 0.25
+    assert lanes.stuck is None and len(set(active_pods(lanes))) >= 2, lanes
 
 
 def test_an_l7_proxy_stops_rotation() -> None:

@@ -153,7 +153,11 @@ VOICES: Mapping[Cause, Voice] = MappingProxyType(
 
 #: The balanced channel's ``Stuck.cause`` values, read as the table's causes.
 STUCK_CAUSES: Mapping[str, Cause] = MappingProxyType(
-    {"session-affinity": Cause.CLIENT_IP, "l7-proxy": Cause.PER_REQUEST}
+    {
+        "session-affinity": Cause.CLIENT_IP,
+        "one-pod-or-client-ip": Cause.ONE_POD_OR_CLIENT_IP,
+        "l7-proxy": Cause.PER_REQUEST,
+    }
 )
 
 

@@ -10,9 +10,10 @@ through the same loops.
   for ``--client-ip-s`` (20 s). Beside the common fields:
 
   - ``named_after_s``: seconds from the channel's first call to the package naming ClientIP
-    (null: not within the run): the pool stuck on ``session-affinity``, or the detector's cause
-    ``same_pod_every_connection`` or ``one_pod_or_client_ip`` (with no pod but one ever seen,
-    nothing a client sees tells ClientIP from one pod: that cause says both);
+    (null: not within the run): the pool stuck on ``session-affinity`` or
+    ``one-pod-or-client-ip``, or the detector's cause ``same_pod_every_connection`` or
+    ``one_pod_or_client_ip`` (with no pod but one ever seen, nothing a client sees tells
+    ClientIP from one pod: that cause says both);
     ``named_by``: ``"pool"`` or ``"detector"``; ``named_cause``: the cause's name;
     ``named_after_calls``: calls made by then;
   - ``connections_dialled``: fresh connections the balanced channel's pool dialled over the run
@@ -152,7 +153,7 @@ def cause_of(strategy: Opened) -> str | None:
 
 def naming(strategy: Opened, pool: LanePool | None) -> tuple[str, str] | None:
     """(who, cause) if the pool or the detector names ClientIP affinity now."""
-    if pool is not None and pool.stuck is not None and pool.stuck.cause == "session-affinity":
+    if pool is not None and pool.stuck is not None and pool.stuck.cause != "l7-proxy":
         return "pool", pool.stuck.cause
     cause = cause_of(strategy)
     if cause in CLIENT_IP_CAUSES:

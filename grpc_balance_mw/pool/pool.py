@@ -69,6 +69,9 @@ __all__ = [
 ]
 
 Clock = Callable[[], float]
+#: Stuck causes where every fresh connection reaches one pod; a scout that reaches another ends
+#: them.
+_SAME_POD = frozenset({"session-affinity", "one-pod-or-client-ip"})
 #: Reasons that mean a lane is broken, not merely due: these still rotate while stuck.
 _BROKEN = frozenset({"unavailable", "pod down"})
 #: Failed dials back off up to this. Low, because it is also how long after an outage ends (the
@@ -172,7 +175,9 @@ class PoolConfig:
             :mod:`grpc_balance_mw._membership`; :attr:`LanePool.membership`).
         affinity_dials: this many fresh connections in a row reaching one pod while more pods are
             known means Service sessionAffinity (16: with 2 random pods that happens by chance
-            once in 32,768 runs of 16 dials).
+            once in 32,768 runs of 16 dials); with no other pod known, it means one ready pod or
+            ClientIP hiding the others. Either way redialling stops (a scout every
+            ``stuck_recheck_s`` looks again: a scale-up of a one-pod Service is found then).
         stuck_recheck_s: while stuck, one scout this often checks whether that is still so.
         unanswered_checks: an active lane whose health checks go unanswered this many times in
             a row (its pod accepts connections but hangs: stopped, deadlocked, out of threads) is
@@ -289,8 +294,10 @@ class Stuck:
     """Rotation cannot spread the calls; the adapters warn with :attr:`message`.
 
     Attributes:
-        cause: ``"session-affinity"`` or ``"l7-proxy"``.
-        pod: the pod every fresh connection reached (session affinity).
+        cause: ``"session-affinity"`` (every fresh connection reached one pod while more are
+            known), ``"one-pod-or-client-ip"`` (the same with no other pod known: one ready
+            pod, or ClientIP affinity hiding the others) or ``"l7-proxy"``.
+        pod: the pod every fresh connection reached.
         dials: fresh connections in a row that reached it.
         known_pods: pods known to exist at the time.
         since: when it was recognised (the pool's clock).
@@ -308,6 +315,11 @@ class Stuck:
         voice = VOICES[cause_of_stuck(self.cause)]
         if self.cause == "l7-proxy":
             seen = "the balanced channel stops rotating lanes (they cannot help and are not needed)"
+        elif self.cause == "one-pod-or-client-ip":
+            seen = (
+                f"{self.dials} fresh connections in a row reached pod {self.pod} and no other "
+                "pod is known; redialling stops"
+            )
         else:
             seen = (
                 f"{self.dials} fresh connections in a row reached pod {self.pod} while "
@@ -1134,14 +1146,18 @@ class LanePool:
     def _note_dial(self, pod: str, now: float) -> None:
         recent = self._recent
         recent.append(pod)
-        if self.stuck is not None and self.stuck.cause == "session-affinity":
+        if self.stuck is not None and self.stuck.cause in _SAME_POD:
             if pod != self.stuck.pod:
                 self.stuck = None
                 recent.clear()
             return
-        known = self._known()
-        if len(recent) == recent.maxlen and len(set(recent)) == 1 and known >= 2:
-            self._set_stuck(Stuck("session-affinity", pod, len(recent), known, now))
+        if len(recent) == recent.maxlen and len(set(recent)) == 1:
+            # Every fresh connection on one pod. Other pods known: the Service's ClientIP
+            # affinity. None known: one ready pod, or ClientIP hiding the others; a client
+            # cannot tell which, and either way another connection would land there too.
+            known = self._known()
+            cause = "session-affinity" if known >= 2 else "one-pod-or-client-ip"
+            self._set_stuck(Stuck(cause, pod, len(recent), known, now))
 
     def _pod_down(self, pod: str, now: float, cause: str = "not serving") -> None:
         self.membership.gone(pod, cause, now)
