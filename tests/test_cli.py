@@ -235,10 +235,10 @@ def test_ctrl_c_in_the_demo_stops_the_local_cluster() -> None:
 def test_bench_says_what_its_service_lacks_in_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from grpc_balance_mw.cli import bench
+    from grpc_balance_mw.cli import bench_command
 
     reason = "haproxy is not installed (Debian package: haproxy)"
-    monkeypatch.setattr(bench, "missing_components", lambda **kwargs: [reason])
+    monkeypatch.setattr(bench_command, "missing_components", lambda **kwargs: [reason])
     assert main(["bench", "--l4", "haproxy"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err.splitlines() == [f"grpc-balance: error: {reason}"]

@@ -27,6 +27,8 @@ __all__ = ["build_parser", "main"]
 
 #: The extra that brings what each subcommand imports beyond the core install.
 EXTRAS = {"demo": "demo", "overhead": "bench", "doctor": "cli", "bench": "bench"}
+#: Subcommands whose ``run(args)`` lives in a module not named after them.
+_COMMAND_MODULES = {"bench": "bench_command"}
 #: ``bench``'s choices, here so that ``--help`` and usage errors import nothing optional.
 BENCH_SCENARIOS = (
     "steady",
@@ -370,7 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         try:
-            module = importlib.import_module(f"grpc_balance_mw.cli.{args.command}")
+            name = _COMMAND_MODULES.get(args.command, args.command)
+            module = importlib.import_module(f"grpc_balance_mw.cli.{name}")
         except ModuleNotFoundError as exc:
             dist = next((d for p, d in _OPTIONAL.items() if (exc.name or "").startswith(p)), None)
             if dist is None:

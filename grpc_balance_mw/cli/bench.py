@@ -52,11 +52,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import platform
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -65,7 +63,7 @@ from typing import Any
 
 import grpc
 
-from grpc_balance_mw.cli import AIO_STRATEGIES, BENCH_SCENARIOS, MEMBERSHIP_SCENARIOS
+from grpc_balance_mw.cli import BENCH_SCENARIOS
 from grpc_balance_mw.cli.arguments import progress
 from grpc_balance_mw.cli.strategies import (
     MAX_AGE_S,
@@ -76,11 +74,10 @@ from grpc_balance_mw.cli.strategies import (
     open_strategy,
     unavailable_strategies,
 )
-from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.testing import LocalCluster, ServiceKind, missing_components
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
 
-__all__ = ["SCENARIOS", "Settings", "burst", "document", "run", "run_scenarios"]
+__all__ = ["RUNNERS", "SCENARIOS", "Settings", "burst", "document", "print_table"]
 
 SCENARIOS = BENCH_SCENARIOS
 PODS = 3
@@ -784,41 +781,12 @@ RUNNERS: dict[str, Callable[[Settings], list[Result]]] = {
 }
 
 
-def runner(name: str) -> Callable[[Settings], list[Result]]:
-    """The scenario's function (the membership scenarios live in a module of their own)."""
-    if name in RUNNERS:
-        return RUNNERS[name]
-    from grpc_balance_mw.cli import bench_membership
-
-    return bench_membership.RUNNERS[name]
-
-
 def _in_order(results: list[Result], settings: Settings) -> list[Result]:
     order = {name: i for i, name in enumerate(settings.strategies)}
     return sorted(results, key=lambda r: order.get(r.strategy, len(order)))
 
 
-# -- the command ------------------------------------------------------------------------------
-
-
-def run_scenarios(names: Sequence[str], settings: Settings) -> list[Result]:
-    missing = missing_components(service=settings.l4)
-    if missing:
-        raise ConfigurationError("; ".join(missing))
-    aio = sorted(set(settings.strategies) & set(AIO_STRATEGIES))
-    other = [name for name in names if name not in MEMBERSHIP_SCENARIOS]
-    if aio and other:
-        raise ConfigurationError(
-            f"{', '.join(aio)} run in {', '.join(MEMBERSHIP_SCENARIOS)} only, not in "
-            f"{', '.join(other)}"
-        )
-    results: list[Result] = []
-    for name in names:
-        began = time.monotonic()
-        progress(f"scenario {name}")
-        results += runner(name)(settings)
-        progress(f"scenario {name}: done in {time.monotonic() - began:.1f} s")
-    return results
+# -- the document and the table ---------------------------------------------------------------
 
 
 def document(results: Sequence[Result], settings: Settings) -> dict[str, Any]:
@@ -862,15 +830,3 @@ def print_table(results: Sequence[Result]) -> None:
             f"{_fmt(r.max_share_over_fair):>8} {_fmt(r.p50_ms, 3):>8} {_fmt(r.p99_ms, 3):>8} "
             f"{new_pod:>9}  {r.alarm or '-'}"
         )
-
-
-def run(args: argparse.Namespace) -> int:
-    settings = Settings.from_args(args)
-    names = SCENARIOS if args.scenario == "all" else (args.scenario,)
-    results = run_scenarios(names, settings)
-    if args.json:
-        json.dump(document(results, settings), sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print_table(results)
-    return 0
