@@ -1,7 +1,9 @@
-"""What the sync and aio server middleware share: handler rebuilding and status merging."""
+"""What the sync and aio server middleware share: handler rebuilding, status merging, and the
+load report that goes in every call's trailer."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -9,9 +11,30 @@ from typing import Any
 import grpc
 
 from grpc_balance_mw.identity import PodIdentity, merge_identity
+from grpc_balance_mw.load_meter import LoadMeter
+from grpc_balance_mw.orca import GRPCIO_TRAILER_KEY, TRAILER_KEY, encode_load_report
+
+_log = logging.getLogger(__name__)
+
+Stamp = tuple[tuple[str, str | bytes], ...]
+
+#: Health checks are not load: they are not counted in a report (a ``Watch`` would stay in
+#: flight for the life of its lane), though their connections are, and they carry one.
+_HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+@dataclass(frozen=True)
+class CallStamp:
+    """What one call's responses carry: the identity pairs, and a load report from ``meter``
+    (None: no report) that counts the call unless ``counted`` is False."""
+
+    pairs: Stamp
+    meter: LoadMeter | None = None
+    counted: bool = True
+
 
 #: Wraps a handler's behavior so that what it sends carries the stamp.
-Wrap = Callable[[Callable[..., Any], tuple[tuple[str, str], ...]], Callable[..., Any]]
+Wrap = Callable[[Callable[..., Any], CallStamp], Callable[..., Any]]
 
 _FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
     "unary_unary": grpc.unary_unary_rpc_method_handler,
@@ -48,7 +71,7 @@ class StampedStatus(grpc.Status):  # type: ignore[misc]
     trailing_metadata: Any
 
     @classmethod
-    def of(cls, status: grpc.Status, stamp: tuple[tuple[str, str], ...]) -> StampedStatus:
+    def of(cls, status: grpc.Status, stamp: Stamp) -> StampedStatus:
         return cls(
             code=status.code,
             details=status.details,
@@ -61,19 +84,61 @@ class StampingContext:
     trailing metadata, set up front so that every status (aborts and exceptions included)
     carries it, and in the initial metadata once, as late as possible (the handler's own
     ``send_initial_metadata``, the first streamed message, or the handler's end), so that a
-    handler that sends its own initial metadata still can. Anything else is the context's."""
+    handler that sends its own initial metadata still can. Anything else is the context's.
 
-    def __init__(self, context: Any, stamp: tuple[tuple[str, str], ...]) -> None:
+    With a load meter, the call is counted from here to :meth:`end` (the handler's end, or its
+    abort), which adds the load report to the trailing metadata, merged with the handler's own.
+    """
+
+    def __init__(self, context: Any, stamp: CallStamp) -> None:
         self._context = context
-        self._stamp = stamp
+        self._stamp = stamp.pairs
         self._initial_sent = False
-        context.set_trailing_metadata(stamp)
+        self._trailing: Any = ()
+        self._failed = False
+        self._meter = stamp.meter
+        self._counted = stamp.counted
+        context.set_trailing_metadata(self._stamp)
+        if self._meter is not None:
+            self._start(self._meter, context)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
     def set_trailing_metadata(self, trailing_metadata: Any) -> None:
+        self._trailing = trailing_metadata
         self._context.set_trailing_metadata(merge_identity(trailing_metadata, self._stamp))
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._failed = code is not grpc.StatusCode.OK
+        self._context.set_code(code)
+
+    def _start(self, meter: LoadMeter, context: Any) -> None:
+        try:
+            peer = context.peer()
+            if self._counted:
+                meter.start(peer)
+            else:
+                meter.touch(peer)
+        except Exception:  # telemetry: never fail the call
+            _log.exception("the load meter failed at a call's start")
+            self._meter = None
+
+    def end(self, failed: bool) -> Stamp:
+        """The call is over (``failed``: it raised or aborted): once, count it and put the
+        load report in the trailing metadata. Returns what the trailers carry."""
+        meter, self._meter = self._meter, None
+        if meter is None:
+            return self._stamp
+        try:
+            report = meter.end(failed or self._failed) if self._counted else meter.report()
+            encoded = encode_load_report(report)
+            self._stamp = (*self._stamp, (TRAILER_KEY, encoded), (GRPCIO_TRAILER_KEY, encoded))
+        except Exception:  # telemetry: never fail the call
+            _log.exception("the load meter failed at a call's end; the call has no report")
+            return self._stamp
+        self._context.set_trailing_metadata(merge_identity(self._trailing, self._stamp))
+        return self._stamp
 
     def _flush_due(self) -> bool:
         """Whether the identity has still to go out as initial metadata (True once: nothing
@@ -89,13 +154,25 @@ class IdentityStamper:
 
     _wraps: tuple[Wrap, Wrap]
 
-    def __init__(self, identity: PodIdentity | None = None) -> None:
+    def __init__(
+        self, identity: PodIdentity | None = None, *, load_meter: LoadMeter | None = None
+    ) -> None:
         self.identity = identity if identity is not None else PodIdentity.from_env()
-        self._stamp = self.identity.to_metadata()
+        self.load_meter = load_meter
+        self._stamp: Stamp = self.identity.to_metadata()
 
-    def _stamped(self, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+    def _stamped(
+        self, handler: grpc.RpcMethodHandler | None, method: str | bytes | None = None
+    ) -> grpc.RpcMethodHandler | None:
         if handler is None:
             return None
         kind = handler_kind(handler)
         wrap = self._wraps[1 if handler.response_streaming else 0]
-        return rebuild_handler(handler, kind, wrap(getattr(handler, kind), self._stamp))
+        stamp = CallStamp(self._stamp, self.load_meter, counted=not _is_health(method))
+        return rebuild_handler(handler, kind, wrap(getattr(handler, kind), stamp))
+
+
+def _is_health(method: str | bytes | None) -> bool:
+    if isinstance(method, bytes):
+        return method.startswith(_HEALTH_PREFIX.encode())
+    return method is not None and method.startswith(_HEALTH_PREFIX)

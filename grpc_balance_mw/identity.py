@@ -179,7 +179,7 @@ class PodIdentity:
 
 
 def merge_identity(
-    metadata: Metadata | None, stamp: tuple[tuple[str, str], ...]
+    metadata: Metadata | None, stamp: tuple[tuple[str, str | bytes], ...]
 ) -> tuple[tuple[str, str | bytes], ...]:
     """Add the identity pairs to ``metadata``, replacing any identity headers already there.
 

@@ -34,6 +34,7 @@ from grpc_balance_mw._health import (
     health_handler,
 )
 from grpc_balance_mw._stamping import (
+    CallStamp,
     IdentityStamper,
     StampedStatus,
     StampingContext,
@@ -63,11 +64,13 @@ class _StampingContext(StampingContext):
 
     def abort(self, code: grpc.StatusCode, details: str) -> None:
         self.flush()
+        self.end(failed=True)
         self._context.abort(code, details)
 
     def abort_with_status(self, status: grpc.Status) -> None:
         self.flush()
-        self._context.abort_with_status(StampedStatus.of(status, self._stamp))
+        self._trailing = getattr(status, "trailing_metadata", None)
+        self._context.abort_with_status(StampedStatus.of(status, self.end(failed=True)))
 
     def flush(self) -> None:
         """Send the identity as initial metadata unless something already went out."""
@@ -81,27 +84,38 @@ class _StampingContext(StampingContext):
             _log.debug("could not send the pod identity as initial metadata: %s", exc)
 
 
-def _unary_response(behavior: Callable[..., Any], stamp: Any) -> Callable[..., Any]:
+def _unary_response(behavior: Callable[..., Any], stamp: CallStamp) -> Callable[..., Any]:
     def stamped(request: Any, context: grpc.ServicerContext) -> Any:
         ctx = _StampingContext(context, stamp)
+        failed = True
         try:
-            return behavior(request, ctx)
+            response = behavior(request, ctx)
+            failed = False
+            return response
         finally:
             ctx.flush()
+            ctx.end(failed)
 
     return stamped
 
 
-def _stream_response(behavior: Callable[..., Any], stamp: Any) -> Callable[..., Any]:
+def _stream_response(behavior: Callable[..., Any], stamp: CallStamp) -> Callable[..., Any]:
     def stamped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         ctx = _StampingContext(context, stamp)
-        responses = behavior(request, ctx)
+        failed = True
+        responses = None
         try:
+            responses = behavior(request, ctx)
             for response in responses if responses is not None else ():
                 ctx.flush()
                 yield response
+            failed = False
+        except GeneratorExit:  # the client went away: not the pod's error
+            failed = False
+            raise
         finally:
             ctx.flush()
+            ctx.end(failed)
             close = getattr(responses, "close", None)
             if close is not None:
                 close()
@@ -115,9 +129,20 @@ class PodIdentityInterceptor(IdentityStamper, grpc.ServerInterceptor):  # type: 
     The identity goes into the initial metadata (a streaming client learns it with the first
     message) and the trailing metadata (so errors, aborts and exceptions carry it too).
 
+    With ``load_meter``, every call's trailing metadata also carries the pod's ORCA load report
+    (``endpoint-load-metrics-bin``, gRFC A51; see :mod:`grpc_balance_mw.load_meter`), merged
+    with what the handler sets, on errors and aborts too. Health checks are not counted as load
+    but carry the report (their connections count), so a client's health check learns the pod's
+    load before its first call. Off by default: the report adds about 5-10 % to the server's
+    CPU per unary call on loopback (a lock, two clock reads, ``context.peer()`` and encoding
+    about 60 bytes), which only a client that weighs lanes by reports pays back. A meter that
+    fails is logged and the call goes on without a report.
+
     Args:
         identity: who this pod is; default :meth:`PodIdentity.from_env` (downward API), so a
             missing ``POD_NAME``/``HOSTNAME`` fails here, at start-up, not on each call.
+        load_meter: report this meter's figures in every call's trailer (e.g.
+            ``LoadMeter(capacity=max_workers)``); None: no load reports.
     """
 
     _wraps = (_unary_response, _stream_response)
@@ -127,7 +152,7 @@ class PodIdentityInterceptor(IdentityStamper, grpc.ServerInterceptor):  # type: 
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        return self._stamped(continuation(handler_call_details))
+        return self._stamped(continuation(handler_call_details), handler_call_details.method)
 
 
 class PodHealth(HealthReport):

@@ -32,6 +32,7 @@ from grpc_balance_mw._health import (
     health_handler,
 )
 from grpc_balance_mw._stamping import (
+    CallStamp,
     IdentityStamper,
     StampedStatus,
     StampingContext,
@@ -68,11 +69,14 @@ class _StampingContext(StampingContext):
         self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
     ) -> None:
         await self.flush()
-        await self._context.abort(code, details, merge_identity(trailing_metadata, self._stamp))
+        self._trailing = trailing_metadata
+        stamp = self.end(failed=True)  # before the abort: it sends the status at once
+        await self._context.abort(code, details, merge_identity(trailing_metadata, stamp))
 
     async def abort_with_status(self, status: grpc.Status) -> None:
         await self.flush()
-        result = self._context.abort_with_status(StampedStatus.of(status, self._stamp))
+        self._trailing = getattr(status, "trailing_metadata", None)
+        result = self._context.abort_with_status(StampedStatus.of(status, self.end(failed=True)))
         if inspect.isawaitable(result):
             await result
 
@@ -91,18 +95,27 @@ async def _maybe_await(result: Any) -> Any:
     return await result if inspect.isawaitable(result) else result
 
 
-def _unary_response(behavior: Callable[..., Any], stamp: Any) -> Callable[..., Awaitable[Any]]:
+def _unary_response(
+    behavior: Callable[..., Any], stamp: CallStamp
+) -> Callable[..., Awaitable[Any]]:
     async def stamped(request: Any, context: grpc.aio.ServicerContext) -> Any:
         ctx = _StampingContext(context, stamp)
+        failed = True
         try:
-            return await _maybe_await(behavior(request, ctx))
+            response = await _maybe_await(behavior(request, ctx))
+            failed = False
+            return response
+        except asyncio.CancelledError:  # the client went away: not the pod's error
+            failed = False
+            raise
         finally:
             await ctx.flush()
+            ctx.end(failed)
 
     return stamped
 
 
-def _stream_response(behavior: Callable[..., Any], stamp: Any) -> Callable[..., Any]:
+def _stream_response(behavior: Callable[..., Any], stamp: CallStamp) -> Callable[..., Any]:
     if not inspect.isasyncgenfunction(behavior):
         # A coroutine that writes with ``context.write()`` (or a sync handler): the context's
         # ``write`` flushes the identity first.
@@ -111,12 +124,18 @@ def _stream_response(behavior: Callable[..., Any], stamp: Any) -> Callable[..., 
     async def stamped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         ctx = _StampingContext(context, stamp)
         responses = behavior(request, ctx)
+        failed = True
         try:
             async for response in responses:
                 await ctx.flush()
                 yield response
+            failed = False
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away
+            failed = False
+            raise
         finally:
             await ctx.flush()
+            ctx.end(failed)
             await responses.aclose()
 
     return stamped
@@ -125,8 +144,8 @@ def _stream_response(behavior: Callable[..., Any], stamp: Any) -> Callable[..., 
 class PodIdentityInterceptor(IdentityStamper, grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Stamps the serving pod's identity on every response, all four call kinds.
 
-    See :class:`grpc_balance_mw.server.PodIdentityInterceptor`; handlers may be async
-    generators or coroutines that ``await context.write()``.
+    See :class:`grpc_balance_mw.server.PodIdentityInterceptor` (and its ``load_meter``);
+    handlers may be async generators or coroutines that ``await context.write()``.
     """
 
     _wraps = (_unary_response, _stream_response)
@@ -136,7 +155,7 @@ class PodIdentityInterceptor(IdentityStamper, grpc.aio.ServerInterceptor):  # ty
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        return self._stamped(await continuation(handler_call_details))
+        return self._stamped(await continuation(handler_call_details), handler_call_details.method)
 
 
 class PodHealth(HealthReport):

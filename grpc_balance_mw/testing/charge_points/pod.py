@@ -21,6 +21,7 @@ import grpc
 from grpc_balance_mw.aio.server import PodIdentityInterceptor, add_health
 from grpc_balance_mw.connection_age import connection_age_options
 from grpc_balance_mw.identity import POD_HEADER, PodIdentity
+from grpc_balance_mw.load_meter import LoadMeter
 from grpc_balance_mw.testing.charge_points.servicer import (
     SERVICE_NAME,
     ChargePointsServicer,
@@ -76,18 +77,30 @@ def identity_from(args: argparse.Namespace) -> PodIdentity:
 class _NamedInHeader(PodIdentityInterceptor):
     """Stamps only the pod's name, in a header of the fleet's own (``x-pod-name``, say)."""
 
-    def __init__(self, identity: PodIdentity, header: str) -> None:
-        super().__init__(identity)
+    def __init__(
+        self, identity: PodIdentity, header: str, load_meter: LoadMeter | None = None
+    ) -> None:
+        super().__init__(identity, load_meter=load_meter)
         self._stamp = ((header, identity.name),)
 
 
-def stamping(identity: PodIdentity, header: str) -> list[grpc.aio.ServerInterceptor]:
-    """The interceptors that stamp ``identity`` in ``header`` (none for an empty header)."""
+def load_meter_for(charge_points: ChargePointsServicer) -> LoadMeter:
+    """The pod's load meter: its capacity is the servicer's ``max_concurrent`` as it is now
+    (the admin service can change it); without one (0), the CPU's utilization is reported."""
+    return LoadMeter(capacity=lambda: charge_points.capacity.max_concurrent)
+
+
+def stamping(
+    identity: PodIdentity, header: str, load_meter: LoadMeter | None = None
+) -> list[grpc.aio.ServerInterceptor]:
+    """The interceptors that stamp ``identity`` in ``header`` and, with ``load_meter``, a load
+    report in every call's trailer (none at all for an empty header: a fleet before it adopts
+    the server half)."""
     if not header:
         return []
     if header == POD_HEADER:
-        return [PodIdentityInterceptor(identity)]
-    return [_NamedInHeader(identity, header)]
+        return [PodIdentityInterceptor(identity, load_meter=load_meter)]
+    return [_NamedInHeader(identity, header, load_meter)]
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -99,7 +112,6 @@ async def serve(args: argparse.Namespace) -> None:
         options += connection_age_options(
             args.max_connection_age_s, args.max_connection_age_grace_s
         )
-    server = grpc.aio.server(interceptors=stamping(identity, args.identity_header), options=options)
     charge_points = ChargePointsServicer(
         identity.name,
         service_time_s=args.service_time_ms / 1000,
@@ -107,6 +119,8 @@ async def serve(args: argparse.Namespace) -> None:
         overflow=args.overflow,
         fail_with=grpc.StatusCode[args.fail_with] if args.fail_with else None,
     )
+    interceptors = stamping(identity, args.identity_header, load_meter_for(charge_points))
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     charge_points_pb2_grpc.add_ChargePointsServicer_to_server(charge_points, server)
     health = await add_health(server, services=(SERVICE_NAME,))
     pod_admin_pb2_grpc.add_PodAdminServicer_to_server(

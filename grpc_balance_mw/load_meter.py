@@ -1,0 +1,257 @@
+"""What a pod knows of its own load, kept per call, for the ORCA report in every call's trailer.
+
+The server interceptor (:class:`grpc_balance_mw.server.PodIdentityInterceptor` and its aio twin,
+given ``load_meter=``) calls :meth:`LoadMeter.start` when a call's handler starts and
+:meth:`LoadMeter.end` when it ends; ``end`` returns the :class:`~grpc_balance_mw.orca.LoadReport`
+that goes out in the call's ``endpoint-load-metrics-bin`` trailer (gRFC A51). Plain Python, no
+grpc: tested with fake clocks.
+
+What a report says:
+
+- ``application_utilization``: the mean number of calls in flight over the last ``window_s``,
+  divided by ``capacity`` (the calls the pod serves at once: its executor's ``max_workers``, its
+  concurrency limit), when one is given; or what the application sets itself
+  (:meth:`LoadMeter.set_application_utilization`, or a callable), which wins. A time average and
+  not the count at the moment of the report: by Little's law it is offered rate x service time, so
+  a pod that serves at half speed reports twice the figure under the same load, and a client that
+  weighs lanes by ``rps / utilization`` (gRFC A58) gets ``capacity / service time``, the rate the
+  pod can take, instead of a count that is 0 between bursts. Calls a pod queues inside its handler
+  count, so it goes above 1.0 when the pod queues.
+- ``cpu_utilization``: the process's CPU time over wall time, divided by the CPUs it may run on,
+  measured over at least ``cpu_window_s`` and cached in between (one ``time.process_time()`` per
+  refresh, not per call). What A58 weighs by when there is no application figure.
+- ``rps_fractional`` and ``eps``: calls (and calls that failed) ended per second over the window.
+- ``named_metrics``: ``in_flight``, the calls in flight once this one ended; ``connections``, the
+  client connections that carried a call or a health check within ``peer_window_s``. grpcio's
+  Python server does not expose its connections, so they are counted as distinct
+  ``context.peer()`` addresses (each client connection has its own source address and port, also
+  behind kube-proxy's DNAT): a connection that stayed idle longer than the window is not counted,
+  and a client that reconnected counts twice until its old address ages out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from types import MappingProxyType
+
+from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.orca import LoadReport
+
+__all__ = ["LoadMeter"]
+
+_log = logging.getLogger(__name__)
+
+Capacity = int | Callable[[], int] | None
+ApplicationUtilization = float | Callable[[], float] | None
+
+_BUCKETS = 4  # the window in this many buckets, plus the one filling now
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class _Bucket:
+    __slots__ = ("busy", "calls", "errors", "index")
+
+    def __init__(self) -> None:
+        self.index = -1
+        self.calls = 0
+        self.errors = 0
+        self.busy = 0.0  # calls in flight x seconds
+
+
+class LoadMeter:
+    """Calls in flight, their rate and the pod's utilization, for the ORCA report of each call.
+
+    Safe to share between the threads of a sync server and to use from an aio server's loop (one
+    uncontended lock per call start and end).
+
+    Args:
+        capacity: the calls this pod serves at once (an int, or a callable read at each report,
+            for a limit that changes); None: utilization is the CPU's.
+        application_utilization: a figure (or a callable giving one at each report) that replaces
+            the one from ``capacity``; see :meth:`set_application_utilization`.
+        window_s: the span that rates and the mean in flight are taken over.
+        peer_window_s: a client connection counts while it carried a call or a health check
+            within this span (above the clients' health-check interval, so an idle lane that is
+            only checked still counts).
+        cpu_window_s: the CPU figure is measured over at least this span.
+        clock, cpu_clock: wall and process-CPU clocks (tests pass fakes).
+        cpus: the CPUs the process may run on (default: its affinity mask).
+    """
+
+    def __init__(
+        self,
+        capacity: Capacity = None,
+        *,
+        application_utilization: ApplicationUtilization = None,
+        window_s: float = 2.0,
+        peer_window_s: float = 10.0,
+        cpu_window_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        cpu_clock: Callable[[], float] = time.process_time,
+        cpus: int | None = None,
+    ) -> None:
+        if isinstance(capacity, int) and capacity <= 0:
+            raise ConfigurationError(f"capacity must be > 0 calls, got {capacity}")
+        if window_s <= 0 or peer_window_s <= 0 or cpu_window_s <= 0:
+            raise ConfigurationError("window_s, peer_window_s and cpu_window_s must be > 0")
+        self._capacity = capacity
+        self._application = application_utilization
+        self._width = window_s / _BUCKETS
+        self._peer_window_s = peer_window_s
+        self._cpu_window_s = cpu_window_s
+        self._clock = clock
+        self._cpu_clock = cpu_clock
+        self._cpus = cpus if cpus is not None else _cpus()
+        self._lock = threading.Lock()
+        self._buckets = [_Bucket() for _ in range(_BUCKETS + 1)]
+        self._in_flight = 0
+        now = clock()
+        self._born = now
+        self._last_event = now
+        self._peers: dict[str, float] = {}
+        self._peers_pruned = now
+        self._cpu_at = (now, cpu_clock())
+        self._cpu_utilization = 0.0
+
+    def __repr__(self) -> str:
+        return f"LoadMeter({self._in_flight} in flight, capacity {self._capacity_now()})"
+
+    @property
+    def in_flight(self) -> int:
+        """Calls started and not yet ended."""
+        return self._in_flight
+
+    def set_application_utilization(self, value: ApplicationUtilization) -> None:
+        """Report ``value`` (or what the callable gives at each report) as the application's
+        utilization instead of the one from ``capacity``; None goes back to it."""
+        if isinstance(value, int | float) and not (math.isfinite(value) and value >= 0):
+            raise ConfigurationError(f"utilization must be a finite number >= 0, got {value}")
+        self._application = value
+
+    def start(self, peer: str | None = None) -> None:
+        """A call began (``peer``: its ``context.peer()``, counted as a connection)."""
+        now = self._clock()
+        with self._lock:
+            self._advance(now)
+            self._in_flight += 1
+            if peer:
+                self._peers[peer] = now
+
+    def touch(self, peer: str | None) -> None:
+        """A call that is not load (a health check) came on ``peer``'s connection."""
+        if peer:
+            now = self._clock()
+            with self._lock:
+                self._peers[peer] = now
+
+    def end(self, failed: bool = False) -> LoadReport:
+        """A call ended (``failed``: with a status other than OK); the report for its trailer."""
+        now = self._clock()
+        with self._lock:
+            bucket = self._advance(now)
+            self._in_flight -= 1
+            bucket.calls += 1
+            bucket.errors += failed
+            return self._report(now)
+
+    def report(self) -> LoadReport:
+        """The report as of now, for a call that is not counted (a health check)."""
+        now = self._clock()
+        with self._lock:
+            self._advance(now)
+            return self._report(now)
+
+    def _advance(self, now: float) -> _Bucket:
+        """The bucket of ``now``; the calls in flight since the last event are added to the
+        buckets that time fell in (those still in the window)."""
+        width, index = self._width, int(now / self._width)
+        last = self._last_event
+        step = max(int(last / width), index - _BUCKETS)
+        last = max(last, step * width)  # time before the window is forgotten
+        while True:
+            bucket = self._buckets[step % len(self._buckets)]
+            if bucket.index != step:
+                bucket.index, bucket.calls, bucket.errors, bucket.busy = step, 0, 0, 0.0
+            if step == index:
+                break
+            end = (step + 1) * width
+            bucket.busy += self._in_flight * max(0.0, end - last)
+            last = max(last, end)
+            step += 1
+        bucket.busy += self._in_flight * max(0.0, now - last)
+        self._last_event = now
+        return bucket
+
+    def _report(self, now: float) -> LoadReport:
+        index = int(now / self._width)
+        calls = errors = 0
+        busy = 0.0
+        for bucket in self._buckets:
+            if index - bucket.index <= _BUCKETS:
+                calls += bucket.calls
+                errors += bucket.errors
+                busy += bucket.busy
+        # The window: the full buckets and the part of the current one, or the meter's life
+        # (at least one bucket, so a young meter's first call is not a rate of thousands).
+        span = max(min(now - (index - _BUCKETS) * self._width, now - self._born), self._width)
+        return LoadReport(
+            cpu_utilization=self._cpu(now),
+            application_utilization=self._application_utilization(busy / span),
+            rps_fractional=calls / span,
+            eps=errors / span,
+            named_metrics=MappingProxyType(
+                {"in_flight": float(self._in_flight), "connections": float(self._connections(now))}
+            ),
+        )
+
+    def _capacity_now(self) -> int | None:
+        capacity = self._capacity
+        if callable(capacity):
+            try:
+                capacity = capacity()
+            except Exception:  # a user hook on the report path: never fail the call
+                _log.exception("the load meter's capacity callable failed")
+                return None
+        return capacity if capacity and capacity > 0 else None
+
+    def _application_utilization(self, mean_in_flight: float) -> float:
+        application = self._application
+        if application is not None:
+            if callable(application):
+                try:
+                    application = application()
+                except Exception:  # a user hook on the report path: never fail the call
+                    _log.exception("the load meter's application_utilization callable failed")
+                    return 0.0
+            if math.isfinite(application) and application >= 0:
+                return float(application)
+            _log.warning("application utilization %r dropped: not a number >= 0", application)
+            return 0.0
+        capacity = self._capacity_now()
+        return mean_in_flight / capacity if capacity else 0.0
+
+    def _cpu(self, now: float) -> float:
+        then, cpu_then = self._cpu_at
+        if now - then >= self._cpu_window_s:
+            cpu_now = self._cpu_clock()
+            self._cpu_utilization = max(0.0, (cpu_now - cpu_then) / (now - then) / self._cpus)
+            self._cpu_at = (now, cpu_now)
+        return self._cpu_utilization
+
+    def _connections(self, now: float) -> int:
+        if now - self._peers_pruned >= self._peer_window_s / 4:
+            horizon = now - self._peer_window_s
+            self._peers = {peer: seen for peer, seen in self._peers.items() if seen >= horizon}
+            self._peers_pruned = now
+        return len(self._peers)
