@@ -12,7 +12,7 @@ import grpc
 
 from grpc_balance_mw.identity import PodIdentity, merge_identity
 from grpc_balance_mw.load_meter import LoadMeter
-from grpc_balance_mw.orca import GRPCIO_TRAILER_KEY, TRAILER_KEY, encode_load_report
+from grpc_balance_mw.orca import GRPCIO_TRAILER_KEY, TRAILER_KEY
 
 _log = logging.getLogger(__name__)
 
@@ -131,8 +131,10 @@ class StampingContext:
         if meter is None:
             return self._stamp
         try:
-            report = meter.end(failed or self._failed) if self._counted else meter.report()
-            encoded = encode_load_report(report)
+            if self._counted:
+                encoded = meter.end_encoded(failed or self._failed)
+            else:
+                encoded = meter.report_encoded()
             self._stamp = (*self._stamp, (TRAILER_KEY, encoded), (GRPCIO_TRAILER_KEY, encoded))
         except Exception:  # telemetry: never fail the call
             _log.exception("the load meter failed at a call's end; the call has no report")

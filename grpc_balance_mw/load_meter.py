@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +51,14 @@ Capacity = int | Callable[[], int] | None
 ApplicationUtilization = float | Callable[[], float] | None
 
 _BUCKETS = 4  # the window in this many buckets, plus the one filling now
+
+#: The report of :meth:`LoadMeter.end_encoded`, in one ``struct.pack``: OrcaLoadReport's
+#: cpu_utilization (1), application_utilization (9), rps_fractional (6) and eps (7), doubles, and
+#: two named_metrics (8) entries. Fields at 0 are sent anyway (protobuf 3 parsers read an explicit
+#: 0 as the default), so the layout never changes; ``test_load_meter`` checks it against
+#: :func:`~grpc_balance_mw.orca.decode_load_report`.
+_WIRE = struct.Struct("<" + "Bd" * 4 + "BB" + "BB9sBd" + "BB" + "BB11sBd")
+_WIRE_KEYS = (0x09, 0x49, 0x31, 0x39)
 
 
 def _cpus() -> int:
@@ -80,7 +89,8 @@ class LoadMeter:
             for a limit that changes); None: utilization is the CPU's.
         application_utilization: a figure (or a callable giving one at each report) that replaces
             the one from ``capacity``; see :meth:`set_application_utilization`.
-        window_s: the span that rates and the mean in flight are taken over.
+        window_s: the span that rates and the mean in flight are taken over (in four buckets,
+            plus the one filling now: between ``window_s`` and 1.25 times that).
         peer_window_s: a client connection counts while it carried a call or a health check
             within this span (above the clients' health-check interval, so an idle lane that is
             only checked still counts).
@@ -157,20 +167,35 @@ class LoadMeter:
 
     def end(self, failed: bool = False) -> LoadReport:
         """A call ended (``failed``: with a status other than OK); the report for its trailer."""
+        return _report(*self._end(failed))
+
+    def end_encoded(self, failed: bool = False) -> bytes:
+        """:meth:`end`, the report in its wire form (what the interceptor sends: cheaper than
+        building a :class:`~grpc_balance_mw.orca.LoadReport` and encoding it)."""
+        return _encoded(*self._end(failed))
+
+    def report(self) -> LoadReport:
+        """The report as of now, for a call that is not counted (a health check)."""
+        return _report(*self._figures())
+
+    def report_encoded(self) -> bytes:
+        """:meth:`report` in its wire form."""
+        return _encoded(*self._figures())
+
+    def _end(self, failed: bool) -> tuple[float, float, float, float, float, float]:
         now = self._clock()
         with self._lock:
             bucket = self._advance(now)
             self._in_flight -= 1
             bucket.calls += 1
             bucket.errors += failed
-            return self._report(now)
+            return self._figures_at(now)
 
-    def report(self) -> LoadReport:
-        """The report as of now, for a call that is not counted (a health check)."""
+    def _figures(self) -> tuple[float, float, float, float, float, float]:
         now = self._clock()
         with self._lock:
             self._advance(now)
-            return self._report(now)
+            return self._figures_at(now)
 
     def _advance(self, now: float) -> _Bucket:
         """The bucket of ``now``; the calls in flight since the last event are added to the
@@ -193,7 +218,8 @@ class LoadMeter:
         self._last_event = now
         return bucket
 
-    def _report(self, now: float) -> LoadReport:
+    def _figures_at(self, now: float) -> tuple[float, float, float, float, float, float]:
+        """cpu, application utilization, rps, eps, in flight, connections."""
         index = int(now / self._width)
         calls = errors = 0
         busy = 0.0
@@ -205,14 +231,13 @@ class LoadMeter:
         # The window: the full buckets and the part of the current one, or the meter's life
         # (at least one bucket, so a young meter's first call is not a rate of thousands).
         span = max(min(now - (index - _BUCKETS) * self._width, now - self._born), self._width)
-        return LoadReport(
-            cpu_utilization=self._cpu(now),
-            application_utilization=self._application_utilization(busy / span),
-            rps_fractional=calls / span,
-            eps=errors / span,
-            named_metrics=MappingProxyType(
-                {"in_flight": float(self._in_flight), "connections": float(self._connections(now))}
-            ),
+        return (
+            self._cpu(now),
+            self._application_utilization(busy / span),
+            calls / span,
+            errors / span,
+            float(self._in_flight),
+            float(self._connections(now)),
         )
 
     def _capacity_now(self) -> int | None:
@@ -255,3 +280,26 @@ class LoadMeter:
             self._peers = {peer: seen for peer, seen in self._peers.items() if seen >= horizon}
             self._peers_pruned = now
         return len(self._peers)
+
+
+def _report(
+    cpu: float, application: float, rps: float, eps: float, in_flight: float, connections: float
+) -> LoadReport:
+    return LoadReport(
+        cpu_utilization=cpu,
+        application_utilization=application,
+        rps_fractional=rps,
+        eps=eps,
+        named_metrics=MappingProxyType({"in_flight": in_flight, "connections": connections}),
+    )
+
+
+def _encoded(
+    cpu: float, application: float, rps: float, eps: float, in_flight: float, connections: float
+) -> bytes:
+    return _WIRE.pack(
+        *(_WIRE_KEYS[0], cpu, _WIRE_KEYS[1], application),
+        *(_WIRE_KEYS[2], rps, _WIRE_KEYS[3], eps),
+        *(0x42, 20, 0x0A, 9, b"in_flight", 0x11, in_flight),
+        *(0x42, 22, 0x0A, 11, b"connections", 0x11, connections),
+    )

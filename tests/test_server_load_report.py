@@ -210,7 +210,7 @@ async def test_health_checks_carry_a_report_but_are_not_load(
 
 
 class _BrokenMeter(LoadMeter):
-    def end(self, failed: bool = False) -> LoadReport:
+    def end_encoded(self, failed: bool = False) -> bytes:
         raise RuntimeError("meter broke")
 
 
