@@ -22,11 +22,13 @@ from grpc_balance_mw import server as sync_server
 from grpc_balance_mw.aio import server as aio_server
 from grpc_balance_mw.load_meter import LoadMeter
 from grpc_balance_mw.orca import GRPCIO_TRAILER_KEY, LoadReport, decode_load_report
+from grpc_balance_mw.testing.charge_points.pod import load_meter_for
 from grpc_balance_mw.testing.charge_points.servicer import (
     SERVICE_NAME,
     ChargePointsServicer,
     SyncChargePointsServicer,
 )
+from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
 
 OUTCOMES = {
@@ -229,3 +231,37 @@ async def test_a_broken_meter_never_breaks_the_call(
     assert seen.trailing[POD_HEADER] == IDENTITY.name
     assert GRPCIO_TRAILER_KEY not in seen.trailing
     assert "meter broke" in caplog.text
+
+
+async def test_a_pod_at_half_speed_reports_more_utilization() -> None:
+    """Two charge-points pods wired as the local cluster's are (capacity = max_concurrent), one
+    at half speed, offered the same calls at the same moments: the slow one reports about twice
+    the utilization (mean calls in flight over capacity)."""
+    servers, channels, stubs = [], [], []
+    for service_time_s in (0.04, 0.08):
+        servicer = ChargePointsServicer("cp", service_time_s=service_time_s, max_concurrent=4)
+        interceptor = aio_server.PodIdentityInterceptor(
+            IDENTITY, load_meter=load_meter_for(servicer)
+        )
+        server = grpc.aio.server(interceptors=[interceptor])
+        pb_grpc.add_ChargePointsServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        servers.append(server)
+        channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
+        stubs.append(pb_grpc.ChargePointsStub(channels[-1]))
+    try:
+        calls = []
+        for _ in range(40):  # about 25 calls a second to each pod, whatever either answers
+            calls += [stub.GetChargePoint(pb.GetChargePointRequest(id="cp-1")) for stub in stubs]
+            await asyncio.sleep(0.04)
+        for done in calls:
+            await done
+        fast, slow = [report_in(await last.trailing_metadata()) for last in calls[-2:]]
+    finally:
+        for opened in channels:
+            await opened.close()
+        for server in servers:
+            await server.stop(None)
+    assert fast.application_utilization > 0
+    assert slow.application_utilization > 1.3 * fast.application_utilization
