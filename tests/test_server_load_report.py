@@ -8,6 +8,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -30,6 +31,8 @@ from grpc_balance_mw.testing.charge_points.servicer import (
 )
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2_grpc as pb_grpc
+from grpc_balance_mw.testing.pods import Pod as ClusterPod
+from grpc_balance_mw.testing.pods import PodSettings
 
 OUTCOMES = {
     OK: grpc.StatusCode.OK,
@@ -265,3 +268,34 @@ async def test_a_pod_at_half_speed_reports_more_utilization() -> None:
             await server.stop(None)
     assert fast.application_utilization > 0
     assert slow.application_utilization > 1.3 * fast.application_utilization
+
+
+@pytest.mark.slow  # a pod process: about 5 s here
+def test_a_local_cluster_pod_reports_its_capacity_used(tmp_path: Path) -> None:
+    """The charge-points pod process (what ``LocalCluster`` runs) reports with capacity =
+    ``max_concurrent``: calls held past it queue, and its utilization goes above 1."""
+    pod = ClusterPod(
+        "cp-0",
+        "127.0.0.1",
+        0,
+        namespace="ev",
+        settings=PodSettings(service_time_ms=300, max_concurrent=1),
+        log_dir=tmp_path,
+    )
+    pod.start()
+    try:
+        with grpc.insecure_channel(pod.address) as opened:
+            stub = pb_grpc.ChargePointsStub(opened)
+            request = pb.GetChargePointRequest(id="cp-1")
+            queued = [stub.GetChargePoint.future(request, timeout=WAIT_S) for _ in range(4)]
+            for future in queued:
+                future.result()
+            trailing = queued[-1].trailing_metadata()
+    finally:
+        pod.stop()
+    report = report_in(trailing)
+    assert dict(trailing)[POD_HEADER] == "cp-0"
+    # Four calls, one served at a time for 0.3 s each: 4, 3, 2, then 1 in flight, 3 call-seconds
+    # in a window of at most 2.5 s.
+    assert report.application_utilization > 1
+    assert report.named_metrics["connections"] >= 1

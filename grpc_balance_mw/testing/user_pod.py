@@ -32,6 +32,7 @@ import grpc
 from grpc_balance_mw.connection_age import connection_age_options
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.identity import PodIdentity
+from grpc_balance_mw.load_meter import LoadMeter
 from grpc_balance_mw.server import PodHealth, PodIdentityInterceptor, add_health
 from grpc_balance_mw.testing.charge_points.v1 import pod_admin_pb2 as admin_pb
 from grpc_balance_mw.testing.charge_points.v1 import pod_admin_pb2_grpc as admin_grpc
@@ -165,7 +166,11 @@ def serve(args: argparse.Namespace) -> None:
     counter = _CallCounter()
     server = grpc.server(
         ThreadPoolExecutor(args.workers),
-        interceptors=[counter, PodIdentityInterceptor(identity)],
+        # Load reports with capacity = the executor's workers: the calls it serves at once.
+        interceptors=[
+            counter,
+            PodIdentityInterceptor(identity, load_meter=LoadMeter(capacity=args.workers)),
+        ],
         options=options,
     )
     register(server, PodInfo(args.pod_name, args.pod_ip, args.namespace))
