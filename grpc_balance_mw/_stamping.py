@@ -18,6 +18,10 @@ _log = logging.getLogger(__name__)
 
 Stamp = tuple[tuple[str, str | bytes], ...]
 
+#: The trailers the load report goes in: the standard one, and the one grpcio clients can read
+#: (see :data:`~grpc_balance_mw.orca.GRPCIO_TRAILER_KEY`).
+REPORT_KEYS = (TRAILER_KEY, GRPCIO_TRAILER_KEY)
+
 #: Health checks are not load: they are not counted in a report (a ``Watch`` would stay in
 #: flight for the life of its lane), though their connections are, and they carry one.
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -135,7 +139,7 @@ class StampingContext:
                 encoded = meter.end_encoded(failed or self._failed)
             else:
                 encoded = meter.report_encoded()
-            self._stamp = (*self._stamp, (TRAILER_KEY, encoded), (GRPCIO_TRAILER_KEY, encoded))
+            self._stamp = (*self._stamp, *((key, encoded) for key in REPORT_KEYS))
         except Exception:  # telemetry: never fail the call
             _log.exception("the load meter failed at a call's end; the call has no report")
             return self._stamp

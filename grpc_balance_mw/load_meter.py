@@ -26,7 +26,8 @@ What a report says:
   Python server does not expose its connections, so they are counted as distinct
   ``context.peer()`` addresses (each client connection has its own source address and port, also
   behind kube-proxy's DNAT): a connection that stayed idle longer than the window is not counted,
-  and a client that reconnected counts twice until its old address ages out.
+  and a client that reconnected counts twice until its old address ages out. ``peer()`` is cheap
+  next to a call (well under a microsecond: grpc core holds the address already).
 """
 
 from __future__ import annotations
