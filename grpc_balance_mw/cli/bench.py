@@ -112,6 +112,8 @@ class Settings:
     rate: float = 0.0
     client_ip_s: float = 20.0
     long_window_s: float = 60.0
+    run_s: float = 25.0
+    clients: int | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -125,6 +127,8 @@ class Settings:
             rate=args.rate,
             client_ip_s=args.client_ip_s,
             long_window_s=args.long_window_s,
+            run_s=args.run_s,
+            clients=args.clients,
         )
 
 
@@ -349,7 +353,7 @@ def _steady(settings: Settings, scenario: str, **pod_settings: Any) -> list[Resu
                 result.count(strategy.cluster.served())
         for strategy in opened:
             result = by_name[strategy.strategy]
-            result.alarm = strategy.alarm
+            strategy.report(result)
             results.append(result.finish(latencies[strategy.strategy], PODS))
     return _in_order(results, settings)
 
@@ -364,6 +368,9 @@ class Load:
         workers: threads per strategy.
         budget: calls per worker at most.
         on_pod: called with (strategy, pod) after each call that succeeded (under a lock).
+        on_call: called with (strategy, pod or None if it failed, when it began (monotonic),
+            its milliseconds) after every call (under a lock).
+        timeout: each call's deadline, seconds.
     """
 
     def __init__(
@@ -375,6 +382,8 @@ class Load:
         workers: int,
         budget: int,
         on_pod: Callable[[Result, str], None] | None = None,
+        on_call: Callable[[Result, str | None, float, float], None] | None = None,
+        timeout: float = 5.0,
     ) -> None:
         self.results = {s.strategy: Result(scenario, s.strategy) for s in opened}
         self.latencies: dict[str, list[float]] = {s.strategy: [] for s in opened}
@@ -382,6 +391,8 @@ class Load:
         self._rate = rate
         self._budget = budget
         self._on_pod = on_pod
+        self._on_call = on_call
+        self._timeout = timeout
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [
@@ -409,14 +420,16 @@ class Load:
         for i in range(self._budget):
             if self._stop.wait(max(0.0, self._started + i / self._rate - time.monotonic())):
                 return
-            began = time.perf_counter()
+            began, started = time.perf_counter(), time.monotonic()
             try:
-                pod: str | None = strategy.get(f"cp-{i}")
+                pod: str | None = strategy.get(f"cp-{i}", timeout=self._timeout)
                 code = None
             except grpc.RpcError as error:
                 pod, code = None, _code(error)
             elapsed = (time.perf_counter() - began) * 1000
             with self._lock:
+                if self._on_call is not None:
+                    self._on_call(result, pod, started, elapsed)
                 result.calls += 1
                 if pod is None:
                     result.failed(code)
@@ -429,7 +442,7 @@ class Load:
         finished = []
         for strategy in self._opened:
             result = self.results[strategy.strategy]
-            result.alarm = strategy.alarm
+            strategy.report(result)
             result.note = note
             finished.append(result.finish(self.latencies[strategy.strategy], pods))
         return finished
@@ -508,7 +521,7 @@ def surge(settings: Settings) -> list[Result]:
                 result.count(strategy.cluster.served())
         for strategy in opened:
             result = by_name[strategy.strategy]
-            result.alarm = strategy.alarm
+            strategy.report(result)
             result.note = (
                 f"{SURGE_WAVES} waves of {settings.surge} concurrent calls, pods of capacity "
                 f"{SURGE_CAPACITY} x {SURGE_SERVICE_MS:g} ms (the rest queue), deadline "
@@ -706,7 +719,7 @@ def streaming(settings: Settings) -> list[Result]:
         stop.set()
         for strategy in opened:
             result = by_name[strategy.strategy]
-            result.alarm = strategy.alarm
+            strategy.report(result)
             result.note = "held open: " + ", ".join(sorted(held[strategy.strategy]))
             results.append(result.finish(latencies[strategy.strategy], SCALED_PODS))
     return _in_order(results, settings)
