@@ -243,8 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
         "against the local cluster, interleaved, and reports calls, errors, calls per pod (the "
         "pods' own counts), max share over fair share, p50/p99 and the affinity alarm. "
         "client-ip, unidentified and defaults give each strategy a cluster of its own and "
-        "no options (see the module grpc_balance_mw.cli.bench_membership). --scenario all "
-        "takes about 40 minutes.",
+        "no options (see the module grpc_balance_mw.cli.bench_membership); slow-pod and fleet "
+        "run client processes, hung-pod SIGSTOPs a pod (grpc_balance_mw.cli.bench_fleet). "
+        "--scenario all "
+        "takes about an hour.",
     )
     bench.add_argument(
         "--scenario", choices=(*BENCH_SCENARIOS, "all"), default="steady", help="default: steady"

@@ -24,6 +24,8 @@ Scenarios (``--scenario``, or ``all`` in this order):
   ``p50_ms``/``p99_ms``: time to the first message.
 * ``gray-failure``: ``steady`` with pod 1 answering UNAVAILABLE to every call while its health
   check says SERVING (a bad config, a broken dependency); ``errors`` per strategy.
+* ``slow-pod``, ``hung-pod``, ``fleet``: pods unequal in speed, a hung pod, many client
+  processes (issue 23); see :mod:`grpc_balance_mw.cli.bench_fleet` for their fields.
 * ``scale-down``: per strategy and variant a cluster of its own, 4 pods, calls at 100/s from
   one thread; after 5 s the newest pod leaves (variant ``graceful``: ``cluster.scale(3)``, a
   SIGTERM and drain; ``sigkill``: SIGKILL), and the calls go on for 30 s. Spread from the pods'
@@ -42,7 +44,9 @@ without one event (steady, surge, streaming). From the pods' own counts in ``sca
 
 ``--json`` prints one document on stdout, ``{"schema": 1, "settings": {the run's settings},
 "scenarios": [{"name", "strategy", "calls", "errors", "error_codes", "per_pod",
-"max_share_over_fair", "p50_ms", "p99_ms", "alarm", "windows", "seconds_to_new_pod_traffic"
+"max_share_over_fair", "p50_ms", "p99_ms", "alarm", "ejections" (the balanced channel's
+outlier ejections, ``{"count", "pods": {pod: times}}``; null for strategies without a pool),
+"windows", "seconds_to_new_pod_traffic"
 (scale-up only), "variant" (scale-down and defaults), "note" (if any), and the membership
 scenarios' own fields}, ...], "machine": {...}}``;
 otherwise a table. Progress goes to stderr. Every loop is bounded in calls and in time.

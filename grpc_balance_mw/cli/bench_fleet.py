@@ -316,11 +316,11 @@ def hung_pod(settings: Settings) -> list[Result]:
             on_call=on_call, timeout=HUNG_DEADLINE_S,
         )  # fmt: skip
         answered: dict[str, bool] = {}
-        with load:
-            progress(f"hung-pod: {HUNG_WORKERS} threads per strategy, {HUNG_RATE:g} calls/s each")
-            load.wait(HUNG_BEFORE_S)
-            paused: list[tuple[LocalCluster, str]] = []
-            try:
+        paused: list[tuple[LocalCluster, str]] = []
+        try:
+            with load:  # stopped, its calls ended (each within its deadline), before SIGCONT
+                progress(f"hung-pod: {HUNG_WORKERS} threads per strategy, {HUNG_RATE:g} calls/s")
+                load.wait(HUNG_BEFORE_S)
                 for target, victim in victims:
                     progress(f"hung-pod: SIGSTOP {victim} for {settings.run_s:g} s")
                     target.pause(victim)
@@ -330,19 +330,22 @@ def hung_pod(settings: Settings) -> list[Result]:
                         if strategy.cluster is target:
                             hung_at[strategy.strategy] = now
                 load.wait(settings.run_s)
-            finally:
-                for target, victim in paused:
-                    target.resume(victim)
+        finally:
             for target, victim in paused:
-                progress(f"hung-pod: SIGCONT {victim}")
-                try:
-                    target.pod(victim).stats()
-                    answered[victim] = True
-                except (grpc.RpcError, ClusterError):
-                    answered[victim] = False
+                target.resume(victim)
+        for target, victim in paused:
+            progress(f"hung-pod: SIGCONT {victim}")
+            try:
+                target.pod(victim).stats()
+                answered[victim] = True
+            except (grpc.RpcError, ClusterError):
+                answered[victim] = False
         hung_pods = {target: victim for target, victim in victims}
         finished = load.finish(
-            PODS, f"{', '.join(hung_pods.values())} (the plain channel's pod) hung half way"
+            PODS,
+            f"{', '.join(hung_pods.values())} (the plain channel's pod) hung "
+            f"{HUNG_BEFORE_S:g} s in, for {settings.run_s:g} s; calls' deadline "
+            f"{HUNG_DEADLINE_S:g} s",
         )
         for result in finished:
             strategy = next(s for s in opened if s.strategy == result.strategy)
