@@ -42,11 +42,13 @@ def _slow_share_of(entry: Entry) -> float | None:
 #: How to read a table, printed under its heading (scenarios without one have none).
 READING: dict[str, str] = {
     "gray-failure": "`pods ejected`: the balanced channel's outlier ejections (a pod that fails "
-    "every call while its health says SERVING should be ejected once, and no other).",
+    "every call while its health says SERVING should be ejected, again each time it returns, and "
+    "no other pod ever).",
     "slow-pod": "Each strategy has a cluster of its own and several client processes sending at "
     "a fixed rate (open loop). p50/p99 over every call, a failed one at its failure. The slow "
-    "pod's share of the calls sent after the first 10 s, over its share of the capacity (0.2): "
-    "1.00 is right, an even spread gives 1.67; above 1 its queue grows and the p99 with it.",
+    "pod's share of the calls answered of those sent after the first 10 s, over its share of "
+    "the capacity (0.2): 1.00 is right, an even spread gives 1.67 and its queue grows without "
+    "bound (calls past their deadline answer nothing, so they lower the share instead).",
     "hung-pod": "Every strategy at once on one cluster; the pod the plain channel is on hangs "
     "(SIGSTOP) for the run and is SIGCONTed at the end. `s to the last failure`: from the hang "
     "to the last call that failed (its deadline, 1 s, included); a channel that stops sending to "
