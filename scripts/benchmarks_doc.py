@@ -28,6 +28,37 @@ def _failed_of(entry: Entry) -> float | None:
     return float(entry["errors"]) if entry.get("calls") else None
 
 
+def _ejected_of(entry: Entry) -> float | None:
+    """Outlier ejections (None: a strategy without outlier detection)."""
+    ejections = entry.get("ejections")
+    return float(ejections["count"]) if ejections is not None else None
+
+
+def _slow_share_of(entry: Entry) -> float | None:
+    share = entry.get("slow_share_over_capacity_share")
+    return float(share) if share is not None else None
+
+
+#: How to read a table, printed under its heading (scenarios without one have none).
+READING: dict[str, str] = {
+    "gray-failure": "`pods ejected`: the balanced channel's outlier ejections (a pod that fails "
+    "every call while its health says SERVING should be ejected, again each time it returns, and "
+    "no other pod ever).",
+    "slow-pod": "Each strategy has a cluster of its own and several client processes sending at "
+    "a fixed rate (open loop). p50/p99 over every call, a failed one at its failure. The slow "
+    "pod's share of the calls answered of those sent after the first 10 s, over its share of "
+    "the capacity (0.2): 1.00 is right, an even spread gives 1.67 and its queue grows without "
+    "bound (calls past their deadline answer nothing, so they lower the share instead).",
+    "hung-pod": "Every strategy at once on one cluster; the pod the plain channel is on hangs "
+    "(SIGSTOP) for the run and is SIGCONTed at the end. `s to the last failure`: from the hang "
+    "to the last call that failed (its deadline, 1 s, included); a channel that stops sending to "
+    "the hung pod stays near 1 s, one that keeps sending to it reaches the end of the run.",
+    "fleet": "Each strategy has a cluster of its own; shares from the pod each response names, "
+    "over the run and over each 5 s window (the last left out: it ends with the load). The pods "
+    "cannot count their connections: `lanes per pod` counts the clients' lanes on each pod at "
+    "the end (max over the mean of the 6 pods).",
+}
+
 #: Per scenario: its heading, what one row says, and its columns.
 TABLES: dict[str, tuple[str, list[Column]]] = {
     "steady": (
@@ -65,6 +96,45 @@ TABLES: dict[str, tuple[str, list[Column]]] = {
             ("streams", lambda e: e["calls"], 0),
             ("cut", _failed_of, 0),
             ("first message p50 ms", lambda e: e["p50_ms"], 2),
+        ],
+    ),
+    "gray-failure": (
+        "Gray failure: steady with one pod answering UNAVAILABLE while its health says SERVING",
+        [
+            ("calls", lambda e: e["calls"], 0),
+            ("failed", _failed_of, 0),
+            ("pods ejected", _ejected_of, 0),
+        ],
+    ),
+    "slow-pod": (
+        "Slow pod: 3 pods of capacity 4, one at half speed, client processes at 80 % of capacity",
+        [
+            ("p50 ms", lambda e: e["p50_ms"], 2),
+            ("p99 ms", lambda e: e["p99_ms"], 2),
+            ("failed", _failed_of, 0),
+            ("slow pod's share / its capacity share", _slow_share_of, 2),
+            ("pods ejected", _ejected_of, 0),
+        ],
+    ),
+    "hung-pod": (
+        "Hung pod: the plain channel's pod SIGSTOPped under load, calls with a 1 s deadline",
+        [
+            ("calls", lambda e: e["calls"], 0),
+            ("failed after the hang", lambda e: e.get("failed_after_hang"), 0),
+            ("s to the last failure", lambda e: e.get("last_failure_after_hang_s"), 2),
+            ("calls over 2 s", lambda e: e.get("slow_calls_after_hang"), 0),
+            ("pods ejected", _ejected_of, 0),
+        ],
+    ),
+    "fleet": (
+        "Fleet: client processes x 6 pods, at most 4 lanes per balanced client, 60 % of capacity",
+        [
+            ("max share / fair", lambda e: e["max_share_over_fair"], 2),
+            ("worst 5 s window", lambda e: e.get("max_window_share_over_fair"), 2),
+            ("lanes per client, max", lambda e: e.get("lanes_per_client_max"), 0),
+            ("lanes per pod max / mean", lambda e: e.get("connections_per_pod_max_over_mean"), 2),
+            ("p99 ms", lambda e: e["p99_ms"], 2),
+            ("failed", _failed_of, 0),
         ],
     ),
     "client-ip": (
@@ -154,6 +224,8 @@ def render(documents: Sequence[dict[str, Any]]) -> str:
         if not rows:
             continue
         lines += ["", f"## {heading}", ""]
+        if scenario in READING:
+            lines += [READING[scenario], ""]
         lines.append("| strategy | " + " | ".join(column[0] for column in columns) + " |")
         lines.append("|---|" + "---:|" * len(columns))
         for strategy, entries in rows.items():

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -231,10 +229,8 @@ def dns_down(cluster: LocalCluster) -> Iterator[None]:
 def hung(cluster: LocalCluster, name: str) -> Iterator[None]:
     """The pod frozen with SIGSTOP: the kernel still accepts its connections, nothing answers.
     SIGCONT when leaving (before anything asks it for its counts)."""
-    pid = cluster.pod(name).pid
-    assert pid is not None
-    os.kill(pid, signal.SIGSTOP)
+    cluster.pause(name)
     try:
         yield
     finally:
-        os.kill(pid, signal.SIGCONT)
+        cluster.resume(name)

@@ -37,6 +37,9 @@ BENCH_SCENARIOS = (
     "pod-kill",
     "streaming",
     "gray-failure",
+    "slow-pod",
+    "hung-pod",
+    "fleet",
     "scale-down",
     "client-ip",
     "unidentified",
@@ -50,6 +53,7 @@ STRATEGIES = (
     "l7-proxy",
     "interceptors",
     "balanced",
+    "balanced-p2c",
     "balanced-predial",
 )
 #: The ``grpc.aio`` forms of the observing strategies: the membership scenarios only.
@@ -239,8 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
         "against the local cluster, interleaved, and reports calls, errors, calls per pod (the "
         "pods' own counts), max share over fair share, p50/p99 and the affinity alarm. "
         "client-ip, unidentified and defaults give each strategy a cluster of its own and "
-        "no options (see the module grpc_balance_mw.cli.bench_membership). --scenario all "
-        "takes about 40 minutes.",
+        "no options (see the module grpc_balance_mw.cli.bench_membership); slow-pod and fleet "
+        "run client processes, hung-pod SIGSTOPs a pod (grpc_balance_mw.cli.bench_fleet). "
+        "--scenario all "
+        "takes about an hour.",
     )
     bench.add_argument(
         "--scenario", choices=(*BENCH_SCENARIOS, "all"), default="steady", help="default: steady"
@@ -298,6 +304,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=bounded_float(5.0, 600.0),
         default=60.0,
         help="unidentified: the long windows' length; each strategy calls for twice it (5..600)",
+    )
+    bench.add_argument(
+        "--run-s",
+        type=bounded_float(5.0, 600.0),
+        default=25.0,
+        help="slow-pod and fleet: how long each strategy's clients call; hung-pod: how long "
+        "the calls go on after the hang (5..600, default 25)",
+    )
+    bench.add_argument(
+        "--clients",
+        type=bounded_int(1, 64),
+        default=None,
+        help="slow-pod and fleet: client processes (default: 4 for slow-pod, 8 for fleet)",
     )
     _add_simulate(commands)
     return parser

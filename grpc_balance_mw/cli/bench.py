@@ -24,6 +24,8 @@ Scenarios (``--scenario``, or ``all`` in this order):
   ``p50_ms``/``p99_ms``: time to the first message.
 * ``gray-failure``: ``steady`` with pod 1 answering UNAVAILABLE to every call while its health
   check says SERVING (a bad config, a broken dependency); ``errors`` per strategy.
+* ``slow-pod``, ``hung-pod``, ``fleet``: pods unequal in speed, a hung pod, many client
+  processes (issue 23); see :mod:`grpc_balance_mw.cli.bench_fleet` for their fields.
 * ``scale-down``: per strategy and variant a cluster of its own, 4 pods, calls at 100/s from
   one thread; after 5 s the newest pod leaves (variant ``graceful``: ``cluster.scale(3)``, a
   SIGTERM and drain; ``sigkill``: SIGKILL), and the calls go on for 30 s. Spread from the pods'
@@ -42,7 +44,9 @@ without one event (steady, surge, streaming). From the pods' own counts in ``sca
 
 ``--json`` prints one document on stdout, ``{"schema": 1, "settings": {the run's settings},
 "scenarios": [{"name", "strategy", "calls", "errors", "error_codes", "per_pod",
-"max_share_over_fair", "p50_ms", "p99_ms", "alarm", "windows", "seconds_to_new_pod_traffic"
+"max_share_over_fair", "p50_ms", "p99_ms", "alarm", "ejections" (the balanced channel's
+outlier ejections, ``{"count", "pods": {pod: times}}``; null for strategies without a pool),
+"windows", "seconds_to_new_pod_traffic"
 (scale-up only), "variant" (scale-down and defaults), "note" (if any), and the membership
 scenarios' own fields}, ...], "machine": {...}}``;
 otherwise a table. Progress goes to stderr. Every loop is bounded in calls and in time.
@@ -112,6 +116,8 @@ class Settings:
     rate: float = 0.0
     client_ip_s: float = 20.0
     long_window_s: float = 60.0
+    run_s: float = 25.0
+    clients: int | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -125,6 +131,8 @@ class Settings:
             rate=args.rate,
             client_ip_s=args.client_ip_s,
             long_window_s=args.long_window_s,
+            run_s=args.run_s,
+            clients=args.clients,
         )
 
 
@@ -349,7 +357,7 @@ def _steady(settings: Settings, scenario: str, **pod_settings: Any) -> list[Resu
                 result.count(strategy.cluster.served())
         for strategy in opened:
             result = by_name[strategy.strategy]
-            result.alarm = strategy.alarm
+            strategy.report(result)
             results.append(result.finish(latencies[strategy.strategy], PODS))
     return _in_order(results, settings)
 
@@ -364,6 +372,9 @@ class Load:
         workers: threads per strategy.
         budget: calls per worker at most.
         on_pod: called with (strategy, pod) after each call that succeeded (under a lock).
+        on_call: called with (strategy, pod or None if it failed, when it began (monotonic),
+            its milliseconds) after every call (under a lock).
+        timeout: each call's deadline, seconds.
     """
 
     def __init__(
@@ -375,6 +386,8 @@ class Load:
         workers: int,
         budget: int,
         on_pod: Callable[[Result, str], None] | None = None,
+        on_call: Callable[[Result, str | None, float, float], None] | None = None,
+        timeout: float = 5.0,
     ) -> None:
         self.results = {s.strategy: Result(scenario, s.strategy) for s in opened}
         self.latencies: dict[str, list[float]] = {s.strategy: [] for s in opened}
@@ -382,6 +395,8 @@ class Load:
         self._rate = rate
         self._budget = budget
         self._on_pod = on_pod
+        self._on_call = on_call
+        self._timeout = timeout
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [
@@ -409,14 +424,16 @@ class Load:
         for i in range(self._budget):
             if self._stop.wait(max(0.0, self._started + i / self._rate - time.monotonic())):
                 return
-            began = time.perf_counter()
+            began, started = time.perf_counter(), time.monotonic()
             try:
-                pod: str | None = strategy.get(f"cp-{i}")
+                pod: str | None = strategy.get(f"cp-{i}", timeout=self._timeout)
                 code = None
             except grpc.RpcError as error:
                 pod, code = None, _code(error)
             elapsed = (time.perf_counter() - began) * 1000
             with self._lock:
+                if self._on_call is not None:
+                    self._on_call(result, pod, started, elapsed)
                 result.calls += 1
                 if pod is None:
                     result.failed(code)
@@ -429,7 +446,7 @@ class Load:
         finished = []
         for strategy in self._opened:
             result = self.results[strategy.strategy]
-            result.alarm = strategy.alarm
+            strategy.report(result)
             result.note = note
             finished.append(result.finish(self.latencies[strategy.strategy], pods))
         return finished
@@ -508,7 +525,7 @@ def surge(settings: Settings) -> list[Result]:
                 result.count(strategy.cluster.served())
         for strategy in opened:
             result = by_name[strategy.strategy]
-            result.alarm = strategy.alarm
+            strategy.report(result)
             result.note = (
                 f"{SURGE_WAVES} waves of {settings.surge} concurrent calls, pods of capacity "
                 f"{SURGE_CAPACITY} x {SURGE_SERVICE_MS:g} ms (the rest queue), deadline "
@@ -706,7 +723,7 @@ def streaming(settings: Settings) -> list[Result]:
         stop.set()
         for strategy in opened:
             result = by_name[strategy.strategy]
-            result.alarm = strategy.alarm
+            strategy.report(result)
             result.note = "held open: " + ", ".join(sorted(held[strategy.strategy]))
             results.append(result.finish(latencies[strategy.strategy], SCALED_PODS))
     return _in_order(results, settings)

@@ -13,7 +13,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from grpc_balance_mw.cli import AIO_STRATEGIES, MEMBERSHIP_SCENARIOS, bench, bench_membership
+from grpc_balance_mw.cli import (
+    AIO_STRATEGIES,
+    MEMBERSHIP_SCENARIOS,
+    bench,
+    bench_fleet,
+    bench_membership,
+)
 from grpc_balance_mw.cli.arguments import progress
 from grpc_balance_mw.cli.bench import SCENARIOS, Settings, document, print_table
 from grpc_balance_mw.cli.strategies import Result
@@ -27,6 +33,8 @@ def runner(name: str) -> Callable[[Settings], list[Result]]:
     """The scenario's function."""
     if name in bench.RUNNERS:
         return bench.RUNNERS[name]
+    if name in bench_fleet.RUNNERS:
+        return bench_fleet.RUNNERS[name]
     return bench_membership.RUNNERS[name]
 
 

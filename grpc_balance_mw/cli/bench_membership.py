@@ -342,7 +342,7 @@ def _defaults(settings: Settings, name: str, *, rebalance: bool = False) -> Resu
             if rebalance and figures["rebalanced_call"] is None and moved:
                 figures["rebalanced_call"] = call
         result.count(strategy.cluster.served())
-        result.alarm = strategy.alarm
+        strategy.report(result)
         figures["cause"] = cause_of(strategy)
         result.note = f"{DEFAULTS_CALLS} back-to-back calls with default options" + (
             "; observe(rebalance=Rebalance(factory))" if rebalance else ""

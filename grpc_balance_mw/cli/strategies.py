@@ -12,7 +12,11 @@ to one pod", made the way a user would make it, and opened against a :class:`Loc
 * ``l7-proxy``: one channel to an L7 proxy that balances per call (HAProxy h2, Envoy's
   stand-in);
 * ``interceptors``: a plain channel observed (:func:`observe`) with spans: the alarm, no fix;
-* ``balanced``: :func:`balanced_channel`, GetChargePoint marked retryable;
+* ``balanced``: :func:`balanced_channel` with its default picker, GetChargePoint marked
+  retryable;
+* ``balanced-p2c``: the same with :class:`~grpc_balance_mw.pool.LeastOutstanding` (in-flight
+  calls, power of two choices) passed explicitly, so it keeps that picker when the default
+  changes: the comparison for a new picker;
 * ``balanced-predial``: the fallback with connections dialled ahead of need.
 
 Every strategy that observes has an affinity registry of its own, so two strategies on the same
@@ -36,6 +40,7 @@ from grpc_balance_mw.dial_per_request import dial_per_request_channel
 from grpc_balance_mw.headless_channel import headless_channel
 from grpc_balance_mw.observed_channel import observe
 from grpc_balance_mw.observing import ObserveOptions
+from grpc_balance_mw.pool import LanePool, LeastOutstanding, PoolConfig
 from grpc_balance_mw.retry import RetryPolicy
 from grpc_balance_mw.telemetry import AffinityTelemetry
 from grpc_balance_mw.testing import LocalCluster
@@ -47,6 +52,9 @@ __all__ = [
     "STRATEGIES",
     "Opened",
     "Result",
+    "Targets",
+    "channel_for",
+    "ejections_of",
     "max_share_over_fair",
     "open_strategy",
     "percentile",
@@ -81,6 +89,9 @@ class Result:
     note: str | None = None
     variant: str | None = None
     windows: list[dict[str, Any]] = field(default_factory=list)
+    #: Pods the balanced channel's outlier detection ejected: ``{"count", "pods": {pod: times}}``
+    #: (None: a strategy without one).
+    ejections: dict[str, Any] | None = None
     #: A scenario's own figures, entries of the document beside the common fields.
     figures: dict[str, Any] = field(default_factory=dict)
 
@@ -149,6 +160,15 @@ class Opened:
     def alarm(self) -> str | None:
         return self.detector.snapshot().state.value if self.detector is not None else None
 
+    @property
+    def ejections(self) -> dict[str, Any] | None:
+        return ejections_of(self.channel)
+
+    def report(self, result: Result) -> None:
+        """What the channel itself says, into its result: the alarm and the ejections."""
+        result.alarm = self.alarm
+        result.ejections = self.ejections
+
     def get(self, request_id: str = "cp-1", timeout: float = 5.0) -> str:
         """One GetChargePoint; the pod that served it (the response's ``served_by``)."""
         request = pb.GetChargePointRequest(id=request_id)
@@ -158,15 +178,33 @@ class Opened:
     def settle(self, timeout_s: float = 5.0) -> None:
         """Wait (bounded) until a balanced channel's lanes cover distinct pods, so steady-state
         figures are not its first second's."""
-        if not isinstance(self.channel, BalancedChannel):
+        settle(self.channel, len(self.cluster.endpoints()), timeout_s)
+
+
+def settle(channel: grpc.Channel, pods: int, timeout_s: float = 5.0) -> None:
+    """Wait (bounded) until a balanced channel's lanes cover ``pods`` distinct pods (at most
+    its ``min_lanes``); other channels return at once."""
+    if not isinstance(channel, BalancedChannel):
+        return
+    wanted = min(pods, channel.pool.config.min_lanes)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        covered = {lane.pod for lane in channel.pool.lanes if lane.is_available()}
+        if len(covered - {None}) >= wanted:
             return
-        wanted = min(len(self.cluster.endpoints()), self.channel.pool.config.min_lanes)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            pods = {lane.pod for lane in self.channel.pool.lanes if lane.is_available()}
-            if len(pods - {None}) >= wanted:
-                return
-            time.sleep(0.05)
+        time.sleep(0.05)
+
+
+def ejections_of(channel: grpc.Channel) -> dict[str, Any] | None:
+    """A balanced channel's (sync or aio) outlier ejections so far, ``{"count", "pods": {pod:
+    times}}``; None for a channel without a lane pool."""
+    pool = getattr(channel, "pool", None)
+    if not isinstance(pool, LanePool):
+        return None
+    outliers = pool.outliers
+    if outliers is None:
+        return {"count": 0, "pods": {}}
+    return {"count": outliers.ejections, "pods": dict(sorted(outliers.ejected_pods.items()))}
 
 
 def unavailable_strategies(cluster: LocalCluster) -> dict[str, str]:
@@ -187,6 +225,25 @@ def _observe_options(
     )
 
 
+@dataclass(frozen=True)
+class Targets:
+    """Where a strategy's channel connects: the Service, and the L7 proxy and the headless
+    Service's DNS name where the cluster has them (a client process gets these, not the
+    cluster)."""
+
+    service: str
+    l7: str | None = None
+    headless: str | None = None
+
+    @classmethod
+    def of(cls, cluster: LocalCluster) -> Targets:
+        return cls(
+            cluster.service_target,
+            cluster.l7_target if cluster.l7_kind is not None else None,
+            cluster.headless_target if cluster.dns_kind is not None else None,
+        )
+
+
 def open_strategy(
     strategy: str,
     cluster: LocalCluster,
@@ -205,37 +262,68 @@ def open_strategy(
             its own spans if None, dropped: what is measured is making them).
         expected_pods: the replicas the observing strategies are told of (None: not told).
     """
-    retry = RetryPolicy(methods={GET_CHARGE_POINT})
-    channel: grpc.Channel
-    detector: AffinityDetector | None = None
     target_cluster = cluster
-    if strategy == "plain":
-        channel = grpc.insecure_channel(cluster.service_target, options=[OWN_CONNECTION])
-    elif strategy == "l7-proxy":
-        channel = grpc.insecure_channel(cluster.l7_target, options=[OWN_CONNECTION])
-    elif strategy == "headless-round-robin":
-        channel = headless_channel(cluster.headless_target, options=[OWN_CONNECTION], check=False)
-    elif strategy == "server-max-age":
+    if strategy == "server-max-age":
         if max_age_cluster is None:
             raise ValueError("server-max-age needs the cluster of pods with a connection age")
         target_cluster = max_age_cluster
-        channel = grpc.insecure_channel(max_age_cluster.service_target, options=[OWN_CONNECTION])
+    channel, detector = channel_for(
+        strategy, Targets.of(target_cluster), telemetry=telemetry, expected_pods=expected_pods
+    )
+    return Opened(
+        strategy,
+        channel,
+        pb_grpc.ChargePointsStub(channel),  # type: ignore[no-untyped-call]
+        target_cluster,
+        detector,
+        channel.close,
+    )
+
+
+def channel_for(
+    strategy: str,
+    targets: Targets,
+    *,
+    telemetry: AffinityTelemetry | None = None,
+    expected_pods: int | None = 3,
+    pool_config: PoolConfig | None = None,
+) -> tuple[grpc.Channel, AffinityDetector | None]:
+    """One strategy's channel to ``targets`` and the affinity detector that watches it.
+
+    ``server-max-age`` is a plain channel to ``targets.service`` (pods with a connection age);
+    ``pool_config``: the balanced strategies' pool (None: the defaults).
+    """
+    retry = RetryPolicy(methods={GET_CHARGE_POINT})
+    channel: grpc.Channel
+    detector: AffinityDetector | None = None
+    if strategy in ("plain", "server-max-age"):
+        channel = grpc.insecure_channel(targets.service, options=[OWN_CONNECTION])
+    elif strategy == "l7-proxy":
+        if targets.l7 is None:
+            raise ValueError("l7-proxy needs a cluster with an L7 proxy")
+        channel = grpc.insecure_channel(targets.l7, options=[OWN_CONNECTION])
+    elif strategy == "headless-round-robin":
+        if targets.headless is None:
+            raise ValueError("headless-round-robin needs a cluster with a DNS")
+        channel = headless_channel(targets.headless, options=[OWN_CONNECTION], check=False)
     elif strategy == "interceptors":
-        plain = grpc.insecure_channel(cluster.service_target, options=[OWN_CONNECTION])
+        plain = grpc.insecure_channel(targets.service, options=[OWN_CONNECTION])
         observed = observe(
             plain, _observe_options(expected_pods, telemetry or _dropped_spans_telemetry())
         )
         channel, detector = observed, observed.detector
-    elif strategy == "balanced":
+    elif strategy in ("balanced", "balanced-p2c"):
         balanced = balanced_channel(
-            cluster.service_target,
+            targets.service,
             retry=retry,
             observe=_observe_options(expected_pods, telemetry),
+            picker=LeastOutstanding() if strategy == "balanced-p2c" else None,
+            pool_config=pool_config,
         )
         channel, detector = balanced, balanced.detector
     elif strategy in ("dial-per-request", "balanced-predial"):
         redial = dial_per_request_channel(
-            cluster.service_target,
+            targets.service,
             retry=retry,
             predial=PREDIAL if strategy == "balanced-predial" else 0,
             observe=_observe_options(expected_pods, telemetry),
@@ -245,14 +333,7 @@ def open_strategy(
         detector = redial.observer.detector
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
-    return Opened(
-        strategy,
-        channel,
-        pb_grpc.ChargePointsStub(channel),  # type: ignore[no-untyped-call]
-        target_cluster,
-        detector,
-        channel.close,
-    )
+    return channel, detector
 
 
 def _dropped_spans_telemetry() -> AffinityTelemetry:

@@ -198,12 +198,14 @@ class OutlierEjector:
         ejected: the endpoints ejected now; the pool's picker reads it on every call, so it is
             one set, changed in place.
         ejections: ejections so far (a metric).
+        ejected_pods: ejections so far per endpoint (read-only for callers: which pods).
         events: ejections and returns not yet handed to the adapter (:meth:`take_events`).
     """
 
     config: OutlierDetection
     ejected: set[str] = field(default_factory=set)
     ejections: int = 0
+    ejected_pods: dict[str, int] = field(default_factory=dict)
     events: list[OutlierEvent] = field(default_factory=list)
     _endpoints: dict[str, _Endpoint] = field(default_factory=dict)
     _next_sweep: float | None = None
@@ -316,4 +318,5 @@ class OutlierEjector:
         endpoint.until = now + duration
         self.ejected.add(name)
         self.ejections += 1
+        self.ejected_pods[name] = self.ejected_pods.get(name, 0) + 1
         self.events.append(OutlierEvent(name, True, reason, duration, now))

@@ -396,6 +396,18 @@ class LocalCluster:
             pod.start()
             self.refresh()
 
+    def pause(self, name: str) -> None:
+        """SIGSTOP one pod: it hangs but stays in the endpoints (its process is alive, and no
+        readiness probe runs here to fail), as a hung pod does until its probe times out.
+        Call :meth:`resume` before anything asks it for its counts."""
+        with self._lock:
+            self.pod(name).pause()
+
+    def resume(self, name: str) -> None:
+        """SIGCONT a paused pod."""
+        with self._lock:
+            self.pod(name).resume()
+
     def set_serving(self, name: str, serving: bool) -> None:
         """Flip a pod's health; a NOT_SERVING pod leaves the endpoints but keeps running."""
         with self._lock:

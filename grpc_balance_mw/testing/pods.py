@@ -285,6 +285,17 @@ class Pod:
             self._process.kill()
         self.serving = False
 
+    def pause(self) -> None:
+        """SIGSTOP: the pod hangs (its kernel still accepts connections; nothing answers, not
+        even health checks), as a pod stuck in a deadlock or a long GC pause."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT: a paused pod runs on where it stopped."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGCONT)
+
     def terminate(self) -> None:
         """Send SIGTERM without waiting (:meth:`stop` then waits), to stop many pods at once."""
         if self._process is not None and self._process.alive:
