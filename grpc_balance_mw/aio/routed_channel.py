@@ -67,7 +67,8 @@ Route = TypeVar("Route")
 #: How often a ``wait_for_ready`` call asks again for a route while there is none.
 WAIT_POLL_S = 0.02
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-_OK = grpc.StatusCode.OK.value[0]
+_OK_CODE = grpc.StatusCode.OK
+_OK = _OK_CODE.value[0]
 _INTERCEPTOR_KINDS = (
     grpc.aio.UnaryUnaryClientInterceptor,
     grpc.aio.UnaryStreamClientInterceptor,
@@ -90,6 +91,9 @@ class AioRouter(Protocol[Route]):
 
     def release(self, route: Route, outcome: Outcome, in_callback: bool) -> None:
         """The attempt on ``route`` ended; exactly once per route."""
+
+    def reads_trailers(self, route: Route) -> bool:
+        """Whether a successful attempt's outcome should carry its trailing metadata."""
 
 
 def check_interceptors(interceptors: Sequence[Any] | None) -> list[Any]:
@@ -135,7 +139,7 @@ class _Watch(Ticket[Any]):
 
     def report(self, initial: Any, trailing: Any, number: int | None) -> None:
         if number == _OK:
-            self.release(OK, True)
+            self.release(outcome_of(_OK_CODE, trailing) if self.reads_trailers() else OK, True)
         else:
             self.release(outcome_of(None if number is None else _CODES.get(number), trailing), True)
         observer = self.observer

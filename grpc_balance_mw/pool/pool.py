@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from grpc_balance_mw._membership import Membership, Source
 from grpc_balance_mw.affinity.advice import VOICES, cause_of_stuck
 from grpc_balance_mw.errors import BalanceError, ConfigurationError
+from grpc_balance_mw.orca import LoadReport
 from grpc_balance_mw.pool.lane import Lane, LanePurpose, LaneState
 from grpc_balance_mw.pool.outliers import OutlierDetection, OutlierEjector, OutlierEvent
 from grpc_balance_mw.pool.pickers import LeastOutstanding, Picker
@@ -97,6 +98,10 @@ _IDLE_SIGNALS_S = 5.0
 #: third of its idle CPU went to checks). The first round that sees a call checks every lane
 #: not checked within ``health_interval_s``, before the next calls if it can.
 _IDLE_CHECK_S = 20.0
+#: A pod first seen this long after the pool's first lane took calls joined the target (a
+#: scale-up): slow start ramps its share. The pods found before are the target's own, found
+#: by the first scouts within a second or two, and start with full shares.
+JOINED_AFTER_S = 5.0
 
 
 class PoolClosed(BalanceError, ValueError):
@@ -389,6 +394,15 @@ class LanePool:
     ) -> None:
         self.config = config if config is not None else PoolConfig()
         self.picker: Picker = picker if picker is not None else LeastOutstanding(rng=rng)
+        #: Where load reports go (a picker that weighs lanes by them), else None: then the
+        #: calls' trailers are not read for reports at all.
+        self._on_report: Callable[[Lane, LoadReport, float], None] | None = (
+            getattr(self.picker, "reported", None)
+            if getattr(self.picker, "reads_reports", False)
+            else None
+        )
+        #: Load reports that could not be decoded (dropped; the calls went on).
+        self.malformed_reports = 0
         self.rotation = rotation if rotation is not None else default_rotation()
         self.clock = clock
         self._rng = rng if rng is not None else random.Random()
@@ -429,6 +443,7 @@ class LanePool:
         self.blind = False
         self._unnamed = 0  # new lanes' and scouts' checks in a row that named no pod
         self._next_reroll = 0.0
+        self._started_at: float | None = None  # when the first lane took calls
         self.closed = False
         #: Set in a forked child: the adapter refuses calls (its connections are the parent's).
         self.forked = False
@@ -491,6 +506,7 @@ class LanePool:
         *,
         timed_out: bool = False,
         failed: bool = False,
+        report: LoadReport | None = None,
     ) -> None:
         """A call on ``lane`` ended.
 
@@ -507,9 +523,12 @@ class LanePool:
                 sends it a fresh burst. It also counts against its pod for outlier ejection.
             failed: it failed with a status its pod is to blame for (``Outcome.pod_failed``):
                 counted for outlier ejection; several in a row eject the pod at once.
+            report: the load report its pod sent in the call's trailers, for the picker.
         """
         with self._lock:
             lane.in_flight -= 1
+            if report is not None and self._on_report is not None:
+                self._on_report(lane, report, self.clock())
             if unavailable:
                 self._failed(lane)
             elif timed_out:
@@ -523,6 +542,12 @@ class LanePool:
                 lane.heard = self._answers
                 lane.answered += 1
                 self._drain_backoff = 0.0
+
+    @property
+    def reads_reports(self) -> bool:
+        """Whether its picker weighs lanes by the pods' load reports (so calls' trailers are
+        read for them)."""
+        return self._on_report is not None
 
     def lane_failed(self, lane: Lane) -> None:
         """A call on ``lane`` failed with UNAVAILABLE, learnt after :meth:`release`."""
@@ -1169,6 +1194,12 @@ class LanePool:
         return next((lane for lane in self.lanes if lane.id == lane_id), None)
 
     def _activate(self, lane: Lane, now: float) -> None:
+        if self._started_at is None:
+            self._started_at = now
+        elif lane.pod is not None:
+            record = self.membership.pods.get(lane.pod)
+            if record is not None and record.first_seen > self._started_at + JOINED_AFTER_S:
+                lane.joined_at = record.first_seen  # a scale-up's pod, for slow start
         lane.state = LaneState.ACTIVE
         lane.activated_at = now
         lane.rotate_at = self.rotation.rotate_at(now, self._rng)

@@ -1,0 +1,178 @@
+"""The weighted picker's pure core: A58's weights from ORCA reports (blackout, expiry, error
+penalty, the mean for lanes without one), stride scheduling with calls in flight, slow start
+for a pod that joined, and LeastOutstanding's choice whenever no weight applies."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+
+import pytest
+from pool_fakes import FakeClock
+
+from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.orca import LoadReport
+from grpc_balance_mw.pool import Lane, LaneState, LeastOutstanding
+from grpc_balance_mw.pool.pickers import Weighted
+from grpc_balance_mw.pool.weights import LaneLoad, SlowStart, WeightConfig, report_weight
+
+QUICK = WeightConfig(blackout_s=1.0, expiration_s=10.0, update_s=0.0)
+
+
+def active_lane(lane_id: int) -> Lane:
+    lane = Lane(lane_id, 0.0)
+    lane.state = LaneState.ACTIVE
+    lane.activated_at = 0.0
+    lane.pod = f"pod-{lane_id}"
+    lane.last_picked = lane_id + 1
+    return lane
+
+
+def report(utilization: float, qps: float = 100.0, eps: float = 0.0) -> LoadReport:
+    return LoadReport(application_utilization=utilization, rps_fractional=qps, eps=eps)
+
+
+def sequential(pick: Weighted | LeastOutstanding, lanes: list[Lane], calls: int) -> Counter[int]:
+    """``calls`` calls one after another (0 in flight), numbered as the pool numbers picks."""
+    counts: Counter[int] = Counter()
+    start = max(lane.last_picked for lane in lanes)
+    for sequence in range(start + 1, start + calls + 1):
+        lane = pick(lanes)
+        lane.last_picked = sequence
+        counts[lane.id] += 1
+    return counts
+
+
+def test_a58_weight_formula() -> None:
+    assert report_weight(report(0.5, qps=100), 1.0) == pytest.approx(200)
+    # Errors count as utilization: 10 eps at 100 qps adds 0.1 with penalty 1.
+    assert report_weight(report(0.5, qps=100, eps=10), 1.0) == pytest.approx(100 / 0.6)
+    # The application's utilization wins over the CPU's; without it, the CPU's.
+    cpu = LoadReport(cpu_utilization=0.25, rps_fractional=50)
+    assert report_weight(cpu, 1.0) == pytest.approx(200)
+    both = LoadReport(cpu_utilization=0.25, application_utilization=0.5, rps_fractional=50)
+    assert report_weight(both, 1.0) == pytest.approx(100)
+    # No qps or no utilization: no weight (ignored, not an idle pod).
+    assert report_weight(report(0.0), 1.0) == 0
+    assert report_weight(report(0.5, qps=0), 1.0) == 0
+
+
+def test_blackout_and_expiry() -> None:
+    config = WeightConfig(blackout_s=10.0, expiration_s=180.0)
+    load = LaneLoad()
+    assert load.usable(0.0, config) == 0
+    load.add(report(0.5), 100.0, config)
+    assert load.usable(109.9, config) == 0  # still in its blackout
+    load.add(report(0.5), 109.0, config)
+    assert load.usable(110.0, config) == pytest.approx(200)
+    # No report for 3 minutes: expired, and the next report starts a new blackout.
+    assert load.usable(289.0, config) == 0
+    load.add(report(0.25), 290.0, config)
+    assert load.usable(295.0, config) == 0
+    assert load.usable(300.0, config) == pytest.approx(400)
+    # A report without a weight neither starts a blackout nor refreshes one.
+    empty = LaneLoad()
+    empty.add(report(0.0), 0.0, config)
+    assert empty.non_empty_since is None and empty.reports == 1
+
+
+def test_no_reports_is_exactly_least_outstanding() -> None:
+    plain_lanes = [active_lane(i) for i in range(3)]
+    weighted_lanes = [active_lane(i) for i in range(3)]
+    plain = LeastOutstanding(rng=random.Random(5))
+    weighted = Weighted(QUICK, rng=random.Random(5))
+    for step in range(500):
+        busy = step % 3
+        plain_lanes[busy].in_flight = weighted_lanes[busy].in_flight = step % 4
+        a, b = plain(plain_lanes), weighted(weighted_lanes)
+        assert a.id == b.id
+        a.last_picked = b.last_picked = step + 10
+
+
+def test_sequential_calls_follow_the_weights() -> None:
+    """One pod at 0.9 utilization, two at 0.3 (same qps): weights 1:3:3, after the blackout."""
+    clock = FakeClock(0.0)
+    lanes = [active_lane(i) for i in range(3)]
+    pick = Weighted(QUICK, rng=random.Random(1), clock=clock)
+    for lane, utilization in zip(lanes, (0.9, 0.3, 0.3), strict=True):
+        pick.reported(lane, report(utilization), clock())
+    before = sequential(pick, lanes, 1400)  # in the blackout: even
+    assert max(before.values()) / min(before.values()) < 1.1, before
+    clock.advance(2.0)
+    for lane, utilization in zip(lanes, (0.9, 0.3, 0.3), strict=True):
+        pick.reported(lane, report(utilization), clock())
+    after = sequential(pick, lanes, 1400)
+    assert after[0] / 1400 == pytest.approx(1 / 7, abs=0.03), after
+    assert after[1] == pytest.approx(after[2], rel=0.1), after
+    # Runs of sequential calls stay (few switches), as LeastOutstanding's.
+    order = []
+    for sequence in range(10_000, 10_700):
+        lane = pick(lanes)
+        lane.last_picked = sequence
+        order.append(lane.id)
+    assert sum(a != b for a, b in itertools.pairwise(order)) <= 700 / 16 * 1.5
+
+
+def test_calls_in_flight_count_against_the_weight() -> None:
+    clock = FakeClock(0.0)
+    lanes = [active_lane(i) for i in range(2)]
+    pick = Weighted(QUICK, run=1, rng=random.Random(1), clock=clock)
+    for lane in lanes:
+        pick.reported(lane, report(0.5), clock())
+    clock.advance(2.0)
+    lanes[0].in_flight = 5
+    assert all(pick(lanes) is lanes[1] for _ in range(3))
+
+
+def test_a_lane_without_weight_gets_the_mean_and_one_weight_is_none() -> None:
+    clock = FakeClock(0.0)
+    lanes = [active_lane(i) for i in range(3)]
+    pick = Weighted(QUICK, rng=random.Random(1), clock=clock)
+    pick.reported(lanes[0], report(0.9), clock())
+    clock.advance(2.0)
+    # One weight alone: every lane the same (A58 falls back to round robin).
+    alone = sequential(pick, lanes, 900)
+    assert max(alone.values()) / min(alone.values()) < 1.1, alone
+    pick.reported(lanes[1], report(0.3), clock())
+    clock.advance(2.0)
+    pick.reported(lanes[0], report(0.9), clock())
+    pick.reported(lanes[1], report(0.3), clock())
+    # Lane 2 reports nothing: the mean of 1 and 3, so 1:3:2.
+    shares = sequential(pick, lanes, 1800)
+    assert shares[0] / 1800 == pytest.approx(1 / 6, abs=0.03), shares
+    assert shares[2] / 1800 == pytest.approx(2 / 6, abs=0.04), shares
+    # Stale reports expire: even again.
+    clock.advance(11.0)
+    stale = sequential(pick, lanes, 900)
+    assert max(stale.values()) / min(stale.values()) < 1.1, stale
+
+
+def test_slow_start_ramps_a_joined_pod() -> None:
+    clock = FakeClock(0.0)
+    slow = SlowStart(window_s=10.0, aggression=1.0, min_weight_percent=10.0)
+    assert slow.factor(0.0) == pytest.approx(0.1)
+    assert slow.factor(5.0) == pytest.approx(0.5)
+    assert slow.factor(10.0) == 1.0
+    assert SlowStart(window_s=10.0, aggression=2.0).factor(2.5) == pytest.approx(0.5)
+    lanes = [active_lane(i) for i in range(3)]
+    lanes[2].joined_at = 0.0
+    pick = Weighted(WeightConfig(update_s=0.0, slow_start=slow), clock=clock)
+    clock.advance(2.0)  # factor 0.2: 1:1:0.2
+    early = sequential(pick, lanes, 2200)
+    assert early[2] / 2200 == pytest.approx(0.2 / 2.2, abs=0.03), early
+    clock.advance(6.0)  # factor 0.8
+    later = sequential(pick, lanes, 2800)
+    assert later[2] / 2800 == pytest.approx(0.8 / 2.8, abs=0.04), later
+    clock.advance(5.0)  # past the window: even
+    done = sequential(pick, lanes, 1500)
+    assert max(done.values()) / min(done.values()) < 1.1, done
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ConfigurationError):
+        WeightConfig(blackout_s=-1)
+    with pytest.raises(ConfigurationError):
+        SlowStart(window_s=0)
+    with pytest.raises(ConfigurationError):
+        SlowStart(min_weight_percent=0)
