@@ -37,7 +37,7 @@ import grpc
 
 from grpc_balance_mw._grpcio import accepts_registered_method
 from grpc_balance_mw.errors import BalanceError, ConfigurationError
-from grpc_balance_mw.orca import TRAILER_KEY, LoadReport, MalformedLoadReport, decode_load_report
+from grpc_balance_mw.orca import TRAILER_KEYS, LoadReport, MalformedLoadReport, decode_load_report
 from grpc_balance_mw.pool import Lane, LanePool, LaneState, NoLane
 from grpc_balance_mw.pool.health import names_a_pod
 from grpc_balance_mw.pool.outliers import POD_FAILURES
@@ -220,13 +220,14 @@ _malformed_logged_at: float | None = None
 
 
 def load_report_in(trailing: Any) -> LoadReport | None:
-    """The ORCA load report in a call's trailing metadata, if any (gRFC A51).
+    """The ORCA load report in a call's trailing metadata, if any (gRFC A51), under either
+    key of :data:`~grpc_balance_mw.orca.TRAILER_KEYS` (grpcio publishes only the first).
 
     Raises:
         MalformedLoadReport: the trailer is there but holds no report.
     """
     for key, value in trailing:
-        if key == TRAILER_KEY:
+        if key in TRAILER_KEYS:
             return decode_load_report(value if isinstance(value, bytes) else value.encode())
     return None
 

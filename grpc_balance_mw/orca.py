@@ -23,7 +23,9 @@ from typing import Any
 from grpc_balance_mw.errors import BalanceError
 
 __all__ = [
+    "LOAD_TRAILER_KEY",
     "TRAILER_KEY",
+    "TRAILER_KEYS",
     "LoadReport",
     "MalformedLoadReport",
     "decode_load_report",
@@ -32,6 +34,13 @@ __all__ = [
 
 #: The trailer ORCA's per-call reports travel in (binary metadata: grpcio base64s it).
 TRAILER_KEY = "endpoint-load-metrics-bin"
+#: The same report under a key grpcio hands to the application: grpc core parses
+#: ``endpoint-load-metrics-bin`` for its own xDS policies and never publishes it to the
+#: application (``EndpointLoadMetricsBinMetadata::kPublishToApp = false``), so a grpcio client
+#: reads the report here. A pod sends both (other clients read the standard one).
+LOAD_TRAILER_KEY = "x-balance-load-bin"
+#: The keys a client reads a report from, in order.
+TRAILER_KEYS = (LOAD_TRAILER_KEY, TRAILER_KEY)
 
 #: Field numbers of OrcaLoadReport.
 _CPU, _MEM, _RPS, _REQUEST_COST, _UTILIZATION, _RPS_FRACTIONAL, _EPS, _NAMED, _APPLICATION = range(

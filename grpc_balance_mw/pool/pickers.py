@@ -168,6 +168,11 @@ class Weighted(LeastOutstanding):
     def __repr__(self) -> str:
         return f"Weighted(choices={self.choices}, run={self.run}, config={self.config})"
 
+    @property
+    def weighing(self) -> bool:
+        """Whether weights decide now (else the choice is :class:`LeastOutstanding`'s)."""
+        return self._weighted
+
     def reported(self, lane: Lane, report: LoadReport, now: float) -> None:
         """One load report from ``lane``'s pod, at ``now`` (the pool's clock)."""
         load = lane.load
