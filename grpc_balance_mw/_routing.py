@@ -481,11 +481,18 @@ class LaneRoutes:
 
     def reads_trailers(self, lane: Lane) -> bool:
         """Whether the attempt on ``lane`` should hand its trailing metadata to the outcome
-        (where getting them costs something: a sync unary call's ``with_call``): when the
-        picker weighs lanes by load reports and the lane's pod sent one, or on one call in
-        :data:`REPORT_PROBE` to find out whether it does (its first included)."""
+        (where getting them costs something: a sync unary call's ``with_call``): only when
+        the picker weighs lanes by load reports; then for a lane whose pod reports, once its
+        last report is :data:`~grpc_balance_mw.pool.weights.READ_EVERY_S` old, by the
+        pool's clock at its last plan; for one whose pod sent none yet, on one call in
+        :data:`REPORT_PROBE` (its first included), to find out whether it does."""
         pool = self.pool
-        return pool.reads_reports and (lane.load is not None or lane.calls % REPORT_PROBE == 1)
+        if not pool.reads_reports:
+            return False
+        load = lane.load
+        if load is None or not load.reports:
+            return lane.calls % REPORT_PROBE == 1
+        return load.read_after <= pool.planned_at
 
     def release(self, lane: Lane, outcome: Outcome, in_callback: bool) -> None:
         """Tell the pool: a lane whose pod went away takes no more calls; a call that passed

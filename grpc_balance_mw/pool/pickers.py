@@ -159,7 +159,7 @@ class Weighted(LeastOutstanding):
         super().__init__(choices, run=run, rng=rng)
         self.config = config if config is not None else WeightConfig()
         self.clock = clock
-        self._reported = False  # a report came: weights may exist
+        self._plain = self.config.slow_start is None  # no report came: LeastOutstanding's
         self._weighted = False  # at least two lanes have a usable weight
         self._next_update = 0.0
         self._mean = 1.0
@@ -179,8 +179,8 @@ class Weighted(LeastOutstanding):
         if load is None:
             load = lane.load = LaneLoad()
         load.add(report, now, self.config)
-        if not self._reported:
-            self._reported = True
+        if self._plain:
+            self._plain = False
             self._next_update = now  # weigh at the next pick
 
     def weights(self, lanes: Sequence[Lane], now: float) -> bool:
@@ -209,8 +209,8 @@ class Weighted(LeastOutstanding):
         )
 
     def __call__(self, lanes: Sequence[Lane]) -> Lane:
-        if not self._reported and self.config.slow_start is None:
-            return super().__call__(lanes)
+        if self._plain:
+            return LeastOutstanding.__call__(self, lanes)
         now = self.clock()
         if now >= self._next_update:
             self._weighted = self.weights(lanes, now)

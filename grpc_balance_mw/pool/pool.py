@@ -401,6 +401,9 @@ class LanePool:
             if getattr(self.picker, "reads_reports", False)
             else None
         )
+        #: Whether its picker weighs lanes by the pods' load reports (so the calls' trailers
+        #: are read for them); a plain attribute, read on every call.
+        self.reads_reports = self._on_report is not None
         #: Load reports that could not be decoded (dropped; the calls went on).
         self.malformed_reports = 0
         self.rotation = rotation if rotation is not None else default_rotation()
@@ -417,6 +420,8 @@ class LanePool:
         self.membership = Membership(forget_gone_s=self.config.pod_ttl_s)
         self.membership.expect(self.config.expected_pods)
         self._now = 0.0  # the clock at the last plan or report, for the membership's count
+        #: The clock at the last plan: a clock for the call path that costs no call.
+        self.planned_at = 0.0
         self._recent: deque[str] = deque(maxlen=self.config.affinity_dials)
         self._checked_at: dict[int, float] = {}
         self._answers = 0  # calls answered on any lane (see Lane.heard)
@@ -543,12 +548,6 @@ class LanePool:
                 lane.answered += 1
                 self._drain_backoff = 0.0
 
-    @property
-    def reads_reports(self) -> bool:
-        """Whether its picker weighs lanes by the pods' load reports (so calls' trailers are
-        read for them)."""
-        return self._on_report is not None
-
     def lane_failed(self, lane: Lane) -> None:
         """A call on ``lane`` failed with UNAVAILABLE, learnt after :meth:`release`."""
         with self._lock:
@@ -640,7 +639,7 @@ class LanePool:
             else:
                 signals = None
         with self._lock:
-            self._now = now
+            self._now = self.planned_at = now
             if signals is not None:
                 self._signals = signals
             plan = Plan(dial=[lane for lane in self.lanes if lane.state is LaneState.DIALING])

@@ -15,7 +15,12 @@ from dataclasses import dataclass
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.orca import LoadReport
 
-__all__ = ["LaneLoad", "SlowStart", "WeightConfig", "report_weight"]
+__all__ = ["READ_EVERY_S", "LaneLoad", "SlowStart", "WeightConfig", "report_weight"]
+
+#: A lane's pod reports on every call, but its weight changes once per update (A58: 1 s), so
+#: one report in this long is read (decoding one costs about as much as the rest of the
+#: client's work on a call, and a sync unary call must switch to ``with_call`` to see it).
+READ_EVERY_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -92,9 +97,19 @@ class LaneLoad:
         effective: the weight the picker uses, set at each update (0: none usable).
         reports: reports received (with or without a weight).
         passed: the picker's stride-scheduling pass (grows by ``1 / effective`` per call).
+        read_after: the next report is read from a call that ends after this (the pool's
+            clock at its last plan): see :data:`READ_EVERY_S`.
     """
 
-    __slots__ = ("effective", "last_update", "non_empty_since", "passed", "reports", "weight")
+    __slots__ = (
+        "effective",
+        "last_update",
+        "non_empty_since",
+        "passed",
+        "read_after",
+        "reports",
+        "weight",
+    )
 
     def __init__(self) -> None:
         self.weight = 0.0
@@ -103,6 +118,7 @@ class LaneLoad:
         self.effective = 0.0
         self.reports = 0
         self.passed = 0.0
+        self.read_after = 0.0
 
     def __repr__(self) -> str:
         return f"LaneLoad(weight={self.weight:.3g}, effective={self.effective:.3g})"
@@ -110,6 +126,7 @@ class LaneLoad:
     def add(self, report: LoadReport, now: float, config: WeightConfig) -> None:
         """One report, received at ``now``."""
         self.reports += 1
+        self.read_after = now + READ_EVERY_S
         weight = report_weight(report, config.error_penalty)
         if weight <= 0:
             return
