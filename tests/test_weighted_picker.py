@@ -9,11 +9,11 @@ import random
 from collections import Counter
 
 import pytest
-from pool_fakes import FakeClock
+from pool_fakes import FakeClock, KubeProxy, active_pods, drive
 
 from grpc_balance_mw.errors import ConfigurationError
 from grpc_balance_mw.orca import LoadReport
-from grpc_balance_mw.pool import Lane, LaneState, LeastOutstanding
+from grpc_balance_mw.pool import Lane, LanePool, LaneState, LeastOutstanding, PoolConfig
 from grpc_balance_mw.pool.pickers import Weighted
 from grpc_balance_mw.pool.weights import LaneLoad, SlowStart, WeightConfig, report_weight
 
@@ -167,6 +167,33 @@ def test_slow_start_ramps_a_joined_pod() -> None:
     clock.advance(5.0)  # past the window: even
     done = sequential(pick, lanes, 1500)
     assert max(done.values()) / min(done.values()) < 1.1, done
+
+
+def test_only_a_pod_that_joined_later_is_slow_started() -> None:
+    """The pods found at start take full shares; a scale-up's pod found later is marked
+    joined (its lane ramps), and a lane rotated onto a known pod is not."""
+    clock = FakeClock()
+    rng = random.Random(7)
+    slow = SlowStart(window_s=30.0)
+    picker = Weighted(WeightConfig(slow_start=slow, update_s=0.0), rng=rng, clock=clock)
+    pool = LanePool(PoolConfig(), picker=picker, clock=clock, rng=rng)
+    proxy = KubeProxy(3, rng)
+    old = {"pod-0", "pod-1", "pod-2"}
+    assert drive(pool, proxy, clock, lambda: set(active_pods(pool)) >= old, 10.0) is not None
+    assert all(lane.joined_at is None for lane in pool.lanes)
+    clock.advance(10.0)
+    proxy.scale(4)
+    assert drive(pool, proxy, clock, lambda: "pod-3" in active_pods(pool), 30.0) is not None
+    (new,) = [lane for lane in pool.lanes if lane.pod == "pod-3" and lane.is_available()]
+    assert new.joined_at is not None and clock.now - new.joined_at < 30.0
+    assert all(lane.joined_at is None for lane in pool.lanes if lane.pod in old)
+    # Its share ramps: sequential calls give it f / (3 + f) of them, f its slow-start factor.
+    lanes = [lane for lane in pool.lanes if lane.is_available()]
+    factor = slow.factor(clock.now - new.joined_at)
+    shares = sequential(picker, lanes, 2000)
+    assert shares[new.id] < 2000 * factor / (3 + factor) * 1.5, shares
+    clock.advance(31.0)
+    assert sequential(picker, lanes, 2000)[new.id] > 2000 / 4 * 0.8
 
 
 def test_bad_settings_are_refused() -> None:

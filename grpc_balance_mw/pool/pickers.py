@@ -203,6 +203,11 @@ class Weighted(LeastOutstanding):
             if slow is not None and lane.joined_at is not None:
                 effective *= slow.factor(now - lane.joined_at)
             load.effective = effective
+            # A pass run up at a lower weight would hold the lane back once its weight rose:
+            # no lane is further ahead of the least pass than one run at its weight now.
+            ahead = self._floor + self.run / effective
+            if load.passed > ahead:
+                load.passed = ahead
         self._mean = mean
         return len(known) >= 2 or (
             slow is not None and any(lane.joined_at is not None for lane in lanes)
