@@ -47,7 +47,7 @@ from grpc_balance_mw.errors import BalanceError, ConfigurationError
 from grpc_balance_mw.orca import LoadReport
 from grpc_balance_mw.pool.lane import Lane, LanePurpose, LaneState
 from grpc_balance_mw.pool.outliers import OutlierDetection, OutlierEjector, OutlierEvent
-from grpc_balance_mw.pool.pickers import LeastOutstanding, Picker
+from grpc_balance_mw.pool.pickers import Picker, Weighted
 from grpc_balance_mw.pool.rotation import (
     Rotation,
     RotationContext,
@@ -377,7 +377,8 @@ class LanePool:
 
     Args:
         config: sizes, bounds and intervals.
-        picker: chooses the lane per call (default :class:`LeastOutstanding`).
+        picker: chooses the lane per call (default :class:`Weighted`: by the pods' load
+            reports when they send them, else exactly :class:`LeastOutstanding`).
         rotation: when a lane is replaced (default :func:`default_rotation`).
         clock: monotonic seconds (injected in tests).
         rng: random source for jitter (injected in tests).
@@ -393,7 +394,7 @@ class LanePool:
         rng: random.Random | None = None,
     ) -> None:
         self.config = config if config is not None else PoolConfig()
-        self.picker: Picker = picker if picker is not None else LeastOutstanding(rng=rng)
+        self.picker: Picker = picker if picker is not None else Weighted(rng=rng)
         #: Where load reports go (a picker that weighs lanes by them), else None: then the
         #: calls' trailers are not read for reports at all.
         self._on_report: Callable[[Lane, LoadReport, float], None] | None = (
