@@ -172,11 +172,14 @@ class Outcome(NamedTuple):
         pod_named: its trailers name the pod that sent the status (the pod is alive).
         trailing: its trailing metadata, when the router reads them (load reports) and
             they were at hand; else None.
+        started: when it started, by the router's clock, if the router times calls
+            (:meth:`LaneRoutes.started`); else None.
     """
 
     code: grpc.StatusCode | None
     pod_named: bool = False
     trailing: Any = None
+    started: float | None = None
 
     @property
     def pod_gone(self) -> bool:
@@ -204,13 +207,18 @@ NO_OUTCOME = Outcome(None)
 OK = Outcome(grpc.StatusCode.OK)
 
 
-def outcome_of(code: grpc.StatusCode | None, trailing: Any = None) -> Outcome:
+def outcome_of(
+    code: grpc.StatusCode | None, trailing: Any = None, started: float | None = None
+) -> Outcome:
     """The outcome of an attempt that ended with ``code`` and ``trailing`` metadata (kept on
-    the outcome for the router's load reports)."""
+    the outcome for the router's load reports); ``started``: when a timed attempt began
+    (only a successful one's latency is kept)."""
     if code is None:
         return NO_OUTCOME
     if code is _OK:
-        return OK if not trailing else Outcome(_OK, False, trailing)
+        if not trailing and started is None:
+            return OK
+        return Outcome(_OK, False, trailing or None, started)
     return Outcome(code, code is _UNAVAILABLE and names_a_pod(trailing), trailing or None)
 
 
@@ -303,6 +311,9 @@ class Router(Protocol[Route]):  # type: ignore[misc]
     def reads_trailers(self, route: Route) -> bool:
         """Whether the outcome of a successful attempt on ``route`` should carry its
         trailing metadata (:func:`outcome_of`): the router reads load reports there."""
+
+    def started(self) -> float | None:
+        """The time an attempt starts now, if the router times calls (else None)."""
 
 
 #: Held by a ticket only to take its route (two attribute operations, nothing called inside):
@@ -479,6 +490,12 @@ class LaneRoutes:
             inner = connection.callables[spec] = spec.make(connection.channel)
         return inner
 
+    def started(self) -> float | None:
+        """The pool's clock now if its picker weighs lanes by latency (Peak-EWMA), else None:
+        a unary-response attempt keeps it and hands it back on its outcome."""
+        pool = self.pool
+        return pool.clock() if pool.times_calls else None
+
     def reads_trailers(self, lane: Lane) -> bool:
         """Whether the attempt on ``lane`` should hand its trailing metadata to the outcome
         (where getting them costs something: a sync unary call's ``with_call``): only when
@@ -511,7 +528,7 @@ class LaneRoutes:
                 pool.malformed_reports += 1
                 note_malformed(error)
         if outcome.code is _OK:
-            pool.release(lane, report=report)
+            pool.release(lane, report=report, started=outcome.started)
         elif outcome.pod_failed:  # the pod answered, with an error it is to blame for
             pool.release(lane, failed=True, report=report)
         else:
@@ -549,6 +566,10 @@ class ConnectionRoutes:
     def reads_trailers(self, lease: Lease) -> bool:
         """A connection per call weighs nothing: no trailers to read."""
         return False
+
+    def started(self) -> float | None:
+        """Nor are its calls timed."""
+        return None
 
     def multicallable(self, lease: Lease, spec: MethodSpec) -> Any:
         return spec.make(lease.channel)

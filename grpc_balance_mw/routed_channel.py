@@ -72,6 +72,9 @@ class SyncRouter(Protocol[Route]):
     def reads_trailers(self, route: Route) -> bool:
         """Whether a successful attempt's outcome should carry its trailing metadata."""
 
+    def started(self) -> float | None:
+        """When an attempt starts now, if the router times calls (else None)."""
+
 
 def call_outcome(call: Any, trailers: bool = False) -> Outcome:
     """The outcome of an ended sync call (a done-callback: ``code()`` does not wait);
@@ -231,15 +234,20 @@ class _UnaryResponse(_Method[Route]):
         if deadline is not None:
             timeout = deadline.remaining()
         outcome = OK
+        # Unary calls only are timed (Peak-EWMA): a request stream's time is the caller's.
+        started = None if self._stream_request else router.started()
         try:
             inner = router.multicallable(route, self._spec)
             if self._stream_request:
                 request = request_for_attempt(True, request)
             if not router.reads_trailers(route):
-                return getattr(inner, how)(request, timeout, *rest)
+                result = getattr(inner, how)(request, timeout, *rest)
+                if started is not None:
+                    outcome = outcome_of(grpc.StatusCode.OK, None, started)
+                return result
             # The router reads load reports: the call object (with_call) has the trailers.
             response, call = inner.with_call(request, timeout, *rest)
-            outcome = outcome_of(grpc.StatusCode.OK, call.trailing_metadata())
+            outcome = outcome_of(grpc.StatusCode.OK, call.trailing_metadata(), started)
             return (response, call) if how == "with_call" else response
         except grpc.RpcError as error:
             outcome = error_outcome(error)

@@ -196,9 +196,44 @@ def test_only_a_pod_that_joined_later_is_slow_started() -> None:
     assert sequential(picker, lanes, 2000)[new.id] > 2000 / 4 * 0.8
 
 
+def test_peak_ewma_jumps_up_and_decays() -> None:
+    load = LaneLoad()
+    load.timed(0.010, 0.0, 10.0)
+    assert load.ewma == pytest.approx(0.010)
+    load.timed(0.050, 1.0, 10.0)  # a peak is taken at once
+    assert load.ewma == pytest.approx(0.050)
+    load.timed(0.010, 11.0, 10.0)  # one time constant later: 1/e of the way back
+    assert load.ewma == pytest.approx(0.010 + 0.040 / 2.718281828, rel=1e-3)
+
+
+def test_latency_weighs_only_without_reports_and_when_it_differs() -> None:
+    clock = FakeClock(0.0)
+    lanes = [active_lane(i) for i in range(3)]
+    config = WeightConfig(update_s=0.0, peak_ewma_s=10.0)
+    pick = Weighted(config, rng=random.Random(1), clock=clock)
+    assert pick.times_calls and not Weighted().times_calls
+    for lane, latency in zip(lanes, (0.001, 0.0012, 0.0009), strict=True):
+        pick.timed(lane, latency, clock())
+    even = sequential(pick, lanes, 900)  # within the spread: LeastOutstanding's even shares
+    assert not pick.weighing and max(even.values()) / min(even.values()) < 1.1, even
+    pick.timed(lanes[0], 0.005, clock())  # 5x slower
+    slow = sequential(pick, lanes, 1100)
+    assert pick.weighing and slow[0] / 1100 == pytest.approx(1 / 11, abs=0.03), slow
+    # Reports, once usable, take over from latencies.
+    for lane in lanes:
+        pick.reported(lane, report(0.5), clock())
+    clock.advance(11.0)
+    for lane in lanes:
+        pick.reported(lane, report(0.5), clock())
+    reported_even = sequential(pick, lanes, 900)
+    assert max(reported_even.values()) / min(reported_even.values()) < 1.1, reported_even
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ConfigurationError):
         WeightConfig(blackout_s=-1)
+    with pytest.raises(ConfigurationError):
+        WeightConfig(peak_ewma_s=0)
     with pytest.raises(ConfigurationError):
         SlowStart(window_s=0)
     with pytest.raises(ConfigurationError):

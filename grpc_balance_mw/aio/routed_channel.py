@@ -95,6 +95,9 @@ class AioRouter(Protocol[Route]):
     def reads_trailers(self, route: Route) -> bool:
         """Whether a successful attempt's outcome should carry its trailing metadata."""
 
+    def started(self) -> float | None:
+        """When an attempt starts now, if the router times calls (else None)."""
+
 
 def check_interceptors(interceptors: Sequence[Any] | None) -> list[Any]:
     """``interceptors`` as a list, or the ValueError grpc.aio raises for one of no known kind
@@ -113,12 +116,14 @@ class _Watch(Ticket[Any]):
     """One attempt's hold on its route (a :class:`Ticket`) and what it reports when it ends:
     one object per call, whose ``ended`` is the call's done-callback."""
 
-    __slots__ = ("observed", "observer", "started", "stream")
+    __slots__ = ("began", "observed", "observer", "started", "stream")
 
     def __init__(
         self, router: AioRouter[Any], route: Any, observer: CallObserver | None, spec: MethodSpec
     ) -> None:
         super().__init__(router, route)
+        # Unary calls only are timed (Peak-EWMA): a stream's life is not a latency.
+        self.began = router.started() if spec.kind == "unary_unary" else None
         self.observer = observer
         self.observed: ObservedCall | None = None
         self.started: float | None = None
@@ -139,7 +144,11 @@ class _Watch(Ticket[Any]):
 
     def report(self, initial: Any, trailing: Any, number: int | None) -> None:
         if number == _OK:
-            self.release(outcome_of(_OK_CODE, trailing) if self.reads_trailers() else OK, True)
+            reads = self.reads_trailers()
+            if reads or self.began is not None:
+                self.release(outcome_of(_OK_CODE, trailing if reads else None, self.began), True)
+            else:
+                self.release(OK, True)
         else:
             self.release(outcome_of(None if number is None else _CODES.get(number), trailing), True)
         observer = self.observer

@@ -159,6 +159,8 @@ class Weighted(LeastOutstanding):
         super().__init__(choices, run=run, rng=rng)
         self.config = config if config is not None else WeightConfig()
         self.clock = clock
+        #: The pool times unary-response calls for this picker (Peak-EWMA is on).
+        self.times_calls = self.config.peak_ewma_s is not None
         self._plain = self.config.slow_start is None  # no report came: LeastOutstanding's
         self._weighted = False  # at least two lanes have a usable weight
         self._next_update = 0.0
@@ -183,6 +185,38 @@ class Weighted(LeastOutstanding):
             self._plain = False
             self._next_update = now  # weigh at the next pick
 
+    def timed(self, lane: Lane, latency: float, now: float) -> None:
+        """One call on ``lane`` took ``latency`` seconds, ending at ``now``."""
+        tau = self.config.peak_ewma_s
+        if tau is None:
+            return
+        load = lane.load
+        if load is None:
+            load = lane.load = LaneLoad()
+        load.timed(latency, now, tau)
+        if self._plain:
+            self._plain = False
+            self._next_update = now
+
+    def _latency_weights(self, lanes: Sequence[Lane]) -> list[float] | None:
+        """Weights 1 / Peak-EWMA when no pod reports but latencies differ enough (else
+        None): cost ``(in_flight + 1) * ewma`` as Linkerd's, in the stride schedule."""
+        if self.config.peak_ewma_s is None:
+            return None
+        ewmas = [
+            lane.load.ewma
+            for lane in lanes
+            if lane.load is not None and lane.load.ewma_at is not None and lane.load.ewma > 0
+        ]
+        if len(ewmas) < 2 or max(ewmas) < min(ewmas) * self.config.latency_spread:
+            return None
+        return [
+            1.0 / lane.load.ewma
+            if lane.load is not None and lane.load.ewma_at is not None and lane.load.ewma > 0
+            else 0.0
+            for lane in lanes
+        ]
+
     def weights(self, lanes: Sequence[Lane], now: float) -> bool:
         """Recompute each lane's effective weight at ``now``; whether weights apply (at least
         two lanes have one)."""
@@ -193,6 +227,11 @@ class Weighted(LeastOutstanding):
             weight = 0.0 if load is None else load.usable(now, config)
             usable.append(weight)
         known = [weight for weight in usable if weight > 0]
+        if len(known) < 2:  # no reports to weigh by: the calls' latencies, if they differ
+            latency = self._latency_weights(lanes)
+            if latency is not None:
+                usable = latency
+                known = [weight for weight in usable if weight > 0]
         mean = sum(known) / len(known) if known else 1.0
         slow = config.slow_start
         for lane, weight in zip(lanes, usable, strict=True):

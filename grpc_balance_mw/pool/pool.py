@@ -405,6 +405,8 @@ class LanePool:
         #: Whether its picker weighs lanes by the pods' load reports (so the calls' trailers
         #: are read for them); a plain attribute, read on every call.
         self.reads_reports = self._on_report is not None
+        #: Whether its picker weighs lanes by their calls' latency (so calls are timed).
+        self.times_calls = bool(getattr(self.picker, "times_calls", False))
         #: Load reports that could not be decoded (dropped; the calls went on).
         self.malformed_reports = 0
         self.rotation = rotation if rotation is not None else default_rotation()
@@ -513,6 +515,7 @@ class LanePool:
         timed_out: bool = False,
         failed: bool = False,
         report: LoadReport | None = None,
+        started: float | None = None,
     ) -> None:
         """A call on ``lane`` ended.
 
@@ -530,11 +533,17 @@ class LanePool:
             failed: it failed with a status its pod is to blame for (``Outcome.pod_failed``):
                 counted for outlier ejection; several in a row eject the pod at once.
             report: the load report its pod sent in the call's trailers, for the picker.
+            started: when it started (this pool's clock), if timed: its latency goes to the
+                picker (only calls that succeeded are timed).
         """
         with self._lock:
             lane.in_flight -= 1
-            if report is not None and self._on_report is not None:
-                self._on_report(lane, report, self.clock())
+            if report is not None or started is not None:
+                now = self.clock()
+                if report is not None and self._on_report is not None:
+                    self._on_report(lane, report, now)
+                if started is not None:
+                    self.picker.timed(lane, now - started, now)  # type: ignore[attr-defined]
             if unavailable:
                 self._failed(lane)
             elif timed_out:

@@ -10,6 +10,7 @@ bookkeeping: the pool feeds it under its lock, the picker reads it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from grpc_balance_mw.errors import ConfigurationError
@@ -64,6 +65,12 @@ class WeightConfig:
             fails calls fast must not look idle).
         update_s: how often the picker recomputes the weights.
         slow_start: ramp the share of a pod that just joined (None: off).
+        peak_ewma_s: when no pod reports its load, weigh lanes by the latency of their
+            unary-response calls: a Peak-EWMA (Linkerd's, Finagle's) that jumps to a higher
+            latency at once and decays with this time constant (10 s is Linkerd's). None
+            (the default): off, and no call is timed.
+        latency_spread: latencies weigh only when the slowest lane's average is at least
+            this many times the fastest's (loopback jitter must not reorder even pods).
     """
 
     blackout_s: float = 10.0
@@ -71,10 +78,14 @@ class WeightConfig:
     error_penalty: float = 1.0
     update_s: float = 1.0
     slow_start: SlowStart | None = None
+    peak_ewma_s: float | None = None
+    latency_spread: float = 2.0
 
     def __post_init__(self) -> None:
         if min(self.blackout_s, self.expiration_s, self.error_penalty, self.update_s) < 0:
             raise ConfigurationError("WeightConfig's periods and penalty must be >= 0")
+        if (self.peak_ewma_s is not None and self.peak_ewma_s <= 0) or self.latency_spread < 1:
+            raise ConfigurationError("WeightConfig needs peak_ewma_s > 0 and latency_spread >= 1")
 
 
 def report_weight(report: LoadReport, error_penalty: float) -> float:
@@ -97,12 +108,16 @@ class LaneLoad:
         effective: the weight the picker uses, set at each update (0: none usable).
         reports: reports received (with or without a weight).
         passed: the picker's stride-scheduling pass (grows by ``1 / effective`` per call).
+        ewma: the Peak-EWMA of its calls' latency (seconds; see :meth:`timed`).
+        ewma_at: when ``ewma`` last changed (None: no call timed yet).
         read_after: the next report is read from a call that ends after this (the pool's
             clock at its last plan): see :data:`READ_EVERY_S`.
     """
 
     __slots__ = (
         "effective",
+        "ewma",
+        "ewma_at",
         "last_update",
         "non_empty_since",
         "passed",
@@ -119,6 +134,8 @@ class LaneLoad:
         self.reports = 0
         self.passed = 0.0
         self.read_after = 0.0
+        self.ewma = 0.0
+        self.ewma_at: float | None = None
 
     def __repr__(self) -> str:
         return f"LaneLoad(weight={self.weight:.3g}, effective={self.effective:.3g})"
@@ -134,6 +151,19 @@ class LaneLoad:
             self.non_empty_since = now
         self.last_update = now
         self.weight = weight
+
+    def timed(self, latency: float, now: float, tau_s: float) -> None:
+        """One call took ``latency`` seconds, ending at ``now``: Peak-EWMA. A higher latency
+        is taken at once (a pod that slows down is avoided from its first slow answer); a
+        lower one is averaged in with weight ``1 - exp(-elapsed / tau_s)``, so the average
+        forgets a peak over ``tau_s`` seconds of answers."""
+        at = self.ewma_at
+        if at is None or latency >= self.ewma:
+            self.ewma = latency
+        else:
+            keep = math.exp(-(now - at) / tau_s)
+            self.ewma = self.ewma * keep + latency * (1.0 - keep)
+        self.ewma_at = now
 
     def usable(self, now: float, config: WeightConfig) -> float:
         """The weight to use at ``now``, 0 if none: none yet, in its blackout, or expired (an
