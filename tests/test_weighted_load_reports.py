@@ -130,9 +130,12 @@ class AioReporting(Reporting, grpc.aio.ServerInterceptor):  # type: ignore[misc]
 class ReportingPods:
     """Three pods of one flavour; pod i sends ``trailers[i]`` as its load report."""
 
-    def __init__(self, mode: str, trailers: list[bytes]) -> None:
+    def __init__(
+        self, mode: str, trailers: list[bytes], service_times: tuple[float, ...] = (0.0,) * 3
+    ) -> None:
         self.mode = mode
         self.trailers = trailers
+        self.service_times = service_times
         self.names = [f"charge-points-{i}" for i in range(3)]
         self.loop = LoopThread() if mode == "aio" else None
         self.servers: list[Any] = []
@@ -155,9 +158,10 @@ class ReportingPods:
                     SyncReporting(trailer, "sync"),
                 ],
             )
-            pb_grpc.add_ChargePointsServicer_to_server(
-                SyncChargePointsServicer(identity.name), server
+            servicer = SyncChargePointsServicer(
+                identity.name, service_time_s=self.service_times[index]
             )
+            pb_grpc.add_ChargePointsServicer_to_server(servicer, server)
             sync_server.add_health(server, services=(SERVICE_NAME,))
             port = int(server.add_insecure_port("127.0.0.1:0"))
             server.start()
@@ -171,7 +175,8 @@ class ReportingPods:
                     AioReporting(trailer, "aio"),
                 ]
             )
-            pb_grpc.add_ChargePointsServicer_to_server(ChargePointsServicer(identity.name), server)
+            servicer = ChargePointsServicer(identity.name, service_time_s=self.service_times[index])
+            pb_grpc.add_ChargePointsServicer_to_server(servicer, server)
             await aio_server.add_health(server, services=(SERVICE_NAME,))
             port = int(server.add_insecure_port("127.0.0.1:0"))
             await server.start()
@@ -197,8 +202,8 @@ def mode(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def pods(mode: str, request: pytest.FixtureRequest) -> Iterator[ReportingPods]:
-    trailers = getattr(request, "param", [report(0.9), report(0.3), report(0.3)])
-    running = ReportingPods(mode, trailers)
+    trailers, times = getattr(request, "param", ([report(0.9), report(0.3), report(0.3)], None))
+    running = ReportingPods(mode, trailers, times or (0.0,) * 3)
     yield running
     running.close()
 
@@ -223,10 +228,15 @@ def reported(channel: Any) -> int:
     return sum(lane.load.reports for lane in channel.pool.lanes if lane.load is not None)
 
 
-def run(mode: str, address: str, body: Callable[[Any, Callable[[str], Any]], None]) -> None:
+def run(
+    mode: str,
+    address: str,
+    body: Callable[[Any, Callable[[str], Any]], None],
+    config: WeightConfig = QUICK,
+) -> None:
     """``body(channel, call)`` on a balanced channel with the weighted picker, once its lanes
     cover the three pods; ``call(kind)`` makes one call and returns its status."""
-    picker = Weighted(QUICK)
+    picker = Weighted(config)
     if mode == "sync":
         channel = balanced_channel(address, picker=picker)
         try:
@@ -280,7 +290,7 @@ def test_the_loaded_pod_gets_fewer_calls(pods: ReportingPods, service: Userspace
     run(pods.mode, service.address, body)
 
 
-@pytest.mark.parametrize("pods", [[MALFORMED, report(0.3), report(0.3)]], indirect=True)
+@pytest.mark.parametrize("pods", [([MALFORMED, report(0.3), report(0.3)], None)], indirect=True)
 def test_a_malformed_report_is_dropped_and_its_calls_succeed(
     pods: ReportingPods, service: UserspaceService, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -297,7 +307,7 @@ def test_a_malformed_report_is_dropped_and_its_calls_succeed(
     run(pods.mode, service.address, body)
 
 
-@pytest.mark.parametrize("pods", [[report(0.5)] * 3], indirect=True)
+@pytest.mark.parametrize("pods", [([report(0.5)] * 3, None)], indirect=True)
 def test_grpc_core_keeps_the_standard_trailer_from_the_application(
     pods: ReportingPods,
 ) -> None:
@@ -316,3 +326,29 @@ def test_grpc_core_keeps_the_standard_trailer_from_the_application(
 
         trailing = asyncio.run(main())
     assert LOAD_TRAILER_KEY in trailing and TRAILER_KEY not in trailing, trailing
+
+
+#: Service times: the slow pod's is 15x, so that its latency (through the userspace Service,
+#: in this process, on a busy machine: ~10 ms more per call) stays some 3x the others'.
+@pytest.mark.parametrize("pods", [([b""] * 3, (0.002, 0.030, 0.002))], indirect=True)
+def test_a_slower_pod_gets_fewer_calls_without_reports(
+    pods: ReportingPods, service: UserspaceService
+) -> None:
+    """Peak-EWMA: no pod reports; one answers in 30 ms, the others in 2 ms."""
+
+    def body(channel: Any, call: Callable[[str], Any]) -> None:
+        def weighing() -> bool:  # each lane timed, and the spread seen
+            assert call("unary_unary") is grpc.StatusCode.OK
+            return bool(channel.pool.picker.weighing)
+
+        assert wait_for(weighing, 10), channel.pool.lanes
+        before = per_pod(channel)
+        codes = [call("unary_unary") for _ in range(600)]
+        assert set(codes) == {grpc.StatusCode.OK}
+        counts = per_pod(channel) - before
+        ewmas = {lane.pod: lane.load.ewma for lane in channel.pool.lanes if lane.load}
+        print(f"peak-ewma ({pods.mode}): {dict(counts)}, ewma {ewmas}")
+        slow = counts["charge-points-1"]
+        assert slow < min(counts["charge-points-0"], counts["charge-points-2"]) / 2, counts
+
+    run(pods.mode, service.address, body, WeightConfig(update_s=0.1, peak_ewma_s=10.0))
