@@ -114,6 +114,20 @@ def test_sequential_calls_follow_the_weights() -> None:
     assert sum(a != b for a, b in itertools.pairwise(order)) <= 700 / 16 * 1.5
 
 
+def test_a_lane_new_since_the_last_update_keeps_its_first_report() -> None:
+    clock = FakeClock(0.0)
+    lanes = [active_lane(i) for i in range(2)]
+    pick = Weighted(WeightConfig(blackout_s=0.0, update_s=5.0), rng=random.Random(1), clock=clock)
+    for lane in lanes:
+        pick.reported(lane, report(0.5), clock())
+    pick(lanes)
+    fresh = active_lane(2)
+    pick.reported(fresh, report(0.5), clock())  # reported before the picker saw the lane
+    for _ in range(20):
+        pick([*lanes, fresh])
+    assert fresh.load is not None and fresh.load.reports == 1
+
+
 def test_calls_in_flight_count_against_the_weight() -> None:
     clock = FakeClock(0.0)
     lanes = [active_lane(i) for i in range(2)]

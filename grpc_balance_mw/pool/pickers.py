@@ -270,8 +270,9 @@ class Weighted(LeastOutstanding):
         lowest, oldest, least = math.inf, 0, math.inf
         for lane in drawn:  # the least pass + in_flight / weight, then least recently picked
             load = lane.load
-            if load is None or load.effective <= 0:  # a lane new since the last update
+            if load is None:  # a lane new since the last update
                 load = lane.load = LaneLoad()
+            if load.effective <= 0:  # ... or its first report came since: the mean until then
                 load.effective = mean
             if load.passed < floor:  # new to the schedule, or idle for long: no credit
                 load.passed = floor
