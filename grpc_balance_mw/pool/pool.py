@@ -405,8 +405,14 @@ class LanePool:
         #: Whether its picker weighs lanes by the pods' load reports (so the calls' trailers
         #: are read for them); a plain attribute, read on every call.
         self.reads_reports = self._on_report is not None
+        #: Where calls' latencies go (a picker that weighs lanes by them), else None.
+        self._on_timed: Callable[[Lane, float, float], None] | None = (
+            getattr(self.picker, "timed", None)
+            if getattr(self.picker, "times_calls", False)
+            else None
+        )
         #: Whether its picker weighs lanes by their calls' latency (so calls are timed).
-        self.times_calls = bool(getattr(self.picker, "times_calls", False))
+        self.times_calls = self._on_timed is not None
         #: Load reports that could not be decoded (dropped; the calls went on).
         self.malformed_reports = 0
         self.rotation = rotation if rotation is not None else default_rotation()
@@ -542,8 +548,8 @@ class LanePool:
                 now = self.clock()
                 if report is not None and self._on_report is not None:
                     self._on_report(lane, report, now)
-                if started is not None:
-                    self.picker.timed(lane, now - started, now)  # type: ignore[attr-defined]
+                if started is not None and self._on_timed is not None:
+                    self._on_timed(lane, now - started, now)
             if unavailable:
                 self._failed(lane)
             elif timed_out:
