@@ -233,6 +233,14 @@ def test_latency_weighs_only_without_reports_and_when_it_differs() -> None:
     pick.timed(lanes[0], 0.005, clock())  # 5x slower
     slow = sequential(pick, lanes, 1100)
     assert pick.weighing and slow[0] / 1100 == pytest.approx(1 / 11, abs=0.03), slow
+    # Hysteresis (fastest 0.9 ms): 1.6 ms (1.8x: below 2, above its root) keeps weighing;
+    # 1.2 ms (1.33x) stops.
+    pick.timed(lanes[0], 0.0016, clock.advance(1000.0))
+    sequential(pick, lanes, 30)
+    assert pick.weighing
+    pick.timed(lanes[0], 0.0012, clock.advance(1000.0))
+    sequential(pick, lanes, 30)
+    assert not pick.weighing
     # Reports, once usable, take over from latencies.
     for lane in lanes:
         pick.reported(lane, report(0.5), clock())

@@ -166,6 +166,7 @@ class Weighted(LeastOutstanding):
         self._next_update = 0.0
         self._mean = 1.0
         self._floor = 0.0  # the least pass of the lanes, for a lane new to the schedule
+        self._by_latency = False  # latencies differed enough to weigh at the last update
 
     def __repr__(self) -> str:
         return f"Weighted(choices={self.choices}, run={self.run}, config={self.config})"
@@ -208,7 +209,13 @@ class Weighted(LeastOutstanding):
             for lane in lanes
             if lane.load is not None and lane.load.ewma_at is not None and lane.load.ewma > 0
         ]
-        if len(ewmas) < 2 or max(ewmas) < min(ewmas) * self.config.latency_spread:
+        # Hysteresis: latencies start to weigh at latency_spread and stop below its square
+        # root, so that jitter near the threshold does not flip the picker on every update.
+        spread = self.config.latency_spread
+        if self._by_latency:
+            spread = math.sqrt(spread)
+        self._by_latency = len(ewmas) >= 2 and max(ewmas) >= min(ewmas) * spread
+        if not self._by_latency:
             return None
         return [
             1.0 / lane.load.ewma

@@ -69,8 +69,9 @@ class WeightConfig:
             unary-response calls: a Peak-EWMA (Linkerd's, Finagle's) that jumps to a higher
             latency at once and decays with this time constant (10 s is Linkerd's). None
             (the default): off, and no call is timed.
-        latency_spread: latencies weigh only when the slowest lane's average is at least
-            this many times the fastest's (loopback jitter must not reorder even pods).
+        latency_spread: latencies start to weigh when the slowest lane's average is at
+            least this many times the fastest's (jitter must not reorder even pods), and
+            stop when it falls below the square root of that.
     """
 
     blackout_s: float = 10.0
