@@ -25,7 +25,9 @@ adapters do the I/O; what they decide is decided here, once, so the four adapter
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -35,6 +37,7 @@ import grpc
 
 from grpc_balance_mw._grpcio import accepts_registered_method
 from grpc_balance_mw.errors import BalanceError, ConfigurationError
+from grpc_balance_mw.orca import TRAILER_KEYS, LoadReport, MalformedLoadReport, decode_load_report
 from grpc_balance_mw.pool import Lane, LanePool, LaneState, NoLane
 from grpc_balance_mw.pool.health import names_a_pod
 from grpc_balance_mw.pool.outliers import POD_FAILURES
@@ -66,7 +69,10 @@ __all__ = [
     "request_for_attempt",
 ]
 
+_log = logging.getLogger(__name__)
+
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+_OK = grpc.StatusCode.OK
 _DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
 _POD_FAILURES = frozenset(code for code in grpc.StatusCode if code.name in POD_FAILURES)
 
@@ -164,10 +170,16 @@ class Outcome(NamedTuple):
     Attributes:
         code: its status (None: not known, e.g. a stream dropped half-read).
         pod_named: its trailers name the pod that sent the status (the pod is alive).
+        trailing: its trailing metadata, when the router reads them (load reports) and
+            they were at hand; else None.
+        started: when it started, by the router's clock, if the router times calls
+            (:meth:`LaneRoutes.started`); else None.
     """
 
     code: grpc.StatusCode | None
     pod_named: bool = False
+    trailing: Any = None
+    started: float | None = None
 
     @property
     def pod_gone(self) -> bool:
@@ -195,11 +207,49 @@ NO_OUTCOME = Outcome(None)
 OK = Outcome(grpc.StatusCode.OK)
 
 
-def outcome_of(code: grpc.StatusCode | None, trailing: Any = None) -> Outcome:
-    """The outcome of an attempt that ended with ``code`` and ``trailing`` metadata."""
-    if code is None or code is grpc.StatusCode.OK:
-        return NO_OUTCOME if code is None else OK
-    return Outcome(code, code is _UNAVAILABLE and names_a_pod(trailing))
+def outcome_of(
+    code: grpc.StatusCode | None, trailing: Any = None, started: float | None = None
+) -> Outcome:
+    """The outcome of an attempt that ended with ``code`` and ``trailing`` metadata (kept on
+    the outcome for the router's load reports); ``started``: when a timed attempt began
+    (only a successful one's latency is kept)."""
+    if code is None:
+        return NO_OUTCOME
+    if code is _OK:
+        if not trailing and started is None:
+            return OK
+        return Outcome(_OK, False, trailing or None, started)
+    return Outcome(code, code is _UNAVAILABLE and names_a_pod(trailing), trailing or None)
+
+
+#: Malformed load reports are logged at most this often (a pod sends one on every call).
+MALFORMED_LOG_S = 60.0
+_malformed_logged_at: float | None = None
+
+
+def load_report_in(trailing: Any) -> LoadReport | None:
+    """The ORCA load report in a call's trailing metadata, if any (gRFC A51), under either
+    key of :data:`~grpc_balance_mw.orca.TRAILER_KEYS` (grpcio publishes only the first).
+
+    Raises:
+        MalformedLoadReport: the trailer is there but holds no report.
+    """
+    for key, value in trailing:
+        if key in TRAILER_KEYS:
+            return decode_load_report(value if isinstance(value, bytes) else value.encode())
+    return None
+
+
+def note_malformed(error: MalformedLoadReport) -> None:
+    """A report was dropped: warn, at most once per :data:`MALFORMED_LOG_S` (a pod that sends
+    a bad one sends it on every call), and at debug level the rest of the time."""
+    global _malformed_logged_at
+    now = time.monotonic()
+    if _malformed_logged_at is None or now - _malformed_logged_at >= MALFORMED_LOG_S:
+        _malformed_logged_at = now
+        _log.warning("a load report was dropped (its call went on): %s", error)
+    else:
+        _log.debug("a load report was dropped: %s", error)
 
 
 def error_outcome(error: BaseException) -> Outcome:
@@ -258,6 +308,13 @@ class Router(Protocol[Route]):  # type: ignore[misc]
         ``in_callback``: called from a done-callback (grpcio's thread, or the event loop's
         callback): do not wait there."""
 
+    def reads_trailers(self, route: Route) -> bool:
+        """Whether the outcome of a successful attempt on ``route`` should carry its
+        trailing metadata (:func:`outcome_of`): the router reads load reports there."""
+
+    def started(self) -> float | None:
+        """The time an attempt starts now, if the router times calls (else None)."""
+
 
 #: Held by a ticket only to take its route (two attribute operations, nothing called inside):
 #: one lock for every ticket costs no contention worth a lock allocated per call. Re-entrant:
@@ -282,6 +339,12 @@ class Ticket(Generic[Route]):
     def route(self) -> Route | None:
         """The route, until it is released."""
         return self._route
+
+    def reads_trailers(self) -> bool:
+        """Whether the call's outcome should carry its trailing metadata (see
+        :meth:`Router.reads_trailers`); False once released."""
+        route = self._route
+        return route is not None and self._router.reads_trailers(route)
 
     def release(self, outcome: Outcome = NO_OUTCOME, in_callback: bool = False) -> bool:
         """Give the route back with ``outcome``; False if it was given back already."""
@@ -389,6 +452,11 @@ def channel_method(kind: str) -> Callable[..., Any]:
     return method
 
 
+#: A lane whose pod sent no load report yet has the trailers of one call in this many read (a
+#: sync unary call then costs a ``with_call``), so a pod that starts reporting is found.
+REPORT_PROBE = 16
+
+
 class LaneRoutes:
     """The router half of a balanced channel, sync or aio: its routes are the pool's lanes.
 
@@ -422,16 +490,51 @@ class LaneRoutes:
             inner = connection.callables[spec] = spec.make(connection.channel)
         return inner
 
+    def started(self) -> float | None:
+        """The pool's clock now if its picker weighs lanes by latency (Peak-EWMA), else None:
+        a unary-response attempt keeps it and hands it back on its outcome."""
+        pool = self.pool
+        return pool.clock() if pool.times_calls else None
+
+    def reads_trailers(self, lane: Lane) -> bool:
+        """Whether the attempt on ``lane`` should hand its trailing metadata to the outcome
+        (where getting them costs something: a sync unary call's ``with_call``): only when
+        the picker weighs lanes by load reports; then for a lane whose pod reports, once its
+        last report is :data:`~grpc_balance_mw.pool.weights.READ_EVERY_S` old, by the
+        pool's clock at its last plan; for one whose pod sent none yet, on one call in
+        :data:`REPORT_PROBE` (its first included), to find out whether it does."""
+        pool = self.pool
+        if not pool.reads_reports:
+            return False
+        load = lane.load
+        if load is None or not load.reports:
+            return lane.calls % REPORT_PROBE == 1
+        return load.read_after <= pool.planned_at
+
     def release(self, lane: Lane, outcome: Outcome, in_callback: bool) -> None:
         """Tell the pool: a lane whose pod went away takes no more calls; a call that passed
         its deadline is evidence against a hung pod; one its pod failed counts against it
-        for outlier ejection."""
+        for outlier ejection; the load report in its trailers goes to the picker (every call
+        kind, sync and aio, ends here)."""
         if outcome is OK:  # most calls: nothing to read off the outcome
             self.pool.release(lane)
+            return
+        pool = self.pool
+        report = None
+        if outcome.trailing is not None and pool.reads_reports:
+            try:
+                report = load_report_in(outcome.trailing)
+            except MalformedLoadReport as error:  # the report is dropped, never the call
+                pool.malformed_reports += 1
+                note_malformed(error)
+        if outcome.code is _OK:
+            pool.release(lane, report=report, started=outcome.started)
         elif outcome.pod_failed:  # the pod answered, with an error it is to blame for
-            self.pool.release(lane, failed=True)
+            pool.release(lane, failed=True, report=report)
         else:
-            self.pool.release(lane, unavailable=outcome.pod_gone, timed_out=outcome.timed_out)
+            pool.release(
+                lane, unavailable=outcome.pod_gone, timed_out=outcome.timed_out, report=report
+            )
 
 
 class Lease:
@@ -459,6 +562,14 @@ class ConnectionRoutes:
 
     def acquire(self, wait_for_ready: bool) -> Lease:
         return self.connection()
+
+    def reads_trailers(self, lease: Lease) -> bool:
+        """A connection per call weighs nothing: no trailers to read."""
+        return False
+
+    def started(self) -> float | None:
+        """Nor are its calls timed."""
+        return None
 
     def multicallable(self, lease: Lease, spec: MethodSpec) -> Any:
         return spec.make(lease.channel)

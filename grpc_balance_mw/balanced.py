@@ -443,8 +443,9 @@ def balanced_channel(
         lanes: lanes kept at least.
         max_lanes: lanes kept at most while following the number of pods known.
         follow_pods: keep one lane per known pod (between ``lanes`` and ``max_lanes``).
-        picker: the lane per call: ``LeastOutstanding()`` (Envoy's least_request, the default)
-            or ``RoundRobin()``.
+        picker: the lane per call: ``Weighted()`` (the default: by the pods' ORCA load
+            reports when they send them, else Envoy's least_request), ``LeastOutstanding()``
+            (least_request alone) or ``RoundRobin()``.
         rotation: when lanes are replaced; default every 60 s +/- 20 %, on the affinity alarm
             and when a lane's pod goes away (:func:`~grpc_balance_mw.pool.default_rotation`).
         pool_config: every other setting of the pool (overrides ``lanes``, ``max_lanes``,

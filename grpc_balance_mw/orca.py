@@ -25,6 +25,7 @@ from grpc_balance_mw.errors import BalanceError
 __all__ = [
     "GRPCIO_TRAILER_KEY",
     "TRAILER_KEY",
+    "TRAILER_KEYS",
     "LoadReport",
     "MalformedLoadReport",
     "decode_load_report",
@@ -34,12 +35,15 @@ __all__ = [
 #: The trailer ORCA's per-call reports travel in (binary metadata: grpcio base64s it).
 TRAILER_KEY = "endpoint-load-metrics-bin"
 #: The same report under a name a grpcio client can read: gRPC core takes
-#: ``endpoint-load-metrics-bin`` out of the trailers it receives (for its own load balancing
-#: policies) and hands the Python application the rest, so a grpcio client never sees
+#: ``endpoint-load-metrics-bin`` out of the trailers it receives (it parses it for its own load
+#: balancing policies and never publishes it to the application:
+#: ``EndpointLoadMetricsBinMetadata::kPublishToApp = false``), so a grpcio client never sees
 #: :data:`TRAILER_KEY` in ``call.trailing_metadata()``. This package's server half sends both
 #: (the standard one for Envoy and gRPC's own ``weighted_round_robin`` in other languages); its
 #: client half reads this one.
 GRPCIO_TRAILER_KEY = "x-balance-load-metrics-bin"
+#: The keys a client reads a report from, in order.
+TRAILER_KEYS = (GRPCIO_TRAILER_KEY, TRAILER_KEY)
 
 #: Field numbers of OrcaLoadReport.
 _CPU, _MEM, _RPS, _REQUEST_COST, _UTILIZATION, _RPS_FRACTIONAL, _EPS, _NAMED, _APPLICATION = range(

@@ -44,7 +44,7 @@ class Rebalance:
         when: ``"alarm"``: once the detector says pinned or skewed; ``"always"``: from the start.
         lanes: lanes kept at least (see ``balanced_channel``).
         max_lanes: lanes kept at most while following the pods known.
-        picker: the lane per call (``LeastOutstanding()`` by default).
+        picker: the lane per call (``Weighted()`` by default).
         rotation: when lanes are replaced (the balanced channel's default by default).
         retry: which calls are sent again on another lane when an attempt fails, as
             ``balanced_channel(retry=)`` does (a SIGKILLed pod then costs no retryable call);

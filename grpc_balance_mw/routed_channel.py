@@ -69,17 +69,24 @@ class SyncRouter(Protocol[Route]):
     def release(self, route: Route, outcome: Outcome, in_callback: bool) -> None:
         """The attempt on ``route`` ended; exactly once per route."""
 
+    def reads_trailers(self, route: Route) -> bool:
+        """Whether a successful attempt's outcome should carry its trailing metadata."""
 
-def call_outcome(call: Any) -> Outcome:
-    """The outcome of an ended sync call (a done-callback: ``code()`` does not wait)."""
+    def started(self) -> float | None:
+        """When an attempt starts now, if the router times calls (else None)."""
+
+
+def call_outcome(call: Any, trailers: bool = False) -> Outcome:
+    """The outcome of an ended sync call (a done-callback: ``code()`` does not wait);
+    ``trailers``: with its trailing metadata whatever its status (for load reports)."""
     code = call.code()
-    unavailable = code is grpc.StatusCode.UNAVAILABLE
-    return outcome_of(code, call.trailing_metadata() if unavailable else None)
+    read = trailers or code is grpc.StatusCode.UNAVAILABLE
+    return outcome_of(code, call.trailing_metadata() if read else None)
 
 
 def _ended(ticket: Ticket[Any], call: Any) -> None:
     """A done-callback: the call ended; give its route back (on grpcio's thread)."""
-    ticket.release(call_outcome(call), True)
+    ticket.release(call_outcome(call, ticket.reads_trailers()), True)
 
 
 class _Retry(NamedTuple):
@@ -122,7 +129,11 @@ class RoutedStream(ResponseStream):
         try:
             return next(self._call)
         except StopIteration:
-            self._release(OK)
+            ticket = self._ticket
+            if ticket is not None and ticket.reads_trailers():
+                self._release(outcome_of(grpc.StatusCode.OK, self._call.trailing_metadata()))
+            else:
+                self._release(OK)
             raise
         except grpc.RpcError as error:
             self._release(error_outcome(error))
@@ -223,13 +234,21 @@ class _UnaryResponse(_Method[Route]):
         if deadline is not None:
             timeout = deadline.remaining()
         outcome = OK
+        # Unary calls only are timed (Peak-EWMA): a request stream's time is the caller's.
+        started = None if self._stream_request else router.started()
         try:
             inner = router.multicallable(route, self._spec)
-            return getattr(inner, how)(
-                request_for_attempt(True, request) if self._stream_request else request,
-                timeout,
-                *rest,
-            )
+            if self._stream_request:
+                request = request_for_attempt(True, request)
+            if not router.reads_trailers(route):
+                result = getattr(inner, how)(request, timeout, *rest)
+                if started is not None:
+                    outcome = outcome_of(grpc.StatusCode.OK, None, started)
+                return result
+            # The router reads load reports: the call object (with_call) has the trailers.
+            response, call = inner.with_call(request, timeout, *rest)
+            outcome = outcome_of(grpc.StatusCode.OK, call.trailing_metadata(), started)
+            return (response, call) if how == "with_call" else response
         except grpc.RpcError as error:
             outcome = error_outcome(error)
             raise

@@ -67,7 +67,8 @@ Route = TypeVar("Route")
 #: How often a ``wait_for_ready`` call asks again for a route while there is none.
 WAIT_POLL_S = 0.02
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-_OK = grpc.StatusCode.OK.value[0]
+_OK_CODE = grpc.StatusCode.OK
+_OK = _OK_CODE.value[0]
 _INTERCEPTOR_KINDS = (
     grpc.aio.UnaryUnaryClientInterceptor,
     grpc.aio.UnaryStreamClientInterceptor,
@@ -91,6 +92,12 @@ class AioRouter(Protocol[Route]):
     def release(self, route: Route, outcome: Outcome, in_callback: bool) -> None:
         """The attempt on ``route`` ended; exactly once per route."""
 
+    def reads_trailers(self, route: Route) -> bool:
+        """Whether a successful attempt's outcome should carry its trailing metadata."""
+
+    def started(self) -> float | None:
+        """When an attempt starts now, if the router times calls (else None)."""
+
 
 def check_interceptors(interceptors: Sequence[Any] | None) -> list[Any]:
     """``interceptors`` as a list, or the ValueError grpc.aio raises for one of no known kind
@@ -109,12 +116,14 @@ class _Watch(Ticket[Any]):
     """One attempt's hold on its route (a :class:`Ticket`) and what it reports when it ends:
     one object per call, whose ``ended`` is the call's done-callback."""
 
-    __slots__ = ("observed", "observer", "started", "stream")
+    __slots__ = ("began", "observed", "observer", "started", "stream")
 
     def __init__(
         self, router: AioRouter[Any], route: Any, observer: CallObserver | None, spec: MethodSpec
     ) -> None:
         super().__init__(router, route)
+        # Unary calls only are timed (Peak-EWMA): a stream's life is not a latency.
+        self.began = router.started() if spec.kind == "unary_unary" else None
         self.observer = observer
         self.observed: ObservedCall | None = None
         self.started: float | None = None
@@ -135,7 +144,11 @@ class _Watch(Ticket[Any]):
 
     def report(self, initial: Any, trailing: Any, number: int | None) -> None:
         if number == _OK:
-            self.release(OK, True)
+            reads = self.reads_trailers()
+            if reads or self.began is not None:
+                self.release(outcome_of(_OK_CODE, trailing if reads else None, self.began), True)
+            else:
+                self.release(OK, True)
         else:
             self.release(outcome_of(None if number is None else _CODES.get(number), trailing), True)
         observer = self.observer

@@ -6,7 +6,7 @@ No gRPC here: the sync (:mod:`grpc_balance_mw.balanced`) and asyncio
 
 from grpc_balance_mw.pool.lane import Lane, LanePurpose, LaneState
 from grpc_balance_mw.pool.outliers import OutlierDetection, OutlierEjector, OutlierEvent
-from grpc_balance_mw.pool.pickers import LeastOutstanding, Picker, RoundRobin
+from grpc_balance_mw.pool.pickers import LeastOutstanding, Picker, RoundRobin, Weighted
 from grpc_balance_mw.pool.pool import (
     CheckResult,
     LanePool,
@@ -28,6 +28,7 @@ from grpc_balance_mw.pool.rotation import (
     rotate_on_alarm,
     rotate_when_pod_gone,
 )
+from grpc_balance_mw.pool.weights import SlowStart, WeightConfig
 
 __all__ = [
     "CheckResult",
@@ -48,7 +49,10 @@ __all__ = [
     "RotationContext",
     "RoundRobin",
     "Signals",
+    "SlowStart",
     "Stuck",
+    "WeightConfig",
+    "Weighted",
     "default_rotation",
     "rotate_after_age",
     "rotate_after_calls",

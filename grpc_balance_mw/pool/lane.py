@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from grpc_balance_mw.pool.weights import LaneLoad
 
 
 class LaneState(enum.Enum):
@@ -67,6 +70,9 @@ class Lane:
         streak: its failed calls in a row, counted from ``streak_heard`` (its ``heard`` when
             the streak began: an answer changes ``heard`` and so ends the streak).
         reason: why it drains or closed, for logs and ``__repr__``.
+        load: its pod's load reports and weight, for a picker that weighs lanes (None: none).
+        joined_at: when its pod joined the target, if it joined after the pool started (a
+            scale-up, not a rotation onto a known pod): slow start ramps its share.
         connection: what the adapter keeps for it (its channel); the pool never touches it.
     """
 
@@ -83,7 +89,9 @@ class Lane:
         "heard",
         "id",
         "in_flight",
+        "joined_at",
         "last_picked",
+        "load",
         "moved",
         "name",
         "pod",
@@ -134,6 +142,8 @@ class Lane:
         self.renamed = False
         self.moved = False
         self.last_picked = 0
+        self.load: LaneLoad | None = None
+        self.joined_at: float | None = None
         self.reason = ""
         self.connection: Any = None
 

@@ -44,9 +44,10 @@ from dataclasses import dataclass, field
 from grpc_balance_mw._membership import Membership, Source
 from grpc_balance_mw.affinity.advice import VOICES, cause_of_stuck
 from grpc_balance_mw.errors import BalanceError, ConfigurationError
+from grpc_balance_mw.orca import LoadReport
 from grpc_balance_mw.pool.lane import Lane, LanePurpose, LaneState
 from grpc_balance_mw.pool.outliers import OutlierDetection, OutlierEjector, OutlierEvent
-from grpc_balance_mw.pool.pickers import LeastOutstanding, Picker
+from grpc_balance_mw.pool.pickers import Picker, Weighted
 from grpc_balance_mw.pool.rotation import (
     Rotation,
     RotationContext,
@@ -97,6 +98,10 @@ _IDLE_SIGNALS_S = 5.0
 #: third of its idle CPU went to checks). The first round that sees a call checks every lane
 #: not checked within ``health_interval_s``, before the next calls if it can.
 _IDLE_CHECK_S = 20.0
+#: A pod first seen this long after the pool's first lane took calls joined the target (a
+#: scale-up): slow start ramps its share. The pods found before are the target's own, found
+#: by the first scouts within a second or two, and start with full shares.
+JOINED_AFTER_S = 5.0
 
 
 class PoolClosed(BalanceError, ValueError):
@@ -372,7 +377,8 @@ class LanePool:
 
     Args:
         config: sizes, bounds and intervals.
-        picker: chooses the lane per call (default :class:`LeastOutstanding`).
+        picker: chooses the lane per call (default :class:`Weighted`: by the pods' load
+            reports when they send them, else exactly :class:`LeastOutstanding`).
         rotation: when a lane is replaced (default :func:`default_rotation`).
         clock: monotonic seconds (injected in tests).
         rng: random source for jitter (injected in tests).
@@ -388,7 +394,27 @@ class LanePool:
         rng: random.Random | None = None,
     ) -> None:
         self.config = config if config is not None else PoolConfig()
-        self.picker: Picker = picker if picker is not None else LeastOutstanding(rng=rng)
+        self.picker: Picker = picker if picker is not None else Weighted(rng=rng)
+        #: Where load reports go (a picker that weighs lanes by them), else None: then the
+        #: calls' trailers are not read for reports at all.
+        self._on_report: Callable[[Lane, LoadReport, float], None] | None = (
+            getattr(self.picker, "reported", None)
+            if getattr(self.picker, "reads_reports", False)
+            else None
+        )
+        #: Whether its picker weighs lanes by the pods' load reports (so the calls' trailers
+        #: are read for them); a plain attribute, read on every call.
+        self.reads_reports = self._on_report is not None
+        #: Where calls' latencies go (a picker that weighs lanes by them), else None.
+        self._on_timed: Callable[[Lane, float, float], None] | None = (
+            getattr(self.picker, "timed", None)
+            if getattr(self.picker, "times_calls", False)
+            else None
+        )
+        #: Whether its picker weighs lanes by their calls' latency (so calls are timed).
+        self.times_calls = self._on_timed is not None
+        #: Load reports that could not be decoded (dropped; the calls went on).
+        self.malformed_reports = 0
         self.rotation = rotation if rotation is not None else default_rotation()
         self.clock = clock
         self._rng = rng if rng is not None else random.Random()
@@ -403,6 +429,8 @@ class LanePool:
         self.membership = Membership(forget_gone_s=self.config.pod_ttl_s)
         self.membership.expect(self.config.expected_pods)
         self._now = 0.0  # the clock at the last plan or report, for the membership's count
+        #: The clock at the last plan: a clock for the call path that costs no call.
+        self.planned_at = 0.0
         self._recent: deque[str] = deque(maxlen=self.config.affinity_dials)
         self._checked_at: dict[int, float] = {}
         self._answers = 0  # calls answered on any lane (see Lane.heard)
@@ -429,6 +457,7 @@ class LanePool:
         self.blind = False
         self._unnamed = 0  # new lanes' and scouts' checks in a row that named no pod
         self._next_reroll = 0.0
+        self._started_at: float | None = None  # when the first lane took calls
         self.closed = False
         #: Set in a forked child: the adapter refuses calls (its connections are the parent's).
         self.forked = False
@@ -491,6 +520,8 @@ class LanePool:
         *,
         timed_out: bool = False,
         failed: bool = False,
+        report: LoadReport | None = None,
+        started: float | None = None,
     ) -> None:
         """A call on ``lane`` ended.
 
@@ -507,9 +538,18 @@ class LanePool:
                 sends it a fresh burst. It also counts against its pod for outlier ejection.
             failed: it failed with a status its pod is to blame for (``Outcome.pod_failed``):
                 counted for outlier ejection; several in a row eject the pod at once.
+            report: the load report its pod sent in the call's trailers, for the picker.
+            started: when it started (this pool's clock), if timed: its latency goes to the
+                picker (only calls that succeeded are timed).
         """
         with self._lock:
             lane.in_flight -= 1
+            if report is not None or started is not None:
+                now = self.clock()
+                if report is not None and self._on_report is not None:
+                    self._on_report(lane, report, now)
+                if started is not None and self._on_timed is not None:
+                    self._on_timed(lane, now - started, now)
             if unavailable:
                 self._failed(lane)
             elif timed_out:
@@ -615,7 +655,7 @@ class LanePool:
             else:
                 signals = None
         with self._lock:
-            self._now = now
+            self._now = self.planned_at = now
             if signals is not None:
                 self._signals = signals
             plan = Plan(dial=[lane for lane in self.lanes if lane.state is LaneState.DIALING])
@@ -1169,6 +1209,12 @@ class LanePool:
         return next((lane for lane in self.lanes if lane.id == lane_id), None)
 
     def _activate(self, lane: Lane, now: float) -> None:
+        if self._started_at is None:
+            self._started_at = now
+        elif lane.pod is not None:
+            record = self.membership.pods.get(lane.pod)
+            if record is not None and record.first_seen > self._started_at + JOINED_AFTER_S:
+                lane.joined_at = record.first_seen  # a scale-up's pod, for slow start
         lane.state = LaneState.ACTIVE
         lane.activated_at = now
         lane.rotate_at = self.rotation.rotate_at(now, self._rng)
