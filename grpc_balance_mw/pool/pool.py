@@ -1052,9 +1052,12 @@ class LanePool:
         if rule is None or result.connections is None or result.pod is None:
             return None
         mean = self.load_book.mean_connections(now)
-        if rule.accepts(result.connections, mean, lane.attempt):
+        # A pod counts a connection from its call or second health check: this lane's first
+        # check is not in the count yet (a confirmed name's second check is).
+        held = result.connections + (lane.claimed is None)
+        if rule.accepts(held, mean, lane.attempt):
             return None
-        return f"crowded: {result.connections:g} connections, mean {mean:.1f}"
+        return f"crowded: {held:g} connections, mean {mean:.1f}"
 
     def _leave_crowded(self, lane: Lane, result: CheckResult, now: float) -> None:
         """An active lane's check: if its pod holds far more connections than the mean, rotate
