@@ -9,6 +9,9 @@ from collections.abc import Callable, Iterable, Mapping
 
 from pool_fakes import FakeClock, KubeProxy, active_pods, run, scripted, settle
 
+from grpc_balance_mw.cli.bench import Settings
+from grpc_balance_mw.cli.bench_fleet import fleet_strategies
+from grpc_balance_mw.cli.strategies import Targets, channel_for
 from grpc_balance_mw.identity import DEFAULT_POD_HEADERS
 from grpc_balance_mw.orca import (
     GRPCIO_TRAILER_KEY,
@@ -176,3 +179,17 @@ def test_a_checks_trailers_carry_the_pods_connections_and_a_bad_report_is_ignore
     # The standard key never reaches a grpcio client; the pool reads only the one it can.
     assert read_check("OK", True, named, [(TRAILER_KEY, report)]).connections is None
     assert read_check("OK", True, named).connections is None
+
+
+def test_the_fleet_bench_runs_balanced_subset_after_balanced_with_the_rule() -> None:
+    assert fleet_strategies(Settings())[:3] == ("plain", "dial-per-request", "headless-round-robin")
+    names = fleet_strategies(Settings())
+    assert names[names.index("balanced") + 1] == "balanced-subset"
+    assert fleet_strategies(Settings(strategies=("balanced",))) == ("balanced",)
+    config = PoolConfig(min_lanes=3, max_lanes=4)
+    channel, _detector = channel_for("balanced-subset", Targets("127.0.0.1:1"), pool_config=config)
+    try:
+        pool_config = channel.pool.config  # type: ignore[attr-defined]
+        assert pool_config.subset == SubsetRule() and pool_config.max_lanes == 4
+    finally:
+        channel.close()
