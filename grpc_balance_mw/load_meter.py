@@ -22,7 +22,9 @@ What a report says:
   refresh, not per call). What A58 weighs by when there is no application figure.
 - ``rps_fractional`` and ``eps``: calls (and calls that failed) ended per second over the window.
 - ``named_metrics``: ``in_flight``, the calls in flight once this one ended; ``connections``, the
-  client connections that carried a call or a health check within ``peer_window_s``. grpcio's
+  client connections that carried a call, or a second health check, within ``peer_window_s`` (a
+  connection checked once and closed is a client's scout looking for pods, not a connection it
+  keeps: with scouts several a second they would outnumber the kept ones many times). grpcio's
   Python server does not expose its connections, so they are counted as distinct
   ``context.peer()`` addresses (each client connection has its own source address and port, also
   behind kube-proxy's DNAT): a connection that stayed idle longer than the window is not counted,
@@ -94,7 +96,7 @@ class LoadMeter:
             plus the one filling now: between ``window_s`` and 1.25 times that).
         peer_window_s: a client connection counts while it carried a call or a health check
             within this span (above the clients' health-check interval, so an idle lane that is
-            only checked still counts).
+            only checked still counts), once it carried a call or two health checks.
         cpu_window_s: the CPU figure is measured over at least this span.
         clock, cpu_clock: wall and process-CPU clocks (tests pass fakes).
         cpus: the CPUs the process may run on (default: its affinity mask).
@@ -131,6 +133,7 @@ class LoadMeter:
         self._born = now
         self._last_event = now
         self._peers: dict[str, float] = {}
+        self._checked_once: dict[str, float] = {}  # connections with one health check so far
         self._peers_pruned = now
         self._cpu_at = (now, cpu_clock())
         self._cpu_utilization = 0.0
@@ -158,13 +161,18 @@ class LoadMeter:
             self._in_flight += 1
             if peer:
                 self._peers[peer] = now
+                self._checked_once.pop(peer, None)
 
     def touch(self, peer: str | None) -> None:
-        """A call that is not load (a health check) came on ``peer``'s connection."""
+        """A call that is not load (a health check) came on ``peer``'s connection: it counts
+        from its second (a scout's one check and close is no connection kept)."""
         if peer:
             now = self._clock()
             with self._lock:
-                self._peers[peer] = now
+                if peer in self._peers or self._checked_once.pop(peer, None) is not None:
+                    self._peers[peer] = now
+                else:
+                    self._checked_once[peer] = now
 
     def end(self, failed: bool = False) -> LoadReport:
         """A call ended (``failed``: with a status other than OK); the report for its trailer."""
@@ -279,6 +287,9 @@ class LoadMeter:
         if now - self._peers_pruned >= self._peer_window_s / 4:
             horizon = now - self._peer_window_s
             self._peers = {peer: seen for peer, seen in self._peers.items() if seen >= horizon}
+            self._checked_once = {
+                peer: seen for peer, seen in self._checked_once.items() if seen >= horizon
+            }
             self._peers_pruned = now
         return len(self._peers)
 

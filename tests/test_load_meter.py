@@ -96,7 +96,10 @@ def test_connections_are_the_peers_seen_within_their_window() -> None:
     load = meter(clock, peer_window_s=10.0)
     load.start("ipv4:10.0.0.1:1000")
     load.end()
-    load.touch("ipv4:10.0.0.2:2000")  # a health check's connection counts too
+    load.touch("ipv4:10.0.0.2:2000")  # a health check's connection counts from its second
+    load.touch("ipv4:10.0.0.3:3000")  # checked once (a scout): not a connection kept
+    assert load.report().named_metrics["connections"] == 1
+    load.touch("ipv4:10.0.0.2:2000")
     assert load.report().named_metrics["connections"] == 2
     clock.now += 8
     load.touch("ipv4:10.0.0.2:2000")

@@ -210,6 +210,11 @@ async def test_health_checks_carry_a_report_but_are_not_load(
     await check
     report = report_in(await check.trailing_metadata())
     assert report.rps_fractional == 0
+    # One check is a scout's (it counts no connection); a second on the connection counts it.
+    assert report.named_metrics["connections"] == 0
+    check = channel.unary_unary(HEALTH_CHECK)(b"", timeout=WAIT_S)
+    await check
+    report = report_in(await check.trailing_metadata())
     assert report.named_metrics["connections"] == 1
     assert pod.meter.report().rps_fractional == 0
 

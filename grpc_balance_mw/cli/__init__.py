@@ -56,6 +56,9 @@ STRATEGIES = (
     "balanced-p2c",
     "balanced-predial",
 )
+#: The balanced channel with ``PoolConfig.subset``: the ``fleet`` scenario runs it after
+#: ``balanced`` by default; other scenarios only when asked (``--strategy balanced-subset``).
+SUBSET_STRATEGY = "balanced-subset"
 #: The ``grpc.aio`` forms of the observing strategies: the membership scenarios only.
 AIO_STRATEGIES = ("aio-interceptors", "aio-balanced")
 MEMBERSHIP_SCENARIOS = ("client-ip", "unidentified", "defaults")
@@ -277,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--strategy",
         action="append",
-        choices=(*STRATEGIES, *AIO_STRATEGIES),
+        choices=(*STRATEGIES, SUBSET_STRATEGY, *AIO_STRATEGIES),
         help="run only this strategy (repeat for more); default: all sync ones (the aio-* "
         "forms: client-ip, unidentified and defaults only)",
     )

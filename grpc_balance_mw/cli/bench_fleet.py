@@ -23,8 +23,10 @@
 * ``fleet``: 6 pods (capacity 4, 50 ms), per strategy a cluster of its own and ``--clients``
   client processes (default 8) offering 60 % of the capacity at a fixed rate each for
   ``--run-s`` seconds; the balanced strategies with at most ``FLEET_LANES`` lanes per client
-  (``PoolConfig(min_lanes=3, max_lanes=4)``). ``max_share_over_fair``: the pods' load over
-  the run (the pod each response names); ``windows``: per 5 s from the start. Its own fields:
+  (``PoolConfig(min_lanes=3, max_lanes=4)``; ``balanced-subset`` adds ``subset=SubsetRule()``
+  and runs after ``balanced`` unless ``--strategy`` says otherwise). ``max_share_over_fair``:
+  the pods' load over the run (the pod each response names); ``windows``: per 5 s from the
+  start. Its own fields:
   ``clients``, ``calls_per_client``, ``max_window_share_over_fair`` (the worst full window),
   ``lanes_per_client_max`` (the most lanes any client had taking calls, sampled), and
   ``connections_per_pod`` with ``connections_per_pod_max_over_mean``: the pods cannot count
@@ -49,6 +51,7 @@ from typing import Any
 
 import grpc
 
+from grpc_balance_mw.cli import STRATEGIES, SUBSET_STRATEGY
 from grpc_balance_mw.cli.arguments import progress
 from grpc_balance_mw.cli.bench import (
     PODS,
@@ -387,8 +390,18 @@ def hung_figures(
 
 
 def fleet(settings: Settings) -> list[Result]:
-    results = [_fleet(settings, name) for name in settings.strategies]
+    results = [_fleet(settings, name) for name in fleet_strategies(settings)]
     return _in_order(results, settings)
+
+
+def fleet_strategies(settings: Settings) -> tuple[str, ...]:
+    """The strategies asked for; by default (all of them) also ``balanced-subset``, right after
+    ``balanced``: the subset rule is what keeps many clients' few lanes even."""
+    names = settings.strategies
+    if names != STRATEGIES or "balanced" not in names:
+        return names
+    at = names.index("balanced") + 1
+    return (*names[:at], SUBSET_STRATEGY, *names[at:])
 
 
 def _fleet(settings: Settings, strategy: str) -> Result:

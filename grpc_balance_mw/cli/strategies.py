@@ -17,7 +17,10 @@ to one pod", made the way a user would make it, and opened against a :class:`Loc
 * ``balanced-p2c``: the same with :class:`~grpc_balance_mw.pool.LeastOutstanding` (in-flight
   calls, power of two choices) passed explicitly, so it keeps that picker when the default
   changes: the comparison for a new picker;
-* ``balanced-predial``: the fallback with connections dialled ahead of need.
+* ``balanced-predial``: the fallback with connections dialled ahead of need;
+* ``balanced-subset``: ``balanced`` with ``PoolConfig(subset=SubsetRule())``: lanes are
+  redialled away from pods that report far more connections than the mean (many clients with
+  few lanes each; the ``fleet`` scenario).
 
 Every strategy that observes has an affinity registry of its own, so two strategies on the same
 target never share a detector.
@@ -25,6 +28,7 @@ target never share a detector.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,13 +39,14 @@ import grpc
 from grpc_balance_mw.affinity import AffinityRegistry
 from grpc_balance_mw.affinity.detector import AffinityDetector
 from grpc_balance_mw.balanced import BalancedChannel, balanced_channel
-from grpc_balance_mw.cli import STRATEGIES
+from grpc_balance_mw.cli import STRATEGIES, SUBSET_STRATEGY
 from grpc_balance_mw.dial_per_request import dial_per_request_channel
 from grpc_balance_mw.headless_channel import headless_channel
 from grpc_balance_mw.observed_channel import observe
 from grpc_balance_mw.observing import ObserveOptions
 from grpc_balance_mw.pool import LanePool, LeastOutstanding, PoolConfig
 from grpc_balance_mw.retry import RetryPolicy
+from grpc_balance_mw.subset import SubsetRule
 from grpc_balance_mw.telemetry import AffinityTelemetry
 from grpc_balance_mw.testing import LocalCluster
 from grpc_balance_mw.testing.charge_points.v1 import charge_points_pb2 as pb
@@ -312,7 +317,9 @@ def channel_for(
             plain, _observe_options(expected_pods, telemetry or _dropped_spans_telemetry())
         )
         channel, detector = observed, observed.detector
-    elif strategy in ("balanced", "balanced-p2c"):
+    elif strategy in ("balanced", "balanced-p2c", SUBSET_STRATEGY):
+        if strategy == SUBSET_STRATEGY:
+            pool_config = dataclasses.replace(pool_config or PoolConfig(), subset=SubsetRule())
         balanced = balanced_channel(
             targets.service,
             retry=retry,

@@ -9,6 +9,7 @@ from typing import Any
 from grpc_balance_mw.errors import MalformedPodHeader
 from grpc_balance_mw.health_check import MALFORMED, MAX_REPLY_BYTES, OVERSIZED, SERVING
 from grpc_balance_mw.identity import DEFAULT_POD_HEADERS, pod_name_from_metadata
+from grpc_balance_mw.orca import GRPCIO_TRAILER_KEY, MalformedLoadReport, decode_load_report
 from grpc_balance_mw.pool.pool import CheckResult
 
 __all__ = [
@@ -28,6 +29,21 @@ def _pod(metadata: Metadata, headers: tuple[str, ...] = DEFAULT_POD_HEADERS) -> 
         return pod_name_from_metadata(metadata or (), headers)
     except MalformedPodHeader:
         return None
+
+
+def _connections(metadata: Metadata) -> float | None:
+    """The client connections the pod reported in its load report (``PoolConfig.subset``
+    weighs them), None without one. A malformed report is ignored: it is no reason to doubt
+    the health check it came with."""
+    for key, value in metadata or ():
+        if key != GRPCIO_TRAILER_KEY or not isinstance(value, bytes):
+            continue
+        try:
+            report = decode_load_report(value)
+        except MalformedLoadReport:
+            return None
+        return report.named_metrics.get("connections")
+    return None
 
 
 #: What a lane whose connection could not be opened or checked reports: no pod reached. The
@@ -102,9 +118,9 @@ def read_check(
     """
     pod = _pod(initial, headers) or _pod(trailing, headers)
     if status == "OK":
-        return CheckResult(True, pod, serving)
+        return CheckResult(True, pod, serving, connections=_connections(trailing))
     if status == "UNIMPLEMENTED":  # a server without the health service was still reached
-        return CheckResult(True, pod, True)
+        return CheckResult(True, pod, True, connections=_connections(trailing))
     # Any other error: reached only if a pod named itself, and then it is not serving.
     return CheckResult(pod is not None, pod, False)
 

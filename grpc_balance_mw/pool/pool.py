@@ -55,6 +55,7 @@ from grpc_balance_mw.pool.rotation import (
     rotate_on_alarm,
     rotate_when_pod_gone,
 )
+from grpc_balance_mw.subset import LoadBook, SubsetRule
 
 __all__ = [
     "CheckResult",
@@ -86,6 +87,10 @@ _MAX_BACKOFF_S = 1.0
 _BLIND_AFTER = 6
 #: Blind re-rolls dialled in one round at most (the periods due since the last round).
 _REROLL_WIDTH = 4
+#: How long a pod's reported connections count towards the mean (``PoolConfig.subset``): a
+#: pod's count drifts as clients come and go, and the pods a client reached long ago say
+#: little of the fleet now.
+_LOAD_TTL_S = 30.0
 #: Scouts of a burst dialled in one round: a few connections at once, not dozens.
 _BURST_WIDTH = 4
 #: While the channel is idle and its scouting backed off, the adapter plans at most this far
@@ -216,6 +221,15 @@ class PoolConfig:
             re-rolls nothing; and while ``blind_lanes`` old lanes still drain (long streams
             hold them up to ``drain_grace_s``), re-rolls wait: at most twice ``blind_lanes``
             connections are open. None: lanes are not re-rolled (they land by chance).
+        subset: keep the pods' connections even across many clients (None: off). With a
+            rule, the pool reads the client connections each pod reports in its health
+            checks' load report (the server half's ``load_meter`` sends it): a new lane on a
+            pod holding more than the rule's share of the mean it has seen is redialled
+            (within ``redials``, as a duplicate is), and an active lane on a pod far above the
+            mean is rotated away with the rule's probability, at most one a round. Turn it on
+            with many client replicas and few lanes each (``max_lanes`` below the pods), where
+            kube-proxy's random picks would otherwise leave some pods with far more
+            connections, and load, than others; pods that send no report change nothing.
     """
 
     min_lanes: int = 3
@@ -235,6 +249,7 @@ class PoolConfig:
     outlier_detection: OutlierDetection | None = field(default_factory=OutlierDetection)
     blind_lanes: int = 8
     blind_reroll_s: float | None = 0.125
+    subset: SubsetRule | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_lanes <= self.max_lanes:
@@ -286,12 +301,15 @@ class CheckResult:
         serving: the pod said SERVING (False: NOT_SERVING, or it answered with an error).
         fault: why an answer was not believed (a reply that is no health status), for the
             adapter's log; None otherwise.
+        connections: the client connections the pod reported holding (its load report's
+            ``connections``), None if it sent no report.
     """
 
     reachable: bool
     pod: str | None = None
     serving: bool = True
     fault: str | None = None
+    connections: float | None = None
 
 
 @dataclass(frozen=True)
@@ -466,6 +484,11 @@ class LanePool:
         self.redials = 0
         self.rotations = 0
         self.rerolls = 0  # blind re-rolls (also counted in rotations)
+        #: The pods' reported connections, for ``PoolConfig.subset`` (kept whatever the rule).
+        self.load_book = LoadBook(ttl_s=_LOAD_TTL_S)
+        self._rounds = 0  # rounds planned, so that at most one lane leaves a crowded pod a round
+        self._left_round = -1
+        self.crowded = 0  # new lanes redialled, and lanes rotated, away from crowded pods
 
     def __repr__(self) -> str:
         with self._lock:
@@ -656,6 +679,7 @@ class LanePool:
                 signals = None
         with self._lock:
             self._now = self.planned_at = now
+            self._rounds += 1
             if signals is not None:
                 self._signals = signals
             plan = Plan(dial=[lane for lane in self.lanes if lane.state is LaneState.DIALING])
@@ -710,6 +734,8 @@ class LanePool:
         now = self.clock() if now is None else now
         with self._lock:
             self._now = max(self._now, now)
+            if result.pod is not None and result.connections is not None:
+                self.load_book.record(result.pod, result.connections, now)
             if lane.state is LaneState.CHECKING:
                 self._first_check(lane, result, now)
             elif lane.state is LaneState.ACTIVE:
@@ -1049,9 +1075,49 @@ class LanePool:
             # The redial is DIALING: the next plan hands it out.
             self._new_lane(now, lane.purpose, lane.replaces, lane.attempt + 1)
             return
+        crowded = self._crowded_dial(lane, result, now)
+        if crowded is not None and looking:
+            self._retire(lane, now, crowded)
+            self.crowded += 1
+            self._new_lane(now, lane.purpose, lane.replaces, lane.attempt + 1)
+            return
         self._activate(lane, now)
         if replaced is not None and replaced.state is LaneState.ACTIVE:
             self._drain(replaced, now, replaced.reason.removeprefix("rotating: ") or "rotated")
+
+    def _crowded_dial(self, lane: Lane, result: CheckResult, now: float) -> str | None:
+        """Why a new lane's pod holds too many connections to keep it (``PoolConfig.subset``),
+        or None: no rule, no report, or the rule keeps it (its own ``redials`` spent)."""
+        rule = self.config.subset
+        if rule is None or result.connections is None or result.pod is None:
+            return None
+        mean = self.load_book.mean_connections(now)
+        # A pod counts a connection from its call or second health check: this lane's first
+        # check is not in the count yet (a confirmed name's second check is).
+        held = result.connections + (lane.claimed is None)
+        if rule.accepts(held, mean, lane.attempt):
+            return None
+        return f"crowded: {held:g} connections, mean {mean:.1f}"
+
+    def _leave_crowded(self, lane: Lane, result: CheckResult, now: float) -> None:
+        """An active lane's check: if its pod holds far more connections than the mean, rotate
+        the lane away with the rule's probability (a replacement is dialled first, then this one
+        drains, as rotation does), at most one lane a round and never the only one."""
+        rule = self.config.subset
+        if rule is None or result.connections is None or self.stuck is not None:
+            return
+        if self._left_round == self._rounds or len(self._available) < 2:
+            return
+        if any(pending.replaces == lane.id for pending in self._pending()):
+            return
+        chance = rule.leave_probability(result.connections, self.load_book.mean_connections(now))
+        if chance <= 0 or self._rng.random() >= chance:
+            return
+        self._left_round = self._rounds
+        self.crowded += 1
+        self.rotations += 1
+        lane.reason = "rotating: crowded pod"
+        self._new_lane(now, LanePurpose.REPLACE, replaces=lane.id)
 
     def _renamed(self, lane: Lane, now: float) -> str | None:
         """Two checks on one new connection named two pods. While other lanes' pods keep their
@@ -1140,6 +1206,7 @@ class LanePool:
                 # another pod: ``left`` counts again only if found again. (A lane that moves on
                 # every check is behind an L7 proxy: that says nothing of the pods.)
                 self._pod_down(left, now, f"its lane reconnected to {result.pod}")
+            self._leave_crowded(lane, result, now)
 
     def _cleared_or_drained(self, lane: Lane, result: CheckResult, now: float) -> None:
         """A suspect lane's check: its calls timed out while other lanes answered, so one

@@ -1,0 +1,195 @@
+"""``PoolConfig.subset``: the pool keeps its lanes off pods that report far more connections
+than the mean (pure core: a fake clock and scripted checks that carry the pods' reports)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable, Iterable, Mapping
+
+from pool_fakes import FakeClock, KubeProxy, active_pods, run, scripted, settle
+
+from grpc_balance_mw.cli.bench import Settings
+from grpc_balance_mw.cli.bench_fleet import fleet_strategies
+from grpc_balance_mw.cli.strategies import Targets, channel_for
+from grpc_balance_mw.identity import DEFAULT_POD_HEADERS
+from grpc_balance_mw.orca import (
+    GRPCIO_TRAILER_KEY,
+    TRAILER_KEY,
+    LoadReport,
+    encode_load_report,
+)
+from grpc_balance_mw.pool import CheckResult, Lane, LanePool, LaneState, PoolConfig, rotate_never
+from grpc_balance_mw.pool.health import read_check
+from grpc_balance_mw.subset import SubsetRule
+
+HEADER = DEFAULT_POD_HEADERS[0]
+QUIET = {f"pod-{i}": 5.0 for i in range(3, 9)}  # pods reached before, each at 5 connections
+
+
+class Always(random.Random):
+    """Draws 0.0: every chance the rule gives comes true."""
+
+    def random(self) -> float:
+        return 0.0
+
+
+def reporting(pods: Iterable[str], load: Mapping[str, float]) -> Callable[[Lane], CheckResult]:
+    """``scripted`` checks that carry each pod's reported connections (none for pods not in
+    ``load``)."""
+    check = scripted(pods)
+
+    def reported(lane: Lane) -> CheckResult:
+        result = check(lane)
+        return dataclasses.replace(result, connections=load.get(result.pod or ""))
+
+    return reported
+
+
+def pool(config: PoolConfig, rng: random.Random | None = None) -> LanePool:
+    clock = FakeClock()
+    lanes = LanePool(config, clock=clock, rng=rng or random.Random(0), rotation=rotate_never())
+    for pod, count in QUIET.items():
+        lanes.load_book.record(pod, count, clock())
+    return lanes
+
+
+def one_lane(rule: SubsetRule | None, redials: int = 6) -> PoolConfig:
+    return PoolConfig(
+        min_lanes=1,
+        max_lanes=1,
+        follow_pods=False,
+        redials=redials,
+        scout_interval_s=None,
+        subset=rule,
+    )
+
+
+def closed_reasons(lanes: LanePool, check: Callable[[Lane], CheckResult]) -> list[str]:
+    reasons: list[str] = []
+    for _ in range(20):
+        plan = run(lanes, check)
+        reasons += [lane.reason for lane in plan.close]
+        if not plan.dial:
+            return reasons
+    raise AssertionError(f"still dialling: {lanes!r}")
+
+
+def test_a_new_lane_on_a_crowded_pod_is_redialled_up_to_the_rules_bound_then_kept() -> None:
+    lanes = pool(one_lane(SubsetRule(redials=2)))
+    reasons = closed_reasons(lanes, reporting(["pod-0"] * 5, {"pod-0": 30.0}))
+    # mean: (30 + 6 * 5) / 7. The first dial's check was confirmed by a second (a name never
+    # seen), which the pod counts; the redial's one check is not in the pod's count yet: + 1.
+    assert reasons == ["crowded: 30 connections, mean 8.6", "crowded: 31 connections, mean 8.6"]
+    assert lanes.dials == 3 and lanes.crowded == 2
+    assert active_pods(lanes) == ["pod-0"]
+
+
+def test_the_pools_redials_bound_the_crowded_redials_too() -> None:
+    lanes = pool(one_lane(SubsetRule(redials=10), redials=1))
+    reasons = closed_reasons(lanes, reporting(["pod-0"] * 5, {"pod-0": 30.0}))
+    assert len(reasons) == 1 and reasons[0].startswith("crowded: 30 connections")
+    assert active_pods(lanes) == ["pod-0"]
+
+
+def test_a_redial_that_reaches_an_even_pod_is_kept() -> None:
+    lanes = pool(one_lane(SubsetRule()))
+    check = reporting(["pod-0", "pod-1"], {"pod-0": 30.0, "pod-1": 6.0})
+    assert len(closed_reasons(lanes, check)) == 1
+    assert active_pods(lanes) == ["pod-1"]
+
+
+def test_without_reports_the_rule_changes_nothing() -> None:
+    def lanes_of(rule: SubsetRule | None) -> tuple[list[str | None], int]:
+        config = PoolConfig(expected_pods=6, max_lanes=4, scout_interval_s=None, subset=rule)
+        lanes = LanePool(config, clock=FakeClock(), rng=random.Random(3))
+        settle(lanes, KubeProxy(6, random.Random(4)))  # KubeProxy's checks carry no report
+        return active_pods(lanes), lanes.dials
+
+    assert lanes_of(SubsetRule()) == lanes_of(None)
+    lanes = pool(one_lane(SubsetRule()))
+    assert closed_reasons(lanes, reporting(["pod-0"], {})) == []
+    assert lanes.crowded == 0
+
+
+def three_crowded_lanes(rng: random.Random) -> tuple[LanePool, Callable[[Lane], CheckResult]]:
+    config = PoolConfig(
+        min_lanes=3, max_lanes=3, scout_interval_s=None, subset=SubsetRule(leave_damping=1.0)
+    )
+    lanes = pool(config, rng)
+    load = {"pod-0": 6.0, "pod-1": 6.0, "pod-2": 6.0, "pod-3": 5.0, "pod-4": 5.0}
+    check = reporting(["pod-0", "pod-1", "pod-2", "pod-3", "pod-4"], load)
+    settle(lanes, check)
+    assert active_pods(lanes) == ["pod-0", "pod-1", "pod-2"]
+    for pod in ("pod-0", "pod-1", "pod-2"):
+        load[pod] = 40.0  # other clients crowded them since
+    return lanes, check
+
+
+def test_a_lane_on_a_crowded_pod_leaves_one_a_round_replacement_first() -> None:
+    lanes, check = three_crowded_lanes(Always())
+    clock: FakeClock = lanes.clock  # type: ignore[assignment]
+    clock.advance(lanes.config.health_interval_s)
+    plan = run(lanes, check)  # all three checked: one leaves
+    assert len(plan.check) == 3
+    leaving = [lane for lane in lanes.lanes if lane.reason == "rotating: crowded pod"]
+    assert len(leaving) == 1 and leaving[0].state is LaneState.ACTIVE
+    assert [lane.replaces for lane in lanes.lanes if lane.state is LaneState.DIALING] == [
+        leaving[0].id
+    ]
+    run(lanes, check)  # the replacement reaches pod-3, then the old lane drains
+    assert leaving[0].state is LaneState.DRAINING
+    assert leaving[0].reason == "crowded pod"
+    assert [lane.pod for lane in lanes.lanes if lane.state is LaneState.ACTIVE][-1] == "pod-3"
+    assert lanes.crowded == 1
+
+
+def test_a_lane_never_leaves_when_the_odds_say_stay() -> None:
+    class Never(random.Random):
+        def random(self) -> float:
+            return 0.999999
+
+    lanes, check = three_crowded_lanes(Never())
+    lanes.clock.advance(lanes.config.health_interval_s)  # type: ignore[attr-defined]
+    plan = run(lanes, check)
+    assert len(plan.check) == 3
+    assert lanes.crowded == 0 and not any(lane.state is LaneState.DIALING for lane in lanes.lanes)
+
+
+def test_the_only_lane_never_leaves() -> None:
+    config = dataclasses.replace(one_lane(SubsetRule(leave_damping=1.0)))
+    lanes = pool(config, Always())
+    load = {"pod-0": 6.0}
+    check = reporting(["pod-0"], load)
+    settle(lanes, check)
+    load["pod-0"] = 40.0
+    lanes.clock.advance(lanes.config.health_interval_s)  # type: ignore[attr-defined]
+    plan = run(lanes, check)
+    assert len(plan.check) == 1
+    assert lanes.crowded == 0 and lanes.dials == 1
+
+
+def test_a_checks_trailers_carry_the_pods_connections_and_a_bad_report_is_ignored() -> None:
+    report = encode_load_report(LoadReport(named_metrics={"connections": 12.0, "in_flight": 1}))
+    named = [(HEADER, "pod-7")]
+    good = read_check("OK", True, named, [(GRPCIO_TRAILER_KEY, report)])
+    assert good == CheckResult(True, "pod-7", True, connections=12.0)
+    bad = read_check("OK", True, named, [(GRPCIO_TRAILER_KEY, b"\xff\xff")])
+    assert bad == CheckResult(True, "pod-7", True)
+    # The standard key never reaches a grpcio client; the pool reads only the one it can.
+    assert read_check("OK", True, named, [(TRAILER_KEY, report)]).connections is None
+    assert read_check("OK", True, named).connections is None
+
+
+def test_the_fleet_bench_runs_balanced_subset_after_balanced_with_the_rule() -> None:
+    assert fleet_strategies(Settings())[:3] == ("plain", "dial-per-request", "headless-round-robin")
+    names = fleet_strategies(Settings())
+    assert names[names.index("balanced") + 1] == "balanced-subset"
+    assert fleet_strategies(Settings(strategies=("balanced",))) == ("balanced",)
+    config = PoolConfig(min_lanes=3, max_lanes=4)
+    channel, _detector = channel_for("balanced-subset", Targets("127.0.0.1:1"), pool_config=config)
+    try:
+        pool_config = channel.pool.config  # type: ignore[attr-defined]
+        assert pool_config.subset == SubsetRule() and pool_config.max_lanes == 4
+    finally:
+        channel.close()
