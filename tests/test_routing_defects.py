@@ -420,9 +420,11 @@ class _Recording(LanePool):
         super().__init__(PoolConfig(min_lanes=1, max_lanes=1))
         self.timed_out: list[bool] = []
 
-    def release(self, lane: Any, *, unavailable: bool = False, timed_out: bool = False) -> None:
+    def release(
+        self, lane: Any, unavailable: bool = False, *, timed_out: bool = False, **rest: Any
+    ) -> None:
         self.timed_out.append(timed_out)
-        super().release(lane, unavailable=unavailable)
+        super().release(lane, unavailable, **rest)
 
 
 def test_sync_balanced_reports_a_deadline_to_the_pool(sync_pod: SyncPod) -> None:
