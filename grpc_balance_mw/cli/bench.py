@@ -587,21 +587,24 @@ def pod_kill(settings: Settings) -> list[Result]:
         samples: dict[str, list[tuple[float, str]]] = {s.strategy: [] for s in opened}
         killed_at = time.monotonic()
 
-        def on_pod(result: Result, pod: str) -> None:
-            samples[result.strategy].append((time.monotonic(), pod))
-            result.per_pod[pod] = result.per_pod.get(pod, 0) + 1
+        def on_call(result: Result, pod: str | None, started: float, _ms: float) -> None:
+            # By when the call began, not when its answer was read: the killed pod's last
+            # answers, sent before the SIGKILL, can be read after it.
+            if pod is not None:
+                samples[result.strategy].append((started, pod))
+                result.per_pod[pod] = result.per_pod.get(pod, 0) + 1
 
         budget = max(1, settings.calls // KILL_WORKERS)
         load = Load(
-            opened, "pod-kill", rate=KILL_RATE, workers=KILL_WORKERS, budget=budget, on_pod=on_pod
+            opened, "pod-kill", rate=KILL_RATE, workers=KILL_WORKERS, budget=budget, on_call=on_call
         )
         with load:
             progress(f"pod-kill: {KILL_WORKERS} threads per strategy for {KILL_RUN_S:g} s")
             load.wait(KILL_RUN_S / 2)
-            killed_at = time.monotonic()
             for target, victim in victims:
                 progress(f"pod-kill: SIGKILL {victim}")
                 target.kill(victim)
+            killed_at = time.monotonic()  # a call begun from here on found its pod dead
             load.wait(KILL_RUN_S / 2)
         killed = ", ".join(victim for _, victim in victims)
         finished = load.finish(PODS, f"killed {killed} (the plain channel's pod) half way")
