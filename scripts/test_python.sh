@@ -5,7 +5,7 @@
 # This one finds the interpreter (PATH, then pyenv's versions, then `pyenv install` under CI),
 # keeps a venv of its own (.venv310 for 3.10) with the package and its test extra, and runs
 # pytest there.
-# scripts/test.sh runs it for 3.10 (every tier) and 3.13 (the fast tier).
+# scripts/test.sh runs it for 3.10 (every tier but the bench runs) and 3.13 (the fast tier).
 #
 # A missing interpreter is a failure under CI=true (a CI that silently skips a declared Python
 # proves nothing) and a warning elsewhere.
