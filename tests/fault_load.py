@@ -182,6 +182,23 @@ def covered(channel: Any) -> set[str]:
     return {lane.pod for lane in channel.pool.lanes if lane.is_available() and lane.pod}
 
 
+async def covering(mode: str, channel: Any, pods: int = 3, timeout_s: float = 60.0) -> bool:
+    """Whether the lanes come to cover ``pods`` pods, one unary call at a time meanwhile: an
+    idle channel rotates no lane by age and its scouts back off (PoolConfig.scout_idle_max_s),
+    and the pool's coverage bounds hold for a channel in use. Every call has ended on return,
+    so the pods' counts can be reset."""
+    deadline = time.monotonic() + timeout_s
+    while len(covered(channel)) < pods:
+        if time.monotonic() > deadline:
+            return False
+        if mode == "sync":
+            await asyncio.to_thread(call_sync, channel, "unary_unary", timeout=10)
+        else:
+            await call_aio(channel, "unary_unary", timeout=10)
+        await asyncio.sleep(0.05)
+    return True
+
+
 # -- outages of the cluster's parts, on their own ports ----------------------------------------
 
 

@@ -21,7 +21,7 @@ import grpc
 import pytest
 from calls import CALL_KINDS, call_aio, call_sync
 from conftest import IDENTITY, require
-from fault_load import count_calls, covered, threads_left, threads_now, until
+from fault_load import count_calls, covered, covering, threads_left, threads_now, until
 from leak_fixtures import server_with_own_workers
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -66,18 +66,6 @@ class Calls:
         self.mode = mode
         self.channel = channel
 
-    async def covering(self, pods: int = 3, timeout_s: float = 60.0) -> bool:
-        """Whether the lanes come to cover ``pods`` pods, one call at a time meanwhile: an idle
-        channel's scouts back off (PoolConfig.scout_idle_max_s), and the bounds hold for a
-        channel in use. Every call has ended on return (counts can be reset)."""
-        deadline = time.monotonic() + timeout_s
-        while len(covered(self.channel)) < pods:
-            if time.monotonic() > deadline:
-                return False
-            await self.one()
-            await asyncio.sleep(0.05)
-        return True
-
     async def one(self, kind: str = "unary_unary") -> grpc.StatusCode:
         if self.mode == "sync":
             seen = await asyncio.to_thread(call_sync, self.channel, kind)
@@ -118,7 +106,7 @@ def test_every_call_kind_works_and_spreads_over_the_pods(
     cluster: LocalCluster, mode: str, kind: str
 ) -> None:
     async def body(channel: Any, calls: Calls) -> None:
-        assert await calls.covering(), channel
+        assert await covering(calls.mode, channel), channel
         cluster.reset_counts()
         # Sequential calls stay on a lane for runs of 16 (LeastOutstanding's run): 3 runs+.
         assert set(await calls.many(60, kind)) == {grpc.StatusCode.OK}
@@ -275,7 +263,7 @@ def test_a_pod_gone_not_serving_is_rotated_away_from_without_a_failed_call(
     cluster = local_cluster_factory(pods=3, dns=None)
 
     async def body(channel: Any, calls: Calls) -> None:
-        assert await calls.covering(), channel
+        assert await covering(calls.mode, channel), channel
         cluster.set_serving("charge-points-1", False)  # out of the Service, still running
         codes: list[grpc.StatusCode] = []
         while "charge-points-1" in covered(channel) and len(codes) < 2000:

@@ -28,7 +28,7 @@ from fault_load import (
     MODES,
     OK,
     close_channel,
-    covered,
+    covering,
     open_channel,
     threads_left,
     threads_now,
@@ -105,23 +105,6 @@ async def hammer(mode: str, channel: Any, workers: int) -> Counter[str]:
     return seen
 
 
-async def covers_every_pod(mode: str, channel: Any, timeout_s: float = 60.0) -> bool:
-    """Whether the lanes come to cover the 3 pods. With no scouts a lane that reached a covered
-    pod 7 times in a row is kept doubled (PoolConfig.redials), and an idle channel rotates no
-    lane by age: one call at a time lets rotation re-roll it. Every call has ended on return,
-    so the pods' counts can be reset."""
-    deadline = time.monotonic() + timeout_s
-    while len(covered(channel)) < 3:
-        if time.monotonic() > deadline:
-            return False
-        if mode == "sync":
-            await asyncio.to_thread(call_sync, channel, "unary_unary", timeout=10)
-        else:
-            await call_aio(channel, "unary_unary", timeout=10)
-        await asyncio.sleep(0.05)
-    return True
-
-
 @pytest.mark.parametrize(("mode", "workers"), [("sync", 32), ("aio", 500)])
 def test_counts_reconcile_exactly_under_load_while_lanes_rotate(
     cluster: LocalCluster, mode: str, workers: int
@@ -134,7 +117,7 @@ def test_counts_reconcile_exactly_under_load_while_lanes_rotate(
             observe=ObserveOptions(expected_pods=3, registry=AffinityRegistry()),
         )  # fmt: skip
         try:
-            assert await covers_every_pod(mode, channel), channel
+            assert await covering(mode, channel), channel
             cluster.reset_counts()
             seen = await hammer(mode, channel, workers)
             return seen, channel.pool.rotations, repr(channel)
