@@ -176,6 +176,7 @@ def _maintenance(channel: Any, first: Plan) -> None:
 
 def _finalize(
     stop: threading.Event,
+    wake: threading.Event,
     pool: LanePool,
     connectivity: Connectivity,
     detector: AffinityDetector,
@@ -185,6 +186,7 @@ def _finalize(
     the lanes' connections (and their health checks), the connectivity connection, and the
     detector's note that the target's calls run on lanes."""
     stop.set()
+    wake.set()
     if unmarked.acquire(blocking=False):  # never released: once per channel
         detector.lanes_opened(False)
     if pool.forked:  # in a forked child the lanes are the parent's connections: leave them
@@ -259,6 +261,9 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
         self._check_timeout_s = check_timeout_s
         self._tick_s = tick_s
         self._stop = threading.Event()
+        # Set by close() and by the first call after an idle round (the pool's on_wake).
+        self._wake = threading.Event()
+        self.pool.on_wake = self._wake.set
         self._connectivity = Connectivity(lambda: factory((LOCAL_POOL_OPTION,), ()))
         self._faults = CheckFaults(_log, target)
         forking.track(self)
@@ -271,6 +276,7 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
             self,
             _finalize,
             self._stop,
+            self._wake,
             self.pool,
             self._connectivity,
             self.detector,
@@ -333,8 +339,9 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
                 busy = False
             plan = None
             burst = burst + 1 if busy and burst < _BURST_ROUNDS else 0
-            if not burst and self._stop.wait(pause):
-                break
+            if not burst:
+                self._wake.wait(pause)  # a tick, or longer while idle: a call or close() wakes
+                self._wake.clear()
 
     def _carry_out(self, plan: Plan) -> None:
         for lane in plan.close:
@@ -401,6 +408,7 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
         """Close every lane (their calls are cancelled, as ``grpc.Channel.close`` does) and stop
         the maintenance thread."""
         self._stop.set()
+        self._wake.set()
         if self._unmarked.acquire(blocking=False):  # never released: once per channel
             self.detector.lanes_opened(False)
         if self.pool.forked:  # the lanes are the parent's connections: leave them to it

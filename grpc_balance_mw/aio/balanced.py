@@ -262,6 +262,9 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
         self._check_timeout_s = check_timeout_s
         self._tick_s = tick_s
         self._task: asyncio.Task[None] | None = None
+        # Set by the first call after an idle round (the pool's on_wake): the task plans at once.
+        self._wake = asyncio.Event()
+        self.pool.on_wake = self._wake.set
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._closed = False
         self._faults = CheckFaults(_log, target)
@@ -341,9 +344,14 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
             except Exception:  # a background task: nothing above it would see the error
                 _log.exception("balanced channel %s: maintenance round failed", self.target)
                 busy = False
-            plan = None
+            dozing, plan = plan is not None and plan.idle_s is not None, None
             burst = burst + 1 if busy and burst < _BURST_ROUNDS else 0
-            await asyncio.sleep(0 if burst else pause)
+            if dozing and not burst:  # idle: the first call wakes the task (the pool's on_wake)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), pause)
+                self._wake.clear()
+            else:
+                await asyncio.sleep(0 if burst else pause)
 
     async def _carry_out(self, plan: Plan) -> None:
         await self._close_lanes(plan.close)

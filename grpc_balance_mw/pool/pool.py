@@ -95,9 +95,9 @@ _LOAD_TTL_S = 30.0
 _BURST_WIDTH = 4
 #: While the channel is idle and its scouting backed off, the adapter plans at most this far
 #: apart (not every tick), and the affinity detector is asked for its signals at most this
-#: often: an idle channel's rounds are most of its idle CPU. A call made in between is seen
-#: by the next round, this much later at most.
-_IDLE_ROUND_S = 1.0
+#: often: an idle channel's rounds are most of its idle CPU. The first call made in between
+#: wakes the adapter (``LanePool.on_wake``), so the pace comes back with it, not a round later.
+_IDLE_ROUND_S = 5.0
 _IDLE_SIGNALS_S = 5.0
 #: ... and its lanes are health-checked this often instead of every ``health_interval_s`` (a
 #: third of its idle CPU went to checks). The first round that sees a call checks every lane
@@ -146,17 +146,19 @@ class PoolConfig:
             ``burst_per_pod``). None: no scouting (new pods then wait for rotation).
         scout_idle_max_s: while the channel makes no calls and every scout reaches a pod
             already known and covered, the scout interval doubles after each scout up to this
-            (8 s): an idle channel then dials one scout every 8 s instead of four a second. It
-            returns to ``scout_interval_s`` at once when a call is made, a scout finds a pod no
-            lane covers, a health check fails, a lane's pod goes away or its lane reconnects to
-            another pod. The trade-off: a scale-up that happens while the channel makes no
-            calls is found within the usual bound of the first calls after it (one scout
-            interval may pass first), not of the scale-up itself; a channel carrying calls keeps
-            the fast pace, and with it the scale-up bound below. While idle the maintenance
-            rounds run at most 1 s apart and no lane is rotated by age; once backed off all the
-            way, lanes are health-checked every 20 s (the first round that sees a call checks
-            the lanes due). Scouting backs off only once the lanes have settled (every live pod
-            has a lane, none doubled unless another pod is unlikely). None: no back-off.
+            (32 s): an idle channel then dials one scout every 32 s instead of four a second (a
+            scout costs its client about 7 ms of CPU: at 8 s the scouts were half of an idle
+            channel's CPU). It returns to ``scout_interval_s`` at once when a call is made, a
+            scout finds a pod no lane covers, a health check fails, a lane's pod goes away or
+            its lane reconnects to another pod. The trade-off: a scale-up that happens while
+            the channel makes no calls is found within the usual bound of the first calls after
+            it, not of the scale-up itself; a channel carrying calls keeps the fast pace, and
+            with it the scale-up bound below. While idle the maintenance rounds run at most 5 s
+            apart (the first call wakes them at once: ``LanePool.on_wake``) and no lane is
+            rotated by age; once backed off all the way, lanes are health-checked every 20 s
+            (the first round that sees a call checks the lanes due). Scouting backs off only
+            once the lanes have settled (every live pod has a lane, none doubled unless another
+            pod is unlikely). None: no back-off.
         burst_per_pod: a scout that found a pod never seen before and got a lane for it starts
             a burst of ``burst_per_pod * (pods known + 1)`` scouts (pods known counted up to
             ``max_lanes``), 4 a round, rounds back to back; a scout in the burst that finds
@@ -239,7 +241,7 @@ class PoolConfig:
     redials: int = 6
     drain_grace_s: float = 30.0
     scout_interval_s: float | None = 0.25
-    scout_idle_max_s: float | None = 8.0
+    scout_idle_max_s: float | None = 32.0
     burst_per_pod: int = 5
     health_interval_s: float = 5.0
     pod_ttl_s: float = 30.0
@@ -459,6 +461,11 @@ class LanePool:
         self._picks_at_scout = 0  # calls picked when the last scout was dialled
         self._picks_at_plan = 0  # ... when the last round was planned
         self._picks_at_signals = -1  # ... when the detector was last asked
+        #: Called (under the pool's lock, so it must only set a flag or an event) by the first
+        #: call after a round that let the adapter wait longer (``Plan.idle_s``): the adapter
+        #: sets it to wake its maintenance at once.
+        self.on_wake: Callable[[], object] | None = None
+        self._dozing = False  # the last round let the adapter wait: the next call wakes it
         self._signals_at = 0.0
         self._burst = 0  # scouts left in the current burst
         self._next_dial = 0.0
@@ -534,6 +541,8 @@ class LanePool:
             lane.last_picked = self._picks
             lane.in_flight += 1
             lane.calls += 1
+            if self._dozing:
+                self._wake()
             return lane
 
     def release(
@@ -715,6 +724,7 @@ class LanePool:
             plan.stuck, self._new_stuck = self._new_stuck, None
             plan.notices = self.membership.take_notices()
             plan.idle_s = self._idle_for(now, plan)
+            self._dozing = plan.idle_s is not None
             self._picks_at_plan = self._picks
             return plan
 
@@ -911,6 +921,11 @@ class LanePool:
         self._next_scout = now + interval
         self._picks_at_scout = self._picks
         plan.dial.append(self._new_lane(now, LanePurpose.SCOUT))
+
+    def _wake(self) -> None:
+        self._dozing = False
+        if self.on_wake is not None:
+            self.on_wake()
 
     def _idle_for(self, now: float, plan: Plan) -> float | None:
         """How long the next round may wait: None (the adapter's tick) unless the channel is
