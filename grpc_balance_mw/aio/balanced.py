@@ -344,14 +344,14 @@ class BalancedChannel(LaneRoutes, RoutedChannel[Lane]):
             except Exception:  # a background task: nothing above it would see the error
                 _log.exception("balanced channel %s: maintenance round failed", self.target)
                 busy = False
-            dozing, plan = plan is not None and plan.idle_s is not None, None
+            plan = None
             burst = burst + 1 if busy and burst < _BURST_ROUNDS else 0
-            if dozing and not burst:  # idle: the first call wakes the task (the pool's on_wake)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), pause)
-                self._wake.clear()
-            else:
-                await asyncio.sleep(0 if burst else pause)
+            if burst:
+                await asyncio.sleep(0)
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):  # a tick, or longer while idle:
+                await asyncio.wait_for(self._wake.wait(), pause)  # the first call wakes it
+            self._wake.clear()
 
     async def _carry_out(self, plan: Plan) -> None:
         await self._close_lanes(plan.close)
