@@ -139,6 +139,43 @@ def test_calls_in_flight_count_against_the_weight() -> None:
     assert all(pick(lanes) is lanes[1] for _ in range(3))
 
 
+def weighing_two(clock: FakeClock) -> tuple[Weighted, list[Lane]]:
+    """Two lanes of equal weight, past the blackout, picked with runs of 1; the weights are
+    not updated again while the clock stands still."""
+    lanes = [active_lane(i) for i in range(2)]
+    config = WeightConfig(blackout_s=1.0, update_s=5.0)
+    pick = Weighted(config, run=1, rng=random.Random(1), clock=clock)
+    for _ in range(2):
+        for lane in lanes:
+            pick.reported(lane, report(0.5), clock())
+        clock.advance(2.0)
+    return pick, lanes
+
+
+def test_a_lane_passed_over_for_its_calls_in_flight_gets_no_burst_after() -> None:
+    """While a lane holds more calls than another, it takes none (join the shortest queue,
+    in calls per weight); once its calls end it takes its turn again, not a burst of the
+    calls it was passed over for, which would rebuild the queue it was spared."""
+    clock = FakeClock(0.0)
+    pick, (held, free) = weighing_two(clock)
+    held.in_flight = 5
+    sequence = itertools.count(100)
+
+    def picks(count: int) -> list[int]:
+        chosen = []
+        for _ in range(count):
+            lane = pick([held, free])
+            lane.last_picked = next(sequence)
+            chosen.append(lane.id)
+        return chosen
+
+    assert picks(30) == [free.id] * 30
+    held.in_flight = 0
+    after = picks(12)
+    longest = max(len(list(run)) for lane, run in itertools.groupby(after) if lane == held.id)
+    assert longest <= 1 and after.count(held.id) == 6, after
+
+
 def test_a_lane_without_weight_gets_the_mean_and_one_weight_is_none() -> None:
     clock = FakeClock(0.0)
     lanes = [active_lane(i) for i in range(3)]

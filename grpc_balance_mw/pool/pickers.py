@@ -129,7 +129,10 @@ class Weighted(LeastOutstanding):
     The choice is stride scheduling: each lane has a pass that grows by ``1 / weight`` per
     call it takes, and the lane with the least ``pass + in_flight / weight`` takes the next
     call. Sequential calls (never in flight) are shared in proportion to the weights; under
-    concurrency a lane with many calls for its weight waits. Picking the lightest cost alone,
+    concurrency a lane with many calls for its weight waits, and gets no credit for the calls
+    it was passed over for (the least pass catches up with the chosen lane's), so calls join
+    the shortest queue for its weight as Envoy's least_request does and no burst follows.
+    Picking the lightest cost alone,
     ``(in_flight + 1) / weight``, would send every sequential call to the heaviest lane and
     starve the others of the calls whose reports could change their weights. The rest is
     :class:`LeastOutstanding`'s: every lane compared up to 8 lanes, runs of up to ``run``
@@ -165,7 +168,7 @@ class Weighted(LeastOutstanding):
         self._weighted = False  # at least two lanes have a usable weight
         self._next_update = 0.0
         self._mean = 1.0
-        self._floor = 0.0  # the least pass of the lanes, for a lane new to the schedule
+        self._floor = 0.0  # the schedule's time: no lane's pass stays below it
         self._by_latency = False  # latencies differed enough to weigh at the last update
 
     def __repr__(self) -> str:
@@ -274,17 +277,15 @@ class Weighted(LeastOutstanding):
             drawn = self._rng.sample(lanes, self.choices)
         mean, floor = self._mean, self._floor
         best = drawn[0]
-        lowest, oldest, least = math.inf, 0, math.inf
+        lowest, oldest = math.inf, 0
         for lane in drawn:  # the least pass + in_flight / weight, then least recently picked
             load = lane.load
             if load is None:  # a lane new since the last update
                 load = lane.load = LaneLoad()
             if load.effective <= 0:  # ... or its first report came since: the mean until then
                 load.effective = mean
-            if load.passed < floor:  # new to the schedule, or idle for long: no credit
+            if load.passed < floor:  # new to the schedule, idle or passed over: no credit
                 load.passed = floor
-            if load.passed < least:
-                least = load.passed
             cost = load.passed + lane.in_flight / load.effective
             if cost < lowest or (cost == lowest and lane.last_picked < oldest):
                 best, lowest, oldest = lane, cost, lane.last_picked
@@ -301,8 +302,12 @@ class Weighted(LeastOutstanding):
         else:
             self._last = chosen = best
             self._left = self.run - 1
+            # The schedule's time is the pass of the lane it chose: a lane passed over for its
+            # calls in flight keeps no credit for the calls it missed, or it would take them in
+            # a burst once its calls end, rebuilding the queue it was spared.
+            assert best.load is not None
+            self._floor = best.load.passed
         load = chosen.load
         assert load is not None
         load.passed += 1.0 / load.effective
-        self._floor = least
         return chosen
