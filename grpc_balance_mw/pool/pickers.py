@@ -132,9 +132,9 @@ class Weighted(LeastOutstanding):
     concurrency a lane with many calls for its weight waits, and gets no credit for the calls
     it was passed over for (the least pass catches up with the chosen lane's), so calls join
     the shortest queue for its weight as Envoy's least_request does and no burst follows.
-    Picking the lightest cost alone,
-    ``(in_flight + 1) / weight``, would send every sequential call to the heaviest lane and
-    starve the others of the calls whose reports could change their weights. The rest is
+    Picking the lightest cost alone, ``(in_flight + 1) / weight``, would send every sequential
+    call to the heaviest lane and starve the others of the calls whose reports could change
+    their weights. The rest is
     :class:`LeastOutstanding`'s: every lane compared up to 8 lanes, runs of up to ``run``
     sequential calls on one lane, and an active lane never picked goes first.
 
