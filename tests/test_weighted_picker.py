@@ -33,15 +33,20 @@ def report(utilization: float, qps: float = 100.0, eps: float = 0.0) -> LoadRepo
     return LoadReport(application_utilization=utilization, rps_fractional=qps, eps=eps)
 
 
-def sequential(pick: Weighted | LeastOutstanding, lanes: list[Lane], calls: int) -> Counter[int]:
-    """``calls`` calls one after another (0 in flight), numbered as the pool numbers picks."""
-    counts: Counter[int] = Counter()
+def picked(pick: Weighted | LeastOutstanding, lanes: list[Lane], calls: int) -> list[int]:
+    """The lanes of ``calls`` calls one after another, numbered as the pool numbers picks."""
+    order = []
     start = max(lane.last_picked for lane in lanes)
     for sequence in range(start + 1, start + calls + 1):
         lane = pick(lanes)
         lane.last_picked = sequence
-        counts[lane.id] += 1
-    return counts
+        order.append(lane.id)
+    return order
+
+
+def sequential(pick: Weighted | LeastOutstanding, lanes: list[Lane], calls: int) -> Counter[int]:
+    """How many of ``calls`` sequential calls (0 in flight) each lane took."""
+    return Counter(picked(pick, lanes, calls))
 
 
 def test_a58_weight_formula() -> None:
@@ -106,11 +111,7 @@ def test_sequential_calls_follow_the_weights() -> None:
     assert after[0] / 1400 == pytest.approx(1 / 7, abs=0.03), after
     assert after[1] == pytest.approx(after[2], rel=0.1), after
     # Runs of sequential calls stay (few switches), as LeastOutstanding's.
-    order = []
-    for sequence in range(10_000, 10_700):
-        lane = pick(lanes)
-        lane.last_picked = sequence
-        order.append(lane.id)
+    order = picked(pick, lanes, 700)
     assert sum(a != b for a, b in itertools.pairwise(order)) <= 700 / 16 * 1.5
 
 
@@ -139,39 +140,22 @@ def test_calls_in_flight_count_against_the_weight() -> None:
     assert all(pick(lanes) is lanes[1] for _ in range(3))
 
 
-def weighing_two(clock: FakeClock) -> tuple[Weighted, list[Lane]]:
-    """Two lanes of equal weight, past the blackout, picked with runs of 1; the weights are
-    not updated again while the clock stands still."""
-    lanes = [active_lane(i) for i in range(2)]
-    config = WeightConfig(blackout_s=1.0, update_s=5.0)
-    pick = Weighted(config, run=1, rng=random.Random(1), clock=clock)
-    for _ in range(2):
-        for lane in lanes:
-            pick.reported(lane, report(0.5), clock())
-        clock.advance(2.0)
-    return pick, lanes
-
-
 def test_a_lane_passed_over_for_its_calls_in_flight_gets_no_burst_after() -> None:
     """While a lane holds more calls than another, it takes none (join the shortest queue,
     in calls per weight); once its calls end it takes its turn again, not a burst of the
     calls it was passed over for, which would rebuild the queue it was spared."""
     clock = FakeClock(0.0)
-    pick, (held, free) = weighing_two(clock)
+    held, free = lanes = [active_lane(i) for i in range(2)]
+    # Equal weights past the blackout, not updated again while the clock stands still.
+    pick = Weighted(WeightConfig(blackout_s=1.0, update_s=5.0), run=1, clock=clock)
+    for _ in range(2):
+        for lane in lanes:
+            pick.reported(lane, report(0.5), clock())
+        clock.advance(2.0)
     held.in_flight = 5
-    sequence = itertools.count(100)
-
-    def picks(count: int) -> list[int]:
-        chosen = []
-        for _ in range(count):
-            lane = pick([held, free])
-            lane.last_picked = next(sequence)
-            chosen.append(lane.id)
-        return chosen
-
-    assert picks(30) == [free.id] * 30
+    assert picked(pick, lanes, 30) == [free.id] * 30
     held.in_flight = 0
-    after = picks(12)
+    after = picked(pick, lanes, 12)
     longest = max(len(list(run)) for lane, run in itertools.groupby(after) if lane == held.id)
     assert longest <= 1 and after.count(held.id) == 6, after
 

@@ -130,13 +130,13 @@ class Weighted(LeastOutstanding):
     call it takes, and the lane with the least ``pass + in_flight / weight`` takes the next
     call. Sequential calls (never in flight) are shared in proportion to the weights; under
     concurrency a lane with many calls for its weight waits, and gets no credit for the calls
-    it was passed over for (the least pass catches up with the chosen lane's), so calls join
-    the shortest queue for its weight as Envoy's least_request does and no burst follows.
+    it was passed over for (its pass is raised to the chosen lane's), so calls join the
+    shortest queue for its weight as Envoy's least_request does and no burst follows.
     Picking the lightest cost alone, ``(in_flight + 1) / weight``, would send every sequential
     call to the heaviest lane and starve the others of the calls whose reports could change
-    their weights. The rest is
-    :class:`LeastOutstanding`'s: every lane compared up to 8 lanes, runs of up to ``run``
-    sequential calls on one lane, and an active lane never picked goes first.
+    their weights. The rest is :class:`LeastOutstanding`'s: every lane compared up to 8 lanes,
+    runs of up to ``run`` sequential calls on one lane, and an active lane never picked goes
+    first.
 
     The pool gives it each report (:meth:`reported`, under the pool's lock); it reads the
     clock only once a report came.
