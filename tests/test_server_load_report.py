@@ -18,8 +18,11 @@ from conftest import IDENTITY
 from fault_load import until
 from leak_fixtures import server_with_own_workers
 
-from grpc_balance_mw import POD_HEADER
+from grpc_balance_mw import POD_HEADER, ObserveOptions, observe
 from grpc_balance_mw import server as sync_server
+from grpc_balance_mw.affinity import AffinityConfig, AffinityRegistry
+from grpc_balance_mw.affinity.observer import CallObserver
+from grpc_balance_mw.aio import observe as aio_observe
 from grpc_balance_mw.aio import server as aio_server
 from grpc_balance_mw.load_meter import LoadMeter
 from grpc_balance_mw.orca import GRPCIO_TRAILER_KEY, LoadReport, decode_load_report
@@ -304,3 +307,40 @@ def test_a_local_cluster_pod_reports_its_capacity_used(tmp_path: Path) -> None:
     # in a window of at most 2.5 s.
     assert report.application_utilization > 1
     assert report.named_metrics["connections"] >= 1
+
+
+@pytest.mark.parametrize("client", ["sync", "aio"])
+async def test_a_client_reads_the_pod_from_trailers_new_on_every_call_without_keeping_them(
+    pod: Pod, client: str
+) -> None:
+    """Every call's trailers carry a new report, so they are never a block seen before: the
+    observing client reads their pod headers alone and keeps no cache entry per call (it
+    kept one per call, up to 4,096, and counted each call the slow way)."""
+    calls, request = 40, pb.GetChargePointRequest(id="cp-1")
+    options = ObserveOptions(registry=AffinityRegistry(AffinityConfig(warmup_s=0)))
+    trailers: set[Any] = set()
+
+    def call_sync() -> CallObserver:
+        with observe(grpc.insecure_channel(pod.target), options, target=pod.target) as observed:
+            rpc = pb_grpc.ChargePointsStub(observed).GetChargePoint
+            for _ in range(calls):
+                rpc(request, timeout=WAIT_S)  # the plain call: the wrapper's leanest path
+                trailers.add(rpc.with_call(request, timeout=WAIT_S)[1].trailing_metadata())
+            return observed.observer
+
+    if client == "sync":
+        observer = await asyncio.to_thread(call_sync)
+    else:
+        async with aio_observe(grpc.aio.insecure_channel(pod.target), options) as aio_observed:
+            aio_rpc = pb_grpc.ChargePointsStub(aio_observed).GetChargePoint
+            for _ in range(2 * calls):
+                done = aio_rpc(request, timeout=WAIT_S)
+                await done
+                trailers.add(tuple(await done.trailing_metadata()))
+            observer = aio_observed.observer
+    assert len(trailers) > calls // 2  # the reports made them new (rps and latency change)
+    assert await until(lambda: observer.detector.snapshot().calls == 2 * calls, WAIT_S)
+    snapshot = observer.detector.snapshot()
+    assert (snapshot.unknown_calls, snapshot.malformed_calls) == (0, 0)
+    assert set(snapshot.pods) == {IDENTITY.name}
+    assert len(observer.reader.by_metadata) <= 2  # the headers, and no trailers per call

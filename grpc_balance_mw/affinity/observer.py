@@ -75,11 +75,30 @@ class PodReader:
             reading = self.by_metadata.get(metadata)
             if reading is None:
                 reading = self._read(metadata)
-                if len(self.by_metadata) >= READINGS_CACHED:
-                    self.by_metadata.clear()
-                self.by_metadata[metadata] = reading
+                self._keep(metadata, reading)
             return reading
         return self._read(metadata)
+
+    def read_trailers(self, metadata: Iterable[tuple[str, Any]] | None) -> PodReading:
+        """:meth:`read` for trailers, which may hold something new on every call: the server
+        half's load report (gRFC A51) is. A block seen whole before is one lookup; else its
+        pod headers are read alone, and the block is kept whole only if they are all of it
+        (a block kept per call would be a miss and a cache entry on every call)."""
+        if type(metadata) is tuple:
+            reading = self.by_metadata.get(metadata)
+            if reading is not None:
+                return reading
+            reading = self._read(metadata)
+            watched = self._watched
+            if all(item[0] in watched for item in metadata):
+                self._keep(metadata, reading)
+            return reading
+        return self._read(metadata)
+
+    def _keep(self, metadata: tuple[tuple[str, Any], ...], reading: PodReading) -> None:
+        if len(self.by_metadata) >= READINGS_CACHED:
+            self.by_metadata.clear()
+        self.by_metadata[metadata] = reading
 
     def _read(self, metadata: Iterable[tuple[str, Any]] | None) -> PodReading:
         found: list[tuple[str, Any]] | None = None
@@ -341,7 +360,7 @@ class CallObserver:
         if trailing is not None:
             if callable(trailing):
                 trailing = trailing()
-            reading = merge_readings(reading, reader.read(trailing))
+            reading = merge_readings(reading, reader.read_trailers(trailing))
         return reading
 
     def count(
@@ -365,6 +384,8 @@ class CallObserver:
         try:
             reading = by_metadata[initial] if seen is None else seen
             trailer = _NOTHING if trailing is None else by_metadata.get(trailing)
+            if trailer is None and type(trailing) is tuple:  # e.g. a per-call load report
+                trailer = self.reader.read_trailers(trailing)
         except (KeyError, TypeError):  # headers not seen yet, or not a tuple
             trailer = None
         if trailer is None:  # read in full: new headers, trailers not seen yet or to fetch
@@ -407,9 +428,9 @@ class CallObserver:
         except (KeyError, TypeError):  # headers not seen yet, or not a tuple
             self._count_unary_first(initial, trailing)
             return
-        if trailing != trailers:
-            trailer = self.reader.by_metadata.get(trailing) if type(trailing) is tuple else None
-            if trailer is not reading and trailer is not _NOTHING:  # not seen yet, or news
+        if trailing != trailers:  # e.g. a per-call load report: read the pod headers alone
+            trailer = self.reader.read_trailers(trailing) if type(trailing) is tuple else None
+            if trailer is not reading and trailer is not _NOTHING:  # not read, or news
                 self.count(None, False, initial, trailing)
                 return
         now = self.clock()
