@@ -79,6 +79,48 @@ class _UnaryResponse(ObservedMethod):
         return future
 
 
+class _TracedUnaryResponse(_UnaryResponse):
+    """With telemetry: on grpcio's own unary-unary multicallable the plain ``__call__`` runs
+    the call as grpcio's ``__call__`` does and reads the metadata and status off the call's
+    state, as :class:`_CountedUnaryResponse` does; no call object built for ``with_call``."""
+
+    def __init__(self, inner: Any, observer: CallObserver, method: str | bytes, kind: str) -> None:
+        super().__init__(inner, observer, method, kind)
+        path = blocking_unary_path(inner) if kind == "unary_unary" else None
+        self._blocking: Callable[..., Any] | None = None if path is None else path[0]
+        self._end = None if path is None else path[1]
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: Any = None,
+        wait_for_ready: bool | None = None,
+        compression: Any = None,
+    ) -> Any:
+        blocking = self._blocking
+        if blocking is None:
+            return super().__call__(
+                request, timeout, metadata, credentials, wait_for_ready, compression
+            )
+        observed = self._observer.begin(self._method, self._kind)
+        try:
+            state, core_call = blocking(
+                request, timeout, metadata, credentials, wait_for_ready, compression
+            )
+        except BaseException as error:  # e.g. the request did not serialize
+            finish_call(observed, as_call(error))
+            raise
+        code = state.code
+        observed.finish(
+            state.initial_metadata,
+            state.trailing_metadata,
+            None if code is None else code.value[0],
+        )
+        return self._end(state, core_call, False, None)  # type: ignore[misc]
+
+
 class _CountedUnaryResponse(_UnaryResponse):
     """Detection only (no telemetry): the plain ``__call__``, the hot path, counts the call
     straight into the observer, without an :class:`ObservedCall` or a wrapping frame.
@@ -178,7 +220,7 @@ class _StreamResponse(ObservedMethod):
 
 
 #: The multicallable of each call kind; without telemetry, unary responses have a leaner one.
-_TRACED = kind_classes(by_response(_UnaryResponse, _StreamResponse), SYNC_MULTICALLABLES)
+_TRACED = kind_classes(by_response(_TracedUnaryResponse, _StreamResponse), SYNC_MULTICALLABLES)
 _COUNTED = kind_classes(by_response(_CountedUnaryResponse, _StreamResponse), SYNC_MULTICALLABLES)
 
 
