@@ -18,6 +18,7 @@ import pytest
 from conftest import require
 from greeter_service import register, say_hello
 
+from grpc_balance_mw.balanced import balanced_channel
 from grpc_balance_mw.identity import pod_from_metadata
 from grpc_balance_mw.testing import DNSKind, L7Kind, LocalCluster, missing_components
 
@@ -106,3 +107,21 @@ def test_a_killed_pod_leaves_the_dns_and_the_l7_proxy(local_cluster_factory: Fac
             assert identity is not None
             answered[identity.name] += 1
     assert set(answered) == {"greeter-0", "greeter-2"}, answered
+
+
+def test_forwarders_stopped_as_clients_hang_up_end_quietly(
+    local_cluster_factory: Factory, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The host reaches the Service and each pod through forwarder processes; stopping the
+    cluster just after a balanced channel hung up its connections is a normal end, not a
+    traceback per connection on stderr (Python 3.11's asyncio logged each cancelled
+    connection handler as an error)."""
+    cluster = start(local_cluster_factory, dns=None)
+    with balanced_channel(cluster.service_target, observe=False) as channel:
+        deadline = time.monotonic() + 20
+        while len({lane.pod for lane in channel.pool.lanes if lane.is_available()}) < 3:
+            assert time.monotonic() < deadline, channel.pool
+            say_hello(channel)
+    cluster.stop()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "CancelledError" not in err, err

@@ -86,6 +86,10 @@ async def serve(listen_fd: int, host: str, port: int) -> None:
         forwarding.add(task)
         try:
             await _forward(reader, writer, host, port)
+        except asyncio.CancelledError:
+            # The forwarder is stopping: a normal end. Left cancelled, the task is logged as
+            # an error with a traceback by Python 3.11's start_server, one per connection.
+            pass
         finally:
             forwarding.discard(task)
 
