@@ -331,7 +331,9 @@ async def test_a_client_reads_the_pod_from_trailers_new_on_every_call_without_ke
     if client == "sync":
         observer = await asyncio.to_thread(call_sync)
     else:
-        async with aio_observe(grpc.aio.insecure_channel(pod.target), options) as aio_observed:
+        async with aio_observe(
+            grpc.aio.insecure_channel(pod.target), options, target=pod.target
+        ) as aio_observed:
             aio_rpc = pb_grpc.ChargePointsStub(aio_observed).GetChargePoint
             for _ in range(2 * calls):
                 done = aio_rpc(request, timeout=WAIT_S)
