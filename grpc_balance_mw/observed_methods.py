@@ -79,16 +79,22 @@ class _UnaryResponse(ObservedMethod):
         return future
 
 
-class _TracedUnaryResponse(_UnaryResponse):
-    """With telemetry: on grpcio's own unary-unary multicallable the plain ``__call__`` runs
-    the call as grpcio's ``__call__`` does and reads the metadata and status off the call's
-    state, as :class:`_CountedUnaryResponse` does; no call object built for ``with_call``."""
+class _CoreUnaryResponse(_UnaryResponse):
+    """A unary response whose plain ``__call__`` may run the call as grpcio's own does: on
+    grpcio's unary-unary multicallable, ``_blocking`` then ``_end`` (see
+    :func:`~grpc_balance_mw._grpcio.blocking_unary_path`), the metadata read off the call's
+    state; else (``_blocking`` None) through ``with_call``."""
 
     def __init__(self, inner: Any, observer: CallObserver, method: str | bytes, kind: str) -> None:
         super().__init__(inner, observer, method, kind)
         path = blocking_unary_path(inner) if kind == "unary_unary" else None
         self._blocking: Callable[..., Any] | None = None if path is None else path[0]
         self._end = None if path is None else path[1]
+
+
+class _TracedUnaryResponse(_CoreUnaryResponse):
+    """With telemetry: the plain ``__call__`` finishes the span from the call's state, as
+    :class:`_CountedUnaryResponse` counts from it; no call object built for ``with_call``."""
 
     def __call__(
         self,
@@ -121,7 +127,7 @@ class _TracedUnaryResponse(_UnaryResponse):
         return self._end(state, core_call, False, None)  # type: ignore[misc]
 
 
-class _CountedUnaryResponse(_UnaryResponse):
+class _CountedUnaryResponse(_CoreUnaryResponse):
     """Detection only (no telemetry): the plain ``__call__``, the hot path, counts the call
     straight into the observer, without an :class:`ObservedCall` or a wrapping frame.
 
@@ -133,9 +139,6 @@ class _CountedUnaryResponse(_UnaryResponse):
 
     def __init__(self, inner: Any, observer: CallObserver, method: str | bytes, kind: str) -> None:
         super().__init__(inner, observer, method, kind)
-        path = blocking_unary_path(inner) if kind == "unary_unary" else None
-        self._blocking: Callable[..., Any] | None = None if path is None else path[0]
-        self._end = None if path is None else path[1]
         # What CallObserver.count_unary reads when it has seen a call like this one; and the
         # last such call's (headers, trailers, what): the next call's headers are most often
         # equal, and comparing is cheaper than hashing the new strings gRPC made of them.
