@@ -182,9 +182,13 @@ def test_plain_unary_calls_run_as_grpcio_runs_them_and_any_other_multicallable_a
         assert _core_path(bare.unary_unary("/x.Y/Z")) is not None  # this grpcio's layout
         assert _core_path(intercepted.unary_unary("/x.Y/Z")) is None
         expected = _call_plainly(bare, "unary_unary", fail)
-        for inner in (bare, intercepted):
-            options = ObserveOptions(registry=AffinityRegistry(NO_WARMUP))
-            observed = observe(inner, options, target=sync_pod.target)
+    for intercept in (False, True):
+        inner = grpc.insecure_channel(sync_pod.target)
+        if intercept:
+            inner = grpc.intercept_channel(inner, _NoopInterceptor())
+        options = ObserveOptions(registry=AffinityRegistry(NO_WARMUP))
+        # Closed before the pod stops: its probe's round (default options) ends with it.
+        with observe(inner, options, target=sync_pod.target) as observed:
             assert _call_plainly(observed, "unary_unary", fail) == expected
             snapshot = observed.detector.snapshot()
             assert snapshot.calls == 1 and set(snapshot.pods) == {IDENTITY.name}
