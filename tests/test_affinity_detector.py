@@ -13,6 +13,7 @@ from grpc_balance_mw.affinity import (
     AffinityState,
     PodReader,
 )
+from grpc_balance_mw.affinity.lanes import LaneEvidence
 from grpc_balance_mw.affinity.window import PodWindow
 from grpc_balance_mw.errors import ConfigurationError
 
@@ -259,3 +260,47 @@ def test_count_judges_later_but_alike_to_record() -> None:
             states.append((recorded.state, counted.state))
     assert all(r is c for r, c in states) and len({r for r, _ in states}) > 1
     assert recorded.snapshot(now=5.0) == counted.snapshot(now=5.0)
+
+
+class _CountsVerdicts(AffinityDetector):
+    """A detector that counts how often it works a verdict out from the evidence."""
+
+    verdicts = 0
+
+    def _candidate(self, lane: LaneEvidence | None) -> AffinityState | None:
+        self.verdicts += 1
+        return super()._candidate(lane)
+
+
+@pytest.mark.parametrize("how", ["record", "count"])
+@pytest.mark.parametrize("pods", [2, 3, 4, 5, 6])
+def test_lanes_taking_turns_keep_a_full_windows_verdict_without_working_it_out(
+    pods: int, how: str
+) -> None:
+    """A balanced channel's lanes on distinct pods take turns: with the default window, the
+    call that leaves a full window is on the pod of the call that comes, so the totals stay
+    and each call costs no verdict (a 200-call window missed this for 3 and 6 pods: every
+    call was judged in full)."""
+    clock = FakeClock()
+    detector = _CountsVerdicts("charge-points.ev.svc:50051", AffinityConfig(), clock=clock)
+    detector.expected_pods = pods
+    lanes = [LaneEvidence(f"lane-{i}") for i in range(pods)]
+
+    def turns(calls: int) -> None:
+        for index in range(calls):
+            clock.now += 0.005  # the lanes warm up in their first second
+            lane = index % pods
+            if how == "record":
+                detector.record(f"pod-{lane}", now=clock.now, lane=lanes[lane])
+            else:
+                detector.count(
+                    f"pod-{lane}", 0.0, False, False, False, clock.now, False, lanes[lane]
+                )
+
+    turns(3 * AffinityConfig().window_calls)  # past the lanes' warm-up, the window full
+    assert detector.snapshot().state is B
+    before, started = detector.verdicts, clock.now
+    turns(3 * 60 * pods)  # whole turns, within the window's age
+    assert detector.snapshot().state is B
+    # Worked out again only when the pods known are looked over (once a second, _PRUNE_EVERY_S).
+    assert detector.verdicts - before <= clock.now - started + 1

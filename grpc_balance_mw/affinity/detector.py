@@ -468,7 +468,9 @@ class AffinityDetector:
             transition = self._add(pod, duration_s, stream, l7, malformed, at, warming, lane)
             if transition is not None:
                 last = transition
-            elif counted and self._settled is not None:
+            elif counted and self._settled is not None and counted[0][0][6] is lane:
+                # Only a call on the same lane can be like this one: interleaved lanes (a
+                # balanced channel's) skip the attempt.
                 self._take_like_calls(call)
         if last is not None and last.stale:  # judged by no one's call: keep it for a reporter
             self._unreported = last
