@@ -120,3 +120,52 @@ def test_both_new_pods_of_a_scale_up_get_a_lane_within_5_s_by_design() -> None:
     assert with_bursts[5.0] >= 0.995 and with_bursts[2.0] >= 0.9, with_bursts
     without = fraction_within(PoolConfig(scout_interval_s=0.5, burst_per_pod=0), 5.0)
     assert without[5.0] < 0.9, without
+
+
+def unlucky_start(lanes: LanePool, pods: list[str]) -> None:
+    """Default options, so no pod count: the first three lanes reach ``pods[0]``, ``pods[1]``
+    and ``pods[0]``, and every redial of the third slot reaches ``pods[0]`` again (with 3 pods,
+    8.8 % of starts)."""
+    run(lanes, scripted([pods[0], pods[1], pods[0]]), now=0.0)
+    for _ in range(lanes.config.redials):
+        assert [lane.attempt > 0 for lane in run(lanes, scripted([pods[0]]), now=0.0).dial] == [
+            True
+        ]
+    assert active_pods(lanes) == sorted([pods[0], pods[0], pods[1]]), lanes
+
+
+def test_a_slot_whose_redials_all_missed_starts_a_burst_that_finds_the_third_pod() -> None:
+    """The scouts come at once, 4 a round, not one per ``scout_interval_s``: a balanced channel
+    with default options served 2 of 3 pods for its first second in 3 % of starts."""
+    lanes = pool(PoolConfig())
+    unlucky_start(lanes, ["pod-0", "pod-1"])
+    plan = run(lanes, scripted(["pod-1", "pod-0", "pod-2", "pod-0"]), now=0.0)
+    assert [lane.purpose for lane in plan.dial] == [LanePurpose.SCOUT] * 4
+    assert active_pods(lanes) == ["pod-0", "pod-1", "pod-2"], lanes  # the double drains
+
+
+def test_the_burst_of_spent_redials_ends_once_no_other_pod_is_likely() -> None:
+    """Two pods and three lanes (``min_lanes``): the burst stops once the fresh connections
+    since the last new pod would have found a third with 99.9 %, and the lanes stay as they
+    are."""
+    lanes = pool(PoolConfig())
+    unlucky_start(lanes, ["pod-0", "pod-1"])
+    burst = scouts(lanes, ["pod-1", "pod-0"], now=0.0)
+    # 18 fresh connections in a row on known pods (misses_to_forget(3)): the two lanes' first
+    # dials reached new pods, the third slot's 7 did not, so the burst adds at most 11.
+    assert 0 < burst <= 11 + 3, burst  # 4 a round: the last round may overshoot by 3
+    assert lanes.membership.complete()
+    assert active_pods(lanes) == ["pod-0", "pod-0", "pod-1"] and len(lanes.lanes) == 3, lanes
+
+
+def test_spent_redials_behind_one_pod_end_in_the_affinity_verdict_not_a_burst_of_dials() -> None:
+    """Every fresh connection on one pod (ClientIP, or one ready pod): the burst reaches the
+    affinity rule's 16 dials sooner, then stops with the verdict."""
+    lanes = pool(PoolConfig())
+    run(lanes, scripted(["pod-0"] * 3), now=0.0)
+    for _ in range(40):
+        if not run(lanes, scripted(["pod-0"] * 4), now=0.0).dial:
+            break
+    assert lanes.stuck is not None and lanes.stuck.cause == "one-pod-or-client-ip", lanes
+    assert lanes.dials <= 16 + 3, lanes.dials
+    assert not run(lanes, scripted(["pod-0"] * 4), now=1.0).dial

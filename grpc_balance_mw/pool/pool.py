@@ -135,7 +135,8 @@ class PoolConfig:
         expected_pods: the pods the target should have, if known; helps coverage at start.
         redials: per slot, how many times a lane that reached an already covered pod is
             dialled again before the duplicate is accepted (6: with 3 pods and 2 covered, the
-            third is missed 6 times in a row 9 % of the time; each dial costs ~2 ms).
+            third is missed 6 times in a row 9 % of the time; each dial costs ~2 ms). A slot
+            whose redials are all spent so starts a burst of scouts (see ``burst_per_pod``).
         drain_grace_s: a draining lane is closed after this even if calls are still on it
             (30 s, Kubernetes' default termination grace); set it above your longest stream.
         scout_interval_s: a fresh connection is made this often to look for pods no lane covers
@@ -167,7 +168,11 @@ class PoolConfig:
             + 1), a burst misses it with probability ``(1 - 1/n) ** (5 n)``, below ``e ** -5``
             = 0.7 % whatever n. Cost: only after a scale-up (or a pod back under a new name),
             at most ``5 * (max_lanes + 1)`` = 45 connections per pod found, 55 for 3 -> 5 pods,
-            in well under a second. 0: no bursts.
+            in well under a second. A slot whose ``redials`` all reached covered pods while
+            fewer pods are covered than lanes wanted starts one too: bad luck or no pod left,
+            which the burst tells apart in a round or two. Every burst ends once the fresh
+            connections since the last new pod make one more unlikely (the ``confidence`` of
+            :class:`Membership`). 0: no bursts.
 
             The arithmetic for a scale-up from 3 to 5 pods (3 lanes, defaults), leaving 0.5 s
             of the 5 s for the check and the first call: a scout reaches one of the 2 new pods
@@ -908,7 +913,7 @@ class LanePool:
             interval = self.config.stuck_recheck_s
         elif self._pending() or plan.dial:
             return  # lanes being dialled look for pods already (a burst goes on next round)
-        elif self._burst and self._room():
+        elif self._burst and self._room() and not self.membership.complete():
             width = min(self._burst, _BURST_WIDTH)
             self._burst -= width
             plan.dial += [self._new_lane(now, LanePurpose.SCOUT) for _ in range(width)]
@@ -1090,6 +1095,12 @@ class LanePool:
             # The redial is DIALING: the next plan hands it out.
             self._new_lane(now, lane.purpose, lane.replaces, lane.attempt + 1)
             return
+        if not fresh and uncovered and self.stuck is None and self._spent(lane):
+            # Every redial of this slot reached a covered pod: bad luck (3 pods, 6 redials all
+            # miss the third 8.8 % of the time) or no pod left to find. A burst of scouts tells
+            # which in a round or two, not one scout per interval (it ends once fresh
+            # connections make another pod unlikely, or the affinity rule names the cause).
+            self._burst = max(self._burst, self._burst_size())
         crowded = self._crowded_dial(lane, result, now)
         if crowded is not None and looking:
             self._retire(lane, now, crowded)
@@ -1099,6 +1110,10 @@ class LanePool:
         self._activate(lane, now)
         if replaced is not None and replaced.state is LaneState.ACTIVE:
             self._drain(replaced, now, replaced.reason.removeprefix("rotating: ") or "rotated")
+
+    def _spent(self, lane: Lane) -> bool:
+        """Whether ``lane`` is the last redial its slot had (none with ``redials=0``)."""
+        return 0 < self.config.redials <= lane.attempt
 
     def _crowded_dial(self, lane: Lane, result: CheckResult, now: float) -> str | None:
         """Why a new lane's pod holds too many connections to keep it (``PoolConfig.subset``),
