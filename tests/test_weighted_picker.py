@@ -231,6 +231,31 @@ def test_only_a_pod_that_joined_later_is_slow_started() -> None:
     assert sequential(picker, lanes, 2000)[new.id] > 2000 / 4 * 0.8
 
 
+def test_a_joined_pods_ramp_applies_from_its_first_calls_not_from_the_next_update() -> None:
+    """With the default ``update_s`` (1 s) the weights are recomputed once a second: a pod that
+    joins between two updates took a full share of the calls until the next one (hundreds of
+    calls at a cold pod, which slow start is there to spare). Its lane's activation now has the
+    next pick weigh the lanes."""
+    clock = FakeClock()
+    rng = random.Random(7)
+    slow = SlowStart(window_s=30.0)
+    picker = Weighted(WeightConfig(slow_start=slow), rng=rng, clock=clock)
+    pool = LanePool(PoolConfig(), picker=picker, clock=clock, rng=rng)
+    proxy = KubeProxy(3, rng)
+    old = {"pod-0", "pod-1", "pod-2"}
+    assert drive(pool, proxy, clock, lambda: set(active_pods(pool)) >= old, 10.0) is not None
+    clock.advance(10.0)
+    proxy.scale(4)
+    # drive() calls before each round: the join is seen by no update before the picks below.
+    assert drive(pool, proxy, clock, lambda: "pod-3" in active_pods(pool), 30.0) is not None
+    (new,) = [lane for lane in pool.lanes if lane.pod == "pod-3" and lane.is_available()]
+    assert new.joined_at is not None
+    lanes = [lane for lane in pool.lanes if lane.is_available()]
+    factor = slow.factor(clock.now - new.joined_at)  # 0.1, its floor, this soon
+    shares = sequential(picker, lanes, 400)  # at the same instant: before any update is due
+    assert shares[new.id] <= 400 * factor / (3 + factor) * 1.5 + 1, (factor, shares)
+
+
 def test_peak_ewma_jumps_up_and_decays() -> None:
     load = LaneLoad()
     load.timed(0.010, 0.0, 10.0)

@@ -138,8 +138,9 @@ class Weighted(LeastOutstanding):
     runs of up to ``run`` sequential calls on one lane, and an active lane never picked goes
     first.
 
-    The pool gives it each report (:meth:`reported`, under the pool's lock); it reads the
-    clock only once a report came.
+    The pool gives it each report (:meth:`reported`, under the pool's lock) and each lane
+    that begins to take calls for a pod that joined after the start (:meth:`joined`, for
+    slow start); it reads the clock only once a report came.
 
     Args:
         config: A58's blackout, expiry, error penalty and update period, and slow start.
@@ -188,6 +189,14 @@ class Weighted(LeastOutstanding):
         if self._plain:
             self._plain = False
             self._next_update = now  # weigh at the next pick
+
+    def joined(self, lane: Lane, now: float) -> None:
+        """``lane`` begins to take calls for a pod that joined the target after the pool
+        started (the pool calls it under its lock). With slow start on, the next pick weighs
+        the lanes: the ramp applies from the pod's first calls, not from the next update, up
+        to ``update_s`` later, with a full share until then."""
+        if self.config.slow_start is not None:
+            self._next_update = -math.inf
 
     def timed(self, lane: Lane, latency: float, now: float) -> None:
         """One call on ``lane`` took ``latency`` seconds, ending at ``now``."""

@@ -438,6 +438,9 @@ class LanePool:
         )
         #: Whether its picker weighs lanes by their calls' latency (so calls are timed).
         self.times_calls = self._on_timed is not None
+        #: Told when a lane for a pod that joined after the start begins to take calls.
+        joined = getattr(self.picker, "joined", None)
+        self._on_joined: Callable[[Lane, float], None] | None = joined if callable(joined) else None
         #: Load reports that could not be decoded (dropped; the calls went on).
         self.malformed_reports = 0
         self.rotation = rotation if rotation is not None else default_rotation()
@@ -1319,6 +1322,8 @@ class LanePool:
         lane.heard = self._answers
         self._checked_at[lane.id] = now
         self._available.append(lane)
+        if lane.joined_at is not None and self._on_joined is not None:
+            self._on_joined(lane, now)
 
     def _drain(self, lane: Lane, now: float, reason: str) -> None:
         if lane in self._available:
