@@ -12,9 +12,17 @@ Pure and deterministic for a seed: a discrete-event simulation with :mod:`heapq`
   +/- 20 %): a replacement is dialled, the old lane takes no new calls, and it closes when its last
   call ends. While two lanes share a pod, scouts look for a pod none holds (checked once a
   second). Dials take no time; health checks and scouts' own reports are not modelled.
-- **picking**: each client picks among its lanes with the package's own
-  :class:`~grpc_balance_mw.pool.LeastOutstanding` on real :class:`~grpc_balance_mw.pool.Lane`
-  objects (its in-flight counts are the client's own calls, as in the pool).
+- **picking**: each client picks among its lanes with the package's own picker on real
+  :class:`~grpc_balance_mw.pool.Lane` objects (its in-flight counts are the client's own calls,
+  as in the pool): :class:`~grpc_balance_mw.pool.Weighted`, the pool's default (``picker=
+  "weighted"``), or :class:`~grpc_balance_mw.pool.LeastOutstanding` (``"least-outstanding"``).
+- **the pods' load reports to the picker** (``"weighted"``): each pod has the server half's own
+  :class:`~grpc_balance_mw.load_meter.LoadMeter` (capacity ``concurrency``, on the simulated
+  clock); a call's end gives its report, which the client's picker reads at most once per lane
+  per :data:`~grpc_balance_mw.pool.weights.READ_EVERY_S`, as the pool does. A call counts from
+  its arrival, queued or served, as in a server whose handler waits for a slot (the local
+  cluster's pods; a grpcio server whose executor queues calls before any handler runs would
+  report at most 1.0, and A58's weight would not see its queue).
 - **calls**: each client calls at ``rate`` per second (Poisson); a pod serves ``concurrency`` calls
   at once, each taking an exponential time of mean ``service_s``, and queues the rest (FIFO). A
   call's latency is its wait plus its service.
@@ -40,11 +48,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from grpc_balance_mw.errors import ConfigurationError
+from grpc_balance_mw.load_meter import LoadMeter
 from grpc_balance_mw.pool.lane import Lane, LaneState
-from grpc_balance_mw.pool.pickers import LeastOutstanding
+from grpc_balance_mw.pool.pickers import LeastOutstanding, Weighted
 from grpc_balance_mw.subset import LoadBook, SubsetRule
 
-__all__ = ["FleetConfig", "FleetResult", "simulate"]
+__all__ = ["PICKERS", "FleetConfig", "FleetResult", "simulate"]
+
+#: The pickers a simulated client may use: the pool's default first.
+PICKERS = ("weighted", "least-outstanding")
 
 #: Event kinds, ordered so that at equal times a call ends before another arrives.
 _DONE, _ARRIVE, _ROTATE, _TICK = 0, 1, 2, 3
@@ -72,6 +84,11 @@ class FleetConfig:
             second look for a pod none holds (the pool's scouts); one that finds one moves a lane.
         subset_rule: the rule that keeps the subsets even by load reports; None: plain random.
         report_ttl_s: how long a client trusts a pod's report.
+        picker: ``"weighted"`` (the pool's default, fed by the pods' load reports) or
+            ``"least-outstanding"`` (the client's own calls in flight only).
+        slow_pods: this many pods (the first) serve ``slow_factor`` times slower (a noisy
+            node); ``load`` is still counted at full speed.
+        slow_factor: how much slower they serve.
     """
 
     clients: int = 500
@@ -88,8 +105,18 @@ class FleetConfig:
     scouts_per_s: int = 4
     subset_rule: SubsetRule | None = field(default_factory=SubsetRule)
     report_ttl_s: float = 30.0
+    picker: str = "weighted"
+    slow_pods: int = 0
+    slow_factor: float = 2.0
 
     def __post_init__(self) -> None:
+        if self.picker not in PICKERS:
+            raise ConfigurationError(f"picker must be one of {PICKERS}, got {self.picker!r}")
+        if not 0 <= self.slow_pods <= self.pods or self.slow_factor <= 0:
+            raise ConfigurationError(
+                f"need 0 <= slow_pods <= pods and slow_factor > 0, got {self.slow_pods} and "
+                f"{self.slow_factor}"
+            )
         if self.clients < 1 or self.pods < 1 or not 1 <= self.lanes <= self.pods:
             raise ConfigurationError(
                 f"a fleet needs clients >= 1, pods >= 1 and 1 <= lanes <= pods, got "
@@ -121,6 +148,7 @@ class FleetResult:
     seconds: float
     seed: int
     rebalance_subset: bool
+    picker: str
     calls: int
     served: int
     max_share_over_fair: float
@@ -148,11 +176,13 @@ class FleetResult:
 class _Client:
     __slots__ = ("active", "book", "closing", "index", "lane_ids", "picker", "picks")
 
-    def __init__(self, index: int, rng: random.Random, ttl_s: float) -> None:
+    def __init__(
+        self, index: int, rng: random.Random, ttl_s: float, picker: LeastOutstanding
+    ) -> None:
         self.index = index
         self.active: list[Lane] = []
         self.closing = 0  # draining lanes with calls still on them
-        self.picker = LeastOutstanding(rng=rng)
+        self.picker = picker
         self.picks = 0
         self.lane_ids = 0
         self.book = LoadBook(ttl_s)
@@ -174,14 +204,31 @@ def simulate(config: FleetConfig) -> FleetResult:
     busy = [0] * n_pods
     served = [0] * n_pods
     queues: list[deque[tuple[int, Lane, float]]] = [deque() for _ in range(n_pods)]
-    clients = [_Client(i, rng, config.report_ttl_s) for i in range(config.clients)]
+    clock = [0.0]  # the simulated time, for the pods' meters and the pickers' updates
+
+    def now_s() -> float:
+        return clock[0]
+
+    weighted = config.picker == "weighted"
+    meters = [
+        LoadMeter(config.concurrency, clock=now_s, cpu_clock=lambda: 0.0, cpus=1)
+        for _ in range(n_pods)
+    ]
+
+    def picker() -> LeastOutstanding:
+        return Weighted(rng=rng, clock=now_s) if weighted else LeastOutstanding(rng=rng)
+
+    clients = [_Client(i, rng, config.report_ttl_s, picker()) for i in range(config.clients)]
     events: list[tuple[float, int, int, Any]] = []
     seq = 0
     latencies: list[float] = []
     dials = redials = leaves = 0
     lanes_max = client_conns_max = 0
     conc = config.concurrency
-    service_rate = 1.0 / config.service_s
+    service_rates = [
+        1.0 / (config.service_s * (config.slow_factor if pod < config.slow_pods else 1.0))
+        for pod in range(n_pods)
+    ]
     rotate_s = config.rotate_s
 
     def push(at: float, kind: int, payload: Any) -> None:
@@ -275,7 +322,7 @@ def simulate(config: FleetConfig) -> FleetResult:
                 return
 
     def start(pod: int, client_index: int, lane: Lane, arrived: float, now: float) -> None:
-        push(now + rng.expovariate(service_rate), _DONE, (pod, client_index, lane, arrived))
+        push(now + rng.expovariate(service_rates[pod]), _DONE, (pod, client_index, lane, arrived))
 
     # Clients start in a random order within the first second, each opening its lanes in turn,
     # so that the later ones see the earlier ones' connections in the reports.
@@ -296,12 +343,20 @@ def simulate(config: FleetConfig) -> FleetResult:
 
     while events:
         now, kind, _, payload = heapq.heappop(events)
+        clock[0] = now
         if kind == _DONE:
             pod, client_index, lane, arrived = payload
             served[pod] += 1
             latencies.append(now - arrived)
             lane.in_flight -= 1
             client = clients[client_index]
+            if weighted:
+                load_report = meters[pod].end()
+                picking = client.picker
+                if isinstance(picking, Weighted) and (
+                    lane.load is None or now >= lane.load.read_after
+                ):
+                    picking.reported(lane, load_report, now)
             if lane.state is LaneState.DRAINING and lane.in_flight == 0:
                 lane.state = LaneState.CLOSED
                 conns[pod] -= 1
@@ -327,6 +382,8 @@ def simulate(config: FleetConfig) -> FleetResult:
             lane.calls += 1
             calls += 1
             pod = lane.connection
+            if weighted:
+                meters[pod].start()  # the handler waits for a slot: queued calls count
             if busy[pod] < conc:
                 busy[pod] += 1
                 start(pod, client.index, lane, now, now)
@@ -369,6 +426,7 @@ def simulate(config: FleetConfig) -> FleetResult:
         seconds=config.seconds,
         seed=config.seed,
         rebalance_subset=rule is not None,
+        picker=config.picker,
         calls=calls,
         served=total_served,
         max_share_over_fair=round(max(served) / fair, 4),

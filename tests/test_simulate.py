@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -131,11 +132,46 @@ def test_rendezvous_with_the_rule_skips_crowded_pods() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"lanes": 11}, {"clients": 0}, {"seconds": 0.0}, {"rotate_s": -1.0}, {"rate": 0.0}],
+    [
+        {"lanes": 11},
+        {"clients": 0},
+        {"seconds": 0.0},
+        {"rotate_s": -1.0},
+        {"rate": 0.0},
+        {"picker": "round-robin"},
+        {"slow_pods": 11},
+        {"slow_factor": 0.0},
+    ],
 )
 def test_a_fleet_that_cannot_be_is_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigurationError):
         FleetConfig(pods=10, **kwargs)  # type: ignore[arg-type]
+
+
+def slow_pods_share(picker: str) -> float:
+    """The median over 3 seeds of the share of calls a pod at half speed served, of 3 pods that
+    4 clients load to 30 %: its capacity's share is 0.5 / 2.5 = 0.2."""
+    shares = []
+    for seed in range(3):
+        config = FleetConfig(
+            clients=4, pods=3, lanes=3, load=0.3, slow_pods=1, rotate_s=None, subset_rule=None,
+            seed=seed, picker=picker,
+        )  # fmt: skip
+        result = simulate(config)
+        assert result.picker == picker
+        shares.append(result.served_per_pod[0] / result.served)
+    return statistics.median(shares)
+
+
+def test_the_weighted_picker_reads_the_pods_reports_and_spares_a_slow_pod() -> None:
+    """The pool's default picker, fed each pod's own ``LoadMeter`` report (A58's weight
+    ``qps / utilization`` is the rate the pod can take): the slow pod gets about its capacity's
+    share. The client's own calls in flight (least-outstanding) show it only when they queue:
+    at 30 % they seldom do, and the slow pod gets more (0.23-0.25 over 8 seeds, against
+    0.20-0.22)."""
+    weighted, plain = slow_pods_share("weighted"), slow_pods_share("least-outstanding")
+    assert weighted == pytest.approx(0.2, abs=0.025), (weighted, plain)
+    assert weighted + 0.015 < plain, (weighted, plain)
 
 
 @pytest.mark.parametrize("flag", ["--rebalance-subset", "--no-rebalance-subset"])
@@ -147,6 +183,7 @@ def test_cli_json_reports_the_fleet_figures(flag: str, capsys: pytest.CaptureFix
         assert isinstance(document[key], float)
     assert document["lanes_per_client_max"] == 4
     assert document["rebalance_subset"] is (flag == "--rebalance-subset")
+    assert document["picker"] == "weighted"  # the pool's default
     assert document["runs"] == 2
     assert [run["seed"] for run in document["per_run"]] == [0, 1]
     assert document["served"] == document["calls"] > 0
@@ -157,6 +194,9 @@ def test_cli_table_and_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "4 clients x 3 pods x 3 lanes" in out
     assert "max/fair" in out
+    assert main(["simulate", "--clients", "4", "--pods", "3", "--seconds", "2", "--picker",
+                 "least-outstanding"]) == 0  # fmt: skip
+    assert "picker least-outstanding" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exited:
         main(["simulate", "--clients", "0"])
     assert exited.value.code == 2

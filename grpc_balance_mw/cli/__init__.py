@@ -330,8 +330,9 @@ def _add_simulate(commands: argparse._SubParsersAction[_Parser]) -> None:
         "simulate",
         help="many clients' balanced channels behind one ClusterIP, simulated (seconds)",
         description="A deterministic fleet simulation: kube-proxy's random pick per connection, "
-        "each client's lanes, rotation and picker, Poisson calls, pods with a capacity, and the "
-        "subset rule that redials away from pods holding far more connections than the mean. "
+        "each client's lanes, rotation and picker (fed by the pods' load reports), Poisson "
+        "calls, pods with a capacity, and the subset rule that redials away from pods holding "
+        "far more connections than the mean. "
         "Reports the busiest pod's share of calls over the fair share, connections per pod "
         "(max over mean), lanes per client and latency.",
     )
@@ -385,6 +386,13 @@ def _add_simulate(commands: argparse._SubParsersAction[_Parser]) -> None:
         type=bounded_float(0.0, 86_400.0),
         default=60.0,
         help="lanes are rotated after this (+/- 20 %%; 0: never)",
+    )
+    simulate.add_argument(
+        "--picker",
+        choices=("weighted", "least-outstanding"),
+        default="weighted",
+        help="each client's picker: weighted (the pool's default, by the pods' load reports) "
+        "or least-outstanding (its own calls in flight only)",
     )
     simulate.add_argument("--json", action="store_true", help="one JSON document on stdout")
 

@@ -35,7 +35,7 @@ def summarize(results: Sequence[FleetResult]) -> dict[str, Any]:
     first = results[0].summary()
     document: dict[str, Any] = {
         key: first[key]
-        for key in ("clients", "pods", "lanes", "seconds", "seed", "rebalance_subset")
+        for key in ("clients", "pods", "lanes", "seconds", "seed", "rebalance_subset", "picker")
     }
     for key, _ in _COLUMNS:
         values = [getattr(result, key) for result in results]
@@ -67,7 +67,8 @@ def _table(results: Sequence[FleetResult], document: dict[str, Any]) -> str:
     rule = "subset rule on" if document["rebalance_subset"] else "random picks only"
     head = (
         f"{document['clients']} clients x {document['pods']} pods x {document['lanes']} lanes, "
-        f"{document['seconds']:g} s simulated, {rule}, utilization {document['utilization']:g}"
+        f"{document['seconds']:g} s simulated, {rule}, picker {document['picker']}, "
+        f"utilization {document['utilization']:g}"
     )
     return "\n".join([head, *lines])
 
@@ -87,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
             service_s=args.service_ms / 1000,
             rotate_s=args.rotate_s or None,
             subset_rule=SubsetRule() if args.rebalance_subset else None,
+            picker=args.picker,
         )
         if args.runs > 1:
             progress(f"simulate: run {offset + 1} of {args.runs} (seed {config.seed})")
