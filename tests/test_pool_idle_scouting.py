@@ -111,7 +111,8 @@ def test_an_idle_pool_checks_its_lanes_less_often_and_all_at_once_on_a_call() ->
 
 def test_scouting_stays_fast_while_a_lane_doubles_a_pod_and_a_third_may_exist() -> None:
     """3 lanes on 2 of 3 pods (the third not met yet): no back-off until the scouts find it."""
-    lanes = LanePool(PoolConfig(redials=0), rotation=rotate_never(), clock=FakeClock())
+    config = PoolConfig(redials=0, burst_per_pod=0)  # one scout at a time, no start burst
+    lanes = LanePool(config, rotation=rotate_never(), clock=FakeClock())
     run(lanes, scripted(["pod-0", "pod-1", "pod-1"]))
     assert active_pods(lanes) == ["pod-0", "pod-1", "pod-1"]
     before = lanes.dials
