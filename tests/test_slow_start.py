@@ -11,10 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from fault_load import close_channel, open_channel
 from test_scale_down import calls, lanes_on, until
 
-from grpc_balance_mw.aio.balanced import balanced_channel as aio_balanced_channel
-from grpc_balance_mw.balanced import balanced_channel
 from grpc_balance_mw.pool.pickers import Weighted
 from grpc_balance_mw.pool.pool import JOINED_AFTER_S
 from grpc_balance_mw.pool.weights import SlowStart, WeightConfig
@@ -41,10 +40,8 @@ def test_a_pod_added_by_a_scale_up_ramps_up_over_the_window(
     config = WeightConfig(slow_start=SlowStart(window_s=WINDOW_S) if slow_start else None)
 
     async def main() -> None:
-        if mode == "sync":
-            channel: Any = balanced_channel(cluster.service_target, picker=Weighted(config))
-        else:
-            channel = aio_balanced_channel(cluster.service_target, picker=Weighted(config))
+        target = cluster.service_target
+        channel = open_channel(mode, "balanced", target, picker=Weighted(config))
 
         async def load() -> None:
             await calls(mode, channel, 10)
@@ -88,9 +85,6 @@ def test_a_pod_added_by_a_scale_up_ramps_up_over_the_window(
             assert set(later) == OLD | {NEW} and sum(later.values()) == LATER, later
             assert min(later.values()) >= 0.7 * LATER / 4, later
         finally:
-            if mode == "sync":
-                channel.close()
-            else:
-                await channel.close()
+            await close_channel(mode, channel)
 
     asyncio.run(main())
