@@ -210,9 +210,9 @@ def simulate(config: FleetConfig) -> FleetResult:
         return clock[0]
 
     weighted = config.picker == "weighted"
-    meters = [
+    meters = [  # only the weighted picker reads the pods' reports
         LoadMeter(config.concurrency, clock=now_s, cpu_clock=lambda: 0.0, cpus=1)
-        for _ in range(n_pods)
+        for _ in range(n_pods if weighted else 0)
     ]
 
     def picker() -> LeastOutstanding:
