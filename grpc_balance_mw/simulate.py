@@ -29,13 +29,15 @@ Pure and deterministic for a seed: a discrete-event simulation with :mod:`heapq`
 - **load reports** (with ``subset_rule``): each dial and each answered call tells the client its
   pod's connection count and utilization; the client keeps them in a
   :class:`~grpc_balance_mw.subset.LoadBook` and applies :class:`~grpc_balance_mw.subset.SubsetRule`
-  when it dials (redial a pod far above the mean) and once a second per lane (leave such a pod).
+  when it dials (redial a pod far above the mean) and once a second per lane (leave such a pod,
+  or move to a pod holding fewer: at most one move a client a second, as the pool).
 
 Results: ``max_share_over_fair`` (the busiest pod's served calls over the fair share),
 ``connections_per_pod_max_over_mean`` (the worst of one-second samples; ``..._mean_...``: their
 mean; ``..._end_...``: at the end), ``lanes_per_client_max`` (lanes taking calls at once),
 ``connections_per_client_max`` (draining lanes and a replacement's overlap included), latency
-percentiles, dials and redials, lanes that left a crowded pod.
+percentiles, dials and redials, lanes that left a crowded pod, lanes moved to a pod holding fewer
+connections (``moves``; ``move_dials``: the dials that looked for one, kept or not).
 """
 
 from __future__ import annotations
@@ -164,6 +166,8 @@ class FleetResult:
     dials: int
     redials: int
     leaves: int
+    moves: int
+    move_dials: int
     served_per_pod: list[int]
 
     def summary(self) -> dict[str, Any]:
@@ -222,7 +226,7 @@ def simulate(config: FleetConfig) -> FleetResult:
     events: list[tuple[float, int, int, Any]] = []
     seq = 0
     latencies: list[float] = []
-    dials = redials = leaves = 0
+    dials = redials = leaves = moves = move_dials = 0
     lanes_max = client_conns_max = 0
     conc = config.concurrency
     service_rates = [
@@ -261,6 +265,21 @@ def simulate(config: FleetConfig) -> FleetResult:
                 continue
             break
         return pod
+
+    def dial_fewer(client: _Client, now: float, left: float, mean: float) -> int | None:
+        """A pod holding fewer connections than a moving lane's pod (``left``, the lane
+        included), within the rule's redials; None if every dial missed (the lane stays)."""
+        nonlocal dials, move_dials
+        assert rule is not None
+        held = {other.connection for other in client.active}
+        for _ in range(rule.redials + 1):
+            dials += 1
+            move_dials += 1
+            pod = rng.randrange(n_pods)
+            client.book.record(names[pod], conns[pod] + 1, now, busy[pod] / conc)
+            if pod not in held and rule.improves(conns[pod] + 1, left, mean):
+                return pod
+        return None
 
     def open_lane(
         client: _Client, now: float, replacing: Lane | None = None, pod: int | None = None
@@ -407,6 +426,8 @@ def simulate(config: FleetConfig) -> FleetResult:
                 mean = client.book.mean_connections(now)
                 if mean is None:
                     continue
+                least = client.book.least_connections(now)
+                moved = False
                 for lane in list(client.active):
                     known = client.book.get(names[lane.connection], now)
                     if known is None:
@@ -415,6 +436,15 @@ def simulate(config: FleetConfig) -> FleetResult:
                     if chance > 0 and rng.random() < chance:
                         leaves += 1
                         retire(client, lane, now, "crowded")
+                        continue
+                    chance = rule.move_probability(known.connections, mean, least)
+                    if moved or chance <= 0 or rng.random() >= chance:
+                        continue
+                    moved = True
+                    found = dial_fewer(client, now, known.connections, mean)
+                    if found is not None:
+                        moves += 1
+                        retire(client, lane, now, "evened", found)
 
     latencies.sort()
     total_served = sum(served)
@@ -442,5 +472,7 @@ def simulate(config: FleetConfig) -> FleetResult:
         dials=dials,
         redials=redials,
         leaves=leaves,
+        moves=moves,
+        move_dials=move_dials,
         served_per_pod=served,
     )

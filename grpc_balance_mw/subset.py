@@ -12,7 +12,13 @@ client can see, the pods' load reports (each pod says how many client connection
   connection lands, which a client can do through a VIP: each redial is one more random pick;
 - **leave a pod** holding more than ``(1 + leave_slack)`` times the mean, with a probability such
   that, across all the clients there, about the excess leaves (not all of them at once: a herd
-  that leaves together empties the pod and crowds another).
+  that leaves together empties the pod and crowds another);
+- **move to a hole**: a lane on a pod above the mean, while the client knows of a pod holding at
+  least 2 fewer connections below the mean, tries a fresh connection with a smaller probability
+  and keeps it only if its pod then holds fewer than the lane's pod did (else the lane stays):
+  a move that only ever evens the counts. Without it nothing fills a pod that clients started
+  away from (all clients dialling at once, before any report: 2 of 32 connections on one pod
+  while the others held 5 to 7).
 
 The fleet mean is estimated from the reports a client holds (:class:`LoadBook`: the pods its lanes,
 dials and scouts reached, each report expiring after a while).
@@ -50,12 +56,15 @@ class SubsetRule:
             its pod holds (each costs a TCP and HTTP/2 handshake, about 2 ms).
         leave_damping: the share of a pod's excess that its clients move per check (below 1:
             the clients decide alone, and each sees the excess before the others have moved).
+        move_damping: the same for a move to a hole (see :meth:`move_probability`); 0: no
+            moves, only leaves.
     """
 
     slack: float = 0.05
     leave_slack: float = 0.2
     redials: int = 4
     leave_damping: float = 0.5
+    move_damping: float = 0.25
 
     def __post_init__(self) -> None:
         if self.slack < 0 or self.leave_slack < self.slack or self.redials < 0:
@@ -65,6 +74,8 @@ class SubsetRule:
             )
         if not 0 < self.leave_damping <= 1:
             raise ConfigurationError(f"leave_damping must be in (0, 1], got {self.leave_damping}")
+        if not 0 <= self.move_damping <= 1:
+            raise ConfigurationError(f"move_damping must be in [0, 1], got {self.move_damping}")
 
     def limit(self, mean: float) -> float:
         """The most connections a pod may hold for a fresh connection to it to be kept."""
@@ -86,6 +97,36 @@ class SubsetRule:
         if mean is None or connections <= 0 or connections <= (1 + self.leave_slack) * mean:
             return 0.0
         return min(1.0, self.leave_damping * (connections - mean) / connections)
+
+    def move_probability(
+        self, connections: float, mean: float | None, least: float | None
+    ) -> float:
+        """The chance that one lane on a pod holding ``connections`` tries to move now to a
+        pod holding fewer, when ``least`` (the fewest any pod the client knows of holds) is at
+        least 2 below it and below the mean: a lane moved from ``connections`` to ``least``
+        leaves both nearer the mean. Only above the mean, and not above the leave threshold
+        (that is :meth:`leave_probability`'s). Summed over the pod's lanes it is
+        ``move_damping`` times the excess: with several pods above the mean and one hole, the
+        hole is filled over a few checks, not by a herd in one.
+        """
+        if (
+            mean is None
+            or least is None
+            or connections <= mean
+            or least >= mean
+            or connections - least < 2
+            or connections > (1 + self.leave_slack) * mean
+        ):
+            return 0.0
+        return min(1.0, self.move_damping * (connections - mean) / connections)
+
+    def improves(self, connections: float, left: float, mean: float | None) -> bool:
+        """Keep a move's fresh connection to a pod that holds ``connections`` (this one
+        included), away from a pod that held ``left`` (the moving lane included)? Only if the
+        new pod holds fewer than the old one did and no more than a fresh dial may reach."""
+        if mean is None:
+            return False
+        return connections <= left - 1 and connections <= self.limit(mean)
 
 
 @dataclass(frozen=True)
@@ -148,6 +189,11 @@ class LoadBook:
         for pod in stale:
             del self._reports[pod]
         return total / count if count else None
+
+    def least_connections(self, now: float) -> float | None:
+        """The fewest connections an unexpired report gives; None without any."""
+        counts = [r.connections for r in self._reports.values() if now - r.at <= self.ttl_s]
+        return min(counts) if counts else None
 
 
 def rendezvous_rank(seed: str, pods: Iterable[str]) -> list[str]:

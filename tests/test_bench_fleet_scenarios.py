@@ -211,8 +211,10 @@ def test_fleet_every_client_process_calls_with_at_most_4_lanes() -> None:
             entry["per_pod"].values()
         )
     assert entries["plain"]["lanes_per_client_max"] is None
+    assert entries["plain"]["lanes_moved"] is None
     balanced = entries["balanced"]
     assert 1 <= balanced["lanes_per_client_max"] <= 4, balanced
+    assert balanced["lanes_moved"] == balanced["lanes_left_crowded"] == 0  # no subset rule
     connections = balanced["connections_per_pod"]
     assert len(connections) == 6 and 3 <= sum(connections.values()) <= 3 * 4, connections
     assert balanced["ejections"] is not None

@@ -193,3 +193,67 @@ def test_the_fleet_bench_runs_balanced_subset_after_balanced_with_the_rule() -> 
         assert pool_config.subset == SubsetRule() and pool_config.max_lanes == 4
     finally:
         channel.close()
+
+
+def three_lanes_and_a_hole(
+    dials: list[str], load: dict[str, float], rule: SubsetRule
+) -> tuple[LanePool, Callable[[Lane], CheckResult], list[Lane]]:
+    """Lanes on pods 0-2 (6 connections each), a pod the pool heard of holding 2 (the mean
+    of what it knows is 5): one lane is due to move; later dials reach ``dials``."""
+    config = PoolConfig(min_lanes=3, max_lanes=3, scout_interval_s=None, subset=rule)
+    lanes = pool(config, Always())
+    load.update({"pod-0": 6.0, "pod-1": 6.0, "pod-2": 6.0})
+    check = reporting(["pod-0", "pod-1", "pod-2", *dials], load)
+    settle(lanes, check)
+    assert active_pods(lanes) == ["pod-0", "pod-1", "pod-2"]
+    clock: FakeClock = lanes.clock  # type: ignore[assignment]
+    lanes.load_book.record("pod-3", 2.0, clock())
+    clock.advance(lanes.config.health_interval_s)
+    run(lanes, check)  # every lane checked: one moves (the odds always come true here)
+    moving = [lane for lane in lanes.lanes if lane.reason.startswith("rotating: moved")]
+    assert len(moving) == 1 and moving[0].state is LaneState.ACTIVE
+    return lanes, check, moving
+
+
+def test_a_lane_above_the_mean_moves_to_a_pod_holding_fewer() -> None:
+    lanes, check, [moving] = three_lanes_and_a_hole(["pod-3"], {"pod-3": 2.0}, SubsetRule())
+    run(lanes, check)  # the replacement reaches pod-3: 3 connections with it, fewer than 6
+    assert moving.state is LaneState.DRAINING
+    assert moving.reason == "moved to a pod holding fewer connections"
+    assert sorted(active_pods(lanes)) == ["pod-1", "pod-2", "pod-3"]
+    assert lanes.evened == 1 and lanes.crowded == 0
+
+
+def test_a_move_whose_dials_reach_no_pod_holding_fewer_is_given_up() -> None:
+    # Dials reach pod-4 and pod-5 (names new to the pool: their second check counts, so the
+    # pods report 6 with it, not fewer than 6), then pod-1 (a pod a lane holds): the rule's 2
+    # redials are spent and the lane stays.
+    load = {"pod-4": 6.0, "pod-5": 6.0}
+    lanes, check, [moving] = three_lanes_and_a_hole(
+        ["pod-4", "pod-5", "pod-1"], load, SubsetRule(redials=2)
+    )
+    dials = lanes.dials
+    reasons = closed_reasons(lanes, check)
+    assert reasons == [
+        "not fewer: 6 connections against 6",
+        "not fewer: 6 connections against 6",
+        "duplicate of pod-1",
+    ]
+    assert lanes.dials == dials + 2
+    assert moving.state is LaneState.ACTIVE and moving.reason == ""
+    assert active_pods(lanes) == ["pod-0", "pod-1", "pod-2"]
+    assert lanes.evened == 0
+
+
+def test_no_lane_moves_while_the_pods_are_as_even_as_whole_connections_allow() -> None:
+    # Every pod the pool knows holds 5 or 6: no pod holds 2 fewer than a lane's, nothing moves.
+    config = PoolConfig(min_lanes=3, max_lanes=3, scout_interval_s=None, subset=SubsetRule())
+    lanes = pool(config, Always())
+    load = {"pod-0": 6.0, "pod-1": 6.0, "pod-2": 6.0}
+    check = reporting(["pod-0", "pod-1", "pod-2"], load)
+    settle(lanes, check)
+    for _ in range(5):
+        lanes.clock.advance(lanes.config.health_interval_s)  # type: ignore[attr-defined]
+        plan = run(lanes, check)
+        assert len(plan.check) == 3 and not plan.dial
+    assert lanes.evened == 0 and lanes.rotations == 0

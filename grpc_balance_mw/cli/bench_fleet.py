@@ -31,7 +31,8 @@
   ``lanes_per_client_max`` (the most lanes any client had taking calls, sampled), and
   ``connections_per_pod`` with ``connections_per_pod_max_over_mean``: the pods cannot count
   their connections, so these count the clients' lanes per pod at the end of the run (null for
-  strategies without lanes).
+  strategies without lanes); ``lanes_moved`` and ``lanes_left_crowded``: the subset rule's
+  moves to pods holding fewer connections and leaves of crowded pods, summed over the clients.
 
 Every balanced strategy's entry, here as in every scenario, has ``ejections``: ``{"count",
 "pods": {pod: times}}``, summed over its client processes. Each loop is bounded in calls
@@ -456,6 +457,9 @@ def fleet_figures(
         "connections_per_pod": None,
         "connections_per_pod_max_over_mean": None,
     }
+    for key in ("lanes_moved", "lanes_left_crowded"):
+        counts = [o[key] for o in outcomes if o.get(key) is not None]
+        figures[key] = sum(counts) if counts else None
     ends = [o["lanes_at_end"] for o in outcomes if o.get("lanes_at_end") is not None]
     if ends:
         per_pod = {pod: 0 for pod in pods}

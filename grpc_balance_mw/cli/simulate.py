@@ -26,6 +26,7 @@ _COLUMNS = (
     ("p99_ms", "p99 ms"),
     ("redials", "redials"),
     ("leaves", "leaves"),
+    ("moves", "moves"),
 )
 
 

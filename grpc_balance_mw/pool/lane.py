@@ -73,6 +73,9 @@ class Lane:
         load: its pod's load reports and weight, for a picker that weighs lanes (None: none).
         joined_at: when its pod joined the target, if it joined after the pool started (a
             scale-up, not a rotation onto a known pod): slow start ramps its share.
+        move_from: for a replacement that moves a lane off a pod above the mean
+            (``PoolConfig.subset``), the connections that pod held: it is kept only on a pod
+            holding fewer. None for every other lane.
         connection: what the adapter keeps for it (its channel); the pool never touches it.
     """
 
@@ -92,6 +95,7 @@ class Lane:
         "joined_at",
         "last_picked",
         "load",
+        "move_from",
         "moved",
         "name",
         "pod",
@@ -141,6 +145,7 @@ class Lane:
         self.claimed: str | None = None
         self.renamed = False
         self.moved = False
+        self.move_from: float | None = None
         self.last_picked = 0
         self.load: LaneLoad | None = None
         self.joined_at: float | None = None

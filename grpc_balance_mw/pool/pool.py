@@ -507,6 +507,7 @@ class LanePool:
         self._rounds = 0  # rounds planned, so that at most one lane leaves a crowded pod a round
         self._left_round = -1
         self.crowded = 0  # new lanes redialled, and lanes rotated, away from crowded pods
+        self.evened = 0  # lanes moved to a pod holding fewer connections
 
     def __repr__(self) -> str:
         with self._lock:
@@ -1083,6 +1084,11 @@ class LanePool:
         replaced = self._lane(lane.replaces)
         covered = self._covered(without=replaced.id if replaced is not None else None)
         fresh = pod is None or pod not in covered
+        if lane.move_from is not None:
+            self._moved(lane, replaced, fresh, result, now)
+            if unseen and self.stuck is None:
+                self._burst = max(self._burst, self._burst_size())
+            return
         if lane.purpose is LanePurpose.SCOUT:
             kept = self._scouted(lane, fresh, now)
             if kept and unseen:
@@ -1142,7 +1148,10 @@ class LanePool:
     def _leave_crowded(self, lane: Lane, result: CheckResult, now: float) -> None:
         """An active lane's check: if its pod holds far more connections than the mean, rotate
         the lane away with the rule's probability (a replacement is dialled first, then this one
-        drains, as rotation does), at most one lane a round and never the only one."""
+        drains, as rotation does); if it holds more than the mean and a pod the pool knows of
+        holds at least 2 fewer, try to move it there with the rule's smaller probability (kept
+        only if a replacement reaches a pod holding fewer: :meth:`_moved`). At most one lane a
+        round, never the only one."""
         rule = self.config.subset
         if rule is None or result.connections is None or self.stuck is not None:
             return
@@ -1150,14 +1159,64 @@ class LanePool:
             return
         if any(pending.replaces == lane.id for pending in self._pending()):
             return
-        chance = rule.leave_probability(result.connections, self.load_book.mean_connections(now))
+        held = result.connections
+        mean = self.load_book.mean_connections(now)
+        chance = rule.leave_probability(held, mean)
+        moving = chance <= 0
+        if moving and mean is not None and held > mean:
+            chance = rule.move_probability(held, mean, self.load_book.least_connections(now))
         if chance <= 0 or self._rng.random() >= chance:
             return
         self._left_round = self._rounds
+        if moving:
+            lane.reason = "rotating: moved to a pod holding fewer connections"
+            self._new_lane(now, LanePurpose.REPLACE, replaces=lane.id).move_from = held
+            return
         self.crowded += 1
         self.rotations += 1
         lane.reason = "rotating: crowded pod"
         self._new_lane(now, LanePurpose.REPLACE, replaces=lane.id)
+
+    def _moved(
+        self, lane: Lane, replaced: Lane | None, fresh: bool, result: CheckResult, now: float
+    ) -> None:
+        """A move's fresh connection (see :meth:`_leave_crowded`): kept, and the lane it replaces
+        drained, only on a pod no other lane holds that holds fewer connections than the
+        replaced lane's pod did; else dialled again within the rule's and the pool's redials,
+        and then the move is given up: the old lane stays as it was."""
+        rule = self.config.subset
+        assert rule is not None and lane.move_from is not None
+        staying = replaced is not None and replaced.state is LaneState.ACTIVE
+        held = None if result.connections is None else result.connections + (lane.claimed is None)
+        mean = self.load_book.mean_connections(now)
+        if (
+            staying
+            and fresh
+            and result.pod is not None
+            and held is not None
+            and rule.improves(held, lane.move_from, mean)
+        ):
+            assert replaced is not None
+            self._activate(lane, now)
+            self.evened += 1
+            self.rotations += 1
+            self._drain(replaced, now, replaced.reason.removeprefix("rotating: "))
+            return
+        if not fresh:
+            why = f"duplicate of {result.pod}"
+        elif held is None:
+            why = "its pod reports no connections"
+        else:
+            why = f"not fewer: {held:g} connections against {lane.move_from:g}"
+        self._retire(lane, now, why)
+        if not staying:
+            return
+        assert replaced is not None
+        if self.stuck is None and lane.attempt < min(rule.redials, self.config.redials):
+            again = self._new_lane(now, LanePurpose.REPLACE, lane.replaces, lane.attempt + 1)
+            again.move_from = lane.move_from
+        else:
+            replaced.reason = ""  # the move is given up: the lane stays
 
     def _renamed(self, lane: Lane, now: float) -> str | None:
         """Two checks on one new connection named two pods. While other lanes' pods keep their
