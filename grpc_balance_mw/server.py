@@ -132,7 +132,7 @@ class PodIdentityInterceptor(IdentityStamper, grpc.ServerInterceptor):  # type: 
     With ``load_meter``, every call's trailing metadata also carries the pod's ORCA load report
     (``endpoint-load-metrics-bin``, gRFC A51; see :mod:`grpc_balance_mw.load_meter`), merged
     with what the handler sets, on errors and aborts too. Health checks are not counted as load
-    but carry the report (a connection counts from its second check), so a client's health check
+    but carry the report (a connection counts from its third check), so a client's health check
     learns the pod's load before its first call. The report goes under two keys, the standard
     one and the one a grpcio client can read (:data:`grpc_balance_mw.orca.GRPCIO_TRAILER_KEY`).
     Off by default: on an empty unary echo it adds about a tenth to a fifth to the server's CPU

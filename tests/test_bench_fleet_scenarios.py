@@ -214,7 +214,9 @@ def test_fleet_every_client_process_calls_with_at_most_4_lanes() -> None:
     assert entries["plain"]["lanes_moved"] is None
     balanced = entries["balanced"]
     assert 1 <= balanced["lanes_per_client_max"] <= 4, balanced
-    assert balanced["lanes_moved"] == balanced["lanes_left_crowded"] == 0  # no subset rule
+    # No subset rule on "balanced": nothing moved, left or was redialled for the pods' counts.
+    assert balanced["lanes_moved"] == balanced["lanes_left_crowded"] == 0
+    assert balanced["dials_redialled_crowded"] == 0
     connections = balanced["connections_per_pod"]
     assert len(connections) == 6 and 3 <= sum(connections.values()) <= 3 * 4, connections
     assert balanced["ejections"] is not None

@@ -183,9 +183,10 @@ async def test_aio_calls_end_as_on_a_bare_channel(pod: Pod, kind: str) -> None:
             await asyncio.to_thread(pod.strike)
         # grpc.aio itself ends a request stream that the server refuses at once with INTERNAL
         # ("Internal error from Core") about 4 times in 10, bare or not: its request writer races
-        # the status.
+        # the status. It does so, seldom, on a connection the killed pod left too (once in a CI
+        # run, on the bare channel: the writer raced the broken connection's UNAVAILABLE).
         accepted = {EXPECTED[pod.scenario]}
-        if kind.startswith("stream") and pod.scenario != "killed":
+        if kind.startswith("stream"):
             accepted.add(grpc.StatusCode.INTERNAL)
         assert await asyncio.wait_for(call_aio(bare, kind), HANG_S) in accepted
         for _ in range(2):

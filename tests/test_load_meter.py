@@ -96,15 +96,27 @@ def test_connections_are_the_peers_seen_within_their_window() -> None:
     load = meter(clock, peer_window_s=10.0)
     load.start("ipv4:10.0.0.1:1000")
     load.end()
-    load.touch("ipv4:10.0.0.2:2000")  # a health check's connection counts from its second
+    load.touch("ipv4:10.0.0.2:2000")  # a health check's connection counts from its third
     load.touch("ipv4:10.0.0.3:3000")  # checked once (a scout): not a connection kept
+    load.touch("ipv4:10.0.0.2:2000")  # checked twice (a new name confirmed): not yet either
+    load.touch("ipv4:10.0.0.4:4000")
     assert load.report().named_metrics["connections"] == 1
     load.touch("ipv4:10.0.0.2:2000")
     assert load.report().named_metrics["connections"] == 2
+    load.start("ipv4:10.0.0.4:4000")  # a call counts at once, after any checks
+    load.end()
+    assert load.report().named_metrics["connections"] == 3
     clock.now += 8
     load.touch("ipv4:10.0.0.2:2000")
     clock.now += 5
     assert load.report().named_metrics["connections"] == 1
+    # A scout's check long ago and two checks now: two within the window, not yet counted.
+    load.touch("ipv4:10.0.0.5:5000")
+    clock.now += 11
+    load.report()  # pruned
+    load.touch("ipv4:10.0.0.5:5000")
+    load.touch("ipv4:10.0.0.5:5000")
+    assert load.report().named_metrics["connections"] == 0
 
 
 def test_the_application_figure_wins_and_a_failing_one_is_dropped(

@@ -78,17 +78,17 @@ def closed_reasons(lanes: LanePool, check: Callable[[Lane], CheckResult]) -> lis
 def test_a_new_lane_on_a_crowded_pod_is_redialled_up_to_the_rules_bound_then_kept() -> None:
     lanes = pool(one_lane(SubsetRule(redials=2)))
     reasons = closed_reasons(lanes, reporting(["pod-0"] * 5, {"pod-0": 30.0}))
-    # mean: (30 + 6 * 5) / 7. The first dial's check was confirmed by a second (a name never
-    # seen), which the pod counts; the redial's one check is not in the pod's count yet: + 1.
-    assert reasons == ["crowded: 30 connections, mean 8.6", "crowded: 31 connections, mean 8.6"]
-    assert lanes.dials == 3 and lanes.crowded == 2
+    # mean: (30 + 6 * 5) / 7. A pod counts a connection from its first call or third check:
+    # neither a dial's check nor its confirmation (a name never seen) is in its count: + 1.
+    assert reasons == ["crowded: 31 connections, mean 8.6", "crowded: 31 connections, mean 8.6"]
+    assert lanes.dials == 3 and lanes.crowded == 2 and lanes.left_crowded == 0
     assert active_pods(lanes) == ["pod-0"]
 
 
 def test_the_pools_redials_bound_the_crowded_redials_too() -> None:
     lanes = pool(one_lane(SubsetRule(redials=10), redials=1))
     reasons = closed_reasons(lanes, reporting(["pod-0"] * 5, {"pod-0": 30.0}))
-    assert len(reasons) == 1 and reasons[0].startswith("crowded: 30 connections")
+    assert len(reasons) == 1 and reasons[0].startswith("crowded: 31 connections")
     assert active_pods(lanes) == ["pod-0"]
 
 
@@ -117,7 +117,7 @@ def three_crowded_lanes(rng: random.Random) -> tuple[LanePool, Callable[[Lane], 
         min_lanes=3, max_lanes=3, scout_interval_s=None, subset=SubsetRule(leave_damping=1.0)
     )
     lanes = pool(config, rng)
-    load = {"pod-0": 6.0, "pod-1": 6.0, "pod-2": 6.0, "pod-3": 5.0, "pod-4": 5.0}
+    load = {"pod-0": 5.0, "pod-1": 5.0, "pod-2": 5.0, "pod-3": 5.0, "pod-4": 5.0}
     check = reporting(["pod-0", "pod-1", "pod-2", "pod-3", "pod-4"], load)
     settle(lanes, check)
     assert active_pods(lanes) == ["pod-0", "pod-1", "pod-2"]
@@ -141,7 +141,7 @@ def test_a_lane_on_a_crowded_pod_leaves_one_a_round_replacement_first() -> None:
     assert leaving[0].state is LaneState.DRAINING
     assert leaving[0].reason == "crowded pod"
     assert [lane.pod for lane in lanes.lanes if lane.state is LaneState.ACTIVE][-1] == "pod-3"
-    assert lanes.crowded == 1
+    assert lanes.crowded == lanes.left_crowded == 1
 
 
 def test_a_lane_never_leaves_when_the_odds_say_stay() -> None:
@@ -159,7 +159,7 @@ def test_a_lane_never_leaves_when_the_odds_say_stay() -> None:
 def test_the_only_lane_never_leaves() -> None:
     config = dataclasses.replace(one_lane(SubsetRule(leave_damping=1.0)))
     lanes = pool(config, Always())
-    load = {"pod-0": 6.0}
+    load = {"pod-0": 5.0}
     check = reporting(["pod-0"], load)
     settle(lanes, check)
     load["pod-0"] = 40.0
@@ -202,12 +202,14 @@ def three_lanes_and_a_hole(
     of what it knows is 5): one lane is due to move; later dials reach ``dials``."""
     config = PoolConfig(min_lanes=3, max_lanes=3, scout_interval_s=None, subset=rule)
     lanes = pool(config, Always())
-    load.update({"pod-0": 6.0, "pod-1": 6.0, "pod-2": 6.0})
+    load.update({"pod-0": 5.0, "pod-1": 5.0, "pod-2": 5.0})
     check = reporting(["pod-0", "pod-1", "pod-2", *dials], load)
     settle(lanes, check)
     assert active_pods(lanes) == ["pod-0", "pod-1", "pod-2"]
+    load.update({"pod-0": 6.0, "pod-1": 6.0, "pod-2": 6.0})  # the lanes counted, others came
     clock: FakeClock = lanes.clock  # type: ignore[assignment]
-    lanes.load_book.record("pod-3", 2.0, clock())
+    for pod, count in {"pod-0": 6.0, "pod-1": 6.0, "pod-2": 6.0, "pod-3": 2.0}.items():
+        lanes.load_book.record(pod, count, clock())
     clock.advance(lanes.config.health_interval_s)
     run(lanes, check)  # every lane checked: one moves (the odds always come true here)
     moving = [lane for lane in lanes.lanes if lane.reason.startswith("rotating: moved")]
@@ -225,10 +227,9 @@ def test_a_lane_above_the_mean_moves_to_a_pod_holding_fewer() -> None:
 
 
 def test_a_move_whose_dials_reach_no_pod_holding_fewer_is_given_up() -> None:
-    # Dials reach pod-4 and pod-5 (names new to the pool: their second check counts, so the
-    # pods report 6 with it, not fewer than 6), then pod-1 (a pod a lane holds): the rule's 2
-    # redials are spent and the lane stays.
-    load = {"pod-4": 6.0, "pod-5": 6.0}
+    # Dials reach pod-4 and pod-5 (5 connections, 6 with the new one: not fewer than 6), then
+    # pod-1 (a pod a lane holds): the rule's 2 redials are spent and the lane stays.
+    load = {"pod-4": 5.0, "pod-5": 5.0}
     lanes, check, [moving] = three_lanes_and_a_hole(
         ["pod-4", "pod-5", "pod-1"], load, SubsetRule(redials=2)
     )
@@ -249,9 +250,10 @@ def test_no_lane_moves_while_the_pods_are_as_even_as_whole_connections_allow() -
     # Every pod the pool knows holds 5 or 6: no pod holds 2 fewer than a lane's, nothing moves.
     config = PoolConfig(min_lanes=3, max_lanes=3, scout_interval_s=None, subset=SubsetRule())
     lanes = pool(config, Always())
-    load = {"pod-0": 6.0, "pod-1": 6.0, "pod-2": 6.0}
+    load = {"pod-0": 5.0, "pod-1": 5.0, "pod-2": 5.0}
     check = reporting(["pod-0", "pod-1", "pod-2"], load)
     settle(lanes, check)
+    load.update({"pod-0": 6.0, "pod-1": 6.0, "pod-2": 6.0})
     for _ in range(5):
         lanes.clock.advance(lanes.config.health_interval_s)  # type: ignore[attr-defined]
         plan = run(lanes, check)

@@ -141,7 +141,8 @@ def _load(
         "lanes_max": lanes_max if pool is not None else None,
         "lanes_at_end": lanes_now(pool) if pool is not None else None,
         "lanes_moved": pool.evened if pool is not None else None,
-        "lanes_left_crowded": pool.crowded if pool is not None else None,
+        "lanes_left_crowded": pool.left_crowded if pool is not None else None,
+        "dials_redialled_crowded": (pool.crowded - pool.left_crowded if pool is not None else None),
         "ejections": ejections_of(channel),
     }
 

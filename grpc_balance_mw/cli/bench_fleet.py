@@ -31,8 +31,9 @@
   ``lanes_per_client_max`` (the most lanes any client had taking calls, sampled), and
   ``connections_per_pod`` with ``connections_per_pod_max_over_mean``: the pods cannot count
   their connections, so these count the clients' lanes per pod at the end of the run (null for
-  strategies without lanes); ``lanes_moved`` and ``lanes_left_crowded``: the subset rule's
-  moves to pods holding fewer connections and leaves of crowded pods, summed over the clients.
+  strategies without lanes); ``lanes_moved``, ``lanes_left_crowded`` and
+  ``dials_redialled_crowded``: the subset rule's moves to pods holding fewer connections, leaves
+  of crowded pods, and new connections it did not keep on a crowded pod, summed over the clients.
 
 Every balanced strategy's entry, here as in every scenario, has ``ejections``: ``{"count",
 "pods": {pod: times}}``, summed over its client processes. Each loop is bounded in calls
@@ -457,7 +458,7 @@ def fleet_figures(
         "connections_per_pod": None,
         "connections_per_pod_max_over_mean": None,
     }
-    for key in ("lanes_moved", "lanes_left_crowded"):
+    for key in ("lanes_moved", "lanes_left_crowded", "dials_redialled_crowded"):
         counts = [o[key] for o in outcomes if o.get(key) is not None]
         figures[key] = sum(counts) if counts else None
     ends = [o["lanes_at_end"] for o in outcomes if o.get("lanes_at_end") is not None]

@@ -507,6 +507,7 @@ class LanePool:
         self._rounds = 0  # rounds planned, so that at most one lane leaves a crowded pod a round
         self._left_round = -1
         self.crowded = 0  # new lanes redialled, and lanes rotated, away from crowded pods
+        self.left_crowded = 0  # of which lanes rotated away from a crowded pod
         self.evened = 0  # lanes moved to a pod holding fewer connections
 
     def __repr__(self) -> str:
@@ -1138,9 +1139,9 @@ class LanePool:
         if rule is None or result.connections is None or result.pod is None:
             return None
         mean = self.load_book.mean_connections(now)
-        # A pod counts a connection from its call or second health check: this lane's first
-        # check is not in the count yet (a confirmed name's second check is).
-        held = result.connections + (lane.claimed is None)
+        # A pod counts a connection from its first call or third health check: this lane's
+        # first check (and a new name's confirmation) is not in the count yet.
+        held = result.connections + 1
         if rule.accepts(held, mean, lane.attempt):
             return None
         return f"crowded: {held:g} connections, mean {mean:.1f}"
@@ -1173,6 +1174,7 @@ class LanePool:
             self._new_lane(now, LanePurpose.REPLACE, replaces=lane.id).move_from = held
             return
         self.crowded += 1
+        self.left_crowded += 1
         self.rotations += 1
         lane.reason = "rotating: crowded pod"
         self._new_lane(now, LanePurpose.REPLACE, replaces=lane.id)
@@ -1187,7 +1189,7 @@ class LanePool:
         rule = self.config.subset
         assert rule is not None and lane.move_from is not None
         staying = replaced is not None and replaced.state is LaneState.ACTIVE
-        held = None if result.connections is None else result.connections + (lane.claimed is None)
+        held = None if result.connections is None else result.connections + 1
         mean = self.load_book.mean_connections(now)
         if (
             staying
