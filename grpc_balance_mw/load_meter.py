@@ -28,12 +28,12 @@ What a report says:
   channel checks a connection to a pod new to it twice at once, to confirm its name, which at
   its start is every connection it dials, the duplicates it then closes included: counted from
   the second check, 8 clients' 32 lanes over 6 pods were reported as 52 to 57 connections for
-  the first 12 s of a run). grpcio's
-  Python server does not expose its connections, so they are counted as distinct
-  ``context.peer()`` addresses (each client connection has its own source address and port, also
-  behind kube-proxy's DNAT): a connection that stayed idle longer than the window is not counted,
-  and a client that reconnected counts twice until its old address ages out. ``peer()`` is cheap
-  next to a call (well under a microsecond: grpc core holds the address already).
+  the first 12 s of a run). grpcio's Python server does not expose its connections, so they are
+  counted as distinct ``context.peer()`` addresses (each client connection has its own source
+  address and port, also behind kube-proxy's DNAT): a connection that stayed idle longer than
+  the window is not counted, and a client that reconnected counts twice until its old address
+  ages out. ``peer()`` is cheap next to a call (well under a microsecond: grpc core holds the
+  address already).
 """
 
 from __future__ import annotations
