@@ -81,6 +81,11 @@ class SubsetRule:
         """The most connections a pod may hold for a fresh connection to it to be kept."""
         return max((1 + self.slack) * mean, mean + 1)
 
+    def leave_limit(self, mean: float) -> float:
+        """Above this many connections a pod's lanes may leave it (:meth:`leave_probability`);
+        at most this many, they may move to a pod holding fewer (:meth:`move_probability`)."""
+        return (1 + self.leave_slack) * mean
+
     def accepts(self, connections: float, mean: float | None, attempt: int) -> bool:
         """Keep a fresh connection (``attempt`` redials came before it) to a pod that reports
         ``connections`` (this one included)? Without a mean (no reports yet) it is kept."""
@@ -94,7 +99,7 @@ class SubsetRule:
         Summed over the pod's lanes it is ``leave_damping`` times the excess over the mean,
         so the clients there move about that many lanes between them without talking.
         """
-        if mean is None or connections <= 0 or connections <= (1 + self.leave_slack) * mean:
+        if mean is None or connections <= 0 or connections <= self.leave_limit(mean):
             return 0.0
         return min(1.0, self.leave_damping * (connections - mean) / connections)
 
@@ -115,7 +120,7 @@ class SubsetRule:
             or connections <= mean
             or least >= mean
             or connections - least < 2
-            or connections > (1 + self.leave_slack) * mean
+            or connections > self.leave_limit(mean)
         ):
             return 0.0
         return min(1.0, self.move_damping * (connections - mean) / connections)

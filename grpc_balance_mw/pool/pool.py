@@ -1164,7 +1164,7 @@ class LanePool:
         mean = self.load_book.mean_connections(now)
         chance = rule.leave_probability(held, mean)
         moving = chance <= 0
-        if moving and mean is not None and held > mean:
+        if moving:
             chance = rule.move_probability(held, mean, self.load_book.least_connections(now))
         if chance <= 0 or self._rng.random() >= chance:
             return
