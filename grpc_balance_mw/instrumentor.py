@@ -282,7 +282,7 @@ class GrpcBalanceInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """
 
     def instrumentation_dependencies(self) -> Collection[str]:
-        return ("grpcio >= 1.50.0",)
+        return ("grpcio >= 1.53.0",)
 
     def _instrument(self, **kwargs: Any) -> None:
         settings = kwargs.get("settings")

@@ -76,7 +76,7 @@ _ROUTING = "issue 20 {}: routing core"
 GAPS: dict[tuple[str, str, str], str] = {}
 
 GRPCIO = tuple(int(part) for part in grpc.__version__.split(".")[:2])
-#: What grpc.aio itself does otherwise on older grpcio, measured on 1.50 (the declared floor)
+#: What grpc.aio itself does otherwise on older grpcio, measured on 1.50 (the floor then)
 #: and 1.62.3, not on the versions between 1.62 and 1.85: ``close()`` leaves a stream in flight
 #: to its deadline, bare channels included; and a stream call through aio client interceptors
 #: (ours, or any) can end its reads early or miss its deadline. The contract then holds as

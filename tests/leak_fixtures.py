@@ -107,17 +107,6 @@ def child_processes() -> dict[int, str]:
     return found
 
 
-CORE_KEEPS_CLOSED_SOCKETS = tuple(int(p) for p in grpc.__version__.split(".")[:2]) < (1, 60)
-"""grpcio 1.50's core (the floor) keeps a closed channel's connection open now and then, for
-40 s and more, after every channel and call object of Python's is gone and no thread is left:
-nothing a test can end (one test left one in 4 of 4 runs on 1.50, none in 3 on 1.62.3; in CI
-some such sockets outlived their Python objects only briefly, others not at all). On grpcio
-before 1.60 the check leaves connections out (a listener, threads and processes are still
-caught); the main suite runs on the newest grpcio, where the check is whole."""
-
-_OPEN = ("ESTABLISHED", "CLOSE_WAIT")
-
-
 def _tcp_sockets() -> dict[str, str]:
     """inode -> ``local -> remote (state)`` for this network namespace's TCP sockets."""
     found = {}
@@ -212,9 +201,6 @@ def leftovers(
         if pid not in before.children and not any(part in cmd for part in commands)
     )
     sockets = [] if allow_sockets else sorted(tcp_sockets(open_sockets() - before.sockets))
-    if CORE_KEEPS_CLOSED_SOCKETS and sockets:  # old grpc core's connections (see the constant)
-        tcp = _tcp_sockets()
-        sockets = [s for s in sockets if not tcp.get(s[len("socket:[") : -1], "").endswith(_OPEN)]
     if sockets:
         sockets = [f"{len(sockets)} socket(s): " + ", ".join(describe_sockets(sockets[:5]))]
     return threads + processes + sockets

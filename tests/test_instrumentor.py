@@ -281,7 +281,7 @@ def test_the_entry_point_names_the_instrumentor() -> None:
     assert point.load() is GrpcBalanceInstrumentor
     # opentelemetry-instrument 0.36b0 reads this extra of every instrumentor's distribution and
     # starts no instrumentation at all if one lacks it.
-    assert project["optional-dependencies"]["instruments"] == ["grpcio>=1.50.0"]
+    assert project["optional-dependencies"]["instruments"] == ["grpcio>=1.53.0"]
 
 
 # the real launcher
@@ -301,7 +301,7 @@ def launcher_path(tmp_path: Path) -> str:
         info.mkdir(parents=True)
         (info / "METADATA").write_text(
             "Metadata-Version: 2.1\nName: x\nVersion: 0\nProvides-Extra: instruments\n"
-            'Requires-Dist: grpcio>=1.50.0; extra == "instruments"\n'
+            'Requires-Dist: grpcio>=1.53.0; extra == "instruments"\n'
         )
         lines = [f"{name} = {value}" for name, value in points.items()]
         (info / "entry_points.txt").write_text("[opentelemetry_instrumentor]\n" + "\n".join(lines))

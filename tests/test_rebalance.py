@@ -93,7 +93,7 @@ def observed(
     if mode == "sync":
         return observe(grpc.insecure_channel(target), observing, rebalance=rebalance)
     channel = grpc.aio.insecure_channel(target)
-    # target= given: an old grpcio's aio channel (the floor, 1.50) keeps no target to learn.
+    # target= given: an old grpcio's aio channel (the floor) keeps no target to learn.
     return balance_aio.observe(channel, observing, rebalance=rebalance, target=target)
 
 
@@ -271,9 +271,10 @@ def test_close_closes_the_lanes_it_opened_and_leaks_nothing(
             assert not left, left
         assert not [t for t in threading.enumerate() if _ours(t)]
         assert not threads_left(threads)
-        # gRPC core closes a closed channel's sockets on its own threads: grpcio 1.50's aio
-        # channels left 5-9 of them open for a moment after close() (1 run in 8 failed the
-        # count taken at once). A leak stays; a delayed close is given 5 s to happen.
+        # gRPC core closes a closed channel's sockets on its own threads, a moment after
+        # close(). A leak stays; a delayed close is given 5 s to happen. (Until the package's
+        # done-callbacks left no cycle, and grpcio 1.53 became the floor, aio lanes' sockets
+        # stayed open until the garbage collector ran, or for good on grpcio 1.50.)
         for _ in range(50):
             if _fds() <= fds + 4:
                 break

@@ -461,7 +461,7 @@ async def test_an_interceptor_on_two_channels_names_each_channels_lane_on_its_sp
 ) -> None:
     """One interceptor, named lane ``omni``, on two channels: the detector counts two lanes
     (``omni`` and ``omni.1``), and each call's span names the lane of the channel it ran on.
-    An old grpc.aio (1.50, the floor) hides the channel from an interceptor: one lane then, as
+    An old grpc.aio (before 1.60) hides the channel from an interceptor: one lane then, as
     documented, and every span names it."""
     pod = await AioPod().start() if mode == "aio" else SyncPod()
     options = ObserveOptions(

@@ -11,12 +11,17 @@ name, and a fallback that loses something logs one WARNING per process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import weakref
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import grpc
 import grpc.aio
 
 from grpc_balance_mw._grpcio import (
+    _GRPCIO_RELEASE,
     PROBE_METHOD,
     accepts_registered_method,
     channel_target,
@@ -33,6 +38,7 @@ __all__ = [
     "has_interceptors",
     "interceptor_channel",
     "live_fast_paths",
+    "when_done",
 ]
 
 _MISSING: Any = object()
@@ -70,6 +76,60 @@ def final_state(call: Any) -> tuple[Any, Any, int | None] | None:
 
 #: Where grpc.aio keeps the task that starts a call: a unary response's, a response stream's.
 _STARTERS = ("_call_response", "_preparation")
+
+
+#: grpc.aio keeps a call's done-callbacks after they run before grpcio 1.84 (measured: 1.50 to
+#: 1.83 keep them, 1.84 drops them).
+DONE_CALLBACKS_KEPT = _GRPCIO_RELEASE < (1, 84)
+
+
+def when_done(call: Any, callback: Callable[[Any], object]) -> None:
+    """``callback(call)`` once ``call`` is done, as ``call.add_done_callback(callback)``, but
+    leaving no reference cycle behind.
+
+    Before grpcio 1.84, grpc.aio's ``Call.add_done_callback`` hands its core call
+    ``partial(callback, call)``, and the core call keeps its done-callbacks after they run:
+    every call with a done-callback is then a cycle, freed only by the cyclic garbage
+    collector, and its core call holds the connection open past its channel's ``close()``. An
+    intercepted call hands the call its interceptors made a partial bound to itself: the same
+    cycle. There the core call gets a holder that lets go of the call and of ``callback`` once
+    it has run; an intercepted call's holder waits on its interceptors' task (whose callbacks
+    asyncio drops once run), then on the call they made. A call laid out otherwise, or a
+    grpcio that drops its callbacks, takes ``callback`` the public way."""
+    if not DONE_CALLBACKS_KEPT:
+        call.add_done_callback(callback)
+        return
+    try:
+        add = call._cython_call.add_done_callback
+    except AttributeError:
+        add = None
+    if add is not None:
+        add(partial(_fire_once, [call, callback]))  # C-made: cheaper than a holder object
+        return
+    task = getattr(call, "_interceptors_task", None)
+    if isinstance(task, asyncio.Future):
+        task.add_done_callback(partial(_after_interceptors, [call, callback]))
+        return
+    call.add_done_callback(callback)
+
+
+def _fire_once(held: list[Any]) -> None:
+    """A core call's done-callback (it takes no argument): ``callback(call)``, both let go."""
+    if held:
+        call, callback = held
+        held.clear()
+        callback(call)
+
+
+def _after_interceptors(held: list[Any], task: asyncio.Future[Any]) -> None:
+    """An intercepted call's interceptors are done: done now if they failed or their call has
+    ended, else once the call they made ends."""
+    made = None if task.cancelled() or task.exception() is not None else task.result()
+    done = getattr(made, "done", None)
+    if done is None or done():
+        _fire_once(held)
+    else:
+        when_done(made, lambda _made: _fire_once(held))
 
 
 def call_starter(call: Any) -> asyncio.Future[Any] | None:
@@ -166,6 +226,7 @@ def append_interceptors(channel: Any, interceptors: list[Any]) -> bool:
 #: The fast paths :func:`live_fast_paths` tries.
 FAST_PATHS = (
     "final_state",
+    "core_done_callback",
     "intercepted_final_state",
     "call_starter",
     "interceptor_channel",
@@ -194,7 +255,7 @@ async def _ended(call: Any) -> tuple[Any, Any, int | None] | None:
         if not seen.done():
             seen.set_result(final_state(done))
 
-    call.add_done_callback(read)
+    when_done(call, read)
     return await asyncio.wait_for(seen, 10.0)
 
 
@@ -212,6 +273,12 @@ async def live_fast_paths(target: str, timeout_s: float = 5.0) -> dict[str, bool
         live["call_starter"] = all(
             isinstance(call_starter(call), asyncio.Future) for call in (unary, stream)
         )
+        # Ended, its done-callback run, the call is freed with its last reference.
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await unary
+        ended = weakref.ref(unary)
+        del unary, stream
+        live["core_done_callback"] = ended() is None
         live["registered_method"] = accepts_registered_method(channel)
         live["channel_target"] = channel_target(channel) == target
     recorder = _Recorder()

@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from grpc_balance_mw.aio._grpcio import call_starter, final_state
+from grpc_balance_mw.aio._grpcio import call_starter, final_state, when_done
 
 __all__ = ["Ended", "final_state", "read_end", "settle_followers", "when_ended"]
 
@@ -35,7 +35,7 @@ def when_ended(call: Any, ended: Ended) -> None:
     it starts, from the failure of grpc.aio's task that starts it (such a call runs its
     done-callbacks only if it is cancelled later, when its channel closes)."""
     once = _Once(ended)
-    call.add_done_callback(once.done)
+    when_done(call, once.done)
     starter = call_starter(call)
     if starter is not None:
         starter.add_done_callback(partial(once.start_failed, call))

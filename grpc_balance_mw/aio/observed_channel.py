@@ -23,6 +23,7 @@ from grpc_balance_mw.affinity.observer import UNAVAILABLE, CallObserver
 from grpc_balance_mw.aio._grpcio import (
     append_interceptors,
     has_interceptors,
+    when_done,
 )
 from grpc_balance_mw.aio.call_end import read_end, when_ended
 from grpc_balance_mw.aio.interceptors import AffinityInterceptors
@@ -49,10 +50,11 @@ class _Observed(ObservedMethod):
             # closes and cancels it; it then counts as any cancelled call without headers.
             started = observer.clock() if self._stream else None
             call = self._inner(request, *args, **options)
-            call.add_done_callback(
+            when_done(
+                call,
                 self._counted_unary
                 if started is None
-                else partial(read_end, partial(self._count, started))
+                else partial(read_end, partial(self._count, started)),
             )
             return call
         observed = observer.begin(self._method, self._kind)

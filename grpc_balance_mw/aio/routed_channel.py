@@ -46,7 +46,7 @@ from grpc_balance_mw._routing import (
 )
 from grpc_balance_mw._routing import NoLaneError as SyncNoLaneError
 from grpc_balance_mw.affinity.observer import CallObserver, ObservedCall
-from grpc_balance_mw.aio._grpcio import final_state
+from grpc_balance_mw.aio._grpcio import final_state, when_done
 from grpc_balance_mw.retry import Deadline, RetryPolicy, acall_with_retries, code_of
 
 __all__ = [
@@ -491,7 +491,7 @@ class _Method(Generic[Route]):
             router.release(route, NO_OUTCOME, False)
             raise
         watch = _Watch(router, route, router.observer(route), self._spec)
-        call.add_done_callback(watch.ended)
+        when_done(call, watch.ended)
         return call, watch
 
     async def route_and_start(self, plan: _Plan, start: Callable[[], Any]) -> Any:
