@@ -14,10 +14,8 @@ failed on grpcio 1.50 and 1.62.3. CI's floors stage runs them on grpcio's floor.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
-import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,6 +25,8 @@ import grpc.aio
 import pytest
 from channel_contract_fixtures import OLD_GRPC_AIO
 from conftest import AioPod
+from fault_load import until
+from leak_fixtures import _tcp_sockets
 
 from grpc_balance_mw.affinity import AffinityConfig, AffinityRegistry
 from grpc_balance_mw.aio import _grpcio as aio_grpcio
@@ -124,15 +124,6 @@ async def _calls(channel: Any, kind: str) -> list[weakref.ref[Any]]:
     return ended
 
 
-async def _until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
-
-
 def _alive(ended: list[weakref.ref[Any]]) -> list[str]:
     return [type(call).__name__ for call in (ref() for ref in ended) if call is not None]
 
@@ -171,13 +162,13 @@ async def test_an_ended_call_is_freed_with_its_last_reference(
         bare_ended = await _calls(bare, kind)
         ended = await _calls(channel, kind)
         # grpc.aio's own tasks for a call end on the loop just after it: a few turns of it.
-        await _until(lambda: not _alive(ended))
+        await until(lambda: not _alive(ended), timeout_s=5.0)
         assert len(_alive(ended)) <= len(_alive(bare_ended)), (_alive(ended), _alive(bare_ended))
         if not intercepted:
             assert _alive(bare_ended) == []  # a bare channel's calls free themselves
         if made.startswith("observe"):  # and every call was observed to its end
             counted = channel.detector.snapshot
-            assert await _until(lambda: counted().calls == CALLS + 1), counted()
+            assert await until(lambda: counted().calls == CALLS + 1), counted()
     finally:
         await channel.close()
         await bare.close()
@@ -186,15 +177,7 @@ async def test_an_ended_call_is_freed_with_its_last_reference(
 def _connections_to(port: int) -> int:
     """This network namespace's ESTABLISHED TCP connections whose far end is ``port`` (the
     client's ends of connections to a pod served in this process)."""
-    found = 0
-    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
-        with open(table) as rows:
-            next(rows)
-            for row in rows:
-                fields = row.split()
-                if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
-                    found += 1
-    return found
+    return sum(s.endswith(f":{port} ESTABLISHED") for s in _tcp_sockets().values())
 
 
 async def test_a_closed_balanced_channel_leaves_no_connection_open(
@@ -212,7 +195,7 @@ async def test_a_closed_balanced_channel_leaves_no_connection_open(
                 channel.start()  # dials its lanes; closed before they are up
         finally:
             await channel.close()
-    assert await _until(lambda: _connections_to(aio_pod.port) <= before), (
+    assert await until(lambda: _connections_to(aio_pod.port) <= before), (
         before,
         _connections_to(aio_pod.port),
     )
